@@ -1,0 +1,25 @@
+# Two commands from a fresh clone: `make demo` (the embedded default job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# A local CPU wheel of torch 2.13.0 where the machine has one (no multi-GB download), else PyPI.
+	$(BIN)/pip install -q --no-index torch==2.13.0 2>/dev/null || $(BIN)/pip install -q "torch>=2.2"
+	$(BIN)/pip install -q -e ".[test,examples]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m ntkfunc demo --out out
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,155 @@
+"""Implementation 1: Jacobian contraction, planned under a memory budget.
+
+``Θ(x1, x2) = Σ_p J_p(x1) J_p(x2)ᵀ`` where ``J_p`` is the per-sample Jacobian of the
+outputs with respect to parameter tensor ``p`` (``vmap(jacrev(f))``). Each parameter's
+contribution is one einsum whose subscripts come from the output layout (traced
+axes are summed inside the contraction, diagonal axes kept once).
+
+Memory: the whole Jacobian is ``N x O x P`` numbers. When it does not fit in the
+budget the work is split into sample blocks (tiles of ``x1 x x2``, Jacobians of x2
+blocks recomputed per x1 block) and, if even one sample's Jacobian is too large, into
+groups of parameter tensors (one ``jacrev`` per group). Cost and peak memory are set
+by :func:`plan`; with ``x2=None`` each tile's Jacobian is computed once and tiles
+below the diagonal are mirrored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch.func import jacrev, vmap
+
+from ntkfunc._blocks import Accumulator, Tile, tiles
+from ntkfunc._memory import activation_bytes, fmt_bytes
+from ntkfunc._problem import Problem
+
+_SAFETY = 0.7  # fraction of the budget the planned tensors may use
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    groups: list[list[int]]  # indices into the differentiated parameter leaves
+    block: int  # samples per block (x1 and x2)
+
+
+def _per_sample_out(problem: Problem) -> int:
+    return max(sum(math.prod(s) for s in problem.sample_out_shapes(w)) for w in (1, 2))
+
+
+def per_sample_activation_bytes(problem: Problem) -> int:
+    """Bytes of the activations of one forward pass on one sample (estimate)."""
+    x = problem.x_block(1, 0, 1)
+    leaves = problem.params.diff_leaves
+    fn = problem.sample_fn() if problem.vmapped else problem.batch_fn()
+    xs = [a if ax is None else a.squeeze(ax) for a, ax in zip(x, problem.x_axes)] if problem.vmapped else x
+    return activation_bytes(lambda: fn(leaves, xs))
+
+
+def plan(problem: Problem, budget: int, itemsize: int) -> Plan:
+    """Parameter groups and sample block size whose Jacobians fit ``budget`` bytes.
+
+    Per sample, parameter ``p`` costs ``O * numel(p) * itemsize`` bytes of Jacobian, and
+    computing it holds about ``2 O`` copies of the activations (the vmapped backward).
+    One group (all parameters) is preferred: splitting parameters re-runs the backward
+    pass per group, while smaller sample blocks only recompute x2's Jacobians.
+    """
+    leaves = problem.params.diff_leaves
+    o = _per_sample_out(problem)
+    sizes = [o * t.numel() * itemsize for t in leaves]
+    total = sum(sizes)
+    n_all = problem.n1 + (0 if problem.symmetric else problem.n2)
+    n_max = max(problem.n1, problem.n2)
+    kernel_bytes = sum(math.prod(s) for s in problem.kernel_shapes()) * itemsize
+    usable = max(budget * _SAFETY - 2 * kernel_bytes, budget * 0.25)
+    everything = list(range(len(leaves)))
+    if not problem.vmapped:
+        return Plan(_pack(sizes, usable / 2, problem) if 2 * total > usable else [everything], 1)
+    if n_all * total <= 0.1 * usable:  # clearly fits: skip the activation estimate
+        return Plan([everything], n_max)
+    transient = (2 * o + 1) * per_sample_activation_bytes(problem)
+    if n_all * total + n_max * transient <= usable:
+        return Plan([everything], n_max)
+    block = int(usable // (2 * total + transient))
+    if block >= 1:
+        return Plan([everything], min(block, n_max))
+    groups = _pack(sizes, (usable - transient) / 2, problem)
+    largest = max(sum(sizes[k] for k in g) for g in groups)
+    block = max(1, int(usable // (2 * largest + transient)))
+    return Plan(groups, min(block, n_max))
+
+
+def _pack(sizes: Sequence[int], capacity: float, problem: Problem) -> list[list[int]]:
+    """Consecutive parameter leaves packed into groups of at most ``capacity`` bytes."""
+    groups: list[list[int]] = [[]]
+    used = 0.0
+    for k, s in enumerate(sizes):
+        if s > capacity:
+            raise MemoryError(
+                f"the Jacobian of {problem.params.diff_names[k]} alone needs {fmt_bytes(s)} per sample "
+                f"(outputs x numel x itemsize) and the memory budget leaves {fmt_bytes(max(capacity, 0))} "
+                "for it; raise memory_budget, or use implementation=2 (NTK-vector products), which never "
+                "holds a parameter Jacobian per output"
+            )
+        if used + s > capacity and groups[-1]:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(k)
+        used += s
+    return groups
+
+
+def jacobians(problem: Problem, group: Sequence[int], which: int, start: int, stop: int) -> list[list[torch.Tensor]]:
+    """Batch-first Jacobians ``[out leaf][param in group]`` of shape ``(b, *out_sample, *param)``."""
+    leaves = problem.params.diff_leaves
+    args = [leaves[k] for k in group]
+    x = problem.x_block(which, start, stop)
+    if problem.vmapped:
+        jac = vmap(jacrev(problem.sample_fn(group), argnums=0), in_dims=(None, problem.x_axes))
+        return jac(args, x)
+    return jacrev(problem.batch_fn(group), argnums=0)(args, x)
+
+
+def contract(problem: Problem, j1: list[list[torch.Tensor]], j2: list[list[torch.Tensor]], group: Sequence[int]) -> list[list[torch.Tensor]]:
+    """Per output leaf, per parameter: the (not yet trace-normalised) kernel contribution."""
+    leaves = problem.params.diff_leaves
+    return [
+        [lay.contract(a, b, leaves[k].ndim) for a, b, k in zip(j1[leaf], j2[leaf], group)]
+        for leaf, lay in enumerate(problem.layouts)
+    ]
+
+
+def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
+    """The kernel per output leaf (a list), or per leaf a list over parameters if ``per_param``."""
+    itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
+    p = plan(problem, budget, itemsize)
+    n_params = len(problem.params.diff_leaves)
+    accs = [Accumulator(problem) for _ in range(n_params if per_param else 1)]
+    for group in p.groups:
+        for tile, j1, j2 in _tile_jacobians(problem, group, p.block):
+            parts = contract(problem, j1, j2, group)
+            for leaf, per in enumerate(parts):
+                if per_param:
+                    for k, c in zip(group, per):
+                        accs[k].add(leaf, tile, c)
+                else:
+                    accs[0].add(leaf, tile, sum(per[1:], per[0]))
+    if per_param:
+        return [[acc.result()[leaf] for acc in accs] for leaf in range(len(problem.layouts))]
+    return accs[0].result()
+
+
+def _tile_jacobians(problem: Problem, group: Sequence[int], block: int):  # type: ignore[no-untyped-def]
+    """Yield ``(tile, J1, J2)``, computing each x1 block's Jacobian once per row of tiles."""
+    current: Optional[tuple[int, list]] = None
+    for tile in tiles(problem, block, block):
+        if current is None or current[0] != tile.i0:
+            current = (tile.i0, jacobians(problem, group, 1, tile.i0, tile.i1))
+        j1 = current[1]
+        if problem.symmetric and tile.on_diagonal:
+            j2 = j1
+        else:
+            j2 = jacobians(problem, group, 2, tile.j0, tile.j1)
+        yield tile, j1, j2

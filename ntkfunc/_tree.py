@@ -1,0 +1,214 @@
+"""Pytrees and the kernel's output layout (trace / diagonal axes).
+
+The layout rule (neural-tangents' ``empirical_ntk_fn``): for an output leaf of shape
+``(d0, d1, ..., dk)`` (one axis of which is the batch axis), the kernel has, for
+each axis ``i`` in order, nothing if ``i`` is in ``trace_axes`` (the pair is traced
+and *averaged*), one axis ``d_i`` if ``i`` is in ``diagonal_axes``, and two axes
+``(d_i, d_i)`` (x1's then x2's) otherwise. So an ``(N, C, H, W)`` output with
+``trace_axes=(1,)`` and ``diagonal_axes=(2, 3)`` gives ``(N1, N2, H, W)``.
+
+Every implementation expresses its final contraction through :class:`Layout`, which
+turns that rule into einsum subscripts: one letter per axis, shared by the two
+operands when the axis is traced (summed) or diagonal (kept once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ntkfunc._typing import Axes, PyTree
+
+tree_flatten = pytree.tree_flatten
+tree_unflatten = pytree.tree_unflatten
+tree_map = pytree.tree_map
+tree_leaves = pytree.tree_leaves
+
+_LETTERS = string.ascii_letters
+
+
+def tree_map2(fn: Callable[[Any, Any], Any], tree: PyTree, other: PyTree) -> PyTree:
+    """``tree_map`` over two trees where ``other`` may be a prefix-broadcast (e.g. axes)."""
+    leaves, spec = tree_flatten(tree)
+    others = broadcast_prefix(other, tree)
+    return tree_unflatten([fn(a, b) for a, b in zip(leaves, others)], spec)
+
+
+def broadcast_prefix(prefix: PyTree, tree: PyTree) -> list[Any]:
+    """Leaves of ``prefix`` repeated to match the leaves of ``tree``.
+
+    ``prefix`` is an int/None (applies to every leaf) or a pytree whose structure is a
+    prefix of ``tree``'s (as in ``torch.func.vmap``'s ``in_dims``).
+    """
+    if prefix is None or isinstance(prefix, int):
+        return [prefix] * len(tree_leaves(tree))
+    result = pytree._broadcast_to_and_flatten(prefix, pytree.tree_structure(tree))
+    if result is None:
+        raise ValueError(
+            f"vmap_axes={prefix!r} does not match the structure of the inputs "
+            f"{pytree.tree_structure(tree)}; expected an int, None, or a pytree prefix of it"
+        )
+    return result
+
+
+def canonical_axes(axes: Axes, ndim: int, what: str) -> tuple[int, ...]:
+    """Sorted non-negative axes; ``what`` names the argument in error messages."""
+    if isinstance(axes, int):
+        axes = (axes,)
+    out = []
+    for a in axes:
+        if not isinstance(a, int):
+            raise TypeError(f"ntk_fn({what}={axes!r}): axes must be ints, got {type(a).__name__}")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"ntk_fn({what}={tuple(axes)}): axis {a} out of range for an output of "
+                f"ndim {ndim}; expected -{ndim} <= axis < {ndim}"
+            )
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"ntk_fn({what}={tuple(axes)}): repeated axis")
+    return tuple(sorted(out))
+
+
+def as_axes_tuple(axes: Axes) -> tuple[int, ...]:
+    return (axes,) if isinstance(axes, int) else tuple(axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Kernel layout of one output leaf.
+
+    Attributes:
+      ndim: ndim of the output leaf, batch axis included.
+      batch_axis: position of the batch (vmap) axis in the output, or None when the
+        output is not split into samples (``vmap_axes=None``).
+      trace: canonical traced axes. diagonal: canonical diagonal axes.
+
+    Per-sample tensors (Jacobians, cotangents) are stored *batch-first*: axis 0 is the
+    sample, then the remaining output axes in order, then anything else (parameter
+    axes). ``operand_subscripts`` gives their einsum letters.
+    """
+
+    ndim: int
+    batch_axis: Optional[int]
+    trace: tuple[int, ...]
+    diagonal: tuple[int, ...]
+
+    @staticmethod
+    def make(ndim: int, batch_axis: Optional[int], trace_axes: Axes, diagonal_axes: Axes) -> "Layout":
+        trace = canonical_axes(trace_axes, ndim, "trace_axes")
+        diagonal = canonical_axes(diagonal_axes, ndim, "diagonal_axes")
+        if set(trace) & set(diagonal):
+            raise ValueError(
+                f"ntk_fn(trace_axes={as_axes_tuple(trace_axes)}, diagonal_axes={as_axes_tuple(diagonal_axes)}): "
+                f"axes {sorted(set(trace) & set(diagonal))} of the ndim-{ndim} output are in both; an axis "
+                "is either traced (averaged away) or diagonal (kept once), not both"
+            )
+        return Layout(ndim, batch_axis, trace, diagonal)
+
+    # --- letters ------------------------------------------------------------------
+    def _letters(self) -> tuple[list[str], list[str]]:
+        """Letters of each output axis for the x1 side and the x2 side."""
+        a1 = [_LETTERS[i] for i in range(self.ndim)]
+        a2 = [a if i in self.trace or i in self.diagonal else _LETTERS[self.ndim + i] for i, a in enumerate(a1)]
+        return a1, a2
+
+    def order(self) -> list[int]:
+        """Axis order of batch-first tensors: batch axis, then the others."""
+        if self.batch_axis is None:
+            return list(range(self.ndim))
+        return [self.batch_axis] + [i for i in range(self.ndim) if i != self.batch_axis]
+
+    def out_subscript(self) -> str:
+        a1, a2 = self._letters()
+        out = []
+        for i in range(self.ndim):
+            if i in self.trace:
+                continue
+            out.append(a1[i])
+            if i not in self.diagonal:
+                out.append(a2[i])
+        return "".join(out)
+
+    def operand_subscripts(self, n_extra: int) -> tuple[str, str, str]:
+        """``(lhs1, lhs2, out)`` for two batch-first operands with ``n_extra`` shared trailing axes.
+
+        The trailing axes (parameter axes, or a flattened parameter axis) are summed.
+        """
+        a1, a2 = self._letters()
+        extra = _LETTERS[2 * self.ndim : 2 * self.ndim + n_extra]
+        if len(extra) != n_extra:
+            raise ValueError(f"too many axes for einsum: output ndim {self.ndim} + {n_extra} extra")
+        order = self.order()
+        lhs1 = "".join(a1[i] for i in order) + extra
+        lhs2 = "".join(a2[i] for i in order) + extra
+        return lhs1, lhs2, self.out_subscript()
+
+    def full_kernel_subscript(self) -> str:
+        """Einsum reducing a full kernel ``(batch-first out1..., batch-first out2...)``."""
+        lhs1, lhs2, out = self.operand_subscripts(0)
+        return f"{lhs1}{lhs2}->{out}"
+
+    def trace_size(self, shape: Sequence[int]) -> int:
+        """Product of the traced axes' sizes (the kernel is divided by it)."""
+        return math.prod(shape[i] for i in self.trace)
+
+    def contract(self, j1: torch.Tensor, j2: torch.Tensor, n_extra: int) -> torch.Tensor:
+        """Kernel contribution of two batch-first operands, *not* divided by the trace size."""
+        lhs1, lhs2, out = self.operand_subscripts(n_extra)
+        return torch.einsum(f"{lhs1},{lhs2}->{out}", j1, j2)
+
+    def reduce_full(self, full: torch.Tensor) -> torch.Tensor:
+        """Trace / diagonal of a full batch-first kernel, *not* divided by the trace size."""
+        return torch.einsum(self.full_kernel_subscript(), full)
+
+    # --- shapes and positions -----------------------------------------------------
+    def kernel_shape(self, shape1: Sequence[int], shape2: Sequence[int]) -> tuple[int, ...]:
+        """Shape of the kernel for outputs of shapes ``shape1`` and ``shape2`` (original order)."""
+        out: list[int] = []
+        for i in range(self.ndim):
+            if i in self.trace:
+                continue
+            out.append(shape1[i])
+            if i not in self.diagonal:
+                out.append(shape2[i])
+        return tuple(out)
+
+    def batch_positions(self) -> tuple[int, ...]:
+        """Positions of the batch axes in the kernel: (x1's, x2's), (shared,) or ()."""
+        if self.batch_axis is None or self.batch_axis in self.trace:
+            return ()
+        pos = 0
+        for i in range(self.batch_axis):
+            if i not in self.trace:
+                pos += 1 if i in self.diagonal else 2
+        return (pos,) if self.batch_axis in self.diagonal else (pos, pos + 1)
+
+    @property
+    def batch_paired(self) -> bool:
+        """True when the batch axis is traced or diagonal: only pairs (x1[n], x2[n]) count."""
+        return self.batch_axis is not None and (self.batch_axis in self.trace or self.batch_axis in self.diagonal)
+
+    def swap_perm(self) -> list[int]:
+        """Permutation turning ``K(x1, x2)`` into ``K(x2, x1)``: swap every (d1, d2) pair."""
+        perm: list[int] = []
+        pos = 0
+        for i in range(self.ndim):
+            if i in self.trace:
+                continue
+            if i in self.diagonal:
+                perm.append(pos)
+                pos += 1
+            else:
+                perm += [pos + 1, pos]
+                pos += 2
+        return perm
+
+
+def numel(t: torch.Tensor) -> int:
+    return int(t.numel())

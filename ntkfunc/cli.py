@@ -1,0 +1,16 @@
+"""Command line: ``ntkfunc [demo]`` runs the embedded default job. argparse -> public API, no maths."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from ntkfunc import demo
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] == "demo":
+        return demo.main(argv[1:])
+    print(f"ntkfunc: unknown command {argv[0]!r}; expected 'demo'", file=sys.stderr)
+    return 2

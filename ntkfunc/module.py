@@ -1,0 +1,71 @@
+"""``from_module``: an ``nn.Module`` as a pure function ``f(params, x)`` and its params."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, replace_all_batch_norm_modules_
+
+from ntkfunc._typing import ApplyFn, PyTree
+
+
+def from_module(module: nn.Module, *, vmap_axes: Any = 0) -> tuple[ApplyFn, dict[str, torch.Tensor]]:
+    """Returns ``(f, params)`` with ``f(params, x) = module(x)`` computed by ``functional_call``.
+
+    - ``params``: the trainable parameters (``requires_grad=True``), detached, by name.
+      Frozen parameters and buffers are constants inside ``f``.
+    - A module in training mode with dropout is refused (kernels of a random function are
+      not defined): call ``module.eval()``.
+    - A module in training mode with BatchNorm normalises with batch statistics, so one
+      sample's output depends on the whole batch. It is refused unless ``vmap_axes=None``,
+      in which case ``f`` uses a copy of the module whose BatchNorm layers keep no running
+      statistics (nothing in ``module`` is modified); pass the same ``vmap_axes=None`` to
+      ``ntk_fn``.
+
+    Example:
+      >>> import torch, ntkfunc
+      >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+      >>> f, params = ntkfunc.from_module(model)
+      >>> sorted(params)
+      ['0.bias', '0.weight', '2.bias', '2.weight']
+      >>> f(params, torch.ones(5, 3)).shape
+      torch.Size([5, 2])
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"from_module: expected a torch.nn.Module, got {type(module).__name__}")
+    params = {k: v.detach() for k, v in module.named_parameters() if v.requires_grad}
+    if not params:
+        raise ValueError(f"from_module: {type(module).__name__} has no trainable parameter (requires_grad=True)")
+
+    dropout = [n for n, m in module.named_modules() if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    if dropout:
+        raise ValueError(
+            f"from_module: dropout module(s) {dropout} are in training mode, so the model is random; "
+            "expected module.eval() (or dropout with p=0)"
+        )
+    batchnorms = [n for n, m in module.named_modules() if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    coupled = None
+    if batchnorms:
+        coupled = f"BatchNorm module(s) {batchnorms} are in training mode (batch statistics)"
+        if vmap_axes is not None:
+            raise ValueError(
+                f"from_module(vmap_axes={vmap_axes!r}): {coupled}, so one sample's output depends on the "
+                "whole batch; call module.eval() to use running statistics, or pass vmap_axes=None here and "
+                "to ntk_fn for the exact kernel of the whole batch"
+            )
+        module = copy.deepcopy(module)
+        replace_all_batch_norm_modules_(module)
+
+    consts: dict[str, torch.Tensor] = {k: v.detach() for k, v in module.named_parameters() if not v.requires_grad}
+    consts.update({k: v.detach() for k, v in module.named_buffers()})
+
+    def f(p: PyTree, x: PyTree) -> PyTree:
+        return functional_call(module, (p, consts), (x,), strict=False)
+
+    f.__name__ = f"{type(module).__name__}_apply"
+    if coupled:
+        f.__ntkfunc_batch_coupled__ = coupled  # type: ignore[attr-defined]
+    return f, params
