@@ -1,9 +1,13 @@
 """ntkfunc: empirical neural tangent kernels of PyTorch models, as functional transforms."""
 
+from ntkfunc import linalg
 from ntkfunc._typing import Implementation
 from ntkfunc.api import ntk_fn
+from ntkfunc.grouping import group_kernels
 from ntkfunc.module import from_module
+from ntkfunc.ntk_vp import ntk_vp_fn
+from ntkfunc.pntk import pntk_fn
 
 __version__ = "0.1.0"
 
-__all__ = ["Implementation", "from_module", "ntk_fn"]
+__all__ = ["Implementation", "from_module", "group_kernels", "linalg", "ntk_fn", "ntk_vp_fn", "pntk_fn"]
