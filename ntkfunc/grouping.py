@@ -103,6 +103,8 @@ def group_kernels(kernels: PyTree, by: GroupBy = None, *, params: Optional[PyTre
         with_path, _ = pytree.tree_flatten_with_path(kernels)
         per, names = [], []
         for path, leaf in with_path:
+            if leaf is None:  # a constant (integer) parameter
+                continue
             if not isinstance(leaf, torch.Tensor):
                 raise TypeError(
                     f"group_kernels: found a {type(leaf).__name__} among the kernels; expected the tensors returned "
