@@ -52,7 +52,7 @@ def jvp_by_double_vjp(fn, primals, tangents):  # type: ignore[no-untyped-def]
     """``jvp`` for functions with ops that lack forward-mode rules: transpose the (linear) VJP."""
     out, vjp_fn = vjp(fn, *primals)
     _, transpose = vjp(vjp_fn, torch.utils._pytree.tree_map(torch.zeros_like, out))
-    return out, transpose(*tangents)[0]
+    return out, transpose(tuple(tangents))[0]  # the cotangent of vjp_fn's output: one per primal
 
 
 def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:

@@ -51,13 +51,18 @@ class NtkVp:
         self._params = p
         diff = [t.detach() for t in p.diff_leaves]
 
-        def at(x: PyTree) -> Callable[..., PyTree]:
-            return lambda *d: f(p.rebuild(list(d)), x)
+        def at(x: PyTree) -> Callable[[list[torch.Tensor]], PyTree]:
+            return lambda d: f(p.rebuild(d), x)
 
         self._f1 = at(x1)
-        self._diff = tuple(diff)
+        self._diff = diff
         with transform_friendly_attention():
-            out2, self._vjp2 = vjp(at(x1 if x2 is None else x2), *diff)
+            try:
+                out2, self._vjp2 = vjp(at(x1 if x2 is None else x2), diff)
+            except RuntimeError:  # say so if f returns integers (no derivative), else re-raise
+                with torch.no_grad():
+                    _check_outputs(f(params, x1 if x2 is None else x2), "x1" if x2 is None else "x2")
+                raise
             out1 = out2 if x2 is None else f(p.rebuild(diff), x1)
         leaves2, self._spec2 = _check_outputs(out2, "x1" if x2 is None else "x2")
         leaves1, self._spec1 = _check_outputs(out1, "x1")
@@ -71,7 +76,7 @@ class NtkVp:
     def _check(self, v: PyTree, name: str = "v") -> list[torch.Tensor]:
         leaves, spec = pytree.tree_flatten(v)
         if spec != self._spec2:
-            raise ValueError(f"ntk_vp_fn: {name} has structure {spec}; expected the structure of f(params, x2): {self._spec2}")
+            raise ValueError(f"ntk_vp_fn: {name} has structure {pytree.treespec_pprint(spec)}; expected the structure of f(params, x2): {pytree.treespec_pprint(self._spec2)}")
         for k, (t, shape, dtype) in enumerate(zip(leaves, self.in_shapes, self._dtypes)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"ntk_vp_fn: {name} leaf {k} is a {type(t).__name__}; expected a tensor of shape {shape}")
@@ -85,14 +90,14 @@ class NtkVp:
         """``Θ(x1, x2) v``: ``v`` shaped like ``f(params, x2)``, result like ``f(params, x1)``."""
         self._check(v)
         with transform_friendly_attention():
-            tangents = self._vjp2(v)  # J(x2)ᵀ v, one tensor per differentiated parameter
+            (tangents,) = self._vjp2(v)  # J(x2)ᵀ v: a list, one tensor per differentiated parameter
             try:
-                _, out = self._push(self._f1, self._diff, tuple(tangents))
+                _, out = self._push(self._f1, (self._diff,), (tangents,))
             except NotImplementedError as err:  # an op without a forward-mode derivative
                 if "forward AD" not in str(err) or self._push is jvp_by_double_vjp:
                     raise
                 self._push = jvp_by_double_vjp
-                _, out = self._push(self._f1, self._diff, tuple(tangents))
+                _, out = self._push(self._f1, (self._diff,), (tangents,))
         return out
 
     def matvec(self, vec: torch.Tensor) -> torch.Tensor:
