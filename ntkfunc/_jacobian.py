@@ -26,7 +26,7 @@ from ntkfunc._blocks import Accumulator, Tile, tiles
 from ntkfunc._memory import activation_bytes, fmt_bytes
 from ntkfunc._problem import Problem
 
-_SAFETY = 0.7  # fraction of the budget the planned tensors may use
+_SAFETY = 0.8  # fraction of the budget the planned tensors may use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,8 @@ def plan(problem: Problem, budget: int, itemsize: int) -> Plan:
     """Parameter groups and sample block size whose Jacobians fit ``budget`` bytes.
 
     Per sample, parameter ``p`` costs ``O * numel(p) * itemsize`` bytes of Jacobian, and
-    computing it holds about ``2 O`` copies of the activations (the vmapped backward).
+    computing it holds about ``2 O`` copies of the activations (the vmapped backward)
+    plus temporaries the size of the largest parameter's Jacobian.
     One group (all parameters) is preferred: splitting parameters re-runs the backward
     pass per group, while smaller sample blocks only recompute x2's Jacobians.
     """
@@ -69,7 +70,9 @@ def plan(problem: Problem, budget: int, itemsize: int) -> Plan:
         return Plan(_pack(sizes, usable / 2, problem) if 2 * total > usable else [everything], 1)
     if n_all * total <= 0.1 * usable:  # clearly fits: skip the activation estimate
         return Plan([everything], n_max)
-    transient = (2 * o + 1) * per_sample_activation_bytes(problem)
+    # While a block's Jacobian is built, backward temporaries about the size of the
+    # largest parameter's Jacobian and ~2 O copies of the activations are alive.
+    transient = (2 * o + 1) * per_sample_activation_bytes(problem) + max(sizes)
     if n_all * total + n_max * transient <= usable:
         return Plan([everything], n_max)
     block = int(usable // (2 * total + transient))

@@ -233,8 +233,9 @@ def _probe(f: ApplyFn, params: Params, x_leaves: list[Any], x_spec: Any, x_axes:
 
     p_copy = [t.detach().clone() for t in params.leaves]
     x_copy = [x.detach().clone() for x in x_leaves]
-    for i in params.diff_index:
-        p_copy[i].requires_grad_(True)
+    with torch.enable_grad():  # non-leaf copies, so that an in-place op in f shows as a version bump
+        for i in params.diff_index:
+            p_copy[i] = p_copy[i].requires_grad_(True) + 0
     versions = [t._version for t in p_copy] + [x._version for x in x_copy]
     with torch.enable_grad():
         out = f(tree_unflatten(p_copy, params.spec), tree_unflatten(x_copy, x_spec))
