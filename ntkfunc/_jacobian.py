@@ -26,7 +26,7 @@ from ntkfunc._blocks import Accumulator, Tile, tiles
 from ntkfunc._memory import activation_bytes, fmt_bytes
 from ntkfunc._problem import Problem
 
-_SAFETY = 0.7  # fraction of the budget the planned tensors may use
+_SAFETY = 0.8  # fraction of the budget the planned tensors may use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,17 +42,18 @@ def _per_sample_out(problem: Problem) -> int:
 def per_sample_activation_bytes(problem: Problem) -> int:
     """Bytes of the activations of one forward pass on one sample (estimate)."""
     x = problem.x_block(1, 0, 1)
-    leaves = problem.params.diff_leaves
+    leaves = [t.detach().requires_grad_(True) for t in problem.params.diff_leaves]
     fn = problem.sample_fn() if problem.vmapped else problem.batch_fn()
     xs = [a if ax is None else a.squeeze(ax) for a, ax in zip(x, problem.x_axes)] if problem.vmapped else x
-    return activation_bytes(lambda: fn(leaves, xs))
+    return activation_bytes(lambda: fn(leaves, xs), leaves)
 
 
 def plan(problem: Problem, budget: int, itemsize: int, n_kernels: int = 1) -> Plan:
     """Parameter groups and sample block size whose Jacobians fit ``budget`` bytes.
 
     Per sample, parameter ``p`` costs ``O * numel(p) * itemsize`` bytes of Jacobian, and
-    computing it holds about ``2 O`` copies of the activations (the vmapped backward).
+    computing it holds about ``2 O`` copies of the activations (the vmapped backward)
+    plus temporaries the size of the largest parameter's Jacobian.
     One group (all parameters) is preferred: splitting parameters re-runs the backward
     pass per group, while smaller sample blocks only recompute x2's Jacobians.
     ``n_kernels`` kernels are held at the end (one per parameter with ``per_param``).
@@ -70,7 +71,9 @@ def plan(problem: Problem, budget: int, itemsize: int, n_kernels: int = 1) -> Pl
         return Plan(_pack(sizes, usable / 2, problem) if 2 * total > usable else [everything], 1)
     if n_all * total <= 0.1 * usable:  # clearly fits: skip the activation estimate
         return Plan([everything], n_max)
-    transient = (2 * o + 1) * per_sample_activation_bytes(problem)
+    # While a block's Jacobian is built, backward temporaries about the size of the
+    # largest parameter's Jacobian and ~2 O copies of the activations are alive.
+    transient = (2 * o + 1) * per_sample_activation_bytes(problem) + max(sizes)
     if n_all * total + n_max * transient <= usable:
         return Plan([everything], n_max)
     block = int(usable // (2 * total + transient))

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ntkfunc._typing import MemoryBudget, PyTree
 
@@ -80,36 +79,26 @@ def default_budget(device: torch.device) -> int:
     return int(0.5 * available_ram())
 
 
-class _CountOutputs(TorchDispatchMode):
-    """Sums the bytes of every tensor an op returns (a proxy for activation memory)."""
+def activation_bytes(fn: Callable[[], PyTree], inputs: Sequence[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs (its activations).
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.nbytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in torch.utils._pytree.tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # views are free
-                self.nbytes += t.numel() * t.element_size()
-        return out
-
-
-def activation_bytes(fn: Callable[[], PyTree]) -> int:
-    """Bytes produced by all ops of ``fn()`` (an upper bound on the activations it keeps).
-
-    Falls back to 0 when ``fn`` cannot run under a dispatch mode (e.g. inside another
-    functorch transform); callers then rely on their other terms.
+    ``inputs`` (parameters) are excluded. Falls back to 0 when ``fn`` cannot run like
+    this (e.g. inside another functorch transform); callers then rely on their other terms.
     """
-    mode = _CountOutputs()
+    seen: set[int] = {t.untyped_storage().data_ptr() for t in inputs}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
     try:
-        with torch.no_grad(), mode:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn()
     except Exception:
         return 0
-    return mode.nbytes
+    return total

@@ -119,10 +119,11 @@ def ntk_fn(
         )
     trace_axes, diagonal_axes = as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes)
     _refuse_batch_coupled(f, vmap_axes)
+    probe_cache: dict = {}
 
     def kernel(x1: PyTree, x2: Optional[PyTree], params: PyTree) -> PyTree:
         with transform_friendly_attention():
-            problem = make_problem(f, x1, x2, params, vmap_axes, trace_axes, diagonal_axes)
+            problem = make_problem(f, x1, x2, params, vmap_axes, trace_axes, diagonal_axes, probe_cache)
             budget = parse_budget(memory_budget, problem.device)
             if per_param:
                 return _per_param_tree(problem, _IMPLS[impl](problem, budget, per_param=True))
