@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes: runs in seconds")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady timings on a shared machine)")
     p.add_argument("--n", type=int, default=None, help="number of digits (default 48; 12 with --quick)")
     p.add_argument("--seeds", type=int, default=None, help="initialisations averaged per width (default 2; 1 with --quick)")
     return p.parse_args(argv)
@@ -81,7 +82,7 @@ def errors_at_width(width: int, x: torch.Tensor, seed: int, ntk_param: bool) -> 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.set_num_threads(args.threads)
     n = args.n or (12 if args.quick else 48)
     seeds = args.seeds or (1 if args.quick else 2)
     widths = [32, 64, 128] if args.quick else [64, 128, 256, 512, 1024, 2048, 4096]
@@ -89,6 +90,7 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     x = images[torch.randperm(images.shape[0], generator=gen)[:n]].reshape(n, -1).to(args.device)
 
+    errors_at_width(8, x[:2], args.seed, True)  # first autograd calls are slow: keep them out of the timings
     print(f"pNTK vs eNTK at initialisation: MLP 64 -> width -> 10 (ReLU), N = {n} digits, {seeds} seed(s)")
     results = {}
     for name, ntk_param in (("NTK", True), ("standard", False)):
