@@ -211,3 +211,24 @@ def test_group_errors():
         ntkfunc.group_kernels({"a": None})
     with pytest.raises(ValueError, match=r"do not have the structure of params"):
         ntkfunc.group_kernels({"x": per["head.bias"]}, params=params)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_costs_one_kernel_evaluation(impl, monkeypatch):
+    """Per-parameter kernels take as many Jacobian passes as implementation 1's full kernel."""
+    import ntkfunc._jacobian as jac_mod
+
+    calls = []
+    original = jac_mod.jacobians
+
+    def spy(problem, group, which, start, stop):
+        calls.append((tuple(group), which, start, stop))
+        return original(problem, group, which, start, stop)
+
+    monkeypatch.setattr(jac_mod, "jacobians", spy)
+    f, params, x1, x2, _ = CASE_BY_NAME["cnn"].build(torch.float64)
+    ntkfunc.ntk_fn(f, implementation=1)(x1, x2, params)
+    full_calls = list(calls)
+    calls.clear()
+    ntkfunc.ntk_fn(f, implementation=impl, per_param=True)(x1, x2, params)
+    assert calls == full_calls and len(calls) == 2  # one vmap(jacrev) pass at x1 and one at x2, all parameters
