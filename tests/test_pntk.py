@@ -113,3 +113,10 @@ def test_batch_coupled_module_needs_vmap_axes_none():
         ntkfunc.pntk_fn(f, vmap_axes=0)
     assert ntkfunc.pntk_fn(f, vmap_axes=None)(torch.randn(5, 3), None, params).shape == (5, 5)
     assert math.isfinite(float(ntkfunc.pntk_fn(f, vmap_axes=None)(torch.randn(5, 3), None, params).sum()))
+
+
+def test_pytree_vmap_axes_triple():
+    f, params, x1, x2, _ = CASE_BY_NAME["pytree"].build(torch.float64)
+    axes = ({"a": 0, "b": 0}, {"logits": 0, "aux": (0,)}, {})
+    k = ntkfunc.pntk_fn(f, vmap_axes=axes, implementation=2)(x1, x2, params)
+    assert max_rel_err(k, pntk_by_definition(f, params, x1, x2)) <= 1e-10
