@@ -26,16 +26,24 @@ def _floating(t: Any) -> bool:
 
 
 def _check_like(params: PyTree, params0: PyTree, caller: str) -> None:
-    leaves, spec = pytree.tree_flatten(params)
-    leaves0, spec0 = pytree.tree_flatten(params0)
+    with_path, spec = pytree.tree_flatten_with_path(params)
+    with_path0, spec0 = pytree.tree_flatten_with_path(params0)
     if spec != spec0:
-        raise ValueError(f"{caller}: params has structure {spec}; expected the structure of params0, {spec0}")
-    for k, (a, b) in enumerate(zip(leaves, leaves0)):
+        names = [pytree.keystr(p) for p, _ in with_path]
+        names0 = [pytree.keystr(p) for p, _ in with_path0]
+        missing = [n for n in names0 if n not in names]
+        extra = [n for n in names if n not in names0]
+        raise ValueError(
+            f"{caller}: params has a different structure than params0 (missing: {', '.join(missing) or 'none'}; "
+            f"unexpected: {', '.join(extra) or 'none'}); expected the structure of params0, leaves {', '.join(names0)}"
+        )
+    for (path, a), (_, b) in zip(with_path, with_path0):
+        name = pytree.keystr(path) or "params"
         if not isinstance(a, torch.Tensor):
-            raise TypeError(f"{caller}: params leaf {k} is a {type(a).__name__}; expected a torch.Tensor")
+            raise TypeError(f"{caller}: params{name} is a {type(a).__name__}; expected a torch.Tensor")
         if tuple(a.shape) != tuple(b.shape):
             raise ValueError(
-                f"{caller}: params leaf {k} has shape {tuple(a.shape)}; expected {tuple(b.shape)} as in params0"
+                f"{caller}: params{name} has shape {tuple(a.shape)}; expected {tuple(b.shape)} as in params0"
             )
 
 
