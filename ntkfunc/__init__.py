@@ -5,6 +5,7 @@ from ntkfunc._typing import Implementation
 from ntkfunc.api import ntk_fn
 from ntkfunc.kernel import kernel_fn
 from ntkfunc.module import from_module
+from ntkfunc.monte_carlo import monte_carlo_kernel_fn
 from ntkfunc.nngp import nngp_fn
 from ntkfunc.taylor import linearize, taylor_expand
 
@@ -15,6 +16,7 @@ __all__ = [
     "from_module",
     "kernel_fn",
     "linearize",
+    "monte_carlo_kernel_fn",
     "nngp_fn",
     "ntk_fn",
     "predict",

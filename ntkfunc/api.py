@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator, Optional, Union
 
+import torch
+from torch.utils import _pytree as pytree
+
 from ntkfunc import _jacobian, _vp
 from ntkfunc._memory import parse_budget
 from ntkfunc._ops import exact_higher_order, needs_higher_order, transform_friendly_attention
@@ -24,11 +27,37 @@ _IMPLS: dict[int, ImplFn] = {
 }
 
 
-def register_implementation(implementation: int, fn: ImplFn) -> None:
-    """Add an implementation to the table (used by optional modules; refuses duplicates)."""
+_NO_ENSEMBLE_VMAP: set[int] = set()
+"""Implementations that cannot run under ``torch.func.vmap`` over the parameters."""
+
+
+def register_implementation(implementation: int, fn: ImplFn, *, supports_param_vmap: bool = True) -> None:
+    """Add an implementation to the table (used by optional modules; refuses duplicates).
+
+    ``supports_param_vmap=False`` makes kernels of this implementation refuse, with a clear
+    error, to run under ``torch.func.vmap`` over ``params`` (an ensemble axis).
+    """
     if implementation in _IMPLS:
         raise KeyError(f"implementation {implementation} is already registered")
     _IMPLS[int(implementation)] = fn
+    if not supports_param_vmap:
+        _NO_ENSEMBLE_VMAP.add(int(implementation))
+
+
+def supports_param_vmap(implementation: int) -> bool:
+    """Whether kernels of ``implementation`` work under ``torch.func.vmap`` over ``params``."""
+    return int(implementation) not in _NO_ENSEMBLE_VMAP
+
+
+def _refuse_param_vmap(implementation: int, params: PyTree) -> None:
+    if supports_param_vmap(implementation):
+        return
+    if any(isinstance(t, torch.Tensor) and torch._C._functorch.is_batchedtensor(t) for t in pytree.tree_leaves(params)):
+        raise NotImplementedError(
+            f"ntk_fn(implementation={implementation}) does not support torch.func.vmap over params (an ensemble "
+            f"axis); expected one of implementations {[i for i in available_implementations() if supports_param_vmap(i)]} "
+            "for vmapped params, or a Python loop over the ensemble"
+        )
 
 
 def available_implementations() -> list[int]:
@@ -90,6 +119,7 @@ def ntk_fn(
     _refuse_batch_coupled(f, vmap_axes)
 
     def kernel(x1: PyTree, x2: Optional[PyTree], params: PyTree) -> PyTree:
+        _refuse_param_vmap(impl, params)
         with kernel_context(x1, x2, params):
             problem = make_problem(f, x1, x2, params, vmap_axes, trace_axes, diagonal_axes)
             return compute(problem, impl, memory_budget)

@@ -6,7 +6,7 @@ import collections
 import functools
 from typing import Any, Optional, Union
 
-from ntkfunc.api import _check_implementation, _refuse_batch_coupled, compute, kernel_context
+from ntkfunc.api import _check_implementation, _refuse_batch_coupled, _refuse_param_vmap, compute, kernel_context
 from ntkfunc._problem import make_problem
 from ntkfunc._tree import as_axes_tuple
 from ntkfunc._typing import ApplyFn, Axes, Implementation, MemoryBudget, PyTree, VMapAxes
@@ -77,6 +77,7 @@ def kernel_fn(
         out: dict[str, PyTree] = {}
         with kernel_context(x1, x2, params):
             if "ntk" in fields:
+                _refuse_param_vmap(impl, params)
                 problem = make_problem(f, x1, x2, params, vmap_axes, trace_axes, diagonal_axes)
                 out["ntk"] = compute(problem, impl, memory_budget)
             if "nngp" in fields:
