@@ -179,3 +179,22 @@ def test_fused_layer_norm_second_order_is_wrong_without_decomposition():
     grads = torch.autograd.grad(loss(x1, x2, args), list(args.values()), allow_unused=True)
     ad = sum((g * dp[k]).sum() for g, k in zip(grads, args) if g is not None)
     assert abs(ad - fd) > 1e-3 * abs(fd)
+
+
+@pytest.mark.parametrize("impl", available_implementations())
+def test_kernel_fn_gradients_match_finite_differences(impl):
+    case = next(c for c in CASES if c.name == "layernorm_mlp")
+    f, params, x1, x2, vmap_axes = case.build(torch.float64)
+    k = ntkfunc.kernel_fn(f, trace_axes=(), implementation=impl)
+    _check(_loss_fn(lambda a, b, p: tuple(k(a, b, ("ntk", "nngp"), p))), x1, x2, params, torch.Generator().manual_seed(5))
+
+
+def test_monte_carlo_kernel_gradients_in_inputs_match_finite_differences():
+    def init(gen):
+        return {"w": torch.randn(4, 8, generator=gen, dtype=torch.float64), "v": torch.randn(8, 2, generator=gen, dtype=torch.float64)}
+
+    f = lambda p, x: torch.nn.functional.layer_norm(torch.tanh(x @ p["w"]), (8,)) @ p["v"]  # noqa: E731
+    mc = ntkfunc.monte_carlo_kernel_fn(f, init, 3, get=("ntk", "nngp"), batch_size=2)
+    x1, x2 = torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    _check(_loss_fn(lambda a, b, p: tuple(mc(a, b))), x1, x2, {"unused": torch.zeros(1, dtype=torch.float64)},
+           torch.Generator().manual_seed(6))
