@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+_ft = torch._C._functorch
+
 
 @contextlib.contextmanager
 def transform_friendly_attention() -> Iterator[None]:
@@ -164,6 +166,14 @@ def needs_higher_order(*trees: Any) -> bool:
     """
     grad_on = torch.is_grad_enabled()
     for t in torch.utils._pytree.tree_leaves(trees):
-        if isinstance(t, torch.Tensor) and (torch._C._functorch.is_functorch_wrapped_tensor(t) or (grad_on and t.requires_grad)):
+        if not isinstance(t, torch.Tensor):
+            continue
+        # vmap alone (an ensemble axis) differentiates nothing: look through batching wrappers;
+        # any other wrapper (grad, jacrev, jvp...) means a derivative of the kernel is taken.
+        while _ft.is_functorch_wrapped_tensor(t):
+            if not _ft.is_batchedtensor(t):
+                return True
+            t = _ft.get_unwrapped(t)
+        if grad_on and t.requires_grad:
             return True
     return False

@@ -198,3 +198,29 @@ def test_monte_carlo_kernel_gradients_in_inputs_match_finite_differences():
     x1, x2 = torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
     _check(_loss_fn(lambda a, b, p: tuple(mc(a, b))), x1, x2, {"unused": torch.zeros(1, dtype=torch.float64)},
            torch.Generator().manual_seed(6))
+
+
+def test_decomposition_is_used_exactly_when_a_derivative_of_the_kernel_can_be_taken():
+    from ntkfunc._ops import needs_higher_order
+
+    x = torch.randn(3, 2)
+    seen = {}
+
+    def probe(name):
+        def fn(t):
+            seen[name] = needs_higher_order(t)
+            return t.sum()
+        return fn
+
+    torch.func.vmap(probe("vmap"))(x)
+    torch.func.vmap(lambda t: torch.func.vmap(probe("vmap(vmap)"))(t))(torch.randn(2, 3, 2))
+    torch.func.grad(probe("grad"))(x)
+    torch.func.vmap(torch.func.grad(probe("vmap(grad)")))(x)
+    torch.func.grad(lambda t: torch.func.vmap(probe("grad(vmap)"))(t).sum())(x)
+    torch.func.jvp(probe("jvp"), (x,), (x,))
+    seen["plain"] = needs_higher_order(x)
+    seen["requires_grad"] = needs_higher_order({"a": [x.clone().requires_grad_()]})
+    with torch.no_grad():
+        seen["no_grad"] = needs_higher_order(x.clone().requires_grad_())
+    assert seen == {"vmap": False, "vmap(vmap)": False, "grad": True, "vmap(grad)": True, "grad(vmap)": True,
+                    "jvp": True, "plain": False, "requires_grad": True, "no_grad": False}
