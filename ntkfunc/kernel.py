@@ -53,9 +53,9 @@ def kernel_fn(
     ``get`` is ``"ntk"`` or ``"nngp"`` (the kernel itself is returned), or a tuple of them
     (a namedtuple ``Kernel`` with those fields, in that order). The arguments are those of
     :func:`ntkfunc.ntk_fn` and :func:`ntkfunc.nngp_fn`, and so are the shapes. The op context
-    (see :func:`ntkfunc.api.kernel_context`) is entered once for both kernels; the NNGP costs one forward pass per input batch, the NTK
-    is computed by ``implementation`` (its Jacobian pass runs its own forward). Both are
-    differentiable in ``x1``, ``x2`` and ``params``.
+    (:func:`ntkfunc.api.kernel_context`) is entered once for both kernels; the NNGP
+    costs one forward pass per input batch, the NTK is computed by ``implementation`` (its
+    Jacobian pass runs its own forward). Both are differentiable in ``x1``, ``x2``, ``params``.
 
     Example:
       >>> import torch, ntkfunc

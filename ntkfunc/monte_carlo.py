@@ -34,7 +34,7 @@ def sample_seeds(seed: int, n_samples: int) -> list[int]:
     return [int(s) for s in torch.randint(0, 2**62, (n_samples,), generator=gen, dtype=torch.int64)]
 
 
-def _auto_batch(params: PyTree, x1: PyTree, x2: Optional[PyTree], out_numel: int, budget: int) -> int:
+def _auto_batch(params: PyTree, out_numel: int, budget: int) -> int:
     """Draws per vmapped call so that their per-sample Jacobians stay within a quarter of ``budget``."""
     n_params = sum(t.numel() for t in pytree.tree_leaves(params) if t.is_floating_point())
     itemsize = max(t.element_size() for t in pytree.tree_leaves(params) if t.is_floating_point())
@@ -106,7 +106,7 @@ def monte_carlo_kernel_fn(
             if x2 is not None:
                 out_numel += sum(t.numel() for t in pytree.tree_leaves(f(first, x2)))
             device = pytree.tree_leaves(first)[0].device
-            batch = _auto_batch(first, x1, x2, out_numel, parse_budget(memory_budget, device))
+            batch = _auto_batch(first, out_numel, parse_budget(memory_budget, device))
         batch = min(batch, n_samples)
 
         def one(params: PyTree) -> list[PyTree]:

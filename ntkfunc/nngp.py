@@ -8,7 +8,7 @@ summed and averaged, diagonal axes kept once, other axes paired), so ``nngp_fn``
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 

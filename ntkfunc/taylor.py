@@ -11,7 +11,7 @@ result is differentiated again whenever it is trained.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch.func import jvp
