@@ -128,7 +128,7 @@ def test_ntk_gradients_match_finite_differences(case, impl):
 def test_symmetric_ntk_gradients_match_finite_differences(name, impl):
     case = next(c for c in CASES if c.name == name)
     f, params, x1, _, vmap_axes = case.build(torch.float64)
-    budget = {"layernorm_mlp": 20_000, "attention_matmul": 300_000}.get(name)  # small: tiles are mirrored
+    budget = {"layernorm_mlp": 20_000}.get(name)  # small: several tiles, some mirrored
     kernel = ntkfunc.ntk_fn(f, trace_axes=(), vmap_axes=vmap_axes, implementation=impl, memory_budget=budget)
     _check(_loss_fn(kernel), x1, None, params, torch.Generator().manual_seed(1))
 
