@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from ntkfunc._problem import _split_vmap_axes
+from ntkfunc.api import _refuse_batch_coupled
 from ntkfunc._tree import Layout, as_axes_tuple, broadcast_prefix, tree_flatten, tree_unflatten
 from ntkfunc._typing import ApplyFn, Axes, KernelFn, PyTree, VMapAxes
 
@@ -84,6 +85,7 @@ def nngp_fn(f: ApplyFn, trace_axes: Axes = (-1,), diagonal_axes: Axes = (), vmap
       torch.Size([5, 3, 3])
     """
     trace_axes, diagonal_axes = as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes)
+    _refuse_batch_coupled(f, vmap_axes)
 
     def nngp(x1: PyTree, x2: Optional[PyTree], params: PyTree) -> PyTree:
         out1 = f(params, x1)

@@ -77,3 +77,12 @@ def test_kernel_fn_bad_get():
         k(x1, x2, ("ntk", "ntk"), params)
     with pytest.raises(ValueError, match=r"implementation=7; expected one of"):
         ntkfunc.kernel_fn(f, implementation=7)
+
+
+def test_nngp_refuses_batch_coupled_functions_unless_vmap_axes_none():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).double().train()
+    f, params = ntkfunc.from_module(model, vmap_axes=None)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"vmap_axes=0.*BatchNorm.*pass vmap_axes=None"):
+        ntkfunc.nngp_fn(f)
+    assert ntkfunc.nngp_fn(f, vmap_axes=None)(x, None, params).shape == (5, 5)
