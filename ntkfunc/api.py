@@ -6,12 +6,16 @@ up in a table so that each lives in its own module.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+from torch.utils import _pytree as pytree
 
 from ntkfunc import _jacobian, _vp
 from ntkfunc._memory import parse_budget
-from ntkfunc._ops import transform_friendly_attention
+from ntkfunc._ops import exact_higher_order, needs_higher_order, transform_friendly_attention
 from ntkfunc._problem import Problem, make_problem
 from ntkfunc._tree import as_axes_tuple, tree_unflatten
 from ntkfunc._typing import ApplyFn, Axes, Implementation, KernelFn, MemoryBudget, PyTree, VMapAxes
@@ -27,11 +31,37 @@ _IMPLS: dict[int, ImplFn] = {
 }
 
 
-def register_implementation(implementation: int, fn: ImplFn) -> None:
-    """Add an implementation to the table (used by optional modules; refuses duplicates)."""
+_NO_ENSEMBLE_VMAP: set[int] = set()
+"""Implementations that cannot run under ``torch.func.vmap`` over the parameters."""
+
+
+def register_implementation(implementation: int, fn: ImplFn, *, supports_param_vmap: bool = True) -> None:
+    """Add an implementation to the table (used by optional modules; refuses duplicates).
+
+    ``supports_param_vmap=False`` makes kernels of this implementation refuse, with a clear
+    error, to run under ``torch.func.vmap`` over ``params`` (an ensemble axis).
+    """
     if implementation in _IMPLS:
         raise KeyError(f"implementation {implementation} is already registered")
     _IMPLS[int(implementation)] = fn
+    if not supports_param_vmap:
+        _NO_ENSEMBLE_VMAP.add(int(implementation))
+
+
+def supports_param_vmap(implementation: int) -> bool:
+    """Whether kernels of ``implementation`` work under ``torch.func.vmap`` over ``params``."""
+    return int(implementation) not in _NO_ENSEMBLE_VMAP
+
+
+def _refuse_param_vmap(implementation: int, params: PyTree) -> None:
+    if supports_param_vmap(implementation):
+        return
+    if any(isinstance(t, torch.Tensor) and torch._C._functorch.is_batchedtensor(t) for t in pytree.tree_leaves(params)):
+        raise NotImplementedError(
+            f"ntk_fn(implementation={implementation}) does not support torch.func.vmap over params (an ensemble "
+            f"axis); expected one of implementations {[i for i in available_implementations() if supports_param_vmap(i)]} "
+            "for vmapped params, or a Python loop over the ensemble"
+        )
 
 
 def available_implementations() -> list[int]:
@@ -122,12 +152,10 @@ def ntk_fn(
     probe_cache: dict = {}
 
     def kernel(x1: PyTree, x2: Optional[PyTree], params: PyTree) -> PyTree:
-        with transform_friendly_attention():
+        _refuse_param_vmap(impl, params)
+        with kernel_context(x1, x2, params):
             problem = make_problem(f, x1, x2, params, vmap_axes, trace_axes, diagonal_axes, probe_cache)
-            budget = parse_budget(memory_budget, problem.device)
-            if per_param:
-                return _per_param_tree(problem, _IMPLS[impl](problem, budget, per_param=True))
-            return problem.finish(_IMPLS[impl](problem, budget))
+            return compute(problem, impl, memory_budget, per_param)
 
     split = ", split by parameter" if per_param else ""
     kernel.__doc__ = f"Empirical NTK of {getattr(f, '__name__', 'f')} (implementation {impl}{split}): kernel(x1, x2, params)."
@@ -140,6 +168,27 @@ def _per_param_tree(problem: Problem, per_leaf: list) -> PyTree:
     for k, pos in enumerate(problem.params.diff_index):
         leaves[pos] = problem.finish([per_leaf[leaf][k] for leaf in range(len(problem.layouts))])
     return tree_unflatten(leaves, problem.params.spec)
+
+
+@contextlib.contextmanager
+def kernel_context(*trees: PyTree) -> Iterator[None]:
+    """The op routing every kernel is computed under.
+
+    Attention always uses its math backend; normalisation ops are decomposed into
+    elementary ops when the kernel may be differentiated again (a leaf of ``trees``
+    requires grad or is wrapped by an outer ``torch.func`` transform), because torch's
+    fused norms have wrong second-order derivatives. Otherwise the fused ops are kept.
+    """
+    with transform_friendly_attention(), exact_higher_order(needs_higher_order(trees)):
+        yield
+
+
+def compute(problem: Problem, implementation: int, memory_budget: MemoryBudget = None, per_param: bool = False) -> PyTree:
+    """The NTK of a checked :class:`Problem` with a registered implementation (split by parameter if asked)."""
+    budget = parse_budget(memory_budget, problem.device)
+    if per_param:
+        return _per_param_tree(problem, _IMPLS[implementation](problem, budget, per_param=True))
+    return problem.finish(_IMPLS[implementation](problem, budget))
 
 
 def _refuse_batch_coupled(f: ApplyFn, vmap_axes: VMapAxes) -> None:
