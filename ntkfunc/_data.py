@@ -56,7 +56,7 @@ class Samples:
         if self.kind == "tensor":
             return self.data[start:stop]
         if self.kind == "array":
-            return torch.from_numpy(np.ascontiguousarray(self.data[start:stop]))
+            return torch.from_numpy(np.array(self.data[start:stop], copy=True))
         items = [_input_of(self.data[i], self.name, i) for i in range(start, stop)]
         return torch.stack(items)
 

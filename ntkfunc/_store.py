@@ -116,8 +116,9 @@ class NpyStore:
                 for m in marks.iterdir():
                     m.unlink()
             marks.mkdir(exist_ok=True)
-            if mpath.exists():
-                mpath.unlink()
+            for old in (mpath, path):  # a new inode: earlier results mapping the old file stay intact
+                if old.exists():
+                    old.unlink()
             mm = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=shape)
             del mm  # sparse zeros; entries written tile by tile
             manifest = {

@@ -307,7 +307,7 @@ def kernel_matrix(
         pair_bytes = math.prod(kshape) // max(1, n1 * (1 if paired else n2)) * itemsize
         plan = _plan(problem, impl, usable, max(n1, n2), pair_bytes, batch_size)
 
-        fingerprint = _fingerprint(fn, params, problem, s1, None if symmetric else s2, trace, diag, pntk, impl, kshape)
+        fingerprint = _fingerprint(f, params, problem, s1, None if symmetric else s2, trace, diag, pntk, impl, kshape)
         if out is None:
             store: Union[MemoryStore, NpyStore] = MemoryStore(kshape, dtype)
             block = plan.block
