@@ -2,8 +2,8 @@
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the default process group
 is created on first use, NCCL when CUDA is available and gloo otherwise, and destroyed
-again by whoever created it. Rank ``r`` of ``W`` takes tiles ``r, r + W, r + 2W, ...``
-of the fixed tile list; all ranks write to the same output on a shared filesystem.
+again by whoever created it. Rank ``r`` of ``W`` takes the tile rows ``r, r + W, r + 2W, ...``;
+all ranks write to the same output on a shared filesystem.
 Outside ``torchrun`` everything is a single rank.
 """
 
@@ -24,8 +24,16 @@ class Ranks:
     world: int
 
     def mine(self, index: int) -> bool:
-        """Whether tile number ``index`` (in the fixed tile order) belongs to this rank."""
+        """Whether item ``index`` (a tile row) belongs to this rank: ranks take every W-th."""
         return index % self.world == self.rank
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return int(box[0])
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -7,12 +7,14 @@ With ``x2=None`` only tiles on and above the diagonal are computed; the others a
 their mirror images. Only the samples of a tile are loaded (tensors, numpy memmaps,
 Datasets). Tiles are split over devices (``devices``) and over ``torchrun`` ranks.
 
-Reuse (implementation 1, Jacobian contraction): per-sample Jacobians (flattened over
-parameters, ``(b, *out, P)``) are computed once per sample block of x1 for its whole
-row of tiles, and the Jacobians of the first x2 blocks are kept for every later row as
-far as the memory budget allows (with everything cached, each Jacobian is computed
-once; the rest is recomputed per row). Each tile is then one matrix product over all
-parameters. Other implementations are called per tile through ``ntk_fn``.
+Reuse (implementation 1, Jacobian contraction): per-sample Jacobians, flattened over
+parameters (``(b, *out, P)``), are computed per block of samples. The memory budget holds
+a *panel* of x1 blocks plus one streamed x2 block; tiles run panel by panel, so each x1
+Jacobian is computed once and each x2 block once per panel (with everything in one
+panel, every Jacobian is computed exactly once). Each tile is then one matrix product
+over all parameters. When even one sample's Jacobian does not fit, parameters are
+split into groups and nothing is kept across tiles. Other implementations are called
+per tile through ``ntk_fn``.
 """
 
 from __future__ import annotations
@@ -98,12 +100,30 @@ def _tiles(n1: int, n2: int, block: int, symmetric: bool, paired: bool) -> list[
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    block: int  # samples per computed block (x1 and x2)
+    block: int  # samples per block (x1 and x2): tiles are block x block
     groups: list[list[int]]  # parameter groups (indices into the differentiated leaves)
-    cache_bytes: int  # Jacobians of x2 blocks kept across rows
+    panel: int  # x1 blocks whose Jacobians are held together (0: none kept across tiles)
+
+    def panel_of(self, i0: int) -> int:
+        return (i0 // self.block) // max(self.panel, 1)
+
+    def order(self, t: "_Tile") -> tuple[int, int, int]:
+        """Tile order: panel of x1 blocks, then x2 block, then x1 block (each x2 block loaded once per panel)."""
+        return (self.panel_of(t.i0), t.j0, t.i0)
+
+
+_TARGET_BLOCK = 128  # samples per block when memory allows: large enough for efficient batched Jacobians
 
 
 def _plan(problem: Problem, impl: Any, usable: float, n_max: int, pair_bytes: int, batch_size: Optional[int]) -> _Plan:
+    """Block size, parameter groups and panel size for ``usable`` bytes.
+
+    Memory (implementation 1, per-sample Jacobian ``J`` bytes, ``A`` activations while computing):
+    a panel of ``k`` x1 blocks plus one streamed x2 block (``(k + 1) b J``), the block being computed
+    (its Jacobian and the flattened copy plus activations: ``b (2 J + A)``) and the tile (``3 b² pair``).
+    Each x1 Jacobian is computed once and each x2 block once per panel, so about
+    ``N1 + N2 * N1 / (k b)`` per-sample Jacobians in all (``N + N² / (2 k b)`` when symmetric).
+    """
     leaves = problem.params.diff_leaves
     everything = list(range(len(leaves)))
     if impl != 1:
@@ -112,74 +132,112 @@ def _plan(problem: Problem, impl: Any, usable: float, n_max: int, pair_bytes: in
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
     o = max(sum(math.prod(s) for s in problem.sample_out_shapes(w)) for w in (1, 2))
     sizes = [o * t.numel() * itemsize for t in leaves]
-    transient = (2 * o + 1) * per_sample_activation_bytes(problem)
+    transient = (2 * o + 1) * per_sample_activation_bytes(problem) + max(sizes)  # + backward temporaries
     total = sum(sizes)
-    block = _largest_block(usable, 3 * total + transient, pair_bytes)
-    groups = [everything]
-    if block < 1:
+    fit = _largest_block(usable, 3 * total + transient, pair_bytes)  # a panel of one block
+    if fit < 1:
         groups = _pack(sizes, max((usable - transient) / 3, 0), problem)
-        total = max(sum(sizes[k] for k in g) for g in groups)
-        block = max(1, _largest_block(usable, 3 * total + transient, pair_bytes))
-    block = min(block, n_max, batch_size or n_max)
-    cache = int(usable - block * (3 * total + transient) - 3 * block * block * pair_bytes)
-    return _Plan(block, groups, max(cache, 0))
+        largest = max(sum(sizes[k] for k in g) for g in groups)
+        block = max(1, _largest_block(usable, 3 * largest + transient, pair_bytes))
+        return _Plan(min(block, n_max, batch_size or n_max), groups, 0)
+    block = min(n_max, batch_size or max(1, min(_TARGET_BLOCK, fit // 2 if fit >= 2 else 1)))
+    rest = usable - block * (3 * total + transient) - 3 * block * block * pair_bytes
+    panel = max(1, int(rest // max(block * total, 1)) + 1) if rest >= 0 else 0
+    return _Plan(block, [everything], panel)
 
 
 def _largest_block(usable: float, per_sample: float, pair_bytes: float) -> int:
-    """Largest ``b`` with ``b * per_sample + 3 b² pair_bytes <= usable``.
-
-    Per sample of a block: its Jacobian on each side plus the flattening copy and the
-    activations of the backward; per pair: the tile block, its mirror and its host copy.
-    """
+    """Largest ``b`` with ``b * per_sample + 3 b² pair_bytes <= usable``."""
     a, c = 3 * pair_bytes, per_sample
     b = (-c + math.sqrt(c * c + 4 * a * usable)) / (2 * a) if a > 0 else usable / max(c, 1)
     return int(b)
 
 
 class _JacobianEngine:
-    """Implementation 1 with reuse: block Jacobians flattened over parameters, cached when they fit."""
+    """Implementation 1 with reuse: block Jacobians flattened over parameters, held per panel.
 
-    def __init__(self, problem: Problem, sources: tuple[Samples, Samples], plan: _Plan, device: torch.device, symmetric: bool) -> None:
+    The current panel's x1 Jacobians live in one buffer ``(panel * block, *out, P)``,
+    filled block by block as tiles need them; x2 blocks are streamed (the latest is kept).
+    :meth:`tiles` computes all tiles of one x2 block within a panel as ONE matrix product
+    of the panel rows with that block, so the contraction runs at matmul speed.
+    """
+
+    def __init__(self, problem: Problem, sources: tuple[Samples, Samples], plan: _Plan, device: torch.device, symmetric: bool, n1: int) -> None:
         self.problem, self.sources, self.plan, self.device = problem, sources, plan, device
-        self.symmetric = symmetric
+        self.symmetric, self.n1 = symmetric, n1
         self.layout: Layout = problem.layouts[0]
+        self.pos = self.layout.batch_positions()
         self.trace_size = self.layout.trace_size(problem.out_shapes1[0])
-        self.row: dict[tuple, torch.Tensor] = {}
-        self.cache: dict[tuple, torch.Tensor] = {}
-        self.cached_bytes = 0
+        self.keep = plan.panel > 0 and len(plan.groups) == 1 and not self.layout.batch_paired
+        self.buf: Optional[torch.Tensor] = None
+        self.loaded: set[int] = set()
+        self.panel_id: Optional[int] = None
+        self.stream: Optional[tuple[tuple, torch.Tensor]] = None
         self.jacobians_computed = 0
         self.fns = [vmap(jacrev(problem.sample_fn(g), argnums=0), in_dims=(None, problem.x_axes)) for g in plan.groups]
 
-    def _jacobian(self, which: int, i0: int, i1: int, g: int, row: bool) -> torch.Tensor:
-        src = 1 if self.symmetric else which
-        key = (src, i0, i1, g)
-        if key in self.cache:
-            return self.cache[key]
-        if key in self.row:
-            return self.row[key]
+    def _compute(self, src: int, i0: int, i1: int, g: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.sources[src - 1].get(i0, i1).to(self.device)
         leaves = self.problem.params.diff_leaves
         jac = self.fns[g]([leaves[k] for k in self.plan.groups[g]], [x])[0]
-        b = i1 - i0
-        out = jac[0].shape[: jac[0].ndim - leaves[self.plan.groups[g][0]].ndim]
-        flat = torch.cat([j.reshape(*out, -1) for j in jac], dim=-1) if len(jac) > 1 else jac[0].reshape(*out, -1)
-        del jac
-        self.jacobians_computed += b
-        nbytes = flat.numel() * flat.element_size()
-        if not row and self.cached_bytes + nbytes <= self.plan.cache_bytes:
-            self.cache[key] = flat
-            self.cached_bytes += nbytes
-        elif row:
-            self.row[key] = flat
-        return flat
+        shape = jac[0].shape[: jac[0].ndim - leaves[self.plan.groups[g][0]].ndim]
+        pieces = [j.reshape(*shape, -1) for j in jac]
+        self.jacobians_computed += i1 - i0
+        if out is not None:
+            return torch.cat(pieces, dim=-1, out=out)
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+
+    def _aligned(self, i0: int, i1: int) -> bool:
+        return i0 % self.plan.block == 0 and i1 == min(i0 + self.plan.block, self.n1)
+
+    def _panel_rows(self, i0: int, i1: int) -> torch.Tensor:
+        """Rows ``i0:i1`` (whole blocks of the current panel) of the panel buffer, computed if missing."""
+        b = self.plan.block
+        base = self.panel_id * self.plan.panel * b  # type: ignore[operator]
+        for s in range(i0, i1, b):
+            e = min(s + b, self.n1)
+            if s not in self.loaded:
+                if self.buf is None:
+                    first = self._compute(1, s, e, 0)
+                    self.buf = first.new_empty((self.plan.panel * b, *first.shape[1:]))
+                    self.buf[s - base : e - base] = first
+                    del first
+                else:
+                    self._compute(1, s, e, 0, out=self.buf[s - base : e - base])
+                self.loaded.add(s)
+        return self.buf[i0 - base : i1 - base]  # type: ignore[index]
+
+    def _column(self, j0: int, j1: int) -> torch.Tensor:
+        if self.symmetric and self.plan.panel_of(j0) == self.panel_id:
+            return self._panel_rows(j0, j1)
+        key = (j0, j1)
+        if self.stream is None or self.stream[0] != key:
+            self.stream = None  # free the previous block first
+            self.stream = (key, self._compute(1 if self.symmetric else 2, j0, j1, 0))
+        return self.stream[1]
+
+    def _enter_panel(self, i0: int) -> None:
+        pid = self.plan.panel_of(i0)
+        if pid != self.panel_id:
+            self.panel_id, self.loaded = pid, set()
+
+    def tiles(self, ts: list[_Tile]) -> list[torch.Tensor]:
+        """Tiles sharing one x2 block and consecutive x1 blocks of one panel: one product."""
+        if not self.keep or not all(self._aligned(t.i0, t.i1) for t in ts):
+            return [self.tile(t) for t in ts]
+        self._enter_panel(ts[0].i0)
+        rows = self._panel_rows(ts[0].i0, ts[-1].i1)
+        k = self.layout.contract(rows, self._column(ts[0].j0, ts[0].j1), 1) / self.trace_size
+        return list(torch.split(k, [t.i1 - t.i0 for t in ts], dim=self.pos[0]))
 
     def tile(self, t: _Tile) -> torch.Tensor:
-        if any(k[1:3] != (t.i0, t.i1) for k in self.row):
-            self.row.clear()
-        total: Optional[torch.Tensor] = None
+        if self.keep and self._aligned(t.i0, t.i1):
+            return self.tiles([t])[0]
+        total: Optional[torch.Tensor] = None  # no reuse: sub-tiles (after OOM), parameter groups
+        same = self.symmetric and (t.i0, t.i1) == (t.j0, t.j1)
         for g in range(len(self.plan.groups)):
-            j1 = self._jacobian(1, t.i0, t.i1, g, row=True)
-            j2 = self._jacobian(2, t.j0, t.j1, g, row=False)
+            j1 = self._compute(1, t.i0, t.i1, g)
+            j2 = j1 if same else self._compute(1 if self.symmetric else 2, t.j0, t.j1, g)
             part = self.layout.contract(j1, j2, 1)
             total = part if total is None else total + part
         assert total is not None
@@ -310,7 +368,7 @@ def kernel_matrix(
         fingerprint = _fingerprint(f, params, problem, s1, None if symmetric else s2, trace, diag, pntk, impl, kshape)
         if out is None:
             store: Union[MemoryStore, NpyStore] = MemoryStore(kshape, dtype)
-            block = plan.block
+            block = rk.broadcast_int(plan.block)  # every rank must cut the same tiles
         else:
             grid = {"block": plan.block}
             if rk.rank == 0:
@@ -318,20 +376,26 @@ def kernel_matrix(
             rk.barrier()
             if rk.rank != 0:
                 store = NpyStore.open(out, kshape, dtype, fingerprint, grid, resume=True, create=False)
-            block = int(store.grid["block"])
+            block = int(store.grid["block"])  # the grid of the run being resumed
+        limit = plan.block
+        if plan.panel:  # a panel never needs more blocks than x1 has
+            plan = dataclasses.replace(plan, panel=min(plan.panel, -(-n1 // plan.block)))
+        if block != plan.block:
+            plan = dataclasses.replace(plan, block=block, panel=max(1, plan.panel * plan.block // block) if plan.panel else 0)
         tiles = _tiles(n1, n2, block, symmetric, paired)
         done = store.done_keys() if isinstance(store, NpyStore) else set()
-        todo = [t for k, t in enumerate(tiles) if rk.mine(k) and t.key not in done]
+        # rank r takes the tile rows r, r + W, ...; tiles run panel by panel (see _Plan.order)
+        todo = sorted((t for t in tiles if rk.mine(t.i0 // block) and t.key not in done), key=plan.order)
 
         def make_engine(dev: torch.device) -> Any:
             p = params if dev == device[0] and len(device) == 1 else _to(params, dev)
             if impl == 1:
                 with transform_friendly_attention():
                     prob = problem if p is params else make_problem(fn, s1.get(0, 1).to(dev), None if symmetric else s2.get(0, 1).to(dev), p, 0, trace, diag)
-                return _JacobianEngine(prob, (s1, s2), plan, dev, symmetric)
+                return _JacobianEngine(prob, (s1, s2), plan, dev, symmetric, n1)
             return _CoreEngine(fn, p, (s1, s2), impl, trace, diag, int(usable), dev, symmetric)
 
-        runner = _Runner(layout, symmetric, paired, store, plan.block, nonfinite, kshape)
+        runner = _Runner(layout, symmetric, paired, store, limit, nonfinite, kshape, plan)
         bar = _progress(progress and rk.rank == 0, len(tiles), len(done & {t.key for t in tiles}))
         try:
             runner.run(todo, device, make_engine, bar)
@@ -352,23 +416,39 @@ def kernel_matrix(
 class _Runner:
     """Computes tiles (splitting them on CUDA OOM), checks them, commits them with their mirrors."""
 
-    def __init__(self, layout: Layout, symmetric: bool, paired: bool, store: Any, limit: int, nonfinite: str, kshape: tuple) -> None:
+    def __init__(self, layout: Layout, symmetric: bool, paired: bool, store: Any, limit: int, nonfinite: str, kshape: tuple, plan: _Plan) -> None:
         self.layout, self.symmetric, self.paired, self.store = layout, symmetric, paired, store
         self.limit = max(1, limit)
         self.nonfinite = nonfinite
         self.pos = layout.batch_positions()
         self.ndim = len(kshape)
+        self.plan = plan
         self.lock = threading.Lock()
 
+    def groups(self, todo: list[_Tile]) -> list[list[_Tile]]:
+        """Consecutive tiles of one x2 block and panel with adjacent x1 blocks: computed together."""
+        out: list[list[_Tile]] = []
+        for t in todo:
+            last = out[-1][-1] if out else None
+            if (
+                last is not None and not self.paired and last.j0 == t.j0 and last.i1 == t.i0
+                and self.plan.panel_of(last.i0) == self.plan.panel_of(t.i0)
+            ):
+                out[-1].append(t)
+            else:
+                out.append([t])
+        return out
+
     def run(self, todo: list[_Tile], devices: list[torch.device], make_engine: Callable[[torch.device], Any], bar: Any) -> None:
+        groups = self.groups(todo)
         if len(devices) == 1:
             engine = make_engine(devices[0])
-            for t in todo:
-                self._one(engine, t, devices[0], bar)
+            for g in groups:
+                self._group(engine, g, devices[0], bar)
             return
-        work: "queue.Queue[_Tile]" = queue.Queue()
-        for t in todo:
-            work.put(t)
+        work: "queue.Queue[list[_Tile]]" = queue.Queue()
+        for g in groups:
+            work.put(g)
         errors: list[BaseException] = []
 
         def worker(dev: torch.device) -> None:
@@ -376,10 +456,10 @@ class _Runner:
                 engine = make_engine(dev)
                 while not errors:
                     try:
-                        t = work.get_nowait()
+                        g = work.get_nowait()
                     except queue.Empty:
                         return
-                    self._one(engine, t, dev, bar)
+                    self._group(engine, g, dev, bar)
             except BaseException as err:  # re-raised in the caller's thread
                 errors.append(err)
 
@@ -391,9 +471,22 @@ class _Runner:
         if errors:
             raise errors[0]
 
-    def _one(self, engine: Any, t: _Tile, dev: torch.device, bar: Any) -> None:
+    def _group(self, engine: Any, ts: list[_Tile], dev: torch.device, bar: Any) -> None:
         start = time.perf_counter()
-        block = self._compute(engine, t, dev).detach().cpu()
+        blocks: Optional[list[torch.Tensor]] = None
+        if len(ts) > 1 and hasattr(engine, "tiles") and max(t.i1 - t.i0 for t in ts) <= self.limit:
+            try:
+                blocks = engine.tiles(ts)
+            except torch.OutOfMemoryError:
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        if blocks is None:
+            blocks = [self._compute(engine, t, dev) for t in ts]
+        seconds = (time.perf_counter() - start) / len(ts)
+        for t, block in zip(ts, blocks):
+            self._commit(t, block.detach().cpu(), bar, seconds)
+
+    def _commit(self, t: _Tile, block: torch.Tensor, bar: Any, seconds: float) -> None:
         self._check_finite(block, t)
         writes = [(self._index(t.i0, t.i1, t.j0, t.j1), block)]
         entries = t.entries
@@ -402,7 +495,7 @@ class _Runner:
             entries *= 2
         with self.lock:
             self.store.commit(t.key, writes)
-            bar.advance(entries, time.perf_counter() - start)
+            bar.advance(entries, seconds)
 
     def _compute(self, engine: Any, t: _Tile, dev: torch.device) -> torch.Tensor:
         bi, bj = t.i1 - t.i0, t.j1 - t.j0

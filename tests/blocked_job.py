@@ -45,14 +45,14 @@ def main() -> None:
     torch.set_num_threads(1)
     f, params, x = build(args.scale)
     computed = []
-    original = blocked._Runner._one
+    original = blocked._Runner._commit
 
-    def one(self, engine, tile, dev, bar):  # count tiles (and slow them down, to be killed mid-run)
-        original(self, engine, tile, dev, bar)
+    def commit(self, tile, block, bar, seconds):  # count tiles (and slow them down, to be killed mid-run)
+        original(self, tile, block, bar, seconds)
         computed.append(tile.key)
         time.sleep(args.sleep)
 
-    blocked._Runner._one = one
+    blocked._Runner._commit = commit
     blocked.kernel_matrix(f, params, x, trace_axes=(), out=args.out, batch_size=args.batch_size, progress=False)
     rank = int(os.environ.get("RANK", "0"))
     if args.result:  # also the in-memory result, saved by rank 0

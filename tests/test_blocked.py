@@ -111,21 +111,31 @@ def test_reuses_block_jacobians_when_they_fit(monkeypatch):
     """With room in the budget every sample block's Jacobian is computed once, not once per tile."""
     import ntkfunc.blocked as blocked
 
-    counts = []
-    original = blocked._JacobianEngine.tile
+    engines, products = [], []
+    init, contract = blocked._JacobianEngine.__init__, blocked.Layout.contract
 
-    def tile(self, t):
-        out = original(self, t)
-        counts.append(self.jacobians_computed)
-        return out
+    def capture(self, *args, **kw):
+        init(self, *args, **kw)
+        engines.append(self)
 
-    monkeypatch.setattr(blocked._JacobianEngine, "tile", tile)
+    def counting_contract(self, a, b, n):
+        products.append((a.shape[0], b.shape[0]))
+        return contract(self, a, b, n)
+
+    monkeypatch.setattr(blocked._JacobianEngine, "__init__", capture)
+    monkeypatch.setattr(blocked.Layout, "contract", counting_contract)
     f, params, x1, x2 = _mlp(n1=12, n2=8)
-    kernel_matrix(f, params, x1, None, batch_size=3, implementation=1, progress=False)
-    assert len(counts) == 10 and counts[-1] == 12  # 10 tiles, 12 per-sample Jacobians
-    counts.clear()
+    ref = reference_kernel(f, params, x1, None)
+    assert max_rel_err(kernel_matrix(f, params, x1, None, batch_size=3, implementation=1, progress=False), ref) <= 1e-10
+    assert engines[-1].jacobians_computed == 12  # 10 tiles, each sample's Jacobian once
+    assert products == [(3, 3), (6, 3), (9, 3), (12, 3)]  # one product per x2 block: all the panel rows above it
+    products.clear()
     kernel_matrix(f, params, x1, x2, batch_size=3, implementation=1, progress=False)
-    assert len(counts) == 12 and counts[-1] == 12 + 8
+    assert engines[-1].jacobians_computed == 12 + 8
+    assert products == [(12, 3), (12, 3), (12, 2)]
+    products.clear()
+    kernel_matrix(f, params, x1, None, batch_size=3, implementation=1, progress=False, memory_budget=30_000)
+    assert engines[-1].plan.panel < 4 and 12 < engines[-1].jacobians_computed  # a smaller panel: x2 blocks recomputed
 
 
 def test_pntk_is_kernel_of_scaled_sum_of_logits():
@@ -204,7 +214,7 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path):
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     counts = [json.loads(line)["computed"] for line in res.stdout.splitlines() if line.startswith("{")]
-    assert sorted(counts) == [14, 16]  # twice 15 tiles (file, then in memory) split over the two ranks
+    assert sorted(counts) == [12, 18]  # twice 15 tiles (file, then in memory): rows 0, 2, 4 (5+3+1) and 1, 3 (4+2)
     assert torch.equal(torch.from_numpy(np.load(out)), expected)  # written to one file by both ranks
     assert torch.equal(torch.from_numpy(np.load(result)), expected)  # in memory: gathered on every rank
 
@@ -244,24 +254,24 @@ def test_in_memory_kernel_larger_than_budget_is_refused():
 def test_cuda_oom_halves_the_block_and_retries(monkeypatch):
     import ntkfunc.blocked as blocked
 
-    original = blocked._JacobianEngine.tile
-    sizes = []
+    original = blocked._JacobianEngine._compute
+    ok, failed = [], []
 
-    def tile(self, t):
-        sizes.append((t.i1 - t.i0, t.j1 - t.j0))
-        if max(sizes[-1]) > 2:
+    def compute(self, src, i0, i1, g, out=None):
+        if i1 - i0 > 2:
+            failed.append(i1 - i0)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, t)
+        ok.append(i1 - i0)
+        return original(self, src, i0, i1, g, out)
 
-    monkeypatch.setattr(blocked._JacobianEngine, "tile", tile)
+    monkeypatch.setattr(blocked._JacobianEngine, "_compute", compute)
     f, params, x1, x2 = _mlp(n1=9, n2=7)
     for x2_ in (x2, None):
-        sizes.clear()
+        ok.clear(), failed.clear()
         k = kernel_matrix(f, params, x1, x2_, trace_axes=(), implementation=1, batch_size=5, progress=False)
         assert max_rel_err(k, reference_kernel(f, params, x1, x2_, ())) <= 1e-10
-        failed = [i for i, s in enumerate(sizes) if max(s) > 2]
-        assert sizes[0] == (5, 5) and len(failed) == 2  # 5 -> 3 -> 2: halved until it fits
-        assert all(max(s) <= 2 for s in sizes[failed[-1] + 1 :])  # then every block stays small
+        assert failed[0] == 5 and 3 in failed  # 5 -> 3 -> 2: halved until it fits
+        assert ok and max(ok) <= 2
 
 
 def test_nonfinite_entries_name_their_samples():
@@ -287,20 +297,20 @@ def test_memory_budget_decides_the_tiles():
 
     f, params, x1, _ = _mlp(n1=40)
     seen = []
-    original = blocked._Runner._one
+    original = blocked._Runner._commit
 
-    def one(self, engine, t, dev, bar):
+    def commit(self, t, block, bar, seconds):
         seen.append(t)
-        return original(self, engine, t, dev, bar)
+        return original(self, t, block, bar, seconds)
 
     try:
-        blocked._Runner._one = one
+        blocked._Runner._commit = commit
         big = kernel_matrix(f, params, x1, memory_budget="1GB", progress=False)
         n_big = len(seen)
         seen.clear()
         small = kernel_matrix(f, params, x1, memory_budget=150_000, progress=False)
     finally:
-        blocked._Runner._one = original
+        blocked._Runner._commit = original
     assert n_big == 1 and len(seen) > 3
     assert max_rel_err(small, big) <= 1e-12
 
