@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import queue
 import sys
 import threading
@@ -271,7 +272,7 @@ def kernel_matrix(
     pntk: bool = False,
     batch_size: Optional[int] = None,
     memory_budget: MemoryBudget = None,
-    out: Optional[str] = None,
+    out: Union[None, str, "os.PathLike[str]"] = None,
     resume: bool = True,
     progress: bool = True,
     devices: Devices = None,
@@ -365,15 +366,22 @@ def kernel_matrix(
         pair_bytes = math.prod(kshape) // max(1, n1 * (1 if paired else n2)) * itemsize
         plan = _plan(problem, impl, usable, max(n1, n2), pair_bytes, batch_size)
 
-        fingerprint = _fingerprint(f, params, problem, s1, None if symmetric else s2, trace, diag, pntk, impl, kshape)
         if out is None:
             store: Union[MemoryStore, NpyStore] = MemoryStore(kshape, dtype)
             block = rk.broadcast_int(plan.block)  # every rank must cut the same tiles
         else:
             grid = {"block": plan.block}
+            fingerprint = _fingerprint(f, params, problem, s1, None if symmetric else s2, trace, diag, pntk, impl, kshape)
+            opened = 1
             if rk.rank == 0:
-                store = NpyStore.open(out, kshape, dtype, fingerprint, grid, resume)
-            rk.barrier()
+                try:
+                    store = NpyStore.open(out, kshape, dtype, fingerprint, grid, resume)
+                except BaseException:
+                    rk.broadcast_int(0)  # let the other ranks stop instead of waiting
+                    raise
+            opened = rk.broadcast_int(opened)
+            if not opened:
+                raise RuntimeError(f"kernel_matrix(out={str(out)!r}): rank 0 could not open the output (see its error)")
             if rk.rank != 0:
                 store = NpyStore.open(out, kshape, dtype, fingerprint, grid, resume=True, create=False)
             block = int(store.grid["block"])  # the grid of the run being resumed
