@@ -88,31 +88,34 @@ class ResNet18(nn.Module):
 
 
 def empirical_ntks_pntk(model: nn.Module, x: torch.Tensor, budget: int, loader_batch: int = 50, col_chunk: int = 20000) -> torch.Tensor:
-    """K = J J^T of g(x) = sum_o f_o(x)/sqrt(O), J computed in P-chunks that fit ``budget`` for all N samples."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    names = list(params)
-    n = x.shape[0]
-    itemsize = x.element_size()
-    cap = max(1, int(0.7 * budget) // (n * itemsize))  # parameters per chunk
-    chunks, cur, used = [], [], 0
-    for k in names:
-        if cur and used + params[k].numel() > cap:
-            chunks.append(cur)
-            cur, used = [], 0
-        cur.append(k)
-        used += params[k].numel()
-    chunks.append(cur)
-    kernel = torch.zeros(n, n, dtype=x.dtype)
-    for chunk in chunks:
-        def g(sub: dict, xi: torch.Tensor) -> torch.Tensor:
-            out = functional_call(model, {**params, **sub}, (xi.unsqueeze(0),))
-            return out.sum() / math.sqrt(out.shape[-1])
+    """K = J J^T of g(x) = sum_o f_o(x)/sqrt(O), with J computed in chunks along P, as empirical-ntks' ntk.py.
 
-        p0 = sum(params[k].numel() for k in chunk)
-        jac = torch.empty(n, p0, dtype=x.dtype)  # the chunk of J for all samples, held in RAM
+    For each chunk ``[c0, c1)`` of the flattened parameter vector (``grad-chunksize``, chosen so
+    that the N x P0 chunk plus one loader batch of full per-sample gradients fits ``budget``),
+    every sample's gradient is recomputed batch by batch and its chunk copied into an N x P0
+    buffer held in RAM; then ``K += J_c J_c^T`` by column blocks (``mm-col-chunksize``).
+    """
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    n, itemsize = x.shape[0], x.element_size()
+    p = sum(t.numel() for t in params.values())
+    p0 = int((0.7 * budget - 2 * loader_batch * p * itemsize) // (n * itemsize))
+    if p0 < 1:
+        raise MemoryError(f"budget {budget} too small for a loader batch of {loader_batch} gradients")
+
+    def g(prm: dict, xi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, prm, (xi.unsqueeze(0),))
+        return out.sum() / math.sqrt(out.shape[-1])
+
+    grads_fn = vmap(jacrev(g), in_dims=(None, 0))
+    kernel = torch.zeros(n, n, dtype=x.dtype)
+    for c0 in range(0, p, p0):
+        c1 = min(c0 + p0, p)
+        jac = torch.empty(n, c1 - c0, dtype=x.dtype)  # the chunk of J for all samples, held in RAM
         for s in range(0, n, loader_batch):
-            grads = vmap(jacrev(g), in_dims=(None, 0))({k: params[k] for k in chunk}, x[s : s + loader_batch])
-            jac[s : s + loader_batch] = torch.cat([grads[k].reshape(grads[k].shape[0], -1) for k in chunk], 1)
+            grads = grads_fn(params, x[s : s + loader_batch])
+            flat = torch.cat([grads[k].reshape(grads[k].shape[0], -1) for k in params], 1)
+            jac[s : s + loader_batch] = flat[:, c0:c1]
+            del grads, flat
         for c in range(0, n, col_chunk):  # blocked matmul over column chunks
             kernel[:, c : c + col_chunk] += jac @ jac[c : c + col_chunk].T
         del jac
@@ -185,33 +188,31 @@ def resnet(n1: int, n2: int, threads: int, budget: str) -> dict:
 
     for kernel, kw, o in (("trace", {}, 10), ("pntk", {"pntk": True}, 1)):
         stats = {"jac_seconds": 0.0, "jac_samples": 0, "contract_seconds": 0.0}
-        orig_jac, orig_tile = blocked._JacobianEngine._jacobian, blocked._JacobianEngine.tile
+        orig_jac, orig_contract = blocked._JacobianEngine._compute, blocked.Layout.contract
 
-        def jac(self, *a, **k):  # type: ignore[no-untyped-def]
-            before = self.jacobians_computed
+        def jac(self, src, i0, i1, g, out=None):  # type: ignore[no-untyped-def]
             t0 = time.perf_counter()
-            r = orig_jac(self, *a, **k)
-            if self.jacobians_computed != before:
-                stats["jac_seconds"] += time.perf_counter() - t0
-                stats["jac_samples"] += self.jacobians_computed - before
+            r = orig_jac(self, src, i0, i1, g, out)
+            stats["jac_seconds"] += time.perf_counter() - t0
+            stats["jac_samples"] += i1 - i0
             return r
 
-        def tile(self, t):  # type: ignore[no-untyped-def]
-            t0, j0 = time.perf_counter(), stats["jac_seconds"]
-            r = orig_tile(self, t)
-            stats["contract_seconds"] += time.perf_counter() - t0 - (stats["jac_seconds"] - j0)
+        def contract(self, a, b, n):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            r = orig_contract(self, a, b, n)
+            stats["contract_seconds"] += time.perf_counter() - t0
             return r
 
-        blocked._JacobianEngine._jacobian, blocked._JacobianEngine.tile = jac, tile
+        blocked._JacobianEngine._compute, blocked.Layout.contract = jac, contract
         try:
             ntkfunc.kernel_matrix(f, params, x1[:1], x2[:1], implementation=1, progress=False, **kw)  # warm-up
-            for k in stats:
-                stats[k] = 0 if isinstance(stats[k], int) else 0.0
+            for key in stats:
+                stats[key] = 0 if isinstance(stats[key], int) else 0.0
             start = time.perf_counter()
             k = ntkfunc.kernel_matrix(f, params, x1, x2, implementation=1, memory_budget=budget, progress=False, **kw)
             total = time.perf_counter() - start
         finally:
-            blocked._JacobianEngine._jacobian, blocked._JacobianEngine.tile = orig_jac, orig_tile
+            blocked._JacobianEngine._compute, blocked.Layout.contract = orig_jac, orig_contract
         assert torch.isfinite(k).all()
         flops = 2.0 * n1 * n2 * o * p
         per_jac = stats["jac_seconds"] / max(stats["jac_samples"], 1)
