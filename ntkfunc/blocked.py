@@ -300,7 +300,10 @@ def kernel_matrix(
         ``<out>.manifest.json`` and ``<out>.tiles/``) and returns a tensor over a
         copy-on-write memory map of it.
       resume: continue an interrupted run with the same ``out`` (refused, with the reason, if
-        params, data or settings changed); False starts over.
+        params, data or settings changed); False starts over. A resumed run keeps the recorded
+        tile grid (a smaller budget then computes each tile in smaller pieces). The fingerprint
+        hashes every byte of tensor/array inputs but only the length and 64 spread items of a
+        Dataset.
       progress: a tqdm bar (tiles, ETA, kernel entries/s) on stderr when it is a terminal.
       devices: None (params' device; ``cuda:LOCAL_RANK`` under torchrun with CUDA), ``"all"``
         (every CUDA device, one worker thread each), or a list of devices.
