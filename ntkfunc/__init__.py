@@ -3,6 +3,7 @@
 from ntkfunc import linalg, predict
 from ntkfunc._typing import Implementation
 from ntkfunc.api import ntk_fn
+from ntkfunc.blocked import kernel_matrix
 from ntkfunc.grouping import group_kernels
 from ntkfunc.kernel import kernel_fn
 from ntkfunc.module import from_module
@@ -19,6 +20,7 @@ __all__ = [
     "from_module",
     "group_kernels",
     "kernel_fn",
+    "kernel_matrix",
     "linalg",
     "linearize",
     "monte_carlo_kernel_fn",

@@ -1,4 +1,5 @@
-"""Command line: ``ntkfunc [demo]`` runs the embedded default job. argparse -> public API, no maths."""
+"""Command line: ``ntkfunc [demo]`` runs the embedded default job; ``ntkfunc compute`` a
+whole-dataset kernel (``ntkfunc._compute_cli``). argparse -> public API, no maths."""
 
 from __future__ import annotations
 
@@ -12,5 +13,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] == "demo":
         return demo.main(argv[1:])
-    print(f"ntkfunc: unknown command {argv[0]!r}; expected 'demo'", file=sys.stderr)
+    if argv[0] == "compute":
+        from ntkfunc import _compute_cli
+
+        return _compute_cli.main(argv[1:])
+    print(f"ntkfunc: unknown command {argv[0]!r}; expected 'demo' or 'compute'", file=sys.stderr)
     return 2

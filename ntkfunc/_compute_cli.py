@@ -1,0 +1,318 @@
+"""``ntkfunc compute``: a whole-dataset eNTK from the command line (argparse -> ``kernel_matrix``).
+
+Like empirical-ntks' ``ntk.py``: ``--data digits_0_200_0_100`` takes the first 200 training
+and the first 100 test samples and writes the 300 x 200 kernel of (train + test) rows
+against train columns. With no arguments it runs the embedded default: the small CNN of
+``ntkfunc.demo`` on the shipped digits (``digits_0_200_0_100``), written to ``out/ntk.npy``.
+
+Data sources (``--data`` and, for files, ``--test``):
+
+- ``digits``: the shipped 8x8 digits (1,797 images): train = the first 1,297, test = the last 500;
+- ``file.npy`` (memory-mapped, never loaded whole) or ``file.pt`` (a tensor, a tuple/list whose
+  first element is the inputs, or a dict with key ``"x"``), samples along axis 0;
+- a folder of per-sample ``.npy`` / ``.pt`` files (sorted by path, subfolders included: an
+  ImageFolder-style ``root/<class>/<sample>.npy`` layout works), loaded one tile at a time.
+
+Sample ranges: ``NAME_a_b`` or ``NAME_a_b_c_d`` for built-ins, ``--range a_b[_c_d]`` for any
+source: rows are ``train[a:b]`` then ``test[c:d]``, columns ``train[a:b]``.
+Bad arguments print one line and exit with status 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from ntkfunc._memory import fmt_bytes, parse_budget
+
+DEFAULT_MODEL = "ntkfunc.demo:small_cnn"
+DEFAULT_DATA = "digits_0_200_0_100"
+_BUILTIN_TRAIN = {"digits": 1297}
+_KERNELS = {"trace": dict(trace_axes=(-1,)), "pntk": dict(trace_axes=(-1,), pntk=True), "full": dict(trace_axes=())}
+
+
+class UsageError(Exception):
+    """A bad argument: reported on one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ntkfunc compute", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"package.module:factory returning an nn.Module (default {DEFAULT_MODEL})")
+    p.add_argument("--weights", type=Path, help="state_dict file (.pt) loaded with torch.load(weights_only=True)")
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"digits[_a_b[_c_d]], a .npy/.pt file or a folder (default {DEFAULT_DATA})")
+    p.add_argument("--test", help="test split for file/folder data (rows after the training rows)")
+    p.add_argument("--range", dest="ranges", help="a_b or a_b_c_d: train[a:b] (and test[c:d])")
+    p.add_argument("--kernel", choices=sorted(_KERNELS), default="trace", help="trace: (N1, N2) averaged over outputs; pntk: sum of logits / sqrt(O); full: (N1, N2, O, O)")
+    p.add_argument("--implementation", help="ntk_fn implementation (1, 2, ... or auto); default: the fastest available")
+    p.add_argument("--batch-size", type=int, help="samples per tile side (default: from the memory budget)")
+    p.add_argument("--memory-budget", help="bytes or e.g. 4GB (default: half the available RAM, 80%% of free GPU memory)")
+    p.add_argument("--out", type=Path, default=Path("out/ntk.npy"), help="output .npy (default out/ntk.npy)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="continue an interrupted run (default) or start over")
+    p.add_argument("--devices", help="'all' or a comma-separated list such as cuda:0,cuda:1 (default: the model's device)")
+    p.add_argument("--device", default="cpu", help="device the model is moved to (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--seed", type=int, default=0, help="seed set before the model factory runs (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ntkfunc import api
+    from ntkfunc.blocked import kernel_matrix
+
+    try:
+        args = parser().parse_args(argv)
+        dtype = getattr(torch, args.dtype)
+        model = _model(args.model, args.weights, args.seed, dtype, args.device)
+        x1, x2, desc = _data(args.data, args.test, args.ranges, dtype)
+        impl = _implementation(args.implementation, api)
+        if args.batch_size is not None and args.batch_size < 1:
+            raise UsageError(f"--batch-size {args.batch_size}: expected a positive number of samples")
+        if args.memory_budget is not None:
+            try:
+                parse_budget(args.memory_budget, torch.device("cpu"))
+            except (TypeError, ValueError) as err:
+                raise UsageError(f"--memory-budget: {err}") from err
+        devices = _devices(args.devices)
+        if args.out.suffix != ".npy":
+            raise UsageError(f"--out {args.out}: expected a path ending in .npy")
+        from ntkfunc.module import from_module
+
+        f, params = from_module(model.eval())
+        _check_model_runs(model, x1, args.model, desc)
+    except UsageError as err:
+        print(f"ntkfunc compute: error: {err}", file=sys.stderr)
+        return 2
+
+    n1, n2 = len(x1), len(x1) if x2 is None else len(x2)
+    n_params = sum(p.numel() for p in params.values())
+    print(f"ntkfunc compute: {args.kernel} eNTK of {args.model} ({n_params:,} parameters) on {desc}: {n1} x {n2} -> {args.out}")
+    start = time.perf_counter()
+    try:
+        k = kernel_matrix(
+            f, params, x1, x2, implementation=impl, batch_size=args.batch_size, memory_budget=args.memory_budget,
+            out=str(args.out), resume=args.resume, progress=not args.no_progress, devices=devices, **_KERNELS[args.kernel],
+        )
+    except (ValueError, TypeError, MemoryError, FloatingPointError) as err:
+        print(f"ntkfunc compute: error: {err}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    print(
+        f"  kernel {tuple(k.shape)} {str(k.dtype).replace('torch.', '')} ({fmt_bytes(k.numel() * k.element_size())}) in "
+        f"{seconds:.1f} s ({k.numel() / max(seconds, 1e-9):.3g} entries/s); saved {args.out}"
+    )
+    return 0
+
+
+def _model(spec: str, weights: Optional[Path], seed: int, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    m = re.fullmatch(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)", spec)
+    if not m:
+        raise UsageError(f"--model {spec!r}: expected package.module:factory, e.g. {DEFAULT_MODEL}")
+    try:
+        module = importlib.import_module(m.group(1))
+    except ImportError as err:
+        raise UsageError(f"--model {spec!r}: cannot import {m.group(1)} ({err})") from err
+    factory = getattr(module, m.group(2), None)
+    if not callable(factory):
+        raise UsageError(f"--model {spec!r}: {m.group(1)} has no callable {m.group(2)}")
+    torch.manual_seed(seed)
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"--model {spec!r}: the factory returned a {type(model).__name__}; expected a torch.nn.Module")
+    if weights is not None:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as err:
+            raise UsageError(f"--weights {weights}: {str(err).splitlines()[0]}") from err
+    try:
+        return model.to(device=torch.device(device), dtype=dtype)
+    except RuntimeError as err:
+        raise UsageError(f"--device {device!r}: {str(err).splitlines()[0]}") from err
+
+
+class _Rows(Dataset):
+    """Rows ``start:stop`` of an array-like or dataset, without loading them."""
+
+    def __init__(self, data: Any, start: int, stop: int) -> None:
+        self.data, self.start, self.stop = data, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        item = self.data[self.start + i]
+        return torch.from_numpy(np.array(item)) if isinstance(item, np.ndarray) else item
+
+
+class _Cast(Dataset):
+    """Items' inputs cast to a floating dtype (integer inputs are kept)."""
+
+    def __init__(self, data: Any, dtype: torch.dtype) -> None:
+        self.data, self.dtype = data, dtype
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self.data[i]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        x = torch.as_tensor(x)
+        return x.to(self.dtype) if x.is_floating_point() or x.dtype == torch.uint8 else x
+
+
+class _Folder(Dataset):
+    """Per-sample ``.npy`` / ``.pt`` files under a folder, sorted by path."""
+
+    def __init__(self, root: Path) -> None:
+        self.files = sorted(p for p in root.rglob("*") if p.suffix in (".npy", ".pt") and p.is_file())
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        p = self.files[i]
+        return torch.from_numpy(np.load(p)) if p.suffix == ".npy" else _tensor_of(torch.load(p, weights_only=True), p)
+
+
+def _tensor_of(obj: Any, where: Any) -> torch.Tensor:
+    if isinstance(obj, dict) and "x" in obj:
+        obj = obj["x"]
+    elif isinstance(obj, (tuple, list)) and obj:
+        obj = obj[0]
+    if isinstance(obj, np.ndarray):
+        obj = torch.from_numpy(obj)
+    if not isinstance(obj, torch.Tensor):
+        raise UsageError(f"{where}: holds a {type(obj).__name__}; expected a tensor, (inputs, ...) or {{'x': inputs}}")
+    return obj
+
+
+def _source(spec: str, dtype: torch.dtype, what: str) -> Any:
+    """A tensor, memory-mapped array or Dataset for ``spec`` (no range)."""
+    path = Path(spec)
+    if spec == "digits":
+        from ntkfunc.datasets import load_digits
+
+        return load_digits(dtype)[0]
+    if path.is_dir():
+        folder = _Folder(path)
+        if not len(folder):
+            raise UsageError(f"{what} {spec}: the folder has no .npy or .pt files")
+        return _Cast(folder, dtype)
+    if not path.is_file():
+        names = ", ".join(sorted(_BUILTIN_TRAIN))
+        raise UsageError(f"{what} {spec!r}: no such file or folder; expected one of the built-in datasets ({names}), a .npy/.pt file or a folder")
+    try:
+        if path.suffix == ".npy":
+            arr = np.load(path, mmap_mode="r")
+            if arr.dtype.kind == "f" and arr.dtype != np.dtype(str(dtype).replace("torch.", "")):
+                return _Cast(arr, dtype)
+            return arr
+        if path.suffix == ".pt":
+            t = _tensor_of(torch.load(path, map_location="cpu", weights_only=True), path)
+            return t.to(dtype) if t.is_floating_point() else t
+    except (OSError, ValueError, RuntimeError, EOFError) as err:
+        raise UsageError(f"{what} {spec}: cannot read it ({str(err).splitlines()[0]})") from err
+    raise UsageError(f"{what} {spec}: unknown file type {path.suffix!r}; expected .npy or .pt")
+
+
+def _parse_ranges(text: str, what: str) -> list[int]:
+    m = re.fullmatch(r"(\d+)_(\d+)(?:_(\d+)_(\d+))?", text)
+    if not m:
+        raise UsageError(f"{what} {text!r}: expected a_b or a_b_c_d (train[a:b], test[c:d])")
+    return [int(g) for g in m.groups() if g is not None]
+
+
+def _data(spec: str, test: Optional[str], ranges: Optional[str], dtype: torch.dtype) -> tuple[Any, Any, str]:
+    """``(x1, x2, description)``; ``x2`` is None for a symmetric kernel."""
+    name, bounds = spec, None
+    m = re.fullmatch(r"([A-Za-z][\w-]*?)_(\d+_\d+(?:_\d+_\d+)?)", spec)
+    if m and m.group(1) in _BUILTIN_TRAIN:
+        name, bounds = m.group(1), _parse_ranges(m.group(2), "--data")
+    if ranges is not None:
+        if bounds is not None:
+            raise UsageError(f"--data {spec} already gives sample ranges; expected no --range {ranges}")
+        bounds = _parse_ranges(ranges, "--range")
+    data = _source(name, dtype, "--data")
+    if name in _BUILTIN_TRAIN:
+        if test is not None:
+            raise UsageError(f"--test {test}: {name} has its own test split; expected --test only with file or folder data")
+        cut = _BUILTIN_TRAIN[name]
+        train, test_data = data[:cut], data[cut:]
+    else:
+        train = data
+        test_data = None if test is None else _source(test, dtype, "--test")
+    a, b = (0, len(train)) if bounds is None else bounds[:2]
+    if not 0 <= a < b <= len(train):
+        raise UsageError(f"sample range {a}_{b}: expected 0 <= a < b <= {len(train)} (training samples of {name})")
+    rows = [(train, a, b)]
+    if bounds is not None and len(bounds) == 4 or (test_data is not None and bounds is None):
+        c, d = bounds[2:] if bounds is not None and len(bounds) == 4 else (0, len(test_data))
+        if test_data is None:
+            raise UsageError(f"sample range {c}_{d} of a test split: {name} has none; pass --test FILE")
+        if not 0 <= c < d <= len(test_data):
+            raise UsageError(f"sample range {c}_{d}: expected 0 <= c < d <= {len(test_data)} (test samples)")
+        rows.append((test_data, c, d))
+    desc = f"{name} train[{a}:{b}]" + (f" + test[{rows[1][1]}:{rows[1][2]}]" if len(rows) > 1 else "")
+    if len(rows) == 1:
+        x = train[a:b] if isinstance(train, (torch.Tensor, np.ndarray)) else _Rows(train, a, b)
+        return x, None, desc
+    x1 = ConcatDataset([_Rows(src, lo, hi) for src, lo, hi in rows])
+    x2 = train[a:b] if isinstance(train, (torch.Tensor, np.ndarray)) else _Rows(train, a, b)
+    return x1, x2, desc
+
+
+def _implementation(text: Optional[str], api: Any) -> Any:
+    if text is None:
+        return None
+    value: Any = int(text) if text.isdigit() else text
+    if value not in api._IMPLS:
+        choices = ", ".join(str(k) for k in sorted(api._IMPLS, key=str))
+        raise UsageError(f"--implementation {text}: expected one of {choices}")
+    return value
+
+
+def _devices(text: Optional[str]) -> Any:
+    if text is None or text == "all":
+        return text
+    out = []
+    for d in text.split(","):
+        try:
+            out.append(torch.device(d.strip()))
+        except RuntimeError as err:
+            raise UsageError(f"--devices {text!r}: {d!r} is not a device; expected 'all' or e.g. cuda:0,cuda:1") from err
+    return out
+
+
+def _check_model_runs(model: torch.nn.Module, x1: Any, spec: str, desc: str) -> None:
+    from ntkfunc._data import Samples
+
+    try:
+        x = Samples(x1, "--data").get(0, 1)
+    except (TypeError, ValueError, UsageError) as err:
+        raise UsageError(f"--data: {err}") from err
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            y = model(x.to(device))
+    except Exception as err:  # any failure of the user's model on the data is a usage error
+        raise UsageError(f"--model {spec} fails on {desc} (sample shape {tuple(x.shape[1:])}): {str(err).splitlines()[0]}") from err
+    if not isinstance(y, torch.Tensor) or y.ndim < 2:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise UsageError(f"--model {spec} returns {got} on {desc}; expected a tensor of shape (N, outputs)")

@@ -1,0 +1,74 @@
+"""Ranks of a ``torchrun`` job: which tiles this process computes, and meeting points.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the default process group
+is created on first use, NCCL when CUDA is available and gloo otherwise, and destroyed
+again by whoever created it. Rank ``r`` of ``W`` takes the tile rows ``r, r + W, r + 2W, ...``;
+all ranks write to the same output on a shared filesystem.
+Outside ``torchrun`` everything is a single rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+
+    def mine(self, index: int) -> bool:
+        """Whether item ``index`` (a tile row) belongs to this rank: ranks take every W-th."""
+        return index % self.world == self.rank
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return int(box[0])
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (tiles are disjoint, so this assembles an in-memory kernel)."""
+        if self.world == 1:
+            return t
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def local_device(self) -> torch.device:
+        """``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def ranks() -> Iterator[Ranks]:
+    """This process's rank and the world size; joins (and later leaves) torchrun's group."""
+    if not dist.is_available():
+        yield Ranks(0, 1)
+        return
+    if dist.is_initialized():
+        yield Ranks(dist.get_rank(), dist.get_world_size())
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        yield Ranks(0, 1)
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,363 @@
+"""kernel_matrix: tiled whole-dataset kernels equal ntk_fn; files, resume, ranks, budgets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import ntkfunc
+from ntkfunc import api
+from ntkfunc.blocked import kernel_matrix
+from tests.blocked_job import build as build_job
+from tests.reference import max_rel_err, reference_kernel
+from tests.zoo import CASES, settings
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "tests" / "blocked_job.py"
+IMPLEMENTATIONS = api.available_implementations()
+# single-tensor cases with the batch axis first (kernel_matrix's domain)
+TILE_CASES = [c for c in CASES if c.name not in ("pytree", "batch_axis_1", "batchnorm_train_vmap_none", "set_pooling_vmap_none")]
+ALL_SETTINGS = ("mlp", "cnn", "attention_matmul", "conv1d_multi_output")  # 2-D and 3-D outputs; others: full kernel
+PARAMS = [
+    pytest.param(case, tr, dg, id=f"{case}-trace{tr}-diag{dg}")
+    for case in TILE_CASES
+    for tr, dg in (settings(case) if case.name in ALL_SETTINGS else [((), ())])
+    if not any(a % case.out_ndim == 0 for a in tr)  # a traced batch axis is no matrix: see test_errors
+]
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def _x2_for(case, dg, x1, x2):
+    return x1.flip(0) if any(a % case.out_ndim == 0 for a in dg) else x2  # diagonal batch axis: equal lengths
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["x2", "x2None"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case,tr,dg", PARAMS)
+def test_tiled_equals_ntk_fn(case, tr, dg, impl, symmetric):
+    f, params, x1, x2, _ = case.build(torch.float64)
+    x2 = None if symmetric else _x2_for(case, dg, x1, x2)
+    whole = ntkfunc.ntk_fn(f, trace_axes=tr, diagonal_axes=dg, implementation=impl)(x1, x2, params)
+    k = kernel_matrix(f, params, x1, x2, trace_axes=tr, diagonal_axes=dg, implementation=impl, batch_size=2, progress=False)
+    assert k.shape == whole.shape and k.dtype == torch.float64
+    assert max_rel_err(k, whole) <= 1e-10
+
+
+def _mlp(n1=9, n2=5, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+    f, params = ntkfunc.from_module(model)
+    return f, params, torch.randn(n1, 4, dtype=dtype), torch.randn(n2, 4, dtype=dtype)
+
+
+def test_against_float64_reference_with_default_settings():
+    f, params, x1, x2 = _mlp()
+    for x2_ in (x2, None):
+        assert max_rel_err(kernel_matrix(f, params, x1, x2_, batch_size=4, progress=False), reference_kernel(f, params, x1, x2_)) <= 1e-10
+
+
+class _Pairs(Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i].numpy(), i  # (input as numpy, label)
+
+
+def test_dataset_dataloader_and_memmap_inputs(tmp_path):
+    f, params, x1, x2 = _mlp()
+    ref = kernel_matrix(f, params, x1, x2, batch_size=4, progress=False)
+    np.save(tmp_path / "x1.npy", x1.numpy())
+    mm = np.load(tmp_path / "x1.npy", mmap_mode="r")
+    loader = DataLoader(TensorDataset(x2, torch.arange(len(x2))), batch_size=2, shuffle=False)
+    for a, b in [(_Pairs(x1), x2), (mm, loader), (x1.numpy(), TensorDataset(x2))]:
+        k = kernel_matrix(f, params, a, b, batch_size=4, progress=False)
+        assert torch.equal(k, ref)
+
+
+def test_loads_only_the_samples_of_a_tile():
+    f, params, x1, _ = _mlp(n1=10)
+    seen = []
+
+    class Spy(Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            seen.append(i)
+            return x1[i]
+
+    kernel_matrix(f, params, Spy(), batch_size=3, progress=False)
+    assert max(seen) == 9 and len(seen) < 120  # fingerprint probes + one Jacobian per block
+
+
+def test_reuses_block_jacobians_when_they_fit(monkeypatch):
+    """With room in the budget every sample block's Jacobian is computed once, not once per tile."""
+    import ntkfunc.blocked as blocked
+
+    engines, products = [], []
+    init, contract = blocked._JacobianEngine.__init__, blocked.Layout.contract
+
+    def capture(self, *args, **kw):
+        init(self, *args, **kw)
+        engines.append(self)
+
+    def counting_contract(self, a, b, n):
+        products.append((a.shape[0], b.shape[0]))
+        return contract(self, a, b, n)
+
+    monkeypatch.setattr(blocked._JacobianEngine, "__init__", capture)
+    monkeypatch.setattr(blocked.Layout, "contract", counting_contract)
+    f, params, x1, x2 = _mlp(n1=12, n2=8)
+    ref = reference_kernel(f, params, x1, None)
+    assert max_rel_err(kernel_matrix(f, params, x1, None, batch_size=3, implementation=1, progress=False), ref) <= 1e-10
+    assert engines[-1].jacobians_computed == 12  # 10 tiles, each sample's Jacobian once
+    assert products == [(3, 3), (6, 3), (9, 3), (12, 3)]  # one product per x2 block: all the panel rows above it
+    products.clear()
+    kernel_matrix(f, params, x1, x2, batch_size=3, implementation=1, progress=False)
+    assert engines[-1].jacobians_computed == 12 + 8
+    assert products == [(12, 3), (12, 3), (12, 2)]
+    products.clear()
+    kernel_matrix(f, params, x1, None, batch_size=3, implementation=1, progress=False, memory_budget=30_000)
+    assert engines[-1].plan.panel < 4 and 12 < engines[-1].jacobians_computed  # a smaller panel: x2 blocks recomputed
+
+
+def test_pntk_is_kernel_of_scaled_sum_of_logits():
+    f, params, x1, x2 = _mlp()
+
+    def g(p, x):
+        return f(p, x).sum(-1, keepdim=True) / 3**0.5
+
+    k = kernel_matrix(f, params, x1, x2, pntk=True, batch_size=4, progress=False)
+    assert k.shape == (9, 5)
+    assert max_rel_err(k, reference_kernel(g, params, x1, x2)) <= 1e-10
+    with pytest.raises(ValueError, match=r"pntk=True\): f returned \(1, 4, 3\); expected one tensor of shape \(N, O\)"):
+        kernel_matrix(lambda p, x: f(p, x).unsqueeze(1).expand(-1, 4, -1), params, x1[:2], pntk=True, progress=False)
+
+
+def test_out_file_manifest_and_refused_resume(tmp_path):
+    f, params, x1, x2 = _mlp()
+    out = tmp_path / "K.npy"
+    k = kernel_matrix(f, params, x1, x2, trace_axes=(), batch_size=4, out=str(out), progress=False)
+    assert torch.equal(k, kernel_matrix(f, params, x1, x2, trace_axes=(), batch_size=4, progress=False))
+    assert np.load(out).shape == (9, 5, 3, 3)
+    manifest = json.loads((tmp_path / "K.npy.manifest.json").read_text())
+    assert manifest["complete"] and manifest["shape"] == [9, 5, 3, 3] and set(manifest["fingerprint"]) >= {"params", "x1", "x2"}
+    assert len(os.listdir(tmp_path / "K.npy.tiles")) == 6
+    changed_params = {k_: v * 1.01 for k_, v in params.items()}
+    for kwargs, what in [
+        (dict(params=changed_params), "params"),
+        (dict(x1=x1 + 1), "x1"),
+        (dict(x2=x2 + 1), "x2"),
+        (dict(trace_axes=(-1,)), "kernel_shape, trace_axes"),
+        (dict(pntk=True), "kernel_shape, pntk"),
+    ]:
+        call = dict(params=params, x1=x1, x2=x2, trace_axes=())
+        call.update(kwargs)
+        with pytest.raises(ValueError, match=rf"computed with different {what} \(recorded in K.npy.manifest.json\)"):
+            kernel_matrix(f, call.pop("params"), call.pop("x1"), call.pop("x2"), out=str(out), batch_size=4, progress=False, **call)
+    k2 = kernel_matrix(f, changed_params, x1, x2, trace_axes=(), out=str(out), resume=False, batch_size=4, progress=False)
+    assert not torch.equal(k2, k)
+
+
+def _wait_for_tiles(marks: Path, n: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if marks.exists() and len([p for p in marks.iterdir() if not p.name.startswith(".")]) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the job made no progress")
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    out = tmp_path / "K.npy"
+    proc = subprocess.Popen([sys.executable, str(JOB), "--out", str(out), "--sleep", "0.2"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_tiles(Path(str(out) + ".tiles"), 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    total = 15  # 5 blocks of 3 samples: 15 tiles on and above the diagonal
+    done_before = len([p for p in Path(str(out) + ".tiles").iterdir() if not p.name.startswith(".")])
+    assert 3 <= done_before < total
+    res = subprocess.run([sys.executable, str(JOB), "--out", str(out)], env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["computed"] == total - done_before  # only the missing tiles
+    f, params, x = build_job()
+    expected = kernel_matrix(f, params, x, trace_axes=(), batch_size=3, progress=False)
+    assert torch.equal(torch.from_numpy(np.load(out)), expected)
+    with pytest.raises(ValueError, match="computed with different x1"):  # a changed input is refused
+        kernel_matrix(f, params, x * 2, trace_axes=(), out=str(out), batch_size=3, progress=False)
+    assert torch.equal(torch.from_numpy(np.load(out)), expected)
+
+
+def test_torchrun_two_cpu_processes_equal_one(tmp_path):
+    out, result = tmp_path / "K.npy", tmp_path / "mem.npy"
+    f, params, x = build_job()
+    expected = kernel_matrix(f, params, x, trace_axes=(), batch_size=3, progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(JOB), "--out", str(out), "--result", str(result)]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = [json.loads(line)["computed"] for line in res.stdout.splitlines() if line.startswith("{")]
+    assert sorted(counts) == [12, 18]  # twice 15 tiles (file, then in memory): rows 0, 2, 4 (5+3+1) and 1, 3 (4+2)
+    assert torch.equal(torch.from_numpy(np.load(out)), expected)  # written to one file by both ranks
+    assert torch.equal(torch.from_numpy(np.load(result)), expected)  # in memory: gathered on every rank
+
+
+_RSS_SCRIPT = r"""
+import resource, sys, json, torch, ntkfunc
+from ntkfunc.blocked import kernel_matrix
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(400, 250), torch.nn.Tanh(), torch.nn.Linear(250, 10))
+f, params = ntkfunc.from_module(model)
+x = torch.randn(48, 400)
+kernel_matrix(f, params, x[:2], progress=False)  # warm up (allocator, code paths)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+budget = int(sys.argv[1])
+kernel_matrix(f, params, x, trace_axes=(), memory_budget=budget, out=sys.argv[2], progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"grew": peak - base, "jacobians": 48 * 10 * sum(p.numel() for p in params.values()) * 4}))
+"""
+
+
+def test_peak_rss_stays_under_budget(tmp_path):
+    budget = 60_000_000
+    res = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(budget), str(tmp_path / "K.npy")], env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["jacobians"] > 3 * budget  # the whole Jacobian would not fit
+    assert got["grew"] <= budget, got
+
+
+def test_in_memory_kernel_larger_than_budget_is_refused():
+    f, params, x1, _ = _mlp(n1=300)
+    with pytest.raises(MemoryError, match=r"the kernel \(300, 300, 3, 3\) alone needs .* pass out='K.npy'"):
+        kernel_matrix(f, params, x1, trace_axes=(), memory_budget=100_000, progress=False)
+
+
+def test_cuda_oom_halves_the_block_and_retries(monkeypatch):
+    import ntkfunc.blocked as blocked
+
+    original = blocked._JacobianEngine._compute
+    ok, failed = [], []
+
+    def compute(self, src, i0, i1, g, out=None):
+        if i1 - i0 > 2:
+            failed.append(i1 - i0)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        ok.append(i1 - i0)
+        return original(self, src, i0, i1, g, out)
+
+    monkeypatch.setattr(blocked._JacobianEngine, "_compute", compute)
+    f, params, x1, x2 = _mlp(n1=9, n2=7)
+    for x2_ in (x2, None):
+        ok.clear(), failed.clear()
+        k = kernel_matrix(f, params, x1, x2_, trace_axes=(), implementation=1, batch_size=5, progress=False)
+        assert max_rel_err(k, reference_kernel(f, params, x1, x2_, ())) <= 1e-10
+        assert failed[0] == 5 and 3 in failed  # 5 -> 3 -> 2: halved until it fits
+        assert ok and max(ok) <= 2
+
+
+def test_nonfinite_entries_name_their_samples():
+    f, params, x1, x2 = _mlp()
+    x1 = x1.clone()
+    x1[6, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"x1 samples \[6\] and x2 samples \[0, 1, 2, 3\]"):
+        kernel_matrix(f, params, x1, x2, batch_size=4, progress=False)
+    with pytest.warns(RuntimeWarning, match=r"from x1 samples \[6\]"):
+        k = kernel_matrix(f, params, x1, x2, batch_size=4, progress=False, nonfinite="warn")
+    assert torch.isnan(k[6]).all() and torch.isfinite(k[:6]).all()
+
+
+def test_devices_split_tiles_over_workers():
+    f, params, x1, x2 = _mlp(n1=11, n2=7)
+    one = kernel_matrix(f, params, x1, x2, batch_size=2, progress=False)
+    assert torch.equal(kernel_matrix(f, params, x1, x2, batch_size=2, progress=False, devices=["cpu", "cpu"]), one)
+    assert torch.equal(kernel_matrix(f, params, x1, x2, batch_size=2, progress=False, devices="all"), one)
+
+
+def test_memory_budget_decides_the_tiles():
+    import ntkfunc.blocked as blocked
+
+    f, params, x1, _ = _mlp(n1=40)
+    seen = []
+    original = blocked._Runner._commit
+
+    def commit(self, t, block, bar, seconds):
+        seen.append(t)
+        return original(self, t, block, bar, seconds)
+
+    try:
+        blocked._Runner._commit = commit
+        big = kernel_matrix(f, params, x1, memory_budget="1GB", progress=False)
+        n_big = len(seen)
+        seen.clear()
+        small = kernel_matrix(f, params, x1, memory_budget=150_000, progress=False)
+    finally:
+        blocked._Runner._commit = original
+    assert n_big == 1 and len(seen) > 3
+    assert max_rel_err(small, big) <= 1e-12
+
+
+def test_progress_bar_only_on_a_terminal(capsys, monkeypatch):
+    f, params, x1, _ = _mlp()
+    kernel_matrix(f, params, x1, batch_size=3, progress=True)
+    assert capsys.readouterr().err == ""  # stderr is not a terminal under pytest
+    from ntkfunc.blocked import _Progress
+
+    bar = _Progress(True, 4, 1)
+    bar.advance(100, 0.1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "2/4" in err and "entries/s" in err
+
+
+def test_default_implementation_prefers_newer_ones(monkeypatch):
+    from ntkfunc.blocked import default_implementation
+
+    assert default_implementation() in api._IMPLS
+    monkeypatch.setitem(api._IMPLS, 3, api._IMPLS[1])
+    assert default_implementation() in (3, "auto")
+    monkeypatch.setitem(api._IMPLS, "auto", api._IMPLS[1])
+    assert default_implementation() == "auto"
+
+
+def test_errors_say_what_was_given_and_expected(tmp_path):
+    f, params, x1, x2 = _mlp()
+    with pytest.raises(ValueError, match=r"batch_size=0\): expected a positive int"):
+        kernel_matrix(f, params, x1, batch_size=0)
+    with pytest.raises(ValueError, match=r"implementation=7; expected one of"):
+        kernel_matrix(f, params, x1, implementation=7)
+    with pytest.raises(ValueError, match=r"trace_axes=\(0,\)\): the batch axis 0 is traced"):
+        kernel_matrix(f, params, x1, trace_axes=(0,))
+    with pytest.raises(ValueError, match=r"expected x1 and x2 of equal lengths, got 9 and 5"):
+        kernel_matrix(f, params, x1, x2, trace_axes=(), diagonal_axes=(0,))
+    with pytest.raises(TypeError, match=r"x1 is a list; expected a torch.Tensor, a numpy array"):
+        kernel_matrix(f, params, [1, 2])
+    with pytest.raises(ValueError, match=r"x2 has no samples"):
+        kernel_matrix(f, params, x1, x1[:0])
+    with pytest.raises(ValueError, match=r"nonfinite='ignore'\): expected 'raise' or 'warn'"):
+        kernel_matrix(f, params, x1, nonfinite="ignore")
+    with pytest.raises(ValueError, match=r"returned 2 output tensors .* expected one tensor with the batch axis first"):
+        kernel_matrix(lambda p, x: (f(p, x), f(p, x)), params, x1)
+    with pytest.raises(ValueError, match=r"devices='gpu0'\).*expected None, 'all' or a list of devices"):
+        kernel_matrix(f, params, x1, devices="gpu0")
+    with pytest.raises(TypeError, match=r"dtype torch.bfloat16 cannot be stored in a .npy file"):
+        fb, pb, xb, _ = _mlp(dtype=torch.bfloat16)
+        kernel_matrix(fb, pb, xb, out=str(tmp_path / "K.npy"), progress=False)

@@ -1,0 +1,126 @@
+"""``ntkfunc compute``: files, built-in ranges, kernels, weights; bad arguments exit 2 writing nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ntkfunc
+from ntkfunc import cli
+from ntkfunc.blocked import kernel_matrix
+from ntkfunc.datasets import load_digits
+from ntkfunc.demo import small_cnn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_mlp() -> torch.nn.Module:
+    """A factory for ``--model tests.test_cli:tiny_mlp`` (inputs of 6 features, 3 outputs)."""
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+
+def not_a_module():
+    return 3
+
+
+def _expected(factory, x1, x2=None, seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    f, params = ntkfunc.from_module(factory().to(dtype).eval())
+    return kernel_matrix(f, params, x1, x2, progress=False, **kw)
+
+
+def test_compute_on_npy_file_with_ranges_and_test_split(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    train, test = rng.standard_normal((12, 6)).astype(np.float32), rng.standard_normal((5, 6)).astype(np.float32)
+    np.save(tmp_path / "train.npy", train)
+    torch.save({"x": torch.from_numpy(test)}, tmp_path / "test.pt")
+    out = tmp_path / "K.npy"
+    argv = ["compute", "--model", "tests.test_cli:tiny_mlp", "--data", str(tmp_path / "train.npy"), "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "12 x 12" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(out), _expected(tiny_mlp, torch.from_numpy(train)).numpy(), rtol=1e-5, atol=1e-6)
+    argv += ["--test", str(tmp_path / "test.pt"), "--range", "2_10_1_4", "--kernel", "full", "--batch-size", "3", "--no-resume"]
+    assert cli.main(argv) == 0
+    x1 = torch.from_numpy(np.concatenate([train[2:10], test[1:4]]))
+    expected = _expected(tiny_mlp, x1, torch.from_numpy(train[2:10]), trace_axes=())
+    assert np.load(out).shape == (11, 8, 3, 3)
+    np.testing.assert_allclose(np.load(out), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_builtin_digits_ranges_like_empirical_ntks(tmp_path):
+    out = tmp_path / "K.npy"
+    assert cli.main(["compute", "--data", "digits_0_30_0_10", "--kernel", "pntk", "--out", str(out), "--no-progress"]) == 0
+    x, _ = load_digits()
+    expected = _expected(small_cnn, torch.cat([x[:30], x[1297:1307]]), x[:30], pntk=True)
+    assert np.load(out).shape == (40, 30)
+    np.testing.assert_allclose(np.load(out), expected.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_weights_and_float64_and_folder_data(tmp_path):
+    torch.manual_seed(5)
+    model = tiny_mlp().double()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    folder = tmp_path / "samples" / "class0"
+    folder.mkdir(parents=True)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    for i in range(7):
+        np.save(folder / f"{i:03d}.npy", x[i].numpy())
+    out = tmp_path / "K.npy"
+    argv = ["compute", "--model", "tests.test_cli:tiny_mlp", "--weights", str(tmp_path / "w.pt"), "--dtype", "float64",
+            "--data", str(tmp_path / "samples"), "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    f, params = ntkfunc.from_module(model.eval())
+    np.testing.assert_allclose(np.load(out), ntkfunc.ntk_fn(f)(x, None, params).numpy(), rtol=1e-12)
+
+
+def test_no_arguments_runs_the_embedded_default(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "ntkfunc", "compute"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    assert "small_cnn" in res.stdout and "300 x 200" in res.stdout
+    k = np.load(tmp_path / "out" / "ntk.npy")
+    assert k.shape == (300, 200) and np.isfinite(k).all()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data", "cifar_0_10"], r"--data 'cifar_0_10': no such file or folder; expected one of the built-in datasets \(digits\)"),
+        (["--data", "digits_0_5000"], r"sample range 0_5000: expected 0 <= a < b <= 1297"),
+        (["--data", "digits_0_10_0_900"], r"sample range 0_900: expected 0 <= c < d <= 500"),
+        (["--data", "digits", "--range", "5_2"], r"sample range 5_2: expected 0 <= a < b"),
+        (["--data", "digits", "--range", "x"], r"--range 'x': expected a_b or a_b_c_d"),
+        (["--model", "nomodule.sub:f"], r"--model 'nomodule.sub:f': cannot import nomodule.sub"),
+        (["--model", "small_cnn"], r"--model 'small_cnn': expected package.module:factory"),
+        (["--model", "tests.test_cli:not_a_module"], r"the factory returned a int; expected a torch.nn.Module"),
+        (["--model", "tests.test_cli:tiny_mlp"], r"--model tests.test_cli:tiny_mlp fails on digits"),
+        (["--weights", "missing.pt"], r"--weights missing.pt: "),
+        (["--kernel", "diag"], r"argument --kernel: invalid choice: 'diag'"),
+        (["--implementation", "9"], r"--implementation 9: expected one of"),
+        (["--memory-budget", "lots"], r"--memory-budget: memory_budget='lots': expected a number of bytes"),
+        (["--batch-size", "0"], r"--batch-size 0: expected a positive number"),
+        (["--devices", "gpu:x"], r"--devices 'gpu:x': 'gpu:x' is not a device"),
+        (["--out", "K.txt"], r"--out K.txt: expected a path ending in .npy"),
+        (["--frobnicate"], r"unrecognized arguments: --frobnicate"),
+    ],
+)
+def test_bad_arguments_one_line_exit_2_nothing_written(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["compute", *args, "--out" if "--out" not in args else "--no-progress", *(["K.npy"] if "--out" not in args else [])])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("ntkfunc compute: error: ")
+    import re
+
+    assert re.search(message, err), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_command_lists_compute(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    assert "expected 'demo' or 'compute'" in capsys.readouterr().err
