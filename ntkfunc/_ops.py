@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 
 @contextlib.contextmanager
@@ -21,3 +25,145 @@ def transform_friendly_attention() -> Iterator[None]:
         return
     with sdpa_kernel([SDPBackend.MATH]):
         yield
+
+
+# --- normalisation ops as elementary ops ------------------------------------------------
+#
+# PyTorch's fused normalisation kernels have first-order derivative rules that are
+# right, but their higher-order ones are not all right (torch 2.13: nested forward mode
+# through layer_norm / batch_norm, and reverse-over-vmap(jacrev) through layer_norm,
+# give wrong numbers; pytorch issues 196699, 196700, 198017). Written with mean / var /
+# rsqrt, every order of every transform is derived from elementary rules and is exact.
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):  # type: ignore[no-untyped-def]
+    dims = tuple(range(-len(tuple(normalized_shape)), 0)) if not isinstance(normalized_shape, int) else (-1,)
+    mean = input.mean(dim=dims, keepdim=True)
+    centred = input - mean
+    var = (centred * centred).mean(dim=dims, keepdim=True)
+    out = centred * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def _rms_norm(input, normalized_shape, weight=None, eps=None):  # type: ignore[no-untyped-def]
+    dims = tuple(range(-len(tuple(normalized_shape)), 0)) if not isinstance(normalized_shape, int) else (-1,)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    out = input * torch.rsqrt((input * input).mean(dim=dims, keepdim=True) + eps)
+    return out if weight is None else out * weight
+
+
+def _channel_shape(input: torch.Tensor) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (input.ndim - 2)
+
+
+def _affine(out, weight, bias):  # type: ignore[no-untyped-def]
+    if weight is not None:
+        out = out * weight.reshape(_channel_shape(out))
+    if bias is not None:
+        out = out + bias.reshape(_channel_shape(out))
+    return out
+
+
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):  # type: ignore[no-untyped-def]
+    use_batch = training or running_mean is None or running_var is None
+    if use_batch:
+        dims = (0,) + tuple(range(2, input.ndim))
+        mean = input.mean(dim=dims, keepdim=True)
+        centred = input - mean
+        var = (centred * centred).mean(dim=dims, keepdim=True)
+        if training and running_mean is not None and running_var is not None:
+            n = input.numel() // input.shape[1]
+            with torch.no_grad():  # the running statistics, as F.batch_norm updates them
+                m = momentum if momentum is not None else 0.1
+                running_mean.mul_(1 - m).add_(m * mean.detach().reshape(-1))
+                running_var.mul_(1 - m).add_(m * var.detach().reshape(-1) * n / max(n - 1, 1))
+        out = centred * torch.rsqrt(var + eps)
+    else:
+        shape = _channel_shape(input)
+        out = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
+    return _affine(out, weight, bias)
+
+
+def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,  # type: ignore[no-untyped-def]
+                   use_input_stats=True, momentum=0.1, eps=1e-5):
+    if not use_input_stats and running_mean is not None and running_var is not None:
+        shape = _channel_shape(input)
+        out = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
+        return _affine(out, weight, bias)
+    dims = tuple(range(2, input.ndim))
+    mean = input.mean(dim=dims, keepdim=True)
+    centred = input - mean
+    var = (centred * centred).mean(dim=dims, keepdim=True)
+    return _affine(centred * torch.rsqrt(var + eps), weight, bias)
+
+
+def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):  # type: ignore[no-untyped-def]
+    n, c = input.shape[0], input.shape[1]
+    grouped = input.reshape(n, num_groups, -1)
+    mean = grouped.mean(dim=-1, keepdim=True)
+    centred = grouped - mean
+    var = (centred * centred).mean(dim=-1, keepdim=True)
+    out = (centred * torch.rsqrt(var + eps)).reshape(input.shape)
+    return _affine(out, weight, bias)
+
+
+NORM_DECOMPOSITIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    F.layer_norm: _layer_norm,
+    F.batch_norm: _batch_norm,
+    F.instance_norm: _instance_norm,
+    F.group_norm: _group_norm,
+}
+if hasattr(F, "rms_norm"):
+    NORM_DECOMPOSITIONS[F.rms_norm] = _rms_norm
+
+
+class _DecomposeNorms(TorchFunctionMode):
+    """Replaces the fused normalisation functions by :data:`NORM_DECOMPOSITIONS`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        impl = NORM_DECOMPOSITIONS.get(func)
+        if impl is not None:
+            return impl(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def exact_higher_order(enabled: bool = True) -> Iterator[None]:
+    """Route normalisation ops through elementary-op decompositions for this block.
+
+    Use it whenever a derivative of a derivative will be taken (a kernel that is itself
+    differentiated, ``linearize``, ``taylor_expand``): PyTorch's fused ``layer_norm`` and
+    ``batch_norm`` have wrong second-order derivatives. ``enabled=False`` keeps the fused
+    (faster) kernels. Nothing global is changed outside the block.
+
+    Example:
+      >>> import torch
+      >>> x = torch.randn(3, 4, dtype=torch.float64)
+      >>> with exact_higher_order():
+      ...     y = torch.nn.functional.layer_norm(x, (4,))
+      >>> torch.allclose(y, torch.nn.functional.layer_norm(x, (4,)))
+      True
+    """
+    if not enabled:
+        yield
+        return
+    with _DecomposeNorms():
+        yield
+
+
+def needs_higher_order(*trees: Any) -> bool:
+    """True when a kernel computed from ``trees`` may be differentiated again.
+
+    That is the case when a tensor leaf requires grad (with grad mode on) or is wrapped
+    by an outer ``torch.func`` transform (``grad``, ``jacrev``, ``vmap``...).
+    """
+    grad_on = torch.is_grad_enabled()
+    for t in torch.utils._pytree.tree_leaves(trees):
+        if isinstance(t, torch.Tensor) and (torch._C._functorch.is_functorch_wrapped_tensor(t) or (grad_on and t.requires_grad)):
+            return True
+    return False

@@ -6,11 +6,12 @@ up in a table so that each lives in its own module.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+import contextlib
+from typing import Callable, Iterator, Optional, Union
 
 from ntkfunc import _jacobian, _vp
 from ntkfunc._memory import parse_budget
-from ntkfunc._ops import transform_friendly_attention
+from ntkfunc._ops import exact_higher_order, needs_higher_order, transform_friendly_attention
 from ntkfunc._problem import Problem, make_problem
 from ntkfunc._tree import as_axes_tuple
 from ntkfunc._typing import ApplyFn, Axes, Implementation, KernelFn, MemoryBudget, PyTree, VMapAxes
@@ -90,13 +91,31 @@ def ntk_fn(
     probe_cache: dict = {}
 
     def kernel(x1: PyTree, x2: Optional[PyTree], params: PyTree) -> PyTree:
-        with transform_friendly_attention():
+        with kernel_context(x1, x2, params):
             problem = make_problem(f, x1, x2, params, vmap_axes, trace_axes, diagonal_axes, probe_cache)
-            budget = parse_budget(memory_budget, problem.device)
-            return problem.finish(_IMPLS[impl](problem, budget))
+            return compute(problem, impl, memory_budget)
 
     kernel.__doc__ = f"Empirical NTK of {getattr(f, '__name__', 'f')} (implementation {impl}): kernel(x1, x2, params)."
     return kernel
+
+
+@contextlib.contextmanager
+def kernel_context(*trees: PyTree) -> Iterator[None]:
+    """The op routing every kernel is computed under.
+
+    Attention always uses its math backend; normalisation ops are decomposed into
+    elementary ops when the kernel may be differentiated again (a leaf of ``trees``
+    requires grad or is wrapped by an outer ``torch.func`` transform), because torch's
+    fused norms have wrong second-order derivatives. Otherwise the fused ops are kept.
+    """
+    with transform_friendly_attention(), exact_higher_order(needs_higher_order(trees)):
+        yield
+
+
+def compute(problem: Problem, implementation: int, memory_budget: MemoryBudget = None) -> PyTree:
+    """The NTK of a checked :class:`Problem` with a registered implementation."""
+    budget = parse_budget(memory_budget, problem.device)
+    return problem.finish(_IMPLS[implementation](problem, budget))
 
 
 def _refuse_batch_coupled(f: ApplyFn, vmap_axes: VMapAxes) -> None:

@@ -1,0 +1,91 @@
+"""``kernel_fn``: NTK and / or NNGP of ``f`` in one call, as ``neural_tangents.empirical_kernel_fn``."""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, Optional, Union
+
+from ntkfunc.api import _check_implementation, _refuse_batch_coupled, compute, kernel_context
+from ntkfunc._problem import make_problem
+from ntkfunc._tree import as_axes_tuple
+from ntkfunc._typing import ApplyFn, Axes, Implementation, MemoryBudget, PyTree, VMapAxes
+from ntkfunc.nngp import nngp_from_outputs
+
+KINDS = ("ntk", "nngp")
+
+Get = Union[str, tuple[str, ...], list[str]]
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_tuple(fields: tuple[str, ...]) -> type:
+    """The namedtuple type ``Kernel`` with ``fields`` in that order (one type per order)."""
+    return collections.namedtuple("Kernel", fields)  # type: ignore[misc]
+
+
+def canonical_get(get: Any, caller: str = "kernel_fn") -> tuple[bool, tuple[str, ...]]:
+    """``(is_single, fields)``: ``get`` checked against ``{"ntk", "nngp"}``."""
+    if isinstance(get, str):
+        single, fields = True, (get,)
+    elif isinstance(get, (tuple, list)) and get and all(isinstance(g, str) for g in get):
+        single, fields = False, tuple(get)
+    else:
+        raise ValueError(f"{caller}: get={get!r}; expected 'ntk', 'nngp' or a non-empty tuple of them")
+    bad = [g for g in fields if g not in KINDS]
+    if bad:
+        raise ValueError(f"{caller}: get={get!r} contains {bad[0]!r}; expected 'ntk', 'nngp' or a tuple of them")
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"{caller}: get={get!r} repeats a kernel; expected each of 'ntk', 'nngp' at most once")
+    return single, fields
+
+
+def kernel_fn(
+    f: ApplyFn,
+    trace_axes: Axes = (-1,),
+    diagonal_axes: Axes = (),
+    vmap_axes: VMapAxes = 0,
+    implementation: Union[int, Implementation] = Implementation.JACOBIAN_CONTRACTION,
+    *,
+    memory_budget: MemoryBudget = None,
+) -> Any:
+    """Returns ``k(x1, x2, get, params)``: the empirical NTK and / or NNGP of ``f``.
+
+    ``get`` is ``"ntk"`` or ``"nngp"`` (the kernel itself is returned), or a tuple of them
+    (a namedtuple ``Kernel`` with those fields, in that order). The arguments are those of
+    :func:`ntkfunc.ntk_fn` and :func:`ntkfunc.nngp_fn`, and so are the shapes. The op context
+    (see :func:`ntkfunc.api.kernel_context`) is entered once for both kernels; the NNGP costs one forward pass per input batch, the NTK
+    is computed by ``implementation`` (its Jacobian pass runs its own forward). Both are
+    differentiable in ``x1``, ``x2`` and ``params``.
+
+    Example:
+      >>> import torch, ntkfunc
+      >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+      >>> f, params = ntkfunc.from_module(model)
+      >>> x1, x2 = torch.randn(5, 4), torch.randn(2, 4)
+      >>> k = ntkfunc.kernel_fn(f, trace_axes=())(x1, x2, ("nngp", "ntk"), params)
+      >>> k.nngp.shape, k.ntk.shape
+      (torch.Size([5, 2, 3, 3]), torch.Size([5, 2, 3, 3]))
+      >>> ntkfunc.kernel_fn(f)(x1, None, "ntk", params).shape
+      torch.Size([5, 5])
+    """
+    impl = _check_implementation(implementation)
+    trace_axes, diagonal_axes = as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes)
+    _refuse_batch_coupled(f, vmap_axes)
+
+    def k(x1: PyTree, x2: Optional[PyTree], get: Get, params: PyTree) -> Any:
+        single, fields = canonical_get(get)
+        out: dict[str, PyTree] = {}
+        with kernel_context(x1, x2, params):
+            if "ntk" in fields:
+                problem = make_problem(f, x1, x2, params, vmap_axes, trace_axes, diagonal_axes)
+                out["ntk"] = compute(problem, impl, memory_budget)
+            if "nngp" in fields:
+                fx1 = f(params, x1)
+                fx2 = None if x2 is None else f(params, x2)
+                out["nngp"] = nngp_from_outputs(fx1, fx2, vmap_axes, trace_axes, diagonal_axes)
+        if single:
+            return out[fields[0]]
+        return kernel_tuple(fields)(*(out[g] for g in fields))
+
+    k.__doc__ = f"Empirical kernels of {getattr(f, '__name__', 'f')} (implementation {impl}): k(x1, x2, get, params)."
+    return k
