@@ -1,11 +1,14 @@
 """ntkfunc: empirical neural tangent kernels of PyTorch models, as functional transforms."""
 
-from ntkfunc import predict
+from ntkfunc import linalg, predict
 from ntkfunc._typing import Implementation
 from ntkfunc.api import ntk_fn
+from ntkfunc.grouping import group_kernels
 from ntkfunc.kernel import kernel_fn
 from ntkfunc.module import from_module
 from ntkfunc.nngp import nngp_fn
+from ntkfunc.ntk_vp import ntk_vp_fn
+from ntkfunc.pntk import pntk_fn
 from ntkfunc.taylor import linearize, taylor_expand
 
 __version__ = "0.1.0"
@@ -13,10 +16,14 @@ __version__ = "0.1.0"
 __all__ = [
     "Implementation",
     "from_module",
+    "group_kernels",
     "kernel_fn",
+    "linalg",
     "linearize",
     "nngp_fn",
     "ntk_fn",
+    "ntk_vp_fn",
+    "pntk_fn",
     "predict",
     "taylor_expand",
 ]

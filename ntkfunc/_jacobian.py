@@ -48,7 +48,7 @@ def per_sample_activation_bytes(problem: Problem) -> int:
     return activation_bytes(lambda: fn(leaves, xs), leaves)
 
 
-def plan(problem: Problem, budget: int, itemsize: int) -> Plan:
+def plan(problem: Problem, budget: int, itemsize: int, n_kernels: int = 1) -> Plan:
     """Parameter groups and sample block size whose Jacobians fit ``budget`` bytes.
 
     Per sample, parameter ``p`` costs ``O * numel(p) * itemsize`` bytes of Jacobian, and
@@ -56,6 +56,7 @@ def plan(problem: Problem, budget: int, itemsize: int) -> Plan:
     plus temporaries the size of the largest parameter's Jacobian.
     One group (all parameters) is preferred: splitting parameters re-runs the backward
     pass per group, while smaller sample blocks only recompute x2's Jacobians.
+    ``n_kernels`` kernels are held at the end (one per parameter with ``per_param``).
     """
     leaves = problem.params.diff_leaves
     o = _per_sample_out(problem)
@@ -63,7 +64,7 @@ def plan(problem: Problem, budget: int, itemsize: int) -> Plan:
     total = sum(sizes)
     n_all = problem.n1 + (0 if problem.symmetric else problem.n2)
     n_max = max(problem.n1, problem.n2)
-    kernel_bytes = sum(math.prod(s) for s in problem.kernel_shapes()) * itemsize
+    kernel_bytes = n_kernels * sum(math.prod(s) for s in problem.kernel_shapes()) * itemsize
     usable = max(budget * _SAFETY - 2 * kernel_bytes, budget * 0.25)
     everything = list(range(len(leaves)))
     if not problem.vmapped:
@@ -127,8 +128,8 @@ def contract(problem: Problem, j1: list[list[torch.Tensor]], j2: list[list[torch
 def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
     """The kernel per output leaf (a list), or per leaf a list over parameters if ``per_param``."""
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
-    p = plan(problem, budget, itemsize)
     n_params = len(problem.params.diff_leaves)
+    p = plan(problem, budget, itemsize, n_params if per_param else 1)
     accs = [Accumulator(problem) for _ in range(n_params if per_param else 1)]
     for group in p.groups:
         for tile, j1, j2 in _tile_jacobians(problem, group, p.block):

@@ -18,6 +18,7 @@ import math
 import torch
 from torch.func import jvp, vjp, vmap
 
+from ntkfunc import _jacobian
 from ntkfunc._blocks import Accumulator, tiles
 from ntkfunc._jacobian import jacobians, per_sample_activation_bytes
 from ntkfunc._memory import fmt_bytes
@@ -51,10 +52,20 @@ def jvp_by_double_vjp(fn, primals, tangents):  # type: ignore[no-untyped-def]
     """``jvp`` for functions with ops that lack forward-mode rules: transpose the (linear) VJP."""
     out, vjp_fn = vjp(fn, *primals)
     _, transpose = vjp(vjp_fn, torch.utils._pytree.tree_map(torch.zeros_like, out))
-    return out, transpose(*tangents)[0]
+    return out, transpose(tuple(tangents))[0]  # the cotangent of vjp_fn's output: one per primal
 
 
-def kernel(problem: Problem, budget: int) -> list[torch.Tensor]:
+def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
+    """The kernel per output leaf; with ``per_param``, per leaf a list over the parameters.
+
+    Per-parameter components are not obtained from JVPs: a JVP pushes all parameters'
+    tangents through one forward pass and only their sum comes out, so separating ``L``
+    parameter tensors would take ``L`` JVP passes. Instead the x2 cotangents (which are
+    the per-parameter x2 Jacobians) are contracted with the x1 Jacobians parameter by
+    parameter, i.e. implementation 1's path, at the cost of one full kernel.
+    """
+    if per_param:
+        return _jacobian.kernel(problem, budget, per_param=True)
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
     b1, b2 = plan(problem, budget, itemsize)
     everything = list(range(len(problem.params.diff_leaves)))

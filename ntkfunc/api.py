@@ -7,16 +7,20 @@ up in a table so that each lives in its own module.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable, Iterator, Optional, Union
 
 from ntkfunc import _jacobian, _vp
 from ntkfunc._memory import parse_budget
 from ntkfunc._ops import exact_higher_order, needs_higher_order, transform_friendly_attention
 from ntkfunc._problem import Problem, make_problem
-from ntkfunc._tree import as_axes_tuple
+from ntkfunc._tree import as_axes_tuple, tree_unflatten
 from ntkfunc._typing import ApplyFn, Axes, Implementation, KernelFn, MemoryBudget, PyTree, VMapAxes
 
-ImplFn = Callable[[Problem, int], list]
+ImplFn = Callable[..., list]
+"""``fn(problem, budget_bytes) -> [kernel per output leaf]``; an implementation that can
+split the kernel by parameter also accepts ``per_param=True`` and then returns, per
+output leaf, a list over the differentiated parameter leaves (see :func:`supports_per_param`)."""
 
 _IMPLS: dict[int, ImplFn] = {
     Implementation.JACOBIAN_CONTRACTION: _jacobian.kernel,
@@ -36,6 +40,11 @@ def available_implementations() -> list[int]:
     return sorted(int(k) for k in _IMPLS)
 
 
+def supports_per_param(implementation: int) -> bool:
+    """Whether implementation ``implementation`` accepts ``per_param=True``."""
+    return "per_param" in inspect.signature(_IMPLS[implementation]).parameters
+
+
 def _check_implementation(implementation: Union[int, Implementation]) -> int:
     if isinstance(implementation, bool) or implementation not in _IMPLS:
         raise ValueError(
@@ -53,6 +62,7 @@ def ntk_fn(
     implementation: Union[int, Implementation] = Implementation.JACOBIAN_CONTRACTION,
     *,
     memory_budget: MemoryBudget = None,
+    per_param: bool = False,
 ) -> KernelFn:
     """Returns ``kernel(x1, x2, params)``, the empirical NTK ``Θ = J(x1) J(x2)ᵀ`` of ``f``.
 
@@ -68,6 +78,16 @@ def ntk_fn(
       implementation: 1 Jacobian contraction, 2 NTK-vector products (see ``Implementation``).
       memory_budget: bytes (or ``"2GB"``) the Jacobians may occupy; default 80% of free
         CUDA memory, or half of the available RAM on CPU. Work is tiled to fit.
+      per_param: return the kernel split by parameter tensor (the "layerwise components"
+        ``Θ_p = J_p(x1) J_p(x2)ᵀ``): a pytree with the structure of ``params`` holding, per
+        floating-point parameter tensor, its kernel (same shape / output pytree as the full
+        kernel), and ``None`` for non-floating leaves (integer constants have no derivative
+        and contribute nothing). The components sum to the full kernel, and computing them
+        costs one kernel evaluation (the per-parameter terms of the same sum are kept apart).
+        Implementation 2 computes them by contracting its x2 cotangents with x1 Jacobians
+        per parameter (implementation 1's path): splitting its JVPs by parameter would cost
+        one JVP pass per parameter tensor instead. Use :func:`ntkfunc.group_kernels` to sum
+        them per module.
 
     Shapes: outputs ``(N, d1, ..., dk)`` give ``(N1, N2)`` followed, for each output axis
     in order, by nothing (traced), ``d_i`` (diagonal) or ``(d_i, d_i)``. A pytree output gives
@@ -84,8 +104,20 @@ def ntk_fn(
       torch.Size([5, 5, 3, 3])
       >>> ntkfunc.ntk_fn(f, trace_axes=(), diagonal_axes=(-1,), implementation=2)(x1, x2, params).shape
       torch.Size([5, 2, 3])
+      >>> per = ntkfunc.ntk_fn(f, per_param=True)(x1, x2, params)
+      >>> sorted(per), per["0.weight"].shape
+      (['0.bias', '0.weight', '2.bias', '2.weight'], torch.Size([5, 2]))
+      >>> bool(torch.allclose(sum(per.values()), ntkfunc.ntk_fn(f)(x1, x2, params), atol=1e-5))
+      True
     """
     impl = _check_implementation(implementation)
+    if not isinstance(per_param, bool):
+        raise TypeError(f"ntk_fn(per_param={per_param!r}): expected True or False")
+    if per_param and not supports_per_param(impl):
+        raise NotImplementedError(
+            f"ntk_fn(implementation={impl}, per_param=True): implementation {impl} cannot split the kernel "
+            f"by parameter; expected one of {[k for k in available_implementations() if supports_per_param(k)]}"
+        )
     trace_axes, diagonal_axes = as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes)
     _refuse_batch_coupled(f, vmap_axes)
     probe_cache: dict = {}
@@ -93,9 +125,10 @@ def ntk_fn(
     def kernel(x1: PyTree, x2: Optional[PyTree], params: PyTree) -> PyTree:
         with kernel_context(x1, x2, params):
             problem = make_problem(f, x1, x2, params, vmap_axes, trace_axes, diagonal_axes, probe_cache)
-            return compute(problem, impl, memory_budget)
+            return compute(problem, impl, memory_budget, per_param)
 
-    kernel.__doc__ = f"Empirical NTK of {getattr(f, '__name__', 'f')} (implementation {impl}): kernel(x1, x2, params)."
+    split = ", split by parameter" if per_param else ""
+    kernel.__doc__ = f"Empirical NTK of {getattr(f, '__name__', 'f')} (implementation {impl}{split}): kernel(x1, x2, params)."
     return kernel
 
 
@@ -112,10 +145,20 @@ def kernel_context(*trees: PyTree) -> Iterator[None]:
         yield
 
 
-def compute(problem: Problem, implementation: int, memory_budget: MemoryBudget = None) -> PyTree:
+def compute(problem: Problem, implementation: int, memory_budget: MemoryBudget = None, per_param: bool = False) -> PyTree:
     """The NTK of a checked :class:`Problem` with a registered implementation."""
     budget = parse_budget(memory_budget, problem.device)
+    if per_param:
+        return _per_param_tree(problem, _IMPLS[implementation](problem, budget, per_param=True))
     return problem.finish(_IMPLS[implementation](problem, budget))
+
+
+def _per_param_tree(problem: Problem, per_leaf: list) -> PyTree:
+    """``[out leaf][diff param]`` kernels -> the params pytree of finished kernels (None: constants)."""
+    leaves: list = [None] * len(problem.params.leaves)
+    for k, pos in enumerate(problem.params.diff_index):
+        leaves[pos] = problem.finish([per_leaf[leaf][k] for leaf in range(len(problem.layouts))])
+    return tree_unflatten(leaves, problem.params.spec)
 
 
 def _refuse_batch_coupled(f: ApplyFn, vmap_axes: VMapAxes) -> None:

@@ -1,0 +1,98 @@
+"""``pntk_fn``: the "sum of logits" pseudo-NTK (pNTK), an ``(N1, N2)`` eNTK approximation.
+
+For ``f`` with ``O`` output components per sample (all non-batch entries of all output
+leaves), the pNTK is the eNTK of the scalar function ``g(x) = Σ_o f_o(x) / √O``::
+
+    pNTK(x1, x2) = ∇g(x1) ∇g(x2)ᵀ = (1/O) Σ_{o,o'} Θ_{oo'}(x1, x2)
+
+It costs one output instead of ``O``: one VJP per sample (implementation 1), against
+``O`` for the full eNTK. Mohamadi, Bae & Sutherland (2023, "A fast, well-founded
+approximation to the empirical neural tangent kernel") prove that at standard
+initialisation ``pNTK ⊗ I_O`` converges to the full eNTK as the width ``n`` grows, with
+error ``O(n^{-1/2})``: at initialisation the off-diagonal blocks ``Θ_{oo'}`` (o ≠ o')
+average out and the diagonal ones agree. Far from initialisation (after much
+training), with narrow layers, or when the readout layer is not freshly initialised
+(e.g. tied or pre-trained heads) the approximation can be poor: measure it on a
+subset with ``ntk_fn(f, trace_axes=())`` (see ``examples/pntk_vs_width.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Union
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ntkfunc._problem import _split_vmap_axes
+from ntkfunc._tree import broadcast_prefix
+from ntkfunc._typing import ApplyFn, Implementation, KernelFn, MemoryBudget, PyTree, VMapAxes
+from ntkfunc.api import ntk_fn
+
+
+def _sum_of_logits(f: ApplyFn, fx_axis: Any) -> ApplyFn:
+    """``g(params, x) = Σ_o f_o(params, x) / √O`` of shape ``(N,)``."""
+
+    def g(params: PyTree, x: PyTree) -> torch.Tensor:
+        out = f(params, x)
+        leaves = pytree.tree_leaves(out)
+        axes = [0] * len(leaves) if fx_axis is None else broadcast_prefix(fx_axis, out)
+        sums, count = [], 0
+        for k, (o, a) in enumerate(zip(leaves, axes)):
+            if not isinstance(o, torch.Tensor) or o.ndim == 0 or a is None:
+                raise ValueError(
+                    f"pntk_fn: output leaf {k} of f is {getattr(o, 'shape', type(o).__name__)}; expected a tensor "
+                    "with a batch axis (given by vmap_axes, axis 0 when vmap_axes=None)"
+                )
+            o = o.movedim(a, 0)
+            count += math.prod(o.shape[1:])
+            sums.append(o.reshape(o.shape[0], -1).sum(1))
+        return sum(sums[1:], sums[0]) / math.sqrt(count)
+
+    g.__name__ = f"sum_of_logits_{getattr(f, '__name__', 'f')}"
+    batch_coupled = getattr(f, "__ntkfunc_batch_coupled__", None)
+    if batch_coupled:
+        g.__ntkfunc_batch_coupled__ = batch_coupled  # type: ignore[attr-defined]
+    return g
+
+
+def pntk_fn(
+    f: ApplyFn,
+    vmap_axes: VMapAxes = 0,
+    implementation: Union[int, Implementation] = Implementation.JACOBIAN_CONTRACTION,
+    *,
+    memory_budget: MemoryBudget = None,
+) -> KernelFn:
+    """Returns ``kernel(x1, x2, params)``: the ``(N1, N2)`` sum-of-logits pNTK of ``f``.
+
+    ``kernel(x1, x2, params)[i, j] = (1/O) Σ_{o,o'} Θ_{oo'}(x1[i], x2[j])``, with ``O`` the
+    number of output components of one sample (every non-batch entry of every output
+    leaf) and ``Θ`` the full eNTK (``ntk_fn(f, trace_axes=())``). Computed as the exact eNTK
+    of ``g(x) = Σ_o f_o(x) / √O`` by ``ntk_fn``, so one VJP per sample instead of ``O``.
+    See the module docstring for when it approximates ``Θ`` (as ``pNTK ⊗ I_O``) well.
+
+    Args:
+      f: ``f(params, x)`` as for :func:`ntkfunc.ntk_fn`.
+      vmap_axes: as for ``ntk_fn``; its output axis (or axis 0 when ``None``) is the batch axis.
+      implementation, memory_budget: passed to ``ntk_fn``.
+
+    Example:
+      >>> import torch, ntkfunc
+      >>> model = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
+      >>> f, params = ntkfunc.from_module(model)
+      >>> x1, x2 = torch.randn(6, 4), torch.randn(3, 4)
+      >>> k = ntkfunc.pntk_fn(f)(x1, x2, params)
+      >>> k.shape
+      torch.Size([6, 3])
+      >>> full = ntkfunc.ntk_fn(f, trace_axes=())(x1, x2, params)  # (6, 3, 10, 10)
+      >>> bool(torch.allclose(k, full.sum((2, 3)) / 10, atol=1e-5))
+      True
+    """
+    _, fx_axis = _split_vmap_axes(vmap_axes)
+    if vmap_axes is None:
+        axes: VMapAxes = None
+    else:
+        x_axis, _ = _split_vmap_axes(vmap_axes)
+        axes = (x_axis, 0, {})
+    g = _sum_of_logits(f, fx_axis)
+    return ntk_fn(g, trace_axes=(), vmap_axes=axes, implementation=implementation, memory_budget=memory_budget)
