@@ -9,12 +9,13 @@ Test accuracy is compared for
   trained network, Θ_T (``predict.gradient_descent_mse(...)(t=None)``, i.e. gradient flow
   to convergence of a kernel machine started at zero);
 - the linearised network ``ntkfunc.linearize(f, params0)`` trained by the same gradient
-  descent, and its closed form ``predict.gradient_descent_mse`` at the same time (they agree).
+  descent (``examples/linearized_training.py`` compares it with its closed form).
 
 The known result (Fort et al. 2020, "Deep learning versus kernel learning"; Long 2021,
-"Properties of the after kernel"): the after-training kernel Θ_T classifies about as
-well as the trained network and better than Θ₀, whose kernel machine (= the linearised
-network) lags the network.
+"Properties of the after kernel"): the kernel of the trained network, Θ_T, classifies at
+least as well as the network and as Θ₀; the linearised network, trained for the same
+number of steps, lags the network (most visibly for the CNN). On the easy digits all
+kernel machines are close (about 0.96 at the default size).
 
 Run: ``python examples/kernel_regression.py`` (about a minute on 2 CPU cores).
 """
@@ -82,12 +83,6 @@ def run_model(name: str, model: nn.Module, data: tuple, steps: int) -> dict:
             predict.gradient_descent_mse(k_t, t64, diag_reg=1e-4)(None, zeros_tr, zeros_te, k_t_te)[1], y_te),
         "linearised network": C.accuracy(f_lin(p_lin, x_te), y_te),
     }
-    # the linearised network trained by GD is (up to time discretisation) the closed form at t = steps
-    closed = predict.gradient_descent_mse(k0, t64, learning_rate=lr)(
-        float(steps), f(p0, x_tr).double(), f(p0, x_te).double(), k0_te)[1]
-    gap = float((closed - f_lin(p_lin, x_te).double()).norm() / closed.norm())
-    acc["linearised, closed form"] = C.accuracy(closed, y_te)
-    print(f"{name}: |f_lin (GD) - closed form| / |closed form| on the test set = {gap:.2e}")
     return acc
 
 
@@ -126,7 +121,7 @@ def main() -> None:
     ax.set_ylim(max(0.0, lo - 0.1), 1.0)
     ax.set_ylabel("test accuracy")
     ax.set_title(f"digits, {n_train} train / {n_test} test: network vs eNTK regression", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     C.save(fig, args.out, "kernel_regression.png")
 
 
