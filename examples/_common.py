@@ -3,8 +3,8 @@
 Every example is a standalone script; this module holds only what they all repeat:
 
 - :func:`parser`: the conventions ``--out DIR`` (default ``examples/out/``), ``--quick``,
-  ``--device``, ``--seed``;
-- :func:`setup`: seeds torch and numpy, caps threads, makes the output folder;
+  ``--device``, ``--seed`` (and ``--threads``);
+- :func:`setup`: seeds torch and numpy, sets the number of threads, makes the output folder;
 - :func:`digits`: a class-balanced train/test split of the 1,797 8x8 digits
   (``ntkfunc.datasets.load_digits``, the copy scikit-learn ships; no download);
 - :class:`NTKLinear` / :func:`mlp`: a ``torch.nn`` MLP in the NTK parameterisation;
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,15 +43,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny size that runs in seconds (for tests)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: 1; on a busy machine more threads spin-wait and run slower)")
     return p
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Seed torch and numpy, make ``args.out``; returns the device. Threads: at most 2 (shared CPUs)."""
+    """Seed torch and numpy, set ``--threads``, make ``args.out``; returns the device."""
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    if torch.get_num_threads() > 2 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(2)
+    if args.threads < 1:
+        raise SystemExit(f"--threads {args.threads}: expected a positive number of threads")
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
