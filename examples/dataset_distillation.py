@@ -32,23 +32,23 @@ def krr(kernel, x_s: torch.Tensor, y_s: torch.Tensor, x: torch.Tensor, params: d
 
 def main() -> None:
     parser = C.parser(__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="Adam steps per support size (default 60; --quick 3)")
+    parser.add_argument("--steps", type=int, default=None, help="Adam steps per support size (default 50; --quick 3)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
                         help="numbers of support images (default 10 20 50; --quick 10)")
     args = parser.parse_args()
     device = C.setup(args)
-    steps = C.optional(args.steps, 3, 60, args)
+    steps = C.optional(args.steps, 3, 50, args)
     sizes = args.sizes or ([10] if args.quick else [10, 20, 50])
-    n_pool, n_test, batch = (200, 100, 50) if args.quick else (1000, 500, 200)
+    n_pool, n_test, batch = (200, 100, 50) if args.quick else (1000, 500, 100)
 
     x_tr, y_tr, x_te, y_te = C.digits(n_pool, n_test, seed=args.seed, device=device)
     t_tr = C.one_hot(y_tr, 10)
     torch.manual_seed(args.seed)
-    f, params = ntkfunc.from_module(C.mlp([64, 256, 10]).to(device))
+    f, params = ntkfunc.from_module(C.mlp([64, 128, 10]).to(device))
     kernel = ntkfunc.ntk_fn(f)  # (N1, N2), averaged over the 10 outputs
     g = torch.Generator().manual_seed(args.seed)
     print(f"support sizes {sizes}, {steps} Adam steps each, target batches of {batch} from {n_pool} training digits, "
-          f"{n_test} test digits; MLP 64-256-10 (ReLU, NTK parameterisation, fixed at initialisation)")
+          f"{n_test} test digits; MLP 64-128-10 (ReLU, NTK parameterisation, fixed at initialisation)")
 
     rows, learned = [], {}
     for n in sizes:
@@ -90,6 +90,7 @@ def main() -> None:
     ax.plot(sizes, [r[1] for r in rows], "o-", label="random real images")
     ax.plot(sizes, [r[2] for r in rows], "s-", label="learned support (KIP)")
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("number of support images", fontsize=8)
     ax.set_ylabel("test accuracy (eNTK regression)", fontsize=8)

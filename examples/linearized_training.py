@@ -111,7 +111,7 @@ def main() -> None:
         for w, c in zip(widths, colours):
             ax.plot(ts, curves[w][col], color=c, label=f"width {w}")
             ax.plot(ts, curves[w][col + 2], color=c, ls="--")
-        ax.plot(ts, closed, "k:", label="closed form (eNTK)")
+        ax.plot(ts, closed, "k:", label=f"closed form (eNTK, width {widths[-1]})")
         ax.set_yscale("log")
         ax.set_xlabel("step", fontsize=8)
         ax.set_title(f"{title}: net (solid), linearised (dashed)", fontsize=8)

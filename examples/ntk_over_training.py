@@ -104,7 +104,7 @@ def main() -> None:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("sample (6s, then 9s)", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    C.save(fig, args.out, "ntk_over_training_heatmaps.png")
+    C.save(fig, args.out, "ntk_over_training_heatmaps.png", dpi=60)
 
     fig, axes = C.figure(4, size=(3.0, 2.8))
     for label in layers.values():
