@@ -73,7 +73,8 @@ def run_model(name: str, model: nn.Module, data: tuple, steps: int) -> dict:
     with C.Timer(f"{name}: train linearised network"):
         p_lin = train(f_lin, p0, x_tr, t_tr, lr, steps)
 
-    zeros_tr, zeros_te = torch.zeros_like(t_tr, dtype=torch.float64), torch.zeros(len(x_te), 10, dtype=torch.float64)
+    zeros_tr = torch.zeros_like(t_tr, dtype=torch.float64)
+    zeros_te = torch.zeros(len(x_te), 10, dtype=torch.float64, device=t_tr.device)
     t64 = t_tr.double()
     acc = {
         "network": C.accuracy(f(p_t, x_te), y_te),
