@@ -42,10 +42,9 @@ def _per_sample_out(problem: Problem) -> int:
 def per_sample_activation_bytes(problem: Problem) -> int:
     """Bytes of the activations of one forward pass on one sample (estimate)."""
     x = problem.x_block(1, 0, 1)
-    leaves = [t.detach().requires_grad_(True) for t in problem.params.diff_leaves]
     fn = problem.sample_fn() if problem.vmapped else problem.batch_fn()
     xs = [a if ax is None else a.squeeze(ax) for a, ax in zip(x, problem.x_axes)] if problem.vmapped else x
-    return activation_bytes(lambda: fn(leaves, xs), leaves)
+    return activation_bytes(lambda leaves: fn(leaves, xs), problem.params.diff_leaves)
 
 
 def plan(problem: Problem, budget: int, itemsize: int, n_kernels: int = 1) -> Plan:

@@ -79,14 +79,15 @@ def default_budget(device: torch.device) -> int:
     return int(0.5 * available_ram())
 
 
-def activation_bytes(fn: Callable[[], PyTree], inputs: Sequence[torch.Tensor]) -> int:
-    """Bytes of the tensors autograd saves for backward while ``fn()`` runs (its activations).
+def activation_bytes(fn: Callable[[list[torch.Tensor]], PyTree], params: Sequence[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn(params)`` runs (its activations).
 
-    ``inputs`` (parameters) are excluded. Falls back to 0 when ``fn`` cannot run like
-    this (e.g. inside another functorch transform); callers then rely on their other terms.
+    ``params`` are made to require grad (on detached copies) and are not counted. Returns 0
+    when ``fn`` cannot run like this (e.g. inside another functorch transform); callers
+    then rely on their other terms.
     """
-    seen: set[int] = {t.untyped_storage().data_ptr() for t in inputs}
     total = 0
+    seen: set[int] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
@@ -97,8 +98,10 @@ def activation_bytes(fn: Callable[[], PyTree], inputs: Sequence[torch.Tensor]) -
         return t
 
     try:
+        leaves = [t.detach().requires_grad_(True) for t in params]
+        seen.update(t.untyped_storage().data_ptr() for t in leaves)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
+            fn(leaves)
     except Exception:
         return 0
     return total
