@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
-from ntkfunc import _jacobian, _vp
+from ntkfunc import _jacobian, _structured, _vp
 from ntkfunc._memory import parse_budget
 from ntkfunc._ops import transform_friendly_attention
 from ntkfunc._problem import Problem, make_problem
@@ -20,6 +20,7 @@ ImplFn = Callable[[Problem, int], list]
 _IMPLS: dict[int, ImplFn] = {
     Implementation.JACOBIAN_CONTRACTION: _jacobian.kernel,
     Implementation.NTK_VECTOR_PRODUCTS: _vp.kernel,
+    Implementation.STRUCTURED_DERIVATIVES: _structured.kernel,
 }
 
 
@@ -64,7 +65,8 @@ def ntk_fn(
       vmap_axes: batch axis of inputs and outputs (int, or a pytree of ints matching ``x``,
         or ``(x_axes, fx_axes, {})``); ``None`` when samples interact (BatchNorm with batch
         statistics): the kernel is then computed on the whole batch at once.
-      implementation: 1 Jacobian contraction, 2 NTK-vector products (see ``Implementation``).
+      implementation: 1 Jacobian contraction, 2 NTK-vector products, 3 structured derivatives
+        (per-primitive rules of ``ntkfunc.rules``; see ``Implementation`` and ``ntkfunc.explain``).
       memory_budget: bytes (or ``"2GB"``) the Jacobians may occupy; default 80% of free
         CUDA memory, or half of the available RAM on CPU. Work is tiled to fit.
 
