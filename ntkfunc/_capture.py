@@ -43,6 +43,10 @@ from ntkfunc._problem import Problem
 
 
 def _name(func: Any) -> str:
+    """A readable name: ``linear``, ``TensorBase.matmul``, ``Tensor.T`` (attribute views)."""
+    owner = getattr(func, "__self__", None)
+    if getattr(func, "__name__", "") == "__get__" and owner is not None:
+        return f"Tensor.{getattr(owner, '__name__', '?')}"
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
 
 

@@ -127,7 +127,25 @@ def equation(lay: Layout, vmapped: bool, s1: Structure, s2: Structure, c1: torch
     return ",".join(terms) + "->" + out, tensors
 
 
+def presum(eq: str, tensors: Sequence[torch.Tensor]) -> tuple[str, list[torch.Tensor]]:
+    """Sum out axes that only one operand has (opt_einsum contracts pairs and would carry them)."""
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    result_terms, result = [], []
+    for i, (term, t) in enumerate(zip(terms, tensors)):
+        others = set(out).union(*[set(u) for j, u in enumerate(terms) if j != i])
+        alone = [d for d, ch in enumerate(term) if ch not in others]
+        if alone:
+            t = t.sum(alone)
+            term = "".join(ch for ch in term if ch in others)
+        result_terms.append(term)
+        result.append(t)
+    return ",".join(result_terms) + "->" + out, result
+
+
 def contract(eq: str, tensors: Sequence[torch.Tensor], memory_limit: Optional[int]) -> torch.Tensor:
+    """``opt_einsum`` contraction with a path cached per equation and shapes."""
+    eq, tensors = presum(eq, tensors)
     expr = _expression(eq, tuple(tuple(t.shape) for t in tensors), memory_limit)
     return expr(*tensors, backend="torch")
 
