@@ -31,6 +31,7 @@ Two passes:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
@@ -40,6 +41,8 @@ from torch.utils import _pytree as pytree
 
 from ntkfunc import rules
 from ntkfunc._problem import Problem
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _name(func: Any) -> str:
@@ -123,7 +126,10 @@ class _Recorder(TorchFunctionMode):
 def discover(problem: Problem, which: int = 1) -> Capture:
     """Run ``f`` on the first sample of x1 (``which=1``) or x2 and decide rule or fallback per parameter."""
     leaves = problem.params.diff_leaves
-    copies = [t.detach().clone().requires_grad_(True) for t in leaves]
+    # Under an outer transform (vmap over an ensemble of params) autograd cannot run here:
+    # the mode alone, which also sees torch.ops calls, decides.
+    check = not any(_is_wrapped(t) for t in leaves)
+    copies = [t.detach().clone().requires_grad_(True) if check else t.clone() for t in leaves]
     ids = {id(c): k for k, c in enumerate(copies)}
     if problem.vmapped:
         x = problem.x_block(which, 0, 1)
@@ -132,11 +138,11 @@ def discover(problem: Problem, which: int = 1) -> Capture:
     else:
         x, fn = problem.x_block(which, 0, problem.n1), problem.batch_fn()
     mode = _Recorder(ids)
-    with torch.enable_grad():
+    grads: Sequence[Optional[torch.Tensor]] = [None] * len(copies)
+    with torch.enable_grad() if check else contextlib.nullcontext():
         with mode:
             outs = fn(copies, x)
-        live = [o for o in outs if o.requires_grad]
-        grads: Sequence[Optional[torch.Tensor]] = [None] * len(copies)
+        live = [o for o in outs if o.requires_grad] if check else []
         if live:
             grads = torch.autograd.grad(live, copies, [torch.ones_like(o) for o in live], allow_unused=True)
     count: dict[int, int] = {}
