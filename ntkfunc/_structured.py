@@ -204,7 +204,8 @@ def kernel(problem: Problem, budget: int) -> list[torch.Tensor]:
     cap2 = cap if problem.vmapped or problem.symmetric else _capture.discover(problem, 2)
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
     b = block_size(problem, cap, budget, itemsize)
-    memory_limit = max(int(budget * _SAFETY / 4 // itemsize), 1 << 16)
+    # opt_einsum's cap on intermediates (elements), a power of two so that cached paths are reused
+    memory_limit = 1 << max(16, int(budget * _SAFETY / 4 // itemsize).bit_length() - 1)
     acc = Accumulator(problem)
     current: Optional[tuple[int, Side]] = None
     for tile in tiles(problem, b, b):
