@@ -86,6 +86,15 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
+def _expanded(mode: TorchFunctionMode, func: Any, args: tuple, kwargs: dict) -> Any:
+    """Run the registered expansion of a fused op with ``mode`` active inside it, or NotImplemented."""
+    fn = rules.expansion(func)
+    if fn is None:
+        return NotImplemented
+    with mode:
+        return fn(*args, **kwargs)
+
+
 class _Recorder(TorchFunctionMode):
     """Discovery pass: records events and other uses; calls events with detached parameters."""
 
@@ -101,6 +110,9 @@ class _Recorder(TorchFunctionMode):
         hits = [self.ids[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.ids]
         if not hits:
             return func(*args, **kwargs)
+        out = _expanded(self, func, args, kwargs)
+        if out is not NotImplemented:
+            return out
         rule = rules.lookup(func)
         roles = rule.match(args, kwargs, lambda t: isinstance(t, torch.Tensor) and id(t) in self.ids) if rule else None
         if roles is None:
@@ -189,6 +201,9 @@ class Injector(TorchFunctionMode):
         kwargs = kwargs or {}
         if not any(id(t) in self.ids for t in _tensors((args, kwargs))):
             return func(*args, **kwargs)
+        out = _expanded(self, func, args, kwargs)
+        if out is not NotImplemented:
+            return out
         rule = rules.lookup(func)
         roles = rule.match(args, kwargs, self._is_param) if rule else None
         if roles is None:  # metadata queries on a covered parameter

@@ -98,6 +98,34 @@ def lookup(op: Any) -> Optional[Rule]:
         return None
 
 
+EXPANSIONS: dict[Any, Callable[..., Any]] = {}
+
+
+def expand(*ops: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: ``fn`` re-implements ``op`` in primitives that have rules (or returns NotImplemented).
+
+    The capture runs ``fn`` instead of a fused op that consumes parameters (such as
+    ``multi_head_attention_forward``), so the primitives inside get their rules.
+    """
+
+    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for op in ops:
+            if op in EXPANSIONS:
+                raise KeyError(f"{op} already has expansion {EXPANSIONS[op].__name__}")
+            EXPANSIONS[op] = fn
+        return fn
+
+    return add
+
+
+def expansion(op: Any) -> Optional[Callable[..., Any]]:
+    """The expansion of ``op`` into ruled primitives, or None."""
+    try:
+        return EXPANSIONS.get(op)
+    except TypeError:
+        return None
+
+
 # --- helpers shared by the families --------------------------------------------------
 
 LETTERS = string.ascii_letters
@@ -155,4 +183,4 @@ def einsum_structure(
 
 
 # Families register themselves on import.
-from ntkfunc.rules import conv, elementwise, embedding, linear, norm  # noqa: E402,F401
+from ntkfunc.rules import attention, conv, elementwise, embedding, linear, norm  # noqa: E402,F401
