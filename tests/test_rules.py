@@ -287,3 +287,41 @@ def test_lookup_covers_the_required_primitives():
                 F.conv_transpose2d, F.layer_norm, F.group_norm, F.batch_norm, F.rms_norm, torch.add, torch.mul, F.embedding]
     assert all(rules.lookup(op) is not None for op in required)
     assert rules.lookup(torch.tanh) is None
+
+
+# --- expansions -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("need_weights,batch_first", [(False, True), (True, False)])
+def test_multihead_self_attention_is_expanded_into_linear_rules(need_weights, batch_first):
+    torch.manual_seed(15)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = torch.nn.MultiheadAttention(6, 2, batch_first=batch_first)
+
+        def forward(self, x):
+            h = x if batch_first else x.transpose(0, 1)
+            out = self.att(h, h, h, need_weights=need_weights)[0]
+            return (out if batch_first else out.transpose(0, 1)).sum(1)
+
+    f, params = ntkfunc.from_module(Block().double().eval())
+    expected = {"att.in_proj_weight": "linear:weight", "att.in_proj_bias": "linear:bias",
+                "att.out_proj.weight": "linear:weight", "att.out_proj.bias": "linear:bias"}
+    check(f, params, _r(3, 4, 6), _r(2, 4, 6), expected)
+
+
+def test_cross_attention_falls_back_and_stays_exact():
+    torch.manual_seed(16)
+    att = torch.nn.MultiheadAttention(4, 2, batch_first=True).double().eval()
+
+    def f(p, x):
+        return torch.func.functional_call(att, p, (x, torch.tanh(x), x), {"need_weights": False})[0].sum(1)
+
+    params = {k: v.detach() for k, v in att.named_parameters()}
+    x1 = _r(3, 3, 4)
+    report = ntkfunc.explain(f, params, x1, trace_axes=())
+    assert {r.name for r in report.fallbacks} == {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
+    k = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)(x1, None, params)
+    assert max_rel_err(k, _reference(f, params, x1, None, [((), ())])[0]) <= 1e-10
