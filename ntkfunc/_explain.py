@@ -87,13 +87,6 @@ def _cost(eq: str, shapes: list[tuple[int, ...]]) -> int:
     return int(opt_einsum.contract_path(eq, *shapes, shapes=True)[1].opt_cost)
 
 
-def _structured_cost(eq: str, tensors: list) -> int:
-    """Cost of the contraction as run: the pre-summation of lone axes, then the path."""
-    pre = sum(t.numel() for t in tensors)
-    eq, tensors = _structured.presum(eq, tensors)
-    return pre + _cost(eq, [tuple(t.shape) for t in tensors])
-
-
 def explain(
     f: ApplyFn,
     params: PyTree,
@@ -135,11 +128,7 @@ def explain(
         if k in cap.covered:
             e, role = cap.covered[k]
             ev = cap.events[e]
-            st = _structured._event_structure(sd, e, role)
-            flops = 0
-            for leaf_i, lay in enumerate(problem.layouts):
-                eq, tensors = _structured.equation(lay, problem.vmapped, st, st, sd.cot[leaf_i][e], sd.cot[leaf_i][e])
-                flops += _structured_cost(eq, tensors)
+            flops = sum(_structured.route(problem, i, e, role, sd, sd).flops for i in range(len(problem.layouts)))
             reports.append(ParamReport(name, tuple(leaf.shape), "rule", f"{ev.rule.name}:{role}", _capture._name(ev.func), flops, jac))
         else:
             assert k in fb_idx

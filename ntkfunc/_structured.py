@@ -52,6 +52,7 @@ class Side:
     fb_jac: list[list[torch.Tensor]]  # [out leaf][fallback param]: (b, *out_sample, *param)
     cap: _capture.Capture
     structures: dict[tuple[int, str], Structure] = dataclasses.field(default_factory=dict)
+    jacobians: dict[tuple[int, str, int], torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def side(problem: Problem, cap: _capture.Capture, which: int, start: int, stop: int) -> Side:
@@ -158,6 +159,121 @@ def _event_structure(sd: Side, e: int, role: str) -> Structure:
     return sd.structures[key]
 
 
+def jacobian_equation(lay: Layout, vmapped: bool, s: Structure, c: torch.Tensor) -> tuple[str, list[torch.Tensor]]:
+    """The einsum forming one side's ``∂f/∂θ = c ∂y/∂θ``: ``(b, *out_sample, *θ)`` (``(*out, *θ)`` unvmapped)."""
+    lhs, _, _ = lay.operand_subscripts(0)
+    sym = _Symbols(2 * lay.ndim)
+    local = {ch: sym.new() for ch in s.theta}
+    for ch in s.y + "".join(sub for sub, _ in s.operands):
+        if ch not in local:
+            local[ch] = sym.new()
+    out = lhs + "".join(local[ch] for ch in s.theta)
+    lhs_c = lhs if vmapped else sym.new() + lhs
+    if not vmapped:
+        c = c.unsqueeze(0)
+    terms = [lhs_c + "".join(local[ch] for ch in s.y)]
+    tensors = [c.reshape(*c.shape[: len(lhs_c)], *s.y_shape)]
+    for sub, t in s.operands:
+        letters = "".join(local[ch] for ch in sub)
+        if t.shape[0] == 1 and c.shape[0] != 1:
+            t = t.squeeze(0)
+        else:
+            letters = lhs_c[0] + letters
+        terms.append(letters)
+        tensors.append(t if t.dtype == c.dtype else t.to(c.dtype))
+    return ",".join(terms) + "->" + out, tensors
+
+
+@functools.lru_cache(maxsize=4096)
+def _cost(eq: str, shapes: tuple[tuple[int, ...], ...]) -> int:
+    return int(opt_einsum.contract_path(eq, *shapes, shapes=True)[1].opt_cost)
+
+
+def _shapes(tensors: Sequence[torch.Tensor]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(t.shape) for t in tensors)
+
+
+def _out_shape(eq: str, tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    lhs, out = eq.split("->")
+    sizes = {ch: d for term, t in zip(lhs.split(","), tensors) for ch, d in zip(term, t.shape)}
+    return tuple(sizes[ch] for ch in out)
+
+
+def _side_jacobian(sd: Side, e: int, role: str, leaf: int, lay: Layout, vmapped: bool, memory_limit: Optional[int]) -> torch.Tensor:
+    key = (e, role, leaf)
+    if key not in sd.jacobians:
+        eq, tensors = jacobian_equation(lay, vmapped, _event_structure(sd, e, role), sd.cot[leaf][e])
+        sd.jacobians[key] = contract(eq, tensors, memory_limit)
+    return sd.jacobians[key]
+
+
+@dataclasses.dataclass
+class Route:
+    """How one covered parameter's block is contracted, with opt_einsum's FLOP estimates."""
+
+    use_gram: bool
+    gram_flops: int
+    jacobian_flops: int
+    eq: str
+    tensors: list[torch.Tensor]
+
+    @property
+    def flops(self) -> int:
+        return self.gram_flops if self.use_gram else self.jacobian_flops
+
+
+def route(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side) -> Route:
+    """The cheaper of one Gram-style contraction of both sides' factors, or ``J₁ J₂ᵀ``.
+
+    Both are exact. The Jacobian route forms each side's ``∂f/∂θ`` from the rule (kept for
+    the other tiles of the row, so it is not counted again) and contracts them as
+    implementation 1 does.
+    """
+    lay = problem.layouts[leaf]
+    st1, st2 = _event_structure(s1, e, role), _event_structure(s2, e, role)
+    c1, c2 = s1.cot[leaf][e], s2.cot[leaf][e]
+    eq, tensors = presum(*equation(lay, problem.vmapped, st1, st2, c1, c2))
+    gram = _cost(eq, _shapes(tensors))
+    if st1.theta != st2.theta:
+        return Route(True, gram, gram, eq, tensors)
+    jac = 0
+    j_shapes = []
+    for sd, st, c in ((s1, st1, c1), (s2, st2, c2)):
+        jeq, jt = jacobian_equation(lay, problem.vmapped, st, c)
+        j_shapes.append(_out_shape(jeq, jt))
+        if (e, role, leaf) not in sd.jacobians and not (sd is s2 and s1 is s2):
+            jac += _cost(*_presum_shapes(jeq, jt))
+    lhs1, lhs2, out = lay.operand_subscripts(len(st1.theta))
+    jac += _cost(f"{lhs1},{lhs2}->{out}", tuple(j_shapes))
+    return Route(gram <= jac, gram, jac, eq, tensors)
+
+
+def _presum_shapes(eq: str, tensors: Sequence[torch.Tensor]) -> tuple[str, tuple[tuple[int, ...], ...]]:
+    """``presum``'s equation and shapes without computing anything."""
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    new_terms, shapes = [], []
+    for i, (term, t) in enumerate(zip(terms, tensors)):
+        others = set(out).union(*[set(u) for j, u in enumerate(terms) if j != i])
+        new_terms.append("".join(ch for ch in term if ch in others))
+        shapes.append(tuple(d for ch, d in zip(term, t.shape) if ch in others))
+    return ",".join(new_terms) + "->" + out, tuple(shapes)
+
+
+def param_block(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side, memory_limit: Optional[int]) -> torch.Tensor:
+    """One covered parameter's kernel block (not divided by the trace size)."""
+    lay = problem.layouts[leaf]
+    r = route(problem, leaf, e, role, s1, s2)
+    if r.use_gram:
+        part = _expression(r.eq, _shapes(r.tensors), memory_limit)(*r.tensors, backend="torch")
+    else:
+        j1 = _side_jacobian(s1, e, role, leaf, lay, problem.vmapped, memory_limit)
+        j2 = _side_jacobian(s2, e, role, leaf, lay, problem.vmapped, memory_limit)
+        part = lay.contract(j1, j2, j1.ndim - len(lay.operand_subscripts(0)[0]))
+    scale = _event_structure(s1, e, role).scale * _event_structure(s2, e, role).scale
+    return part if scale == 1.0 else part * scale
+
+
 def tile_kernel(problem: Problem, cap: _capture.Capture, s1: Side, s2: Side, memory_limit: Optional[int]) -> list[torch.Tensor]:
     """Kernel blocks per output leaf for one tile (not divided by the trace size)."""
     leaves = problem.params.diff_leaves
@@ -166,11 +282,7 @@ def tile_kernel(problem: Problem, cap: _capture.Capture, s1: Side, s2: Side, mem
     for leaf, lay in enumerate(problem.layouts):
         total: Optional[torch.Tensor] = None
         for k, (e, role) in sorted(cap.covered.items()):
-            st1, st2 = _event_structure(s1, e, role), _event_structure(s2, e, role)
-            eq, tensors = equation(lay, problem.vmapped, st1, st2, s1.cot[leaf][e], s2.cot[leaf][e])
-            part = contract(eq, tensors, memory_limit)
-            if st1.scale * st2.scale != 1.0:
-                part = part * (st1.scale * st2.scale)
+            part = param_block(problem, leaf, e, role, s1, s2, memory_limit)
             total = part if total is None else total + part
         for j, k in enumerate(fb_idx):
             part = lay.contract(s1.fb_jac[leaf][j], s2.fb_jac[leaf][j], leaves[k].ndim)
