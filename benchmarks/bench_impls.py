@@ -214,6 +214,8 @@ def main() -> None:
     ap.add_argument("--rep-seconds", type=float, default=5.0, help="stop timing more calls after this")
     ap.add_argument("--timeout", type=float, default=300.0, help="per measurement (seconds)")
     ap.add_argument("--budget", default="3GB", help="memory_budget passed to every implementation")
+    ap.add_argument("--only", default=None, help="comma-separated model names (mlp, cnn, resnet18, transformer)")
+    ap.add_argument("--append", action="store_true", help="append the table to --out instead of overwriting it")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
@@ -221,7 +223,10 @@ def main() -> None:
 
     impls = [int(i) for i in args.impls.split(",")]
     rows, raw = [], []
+    wanted = None if args.only is None else set(args.only.split(","))
     for cfg in configs(args.quick):
+        if wanted is not None and cfg["model"] not in wanted:
+            continue
         results = {}
         for impl in impls:
             reason = skip_reason(cfg, impl)
@@ -252,8 +257,9 @@ def write_markdown(args: argparse.Namespace, impls: list[int], rows: list) -> No
     lines = [
         "# Implementations side by side (full O x O kernel, `trace_axes=()`)",
         "",
-        f"Command: `python benchmarks/bench_impls.py{' --quick' if args.quick else ''} --threads {args.threads} "
-        f"--reps {args.reps} --timeout {args.timeout:.0f} --budget {args.budget}`  ",
+        f"Command: `python benchmarks/bench_impls.py{' --quick' if args.quick else ''}"
+        f"{' --only ' + args.only if args.only else ''} --threads {args.threads} --reps {args.reps} "
+        f"--rep-seconds {args.rep_seconds:.0f} --timeout {args.timeout:.0f} --budget {args.budget}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs), "
         f"torch {torch.__version__}, {args.threads} threads, float32, `memory_budget={args.budget}`.  ",
         "Times: median of up to "
@@ -273,8 +279,8 @@ def write_markdown(args: argparse.Namespace, impls: list[int], rows: list) -> No
         ratio = f"{r1['median_s'] / r3['median_s']:.1f}x" if "median_s" in r1 and "median_s" in r3 else ""
         cells.append(ratio)
         lines.append("| " + " | ".join(cells) + " |")
-    with open(args.out, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    with open(args.out, "a" if args.append else "w") as fh:
+        fh.write(("\n" if args.append else "") + "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 

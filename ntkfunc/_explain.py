@@ -1,10 +1,12 @@
 """``explain``: which rule (or fallback) implementation 3 uses per parameter, and what it costs.
 
-The FLOP counts are opt_einsum's estimates of the kernel contractions for the given
-inputs (``x`` against itself), next to the cost of the same parameter's contraction
-in implementation 1 (``N² O² numel`` for a full kernel). They leave out the shared
-cost of the cotangents / Jacobians (reverse passes), so they show where the
-*contraction* time goes and which parameters fall back to Jacobians, and why.
+The FLOP counts are opt_einsum's estimates for the given inputs (``x`` against
+itself). For a ruled parameter: the route implementation 3 takes, either one
+Gram-style contraction or forming ``∂f/∂θ`` from the rule plus ``J₁ J₂ᵀ``. The
+``impl-1 FLOPs`` column is only implementation 1's contraction ``J₁ J₂ᵀ`` (its
+Jacobians come out of the reverse pass, not counted). The reverse passes that give
+cotangents / Jacobians are not counted in either. So the table shows where the
+contraction time goes and which parameters fall back to Jacobians, and why.
 """
 
 from __future__ import annotations

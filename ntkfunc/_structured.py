@@ -239,10 +239,10 @@ def route(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side) ->
         return Route(True, gram, gram, eq, tensors)
     jac = 0
     j_shapes = []
-    for sd, st, c in ((s1, st1, c1), (s2, st2, c2)):
+    for i, (sd, st, c) in enumerate(((s1, st1, c1), (s2, st2, c2))):
         jeq, jt = jacobian_equation(lay, problem.vmapped, st, c)
         j_shapes.append(_out_shape(jeq, jt))
-        if (e, role, leaf) not in sd.jacobians and not (sd is s2 and s1 is s2):
+        if (e, role, leaf) not in sd.jacobians and not (i == 1 and s1 is s2):
             jac += _cost(*_presum_shapes(jeq, jt))
     lhs1, lhs2, out = lay.operand_subscripts(len(st1.theta))
     jac += _cost(f"{lhs1},{lhs2}->{out}", tuple(j_shapes))
