@@ -34,7 +34,7 @@ import torch
 from torch.func import jacrev, vmap
 
 from ntkfunc import _capture
-from ntkfunc._blocks import Accumulator, Tile, tiles
+from ntkfunc._blocks import Accumulator, tiles
 from ntkfunc._jacobian import per_sample_activation_bytes
 from ntkfunc._problem import Problem
 from ntkfunc._tree import Layout
@@ -331,4 +331,4 @@ def kernel(problem: Problem, budget: int) -> list[torch.Tensor]:
     return acc.result()
 
 
-__all__ = ["kernel", "side", "tile_kernel", "Tile"]
+__all__ = ["kernel", "route", "side", "tile_kernel"]
