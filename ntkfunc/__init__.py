@@ -1,6 +1,7 @@
 """ntkfunc: empirical neural tangent kernels of PyTorch models, as functional transforms."""
 
 from ntkfunc import linalg, predict
+from ntkfunc._explain import Explanation, explain
 from ntkfunc._typing import Implementation
 from ntkfunc.api import ntk_fn
 from ntkfunc.blocked import kernel_matrix
@@ -16,7 +17,9 @@ from ntkfunc.taylor import linearize, taylor_expand
 __version__ = "0.1.0"
 
 __all__ = [
+    "Explanation",
     "Implementation",
+    "explain",
     "from_module",
     "group_kernels",
     "kernel_fn",

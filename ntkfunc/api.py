@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from torch.utils import _pytree as pytree
 
-from ntkfunc import _jacobian, _vp
+from ntkfunc import _jacobian, _structured, _vp
 from ntkfunc._memory import parse_budget
 from ntkfunc._ops import exact_higher_order, needs_higher_order, transform_friendly_attention
 from ntkfunc._problem import Problem, make_problem
@@ -28,6 +28,7 @@ output leaf, a list over the differentiated parameter leaves (see :func:`support
 _IMPLS: dict[int, ImplFn] = {
     Implementation.JACOBIAN_CONTRACTION: _jacobian.kernel,
     Implementation.NTK_VECTOR_PRODUCTS: _vp.kernel,
+    Implementation.STRUCTURED_DERIVATIVES: _structured.kernel,
 }
 
 
@@ -104,7 +105,8 @@ def ntk_fn(
       vmap_axes: batch axis of inputs and outputs (int, or a pytree of ints matching ``x``,
         or ``(x_axes, fx_axes, {})``); ``None`` when samples interact (BatchNorm with batch
         statistics): the kernel is then computed on the whole batch at once.
-      implementation: 1 Jacobian contraction, 2 NTK-vector products (see ``Implementation``).
+      implementation: 1 Jacobian contraction, 2 NTK-vector products, 3 structured derivatives
+        (per-primitive rules of ``ntkfunc.rules``; see ``Implementation`` and ``ntkfunc.explain``).
       memory_budget: bytes (or ``"2GB"``) the Jacobians may occupy; default 80% of free
         CUDA memory, or half of the available RAM on CPU. Work is tiled to fit.
       per_param: return the kernel split by parameter tensor (the "layerwise components"

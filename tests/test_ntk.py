@@ -10,7 +10,7 @@ import ntkfunc
 from tests.reference import max_rel_err, reference_kernel
 from tests.zoo import CASES, settings
 
-IMPLEMENTATIONS = [1, 2]
+IMPLEMENTATIONS = [1, 2, 3]
 
 PARAMS = [
     pytest.param(case, tr, dg, id=f"{case}-trace{tr}-diag{dg}")
@@ -99,7 +99,7 @@ def test_small_memory_budget_tiles_and_stays_exact(case_name, impl, monkeypatch)
             counted.append(t)
             yield t
 
-    module = "ntkfunc._jacobian" if impl == 1 else "ntkfunc._vp"
+    module = {1: "ntkfunc._jacobian", 2: "ntkfunc._vp", 3: "ntkfunc._structured"}[impl]
     monkeypatch.setattr(f"{module}.tiles", counting_tiles)
     case = next(c for c in CASES if c.name == case_name)
     f, params, x1, x2, vmap_axes = case.build(torch.float64)

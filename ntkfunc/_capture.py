@@ -1,0 +1,265 @@
+"""Capture: find the primitives of ``f`` that consume parameters, and probe their outputs.
+
+Mechanism: a :class:`torch.overrides.TorchFunctionMode`. It sees every torch function
+``f`` calls (``F.linear``, ``torch.matmul``, ``Tensor.__matmul__``/``add``/``mul``,
+``F.conv2d``, ``F.layer_norm``, ``F.embedding``, ...) with the very tensor objects ``f``
+passes, before dispatch. That is why it stays correct under ``torch.func``: the mode
+runs inside the ``vmap(jacrev(...))`` we apply, the parameters it looks for are *not*
+transformed (we differentiate with respect to probes, not parameters), so they keep
+their identity through ``functional_call`` and hand-written code alike, while the
+inputs and activations it records are ordinary batched/grad-tracking tensors that the
+transforms return as auxiliary outputs. An FX / ``make_fx`` graph would instead need
+tracing ``f`` once per shape, loses Python-level structure (``F.linear`` becomes
+``addmm`` on a transposed view) and does not compose with transforms applied around
+``ntk_fn``; a ``TorchDispatchMode`` sits below autograd and would see decomposed ops.
+
+Two passes:
+
+1. :func:`discover` runs ``f`` once (one sample, plain autograd) with parameter
+   copies that require grad. Every call with a registered rule that accepts it is an
+   *event*; the mode calls the op with the parameters *detached*. Afterwards the
+   gradient of the output with respect to each parameter copy must be None: any
+   remaining path (a view such as ``W.T``, an op without a rule, an op the mode cannot
+   see) shows up there. A parameter is *covered* when it reaches the output only
+   through exactly one event; every other parameter falls back to Jacobian
+   contraction (weight tying, views, unknown ops), so exactness never depends on
+   coverage.
+2. :class:`Injector` runs inside ``vmap(jacrev(h))``: at the k-th event it records
+   the rule's operands (aux outputs) and returns ``y_k + δ_k`` with a zero probe
+   ``δ_k``, so ``∂f/∂δ_k`` is the cotangent at ``y_k`` for every output component.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from ntkfunc import rules
+from ntkfunc._problem import Problem
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _name(func: Any) -> str:
+    """A readable name: ``linear``, ``TensorBase.matmul``, ``Tensor.T`` (attribute views)."""
+    owner = getattr(func, "__self__", None)
+    if getattr(func, "__name__", "") == "__get__" and owner is not None:
+        return f"Tensor.{getattr(owner, '__name__', '?')}"
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+
+
+@dataclasses.dataclass
+class Event:
+    """One captured primitive call: ``roles`` maps a rule role to a parameter index."""
+
+    func: Any
+    rule: rules.Rule
+    roles: dict[str, int]
+    meta: dict[str, Any]
+    y_shape: tuple[int, ...]
+    y_dtype: torch.dtype
+
+
+@dataclasses.dataclass
+class Capture:
+    """Result of :func:`discover`.
+
+    Attributes:
+      events: events with at least one covered parameter (roles restricted to covered ones).
+      covered: parameter index -> (event position, role).
+      fallback: parameter indices computed by Jacobian contraction, with a reason each.
+      uses: parameter index -> names of the functions that consumed it (for ``explain``).
+    """
+
+    events: list[Event]
+    covered: dict[int, tuple[int, str]]
+    fallback: dict[int, str]
+    uses: dict[int, list[str]]
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _expanded(mode: TorchFunctionMode, func: Any, args: tuple, kwargs: dict) -> Any:
+    """Run the registered expansion of a fused op with ``mode`` active inside it, or NotImplemented."""
+    fn = rules.expansion(func)
+    if fn is None:
+        return NotImplemented
+    with mode:
+        return fn(*args, **kwargs)
+
+
+class _Recorder(TorchFunctionMode):
+    """Discovery pass: records events and other uses; calls events with detached parameters."""
+
+    def __init__(self, ids: dict[int, int]) -> None:
+        super().__init__()
+        self.ids = ids
+        self.events: list[Event] = []
+        self.uses: dict[int, list[str]] = {}
+        self.plain: dict[int, list[str]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        hits = [self.ids[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.ids]
+        if not hits:
+            return func(*args, **kwargs)
+        out = _expanded(self, func, args, kwargs)
+        if out is not NotImplemented:
+            return out
+        rule = rules.lookup(func)
+        roles = rule.match(args, kwargs, lambda t: isinstance(t, torch.Tensor) and id(t) in self.ids) if rule else None
+        if roles is None:
+            out = func(*args, **kwargs)
+            if _tensors(out):  # metadata queries (.shape, .dtype) return no tensor
+                for k in hits:
+                    self.plain.setdefault(k, []).append(_name(func))
+                    self.uses.setdefault(k, []).append(_name(func))
+            return out
+        ids = {id(t) for t in roles.values()}
+        args, kwargs = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and id(t) in ids else t, (args, kwargs))
+        _, meta = rule.capture(args, kwargs, lambda t: False)
+        y = func(*args, **kwargs)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"rule {rule.name} matched {_name(func)}, which returned a {type(y).__name__}; expected a tensor")
+        index = {r: self.ids[id(t)] for r, t in roles.items()}
+        for k in index.values():
+            self.uses.setdefault(k, []).append(f"{_name(func)} ({rule.name})")
+        self.events.append(Event(func, rule, index, meta, tuple(y.shape), y.dtype))
+        return y
+
+
+def discover(problem: Problem, which: int = 1) -> Capture:
+    """Run ``f`` on the first sample of x1 (``which=1``) or x2 and decide rule or fallback per parameter."""
+    leaves = problem.params.diff_leaves
+    # Under an outer transform (vmap over an ensemble of params) autograd cannot run here:
+    # the mode alone, which also sees torch.ops calls, decides.
+    check = not any(_is_wrapped(t) for t in leaves)
+    copies = [t.detach().clone().requires_grad_(True) if check else t.clone() for t in leaves]
+    ids = {id(c): k for k, c in enumerate(copies)}
+    if problem.vmapped:
+        x = problem.x_block(which, 0, 1)
+        x = [a if ax is None else a.squeeze(ax) for a, ax in zip(x, problem.x_axes)]  # type: ignore[arg-type]
+        fn = problem.sample_fn()
+    else:
+        x, fn = problem.x_block(which, 0, problem.n1), problem.batch_fn()
+    mode = _Recorder(ids)
+    grads: Sequence[Optional[torch.Tensor]] = [None] * len(copies)
+    with torch.enable_grad() if check else contextlib.nullcontext():
+        with mode:
+            outs = fn(copies, x)
+        live = [o for o in outs if o.requires_grad] if check else []
+        if live:
+            grads = torch.autograd.grad(live, copies, [torch.ones_like(o) for o in live], allow_unused=True)
+    count: dict[int, int] = {}
+    for e in mode.events:
+        for k in e.roles.values():
+            count[k] = count.get(k, 0) + 1
+    covered: dict[int, tuple[int, str]] = {}
+    fallback: dict[int, str] = {}
+    for k in range(len(leaves)):
+        if k in mode.plain:
+            fallback[k] = f"consumed by {', '.join(sorted(set(mode.plain[k])))} (no rule, or a view of it)"
+        elif grads[k] is not None:
+            fallback[k] = "reaches the output through ops the capture cannot see"
+        elif count.get(k, 0) > 1:
+            fallback[k] = f"used by {count[k]} primitives (weight tying)"
+        elif count.get(k, 0) == 0:
+            fallback[k] = "not used"
+    events = []
+    for e in mode.events:
+        roles = {r: k for r, k in e.roles.items() if k not in fallback}
+        if not roles:
+            continue
+        for r, k in roles.items():
+            covered[k] = (len(events), r)
+        events.append(dataclasses.replace(e, roles=roles))
+    return Capture(events, covered, fallback, mode.uses)
+
+
+class Injector(TorchFunctionMode):
+    """Inside ``f`` under transforms: records operands of event k and adds probe ``deltas[k]`` to its output."""
+
+    def __init__(self, capture: Capture, covered: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.capture = capture
+        self.ids = {id(t) for t in covered}
+        self.deltas = deltas
+        self.aux: list[list[torch.Tensor]] = []  # per event: its operands that are tensors
+        self.slots: list[tuple[int, list[int]]] = []  # per event: (number of operands, positions of the tensors)
+
+    def _is_param(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and id(t) in self.ids
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if not any(id(t) in self.ids for t in _tensors((args, kwargs))):
+            return func(*args, **kwargs)
+        out = _expanded(self, func, args, kwargs)
+        if out is not NotImplemented:
+            return out
+        rule = rules.lookup(func)
+        roles = rule.match(args, kwargs, self._is_param) if rule else None
+        if roles is None:  # metadata queries on a covered parameter
+            return func(*args, **kwargs)
+        k = len(self.aux)
+        events = self.capture.events
+        if k >= len(events) or events[k].func is not func:
+            raise RuntimeError(
+                f"ntk_fn(implementation=3): call {k} of a parameter-consuming op is {_name(func)}, but the capture "
+                f"pass saw {_name(events[k].func) if k < len(events) else 'no more calls'}; expected f to call the "
+                "same ops on every sample (data-dependent control flow); use implementation=1 or 2"
+            )
+        operands, _ = rule.capture(args, kwargs, self._is_param)
+        y = func(*args, **kwargs)
+        if tuple(y.shape) != events[k].y_shape:
+            raise RuntimeError(
+                f"ntk_fn(implementation=3): {_name(func)} returned shape {tuple(y.shape)} on this sample and "
+                f"{events[k].y_shape} in the capture pass; expected the same shapes for every sample"
+            )
+        self.slots.append((len(operands), [i for i, t in enumerate(operands) if t is not None]))
+        self.aux.append([t for t in operands if t is not None])
+        return y + self.deltas[k]
+
+
+def probed(
+    problem: Problem, capture: Capture, fn: Callable[..., list[torch.Tensor]], slots: list
+) -> Callable[..., tuple[list[torch.Tensor], list]]:
+    """``h(deltas, fallback_leaves, x) -> (outputs, aux)``: ``fn`` with probes added at every event.
+
+    ``aux[k]`` holds event k's tensor operands; their positions are appended to ``slots``
+    (a transform traces ``h`` once, so ``slots[-1]`` describes what it returned).
+    """
+    leaves = problem.params.diff_leaves
+    covered = [leaves[k] for k in capture.covered]
+
+    def h(deltas: Sequence[torch.Tensor], fb: Sequence[torch.Tensor], x: Sequence[Any]) -> tuple[list[torch.Tensor], list]:
+        mode = Injector(capture, covered, deltas)
+        with mode:
+            outs = fn(fb, x)
+        if len(mode.aux) != len(capture.events):
+            raise RuntimeError(
+                f"ntk_fn(implementation=3): f made {len(mode.aux)} captured calls on this sample and "
+                f"{len(capture.events)} in the capture pass; expected the same ops for every sample"
+            )
+        slots.append(mode.slots)
+        return outs, mode.aux
+
+    return h
+
+
+def unpack(aux: Sequence[Sequence[torch.Tensor]], slots: Sequence[tuple[int, list[int]]]) -> list[list[Optional[torch.Tensor]]]:
+    """Per event, the rule's operands with None back where a parameter was."""
+    result: list[list[Optional[torch.Tensor]]] = []
+    for tensors, (size, pos) in zip(aux, slots):
+        ops: list[Optional[torch.Tensor]] = [None] * size
+        for i, t in zip(pos, tensors):
+            ops[i] = t
+        result.append(ops)
+    return result

@@ -1,0 +1,120 @@
+"""Elementwise family: a parameter added to, subtracted from or multiplied with a tensor.
+
+Biases, scales and learned positional embeddings: ``y = a + θ``, ``a - θ``, ``θ - a``,
+``a * θ`` with broadcasting (θ aligned to the trailing axes of ``y``). ``∂y/∂θ`` sums
+the cotangent (times ``a`` for a product) over the axes θ is broadcast along, so a
+bias costs ``O(positions)`` per pair of samples, whatever its size.
+
+Example:
+  >>> import torch
+  >>> from ntkfunc.rules import lookup
+  >>> x, scale = torch.randn(1, 7, 4), torch.randn(4)
+  >>> rule = lookup(torch.mul)
+  >>> rule.match((x, scale), {}, lambda t: t is scale)
+  {'other': ...}
+  >>> ops, meta = rule.capture((x, scale), {}, lambda t: t is scale)
+  >>> s = rule.structure("other", [x.unsqueeze(0)], meta, (1, 7, 4))
+  >>> (s.y, s.theta, [letters for letters, _ in s.operands])
+  ('abc', 'c', ['abc'])
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ntkfunc.rules import LETTERS, Rule, Structure, Tensor, bind, einsum_structure, register
+
+
+def trailing(ndim: int, y_ndim: int) -> str:
+    """Letters of a tensor of ``ndim`` axes broadcast against an output of ``y_ndim`` axes."""
+    return LETTERS[y_ndim - ndim : y_ndim]
+
+
+class _Binary(Rule):
+    """``op(input, other[, alpha])`` where exactly one of input / other is a parameter."""
+
+    _names: tuple[str, ...] = ("input", "other")
+    _defaults: dict[str, Any] = {}
+
+    def _bind(self, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
+        a = bind(args, kwargs, self._names, self._defaults)
+        if a is None or "input" not in a or "other" not in a or a.get("out") is not None:
+            return None
+        return a
+
+    def match(self, args: tuple, kwargs: dict, is_param) -> Optional[dict[str, Tensor]]:  # type: ignore[no-untyped-def]
+        a = self._bind(args, kwargs)
+        if a is None:
+            return None
+        x, o = a["input"], a["other"]
+        if is_param(x) and is_param(o):
+            return None
+        for t in (x, o):
+            if not (isinstance(t, torch.Tensor) or isinstance(t, numbers.Number)):
+                return None
+        if not isinstance(a.get("alpha", 1), numbers.Number):
+            return None
+        roles = {r: a[r] for r in ("input", "other") if is_param(a[r])}
+        return roles or None
+
+    def capture(self, args: tuple, kwargs: dict, is_param) -> tuple[list, dict[str, Any]]:  # type: ignore[no-untyped-def]
+        a = self._bind(args, kwargs)
+        assert a is not None
+        meta = {"alpha": float(a.get("alpha", 1))}
+        ops: list = []
+        for r in ("input", "other"):
+            t = a[r]
+            if isinstance(t, torch.Tensor):
+                meta[r + "_shape"] = tuple(t.shape)
+                ops.append(None if is_param(t) else t)
+            else:
+                meta[r + "_scalar"] = complex(t) if isinstance(t, complex) else float(t)
+                ops.append(None)
+        return ops, meta
+
+
+@register(torch.add, torch.Tensor.add)
+class Add(_Binary):
+    """``input + alpha * other``: ``∂y/∂θ`` is the identity broadcast (times alpha for other)."""
+
+    name = "add"
+    _names = ("input", "other", "alpha", "out")
+    _defaults = {"alpha": 1}
+    _sign = 1.0
+
+    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+        shape = meta[role + "_shape"]
+        scale = 1.0 if role == "input" else self._sign * meta["alpha"]
+        sub = trailing(len(shape), len(y_shape))
+        return einsum_structure([sub], LETTERS[: len(y_shape)], 0, [None], shape, y_shape, scale)
+
+
+@register(torch.sub, torch.Tensor.sub)
+class Sub(Add):
+    """``input - alpha * other``."""
+
+    name = "sub"
+    _sign = -1.0
+
+
+@register(torch.mul, torch.Tensor.mul)
+class Mul(_Binary):
+    """``input * other``: ``∂y/∂θ`` is the other factor (a tensor or a number), summed over broadcast axes."""
+
+    name = "mul"
+    _names = ("input", "other", "out")
+
+    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+        other = "other" if role == "input" else "input"
+        shape = meta[role + "_shape"]
+        ny = len(y_shape)
+        out = LETTERS[:ny]
+        if other + "_scalar" in meta:
+            return einsum_structure([trailing(len(shape), ny)], out, 0, [None], shape, y_shape, meta[other + "_scalar"])
+        t = operands[0 if other == "input" else 1]
+        assert t is not None
+        subs = [trailing(len(shape), ny), trailing(t.ndim - 1, ny)]
+        return einsum_structure(subs, out, 0, [None, t], shape, y_shape)

@@ -1,0 +1,63 @@
+"""Embedding family: ``F.embedding(ids, W)``, ``y[..., d] = W[ids[...], d]``.
+
+``∂y/∂W`` is a one-hot of the ids, so the NTK contribution counts coinciding tokens
+weighted by cotangent products: ``Σ_{p,q} [ids₁[p] = ids₂[q]] (c₁[p]·c₂[q])``. Rows at
+``padding_idx`` get no gradient in PyTorch, hence no kernel contribution here either.
+``max_norm`` (which rewrites W in place) and ``scale_grad_by_freq`` fall back.
+
+Example:
+  >>> import torch
+  >>> from ntkfunc.rules import lookup
+  >>> ids, w = torch.tensor([[1, 4, 1]]), torch.randn(5, 3)
+  >>> rule = lookup(torch.nn.functional.embedding)
+  >>> rule.match((ids, w), {}, lambda t: t is w)
+  {'weight': ...}
+  >>> ops, meta = rule.capture((ids, w), {}, lambda t: t is w)
+  >>> s = rule.structure("weight", [ids.unsqueeze(0)], meta, (1, 3, 3))
+  >>> s.operands[0][1].shape  # one-hot of the ids: (samples, 1, 3, vocabulary)
+  torch.Size([1, 1, 3, 5])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ntkfunc.rules import LETTERS, Rule, Structure, Tensor, bind, register
+
+_NAMES = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+_DEFAULTS = {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False}
+
+
+@register(F.embedding)
+class Embedding(Rule):
+    name = "embedding"
+
+    def match(self, args: tuple, kwargs: dict, is_param) -> Optional[dict[str, Tensor]]:  # type: ignore[no-untyped-def]
+        a = bind(args, kwargs, _NAMES, _DEFAULTS)
+        if a is None or a["max_norm"] is not None or a["scale_grad_by_freq"] or not is_param(a["weight"]):
+            return None
+        if not isinstance(a["input"], torch.Tensor) or a["weight"].ndim != 2:
+            return None
+        return {"weight": a["weight"]}
+
+    def capture(self, args: tuple, kwargs: dict, is_param) -> tuple[list, dict[str, Any]]:  # type: ignore[no-untyped-def]
+        a = bind(args, kwargs, _NAMES, _DEFAULTS)
+        assert a is not None
+        vocab = a["weight"].shape[0]
+        pad = a["padding_idx"]
+        if pad is not None and pad < 0:
+            pad += vocab
+        return [a["input"]], {"vocab": vocab, "padding_idx": pad}
+
+    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+        (ids,) = operands
+        assert ids is not None
+        onehot = F.one_hot(ids.long(), meta["vocab"])
+        if meta["padding_idx"] is not None:
+            keep = torch.ones(meta["vocab"], dtype=onehot.dtype, device=onehot.device)
+            onehot = onehot * keep.index_fill(0, torch.tensor([meta["padding_idx"]], device=onehot.device), 0)
+        pos = LETTERS[: len(y_shape) - 1]
+        return Structure(y_shape, pos + "z", "yz", [(pos + "y", onehot)])

@@ -1,0 +1,194 @@
+"""Implementation 3 as a whole: mixed coverage, weight tying, explain, transforms, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+import ntkfunc
+from ntkfunc import _capture, _structured
+from tests.reference import max_rel_err, reference_kernel
+
+D = torch.float64
+
+
+def _mixed():
+    torch.manual_seed(0)
+    p = {
+        "w1": 0.5 * torch.randn(6, 4, dtype=D),  # linear: rule
+        "b1": 0.1 * torch.randn(6, dtype=D),  # linear bias: rule
+        "div": 1.5 + torch.rand(6, dtype=D),  # x / p: no rule
+        "tied": 0.4 * torch.randn(6, 6, dtype=D),  # used by two linear calls: tying
+        "wt": 0.4 * torch.randn(3, 6, dtype=D),  # consumed through .T: a view
+        "logscale": 0.1 * torch.randn(3, dtype=D),  # exp(p): no rule
+        "both": 0.3 * torch.randn(3, dtype=D),  # a rule use and a no-rule use
+        "head": 0.5 * torch.randn(3, 3, dtype=D),  # matmul: rule
+    }
+
+    def f(p, x):
+        h = torch.tanh(F.linear(x, p["w1"], p["b1"]) / p["div"])
+        h = torch.tanh(F.linear(h, p["tied"]))
+        h = torch.sin(F.linear(h, p["tied"]))
+        h = (h @ p["wt"].T) * torch.exp(p["logscale"])
+        h = torch.tanh(h + p["both"]) * torch.cos(p["both"])
+        return h @ p["head"]
+
+    return f, p
+
+
+def test_mixed_coverage_is_exact_and_explained():
+    f, p = _mixed()
+    x1, x2 = torch.randn(4, 4, dtype=D), torch.randn(3, 4, dtype=D)
+    report = ntkfunc.explain(f, p, x1, trace_axes=())
+    by_name = {r.name: r for r in report.params}
+    assert {n for n, r in by_name.items() if r.method == "rule"} == {"w1", "b1", "head"}
+    assert "weight tying" in by_name["tied"].detail
+    assert "Tensor.T" in by_name["wt"].detail
+    assert "div" in by_name["div"].detail
+    assert "exp" in by_name["logscale"].detail
+    assert by_name["both"].method == "fallback"
+    for tr, dg in [((), ()), ((-1,), ()), ((), (-1,)), ((0,), ())]:
+        for x2_ in (x2 if tr != (0,) and dg != (0,) else x1.flip(0), None):
+            k = ntkfunc.ntk_fn(f, trace_axes=tr, diagonal_axes=dg, implementation=3)(x1, x2_, p)
+            assert max_rel_err(k, reference_kernel(f, p, x1, x2_, tr, dg)) <= 1e-10
+
+
+def test_explain_table_and_totals():
+    f, p = _mixed()
+    report = ntkfunc.explain(f, p, torch.randn(4, 4, dtype=D))
+    text = str(report)
+    for word in ("parameter", "method", "linear:weight", "fallback", "weight tying", "total"):
+        assert word in text
+    assert report.flops == sum(r.flops for r in report.params) > 0
+    assert len(report.fallbacks) == 5
+    assert all(r.flops == r.jacobian_flops for r in report.fallbacks)
+
+
+def test_traced_kernel_is_contracted_early():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)).double()
+    f, p = ntkfunc.from_module(model)
+    x = torch.randn(6, 8, dtype=D)
+    full = ntkfunc.explain(f, p, x, trace_axes=()).flops
+    traced = ntkfunc.explain(f, p, x, trace_axes=(-1,)).flops
+    assert traced * 4 < full  # about 1/O of the full kernel's cost (O = 10)
+
+
+def test_faster_contraction_than_jacobians_for_wide_linear_layers():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
+    f, p = ntkfunc.from_module(model)
+    report = ntkfunc.explain(f, p, torch.randn(8, 16), trace_axes=())
+    assert not report.fallbacks
+    assert report.flops * 10 < report.jacobian_flops
+
+
+def test_weight_tying_in_a_module_and_a_covered_bias():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Linear(5, 3)
+            self.dec = torch.nn.Linear(3, 5)
+            self.dec.weight = torch.nn.Parameter(self.enc.weight.detach().T.clone())
+            self.scale = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            h = torch.tanh(self.enc(x)) * self.scale
+            return F.linear(h, self.enc.weight.T, self.dec.bias)
+
+    torch.manual_seed(3)
+    model = Tied().double()
+    del model.dec.weight  # only the encoder's weight remains, used twice
+    f, p = ntkfunc.from_module(model)
+    x1, x2 = torch.randn(4, 5, dtype=D), torch.randn(2, 5, dtype=D)
+    report = {r.name: r for r in ntkfunc.explain(f, p, x1).params}
+    assert report["enc.weight"].method == "fallback"
+    assert report["dec.bias"].rule == "linear:bias" and report["scale"].rule == "mul:other"
+    k = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)(x1, x2, p)
+    assert max_rel_err(k, reference_kernel(f, p, x1, x2, (), ())) <= 1e-10
+
+
+def test_every_parameter_without_rules_still_exact():
+    torch.manual_seed(4)
+    p = {"a": torch.randn(3, 4, dtype=D), "b": torch.rand(4, dtype=D) + 1}
+
+    def f(p, x):
+        return torch.tanh(x @ p["a"].T) ** 2 / p["b"][:3]
+
+    x1 = torch.randn(4, 4, dtype=D)
+    assert all(r.method == "fallback" for r in ntkfunc.explain(f, p, x1).params)
+    k = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)(x1, None, p)
+    assert max_rel_err(k, reference_kernel(f, p, x1, None, (), ())) <= 1e-10
+
+
+def test_pytree_outputs_and_inputs_match_implementation_1():
+    torch.manual_seed(5)
+    p = {"w": torch.randn(3, 4, dtype=D), "v": torch.randn(4, 2, dtype=D)}
+
+    def f(p, x):
+        h = torch.tanh(x["a"] @ p["w"] + x["b"])
+        return {"y": h @ p["v"], "z": (h * 2,)}
+
+    x = {"a": torch.randn(5, 3, dtype=D), "b": torch.randn(5, 4, dtype=D)}
+    k3 = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)(x, None, p)
+    k1 = ntkfunc.ntk_fn(f, trace_axes=(), implementation=1)(x, None, p)
+    assert pytree.tree_structure(k3) == pytree.tree_structure(k1)
+    assert max_rel_err(k3, k1) <= 1e-10
+
+
+def test_composes_with_vmap_over_params_and_grad():
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    f, p = ntkfunc.from_module(model)
+    x = torch.randn(4, 3, dtype=D)
+    ensemble = {k: torch.stack([v, 0.5 * v]) for k, v in p.items()}
+    kernel = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)
+    batched = torch.func.vmap(lambda q: kernel(x, None, q))(ensemble)
+    for i in range(2):
+        member = {k: v[i] for k, v in ensemble.items()}
+        assert max_rel_err(batched[i], reference_kernel(f, member, x, None, (), ())) <= 1e-10
+    grads = [
+        torch.func.grad(lambda q: ntkfunc.ntk_fn(f, implementation=impl)(x, None, q).sum())(p) for impl in (1, 3)
+    ]
+    assert max_rel_err(grads[1], grads[0]) <= 1e-10
+
+
+def test_path_cache_is_reused():
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    f, p = ntkfunc.from_module(model)
+    x = torch.randn(4, 3)
+    kernel = ntkfunc.ntk_fn(f, implementation=3)
+    kernel(x, None, p)
+    before = _structured._expression.cache_info()
+    kernel(x, None, p)
+    after = _structured._expression.cache_info()
+    assert after.misses == before.misses and after.hits > before.hits
+
+
+def test_control_flow_that_changes_between_passes_is_refused(monkeypatch):
+    state = {"extra": False}
+    p = {"w": torch.randn(3, 3, dtype=D)}
+
+    def f(p, x):
+        h = F.linear(x, p["w"])
+        return F.linear(torch.tanh(h), p["w"] * 1.0) if state["extra"] else h
+
+    real = _capture.discover
+
+    def discover_then_change(*args):
+        cap = real(*args)
+        state["extra"] = True
+        return cap
+
+    monkeypatch.setattr(_capture, "discover", discover_then_change)
+    with pytest.raises(RuntimeError, match="capture pass saw no more calls; expected f to call the same ops on every sample"):
+        ntkfunc.ntk_fn(f, implementation=3)(torch.randn(2, 3, dtype=D), None, p)
+
+
+def test_implementation_3_is_registered():
+    assert ntkfunc.api.available_implementations() == [1, 2, 3]
+    with pytest.raises(ValueError, match="expected one of \\[1, 2, 3\\]"):
+        ntkfunc.ntk_fn(lambda p, x: x, implementation=4)
