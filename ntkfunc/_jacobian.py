@@ -140,7 +140,8 @@ def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
                 else:
                     accs[0].add(leaf, tile, sum(per[1:], per[0]))
     if per_param:
-        return [[acc.result()[leaf] for acc in accs] for leaf in range(len(problem.layouts))]
+        results = [acc.result() for acc in accs]
+        return [[r[leaf] for r in results] for leaf in range(len(problem.layouts))]
     return accs[0].result()
 
 

@@ -275,21 +275,22 @@ def param_block(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Si
     return part if scale == 1.0 else part * scale
 
 
-def tile_kernel(problem: Problem, cap: _capture.Capture, s1: Side, s2: Side, memory_limit: Optional[int]) -> list[torch.Tensor]:
-    """Kernel blocks per output leaf for one tile (not divided by the trace size)."""
+def tile_kernel(problem: Problem, cap: _capture.Capture, s1: Side, s2: Side, memory_limit: Optional[int]) -> list[list[Optional[torch.Tensor]]]:
+    """Per output leaf, per differentiated parameter: its kernel block for one tile.
+
+    Not divided by the trace size; ``None`` for a parameter the output does not use.
+    """
     leaves = problem.params.diff_leaves
     fb_idx = sorted(cap.fallback)
     blocks = []
     for leaf, lay in enumerate(problem.layouts):
-        total: Optional[torch.Tensor] = None
+        parts: list[Optional[torch.Tensor]] = [None] * len(leaves)
         for k, (e, role) in sorted(cap.covered.items()):
-            part = param_block(problem, leaf, e, role, s1, s2, memory_limit)
-            total = part if total is None else total + part
+            parts[k] = param_block(problem, leaf, e, role, s1, s2, memory_limit)
         for j, k in enumerate(fb_idx):
-            part = lay.contract(s1.fb_jac[leaf][j], s2.fb_jac[leaf][j], leaves[k].ndim)
-            total = part if total is None else total + part
-        assert total is not None
-        blocks.append(total)
+            parts[k] = lay.contract(s1.fb_jac[leaf][j], s2.fb_jac[leaf][j], leaves[k].ndim)
+        assert any(p is not None for p in parts)
+        blocks.append(parts)
     return blocks
 
 
@@ -311,24 +312,37 @@ def block_size(problem: Problem, cap: _capture.Capture, budget: int, itemsize: i
     return max(1, min(n_max, int(usable // (2 * per_sample + transient))))
 
 
-def kernel(problem: Problem, budget: int) -> list[torch.Tensor]:
-    """Implementation 3 (see the module docstring): the kernel per output leaf."""
+def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
+    """Implementation 3 (see the module docstring): the kernel per output leaf.
+
+    With ``per_param=True``: per output leaf, a list over the differentiated parameters
+    (each parameter's term of the same sum, so no extra work).
+    """
     cap = _capture.discover(problem)
     cap2 = cap if problem.vmapped or problem.symmetric else _capture.discover(problem, 2)
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
     b = block_size(problem, cap, budget, itemsize)
     # opt_einsum's cap on intermediates (elements), a power of two so that cached paths are reused
     memory_limit = 1 << max(16, int(budget * _SAFETY / 4 // itemsize).bit_length() - 1)
-    acc = Accumulator(problem)
+    n_params = len(problem.params.diff_leaves)
+    accs = [Accumulator(problem) for _ in range(n_params if per_param else 1)]
     current: Optional[tuple[int, Side]] = None
     for tile in tiles(problem, b, b):
         if current is None or current[0] != tile.i0:
             current = (tile.i0, side(problem, cap, 1, tile.i0, tile.i1))
         s1 = current[1]
         s2 = s1 if problem.symmetric and tile.on_diagonal else side(problem, cap2, 2, tile.j0, tile.j1)
-        for leaf, block in enumerate(tile_kernel(problem, cap, s1, s2, memory_limit)):
-            acc.add(leaf, tile, block)
-    return acc.result()
+        for leaf, parts in enumerate(tile_kernel(problem, cap, s1, s2, memory_limit)):
+            present = [p for p in parts if p is not None]
+            if per_param:
+                for k, part in enumerate(parts):
+                    accs[k].add(leaf, tile, torch.zeros_like(present[0]) if part is None else part)
+            else:
+                accs[0].add(leaf, tile, sum(present[1:], present[0]))
+    if per_param:
+        results = [acc.result() for acc in accs]
+        return [[results[k][leaf] for k in range(n_params)] for leaf in range(len(problem.layouts))]
+    return accs[0].result()
 
 
 __all__ = ["kernel", "route", "side", "tile_kernel"]
