@@ -172,15 +172,31 @@ def discover(problem: Problem, which: int = 1) -> Capture:
             fallback[k] = f"used by {count[k]} primitives (weight tying)"
         elif count.get(k, 0) == 0:
             fallback[k] = "not used"
-    events = []
-    for e in mode.events:
+    return _assemble(mode.events, fallback, mode.uses)
+
+
+def _assemble(all_events: Sequence[Event], fallback: dict[int, str], uses: dict[int, list[str]]) -> Capture:
+    """A :class:`Capture` from the recorded events, with ``fallback`` parameters left out of them."""
+    events, covered = [], {}
+    for e in all_events:
         roles = {r: k for r, k in e.roles.items() if k not in fallback}
         if not roles:
             continue
         for r, k in roles.items():
             covered[k] = (len(events), r)
         events.append(dataclasses.replace(e, roles=roles))
-    return Capture(events, covered, fallback, mode.uses)
+    return Capture(events, covered, fallback, uses)
+
+
+def restrict(capture: Capture, moved: dict[int, str]) -> Capture:
+    """``capture`` with the parameters in ``moved`` (index -> reason) sent to the fallback.
+
+    Their primitives are no longer probed (events left without a covered parameter are
+    dropped), so the probing pass sees exactly the calls it expects.
+    """
+    if not moved:
+        return capture
+    return _assemble(capture.events, {**capture.fallback, **moved}, capture.uses)
 
 
 class Injector(TorchFunctionMode):

@@ -312,14 +312,15 @@ def block_size(problem: Problem, cap: _capture.Capture, budget: int, itemsize: i
     return max(1, min(n_max, int(usable // (2 * per_sample + transient))))
 
 
-def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
+def kernel(problem: Problem, budget: int, per_param: bool = False, moved: Optional[dict[int, str]] = None) -> list:
     """Implementation 3 (see the module docstring): the kernel per output leaf.
 
     With ``per_param=True``: per output leaf, a list over the differentiated parameters
-    (each parameter's term of the same sum, so no extra work).
+    (each parameter's term of the same sum, so no extra work). ``moved`` (parameter index
+    -> reason) sends covered parameters to the reverse-mode Jacobian fallback.
     """
-    cap = _capture.discover(problem)
-    cap2 = cap if problem.vmapped or problem.symmetric else _capture.discover(problem, 2)
+    cap = _capture.restrict(_capture.discover(problem), moved or {})
+    cap2 = cap if problem.vmapped or problem.symmetric else _capture.restrict(_capture.discover(problem, 2), moved or {})
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
     b = block_size(problem, cap, budget, itemsize)
     # opt_einsum's cap on intermediates (elements), a power of two so that cached paths are reused

@@ -34,8 +34,11 @@ class Implementation(enum.IntEnum):
       when parameters are many and shared across positions (convolutions) and N is small.
     - ``STRUCTURED_DERIVATIVES`` (3): per-primitive rules (``ntkfunc.rules``) that
       contract cotangents with layer inputs without forming Jacobians.
+    - ``AUTO`` (0, also ``"auto"``): per parameter, the cheaper of the structured rule and
+      Jacobian contraction, by opt_einsum's FLOP estimates (``ntkfunc._auto``).
     """
 
+    AUTO = 0
     JACOBIAN_CONTRACTION = 1
     NTK_VECTOR_PRODUCTS = 2
     STRUCTURED_DERIVATIVES = 3

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from torch.utils import _pytree as pytree
 
-from ntkfunc import _jacobian, _structured, _vp
+from ntkfunc import _auto, _jacobian, _structured, _vp
 from ntkfunc._memory import parse_budget
 from ntkfunc._ops import exact_higher_order, needs_higher_order, transform_friendly_attention
 from ntkfunc._problem import Problem, make_problem
@@ -29,6 +29,7 @@ _IMPLS: dict[int, ImplFn] = {
     Implementation.JACOBIAN_CONTRACTION: _jacobian.kernel,
     Implementation.NTK_VECTOR_PRODUCTS: _vp.kernel,
     Implementation.STRUCTURED_DERIVATIVES: _structured.kernel,
+    Implementation.AUTO: _auto.kernel,
 }
 
 
@@ -75,10 +76,12 @@ def supports_per_param(implementation: int) -> bool:
     return "per_param" in inspect.signature(_IMPLS[implementation]).parameters
 
 
-def _check_implementation(implementation: Union[int, Implementation]) -> int:
-    if isinstance(implementation, bool) or implementation not in _IMPLS:
+def _check_implementation(implementation: Union[int, str, Implementation]) -> int:
+    if isinstance(implementation, str) and implementation.lower() == "auto":
+        implementation = Implementation.AUTO
+    if isinstance(implementation, bool) or isinstance(implementation, str) or implementation not in _IMPLS:
         raise ValueError(
-            f"ntk_fn: implementation={implementation!r}; expected one of {sorted(int(k) for k in _IMPLS)} "
+            f"ntk_fn: implementation={implementation!r}; expected 'auto' or one of {sorted(int(k) for k in _IMPLS)} "
             f"({', '.join(Implementation(k).name for k in sorted(_IMPLS))})"
         )
     return int(implementation)
@@ -89,7 +92,7 @@ def ntk_fn(
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
     vmap_axes: VMapAxes = 0,
-    implementation: Union[int, Implementation] = Implementation.JACOBIAN_CONTRACTION,
+    implementation: Union[int, str, Implementation] = Implementation.JACOBIAN_CONTRACTION,
     *,
     memory_budget: MemoryBudget = None,
     per_param: bool = False,

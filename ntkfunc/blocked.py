@@ -41,7 +41,7 @@ from ntkfunc._ops import transform_friendly_attention
 from ntkfunc._problem import Problem, make_problem
 from ntkfunc._store import Index, MemoryStore, NpyStore
 from ntkfunc._tree import Layout, as_axes_tuple
-from ntkfunc._typing import ApplyFn, Axes, MemoryBudget, PyTree
+from ntkfunc._typing import ApplyFn, Axes, Implementation, MemoryBudget, PyTree
 
 _SAFETY = 0.7  # fraction of the budget planned tensors may use
 _DEFAULT_BLOCK = 256  # tile size for implementations that plan their own memory
@@ -51,7 +51,9 @@ Devices = Union[None, str, torch.device, Sequence[Union[str, torch.device]]]
 
 def default_implementation() -> Union[int, str]:
     """The implementation ``implementation=None`` picks: ``"auto"``, else 3, else 1, whichever is registered."""
-    for choice in ("auto", 3, 1):
+    if Implementation.AUTO in api._IMPLS:
+        return "auto"
+    for choice in (3, 1):
         if choice in api._IMPLS:
             return choice
     return api.available_implementations()[0]

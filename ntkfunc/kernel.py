@@ -44,7 +44,7 @@ def kernel_fn(
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
     vmap_axes: VMapAxes = 0,
-    implementation: Union[int, Implementation] = Implementation.JACOBIAN_CONTRACTION,
+    implementation: Union[int, str, Implementation] = Implementation.JACOBIAN_CONTRACTION,
     *,
     memory_budget: MemoryBudget = None,
 ) -> Any:

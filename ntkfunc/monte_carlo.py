@@ -50,7 +50,7 @@ def monte_carlo_kernel_fn(
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
     vmap_axes: VMapAxes = 0,
-    implementation: Union[int, Implementation] = Implementation.JACOBIAN_CONTRACTION,
+    implementation: Union[int, str, Implementation] = Implementation.JACOBIAN_CONTRACTION,
     get: Optional[Get] = None,
     seed: int = 0,
     batch_size: Optional[int] = None,

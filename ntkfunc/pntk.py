@@ -59,7 +59,7 @@ def _sum_of_logits(f: ApplyFn, fx_axis: Any) -> ApplyFn:
 def pntk_fn(
     f: ApplyFn,
     vmap_axes: VMapAxes = 0,
-    implementation: Union[int, Implementation] = Implementation.JACOBIAN_CONTRACTION,
+    implementation: Union[int, str, Implementation] = Implementation.JACOBIAN_CONTRACTION,
     *,
     memory_budget: MemoryBudget = None,
 ) -> KernelFn:

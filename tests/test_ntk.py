@@ -10,7 +10,7 @@ import ntkfunc
 from tests.reference import max_rel_err, reference_kernel
 from tests.zoo import CASES, settings
 
-IMPLEMENTATIONS = [1, 2, 3]
+IMPLEMENTATIONS = [1, 2, 3, "auto"]
 
 PARAMS = [
     pytest.param(case, tr, dg, id=f"{case}-trace{tr}-diag{dg}")
@@ -99,8 +99,10 @@ def test_small_memory_budget_tiles_and_stays_exact(case_name, impl, monkeypatch)
             counted.append(t)
             yield t
 
-    module = {1: "ntkfunc._jacobian", 2: "ntkfunc._vp", 3: "ntkfunc._structured"}[impl]
-    monkeypatch.setattr(f"{module}.tiles", counting_tiles)
+    modules = {1: ["ntkfunc._jacobian"], 2: ["ntkfunc._vp"], 3: ["ntkfunc._structured"],
+               "auto": ["ntkfunc._jacobian", "ntkfunc._structured"]}[impl]
+    for module in modules:
+        monkeypatch.setattr(f"{module}.tiles", counting_tiles)
     case = next(c for c in CASES if c.name == case_name)
     f, params, x1, x2, vmap_axes = case.build(torch.float64)
     tr = () if case.out_ndim == 2 else (1,)
@@ -121,7 +123,7 @@ def test_small_memory_budget_tiles_and_stays_exact(case_name, impl, monkeypatch)
 
 
 def test_implementation_enum_values():
-    assert [int(i) for i in ntkfunc.Implementation] == [1, 2, 3]
+    assert [int(i) for i in ntkfunc.Implementation] == [0, 1, 2, 3]
     f, params, x1, x2, _ = CASES[0].build(torch.float64)
     a = ntkfunc.ntk_fn(f, implementation=ntkfunc.Implementation.NTK_VECTOR_PRODUCTS)(x1, x2, params)
     b = ntkfunc.ntk_fn(f, implementation=2)(x1, x2, params)

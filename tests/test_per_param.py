@@ -11,7 +11,7 @@ from ntkfunc import api
 from tests.reference import max_rel_err, reference_kernel
 from tests.zoo import CASES
 
-IMPLEMENTATIONS = [1, 2, 3]
+IMPLEMENTATIONS = [1, 2, 3, "auto"]
 CASE_BY_NAME = {c.name: c for c in CASES}
 
 
