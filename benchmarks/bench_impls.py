@@ -179,7 +179,7 @@ def configs(quick: bool) -> list[dict[str, Any]]:
     return out
 
 
-def skip_reason(cfg: dict[str, Any], impl: int) -> Optional[str]:
+def skip_reason(cfg: dict[str, Any], impl: Any) -> Optional[str]:
     """Configurations trimmed because implementation 1 or 2 would take many minutes here.
 
     Implementation 2 costs N² O forward passes (N = 32): on MLPs it runs only at width 256
@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "RESULTS-impls.md"))
     ap.add_argument("--json", default=None, help="also write raw results here")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--impls", default="1,2,3")
+    ap.add_argument("--impls", default="1,2,3,auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rep-seconds", type=float, default=5.0, help="stop timing more calls after this")
@@ -221,7 +221,7 @@ def main() -> None:
         print(json.dumps(run_one(json.loads(args.one))))
         return
 
-    impls = [int(i) for i in args.impls.split(",")]
+    impls = [i if i == "auto" else int(i) for i in args.impls.split(",")]
     rows, raw = [], []
     wanted = None if args.only is None else set(args.only.split(","))
     for cfg in configs(args.quick):
@@ -253,7 +253,7 @@ def write_markdown(args: argparse.Namespace, impls: list[int], rows: list) -> No
     head = ["model", "N", "O", "params"]
     for i in impls:
         head += [f"impl {i} s", f"impl {i} MB"]
-    head += ["impl 1 / impl 3"]
+    head += ["impl 1 / impl 3"] + (["best fixed / auto"] if "auto" in impls else [])
     lines = [
         "# Implementations side by side (full O x O kernel, `trace_axes=()`)",
         "",
@@ -278,6 +278,10 @@ def write_markdown(args: argparse.Namespace, impls: list[int], rows: list) -> No
         r1, r3 = results.get(1, {}), results.get(3, {})
         ratio = f"{r1['median_s'] / r3['median_s']:.1f}x" if "median_s" in r1 and "median_s" in r3 else ""
         cells.append(ratio)
+        if "auto" in impls:
+            fixed = [r["median_s"] for i, r in results.items() if i != "auto" and "median_s" in r]
+            ra = results.get("auto", {})
+            cells.append(f"{min(fixed) / ra['median_s']:.2f}x" if fixed and "median_s" in ra else "")
         lines.append("| " + " | ".join(cells) + " |")
     with open(args.out, "a" if args.append else "w") as fh:
         fh.write(("\n" if args.append else "") + "\n".join(lines) + "\n")

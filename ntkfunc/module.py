@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Any
 
 import torch
@@ -19,6 +20,10 @@ def from_module(module: nn.Module, *, vmap_axes: Any = 0) -> tuple[ApplyFn, dict
       Frozen parameters and buffers are constants inside ``f``.
     - A module in training mode with dropout is refused (kernels of a random function are
       not defined): call ``module.eval()``.
+    - ``f`` is thread-safe (``kernel_matrix(devices=...)`` runs one worker thread per
+      device): ``functional_call`` swaps tensors into a module, so each thread other than
+      the main one runs its own copy of the module's structure (its tensors on the meta
+      device: every parameter and buffer is passed at call time).
     - A module in training mode with BatchNorm normalises with batch statistics, so one
       sample's output depends on the whole batch. It is refused unless ``vmap_axes=None``,
       in which case ``f`` uses a copy of the module whose BatchNorm layers keep no running
@@ -62,10 +67,35 @@ def from_module(module: nn.Module, *, vmap_axes: Any = 0) -> tuple[ApplyFn, dict
     consts: dict[str, torch.Tensor] = {k: v.detach() for k, v in module.named_parameters() if not v.requires_grad}
     consts.update({k: v.detach() for k, v in module.named_buffers()})
 
+    per_thread = _PerThreadModules(module)
+
     def f(p: PyTree, x: PyTree) -> PyTree:
-        return functional_call(module, (p, consts), (x,), strict=False)
+        return functional_call(per_thread.get(), (p, consts), (x,), strict=False)
 
     f.__name__ = f"{type(module).__name__}_apply"
     if coupled:
         f.__ntkfunc_batch_coupled__ = coupled  # type: ignore[attr-defined]
     return f, params
+
+
+class _PerThreadModules:
+    """The module for the main thread; structural copies (meta tensors) for other threads."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        memo: dict[int, Any] = {}
+        for t in list(module.parameters()) + list(module.buffers()):
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        self.template = copy.deepcopy(module, memo)  # no tensor data copied
+        self.lock = threading.Lock()
+        self.local = threading.local()
+
+    def get(self) -> nn.Module:
+        if threading.current_thread() is threading.main_thread():
+            return self.module
+        module = getattr(self.local, "module", None)
+        if module is None:
+            with self.lock:
+                module = self.local.module = copy.deepcopy(self.template)
+        return module

@@ -305,10 +305,10 @@ def test_memory_budget_decides_the_tiles():
 
     try:
         blocked._Runner._commit = commit
-        big = kernel_matrix(f, params, x1, memory_budget="1GB", progress=False)
+        big = kernel_matrix(f, params, x1, implementation=1, memory_budget="1GB", progress=False)
         n_big = len(seen)
         seen.clear()
-        small = kernel_matrix(f, params, x1, memory_budget=150_000, progress=False)
+        small = kernel_matrix(f, params, x1, implementation=1, memory_budget=150_000, progress=False)
     finally:
         blocked._Runner._commit = original
     assert n_big == 1 and len(seen) > 3
@@ -331,18 +331,18 @@ def test_progress_bar_only_on_a_terminal(capsys, monkeypatch):
 def test_default_implementation_prefers_newer_ones(monkeypatch):
     from ntkfunc.blocked import default_implementation
 
-    assert default_implementation() in api._IMPLS
-    monkeypatch.setitem(api._IMPLS, 3, api._IMPLS[1])
-    assert default_implementation() in (3, "auto")
-    monkeypatch.setitem(api._IMPLS, "auto", api._IMPLS[1])
-    assert default_implementation() == "auto"
+    assert default_implementation() == "auto"  # registered: per-parameter cheapest path
+    monkeypatch.delitem(api._IMPLS, 0)
+    assert default_implementation() == 3
+    monkeypatch.delitem(api._IMPLS, 3)
+    assert default_implementation() == 1
 
 
 def test_errors_say_what_was_given_and_expected(tmp_path):
     f, params, x1, x2 = _mlp()
     with pytest.raises(ValueError, match=r"batch_size=0\): expected a positive int"):
         kernel_matrix(f, params, x1, batch_size=0)
-    with pytest.raises(ValueError, match=r"implementation=7; expected one of"):
+    with pytest.raises(ValueError, match=r"implementation=7; expected .auto. or one of"):
         kernel_matrix(f, params, x1, implementation=7)
     with pytest.raises(ValueError, match=r"trace_axes=\(0,\)\): the batch axis 0 is traced"):
         kernel_matrix(f, params, x1, trace_axes=(0,))

@@ -86,6 +86,6 @@ def test_implementation_without_param_vmap_says_so(monkeypatch):
     case = CASES[0]
     f, params, x1, x2, _ = case.build(torch.float64)
     kernel = ntkfunc.ntk_fn(f, implementation=2)
-    with pytest.raises(NotImplementedError, match=r"implementation=2\) does not support torch.func.vmap over params.*expected one of implementations \[1"):
+    with pytest.raises(NotImplementedError, match=r"implementation=2\) does not support torch.func.vmap over params.*expected one of implementations \[0, 1"):
         torch.func.vmap(kernel, in_dims=(None, None, 0))(x1, x2, _ensemble(params))
     kernel(x1, x2, params)  # unbatched params still work

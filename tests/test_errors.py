@@ -21,10 +21,10 @@ def _mlp():
 X = torch.randn(4, 3, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("impl", [0, 4, "1", True])
+@pytest.mark.parametrize("impl", [-1, 4, "1", "fast", True])
 def test_unknown_implementation(impl):
     f, _ = _mlp()
-    with pytest.raises(ValueError, match=r"implementation=.*expected one of \[1, 2"):
+    with pytest.raises(ValueError, match=r"implementation=.*expected 'auto' or one of \[0, 1, 2, 3\]"):
         ntkfunc.ntk_fn(f, implementation=impl)
 
 

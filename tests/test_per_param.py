@@ -122,7 +122,7 @@ def test_float32_and_dtype_kept():
 def test_unsupported_implementation_is_refused(monkeypatch):
     monkeypatch.setitem(api._IMPLS, 3, lambda problem, budget: [])
     f, params, x1, x2, _ = CASE_BY_NAME["mlp"].build(torch.float64)
-    with pytest.raises(NotImplementedError, match=r"implementation=3, per_param=True\): implementation 3 cannot split .* expected one of \[1, 2\]"):
+    with pytest.raises(NotImplementedError, match=r"implementation=3, per_param=True\): implementation 3 cannot split .* expected one of \[0, 1, 2\]"):
         ntkfunc.ntk_fn(f, implementation=3, per_param=True)
     assert api.supports_per_param(1) and api.supports_per_param(2) and not api.supports_per_param(3)
 

@@ -189,6 +189,6 @@ def test_control_flow_that_changes_between_passes_is_refused(monkeypatch):
 
 
 def test_implementation_3_is_registered():
-    assert ntkfunc.api.available_implementations() == [1, 2, 3]
-    with pytest.raises(ValueError, match="expected one of \\[1, 2, 3\\]"):
+    assert ntkfunc.api.available_implementations() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="expected 'auto' or one of \\[0, 1, 2, 3\\]"):
         ntkfunc.ntk_fn(lambda p, x: x, implementation=4)
