@@ -204,9 +204,9 @@ def main() -> None:
     if args.quick:
         grid = [("mlp256", 8, "full"), ("mlp256", 8, "trace"), ("attention", 4, "full")]
     else:
-        grid = [(m, 32, c) for m in ("mlp256", "mlp1024", "mlp2048") for c in ("full", "trace")]
-        grid += [("cnn", 16, "full"), ("cnn", 16, "trace"), ("attention", 16, "full"), ("attention", 16, "trace"),
-                 ("mlp4096", 32, "trace")]
+        grid = [(m, 16, c) for m in ("mlp256", "mlp1024", "mlp2048") for c in ("full", "trace")]
+        grid += [("cnn", 8, "full"), ("cnn", 8, "trace"), ("attention", 8, "full"), ("attention", 8, "trace"),
+                 ("mlp4096", 16, "trace")]
     methods = ["tutorial-1", "ntkfunc-1", "tutorial-2", "ntkfunc-2"]
     limit = int(args.mem_limit_gb * 2**30)
     rows = []

@@ -59,13 +59,13 @@ class Rule:
     name = "rule"
 
     def match(self, args: tuple, kwargs: dict, is_param: IsParam) -> Optional[dict[str, Tensor]]:
-        raise NotImplementedError
+        raise NotImplementedError(f"Subclass {type(self).__name__} must define match()")
 
     def capture(self, args: tuple, kwargs: dict, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
-        raise NotImplementedError
+        raise NotImplementedError(f"Subclass {type(self).__name__} must define capture()")
 
     def structure(self, role: str, operands: Sequence[Tensor], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
-        raise NotImplementedError
+        raise NotImplementedError(f"Subclass {type(self).__name__} must define structure()")
 
 
 RULES: dict[Any, Rule] = {}

@@ -77,10 +77,10 @@ class _EinsumLike(Rule):
     """A two-operand product where exactly one operand is a parameter."""
 
     def operands_of(self, args: tuple, kwargs: dict) -> Optional[tuple[Any, Any]]:
-        raise NotImplementedError
+        raise NotImplementedError(f"Subclass {type(self).__name__} must define operands_of()")
 
     def subscripts(self, a: Tensor, b: Tensor) -> tuple[str, str, str]:
-        raise NotImplementedError
+        raise NotImplementedError(f"Subclass {type(self).__name__} must define subscripts()")
 
     def match(self, args: tuple, kwargs: dict, is_param) -> Optional[dict[str, Tensor]]:  # type: ignore[no-untyped-def]
         ops = self.operands_of(args, kwargs)

@@ -35,7 +35,7 @@ class _Affine(Rule):
     channel_axis: Optional[int] = None  # None: weight aligned to the trailing axes
 
     def normalise(self, a: dict[str, Any]) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"Subclass {type(self).__name__} must define normalise()")
 
     def match(self, args: tuple, kwargs: dict, is_param) -> Optional[dict[str, Tensor]]:  # type: ignore[no-untyped-def]
         a = bind(args, kwargs, self._names, self._defaults)
