@@ -28,7 +28,7 @@ _SAFETY = 0.7
 
 
 def plan(problem: Problem, budget: int, itemsize: int) -> tuple[int, int]:
-    """Block sizes ``(b1, b2)`` for x1 and x2."""
+    """Block sizes ``(b1, b2)`` for x1 and x2: ``b2 x cot + b1 x b2 x per_pair <= usable``."""
     leaves = problem.params.diff_leaves
     o1 = sum(math.prod(s) for s in problem.sample_out_shapes(1))
     o2 = sum(math.prod(s) for s in problem.sample_out_shapes(2))
@@ -42,9 +42,12 @@ def plan(problem: Problem, budget: int, itemsize: int) -> tuple[int, int]:
             f"one sample's parameter cotangents need {fmt_bytes(cot)} (outputs x parameters x itemsize) "
             f"and the memory budget allows {fmt_bytes(usable / 2)}; raise memory_budget"
         )
-    b2 = min(b2, problem.n2)
-    per_pair = o2 * (2 * per_sample_activation_bytes(problem) + o1 * itemsize) + o2 * itemsize
-    b1 = int(usable / 2 // max(b2 * per_pair, 1))
+    # Under vmap over x1 samples, batching rules may broadcast the (x1-independent)
+    # parameter tangents to every x1 sample: budget a copy of the x2 block's cotangents
+    # per x1 sample, and balance b1 and b2 so that neither collapses to 1 needlessly.
+    per_pair = o2 * (2 * per_sample_activation_bytes(problem) + o1 * itemsize) + o2 * itemsize + cot
+    b2 = min(b2, problem.n2, max(1, math.isqrt(int(usable // max(per_pair, 1)))))
+    b1 = int((usable - b2 * cot) // max(b2 * per_pair, 1))
     return max(1, min(b1, problem.n1)), b2
 
 
