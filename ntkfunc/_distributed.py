@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 from typing import Iterator
 
@@ -67,7 +68,8 @@ def ranks() -> Iterator[Ranks]:
         yield Ranks(0, 1)
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    # A bounded wait: a rank that cannot reach the others fails with an error instead of hanging.
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
     try:
         yield Ranks(dist.get_rank(), dist.get_world_size())
     finally:

@@ -37,7 +37,9 @@ PARAMS = [
 
 
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # gloo on the loopback interface: the machine's hostname may resolve to an address
+    # its connections cannot use, which leaves both ranks waiting in init_process_group.
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
 
 
 def _x2_for(case, dg, x1, x2):
@@ -211,7 +213,7 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path):
     f, params, x = build_job()
     expected = kernel_matrix(f, params, x, trace_axes=(), batch_size=3, progress=False)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(JOB), "--out", str(out), "--result", str(result)]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     counts = [json.loads(line)["computed"] for line in res.stdout.splitlines() if line.startswith("{")]
     assert sorted(counts) == [12, 18]  # twice 15 tiles (file, then in memory): rows 0, 2, 4 (5+3+1) and 1, 3 (4+2)
