@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--budget", default="3GB", help="memory_budget passed to every implementation")
     ap.add_argument("--only", default=None, help="comma-separated model names (mlp, cnn, resnet18, transformer)")
     ap.add_argument("--append", action="store_true", help="append the table to --out instead of overwriting it")
+    ap.add_argument("--first", type=int, default=None, help="only the first N configurations (the four headline models)")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
@@ -224,7 +225,7 @@ def main() -> None:
     impls = [i if i == "auto" else int(i) for i in args.impls.split(",")]
     rows, raw = [], []
     wanted = None if args.only is None else set(args.only.split(","))
-    for cfg in configs(args.quick):
+    for cfg in configs(args.quick)[: args.first]:
         if wanted is not None and cfg["model"] not in wanted:
             continue
         results = {}
@@ -258,7 +259,7 @@ def write_markdown(args: argparse.Namespace, impls: list[int], rows: list) -> No
         "# Implementations side by side (full O x O kernel, `trace_axes=()`)",
         "",
         f"Command: `python benchmarks/bench_impls.py{' --quick' if args.quick else ''}"
-        f"{' --only ' + args.only if args.only else ''} --threads {args.threads} --reps {args.reps} "
+        f"{' --only ' + args.only if args.only else ''}{' --first ' + str(args.first) if args.first else ''} --impls {args.impls} --threads {args.threads} --reps {args.reps} "
         f"--rep-seconds {args.rep_seconds:.0f} --timeout {args.timeout:.0f} --budget {args.budget}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs), "
         f"torch {torch.__version__}, {args.threads} threads, float32, `memory_budget={args.budget}`.  ",

@@ -22,14 +22,24 @@ from ntkfunc import _capture, _jacobian, _structured
 from ntkfunc._problem import Problem
 
 
+_MIN_SAVING = 0.25  # the rules must save this fraction of Jacobian contraction's FLOPs to pay for the capture
+
+
 def jacobian_is_cheaper(problem: Problem, cap: _capture.Capture) -> dict[int, str]:
-    """Covered parameter index -> reason, for those whose Jacobian contraction costs less."""
+    """Covered parameter index -> reason, for those that should use Jacobian contraction.
+
+    A parameter goes to Jacobian contraction when that costs fewer FLOPs than its rule.
+    If the rules of the remaining parameters together save less than a quarter of
+    Jacobian contraction's FLOPs, all of them go: the capture and the per-rule dispatch
+    would cost more than they save (a Transformer block, whose rules win only on biases).
+    """
     if not problem.vmapped or not cap.covered:
         return {}  # one whole-batch block: no per-sample calibration possible
     one = _structured.side(problem, cap, 1, 0, 1)
     n1, n2 = problem.n1, problem.n2
     n_jac = n1 + (0 if problem.symmetric else n2)
     moved: dict[int, str] = {}
+    saving = all_jacobian = 0.0
     for k, (e, role) in cap.covered.items():
         st = _structured._event_structure(one, e, role)
         gram = form = pair = 0
@@ -43,8 +53,14 @@ def jacobian_is_cheaper(problem: Problem, cap: _capture.Capture) -> dict[int, st
             lhs1, lhs2, out = lay.operand_subscripts(len(st.theta))
             pair += _structured._cost(f"{lhs1},{lhs2}->{out}", (j_shape, j_shape))
         gram_total, jac_total = gram * n1 * n2, form * n_jac + pair * n1 * n2
+        all_jacobian += jac_total
         if jac_total < gram_total:
             moved[k] = f"auto: Jacobian contraction ({jac_total:.2e} FLOPs) is cheaper than the rule ({gram_total:.2e})"
+        else:
+            saving += jac_total - gram_total
+    if saving < _MIN_SAVING * all_jacobian:
+        reason = f"auto: the rules would save {saving:.2e} of {all_jacobian:.2e} FLOPs, not worth the capture"
+        moved = {k: moved.get(k, reason) for k in cap.covered}
     return moved
 
 
