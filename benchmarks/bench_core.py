@@ -181,7 +181,8 @@ def run_subprocess(args: list[str], mem_limit: int, timeout: int) -> dict:
         return {"error": f"timeout > {timeout} s"}
     if out.returncode != 0:
         oom = any(s in out.stderr for s in ("MemoryError", "DefaultCPUAllocator", "out of memory", "bad_alloc"))
-        return {"error": "OOM" if oom else out.stderr.strip().splitlines()[-1][:120]}
+        last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+        return {"error": "OOM" if oom else last[:120]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
