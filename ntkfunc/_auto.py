@@ -65,9 +65,20 @@ def jacobian_is_cheaper(problem: Problem, cap: _capture.Capture) -> dict[int, st
 
 
 def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
-    """The kernel per output leaf (or per leaf, per parameter), each parameter by its cheaper path."""
-    cap = _capture.discover(problem)
-    moved = jacobian_is_cheaper(problem, cap)
-    if len(moved) == len(cap.covered):
+    """The kernel per output leaf (or per leaf, per parameter), each parameter by its cheaper path.
+
+    The choice is remembered in the kernel function's cache for the input signature and
+    sizes, so repeated calls (a kernel per training step) pay the calibration once.
+    """
+    key = None if problem.signature is None else ("auto", problem.signature, problem.n1, problem.n2)
+    if key is not None and problem.cache is not None and key in problem.cache:
+        moved, outright = problem.cache[key]
+    else:
+        cap = _capture.discover(problem)
+        moved = jacobian_is_cheaper(problem, cap)
+        outright = len(moved) == len(cap.covered)
+        if key is not None and problem.cache is not None:
+            problem.cache[key] = (moved, outright)
+    if outright:
         return _jacobian.kernel(problem, budget, per_param)
     return _structured.kernel(problem, budget, per_param, moved=moved)

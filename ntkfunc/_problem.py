@@ -98,6 +98,8 @@ class Problem:
     out_dtype: torch.dtype
     device: torch.device
     layouts: list[Layout]
+    cache: Optional[dict] = None  # the kernel function's cache (its closure), when the inputs have a signature
+    signature: Optional[tuple] = None
 
     @property
     def symmetric(self) -> bool:
@@ -348,6 +350,7 @@ def make_problem(
         f=f, params=p, x1_leaves=x1_leaves, x2_leaves=x2_leaves, x_spec=spec1, x_axes=x_axes,
         fx_axes=fx_axes, n1=n1, n2=n2, out_spec=out_spec, out_shapes1=shapes1, out_shapes2=shapes2,
         out_dtype=out_dtype, device=out1[0].device, layouts=layouts,
+        cache=None if key is None else probe_cache, signature=key,
     )
 
 
