@@ -32,17 +32,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+import _common as C  # noqa: E402
 import ntkfunc  # noqa: E402
 from ntkfunc.datasets import load_digits  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join("examples", "out"), help="directory for the PNG (default examples/out/)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: runs in seconds")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady timings on a shared machine)")
+    p = C.parser(__doc__.split("\n\n")[0])  # --out, --quick, --device, --seed, --threads
     p.add_argument("--n", type=int, default=None, help="number of digits (default 48; 12 with --quick)")
     p.add_argument("--seeds", type=int, default=None, help="initialisations averaged per width (default 2; 1 with --quick)")
     return p.parse_args(argv)
