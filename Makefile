@@ -7,8 +7,11 @@ BIN := $(VENV)/bin
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# A local CPU wheel of torch 2.13.0 where the machine has one (no multi-GB download), else PyPI.
-	$(BIN)/pip install -q --no-index torch==2.13.0 2>/dev/null || $(BIN)/pip install -q "torch>=2.2"
+	# A local CPU wheel of torch 2.13.0 where the machine has one (no multi-GB download), its
+	# dependencies from the index; else torch from PyPI. (`--no-index` alone cannot work: torch's
+	# own dependencies are not on local disk, so the wheel is taken first with --no-deps.)
+	$(BIN)/pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null && $(BIN)/pip install -q torch==2.13.0 \
+		|| $(BIN)/pip install -q "torch>=2.2"
 	$(BIN)/pip install -q -e ".[test,examples]"
 	touch $@
 

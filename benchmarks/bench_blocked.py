@@ -184,11 +184,12 @@ def resnet(n1: int, n2: int, threads: int, budget: str) -> dict:
     x1, x2 = torch.randn(n1, 3, 32, 32), torch.randn(n2, 3, 32, 32)
     peak = matmul_peak(threads)
     out = {"P": p, "threads": threads, "matmul_peak_flops": peak, "n1": n1, "n2": n2, "budget": budget}
-    import ntkfunc.blocked as blocked
+    from ntkfunc._core.layout import Layout
+    from ntkfunc._dataset.panels import JacobianPanels
 
     for kernel, kw, o in (("trace", {}, 10), ("pntk", {"pntk": True}, 1)):
         stats = {"jac_seconds": 0.0, "jac_samples": 0, "contract_seconds": 0.0}
-        orig_jac, orig_contract = blocked._JacobianEngine._compute, blocked.Layout.contract
+        orig_jac, orig_contract = JacobianPanels._compute, Layout.contract
 
         def jac(self, src, i0, i1, g, out=None):  # type: ignore[no-untyped-def]
             t0 = time.perf_counter()
@@ -203,7 +204,7 @@ def resnet(n1: int, n2: int, threads: int, budget: str) -> dict:
             stats["contract_seconds"] += time.perf_counter() - t0
             return r
 
-        blocked._JacobianEngine._compute, blocked.Layout.contract = jac, contract
+        JacobianPanels._compute, Layout.contract = jac, contract
         try:
             ntkfunc.kernel_matrix(f, params, x1[:1], x2[:1], implementation=1, progress=False, **kw)  # warm-up
             for key in stats:
@@ -212,7 +213,7 @@ def resnet(n1: int, n2: int, threads: int, budget: str) -> dict:
             k = ntkfunc.kernel_matrix(f, params, x1, x2, implementation=1, memory_budget=budget, progress=False, **kw)
             total = time.perf_counter() - start
         finally:
-            blocked._JacobianEngine._compute, blocked.Layout.contract = orig_jac, orig_contract
+            JacobianPanels._compute, Layout.contract = orig_jac, orig_contract
         assert torch.isfinite(k).all()
         flops = 2.0 * n1 * n2 * o * p
         per_jac = stats["jac_seconds"] / max(stats["jac_samples"], 1)

@@ -1,5 +1,5 @@
-"""``python -m ntkfunc``: the command-line interface (see ``ntkfunc.cli``)."""
+"""``python -m ntkfunc``: the command-line interface (see :mod:`ntkfunc._cli`)."""
 
-from ntkfunc.cli import main
+from ntkfunc._cli import main
 
 raise SystemExit(main())

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch.utils import _pytree as pytree
 
-from ntkfunc._typing import PyTree
+from ntkfunc._core.types import PyTree
 
 GroupBy = Union[None, int, Sequence[str], Callable[[str], str]]
 

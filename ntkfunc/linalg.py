@@ -22,7 +22,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch.utils import _pytree as pytree
 
-from ntkfunc._typing import ApplyFn, PyTree
+from ntkfunc._core.types import ApplyFn, PyTree
 from ntkfunc.ntk_vp import ntk_vp_fn
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]

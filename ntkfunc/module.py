@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_
 
-from ntkfunc._typing import ApplyFn, PyTree
+from ntkfunc._core.checks import BATCH_COUPLED_ATTR
+from ntkfunc._core.types import ApplyFn, PyTree
 
 
 def from_module(module: nn.Module, *, vmap_axes: Any = 0) -> tuple[ApplyFn, dict[str, torch.Tensor]]:
@@ -74,7 +75,7 @@ def from_module(module: nn.Module, *, vmap_axes: Any = 0) -> tuple[ApplyFn, dict
 
     f.__name__ = f"{type(module).__name__}_apply"
     if coupled:
-        f.__ntkfunc_batch_coupled__ = coupled  # type: ignore[attr-defined]
+        setattr(f, BATCH_COUPLED_ATTR, coupled)
     return f, params
 
 

@@ -15,11 +15,11 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch.utils import _pytree as pytree
 
-from ntkfunc.api import _check_implementation, supports_param_vmap
-from ntkfunc.kernel import Get, canonical_get, kernel_fn, kernel_tuple
-from ntkfunc._memory import parse_budget
-from ntkfunc._tree import as_axes_tuple
-from ntkfunc._typing import ApplyFn, Axes, Implementation, MemoryBudget, PyTree, VMapAxes
+from ntkfunc._core.checks import as_axes_tuple, check_positive_int
+from ntkfunc._core.memory import parse_budget
+from ntkfunc._core.types import ApplyFn, Axes, MemoryBudget, PyTree, VMapAxes
+from ntkfunc._engines import Implementation, get_engine
+from ntkfunc.empirical_kernel import Get, canonical_get, kernel_fn, kernel_tuple
 
 InitFn = Callable[[torch.Generator], PyTree]
 
@@ -82,24 +82,23 @@ def monte_carlo_kernel_fn(
       >>> k.nngp.shape, k.ntk.shape
       (torch.Size([4, 4]), torch.Size([4, 4]))
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"monte_carlo_kernel_fn(n_samples={n_samples!r}): expected a positive int")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"monte_carlo_kernel_fn(batch_size={batch_size!r}): expected a positive int or None")
+    api = "monte_carlo_kernel_fn"
+    check_positive_int(n_samples, "n_samples", api)
+    check_positive_int(batch_size, "batch_size", api, allow_none=True)
     if not callable(init_fn):
-        raise TypeError(f"monte_carlo_kernel_fn: init_fn is a {type(init_fn).__name__}; expected init_fn(generator) -> params")
-    impl = _check_implementation(implementation)
+        raise TypeError(f"{api}: init_fn is a {type(init_fn).__name__}; expected init_fn(generator) -> params")
+    engine = get_engine(implementation, api=api)
     default_get = ("nngp", "ntk") if get is None else get
-    canonical_get(default_get, "monte_carlo_kernel_fn")
+    canonical_get(default_get, api)
     trace_axes, diagonal_axes = as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes)
-    k_fn = kernel_fn(f, trace_axes, diagonal_axes, vmap_axes, impl, memory_budget=memory_budget)
+    k_fn = kernel_fn(f, trace_axes, diagonal_axes, vmap_axes, engine.implementation, memory_budget=memory_budget)
     seeds = sample_seeds(seed, n_samples)
 
     def kernel(x1: PyTree, x2: Optional[PyTree] = None, get: Optional[Get] = None) -> Any:
-        single, fields = canonical_get(default_get if get is None else get, "monte_carlo_kernel_fn")
+        single, fields = canonical_get(default_get if get is None else get, api)
         first = init_fn(torch.Generator().manual_seed(seeds[0]))
         batch = batch_size
-        if not supports_param_vmap(impl):
+        if not engine.param_vmap:
             batch = 1
         elif batch is None:
             out_numel = sum(t.numel() for t in pytree.tree_leaves(f(first, x1)))

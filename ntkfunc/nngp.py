@@ -1,7 +1,7 @@
 """``nngp_fn``: the empirical NNGP kernel ``f(x1) f(x2)ᵀ`` with ``ntk_fn``'s output-axis rule.
 
 The outputs of ``f`` on the whole batches ``x1`` and ``x2`` are moved batch-first and
-contracted with the same :class:`ntkfunc._tree.Layout` einsum as the NTK (traced axes
+contracted with the same :class:`~ntkfunc._core.layout.Layout` einsum as the NTK (traced axes
 summed and averaged, diagonal axes kept once, other axes paired), so ``nngp_fn`` and
 ``ntk_fn`` agree on every shape convention by construction.
 """
@@ -12,31 +12,31 @@ from typing import Optional, Sequence
 
 import torch
 
-from ntkfunc._problem import _split_vmap_axes
-from ntkfunc.api import _refuse_batch_coupled
-from ntkfunc._tree import Layout, as_axes_tuple, broadcast_prefix, tree_flatten, tree_unflatten
-from ntkfunc._typing import ApplyFn, Axes, KernelFn, PyTree, VMapAxes
+from ntkfunc._core.checks import as_axes_tuple, refuse_batch_coupled, split_vmap_axes
+from ntkfunc._core.layout import Layout
+from ntkfunc._core.pytree import broadcast_prefix, tree_flatten, tree_unflatten
+from ntkfunc._core.types import ApplyFn, Axes, KernelFn, PyTree, VMapAxes
 
 
 def output_layouts(out1: Sequence[torch.Tensor], out2: Sequence[torch.Tensor], out_tree: PyTree, vmap_axes: VMapAxes,
-                   trace_axes: Axes, diagonal_axes: Axes) -> list[Layout]:
+                   trace_axes: Axes, diagonal_axes: Axes, api: str = "nngp_fn") -> list[Layout]:
     """One :class:`Layout` per output leaf of ``f(x1)``/``f(x2)`` (whole batches), checked."""
-    _, fx_axis = _split_vmap_axes(vmap_axes)
-    fx_axes = [None] * len(out1) if fx_axis is None else broadcast_prefix(fx_axis, out_tree)
+    _, fx_axis = split_vmap_axes(vmap_axes, api)
+    fx_axes = [None] * len(out1) if fx_axis is None else broadcast_prefix(fx_axis, out_tree, api=api)
     layouts = []
     for k, (a, b, ax) in enumerate(zip(out1, out2, fx_axes)):
         if a.ndim != b.ndim:
-            raise ValueError(f"nngp_fn: f(x1) and f(x2) have different ndims {a.ndim} and {b.ndim} (output leaf {k}); expected equal")
+            raise ValueError(f"{api}: f(x1) and f(x2) have different ndims {a.ndim} and {b.ndim} (output leaf {k}); expected equal")
         if ax is not None and not -a.ndim <= ax < a.ndim:
             raise ValueError(
-                f"nngp_fn(vmap_axes={vmap_axes!r}): output leaf {k} of shape {tuple(a.shape)} has no batch axis {ax}; "
+                f"{api}(vmap_axes={vmap_axes!r}): output leaf {k} of shape {tuple(a.shape)} has no batch axis {ax}; "
                 "expected f to keep the batch axis of its input"
             )
-        lay = Layout.make(a.ndim, None if ax is None else ax % a.ndim, trace_axes, diagonal_axes)
+        lay = Layout.make(a.ndim, None if ax is None else ax % a.ndim, trace_axes, diagonal_axes, api)
         for i in lay.trace + lay.diagonal:
             if a.shape[i] != b.shape[i]:
                 raise ValueError(
-                    f"nngp_fn: f(x1) has shape {tuple(a.shape)} and f(x2) has shape {tuple(b.shape)} (output leaf {k}): "
+                    f"{api}: f(x1) has shape {tuple(a.shape)} and f(x2) has shape {tuple(b.shape)} (output leaf {k}): "
                     f"traced and diagonal axes must match, axis {i} differs ({a.shape[i]} vs {b.shape[i]})"
                 )
         layouts.append(lay)
@@ -44,13 +44,13 @@ def output_layouts(out1: Sequence[torch.Tensor], out2: Sequence[torch.Tensor], o
 
 
 def nngp_from_outputs(out1: PyTree, out2: Optional[PyTree], vmap_axes: VMapAxes, trace_axes: Axes,
-                      diagonal_axes: Axes) -> PyTree:
+                      diagonal_axes: Axes, api: str = "nngp_fn") -> PyTree:
     """The NNGP kernel of already computed outputs (``out2=None``: ``out1`` against itself)."""
     leaves1, spec = tree_flatten(out1)
     leaves2 = leaves1 if out2 is None else tree_flatten(out2)[0]
     if out2 is not None and tree_flatten(out2)[1] != spec:
-        raise ValueError(f"nngp_fn: f(x1) and f(x2) have different structures {spec} and {tree_flatten(out2)[1]}")
-    layouts = output_layouts(leaves1, leaves2, out1, vmap_axes, trace_axes, diagonal_axes)
+        raise ValueError(f"{api}: f(x1) and f(x2) have different structures {spec} and {tree_flatten(out2)[1]}")
+    layouts = output_layouts(leaves1, leaves2, out1, vmap_axes, trace_axes, diagonal_axes, api)
     kernels = []
     for a, b, lay in zip(leaves1, leaves2, layouts):
         order = lay.order()
@@ -85,7 +85,7 @@ def nngp_fn(f: ApplyFn, trace_axes: Axes = (-1,), diagonal_axes: Axes = (), vmap
       torch.Size([5, 3, 3])
     """
     trace_axes, diagonal_axes = as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes)
-    _refuse_batch_coupled(f, vmap_axes)
+    refuse_batch_coupled(f, vmap_axes, "nngp_fn")
 
     def nngp(x1: PyTree, x2: Optional[PyTree], params: PyTree) -> PyTree:
         out1 = f(params, x1)

@@ -16,16 +16,16 @@ of one JVP at ``x1``; nothing of size ``N1 x N2`` or ``N x P``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from torch.func import jvp, vjp
 from torch.utils import _pytree as pytree
 
-from ntkfunc._ops import transform_friendly_attention
-from ntkfunc._problem import Params
-from ntkfunc._typing import ApplyFn, PyTree
-from ntkfunc._vp import jvp_by_double_vjp
+from ntkfunc._core.ops import transform_friendly_attention
+from ntkfunc._core.problem import Params
+from ntkfunc._core.types import ApplyFn, PyTree
+from ntkfunc._engines.vp import jvp_by_double_vjp
 
 
 def _check_outputs(out: PyTree, name: str) -> tuple[list[torch.Tensor], Any]:
@@ -47,7 +47,7 @@ class NtkVp:
     """
 
     def __init__(self, f: ApplyFn, x1: PyTree, x2: Optional[PyTree], params: PyTree) -> None:
-        p = Params.make(params)
+        p = Params.make(params, "ntk_vp_fn")
         self._params = p
         diff = [t.detach() for t in p.diff_leaves]
 
@@ -138,7 +138,3 @@ def ntk_vp_fn(f: ApplyFn, x1: PyTree, x2: Optional[PyTree], params: PyTree) -> N
     """
     return NtkVp(f, x1, x2, params)
 
-
-def flat_size(shapes: Sequence[Sequence[int]]) -> int:
-    """Total number of entries of tensors of the given shapes."""
-    return sum(int(torch.Size(s).numel()) for s in shapes)

@@ -24,35 +24,41 @@ from typing import Any, Union
 import torch
 from torch.utils import _pytree as pytree
 
-from ntkfunc._problem import _split_vmap_axes
-from ntkfunc._tree import broadcast_prefix
-from ntkfunc._typing import ApplyFn, Implementation, KernelFn, MemoryBudget, PyTree, VMapAxes
-from ntkfunc.api import ntk_fn
+from ntkfunc._core.checks import BATCH_COUPLED_ATTR, split_vmap_axes
+from ntkfunc._core.pytree import broadcast_prefix
+from ntkfunc._core.types import ApplyFn, KernelFn, MemoryBudget, PyTree, VMapAxes
+from ntkfunc._engines import Implementation, get_engine
+from ntkfunc.ntk import ntk_fn
 
 
-def _sum_of_logits(f: ApplyFn, fx_axis: Any) -> ApplyFn:
-    """``g(params, x) = Σ_o f_o(params, x) / √O`` of shape ``(N,)``."""
+def sum_of_logits(f: ApplyFn, fx_axis: Any, *, api: str = "pntk_fn", keepdim: bool = False) -> ApplyFn:
+    """``g(params, x) = Σ_o f_o(params, x) / √O`` of shape ``(N,)`` (``(N, 1)`` with ``keepdim``).
+
+    ``O`` counts every non-batch entry of every output leaf; ``fx_axis`` is the output batch
+    axis (a pytree prefix of the output, or None for axis 0).
+    """
 
     def g(params: PyTree, x: PyTree) -> torch.Tensor:
         out = f(params, x)
         leaves = pytree.tree_leaves(out)
-        axes = [0] * len(leaves) if fx_axis is None else broadcast_prefix(fx_axis, out)
+        axes = [0] * len(leaves) if fx_axis is None else broadcast_prefix(fx_axis, out, api=api)
         sums, count = [], 0
         for k, (o, a) in enumerate(zip(leaves, axes)):
             if not isinstance(o, torch.Tensor) or o.ndim == 0 or a is None:
                 raise ValueError(
-                    f"pntk_fn: output leaf {k} of f is {getattr(o, 'shape', type(o).__name__)}; expected a tensor "
+                    f"{api}: output leaf {k} of f is {getattr(o, 'shape', type(o).__name__)}; expected a tensor "
                     "with a batch axis (given by vmap_axes, axis 0 when vmap_axes=None)"
                 )
             o = o.movedim(a, 0)
             count += math.prod(o.shape[1:])
             sums.append(o.reshape(o.shape[0], -1).sum(1))
-        return sum(sums[1:], sums[0]) / math.sqrt(count)
+        total = sum(sums[1:], sums[0]) / math.sqrt(count)
+        return total.unsqueeze(-1) if keepdim else total
 
     g.__name__ = f"sum_of_logits_{getattr(f, '__name__', 'f')}"
-    batch_coupled = getattr(f, "__ntkfunc_batch_coupled__", None)
+    batch_coupled = getattr(f, BATCH_COUPLED_ATTR, None)
     if batch_coupled:
-        g.__ntkfunc_batch_coupled__ = batch_coupled  # type: ignore[attr-defined]
+        setattr(g, BATCH_COUPLED_ATTR, batch_coupled)
     return g
 
 
@@ -88,11 +94,8 @@ def pntk_fn(
       >>> bool(torch.allclose(k, full.sum((2, 3)) / 10, atol=1e-5))
       True
     """
-    _, fx_axis = _split_vmap_axes(vmap_axes)
-    if vmap_axes is None:
-        axes: VMapAxes = None
-    else:
-        x_axis, _ = _split_vmap_axes(vmap_axes)
-        axes = (x_axis, 0, {})
-    g = _sum_of_logits(f, fx_axis)
-    return ntk_fn(g, trace_axes=(), vmap_axes=axes, implementation=implementation, memory_budget=memory_budget)
+    engine = get_engine(implementation, api="pntk_fn")
+    x_axis, fx_axis = split_vmap_axes(vmap_axes, "pntk_fn")
+    axes: VMapAxes = None if vmap_axes is None else (x_axis, 0, {})
+    g = sum_of_logits(f, fx_axis)
+    return ntk_fn(g, trace_axes=(), vmap_axes=axes, implementation=engine.implementation, memory_budget=memory_budget)

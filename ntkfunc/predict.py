@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ntkfunc._typing import Axes
+from ntkfunc._core.types import Axes
 
 Gaussian = collections.namedtuple("Gaussian", "mean covariance")
 """A posterior: ``mean`` shaped like the outputs, ``covariance`` shaped like a kernel."""

@@ -3,7 +3,7 @@
 ``taylor_expand(f, params0, degree)(params, x) = Σ_{k<=degree} D^k f(params0, x)[Δ, ..., Δ] / k!``
 with ``Δ = params - params0``; the terms come from nested ``torch.func.jvp`` (one per
 degree, all lower terms produced on the way). Normalisation ops are decomposed into
-elementary ops (:func:`ntkfunc._ops.exact_higher_order`) because torch's fused
+elementary ops (:func:`ntkfunc._core.ops.exact_higher_order`) because torch's fused
 ``layer_norm`` / ``batch_norm`` give wrong nested forward-mode derivatives, and the
 result is differentiated again whenever it is trained.
 """
@@ -17,8 +17,8 @@ import torch
 from torch.func import jvp
 from torch.utils import _pytree as pytree
 
-from ntkfunc._ops import exact_higher_order, transform_friendly_attention
-from ntkfunc._typing import ApplyFn, PyTree
+from ntkfunc._core.ops import exact_higher_order, transform_friendly_attention
+from ntkfunc._core.types import ApplyFn, PyTree
 
 
 def _floating(t: Any) -> bool:

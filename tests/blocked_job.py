@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ntkfunc.blocked as blocked  # noqa: E402
+import ntkfunc  # noqa: E402
+from ntkfunc._dataset import runner  # noqa: E402
 from ntkfunc.module import from_module  # noqa: E402
 
 
@@ -45,18 +46,18 @@ def main() -> None:
     torch.set_num_threads(1)
     f, params, x = build(args.scale)
     computed = []
-    original = blocked._Runner._commit
+    original = runner.Runner._commit
 
     def commit(self, tile, block, bar, seconds):  # count tiles (and slow them down, to be killed mid-run)
         original(self, tile, block, bar, seconds)
         computed.append(tile.key)
         time.sleep(args.sleep)
 
-    blocked._Runner._commit = commit
-    blocked.kernel_matrix(f, params, x, trace_axes=(), out=args.out, batch_size=args.batch_size, progress=False)
+    runner.Runner._commit = commit
+    ntkfunc.kernel_matrix(f, params, x, trace_axes=(), out=args.out, batch_size=args.batch_size, progress=False)
     rank = int(os.environ.get("RANK", "0"))
     if args.result:  # also the in-memory result, saved by rank 0
-        k = blocked.kernel_matrix(f, params, x, trace_axes=(), batch_size=args.batch_size, progress=False)
+        k = ntkfunc.kernel_matrix(f, params, x, trace_axes=(), batch_size=args.batch_size, progress=False)
         if rank == 0:
             np.save(args.result, k.numpy())
     print(json.dumps({"rank": rank, "computed": len(computed)}), flush=True)

@@ -10,16 +10,16 @@ from tests.zoo import CASES
 
 
 def test_auto_decides_once_per_signature_and_stays_exact(monkeypatch):
-    import ntkfunc._auto as auto
+    from ntkfunc._engines.structured import capture
 
     calls = []
-    original = auto._capture.discover
+    original = capture.discover
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(auto._capture, "discover", spy)
+    monkeypatch.setattr(capture, "discover", spy)
     f, params, x1, x2, _ = next(c for c in CASES if c.name == "cnn").build(torch.float64)
     kernel = ntkfunc.ntk_fn(f, trace_axes=(), implementation="auto")
     first = kernel(x1, x2, params)
@@ -34,8 +34,9 @@ def test_auto_decides_once_per_signature_and_stays_exact(monkeypatch):
 
 def test_auto_takes_jacobian_contraction_when_rules_do_not_pay():
     """A long sequence through small linear layers: the Gram route costs more than J1 J2^T."""
-    from ntkfunc import _auto, _capture
-    from ntkfunc._problem import make_problem
+    from ntkfunc._core.problem import make_problem
+    from ntkfunc._engines import auto as _auto
+    from ntkfunc._engines.structured import capture as _capture
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()

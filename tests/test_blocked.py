@@ -16,15 +16,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import ntkfunc
-from ntkfunc import api
-from ntkfunc.blocked import kernel_matrix
+from ntkfunc import kernel_matrix
+from ntkfunc._core.layout import Layout
+from ntkfunc._dataset import panels, runner
 from tests.blocked_job import build as build_job
 from tests.reference import max_rel_err, reference_kernel
-from tests.zoo import CASES, settings
+from tests.zoo import CASES, implementations, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "blocked_job.py"
-IMPLEMENTATIONS = api.available_implementations()
+IMPLEMENTATIONS = implementations()
 # single-tensor cases with the batch axis first (kernel_matrix's domain)
 TILE_CASES = [c for c in CASES if c.name not in ("pytree", "batch_axis_1", "batchnorm_train_vmap_none", "set_pooling_vmap_none")]
 ALL_SETTINGS = ("mlp", "cnn", "attention_matmul", "conv1d_multi_output")  # 2-D and 3-D outputs; others: full kernel
@@ -111,10 +112,8 @@ def test_loads_only_the_samples_of_a_tile():
 
 def test_reuses_block_jacobians_when_they_fit(monkeypatch):
     """With room in the budget every sample block's Jacobian is computed once, not once per tile."""
-    import ntkfunc.blocked as blocked
-
     engines, products = [], []
-    init, contract = blocked._JacobianEngine.__init__, blocked.Layout.contract
+    init, contract = panels.JacobianPanels.__init__, Layout.contract
 
     def capture(self, *args, **kw):
         init(self, *args, **kw)
@@ -124,8 +123,8 @@ def test_reuses_block_jacobians_when_they_fit(monkeypatch):
         products.append((a.shape[0], b.shape[0]))
         return contract(self, a, b, n)
 
-    monkeypatch.setattr(blocked._JacobianEngine, "__init__", capture)
-    monkeypatch.setattr(blocked.Layout, "contract", counting_contract)
+    monkeypatch.setattr(panels.JacobianPanels, "__init__", capture)
+    monkeypatch.setattr(Layout, "contract", counting_contract)
     f, params, x1, x2 = _mlp(n1=12, n2=8)
     ref = reference_kernel(f, params, x1, None)
     assert max_rel_err(kernel_matrix(f, params, x1, None, batch_size=3, implementation=1, progress=False), ref) <= 1e-10
@@ -149,8 +148,11 @@ def test_pntk_is_kernel_of_scaled_sum_of_logits():
     k = kernel_matrix(f, params, x1, x2, pntk=True, batch_size=4, progress=False)
     assert k.shape == (9, 5)
     assert max_rel_err(k, reference_kernel(g, params, x1, x2)) <= 1e-10
-    with pytest.raises(ValueError, match=r"pntk=True\): f returned \(1, 4, 3\); expected one tensor of shape \(N, O\)"):
-        kernel_matrix(lambda p, x: f(p, x).unsqueeze(1).expand(-1, 4, -1), params, x1[:2], pntk=True, progress=False)
+    def g3(p, x):  # (N, 4, 3): the pNTK sums every output entry, as pntk_fn does
+        return f(p, x).unsqueeze(1) * torch.arange(1.0, 5.0, dtype=x.dtype).reshape(1, 4, 1)
+
+    k3 = kernel_matrix(g3, params, x1, x2, pntk=True, batch_size=4, progress=False)
+    assert max_rel_err(k3, ntkfunc.pntk_fn(g3)(x1, x2, params)) <= 1e-10
 
 
 def test_out_file_manifest_and_refused_resume(tmp_path):
@@ -249,7 +251,7 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path):
 
 _RSS_SCRIPT = r"""
 import resource, sys, json, torch, ntkfunc
-from ntkfunc.blocked import kernel_matrix
+from ntkfunc import kernel_matrix
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(400, 250), torch.nn.Tanh(), torch.nn.Linear(250, 10))
@@ -280,9 +282,7 @@ def test_in_memory_kernel_larger_than_budget_is_refused():
 
 
 def test_cuda_oom_halves_the_block_and_retries(monkeypatch):
-    import ntkfunc.blocked as blocked
-
-    original = blocked._JacobianEngine._compute
+    original = panels.JacobianPanels._compute
     ok, failed = [], []
 
     def compute(self, src, i0, i1, g, out=None):
@@ -292,7 +292,7 @@ def test_cuda_oom_halves_the_block_and_retries(monkeypatch):
         ok.append(i1 - i0)
         return original(self, src, i0, i1, g, out)
 
-    monkeypatch.setattr(blocked._JacobianEngine, "_compute", compute)
+    monkeypatch.setattr(panels.JacobianPanels, "_compute", compute)
     f, params, x1, x2 = _mlp(n1=9, n2=7)
     for x2_ in (x2, None):
         ok.clear(), failed.clear()
@@ -321,24 +321,22 @@ def test_devices_split_tiles_over_workers():
 
 
 def test_memory_budget_decides_the_tiles():
-    import ntkfunc.blocked as blocked
-
     f, params, x1, _ = _mlp(n1=40)
     seen = []
-    original = blocked._Runner._commit
+    original = runner.Runner._commit
 
     def commit(self, t, block, bar, seconds):
         seen.append(t)
         return original(self, t, block, bar, seconds)
 
     try:
-        blocked._Runner._commit = commit
+        runner.Runner._commit = commit
         big = kernel_matrix(f, params, x1, implementation=1, memory_budget="1GB", progress=False)
         n_big = len(seen)
         seen.clear()
         small = kernel_matrix(f, params, x1, implementation=1, memory_budget=150_000, progress=False)
     finally:
-        blocked._Runner._commit = original
+        runner.Runner._commit = original
     assert n_big == 1 and len(seen) > 3
     assert max_rel_err(small, big) <= 1e-12
 
@@ -347,23 +345,30 @@ def test_progress_bar_only_on_a_terminal(capsys, monkeypatch):
     f, params, x1, _ = _mlp()
     kernel_matrix(f, params, x1, batch_size=3, progress=True)
     assert capsys.readouterr().err == ""  # stderr is not a terminal under pytest
-    from ntkfunc.blocked import _Progress
+    from ntkfunc._dataset.progress import Progress
 
-    bar = _Progress(True, 4, 1)
+    bar = Progress(True, 4, 1)
     bar.advance(100, 0.1)
     bar.close()
     err = capsys.readouterr().err
     assert "2/4" in err and "entries/s" in err
 
 
-def test_default_implementation_prefers_newer_ones(monkeypatch):
-    from ntkfunc.blocked import default_implementation
+def test_default_implementation_is_auto(monkeypatch):
+    from ntkfunc._dataset import pipeline
 
-    assert default_implementation() == "auto"  # registered: per-parameter cheapest path
-    monkeypatch.delitem(api._IMPLS, 0)
-    assert default_implementation() == 3
-    monkeypatch.delitem(api._IMPLS, 3)
-    assert default_implementation() == 1
+    chosen = []
+    original = pipeline.validate
+
+    def spy(*args, **kwargs):
+        job = original(*args, **kwargs)
+        chosen.append(job.engine.implementation)
+        return job
+
+    monkeypatch.setattr(pipeline, "validate", spy)
+    f, params, x1, _ = _mlp()
+    kernel_matrix(f, params, x1, progress=False)
+    assert chosen == [ntkfunc.Implementation.AUTO]  # per-parameter cheapest path
 
 
 def test_errors_say_what_was_given_and_expected(tmp_path):

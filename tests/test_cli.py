@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import ntkfunc
-from ntkfunc import cli
-from ntkfunc.blocked import kernel_matrix
+from ntkfunc import _cli as cli
+from ntkfunc import kernel_matrix
 from ntkfunc.datasets import load_digits
-from ntkfunc.demo import small_cnn
+from ntkfunc.models import small_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_no_arguments_runs_the_embedded_default(tmp_path):
         (["--model", "tests.test_cli:tiny_mlp"], r"--model tests.test_cli:tiny_mlp fails on digits"),
         (["--weights", "missing.pt"], r"--weights missing.pt: "),
         (["--kernel", "diag"], r"argument --kernel: invalid choice: 'diag'"),
-        (["--implementation", "9"], r"--implementation 9: expected one of"),
+        (["--implementation", "9"], r"--implementation 9: expected 'auto' or one of \[0, 1, 2, 3\]"),
         (["--memory-budget", "lots"], r"--memory-budget: memory_budget='lots': expected a number of bytes"),
         (["--batch-size", "0"], r"--batch-size 0: expected a positive number"),
         (["--devices", "gpu:x"], r"--devices 'gpu:x': 'gpu:x' is not a device"),
@@ -124,3 +124,20 @@ def test_bad_arguments_one_line_exit_2_nothing_written(args, message, tmp_path, 
 def test_unknown_command_lists_compute(capsys):
     assert cli.main(["frobnicate"]) == 2
     assert "expected 'demo' or 'compute'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("choice", ["auto", "AUTO", "0", "1", "2", "3"])
+def test_every_implementation_offered_by_help_is_accepted(tmp_path, capsys, choice):
+    """Regression: --help offered 'auto' but the CLI read its own list of implementations and refused it."""
+    out = tmp_path / "K.npy"
+    argv = ["compute", "--data", "digits_0_12_0_4", "--implementation", choice, "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    x, _ = load_digits()
+    expected = _expected(small_cnn, torch.cat([x[:12], x[1297:1301]]), x[:12])
+    np.testing.assert_allclose(np.load(out), expected.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_help_lists_the_registry_choices(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compute", "--help"])
+    assert "'auto' or one of [0, 1, 2, 3]" in capsys.readouterr().out

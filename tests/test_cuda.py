@@ -8,7 +8,7 @@ from torch.utils import _pytree as pytree
 
 import ntkfunc
 from tests.reference import max_rel_err, reference_kernel
-from tests.zoo import CASES
+from tests.zoo import CASES, implementations
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -18,7 +18,7 @@ def _to(tree, device):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("impl", ntkfunc.api.available_implementations())
+@pytest.mark.parametrize("impl", implementations())
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("mlp", "cnn", "attention_matmul", "pytree")], ids=str)
 def test_cuda_matches_reference(case, impl, dtype, tol):
     f, params, x1, x2, vmap_axes = case.build(dtype)

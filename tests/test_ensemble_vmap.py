@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+
 import pytest
 import torch
 from torch.utils import _pytree as pytree
 
 import ntkfunc
-from ntkfunc import api
-from ntkfunc.api import available_implementations, supports_param_vmap
+from ntkfunc._engines import get_engine, registry
 from tests.reference import max_rel_err, reference_kernel
-from tests.zoo import CASES
+from tests.zoo import CASES, implementations
 
 _E = 3
 
@@ -37,14 +39,14 @@ def _setting(case):
     return ((), ()) if case.out_ndim == 2 else ((1,), (2,))
 
 
-@pytest.mark.parametrize("impl", available_implementations())
+@pytest.mark.parametrize("impl", implementations())
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_ntk_of_an_ensemble_in_one_vmapped_call(case, impl):
     f, params, x1, x2, vmap_axes = case.build(torch.float64)
     tr, dg = _setting(case)
     kernel = ntkfunc.ntk_fn(f, trace_axes=tr, diagonal_axes=dg, vmap_axes=vmap_axes, implementation=impl)
     stacked = _ensemble(params)
-    if not supports_param_vmap(impl):
+    if not get_engine(impl, api="test").param_vmap:
         with pytest.raises(NotImplementedError, match=r"does not support torch.func.vmap over params"):
             torch.func.vmap(kernel, in_dims=(None, None, 0))(x1, x2, stacked)
         return
@@ -55,7 +57,7 @@ def test_ntk_of_an_ensemble_in_one_vmapped_call(case, impl):
         assert max_rel_err(pytree.tree_map(lambda t: t[i], k), ref) <= 1e-10
 
 
-@pytest.mark.parametrize("impl", [i for i in available_implementations() if supports_param_vmap(i)])
+@pytest.mark.parametrize("impl", implementations(param_vmap=True))
 def test_ensemble_kernel_fn_nngp_and_symmetric(impl):
     case = next(c for c in CASES if c.name == "layernorm_mlp")
     f, params, x1, _, _ = case.build(torch.float64)
@@ -82,7 +84,9 @@ def test_gradient_of_an_ensemble_kernel_matches_finite_differences():
 
 
 def test_implementation_without_param_vmap_says_so(monkeypatch):
-    monkeypatch.setattr(api, "_NO_ENSEMBLE_VMAP", {2})
+    table = dict(registry.ENGINES)
+    table[2] = dataclasses.replace(table[2], param_vmap=False)
+    monkeypatch.setattr(registry, "ENGINES", types.MappingProxyType(table))
     case = CASES[0]
     f, params, x1, x2, _ = case.build(torch.float64)
     kernel = ntkfunc.ntk_fn(f, implementation=2)

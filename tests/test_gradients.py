@@ -13,8 +13,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import ntkfunc
-from ntkfunc.api import available_implementations
-from tests.zoo import CASES, Case, _module_case
+from tests.zoo import CASES, Case, _module_case, implementations
 
 _H = 1e-5
 _TOL = 1e-6
@@ -114,7 +113,7 @@ def _setting(case):
     return ((), ()) if case.out_ndim == 2 else ((1,), ())
 
 
-@pytest.mark.parametrize("impl", available_implementations())
+@pytest.mark.parametrize("impl", implementations())
 @pytest.mark.parametrize("case", ALL_CASES, ids=str)
 def test_ntk_gradients_match_finite_differences(case, impl):
     f, params, x1, x2, vmap_axes = case.build(torch.float64)
@@ -123,7 +122,7 @@ def test_ntk_gradients_match_finite_differences(case, impl):
     _check(_loss_fn(kernel), x1, x2, params, torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("impl", available_implementations())
+@pytest.mark.parametrize("impl", implementations())
 @pytest.mark.parametrize("name", ["layernorm_mlp", "attention_matmul", "batchnorm_train_vmap_none"])
 def test_symmetric_ntk_gradients_match_finite_differences(name, impl):
     case = next(c for c in CASES if c.name == name)
@@ -143,10 +142,10 @@ def test_nngp_gradients_match_finite_differences(case):
 
 @pytest.mark.parametrize("name", ["layernorm_mlp", "resblock_groupnorm"])
 def test_per_parameter_kernels_gradients_match_finite_differences(name):
-    from ntkfunc import _jacobian
-    from ntkfunc._memory import parse_budget
-    from ntkfunc._problem import make_problem
-    from ntkfunc.api import kernel_context
+    from ntkfunc._core.memory import parse_budget
+    from ntkfunc._core.ops import kernel_context
+    from ntkfunc._core.problem import make_problem
+    from ntkfunc._engines import jacobian as _jacobian
 
     case = next(c for c in CASES if c.name == name)
     f, params, x1, x2, vmap_axes = case.build(torch.float64)
@@ -164,8 +163,8 @@ def test_fused_layer_norm_second_order_is_wrong_without_decomposition():
     """Documents why ``exact_higher_order`` exists: if this starts failing, torch fixed its rules."""
     case = next(c for c in CASES if c.name == "layernorm_mlp")
     f, params, x1, x2, _ = case.build(torch.float64)
-    from ntkfunc._problem import make_problem
-    from ntkfunc import _jacobian
+    from ntkfunc._core.problem import make_problem
+    from ntkfunc._engines import jacobian as _jacobian
 
     def raw_kernel(x1, x2, params):  # the core without the decomposition
         problem = make_problem(f, x1, x2, params, 0, (), ())
@@ -181,7 +180,7 @@ def test_fused_layer_norm_second_order_is_wrong_without_decomposition():
     assert abs(ad - fd) > 1e-3 * abs(fd)
 
 
-@pytest.mark.parametrize("impl", available_implementations())
+@pytest.mark.parametrize("impl", implementations())
 def test_kernel_fn_gradients_match_finite_differences(impl):
     case = next(c for c in CASES if c.name == "layernorm_mlp")
     f, params, x1, x2, vmap_axes = case.build(torch.float64)
@@ -201,7 +200,7 @@ def test_monte_carlo_kernel_gradients_in_inputs_match_finite_differences():
 
 
 def test_decomposition_is_used_exactly_when_a_derivative_of_the_kernel_can_be_taken():
-    from ntkfunc._ops import needs_higher_order
+    from ntkfunc._core.ops import needs_higher_order
 
     x = torch.randn(3, 2)
     seen = {}

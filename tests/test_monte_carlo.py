@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import ntkfunc
-from ntkfunc.api import available_implementations
 from ntkfunc.monte_carlo import sample_seeds
+from tests.zoo import implementations
 from tests.reference import max_rel_err, reference_kernel, reference_nngp
 
 
@@ -27,7 +27,7 @@ def _x(n, seed):
     return torch.randn(n, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("impl", available_implementations())
+@pytest.mark.parametrize("impl", implementations())
 @pytest.mark.parametrize("batch_size", [1, 3, None])
 def test_mean_of_reference_kernels_over_the_same_draws(impl, batch_size):
     n = 5

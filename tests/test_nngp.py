@@ -7,10 +7,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 import ntkfunc
-from ntkfunc.api import available_implementations
 from tests.reference import max_rel_err, reference_nngp
 from tests.test_ntk import PARAMS, _pick_x2
-from tests.zoo import CASES
+from tests.zoo import CASES, implementations
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["x2", "x2None"])
@@ -44,7 +43,7 @@ def test_nngp_bad_axes():
         ntkfunc.nngp_fn(f, trace_axes=(0,))(x, x[:2], w)
 
 
-@pytest.mark.parametrize("impl", available_implementations())
+@pytest.mark.parametrize("impl", implementations())
 @pytest.mark.parametrize("name", ["mlp", "attention_matmul", "pytree", "batchnorm_train_vmap_none"])
 def test_kernel_fn_matches_ntk_fn_and_nngp_fn(name, impl):
     case = next(c for c in CASES if c.name == name)

@@ -8,9 +8,9 @@ from torch.utils import _pytree as pytree
 
 import ntkfunc
 from tests.reference import max_rel_err, reference_kernel
-from tests.zoo import CASES, settings
+from tests.zoo import CASES, implementations, settings
 
-IMPLEMENTATIONS = [1, 2, 3, "auto"]
+IMPLEMENTATIONS = implementations()
 
 PARAMS = [
     pytest.param(case, tr, dg, id=f"{case}-trace{tr}-diag{dg}")
@@ -90,7 +90,7 @@ def test_bfloat16_stays_bfloat16(impl):
 @pytest.mark.parametrize("case_name", ["mlp", "cnn", "attention_matmul", "pytree"])
 def test_small_memory_budget_tiles_and_stays_exact(case_name, impl, monkeypatch):
     """A budget below the Jacobians' size forces several tiles; the kernel is unchanged."""
-    import ntkfunc._blocks as blocks
+    import ntkfunc._core.tiles as blocks
 
     counted = []
 
@@ -99,8 +99,8 @@ def test_small_memory_budget_tiles_and_stays_exact(case_name, impl, monkeypatch)
             counted.append(t)
             yield t
 
-    modules = {1: ["ntkfunc._jacobian"], 2: ["ntkfunc._vp"], 3: ["ntkfunc._structured"],
-               "auto": ["ntkfunc._jacobian", "ntkfunc._structured"]}[impl]
+    modules = {1: ["ntkfunc._engines.jacobian"], 2: ["ntkfunc._engines.vp"], 3: ["ntkfunc._engines.structured.kernel"],
+               "auto": ["ntkfunc._engines.jacobian", "ntkfunc._engines.structured.kernel"]}[impl]
     for module in modules:
         monkeypatch.setattr(f"{module}.tiles", counting_tiles)
     case = next(c for c in CASES if c.name == case_name)

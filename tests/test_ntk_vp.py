@@ -82,7 +82,7 @@ def test_forward_ad_fallback(monkeypatch):
 
 def test_implementation_2_forward_ad_fallback(monkeypatch):
     """The same fallback in ntk_fn(implementation=2) (it used to unpack the tangents wrongly)."""
-    import ntkfunc._vp as vp
+    import ntkfunc._engines.vp as vp
 
     def no_forward_ad(*args, **kwargs):
         raise NotImplementedError("Trying to use forward AD with some_op that does not support it")

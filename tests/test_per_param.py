@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+
 import pytest
 import torch
 from torch.utils import _pytree as pytree
 
 import ntkfunc
-from ntkfunc import api
+from ntkfunc._engines import registry
 from tests.reference import max_rel_err, reference_kernel
-from tests.zoo import CASES
+from tests.zoo import CASES, implementations
 
-IMPLEMENTATIONS = [1, 2, 3, "auto"]
+IMPLEMENTATIONS = implementations()
 CASE_BY_NAME = {c.name: c for c in CASES}
 
 
@@ -90,7 +93,7 @@ def test_sum_equals_full_kernel_of_same_implementation(impl):
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_tiled_under_small_memory_budget_is_unchanged(impl, monkeypatch):
-    import ntkfunc._blocks as blocks
+    import ntkfunc._core.tiles as blocks
 
     counted = []
 
@@ -99,8 +102,8 @@ def test_tiled_under_small_memory_budget_is_unchanged(impl, monkeypatch):
             counted.append(t)
             yield t
 
-    monkeypatch.setattr("ntkfunc._jacobian.tiles", counting_tiles)
-    monkeypatch.setattr("ntkfunc._structured.tiles", counting_tiles)
+    monkeypatch.setattr("ntkfunc._engines.jacobian.tiles", counting_tiles)
+    monkeypatch.setattr("ntkfunc._engines.structured.kernel.tiles", counting_tiles)
     f, params, x1, x2, vmap_axes = CASE_BY_NAME["mlp"].build(torch.float64)
     big = ntkfunc.ntk_fn(f, trace_axes=(), implementation=impl, per_param=True)(x1, None, params)
     for budget in (100_000, 30_000, 10_000, 5_000):  # the first that tiles
@@ -120,15 +123,17 @@ def test_float32_and_dtype_kept():
 
 
 def test_unsupported_implementation_is_refused(monkeypatch):
-    monkeypatch.setitem(api._IMPLS, 3, lambda problem, budget: [])
+    table = dict(registry.ENGINES)
+    table[3] = dataclasses.replace(table[3], per_param=False)
+    monkeypatch.setattr(registry, "ENGINES", types.MappingProxyType(table))
     f, params, x1, x2, _ = CASE_BY_NAME["mlp"].build(torch.float64)
     with pytest.raises(NotImplementedError, match=r"implementation=3, per_param=True\): implementation 3 cannot split .* expected one of \[0, 1, 2\]"):
         ntkfunc.ntk_fn(f, implementation=3, per_param=True)
-    assert api.supports_per_param(1) and api.supports_per_param(2) and not api.supports_per_param(3)
+    assert ntkfunc.ntk_fn(f, implementation=3)(x1, x2, params).shape == (5, 3)  # without per_param it still runs
 
 
 def test_every_registered_implementation_splits_by_parameter():
-    assert all(api.supports_per_param(k) for k in api.available_implementations())
+    assert all(e.per_param for e in registry.engines())
 
 
 def test_per_param_must_be_bool():
@@ -221,7 +226,7 @@ def test_group_errors():
 @pytest.mark.parametrize("impl", [1, 2])
 def test_costs_one_kernel_evaluation(impl, monkeypatch):
     """Per-parameter kernels take as many Jacobian passes as implementation 1's full kernel."""
-    import ntkfunc._jacobian as jac_mod
+    import ntkfunc._engines.jacobian as jac_mod
 
     calls = []
     original = jac_mod.jacobians
@@ -241,7 +246,7 @@ def test_costs_one_kernel_evaluation(impl, monkeypatch):
 
 def test_structured_per_param_costs_one_kernel_evaluation(monkeypatch):
     """Implementation 3 splits the same sum: as many cotangent passes as its full kernel."""
-    import ntkfunc._structured as structured
+    import ntkfunc._engines.structured.kernel as structured
 
     calls = []
     original = structured.side

@@ -54,7 +54,7 @@ def test_single_output_equals_ntk():
 
 def test_costs_one_output_per_sample(monkeypatch):
     """The Jacobians it forms have no output axis: one VJP per sample, not O."""
-    import ntkfunc._jacobian as jac_mod
+    import ntkfunc._engines.jacobian as jac_mod
 
     shapes = []
     original = jac_mod.jacobians

@@ -186,7 +186,7 @@ def test_gp_inference_matches_direct_formulas(diag_reg):
     n, nt, o = 5, 3, 2
     nngp, ntk = _kernels(n, nt, 11)
     y = torch.randn(n, o, generator=torch.Generator().manual_seed(12))
-    Kernel = ntkfunc.kernel.kernel_tuple(("nngp", "ntk"))
+    Kernel = ntkfunc.empirical_kernel.kernel_tuple(("nngp", "ntk"))
     ktt = Kernel(nngp[:n, :n], ntk[:n, :n])
     ktd = Kernel(nngp[n:, :n], ntk[n:, :n])
     kte = Kernel(nngp[n:, n:], ntk[n:, n:])

@@ -5,9 +5,9 @@ import ntkfunc
 
 def test_all_is_pinned():
     assert sorted(ntkfunc.__all__) == [
-        "Explanation", "Implementation", "explain", "from_module", "group_kernels", "kernel_fn", "kernel_matrix",
-        "linalg", "linearize", "monte_carlo_kernel_fn", "nngp_fn", "ntk_fn", "ntk_vp_fn", "pntk_fn", "predict",
-        "taylor_expand",
+        "Explanation", "Implementation", "datasets", "explain", "from_module", "group_kernels", "kernel_fn",
+        "kernel_matrix", "linalg", "linearize", "models", "monte_carlo_kernel_fn", "nngp_fn", "ntk_fn", "ntk_vp_fn",
+        "pntk_fn", "predict", "rules", "taylor_expand", "testing",
     ]
     for name in ntkfunc.__all__:
         assert getattr(ntkfunc, name) is not None

@@ -325,3 +325,97 @@ def test_cross_attention_falls_back_and_stays_exact():
     assert {r.name for r in report.fallbacks} == {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
     k = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)(x1, None, params)
     assert max_rel_err(k, _reference(f, params, x1, None, [((), ())])[0]) <= 1e-10
+
+
+# --- the extension point: disabled(), the structure check, check_rule ------------------
+
+
+def test_disabled_sends_every_parameter_to_the_fallback_and_changes_nothing():
+    torch.manual_seed(17)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.GroupNorm(1, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.Linear(12, 2)).double()
+    f, params = ntkfunc.from_module(model)
+    x1, x2 = _r(3, 2, 4, 4), _r(2, 2, 4, 4)
+    assert not ntkfunc.explain(f, params, x1).fallbacks
+    with_rules = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)(x1, x2, params)
+    with rules.disabled():
+        report = ntkfunc.explain(f, params, x1)
+        without = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)(x1, x2, params)
+        assert rules.lookup(F.linear) is None and rules.expansion(F.multi_head_attention_forward) is None
+    assert len(report.fallbacks) == len(params)
+    assert rules.enabled() and rules.lookup(F.linear) is not None  # restored on exit
+    assert max_rel_err(with_rules, without) <= 1e-12
+
+
+def test_disabled_is_restored_after_an_error():
+    with pytest.raises(ZeroDivisionError):
+        with rules.disabled():
+            1 / 0
+    assert rules.enabled()
+
+
+class _BadLetters(type(rules.lookup(F.linear))):  # a linear rule whose structure names too few axes
+    name = "bad_linear"
+
+    def structure(self, role, operands, meta, y_shape):
+        s = super().structure(role, operands, meta, y_shape)
+        return rules.Structure(s.y_shape, s.y[:-1], s.theta, s.operands)
+
+
+class _WrongScale(type(rules.lookup(F.linear))):  # well-formed but wrong: twice the derivative
+    name = "wrong_linear"
+
+    def structure(self, role, operands, meta, y_shape):
+        s = super().structure(role, operands, meta, y_shape)
+        return rules.Structure(s.y_shape, s.y, s.theta, s.operands, 2.0)
+
+
+def _linear_case():
+    torch.manual_seed(18)
+    p = {"w": _r(5, 4), "b": _r(5)}
+
+    def f(p, x):
+        return F.linear(torch.tanh(x), p["w"], p["b"])
+
+    return f, p, _r(3, 4), _r(2, 4)
+
+
+def test_malformed_structures_are_caught_in_one_place(monkeypatch):
+    monkeypatch.setitem(rules.RULES, F.linear, _BadLetters())
+    f, p, x1, x2 = _linear_case()
+    with pytest.raises(RuntimeError, match=r"rule bad_linear \(role 'weight'\) returned a malformed Structure: y letters"):
+        ntkfunc.ntk_fn(f, implementation=3)(x1, x2, p)
+    s = rules.Structure((3, 5), "az", "zy", [("ay", torch.zeros(1, 3, 4))])
+    with pytest.raises(RuntimeError, match=r"theta axes of sizes \(5, 4\) for a parameter of shape \(5, 3\)"):
+        rules.check_structure(s, rule="linear", role="weight", theta_shape=(5, 3))
+    with pytest.raises(RuntimeError, match=r"letter 'a' has sizes 3 and 2"):
+        rules.check_structure(rules.Structure((3, 5), "az", "zy", [("ay", torch.zeros(1, 2, 4))]), rule="r", role="w", theta_shape=(5, 4))
+    with pytest.raises(RuntimeError, match=r"operand 'ay' of shape \(3, 4\)"):
+        rules.check_structure(rules.Structure((3, 5), "az", "zy", [("ay", torch.zeros(3, 4))]), rule="r", role="w", theta_shape=(5, 4))
+
+
+def test_check_rule_passes_a_good_rule_and_catches_a_wrong_one(monkeypatch):
+    f, p, x1, x2 = _linear_case()
+    report = ntkfunc.testing.check_rule(f, p, x1, x2, expected={"w": "linear:weight", "b": "linear:bias"})
+    assert not report.fallbacks
+    with pytest.raises(AssertionError, match=r"w is handled by linear:weight .*; expected conv2d:weight"):
+        ntkfunc.testing.check_rule(f, p, x1, expected={"w": "conv2d:weight"})
+    monkeypatch.setitem(rules.RULES, F.linear, _WrongScale())
+    with pytest.raises(AssertionError, match=r"check_rule: trace_axes=\(\), diagonal_axes=\(\), x2: relative errors"):
+        ntkfunc.testing.check_rule(f, p, x1, x2)
+
+
+def test_rules_bind_their_arguments_once(monkeypatch):
+    """The capture binds a call's arguments once and hands the dict to match and capture."""
+    rule = rules.lookup(F.linear)
+    calls = []
+    original = type(rule).bind
+
+    def counting(self, args, kwargs):
+        calls.append(1)
+        return original(self, args, kwargs)
+
+    monkeypatch.setattr(type(rule), "bind", counting)
+    f, p, x1, _ = _linear_case()
+    ntkfunc.explain(f, p, x1)
+    assert len(calls) == 2  # one linear call in the discovery pass, one in the probing pass

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 import ntkfunc
-from ntkfunc import _capture, _structured
+from ntkfunc._engines import engines
+from ntkfunc._engines.structured import capture as _capture
+from ntkfunc._engines.structured import plan
 from tests.reference import max_rel_err, reference_kernel
 
 D = torch.float64
@@ -162,9 +164,9 @@ def test_path_cache_is_reused():
     x = torch.randn(4, 3)
     kernel = ntkfunc.ntk_fn(f, implementation=3)
     kernel(x, None, p)
-    before = _structured._expression.cache_info()
+    before = plan.expression.cache_info()
     kernel(x, None, p)
-    after = _structured._expression.cache_info()
+    after = plan.expression.cache_info()
     assert after.misses == before.misses and after.hits > before.hits
 
 
@@ -189,6 +191,6 @@ def test_control_flow_that_changes_between_passes_is_refused(monkeypatch):
 
 
 def test_implementation_3_is_registered():
-    assert ntkfunc.api.available_implementations() == [0, 1, 2, 3]
+    assert [int(e.implementation) for e in engines()] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="expected 'auto' or one of \\[0, 1, 2, 3\\]"):
         ntkfunc.ntk_fn(lambda p, x: x, implementation=4)

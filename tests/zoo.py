@@ -199,10 +199,16 @@ CASES = [
 ]
 
 
-def bound_f(f):
-    """``f`` made float64-safe for the reference (casts nothing: params are already float64)."""
-    return f
-
-
 def double(tree):
     return torch.utils._pytree.tree_map(lambda t: t.double() if t.is_floating_point() else t, tree)
+
+
+def implementations(*, param_vmap: bool = False) -> list:
+    """Every registered implementation (``"auto"`` by name), from the engine registry.
+
+    ``param_vmap``: only those whose kernels work under ``vmap`` over params.
+    """
+    from ntkfunc._engines import Implementation, engines
+
+    return ["auto" if e.implementation == Implementation.AUTO else int(e.implementation)
+            for e in engines() if e.param_vmap or not param_vmap]

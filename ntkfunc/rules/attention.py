@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ntkfunc.rules import expand
+from ntkfunc.rules.base import expand
 
 Tensor = torch.Tensor
 

@@ -12,7 +12,7 @@ Example:
   >>> from ntkfunc.rules import lookup
   >>> x, w = torch.randn(1, 2, 8, 8), torch.randn(4, 2, 3, 3)
   >>> rule = lookup(torch.nn.functional.conv2d)
-  >>> ops, meta = rule.capture((x, w), {"stride": 2, "padding": 1}, lambda t: t is w)
+  >>> ops, meta = rule.capture(rule.bind((x, w), {"stride": 2, "padding": 1}), lambda t: t is w)
   >>> s = rule.structure("weight", [x.unsqueeze(0)], meta, (1, 4, 4, 4))
   >>> s.operands[0][1].shape  # (samples, batch, groups, in/group, out H, out W, kH, kW)
   torch.Size([1, 1, 1, 2, 4, 4, 3, 3])
@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ntkfunc.rules import Rule, Structure, Tensor, bind, register
+from ntkfunc.rules.base import Bound, IsParam, Rule, Structure, Tensor, register
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -66,24 +66,21 @@ def upsample(x: Tensor, stride: Sequence[int]) -> Tensor:
 
 
 class _Conv(Rule):
-    transposed = False
-    _names = _CONV
+    """A convolution ``op(input, weight, bias, ...)`` whose weight and / or bias are parameters."""
 
-    def __init__(self, d: int = 2) -> None:
-        self.d = d
+    transposed: bool = False
+    names = _CONV
+    defaults = _DEFAULTS
 
-    def match(self, args: tuple, kwargs: dict, is_param) -> Optional[dict[str, Tensor]]:  # type: ignore[no-untyped-def]
-        a = bind(args, kwargs, self._names, _DEFAULTS)
-        if a is None or not isinstance(a["input"], torch.Tensor) or is_param(a["input"]):
+    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+        if not isinstance(a["input"], torch.Tensor) or is_param(a["input"]):
             return None
-        if not isinstance(a["weight"], torch.Tensor) or isinstance(a["padding"], str) and self.transposed:
+        if not isinstance(a["weight"], torch.Tensor) or (isinstance(a["padding"], str) and self.transposed):
             return None
         roles = {r: a[r] for r in ("weight", "bias") if is_param(a[r])}
         return roles or None
 
-    def capture(self, args: tuple, kwargs: dict, is_param) -> tuple[list, dict[str, Any]]:  # type: ignore[no-untyped-def]
-        a = bind(args, kwargs, self._names, _DEFAULTS)
-        assert a is not None
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
         w, d = a["weight"], a["weight"].ndim - 2
         kernel = tuple(w.shape[2:])
         stride, dilation = _tuple(a["stride"], d), _tuple(a["dilation"], d)
@@ -133,12 +130,36 @@ class _Conv(Rule):
         return Structure((m, g, co // g, *out_sp), "pgr" + sp, theta, [("pgi" + sp + ks, x)])
 
 
-for _d, (_f, _ft) in enumerate([(F.conv1d, F.conv_transpose1d), (F.conv2d, F.conv_transpose2d), (F.conv3d, F.conv_transpose3d)], 1):
-    conv_cls = type(f"Conv{_d}d", (_Conv,), {"name": f"conv{_d}d", "__init__": lambda self, d=_d: _Conv.__init__(self, d)})
-    register(_f)(conv_cls)
-    tconv_cls = type(
-        f"ConvTranspose{_d}d", (_Conv,),
-        {"name": f"conv_transpose{_d}d", "transposed": True, "_names": _CONV_T,
-         "__init__": lambda self, d=_d: _Conv.__init__(self, d)},
-    )
-    register(_ft)(tconv_cls)
+class _ConvTranspose(_Conv):
+    transposed = True
+    names = _CONV_T
+
+
+@register(F.conv1d)
+class Conv1d(_Conv):
+    name = "conv1d"
+
+
+@register(F.conv2d)
+class Conv2d(_Conv):
+    name = "conv2d"
+
+
+@register(F.conv3d)
+class Conv3d(_Conv):
+    name = "conv3d"
+
+
+@register(F.conv_transpose1d)
+class ConvTranspose1d(_ConvTranspose):
+    name = "conv_transpose1d"
+
+
+@register(F.conv_transpose2d)
+class ConvTranspose2d(_ConvTranspose):
+    name = "conv_transpose2d"
+
+
+@register(F.conv_transpose3d)
+class ConvTranspose3d(_ConvTranspose):
+    name = "conv_transpose3d"

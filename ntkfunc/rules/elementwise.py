@@ -10,9 +10,10 @@ Example:
   >>> from ntkfunc.rules import lookup
   >>> x, scale = torch.randn(1, 7, 4), torch.randn(4)
   >>> rule = lookup(torch.mul)
-  >>> rule.match((x, scale), {}, lambda t: t is scale)
+  >>> bound = rule.bind((x, scale), {})
+  >>> rule.match(bound, lambda t: t is scale)
   {'other': ...}
-  >>> ops, meta = rule.capture((x, scale), {}, lambda t: t is scale)
+  >>> ops, meta = rule.capture(bound, lambda t: t is scale)
   >>> s = rule.structure("other", [x.unsqueeze(0)], meta, (1, 7, 4))
   >>> (s.y, s.theta, [letters for letters, _ in s.operands])
   ('abc', 'c', ['abc'])
@@ -25,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ntkfunc.rules import LETTERS, Rule, Structure, Tensor, bind, einsum_structure, register
+from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor, bind, einsum_structure, register
 
 
 def trailing(ndim: int, y_ndim: int) -> str:
@@ -36,19 +37,15 @@ def trailing(ndim: int, y_ndim: int) -> str:
 class _Binary(Rule):
     """``op(input, other[, alpha])`` where exactly one of input / other is a parameter."""
 
-    _names: tuple[str, ...] = ("input", "other")
-    _defaults: dict[str, Any] = {}
+    names = ("input", "other")
 
-    def _bind(self, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
-        a = bind(args, kwargs, self._names, self._defaults)
+    def bind(self, args: tuple, kwargs: dict) -> Optional[Bound]:
+        a = bind(args, kwargs, self.names, self.defaults)
         if a is None or "input" not in a or "other" not in a or a.get("out") is not None:
             return None
         return a
 
-    def match(self, args: tuple, kwargs: dict, is_param) -> Optional[dict[str, Tensor]]:  # type: ignore[no-untyped-def]
-        a = self._bind(args, kwargs)
-        if a is None:
-            return None
+    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
         x, o = a["input"], a["other"]
         if is_param(x) and is_param(o):
             return None
@@ -60,11 +57,9 @@ class _Binary(Rule):
         roles = {r: a[r] for r in ("input", "other") if is_param(a[r])}
         return roles or None
 
-    def capture(self, args: tuple, kwargs: dict, is_param) -> tuple[list, dict[str, Any]]:  # type: ignore[no-untyped-def]
-        a = self._bind(args, kwargs)
-        assert a is not None
-        meta = {"alpha": float(a.get("alpha", 1))}
-        ops: list = []
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
+        meta: dict[str, Any] = {"alpha": float(a.get("alpha", 1))}
+        ops: list[Optional[Tensor]] = []
         for r in ("input", "other"):
             t = a[r]
             if isinstance(t, torch.Tensor):
@@ -81,8 +76,8 @@ class Add(_Binary):
     """``input + alpha * other``: ``∂y/∂θ`` is the identity broadcast (times alpha for other)."""
 
     name = "add"
-    _names = ("input", "other", "alpha", "out")
-    _defaults = {"alpha": 1}
+    names = ("input", "other", "alpha", "out")
+    defaults = {"alpha": 1}
     _sign = 1.0
 
     def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
@@ -105,7 +100,7 @@ class Mul(_Binary):
     """``input * other``: ``∂y/∂θ`` is the other factor (a tensor or a number), summed over broadcast axes."""
 
     name = "mul"
-    _names = ("input", "other", "out")
+    names = ("input", "other", "out")
 
     def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
         other = "other" if role == "input" else "input"

@@ -10,9 +10,10 @@ Example:
   >>> from ntkfunc.rules import lookup
   >>> ids, w = torch.tensor([[1, 4, 1]]), torch.randn(5, 3)
   >>> rule = lookup(torch.nn.functional.embedding)
-  >>> rule.match((ids, w), {}, lambda t: t is w)
+  >>> bound = rule.bind((ids, w), {})
+  >>> rule.match(bound, lambda t: t is w)
   {'weight': ...}
-  >>> ops, meta = rule.capture((ids, w), {}, lambda t: t is w)
+  >>> ops, meta = rule.capture(bound, lambda t: t is w)
   >>> s = rule.structure("weight", [ids.unsqueeze(0)], meta, (1, 3, 3))
   >>> s.operands[0][1].shape  # one-hot of the ids: (samples, 1, 3, vocabulary)
   torch.Size([1, 1, 3, 5])
@@ -25,7 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ntkfunc.rules import LETTERS, Rule, Structure, Tensor, bind, register
+from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor, register
 
 _NAMES = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 _DEFAULTS = {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False}
@@ -34,18 +35,17 @@ _DEFAULTS = {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_gra
 @register(F.embedding)
 class Embedding(Rule):
     name = "embedding"
+    names = _NAMES
+    defaults = _DEFAULTS
 
-    def match(self, args: tuple, kwargs: dict, is_param) -> Optional[dict[str, Tensor]]:  # type: ignore[no-untyped-def]
-        a = bind(args, kwargs, _NAMES, _DEFAULTS)
-        if a is None or a["max_norm"] is not None or a["scale_grad_by_freq"] or not is_param(a["weight"]):
+    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+        if a["max_norm"] is not None or a["scale_grad_by_freq"] or not is_param(a["weight"]):
             return None
         if not isinstance(a["input"], torch.Tensor) or a["weight"].ndim != 2:
             return None
         return {"weight": a["weight"]}
 
-    def capture(self, args: tuple, kwargs: dict, is_param) -> tuple[list, dict[str, Any]]:  # type: ignore[no-untyped-def]
-        a = bind(args, kwargs, _NAMES, _DEFAULTS)
-        assert a is not None
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
         vocab = a["weight"].shape[0]
         pad = a["padding_idx"]
         if pad is not None and pad < 0:

@@ -10,7 +10,7 @@ Example:
   >>> from ntkfunc.rules import lookup
   >>> rule = lookup(torch.nn.functional.linear)
   >>> x, w = torch.randn(1, 3, 4), torch.randn(5, 4)
-  >>> rule.match((x, w), {}, lambda t: t is w)
+  >>> rule.match(rule.bind((x, w), {}), lambda t: t is w)
   {'weight': ...}
   >>> s = rule.structure("weight", [x.unsqueeze(0)], {}, (1, 3, 5))
   >>> (s.y, s.theta, [letters for letters, _ in s.operands])
@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ntkfunc.rules import LETTERS, Rule, Structure, Tensor, bind, einsum_structure, register
+from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor, bind, einsum_structure, register
 
 
 def _is_tensor(t: Any) -> bool:
@@ -36,20 +36,18 @@ class Linear(Rule):
     """``F.linear(x, W, b) = x Wᵀ + b``: x ``(..., i)``, W ``(o, i)``, b ``(o,)``."""
 
     name = "linear"
-    _names = ("input", "weight", "bias")
+    names = ("input", "weight", "bias")
+    defaults = {"bias": None}
 
-    def match(self, args: tuple, kwargs: dict, is_param) -> Optional[dict[str, Tensor]]:  # type: ignore[no-untyped-def]
-        a = bind(args, kwargs, self._names, {"bias": None})
-        if a is None or is_param(a["input"]) or not _is_tensor(a["weight"]) or a["weight"].ndim != 2:
+    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+        if is_param(a["input"]) or not _is_tensor(a["weight"]) or a["weight"].ndim != 2:
             return None
-        return {r: a[r] for r in ("weight", "bias") if is_param(a[r])}
+        return {r: a[r] for r in ("weight", "bias") if is_param(a[r])} or None
 
-    def capture(self, args: tuple, kwargs: dict, is_param) -> tuple[list, dict[str, Any]]:  # type: ignore[no-untyped-def]
-        a = bind(args, kwargs, self._names, {"bias": None})
-        assert a is not None
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
         return [a["input"]], {}
 
-    def structure(self, role: str, operands: Sequence[Tensor], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
         k = len(y_shape) - 1
         lead = LETTERS[:k]
         if role == "bias":
@@ -73,64 +71,51 @@ def matmul_subscripts(nda: int, ndb: int) -> tuple[str, str, str]:
     return batch[nb - (nda - 2) :] + "xy", batch[nb - (ndb - 2) :] + "yz", batch + "xz"
 
 
-class _EinsumLike(Rule):
-    """A two-operand product where exactly one operand is a parameter."""
+@register(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm)
+class MatMul(Rule):
+    """``input @ other`` (``matmul``, ``mm``) with broadcasting batch axes and 1-D operands; one is a parameter."""
 
-    def operands_of(self, args: tuple, kwargs: dict) -> Optional[tuple[Any, Any]]:
-        raise NotImplementedError(f"Subclass {type(self).__name__} must define operands_of()")
+    name = "matmul"
+    names = ("input", "other")
+
+    def bind(self, args: tuple, kwargs: dict) -> Optional[Bound]:
+        if kwargs.get("out") is not None or len(args) + len(kwargs) != 2:
+            return None
+        a = bind(args, kwargs, self.names, {})
+        if a is None or "input" not in a or "other" not in a:
+            return None
+        return a
 
     def subscripts(self, a: Tensor, b: Tensor) -> tuple[str, str, str]:
-        raise NotImplementedError(f"Subclass {type(self).__name__} must define subscripts()")
+        return matmul_subscripts(a.ndim, b.ndim)
 
-    def match(self, args: tuple, kwargs: dict, is_param) -> Optional[dict[str, Tensor]]:  # type: ignore[no-untyped-def]
-        ops = self.operands_of(args, kwargs)
-        if ops is None or not all(_is_tensor(t) for t in ops):
+    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+        x, y = a["input"], a["other"]
+        if not (_is_tensor(x) and _is_tensor(y)) or is_param(x) == is_param(y):
             return None
-        a, b = ops
-        if is_param(a) == is_param(b):
-            return None
-        return {"lhs": a} if is_param(a) else {"rhs": b}
+        return {"lhs": x} if is_param(x) else {"rhs": y}
 
-    def capture(self, args: tuple, kwargs: dict, is_param) -> tuple[list, dict[str, Any]]:  # type: ignore[no-untyped-def]
-        ops = self.operands_of(args, kwargs)
-        assert ops is not None
-        a, b = ops
-        return [None if is_param(t) else t for t in ops], {"subscripts": self.subscripts(a, b), "shapes": (tuple(a.shape), tuple(b.shape))}
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
+        x, y = a["input"], a["other"]
+        meta = {"subscripts": self.subscripts(x, y), "shapes": (tuple(x.shape), tuple(y.shape))}
+        return [None if is_param(t) else t for t in (x, y)], meta
 
-    def structure(self, role: str, operands: Sequence[Tensor], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
         sa, sb, out = meta["subscripts"]
         idx = 0 if role == "lhs" else 1
         tensors = [None, operands[1]] if idx == 0 else [operands[0], None]
         return einsum_structure([sa, sb], out, idx, tensors, meta["shapes"][idx], y_shape)
 
 
-@register(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm)
-class MatMul(_EinsumLike):
-    """``a @ b`` (``matmul``, ``mm``) with broadcasting batch axes and 1-D operands."""
-
-    name = "matmul"
-
-    def operands_of(self, args: tuple, kwargs: dict) -> Optional[tuple[Any, Any]]:
-        if kwargs.get("out") is not None or len(args) + len(kwargs) != 2:
-            return None
-        a = bind(args, {k: v for k, v in kwargs.items() if k != "out"}, ("input", "other"), {})
-        if a is None or "input" not in a or "other" not in a:
-            return None
-        return a["input"], a["other"]
-
-    def subscripts(self, a: Tensor, b: Tensor) -> tuple[str, str, str]:
-        return matmul_subscripts(a.ndim, b.ndim)
-
-
 @register(torch.Tensor.__rmatmul__)
 class RMatMul(MatMul):
-    """``a @ θ`` dispatched to ``θ.__rmatmul__(a)``."""
+    """``a @ θ`` dispatched to ``θ.__rmatmul__(a)``: the bound operands are swapped back."""
 
     name = "matmul"
 
-    def operands_of(self, args: tuple, kwargs: dict) -> Optional[tuple[Any, Any]]:
-        ops = super().operands_of(args, kwargs)
-        return None if ops is None else (ops[1], ops[0])
+    def bind(self, args: tuple, kwargs: dict) -> Optional[Bound]:
+        a = super().bind(args, kwargs)
+        return None if a is None else {"input": a["other"], "other": a["input"]}
 
 
 @register(torch.bmm, torch.Tensor.bmm)
@@ -178,32 +163,29 @@ class Einsum(Rule):
 
     name = "einsum"
 
-    def _parse(self, args: tuple, kwargs: dict) -> Optional[tuple[str, list[Any]]]:
+    def bind(self, args: tuple, kwargs: dict) -> Optional[Bound]:
+        """``{"equation", "operands", "subscripts"}``: ``einsum(eq, *ops)`` or ``einsum(eq, [ops])``, parsed once."""
         if kwargs or not args or not isinstance(args[0], str):
             return None
         ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
         if not all(_is_tensor(t) for t in ops):
             return None
-        return args[0], ops
-
-    def match(self, args: tuple, kwargs: dict, is_param) -> Optional[dict[str, Tensor]]:  # type: ignore[no-untyped-def]
-        parsed = self._parse(args, kwargs)
-        if parsed is None:
+        subs = parse_einsum(args[0], [t.ndim for t in ops])
+        if subs is None or any(len(set(s)) != len(s) for s in subs[0]):
             return None
-        eq, ops = parsed
-        which = [k for k, t in enumerate(ops) if is_param(t)]
-        subs = parse_einsum(eq, [t.ndim for t in ops])
-        if len(which) != 1 or subs is None or any(len(set(s)) != len(s) for s in subs[0]):
+        return {"equation": args[0], "operands": ops, "subscripts": subs}
+
+    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+        which = [k for k, t in enumerate(a["operands"]) if is_param(t)]
+        if len(which) != 1:
             return None
-        return {f"operand{which[0]}": ops[which[0]]}
+        return {f"operand{which[0]}": a["operands"][which[0]]}
 
-    def capture(self, args: tuple, kwargs: dict, is_param) -> tuple[list, dict[str, Any]]:  # type: ignore[no-untyped-def]
-        parsed = self._parse(args, kwargs)
-        assert parsed is not None
-        eq, ops = parsed
-        return [None if is_param(t) else t for t in ops], {"subscripts": parse_einsum(eq, [t.ndim for t in ops]), "shapes": [tuple(t.shape) for t in ops]}
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
+        ops = a["operands"]
+        return [None if is_param(t) else t for t in ops], {"subscripts": a["subscripts"], "shapes": [tuple(t.shape) for t in ops]}
 
-    def structure(self, role: str, operands: Sequence[Tensor], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
         inputs, out = meta["subscripts"]
         idx = int(role[len("operand") :])
         tensors = [None if k == idx else t for k, t in enumerate(operands)]

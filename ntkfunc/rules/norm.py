@@ -10,9 +10,10 @@ Example:
   >>> from ntkfunc.rules import lookup
   >>> x, w, b = torch.randn(1, 3, 6), torch.ones(6), torch.zeros(6)
   >>> rule = lookup(torch.nn.functional.layer_norm)
-  >>> sorted(rule.match((x, (6,), w, b), {}, lambda t: t is w or t is b))
+  >>> bound = rule.bind((x, (6,), w, b), {})
+  >>> sorted(rule.match(bound, lambda t: t is w or t is b))
   ['bias', 'weight']
-  >>> (xhat,), meta = rule.capture((x, (6,), w, b), {}, lambda t: t is w or t is b)
+  >>> (xhat,), meta = rule.capture(bound, lambda t: t is w or t is b)
   >>> torch.allclose(xhat, torch.nn.functional.layer_norm(x, (6,)))
   True
 """
@@ -24,31 +25,26 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ntkfunc.rules import LETTERS, Rule, Structure, Tensor, bind, einsum_structure, register
+from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor, einsum_structure, register
 
 
 class _Affine(Rule):
     """A norm whose output is ``normalise(x) * weight + bias``."""
 
-    _names: tuple[str, ...] = ()
-    _defaults: dict[str, Any] = {}
     channel_axis: Optional[int] = None  # None: weight aligned to the trailing axes
 
-    def normalise(self, a: dict[str, Any]) -> Tensor:
+    def normalise(self, a: Bound) -> Tensor:
         raise NotImplementedError(f"Subclass {type(self).__name__} must define normalise()")
 
-    def match(self, args: tuple, kwargs: dict, is_param) -> Optional[dict[str, Tensor]]:  # type: ignore[no-untyped-def]
-        a = bind(args, kwargs, self._names, self._defaults)
-        if a is None or not isinstance(a.get("input"), torch.Tensor) or is_param(a["input"]):
+    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+        if not isinstance(a.get("input"), torch.Tensor) or is_param(a["input"]):
             return None
-        if any(is_param(a.get(k)) for k in self._names if k not in ("input", "weight", "bias")):
+        if any(is_param(a.get(k)) for k in self.names if k not in ("input", "weight", "bias")):
             return None
         roles = {r: a[r] for r in ("weight", "bias") if r in a and is_param(a[r])}
         return roles or None
 
-    def capture(self, args: tuple, kwargs: dict, is_param) -> tuple[list, dict[str, Any]]:  # type: ignore[no-untyped-def]
-        a = bind(args, kwargs, self._names, self._defaults)
-        assert a is not None
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
         shapes = {r: tuple(a[r].shape) for r in ("weight", "bias") if isinstance(a.get(r), torch.Tensor)}
         return [self.normalise(a)], {"shapes": shapes}
 
@@ -68,31 +64,31 @@ class _Affine(Rule):
 @register(F.layer_norm)
 class LayerNorm(_Affine):
     name = "layer_norm"
-    _names = ("input", "normalized_shape", "weight", "bias", "eps")
-    _defaults = {"weight": None, "bias": None, "eps": 1e-5}
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    defaults = {"weight": None, "bias": None, "eps": 1e-5}
 
-    def normalise(self, a: dict[str, Any]) -> Tensor:
+    def normalise(self, a: Bound) -> Tensor:
         return F.layer_norm(a["input"], a["normalized_shape"], None, None, a["eps"])
 
 
 @register(F.rms_norm)
 class RMSNorm(_Affine):
     name = "rms_norm"
-    _names = ("input", "normalized_shape", "weight", "eps")
-    _defaults = {"weight": None, "eps": None}
+    names = ("input", "normalized_shape", "weight", "eps")
+    defaults = {"weight": None, "eps": None}
 
-    def normalise(self, a: dict[str, Any]) -> Tensor:
+    def normalise(self, a: Bound) -> Tensor:
         return F.rms_norm(a["input"], a["normalized_shape"], None, a["eps"])
 
 
 @register(F.group_norm)
 class GroupNorm(_Affine):
     name = "group_norm"
-    _names = ("input", "num_groups", "weight", "bias", "eps")
-    _defaults = {"weight": None, "bias": None, "eps": 1e-5}
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    defaults = {"weight": None, "bias": None, "eps": 1e-5}
     channel_axis = 1
 
-    def normalise(self, a: dict[str, Any]) -> Tensor:
+    def normalise(self, a: Bound) -> Tensor:
         return F.group_norm(a["input"], a["num_groups"], None, None, a["eps"])
 
 
@@ -101,11 +97,11 @@ class BatchNorm(_Affine):
     """Eval mode: running statistics are constants. Training mode: batch statistics (``vmap_axes=None``)."""
 
     name = "batch_norm"
-    _names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-    _defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
     channel_axis = 1
 
-    def normalise(self, a: dict[str, Any]) -> Tensor:
+    def normalise(self, a: Bound) -> Tensor:
         if a["training"]:  # batch statistics; never touch the running buffers a second time
             return F.batch_norm(a["input"], None, None, None, None, True, 0.0, a["eps"])
         return F.batch_norm(a["input"], a["running_mean"], a["running_var"], None, None, False, 0.0, a["eps"])

@@ -15,13 +15,12 @@ import dataclasses
 import re
 from typing import Optional
 
-import opt_einsum
-
-from ntkfunc import _capture, _structured
-from ntkfunc._ops import transform_friendly_attention
-from ntkfunc._problem import make_problem
-from ntkfunc._tree import as_axes_tuple
-from ntkfunc._typing import ApplyFn, Axes, PyTree, VMapAxes
+from ntkfunc._core.checks import as_axes_tuple
+from ntkfunc._core.ops import transform_friendly_attention
+from ntkfunc._core.problem import make_problem
+from ntkfunc._core.types import ApplyFn, Axes, PyTree, VMapAxes
+from ntkfunc._engines.structured import capture, plan
+from ntkfunc._engines.structured import kernel as structured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +84,6 @@ def _fmt(n: int) -> str:
     return str(n)
 
 
-def _cost(eq: str, shapes: list[tuple[int, ...]]) -> int:
-    return int(opt_einsum.contract_path(eq, *shapes, shapes=True)[1].opt_cost)
-
-
 def explain(
     f: ApplyFn,
     params: PyTree,
@@ -114,26 +109,24 @@ def explain(
       True
     """
     with transform_friendly_attention():
-        problem = make_problem(f, x, None, params, vmap_axes, as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes))
-        cap = _capture.discover(problem)
-        sd = _structured.side(problem, cap, 1, 0, problem.n1)
-    leaves = problem.params.diff_leaves
-    fb_idx = sorted(cap.fallback)
+        problem = make_problem(
+            f, x, None, params, vmap_axes, as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes), api="explain"
+        )
+        cap = capture.discover(problem)
+        sd = structured.side(problem, cap, 1, 0, problem.n1)
+    n = problem.n1 if problem.vmapped else None
     reports = []
-    for k, (name, leaf) in enumerate(zip(map(pretty, problem.params.diff_names), leaves)):
-        jac = 0
-        for lay, shape in zip(problem.layouts, problem.sample_out_shapes(1)):
-            lhs1, lhs2, out = lay.operand_subscripts(leaf.ndim)
-            b = (problem.n1,) if problem.vmapped else ()
-            jshape = tuple(b) + tuple(shape) + tuple(leaf.shape)
-            jac += _cost(f"{lhs1},{lhs2}->{out}", [jshape, jshape])
+    for k, (name, leaf) in enumerate(zip(map(pretty, problem.params.diff_names), problem.params.diff_leaves)):
+        jac = sum(
+            plan.jacobian_contraction_flops(lay, n, shape, tuple(leaf.shape))
+            for lay, shape in zip(problem.layouts, problem.sample_out_shapes(1))
+        )
         if k in cap.covered:
             e, role = cap.covered[k]
             ev = cap.events[e]
-            flops = sum(_structured.route(problem, i, e, role, sd, sd).flops for i in range(len(problem.layouts)))
-            reports.append(ParamReport(name, tuple(leaf.shape), "rule", f"{ev.rule.name}:{role}", _capture._name(ev.func), flops, jac))
+            flops = sum(int(structured.route(problem, i, e, role, sd, sd)[0].flops) for i in range(len(problem.layouts)))
+            reports.append(ParamReport(name, tuple(leaf.shape), "rule", f"{ev.rule.name}:{role}", capture.op_name(ev.func), flops, jac))
         else:
-            assert k in fb_idx
             reports.append(ParamReport(name, tuple(leaf.shape), "fallback", None, cap.fallback[k], jac, jac))
     return Explanation(reports, problem.n1)
 

@@ -1,9 +1,9 @@
-"""Sample blocks of ``x1`` x ``x2`` and the kernel they are written into.
+"""Tiles: sample blocks of ``x1`` x ``x2``, and the kernel they are gathered into.
 
-Implementations compute the kernel tile by tile: block ``i`` of x1 against block
-``j`` of x2. With ``x2=None`` only tiles ``j >= i`` are computed and the others are
-mirrored (``K(x2, x1)`` is ``K(x1, x2)`` with every ``(d1, d2)`` axis pair swapped).
-When the batch axis is traced or diagonal only tiles ``i == j`` contribute.
+Engines and the dataset pipeline compute the kernel tile by tile: block ``i`` of x1
+against block ``j`` of x2. With ``x2=None`` only tiles ``j >= i`` are computed and the
+others are mirrored (``K(x2, x1)`` is ``K(x1, x2)`` with every ``(d1, d2)`` axis pair
+swapped). When the batch axis is traced or diagonal only tiles ``i == j`` contribute.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from typing import Iterator
 
 import torch
 
-from ntkfunc._problem import Problem
+from ntkfunc._core.problem import Problem
 
 
 @dataclasses.dataclass(frozen=True)
 class Tile:
+    """Rows ``x1[i0:i1]`` against columns ``x2[j0:j1]`` of a kernel."""
+
     i0: int
     i1: int
     j0: int
@@ -27,30 +29,50 @@ class Tile:
     def on_diagonal(self) -> bool:
         return self.i0 == self.j0 and self.i1 == self.j1
 
+    @property
+    def key(self) -> str:
+        """A name for the tile (its marker file in a resumable output)."""
+        return f"{self.i0}_{self.j0}"
+
+    @property
+    def entries(self) -> int:
+        """Sample pairs the tile covers."""
+        return (self.i1 - self.i0) * (self.j1 - self.j0)
+
+
+def grid(n1: int, n2: int, b1: int, b2: int, *, symmetric: bool, paired: bool) -> Iterator[Tile]:
+    """Tiles of ``b1 x b2`` samples covering an ``n1 x n2`` kernel.
+
+    ``symmetric``: only tiles on and above the diagonal (the others are mirror images).
+    ``paired``: only diagonal tiles (the batch axis is traced or diagonal).
+
+    >>> [t.key for t in grid(5, 5, 2, 2, symmetric=True, paired=False)]
+    ['0_0', '0_2', '0_4', '2_2', '2_4', '4_4']
+    """
+    for i0 in range(0, n1, b1):
+        i1 = min(i0 + b1, n1)
+        if paired:
+            yield Tile(i0, i1, i0, i1)
+            continue
+        for j0 in range(i0 if symmetric else 0, n2, b2):
+            yield Tile(i0, i1, j0, min(j0 + b2, n2))
+
 
 def tiles(problem: Problem, b1: int, b2: int) -> Iterator[Tile]:
-    """Tiles covering the kernel; ``b1``/``b2`` are the block sizes (forced equal when needed)."""
+    """Tiles covering the problem's kernel; ``b1``/``b2`` are the block sizes (forced equal when needed)."""
     n1, n2 = problem.n1, problem.n2
     paired = [lay.batch_paired for lay in problem.layouts]
     if not problem.vmapped:
         yield Tile(0, n1, 0, n2)
         return
-    if any(paired):
-        if n1 != n2:
-            raise ValueError(
-                f"the batch axis is traced or diagonal, which pairs x1[n] with x2[n]; expected x1 and x2 "
-                f"with equal batch sizes, got {n1} and {n2}"
-            )
+    if any(paired) and n1 != n2:
+        raise ValueError(
+            f"{problem.api}: the batch axis is traced or diagonal, which pairs x1[n] with x2[n]; expected x1 and x2 "
+            f"with equal batch sizes, got {n1} and {n2}"
+        )
     if problem.symmetric or any(paired):
         b1 = b2 = max(1, min(b1, b2))
-    for i0 in range(0, n1, b1):
-        i1 = min(i0 + b1, n1)
-        if all(paired):
-            yield Tile(i0, i1, i0, i1)
-            continue
-        start = i0 if problem.symmetric else 0
-        for j0 in range(start, n2, b2):
-            yield Tile(i0, i1, j0, min(j0 + b2, n2))
+    yield from grid(n1, n2, b1, b2, symmetric=problem.symmetric, paired=all(paired))
 
 
 class Accumulator:

@@ -1,12 +1,12 @@
 """Command line: ``ntkfunc [demo]`` runs the embedded default job; ``ntkfunc compute`` a
-whole-dataset kernel (``ntkfunc._compute_cli``). argparse -> public API, no maths."""
+whole-dataset kernel (:mod:`ntkfunc._cli.compute`). argparse -> public API, no maths."""
 
 from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
 
-from ntkfunc import demo
+from ntkfunc._cli import demo
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -14,8 +14,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] == "demo":
         return demo.main(argv[1:])
     if argv[0] == "compute":
-        from ntkfunc import _compute_cli
+        from ntkfunc._cli import compute
 
-        return _compute_cli.main(argv[1:])
+        return compute.main(argv[1:])
     print(f"ntkfunc: unknown command {argv[0]!r}; expected 'demo' or 'compute'", file=sys.stderr)
     return 2

@@ -1,20 +1,31 @@
-"""Memory budgets: parsing, defaults, and a per-sample activation estimate.
+"""Memory budgets and the planner terms every engine shares.
 
-The Jacobian-based implementations plan their work (parameter groups x sample
-blocks) so that what they hold at once stays under a budget in bytes. Budgets are
-given as numbers of bytes or strings such as ``"2GB"`` or ``"512MiB"``; ``None``
-means: 80% of the free memory of a CUDA device, or half of the available RAM on CPU.
+The engines plan their work (parameter groups x sample blocks) so that what they hold
+at once stays under a budget in bytes. Budgets are given as numbers of bytes or
+strings such as ``"2GB"`` or ``"512MiB"``; ``None`` means: 80% of the free memory of a
+CUDA device, or half of the available RAM on CPU.
+
+The terms of every plan live here, once: :data:`SAFETY` (the fraction of the budget
+planned tensors may use; the rest absorbs allocator slack and small temporaries),
+:func:`itemsize`, :func:`outputs_per_sample` and :func:`backward_transient` (what one
+sample's vmapped backward pass holds while its Jacobian or cotangents are built).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Callable, Sequence
 
+
 import torch
 
-from ntkfunc._typing import MemoryBudget, PyTree
+from ntkfunc._core.problem import Problem
+from ntkfunc._core.types import MemoryBudget, PyTree
+
+SAFETY = 0.7
+"""Fraction of the memory budget that planned tensors may occupy."""
 
 _UNITS = {
     "": 1, "b": 1,
@@ -105,3 +116,34 @@ def activation_bytes(fn: Callable[[list[torch.Tensor]], PyTree], params: Sequenc
     except Exception:
         return 0
     return total
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``.
+
+    >>> itemsize(torch.float32), itemsize(torch.bfloat16)
+    (4, 2)
+    """
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def outputs_per_sample(problem: Problem) -> int:
+    """Output entries of one sample (all output leaves), the larger of x1's and x2's."""
+    return max(sum(math.prod(s) for s in problem.sample_out_shapes(w)) for w in (1, 2))
+
+
+def per_sample_activation_bytes(problem: Problem) -> int:
+    """Bytes of the activations of one forward pass on one sample (estimate)."""
+    x = problem.x_block(1, 0, 1)
+    fn = problem.sample_fn() if problem.vmapped else problem.batch_fn()
+    xs = [a if ax is None else a.squeeze(ax) for a, ax in zip(x, problem.x_axes)] if problem.vmapped and problem.x_axes else x
+    return activation_bytes(lambda leaves: fn(leaves, xs), problem.params.diff_leaves)
+
+
+def backward_transient(problem: Problem) -> int:
+    """Bytes one sample holds while its Jacobian (or cotangents) is built by a vmapped backward pass.
+
+    About ``2 O + 1`` copies of the activations: the forward pass's, and the cotangents of
+    ``O`` output components flowing back through the saved tensors.
+    """
+    return (2 * outputs_per_sample(problem) + 1) * per_sample_activation_bytes(problem)

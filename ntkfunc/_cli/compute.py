@@ -3,7 +3,7 @@
 Like empirical-ntks' ``ntk.py``: ``--data digits_0_200_0_100`` takes the first 200 training
 and the first 100 test samples and writes the 300 x 200 kernel of (train + test) rows
 against train columns. With no arguments it runs the embedded default: the small CNN of
-``ntkfunc.demo`` on the shipped digits (``digits_0_200_0_100``), written to ``out/ntk.npy``.
+``ntkfunc.models`` on the shipped digits (``digits_0_200_0_100``), written to ``out/ntk.npy``.
 
 Data sources (``--data`` and, for files, ``--test``):
 
@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from ntkfunc._memory import fmt_bytes, parse_budget
+from ntkfunc._core.memory import fmt_bytes, parse_budget
+from ntkfunc._engines import choices, get_engine
 
-DEFAULT_MODEL = "ntkfunc.demo:small_cnn"
+DEFAULT_MODEL = "ntkfunc.models:small_cnn"
 DEFAULT_DATA = "digits_0_200_0_100"
 _BUILTIN_TRAIN = {"digits": 1297}
 _KERNELS = {"trace": dict(trace_axes=(-1,)), "pntk": dict(trace_axes=(-1,), pntk=True), "full": dict(trace_axes=())}
@@ -57,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test", help="test split for file/folder data (rows after the training rows)")
     p.add_argument("--range", dest="ranges", help="a_b or a_b_c_d: train[a:b] (and test[c:d])")
     p.add_argument("--kernel", choices=sorted(_KERNELS), default="trace", help="trace: (N1, N2) averaged over outputs; pntk: sum of logits / sqrt(O); full: (N1, N2, O, O)")
-    p.add_argument("--implementation", help="ntk_fn implementation (1, 2, ... or auto); default: the fastest available")
+    p.add_argument("--implementation", help=f"ntk_fn implementation: {choices()}; default: auto")
     p.add_argument("--batch-size", type=int, help="samples per tile side (default: from the memory budget)")
     p.add_argument("--memory-budget", help="bytes or e.g. 4GB (default: half the available RAM, 80%% of free GPU memory)")
     p.add_argument("--out", type=Path, default=Path("out/ntk.npy"), help="output .npy (default out/ntk.npy)")
@@ -71,15 +72,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ntkfunc import api
-    from ntkfunc.blocked import kernel_matrix
+    from ntkfunc._dataset.pipeline import kernel_matrix
 
     try:
         args = parser().parse_args(argv)
         dtype = getattr(torch, args.dtype)
         model = _model(args.model, args.weights, args.seed, dtype, args.device)
         x1, x2, desc = _data(args.data, args.test, args.ranges, dtype)
-        impl = _implementation(args.implementation, api)
+        impl = _implementation(args.implementation)
         if args.batch_size is not None and args.batch_size < 1:
             raise UsageError(f"--batch-size {args.batch_size}: expected a positive number of samples")
         if args.memory_budget is not None:
@@ -278,14 +278,15 @@ def _data(spec: str, test: Optional[str], ranges: Optional[str], dtype: torch.dt
     return x1, x2, desc
 
 
-def _implementation(text: Optional[str], api: Any) -> Any:
+def _implementation(text: Optional[str]) -> Any:
+    """The implementation named by ``--implementation`` (checked by the engine registry), or None."""
     if text is None:
         return None
-    value: Any = int(text) if text.isdigit() else text
-    if value not in api._IMPLS:
-        choices = ", ".join(str(k) for k in sorted(api._IMPLS, key=str))
-        raise UsageError(f"--implementation {text}: expected one of {choices}")
-    return value
+    value: Any = int(text) if text.strip().isdigit() else text
+    try:
+        return get_engine(value, api="--implementation").implementation
+    except ValueError:
+        raise UsageError(f"--implementation {text}: expected {choices()}") from None
 
 
 def _devices(text: Optional[str]) -> Any:
@@ -301,7 +302,7 @@ def _devices(text: Optional[str]) -> Any:
 
 
 def _check_model_runs(model: torch.nn.Module, x1: Any, spec: str, desc: str) -> None:
-    from ntkfunc._data import Samples
+    from ntkfunc._dataset.data import Samples
 
     try:
         x = Samples(x1, "--data").get(0, 1)

@@ -23,12 +23,26 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional, Protocol, Union
 
 import numpy as np
 import torch
 
+from ntkfunc._dataset.distributed import Ranks
+
 Index = tuple[slice, ...]
+
+
+class Store(Protocol):
+    """Where committed tiles go; ``result()`` is the finished kernel."""
+
+    def done_keys(self) -> set[str]: ...
+
+    def commit(self, key: str, writes: Iterable[tuple[Index, torch.Tensor]]) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def result(self) -> torch.Tensor: ...
 
 _FORMAT = 1
 
@@ -54,13 +68,16 @@ class MemoryStore:
         self.tensor = torch.zeros(shape, dtype=dtype)
         self.done: set[str] = set()
 
-    def is_done(self, key: str) -> bool:
-        return key in self.done
+    def done_keys(self) -> set[str]:
+        return set(self.done)
 
     def commit(self, key: str, writes: Iterable[tuple[Index, torch.Tensor]]) -> None:
         for index, block in writes:
             self.tensor[index] = block.to(self.tensor.dtype)
         self.done.add(key)
+
+    def finish(self) -> None:
+        """Nothing to record: the tensor is the result."""
 
     def result(self) -> torch.Tensor:
         return self.tensor
@@ -200,3 +217,34 @@ def _numpy_dtype(dtype: torch.dtype) -> Any:
             "float16, float32 or float64 outputs of f (or out=None)"
         )
     return table[dtype]
+
+
+def open_store(
+    out: Union[None, str, "os.PathLike[str]"],
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    fingerprint: Optional[dict[str, Any]],
+    grid: dict[str, Any],
+    resume: bool,
+    rk: Ranks,
+) -> Union[MemoryStore, NpyStore]:
+    """The store of a run: memory (``out=None``), or ``out`` opened by rank 0 then by the other ranks.
+
+    Rank 0 creates (or reopens, to resume) the file; the others wait for it and reopen it.
+    If rank 0 fails, the others stop with an error instead of waiting forever.
+    """
+    if out is None:
+        return MemoryStore(shape, dtype)
+    assert fingerprint is not None
+    store: Optional[NpyStore] = None
+    if rk.rank == 0:
+        try:
+            store = NpyStore.open(out, shape, dtype, fingerprint, grid, resume)
+        except BaseException:
+            rk.broadcast_int(0)  # let the other ranks stop instead of waiting
+            raise
+    if not rk.broadcast_int(1):
+        raise RuntimeError(f"kernel_matrix(out={str(out)!r}): rank 0 could not open the output (see its error)")
+    if store is None:
+        store = NpyStore.open(out, shape, dtype, fingerprint, grid, resume=True, create=False)
+    return store

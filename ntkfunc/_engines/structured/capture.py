@@ -40,12 +40,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ntkfunc import rules
-from ntkfunc._problem import Problem
+from ntkfunc._core.problem import Problem
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def _name(func: Any) -> str:
+def op_name(func: Any) -> str:
     """A readable name: ``linear``, ``TensorBase.matmul``, ``Tensor.T`` (attribute views)."""
     owner = getattr(func, "__self__", None)
     if getattr(func, "__name__", "") == "__get__" and owner is not None:
@@ -80,6 +80,7 @@ class Capture:
     covered: dict[int, tuple[int, str]]
     fallback: dict[int, str]
     uses: dict[int, list[str]]
+    api: str = "ntk_fn"
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -95,6 +96,10 @@ def _expanded(mode: TorchFunctionMode, func: Any, args: tuple, kwargs: dict) -> 
         return fn(*args, **kwargs)
 
 
+def _no_param(t: object) -> bool:
+    return False
+
+
 class _Recorder(TorchFunctionMode):
     """Discovery pass: records events and other uses; calls events with detached parameters."""
 
@@ -105,6 +110,9 @@ class _Recorder(TorchFunctionMode):
         self.uses: dict[int, list[str]] = {}
         self.plain: dict[int, list[str]] = {}
 
+    def _is_param(self, t: object) -> bool:
+        return isinstance(t, torch.Tensor) and id(t) in self.ids
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         hits = [self.ids[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.ids]
@@ -114,23 +122,27 @@ class _Recorder(TorchFunctionMode):
         if out is not NotImplemented:
             return out
         rule = rules.lookup(func)
-        roles = rule.match(args, kwargs, lambda t: isinstance(t, torch.Tensor) and id(t) in self.ids) if rule else None
+        bound = rule.bind(args, kwargs) if rule else None
+        roles = rule.match(bound, self._is_param) if rule and bound is not None else None
         if roles is None:
             out = func(*args, **kwargs)
             if _tensors(out):  # metadata queries (.shape, .dtype) return no tensor
                 for k in hits:
-                    self.plain.setdefault(k, []).append(_name(func))
-                    self.uses.setdefault(k, []).append(_name(func))
+                    self.plain.setdefault(k, []).append(op_name(func))
+                    self.uses.setdefault(k, []).append(op_name(func))
             return out
+        assert rule is not None and bound is not None
         ids = {id(t) for t in roles.values()}
-        args, kwargs = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and id(t) in ids else t, (args, kwargs))
-        _, meta = rule.capture(args, kwargs, lambda t: False)
+        args, kwargs, bound = pytree.tree_map(
+            lambda t: t.detach() if isinstance(t, torch.Tensor) and id(t) in ids else t, (args, kwargs, bound)
+        )
+        _, meta = rule.capture(bound, _no_param)
         y = func(*args, **kwargs)
         if not isinstance(y, torch.Tensor):
-            raise TypeError(f"rule {rule.name} matched {_name(func)}, which returned a {type(y).__name__}; expected a tensor")
+            raise TypeError(f"rule {rule.name} matched {op_name(func)}, which returned a {type(y).__name__}; expected a tensor")
         index = {r: self.ids[id(t)] for r, t in roles.items()}
         for k in index.values():
-            self.uses.setdefault(k, []).append(f"{_name(func)} ({rule.name})")
+            self.uses.setdefault(k, []).append(f"{op_name(func)} ({rule.name})")
         self.events.append(Event(func, rule, index, meta, tuple(y.shape), y.dtype))
         return y
 
@@ -172,10 +184,10 @@ def discover(problem: Problem, which: int = 1) -> Capture:
             fallback[k] = f"used by {count[k]} primitives (weight tying)"
         elif count.get(k, 0) == 0:
             fallback[k] = "not used"
-    return _assemble(mode.events, fallback, mode.uses)
+    return _assemble(mode.events, fallback, mode.uses, problem.api)
 
 
-def _assemble(all_events: Sequence[Event], fallback: dict[int, str], uses: dict[int, list[str]]) -> Capture:
+def _assemble(all_events: Sequence[Event], fallback: dict[int, str], uses: dict[int, list[str]], api: str) -> Capture:
     """A :class:`Capture` from the recorded events, with ``fallback`` parameters left out of them."""
     events, covered = [], {}
     for e in all_events:
@@ -185,7 +197,7 @@ def _assemble(all_events: Sequence[Event], fallback: dict[int, str], uses: dict[
         for r, k in roles.items():
             covered[k] = (len(events), r)
         events.append(dataclasses.replace(e, roles=roles))
-    return Capture(events, covered, fallback, uses)
+    return Capture(events, covered, fallback, uses, api)
 
 
 def restrict(capture: Capture, moved: dict[int, str]) -> Capture:
@@ -196,7 +208,7 @@ def restrict(capture: Capture, moved: dict[int, str]) -> Capture:
     """
     if not moved:
         return capture
-    return _assemble(capture.events, {**capture.fallback, **moved}, capture.uses)
+    return _assemble(capture.events, {**capture.fallback, **moved}, capture.uses, capture.api)
 
 
 class Injector(TorchFunctionMode):
@@ -210,7 +222,7 @@ class Injector(TorchFunctionMode):
         self.aux: list[list[torch.Tensor]] = []  # per event: its operands that are tensors
         self.slots: list[tuple[int, list[int]]] = []  # per event: (number of operands, positions of the tensors)
 
-    def _is_param(self, t: Any) -> bool:
+    def _is_param(self, t: object) -> bool:
         return isinstance(t, torch.Tensor) and id(t) in self.ids
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
@@ -221,22 +233,24 @@ class Injector(TorchFunctionMode):
         if out is not NotImplemented:
             return out
         rule = rules.lookup(func)
-        roles = rule.match(args, kwargs, self._is_param) if rule else None
+        bound = rule.bind(args, kwargs) if rule else None
+        roles = rule.match(bound, self._is_param) if rule and bound is not None else None
         if roles is None:  # metadata queries on a covered parameter
             return func(*args, **kwargs)
+        assert rule is not None and bound is not None
         k = len(self.aux)
         events = self.capture.events
         if k >= len(events) or events[k].func is not func:
             raise RuntimeError(
-                f"ntk_fn(implementation=3): call {k} of a parameter-consuming op is {_name(func)}, but the capture "
-                f"pass saw {_name(events[k].func) if k < len(events) else 'no more calls'}; expected f to call the "
+                f"{self.capture.api}(implementation=3): call {k} of a parameter-consuming op is {op_name(func)}, but the capture "
+                f"pass saw {op_name(events[k].func) if k < len(events) else 'no more calls'}; expected f to call the "
                 "same ops on every sample (data-dependent control flow); use implementation=1 or 2"
             )
-        operands, _ = rule.capture(args, kwargs, self._is_param)
+        operands, _ = rule.capture(bound, self._is_param)
         y = func(*args, **kwargs)
         if tuple(y.shape) != events[k].y_shape:
             raise RuntimeError(
-                f"ntk_fn(implementation=3): {_name(func)} returned shape {tuple(y.shape)} on this sample and "
+                f"{self.capture.api}(implementation=3): {op_name(func)} returned shape {tuple(y.shape)} on this sample and "
                 f"{events[k].y_shape} in the capture pass; expected the same shapes for every sample"
             )
         self.slots.append((len(operands), [i for i, t in enumerate(operands) if t is not None]))
@@ -261,7 +275,7 @@ def probed(
             outs = fn(fb, x)
         if len(mode.aux) != len(capture.events):
             raise RuntimeError(
-                f"ntk_fn(implementation=3): f made {len(mode.aux)} captured calls on this sample and "
+                f"{capture.api}(implementation=3): f made {len(mode.aux)} captured calls on this sample and "
                 f"{len(capture.events)} in the capture pass; expected the same ops for every sample"
             )
         slots.append(mode.slots)

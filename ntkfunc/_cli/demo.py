@@ -15,20 +15,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch import nn
-
-from ntkfunc.api import available_implementations, ntk_fn
+from ntkfunc._engines import Implementation, engines
 from ntkfunc.datasets import load_digits
+from ntkfunc.models import small_cnn
 from ntkfunc.module import from_module
-
-
-def small_cnn(classes: int = 10) -> nn.Module:
-    """A 2-conv CNN for 8x8 single-channel images (about 10k parameters)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, classes),
-    )
+from ntkfunc.ntk import ntk_fn
 
 
 def run(n: int = 64, out: Optional[Path] = None, seed: int = 0) -> dict:
@@ -40,7 +31,8 @@ def run(n: int = 64, out: Optional[Path] = None, seed: int = 0) -> dict:
     n_params = sum(p.numel() for p in params.values())
     print(f"eNTK of a small CNN ({n_params:,} parameters) on {n} shipped 8x8 digits, full kernel (N, N, 10, 10)")
     kernels, seconds = {}, {}
-    names = [impl for impl in available_implementations() if impl != 0] + (["auto"] if 0 in available_implementations() else [])
+    numbers = [int(e.implementation) for e in engines()]
+    names: list = [k for k in numbers if k != Implementation.AUTO] + (["auto"] if Implementation.AUTO in numbers else [])
     for impl in names:
         kernel = ntk_fn(f, trace_axes=(), implementation=impl)
         kernel(x[:2], None, params)  # warm-up

@@ -18,34 +18,32 @@ import math
 import torch
 from torch.func import jvp, vjp, vmap
 
-from ntkfunc import _jacobian
-from ntkfunc._blocks import Accumulator, tiles
-from ntkfunc._jacobian import jacobians, per_sample_activation_bytes
-from ntkfunc._memory import fmt_bytes
-from ntkfunc._problem import Problem
-
-_SAFETY = 0.7
+from ntkfunc._core.memory import SAFETY, fmt_bytes, itemsize, per_sample_activation_bytes
+from ntkfunc._core.problem import Problem
+from ntkfunc._core.tiles import Accumulator, tiles
+from ntkfunc._engines import jacobian
 
 
-def plan(problem: Problem, budget: int, itemsize: int) -> tuple[int, int]:
+def plan(problem: Problem, budget: int) -> tuple[int, int]:
     """Block sizes ``(b1, b2)`` for x1 and x2: ``b2 x cot + b1 x b2 x per_pair <= usable``."""
     leaves = problem.params.diff_leaves
+    size = itemsize(problem.out_dtype)
     o1 = sum(math.prod(s) for s in problem.sample_out_shapes(1))
     o2 = sum(math.prod(s) for s in problem.sample_out_shapes(2))
-    cot = o2 * sum(t.numel() for t in leaves) * itemsize  # per x2 sample
-    usable = budget * _SAFETY
+    cot = o2 * sum(t.numel() for t in leaves) * size  # per x2 sample
+    usable = budget * SAFETY
     if not problem.vmapped:
         return 1, 1
     b2 = int(usable / 2 // max(cot, 1))
     if b2 < 1:
         raise MemoryError(
-            f"one sample's parameter cotangents need {fmt_bytes(cot)} (outputs x parameters x itemsize) "
+            f"{problem.api}(implementation=2): one sample's parameter cotangents need {fmt_bytes(cot)} (outputs x parameters x itemsize) "
             f"and the memory budget allows {fmt_bytes(usable / 2)}; raise memory_budget"
         )
     # Under vmap over x1 samples, batching rules may broadcast the (x1-independent)
     # parameter tangents to every x1 sample: budget a copy of the x2 block's cotangents
     # per x1 sample, and balance b1 and b2 so that neither collapses to 1 needlessly.
-    per_pair = o2 * (2 * per_sample_activation_bytes(problem) + o1 * itemsize) + o2 * itemsize + cot
+    per_pair = o2 * (2 * per_sample_activation_bytes(problem) + o1 * size) + o2 * size + cot
     b2 = min(b2, problem.n2, max(1, math.isqrt(int(usable // max(per_pair, 1)))))
     b1 = int((usable - b2 * cot) // max(b2 * per_pair, 1))
     return max(1, min(b1, problem.n1)), b2
@@ -68,14 +66,13 @@ def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
     parameter, i.e. implementation 1's path, at the cost of one full kernel.
     """
     if per_param:
-        return _jacobian.kernel(problem, budget, per_param=True)
-    itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
-    b1, b2 = plan(problem, budget, itemsize)
+        return jacobian.kernel(problem, budget, per_param=True)
+    b1, b2 = plan(problem, budget)
     everything = list(range(len(problem.params.diff_leaves)))
     acc = Accumulator(problem)
     push = jvp
     for tile in tiles(problem, b1, b2):
-        cot = jacobians(problem, everything, 2, tile.j0, tile.j1)  # [out leaf][param]: (b2, *out2, *p)
+        cot = jacobian.jacobians(problem, everything, 2, tile.j0, tile.j1)  # [out leaf][param]: (b2, *out2, *p)
         try:
             blocks = _tile(problem, tile.i0, tile.i1, cot, push)
         except NotImplementedError as err:  # an op without a forward-mode derivative

@@ -6,10 +6,11 @@ import collections
 import functools
 from typing import Any, Optional, Union
 
-from ntkfunc.api import _check_implementation, _refuse_batch_coupled, _refuse_param_vmap, compute, kernel_context
-from ntkfunc._problem import make_problem
-from ntkfunc._tree import as_axes_tuple
-from ntkfunc._typing import ApplyFn, Axes, Implementation, MemoryBudget, PyTree, VMapAxes
+from ntkfunc._core.checks import as_axes_tuple, refuse_batch_coupled
+from ntkfunc._core.ops import kernel_context
+from ntkfunc._core.problem import make_problem
+from ntkfunc._core.types import ApplyFn, Axes, MemoryBudget, PyTree, VMapAxes
+from ntkfunc._engines import Implementation, compute, get_engine, refuse_param_vmap
 from ntkfunc.nngp import nngp_from_outputs
 
 KINDS = ("ntk", "nngp")
@@ -53,7 +54,7 @@ def kernel_fn(
     ``get`` is ``"ntk"`` or ``"nngp"`` (the kernel itself is returned), or a tuple of them
     (a namedtuple ``Kernel`` with those fields, in that order). The arguments are those of
     :func:`ntkfunc.ntk_fn` and :func:`ntkfunc.nngp_fn`, and so are the shapes. The op context
-    (:func:`ntkfunc.api.kernel_context`) is entered once for both kernels; the NNGP
+    is entered once for both kernels; the NNGP
     costs one forward pass per input batch, the NTK is computed by ``implementation`` (its
     Jacobian pass runs its own forward). Both are differentiable in ``x1``, ``x2``, ``params``.
 
@@ -68,25 +69,26 @@ def kernel_fn(
       >>> ntkfunc.kernel_fn(f)(x1, None, "ntk", params).shape
       torch.Size([5, 5])
     """
-    impl = _check_implementation(implementation)
+    api = "kernel_fn"
+    engine = get_engine(implementation, api=api)
     trace_axes, diagonal_axes = as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes)
-    _refuse_batch_coupled(f, vmap_axes)
+    refuse_batch_coupled(f, vmap_axes, api)
 
     def k(x1: PyTree, x2: Optional[PyTree], get: Get, params: PyTree) -> Any:
-        single, fields = canonical_get(get)
+        single, fields = canonical_get(get, api)
         out: dict[str, PyTree] = {}
         with kernel_context(x1, x2, params):
             if "ntk" in fields:
-                _refuse_param_vmap(impl, params)
-                problem = make_problem(f, x1, x2, params, vmap_axes, trace_axes, diagonal_axes)
-                out["ntk"] = compute(problem, impl, memory_budget)
+                refuse_param_vmap(engine, params, api)
+                problem = make_problem(f, x1, x2, params, vmap_axes, trace_axes, diagonal_axes, api=api)
+                out["ntk"] = compute(problem, engine, memory_budget)
             if "nngp" in fields:
                 fx1 = f(params, x1)
                 fx2 = None if x2 is None else f(params, x2)
-                out["nngp"] = nngp_from_outputs(fx1, fx2, vmap_axes, trace_axes, diagonal_axes)
+                out["nngp"] = nngp_from_outputs(fx1, fx2, vmap_axes, trace_axes, diagonal_axes, api)
         if single:
             return out[fields[0]]
         return kernel_tuple(fields)(*(out[g] for g in fields))
 
-    k.__doc__ = f"Empirical kernels of {getattr(f, '__name__', 'f')} (implementation {impl}): k(x1, x2, get, params)."
+    k.__doc__ = f"Empirical kernels of {getattr(f, '__name__', 'f')} (implementation {int(engine.implementation)}): k(x1, x2, get, params)."
     return k

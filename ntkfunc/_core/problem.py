@@ -21,8 +21,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from ntkfunc._tree import Layout, broadcast_prefix, tree_flatten, tree_unflatten
-from ntkfunc._typing import ApplyFn, Axes, PyTree, VMapAxes
+from ntkfunc._core.cache import KernelCache, ProbeResult, Signature
+from ntkfunc._core.checks import split_vmap_axes
+from ntkfunc._core.layout import Layout
+from ntkfunc._core.pytree import broadcast_prefix, tree_flatten, tree_unflatten
+from ntkfunc._core.types import ApplyFn, Axes, PyTree, VMapAxes
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
@@ -37,20 +40,20 @@ class Params:
     diff_index: list[int]  # positions of the differentiated (floating) leaves
 
     @staticmethod
-    def make(params: PyTree) -> "Params":
+    def make(params: PyTree, api: str = "ntk_fn") -> "Params":
         with_path, spec = pytree.tree_flatten_with_path(params)
         names, leaves = [], []
         for path, leaf in with_path:
             if not isinstance(leaf, torch.Tensor):
                 raise TypeError(
-                    f"params{pytree.keystr(path)} is a {type(leaf).__name__}; expected every "
+                    f"{api}: params{pytree.keystr(path)} is a {type(leaf).__name__}; expected every "
                     "leaf of params to be a torch.Tensor"
                 )
             names.append(pytree.keystr(path) or "params")
             leaves.append(leaf)
         diff = [i for i, t in enumerate(leaves) if t.is_floating_point() or t.is_complex()]
         if not diff:
-            raise ValueError("params has no floating-point tensor: nothing to differentiate")
+            raise ValueError(f"{api}: params has no floating-point tensor: nothing to differentiate")
         return Params(leaves, spec, names, diff)
 
     @property
@@ -98,8 +101,9 @@ class Problem:
     out_dtype: torch.dtype
     device: torch.device
     layouts: list[Layout]
-    cache: Optional[dict] = None  # the kernel function's cache (its closure), when the inputs have a signature
-    signature: Optional[tuple] = None
+    api: str = "ntk_fn"  # the public function being computed (named in error messages)
+    cache: Optional[KernelCache] = None  # the kernel function's cache (its closure), when the inputs have a signature
+    signature: Optional[Signature] = None
 
     @property
     def symmetric(self) -> bool:
@@ -114,7 +118,7 @@ class Problem:
         out = self.f(self.params.rebuild(param_leaves, subset), tree_unflatten(list(x_leaves), self.x_spec))
         leaves, spec = tree_flatten(out)
         if spec != self.out_spec:
-            raise ValueError(f"f returned outputs of structure {spec}; expected {self.out_spec} as on the first sample")
+            raise ValueError(f"{self.api}: f returned outputs of structure {spec}; expected {self.out_spec} as on the first sample")
         return leaves
 
     def sample_fn(self, subset: Optional[Sequence[int]] = None) -> Callable[..., list[torch.Tensor]]:
@@ -165,23 +169,16 @@ def _fmt_shapes(leaves: Sequence[Any]) -> str:
     return ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in leaves)
 
 
-def _split_vmap_axes(vmap_axes: VMapAxes) -> tuple[Any, Any]:
-    if isinstance(vmap_axes, tuple) and len(vmap_axes) == 3 and isinstance(vmap_axes[2], dict):
-        x_axis, fx_axis, kw = vmap_axes
-        if kw:
-            raise ValueError(f"vmap_axes={vmap_axes!r}: keyword-argument axes are not supported; expected {{}}")
-        return x_axis, fx_axis
-    return vmap_axes, vmap_axes
-
-
-def _check_inputs(x1_leaves: list[Any], x2_leaves: Optional[list[Any]], spec1: Any, spec2: Any, x_axes: Optional[list[Optional[int]]]) -> tuple[int, int]:
+def _check_inputs(
+    x1_leaves: list[Any], x2_leaves: Optional[list[Any]], spec1: Any, spec2: Any, x_axes: Optional[list[Optional[int]]], api: str
+) -> tuple[int, int]:
     if not x1_leaves:
-        raise ValueError("x1 has no tensors; expected a tensor or a pytree of tensors")
+        raise ValueError(f"{api}: x1 has no tensors; expected a tensor or a pytree of tensors")
     for x in x1_leaves + (x2_leaves or []):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"inputs must be tensors (or pytrees of tensors); got a {type(x).__name__}")
+            raise TypeError(f"{api}: inputs must be tensors (or pytrees of tensors); got a {type(x).__name__}")
     if x2_leaves is not None and spec1 != spec2:
-        raise ValueError(f"x1 and x2 have different structures: {spec1} vs {spec2}")
+        raise ValueError(f"{api}: x1 and x2 have different structures: {spec1} vs {spec2}")
 
     def batch_size(leaves: list[torch.Tensor], name: str) -> int:
         if x_axes is None:
@@ -192,14 +189,14 @@ def _check_inputs(x1_leaves: list[Any], x2_leaves: Optional[list[Any]], spec1: A
                 continue
             if not -x.ndim <= a < max(x.ndim, 1) or x.ndim == 0:
                 raise ValueError(
-                    f"vmap_axes: axis {a} does not exist in {name} of shape {tuple(x.shape)}; "
+                    f"{api}(vmap_axes): axis {a} does not exist in {name} of shape {tuple(x.shape)}; "
                     "expected the batch axis of every input leaf (or vmap_axes=None for functions whose samples interact)"
                 )
             sizes.add(x.shape[a])
         if len(sizes) > 1:
-            raise ValueError(f"{name} leaves have different batch sizes {sorted(sizes)} along vmap_axes; shapes: {_fmt_shapes(leaves)}")
+            raise ValueError(f"{api}: {name} leaves have different batch sizes {sorted(sizes)} along vmap_axes; shapes: {_fmt_shapes(leaves)}")
         if not sizes:
-            raise ValueError(f"vmap_axes maps no leaf of {name}; expected at least one batched input")
+            raise ValueError(f"{api}(vmap_axes): maps no leaf of {name}; expected at least one batched input")
         return sizes.pop()
 
     n1 = batch_size(x1_leaves, "x1")
@@ -211,15 +208,17 @@ def _check_inputs(x1_leaves: list[Any], x2_leaves: Optional[list[Any]], spec1: A
             sb = [d for i, d in enumerate(b.shape) if ax is None or i != ax % b.ndim]
             if (x_axes is not None and sa != sb) or a.ndim != b.ndim:
                 raise ValueError(
-                    f"x1 and x2 have mismatched feature shapes: {tuple(a.shape)} vs {tuple(b.shape)} "
+                    f"{api}: x1 and x2 have mismatched feature shapes: {tuple(a.shape)} vs {tuple(b.shape)} "
                     f"(input leaf {k}); expected equal shapes except along the batch axis {ax}"
                 )
             if a.dtype != b.dtype:
-                raise ValueError(f"x1 and x2 have different dtypes {a.dtype} and {b.dtype} (input leaf {k}); expected the same")
+                raise ValueError(f"{api}: x1 and x2 have different dtypes {a.dtype} and {b.dtype} (input leaf {k}); expected the same")
     return n1, n2
 
 
-def _probe(f: ApplyFn, params: Params, x_leaves: list[Any], x_spec: Any, x_axes: Optional[list[Optional[int]]], check: bool) -> tuple[list[torch.Tensor], Any]:
+def _probe(
+    f: ApplyFn, params: Params, x_leaves: list[Any], x_spec: Any, x_axes: Optional[list[Optional[int]]], check: bool, api: str
+) -> tuple[list[torch.Tensor], Any]:
     """Run ``f`` on the first sample (or the whole batch): output leaves and structure.
 
     With ``check``, on copies: also refuse in-place mutation of params or inputs and
@@ -244,27 +243,27 @@ def _probe(f: ApplyFn, params: Params, x_leaves: list[Any], x_spec: Any, x_axes:
     changed += [f"input leaf {k}" for k, x in enumerate(x_copy) if x._version != versions[len(p_copy) + k]]
     if changed:
         raise ValueError(
-            f"f modified {', '.join(changed)} in place; expected a pure function f(params, x) "
+            f"{api}: f modified {', '.join(changed)} in place; expected a pure function f(params, x) "
             "(use out-of-place ops, e.g. `x = x * 2` instead of `x *= 2`)"
         )
     out_leaves, out_spec = tree_flatten(out)
     for k, o in enumerate(out_leaves):
         if not isinstance(o, torch.Tensor):
-            raise TypeError(f"f returned a {type(o).__name__} as output leaf {k}; expected tensors")
+            raise TypeError(f"{api}: f returned a {type(o).__name__} as output leaf {k}; expected tensors")
         if not (o.is_floating_point() or o.is_complex()):
             raise TypeError(
-                f"f returned an output of dtype {o.dtype} (leaf {k}); expected floating-point outputs, "
+                f"{api}: f returned an output of dtype {o.dtype} (leaf {k}); expected floating-point outputs, "
                 "since an integer output (e.g. argmax) has no derivative"
             )
     graph_out = [o for o in out_leaves if o.requires_grad]
     diff = [p_copy[i] for i in params.diff_index]
     if not graph_out:
-        raise ValueError("f's output does not depend on any parameter: every kernel entry would be zero")
+        raise ValueError(f"{api}: f's output does not depend on any parameter: every kernel entry would be zero")
     grads = torch.autograd.grad(graph_out, diff, [torch.ones_like(o) for o in graph_out], allow_unused=True)
     unused = [name for name, g in zip(params.diff_names, grads) if g is None]
     if unused:
         warnings.warn(
-            f"the output of f does not depend on {', '.join(unused)}; their kernel contribution is zero",
+            f"{api}: the output of f does not depend on {', '.join(unused)}; their kernel contribution is zero",
             stacklevel=4,
         )
     return [o.detach() for o in out_leaves], out_spec
@@ -278,51 +277,55 @@ def make_problem(
     vmap_axes: VMapAxes,
     trace_axes: Axes,
     diagonal_axes: Axes,
-    probe_cache: Optional[dict] = None,
+    cache: Optional[KernelCache] = None,
+    *,
+    api: str = "ntk_fn",
 ) -> Problem:
     """Check everything and build the :class:`Problem` (runs ``f`` on one sample).
 
-    ``probe_cache`` (a dict owned by the caller's closure) remembers what the probe of
-    ``f`` found for a given signature of shapes, dtypes and devices, so that repeated
-    calls (a kernel per training step) run ``f`` only when the signature changes.
+    ``cache`` (owned by the caller's closure) remembers what the probe of ``f`` found for a
+    given signature of shapes, dtypes and devices, so that repeated calls (a kernel per
+    training step) run ``f`` only when the signature changes. ``api`` names the public
+    function in error messages.
     """
-    p = Params.make(params)
+    p = Params.make(params, api)
     x1_leaves, spec1 = tree_flatten(x1)
     x2_leaves, spec2 = (None, None) if x2 is None else tree_flatten(x2)
-    x_axis, fx_axis = _split_vmap_axes(vmap_axes)
-    x_axes = None if x_axis is None else broadcast_prefix(x_axis, x1)
+    x_axis, fx_axis = split_vmap_axes(vmap_axes, api)
+    x_axes = None if x_axis is None else broadcast_prefix(x_axis, x1, api=api)
     if x_axis is not None and fx_axis is None:
-        raise ValueError(f"vmap_axes={vmap_axes!r}: an input batch axis needs an output batch axis too")
-    n1, n2 = _check_inputs(x1_leaves, x2_leaves, spec1, spec2, x_axes)
+        raise ValueError(f"{api}(vmap_axes={vmap_axes!r}): an input batch axis needs an output batch axis too")
+    n1, n2 = _check_inputs(x1_leaves, x2_leaves, spec1, spec2, x_axes, api)
     if x_axes is not None:
         x_axes = [None if a is None else a % x.ndim for a, x in zip(x_axes, x1_leaves)]
 
     wrapped = any(_is_wrapped(t) for t in p.leaves + x1_leaves + (x2_leaves or []))
-    key = None if wrapped or probe_cache is None else _signature(p, x1_leaves, x2_leaves, spec1, x_axes)
-    if key is not None and key in probe_cache:
-        out1, out2, out_spec = probe_cache[key]
-    else:
-        out1, out_spec = _probe(f, p, x1_leaves, spec1, x_axes, check=not wrapped)
-        out2 = out1 if x2_leaves is None else _probe(f, p, x2_leaves, spec2, x_axes, check=False)[0]
-        if key is not None:
-            probe_cache[key] = (out1, out2, out_spec)
+    key = None if wrapped or cache is None else signature_of(p, x1_leaves, x2_leaves, spec1, x_axes)
+    probe = None if key is None or cache is None else cache.probes.get(key)
+    if probe is None:
+        out1, out_spec = _probe(f, p, x1_leaves, spec1, x_axes, not wrapped, api)
+        out2 = out1 if x2_leaves is None else _probe(f, p, x2_leaves, spec2, x_axes, False, api)[0]
+        probe = ProbeResult(out1, out2, out_spec)
+        if key is not None and cache is not None:
+            cache.probes[key] = probe
+    out1, out2, out_spec = probe.out1, probe.out2, probe.out_spec
 
     fx_axes: Optional[list[int]] = None
     shapes1 = [tuple(o.shape) for o in out1]
     shapes2 = [tuple(o.shape) for o in out2]
     if x_axes is not None:
-        raw = broadcast_prefix(fx_axis, tree_unflatten(out1, out_spec))
+        raw = broadcast_prefix(fx_axis, tree_unflatten(out1, out_spec), api=api)
         fx_axes = []
         for k, (o, a) in enumerate(zip(out1, raw)):
             if a is None or not -o.ndim <= a < o.ndim:
                 raise ValueError(
-                    f"vmap_axes: output leaf {k} of shape {tuple(o.shape)} has no batch axis {a}; "
+                    f"{api}(vmap_axes): output leaf {k} of shape {tuple(o.shape)} has no batch axis {a}; "
                     "expected f to keep the batch axis of its input (or pass vmap_axes=None)"
                 )
             a %= o.ndim
             if o.shape[a] != 1:
                 raise ValueError(
-                    f"f(params, x) on one sample returned shape {tuple(o.shape)} with size {o.shape[a]} "
+                    f"{api}: f(params, x) on one sample returned shape {tuple(o.shape)} with size {o.shape[a]} "
                     f"along its batch axis {a}; expected 1. The output batch axis does not match "
                     f"vmap_axes={vmap_axes!r}; if the samples of a batch interact (e.g. BatchNorm in training "
                     "mode), pass vmap_axes=None"
@@ -333,13 +336,13 @@ def make_problem(
 
     layouts = []
     for k, (s1, s2) in enumerate(zip(shapes1, shapes2)):
-        lay = Layout.make(len(s1), None if fx_axes is None else fx_axes[k], trace_axes, diagonal_axes)
+        lay = Layout.make(len(s1), None if fx_axes is None else fx_axes[k], trace_axes, diagonal_axes, api)
         if len(s1) != len(s2):
-            raise ValueError(f"f(x1) and f(x2) have different ndims {len(s1)} and {len(s2)} (output leaf {k})")
+            raise ValueError(f"{api}: f(x1) and f(x2) have different ndims {len(s1)} and {len(s2)} (output leaf {k})")
         for i in lay.trace + lay.diagonal:
             if s1[i] != s2[i]:
                 raise ValueError(
-                    f"f(x1) has shape {s1} and f(x2) has shape {s2} (output leaf {k}): traced and diagonal "
+                    f"{api}: f(x1) has shape {s1} and f(x2) has shape {s2} (output leaf {k}): traced and diagonal "
                     f"axes must match, axis {i} differs ({s1[i]} vs {s2[i]})"
                 )
         layouts.append(lay)
@@ -349,12 +352,12 @@ def make_problem(
     return Problem(
         f=f, params=p, x1_leaves=x1_leaves, x2_leaves=x2_leaves, x_spec=spec1, x_axes=x_axes,
         fx_axes=fx_axes, n1=n1, n2=n2, out_spec=out_spec, out_shapes1=shapes1, out_shapes2=shapes2,
-        out_dtype=out_dtype, device=out1[0].device, layouts=layouts,
-        cache=None if key is None else probe_cache, signature=key,
+        out_dtype=out_dtype, device=out1[0].device, layouts=layouts, api=api,
+        cache=None if key is None else cache, signature=key,
     )
 
 
-def _signature(p: Params, x1: list[Any], x2: Optional[list[Any]], spec: Any, x_axes: Optional[list[Optional[int]]]) -> tuple:
+def signature_of(p: Params, x1: list[Any], x2: Optional[list[Any]], spec: Any, x_axes: Optional[list[Optional[int]]]) -> Signature:
     """What the probe's findings depend on: structures, per-sample shapes, dtypes, devices."""
 
     def meta(leaves: list[Any]) -> tuple:

@@ -22,11 +22,9 @@ from typing import Optional, Sequence
 import torch
 from torch.func import jacrev, vmap
 
-from ntkfunc._blocks import Accumulator, Tile, tiles
-from ntkfunc._memory import activation_bytes, fmt_bytes
-from ntkfunc._problem import Problem
-
-_SAFETY = 0.8  # fraction of the budget the planned tensors may use
+from ntkfunc._core.memory import SAFETY, backward_transient, fmt_bytes, itemsize, outputs_per_sample
+from ntkfunc._core.problem import Problem
+from ntkfunc._core.tiles import Accumulator, Tile, tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,19 +33,7 @@ class Plan:
     block: int  # samples per block (x1 and x2)
 
 
-def _per_sample_out(problem: Problem) -> int:
-    return max(sum(math.prod(s) for s in problem.sample_out_shapes(w)) for w in (1, 2))
-
-
-def per_sample_activation_bytes(problem: Problem) -> int:
-    """Bytes of the activations of one forward pass on one sample (estimate)."""
-    x = problem.x_block(1, 0, 1)
-    fn = problem.sample_fn() if problem.vmapped else problem.batch_fn()
-    xs = [a if ax is None else a.squeeze(ax) for a, ax in zip(x, problem.x_axes)] if problem.vmapped else x
-    return activation_bytes(lambda leaves: fn(leaves, xs), problem.params.diff_leaves)
-
-
-def plan(problem: Problem, budget: int, itemsize: int, n_kernels: int = 1) -> Plan:
+def plan(problem: Problem, budget: int, n_kernels: int = 1) -> Plan:
     """Parameter groups and sample block size whose Jacobians fit ``budget`` bytes.
 
     Per sample, parameter ``p`` costs ``O * numel(p) * itemsize`` bytes of Jacobian, and
@@ -58,33 +44,39 @@ def plan(problem: Problem, budget: int, itemsize: int, n_kernels: int = 1) -> Pl
     ``n_kernels`` kernels are held at the end (one per parameter with ``per_param``).
     """
     leaves = problem.params.diff_leaves
-    o = _per_sample_out(problem)
-    sizes = [o * t.numel() * itemsize for t in leaves]
+    size = itemsize(problem.out_dtype)
+    sizes = jacobian_bytes(problem)
     total = sum(sizes)
     n_all = problem.n1 + (0 if problem.symmetric else problem.n2)
     n_max = max(problem.n1, problem.n2)
-    kernel_bytes = n_kernels * sum(math.prod(s) for s in problem.kernel_shapes()) * itemsize
-    usable = max(budget * _SAFETY - 2 * kernel_bytes, budget * 0.25)
+    kernel_bytes = n_kernels * sum(math.prod(s) for s in problem.kernel_shapes()) * size
+    usable = max(budget * SAFETY - 2 * kernel_bytes, budget * 0.25)
     everything = list(range(len(leaves)))
     if not problem.vmapped:
-        return Plan(_pack(sizes, usable / 2, problem) if 2 * total > usable else [everything], 1)
+        return Plan(pack_groups(sizes, usable / 2, problem) if 2 * total > usable else [everything], 1)
     if n_all * total <= 0.1 * usable:  # clearly fits: skip the activation estimate
         return Plan([everything], n_max)
     # While a block's Jacobian is built, backward temporaries about the size of the
     # largest parameter's Jacobian and ~2 O copies of the activations are alive.
-    transient = (2 * o + 1) * per_sample_activation_bytes(problem) + max(sizes)
+    transient = backward_transient(problem) + max(sizes)
     if n_all * total + n_max * transient <= usable:
         return Plan([everything], n_max)
     block = int(usable // (2 * total + transient))
     if block >= 1:
         return Plan([everything], min(block, n_max))
-    groups = _pack(sizes, (usable - transient) / 2, problem)
+    groups = pack_groups(sizes, (usable - transient) / 2, problem)
     largest = max(sum(sizes[k] for k in g) for g in groups)
     block = max(1, int(usable // (2 * largest + transient)))
     return Plan(groups, min(block, n_max))
 
 
-def _pack(sizes: Sequence[int], capacity: float, problem: Problem) -> list[list[int]]:
+def jacobian_bytes(problem: Problem) -> list[int]:
+    """Bytes of one sample's Jacobian with respect to each differentiated parameter leaf."""
+    o, size = outputs_per_sample(problem), itemsize(problem.out_dtype)
+    return [o * t.numel() * size for t in problem.params.diff_leaves]
+
+
+def pack_groups(sizes: Sequence[int], capacity: float, problem: Problem) -> list[list[int]]:
     """Consecutive parameter leaves packed into groups of at most ``capacity`` bytes."""
     groups: list[list[int]] = [[]]
     used = 0.0
@@ -126,9 +118,8 @@ def contract(problem: Problem, j1: list[list[torch.Tensor]], j2: list[list[torch
 
 def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
     """The kernel per output leaf (a list), or per leaf a list over parameters if ``per_param``."""
-    itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
     n_params = len(problem.params.diff_leaves)
-    p = plan(problem, budget, itemsize, n_params if per_param else 1)
+    p = plan(problem, budget, n_params if per_param else 1)
     accs = [Accumulator(problem) for _ in range(n_params if per_param else 1)]
     for group in p.groups:
         for tile, j1, j2 in _tile_jacobians(problem, group, p.block):

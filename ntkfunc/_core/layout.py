@@ -1,4 +1,4 @@
-"""Pytrees and the kernel's output layout (trace / diagonal axes).
+"""The kernel's output layout (trace / diagonal axes) as einsum subscripts.
 
 The layout rule (neural-tangents' ``empirical_ntk_fn``): for an output leaf of shape
 ``(d0, d1, ..., dk)`` (one axis of which is the batch axis), the kernel has, for
@@ -17,66 +17,37 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-from torch.utils import _pytree as pytree
 
-from ntkfunc._typing import Axes, PyTree
-
-tree_flatten = pytree.tree_flatten
-tree_unflatten = pytree.tree_unflatten
-tree_map = pytree.tree_map
-tree_leaves = pytree.tree_leaves
+from ntkfunc._core.checks import as_axes_tuple
+from ntkfunc._core.types import Axes
 
 _LETTERS = string.ascii_letters
 
 
-def tree_map2(fn: Callable[[Any, Any], Any], tree: PyTree, other: PyTree) -> PyTree:
-    """``tree_map`` over two trees where ``other`` may be a prefix-broadcast (e.g. axes)."""
-    leaves, spec = tree_flatten(tree)
-    others = broadcast_prefix(other, tree)
-    return tree_unflatten([fn(a, b) for a, b in zip(leaves, others)], spec)
+def canonical_axes(axes: Axes, ndim: int, what: str, api: str = "ntk_fn") -> tuple[int, ...]:
+    """Sorted non-negative axes; ``what`` names the argument and ``api`` the caller in error messages.
 
-
-def broadcast_prefix(prefix: PyTree, tree: PyTree) -> list[Any]:
-    """Leaves of ``prefix`` repeated to match the leaves of ``tree``.
-
-    ``prefix`` is an int/None (applies to every leaf) or a pytree whose structure is a
-    prefix of ``tree``'s (as in ``torch.func.vmap``'s ``in_dims``).
+    >>> canonical_axes((-1, 0), 3, "trace_axes")
+    (0, 2)
     """
-    if prefix is None or isinstance(prefix, int):
-        return [prefix] * len(tree_leaves(tree))
-    result = pytree._broadcast_to_and_flatten(prefix, pytree.tree_structure(tree))
-    if result is None:
-        raise ValueError(
-            f"vmap_axes={prefix!r} does not match the structure of the inputs "
-            f"{pytree.tree_structure(tree)}; expected an int, None, or a pytree prefix of it"
-        )
-    return result
-
-
-def canonical_axes(axes: Axes, ndim: int, what: str) -> tuple[int, ...]:
-    """Sorted non-negative axes; ``what`` names the argument in error messages."""
-    if isinstance(axes, int):
+    if isinstance(axes, int) and not isinstance(axes, bool):
         axes = (axes,)
     out = []
     for a in axes:
-        if not isinstance(a, int):
-            raise TypeError(f"ntk_fn({what}={axes!r}): axes must be ints, got {type(a).__name__}")
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise TypeError(f"{api}({what}={axes!r}): axes must be ints, got {type(a).__name__}")
         if not -ndim <= a < ndim:
             raise ValueError(
-                f"ntk_fn({what}={tuple(axes)}): axis {a} out of range for an output of "
+                f"{api}({what}={tuple(axes)}): axis {a} out of range for an output of "
                 f"ndim {ndim}; expected -{ndim} <= axis < {ndim}"
             )
         out.append(a % ndim)
     if len(set(out)) != len(out):
-        raise ValueError(f"ntk_fn({what}={tuple(axes)}): repeated axis")
+        raise ValueError(f"{api}({what}={tuple(axes)}): repeated axis")
     return tuple(sorted(out))
-
-
-def as_axes_tuple(axes: Axes) -> tuple[int, ...]:
-    return (axes,) if isinstance(axes, int) else tuple(axes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +71,13 @@ class Layout:
     diagonal: tuple[int, ...]
 
     @staticmethod
-    def make(ndim: int, batch_axis: Optional[int], trace_axes: Axes, diagonal_axes: Axes) -> "Layout":
-        trace = canonical_axes(trace_axes, ndim, "trace_axes")
-        diagonal = canonical_axes(diagonal_axes, ndim, "diagonal_axes")
+    def make(ndim: int, batch_axis: Optional[int], trace_axes: Axes, diagonal_axes: Axes, api: str = "ntk_fn") -> "Layout":
+        """The layout of an ndim-``ndim`` output; ``api`` names the caller in error messages."""
+        trace = canonical_axes(trace_axes, ndim, "trace_axes", api)
+        diagonal = canonical_axes(diagonal_axes, ndim, "diagonal_axes", api)
         if set(trace) & set(diagonal):
             raise ValueError(
-                f"ntk_fn(trace_axes={as_axes_tuple(trace_axes)}, diagonal_axes={as_axes_tuple(diagonal_axes)}): "
+                f"{api}(trace_axes={as_axes_tuple(trace_axes)}, diagonal_axes={as_axes_tuple(diagonal_axes)}): "
                 f"axes {sorted(set(trace) & set(diagonal))} of the ndim-{ndim} output are in both; an axis "
                 "is either traced (averaged away) or diagonal (kept once), not both"
             )
@@ -209,6 +181,3 @@ class Layout:
                 pos += 2
         return perm
 
-
-def numel(t: torch.Tensor) -> int:
-    return int(t.numel())

@@ -1,4 +1,9 @@
-"""Context managers that make torch ops behave under nested ``torch.func`` transforms."""
+"""Context managers that make torch ops behave under nested ``torch.func`` transforms.
+
+:func:`kernel_context` is the routing every kernel is computed under; its parts
+(:func:`transform_friendly_attention`, :func:`exact_higher_order`) are used alone where
+only one of them applies.
+"""
 
 from __future__ import annotations
 
@@ -177,3 +182,16 @@ def needs_higher_order(*trees: Any) -> bool:
         if grad_on and t.requires_grad:
             return True
     return False
+
+
+@contextlib.contextmanager
+def kernel_context(*trees: Any) -> Iterator[None]:
+    """The op routing every kernel is computed under.
+
+    Attention always uses its math backend; normalisation ops are decomposed into
+    elementary ops when the kernel may be differentiated again (a leaf of ``trees``
+    requires grad or is wrapped by an outer ``torch.func`` transform), because torch's
+    fused norms have wrong second-order derivatives. Otherwise the fused ops are kept.
+    """
+    with transform_friendly_attention(), exact_higher_order(needs_higher_order(trees)):
+        yield

@@ -1,4 +1,4 @@
-"""Ranks of a ``torchrun`` job: which tiles this process computes, and meeting points.
+"""Where a whole-dataset kernel runs: the devices of this process and the ranks of a ``torchrun`` job.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the default process group
 is created on first use, NCCL when CUDA is available and gloo otherwise, and destroyed
@@ -13,10 +13,15 @@ import contextlib
 import dataclasses
 import datetime
 import os
-from typing import Iterator
+from typing import Iterator, Sequence, Union
 
 import torch
 import torch.distributed as dist
+
+from ntkfunc._core.pytree import tree_leaves, tree_map
+from ntkfunc._core.types import PyTree
+
+Devices = Union[None, str, torch.device, Sequence[Union[str, torch.device]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,3 +79,27 @@ def ranks() -> Iterator[Ranks]:
         yield Ranks(dist.get_rank(), dist.get_world_size())
     finally:
         dist.destroy_process_group()
+
+
+def resolve_devices(devices: Devices, params: PyTree, rk: Ranks, api: str = "kernel_matrix") -> list[torch.device]:
+    """The devices tiles run on: params' device (``cuda:LOCAL_RANK`` under torchrun), every GPU, or a list."""
+    leaves = [t for t in tree_leaves(params) if isinstance(t, torch.Tensor)]
+    home = leaves[0].device if leaves else torch.device("cpu")
+    if devices is None:
+        return [rk.local_device() if rk.world > 1 and home.type == "cuda" else home]
+    if devices == "all":
+        n = torch.cuda.device_count()
+        return [torch.device("cuda", i) for i in range(n)] if n else [home]
+    items = [devices] if isinstance(devices, (str, torch.device)) else list(devices)
+    try:
+        result = [torch.device(d) for d in items]
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{api}(devices={devices!r}): {err}; expected None, 'all' or a list of devices like ['cuda:0', 'cuda:1']") from err
+    if not result:
+        raise ValueError(f"{api}(devices={devices!r}): expected at least one device")
+    return result
+
+
+def to_device(params: PyTree, dev: torch.device) -> PyTree:
+    """``params`` with every tensor moved to ``dev``."""
+    return tree_map(lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, params)

@@ -1,0 +1,219 @@
+"""Implementation 3: structured derivatives (Novak et al. 2022), with per-primitive rules.
+
+``Θ = Σ_θ Σ_{k: y_k consumes θ} (∂f₁/∂y_k)(∂y_k/∂θ)(∂y_k/∂θ)ᵀ(∂f₂/∂y_k)ᵀ``. For each tile of
+samples:
+
+1. :mod:`~ntkfunc._engines.structured.capture` finds the primitives that consume parameters (once per call).
+2. One ``vmap(jacrev(h))`` per block of samples, with respect to zero probes added to
+   the primitives' outputs (and to the fallback parameters, if any), gives the
+   cotangents ``c_k = ∂f/∂y_k`` for every output component (O VJPs per sample, never
+   P) and, as auxiliary outputs, the operands each rule needs.
+3. Each covered parameter's rule (:mod:`ntkfunc.rules`) describes ``∂y/∂θ`` as an
+   einsum; its kernel contribution is a single ``opt_einsum`` contraction of
+   ``c₁``, the x1 operands, ``c₂`` and the x2 operands, with the output-axis letters of
+   :class:`~ntkfunc._core.layout.Layout` (traced axes summed, diagonal axes shared), so
+   opt_einsum contracts traced axes early; :mod:`~ntkfunc._engines.structured.plan` prices
+   the Gram route (``(c₁c₂ᵀ) ⊙ (x₁x₂ᵀ)``) against forming ``∂f/∂θ`` and takes the cheaper.
+4. Fallback parameters (no rule, used through a view, tied, ...) are contracted from
+   their Jacobians exactly as in implementation 1.
+
+Memory: sample blocks are sized so that the cotangents (``b x O x Σ numel(y_k)``), the
+operands and the fallback Jacobians fit the budget, and tiled with :func:`~ntkfunc._core.tiles.tiles`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch.func import jacrev, vmap
+
+from ntkfunc import rules
+from ntkfunc._core.memory import SAFETY, backward_transient, itemsize, outputs_per_sample
+from ntkfunc._core.problem import Problem
+from ntkfunc._core.tiles import Accumulator, tiles
+from ntkfunc._engines.structured import capture as capture_mod
+from ntkfunc._engines.structured import plan
+from ntkfunc._engines.structured.capture import Capture
+
+Key = tuple[int, str, int]  # (event, role, output leaf)
+
+
+@dataclasses.dataclass
+class Side:
+    """What one block of samples contributes: cotangents, operands, fallback Jacobians.
+
+    ``structures``, ``forms`` and ``jacobians`` are filled on demand and kept for the other
+    tiles of the block's row: each rule structure, Jacobian equation and rule-formed
+    ``∂f/∂θ`` is built once per block.
+    """
+
+    cot: list[list[torch.Tensor]]  # [out leaf][event]: (b, *out_sample, *y)
+    operands: list[list[Optional[torch.Tensor]]]  # [event]: batch-first operands
+    fb_jac: list[list[torch.Tensor]]  # [out leaf][fallback param]: (b, *out_sample, *param)
+    cap: Capture
+    structures: dict[tuple[int, str], rules.Structure] = dataclasses.field(default_factory=dict)
+    forms: dict[Key, plan.Equation] = dataclasses.field(default_factory=dict)
+    jacobians: dict[Key, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+def side(problem: Problem, cap: Capture, which: int, start: int, stop: int) -> Side:
+    """Cotangents at every event's output and the rules' operands for samples ``start:stop``."""
+    leaves = problem.params.diff_leaves
+    fb_idx = sorted(cap.fallback)
+    fb = [leaves[k] for k in fb_idx]
+    deltas = [torch.zeros(e.y_shape, dtype=e.y_dtype, device=problem.device) for e in cap.events]
+    x = problem.x_block(which, start, stop)
+    fn = problem.sample_fn(fb_idx) if problem.vmapped else problem.batch_fn(fb_idx)
+    slots: list = []
+    h = capture_mod.probed(problem, cap, fn, slots)
+    argnums = tuple(i for i, a in ((0, deltas), (1, fb)) if a)
+    jac = jacrev(h, argnums=argnums, has_aux=True)
+    if problem.vmapped:
+        grads, aux = vmap(jac, in_dims=(None, None, problem.x_axes))(deltas, fb, x)
+    else:
+        grads, aux = jac(deltas, fb, x)
+        aux = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), aux)
+    cot, fb_jac = [], []
+    for g in grads:  # per output leaf: a tuple over argnums
+        parts = dict(zip(argnums, g))
+        cot.append(list(parts.get(0, [])))
+        fb_jac.append(list(parts.get(1, [])))
+    return Side(cot, capture_mod.unpack(aux, slots[-1]), fb_jac, cap)
+
+
+def event_structure(problem: Problem, sd: Side, e: int, role: str) -> rules.Structure:
+    """The rule's (checked) structure of event ``e``'s role ``role`` on this side's samples."""
+    key = (e, role)
+    if key not in sd.structures:
+        ev = sd.cap.events[e]
+        theta = problem.params.diff_leaves[ev.roles[role]]
+        st = ev.rule.structure(role, sd.operands[e], ev.meta, ev.y_shape)
+        sd.structures[key] = rules.check_structure(st, rule=ev.rule.name, role=role, theta_shape=tuple(theta.shape))
+    return sd.structures[key]
+
+
+def side_form(problem: Problem, sd: Side, e: int, role: str, leaf: int) -> plan.Equation:
+    """The equation forming this side's ``∂f/∂θ`` for one event, role and output leaf (built once)."""
+    key = (e, role, leaf)
+    if key not in sd.forms:
+        st = event_structure(problem, sd, e, role)
+        sd.forms[key] = plan.jacobian_equation(problem.layouts[leaf], problem.vmapped, st, sd.cot[leaf][e])
+    return sd.forms[key]
+
+
+def side_jacobian(problem: Problem, sd: Side, e: int, role: str, leaf: int, memory_limit: Optional[int]) -> torch.Tensor:
+    """This side's rule-formed ``∂f/∂θ`` (formed once, kept for the row)."""
+    key = (e, role, leaf)
+    if key not in sd.jacobians:
+        # contiguous: the einsum leaves the parameter axes transposed, which makes J₁ J₂ᵀ several times slower
+        sd.jacobians[key] = side_form(problem, sd, e, role, leaf).run(memory_limit).contiguous()
+    return sd.jacobians[key]
+
+
+def block_prices(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side) -> tuple[plan.Prices, plan.Equation]:
+    """The prices of one covered parameter's block for two sides, and its Gram equation."""
+    lay = problem.layouts[leaf]
+    st1, st2 = event_structure(problem, s1, e, role), event_structure(problem, s2, e, role)
+    c1, c2 = s1.cot[leaf][e], s2.cot[leaf][e]
+    gram = plan.gram_equation(lay, problem.vmapped, st1, st2, c1, c2)
+    if st1.theta != st2.theta:
+        return plan.prices(lay, problem.vmapped, st1, st2, c1, c2, gram), gram
+    forms = (side_form(problem, s1, e, role, leaf), side_form(problem, s2, e, role, leaf))
+    return plan.prices(lay, problem.vmapped, st1, st2, c1, c2, gram, forms), gram
+
+
+def route(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side) -> tuple[plan.RouteCost, plan.Equation]:
+    """The cost of each route for this tile (side Jacobians already formed are free) and the Gram equation."""
+    p, gram = block_prices(problem, leaf, e, role, s1, s2)
+    key = (e, role, leaf)
+    return p.at_tile(formed1=key in s1.jacobians, formed2=s1 is s2 or key in s2.jacobians), gram
+
+
+def param_block(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side, memory_limit: Optional[int]) -> torch.Tensor:
+    """One covered parameter's kernel block (not divided by the trace size), by the cheaper route."""
+    lay = problem.layouts[leaf]
+    cost, gram = route(problem, leaf, e, role, s1, s2)
+    if cost.use_gram:
+        part = gram.run(memory_limit)
+    else:
+        j1 = side_jacobian(problem, s1, e, role, leaf, memory_limit)
+        j2 = side_jacobian(problem, s2, e, role, leaf, memory_limit)
+        part = lay.contract(j1, j2, j1.ndim - len(lay.operand_subscripts(0)[0]))
+    scale = event_structure(problem, s1, e, role).scale * event_structure(problem, s2, e, role).scale
+    return part if scale == 1.0 else part * scale
+
+
+def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit: Optional[int]) -> list[list[Optional[torch.Tensor]]]:
+    """Per output leaf, per differentiated parameter: its kernel block for one tile.
+
+    Not divided by the trace size; ``None`` for a parameter the output does not use.
+    """
+    leaves = problem.params.diff_leaves
+    fb_idx = sorted(cap.fallback)
+    blocks = []
+    for leaf, lay in enumerate(problem.layouts):
+        parts: list[Optional[torch.Tensor]] = [None] * len(leaves)
+        for k, (e, role) in sorted(cap.covered.items()):
+            parts[k] = param_block(problem, leaf, e, role, s1, s2, memory_limit)
+        for j, k in enumerate(fb_idx):
+            parts[k] = lay.contract(s1.fb_jac[leaf][j], s2.fb_jac[leaf][j], leaves[k].ndim)
+        assert any(p is not None for p in parts)
+        blocks.append(parts)
+    return blocks
+
+
+def block_size(problem: Problem, cap: Capture, budget: int) -> int:
+    """Samples per block so that both blocks' cotangents, operands and fallback Jacobians fit."""
+    if not problem.vmapped:
+        return 1
+    o = outputs_per_sample(problem)
+    ys = sum(math.prod(e.y_shape) for e in cap.events)
+    kvol = sum(math.prod(e.meta.get("kernel", (1,))) * math.prod(e.y_shape) for e in cap.events)
+    fb = sum(problem.params.diff_leaves[k].numel() for k in cap.fallback)
+    per_sample = itemsize(problem.out_dtype) * (o * (ys + fb) + 2 * kvol)
+    n_max = max(problem.n1, problem.n2)
+    usable = budget * SAFETY
+    n_all = problem.n1 + (0 if problem.symmetric else problem.n2)
+    if n_all * per_sample <= 0.1 * usable:
+        return n_max
+    return max(1, min(n_max, int(usable // (2 * per_sample + backward_transient(problem)))))
+
+
+def memory_limit(problem: Problem, budget: int) -> int:
+    """opt_einsum's cap on intermediates (elements): a power of two, so that cached paths are reused."""
+    return 1 << max(16, int(budget * SAFETY / 4 // itemsize(problem.out_dtype)).bit_length() - 1)
+
+
+def kernel(problem: Problem, budget: int, per_param: bool = False, moved: Optional[dict[int, str]] = None) -> list:
+    """Implementation 3 (see the module docstring): the kernel per output leaf.
+
+    With ``per_param=True``: per output leaf, a list over the differentiated parameters
+    (each parameter's term of the same sum, so no extra work). ``moved`` (parameter index
+    -> reason) sends covered parameters to the reverse-mode Jacobian fallback.
+    """
+    cap = capture_mod.restrict(capture_mod.discover(problem), moved or {})
+    cap2 = cap if problem.vmapped or problem.symmetric else capture_mod.restrict(capture_mod.discover(problem, 2), moved or {})
+    b = block_size(problem, cap, budget)
+    limit = memory_limit(problem, budget)
+    n_params = len(problem.params.diff_leaves)
+    accs = [Accumulator(problem) for _ in range(n_params if per_param else 1)]
+    current: Optional[tuple[int, Side]] = None
+    for tile in tiles(problem, b, b):
+        if current is None or current[0] != tile.i0:
+            current = (tile.i0, side(problem, cap, 1, tile.i0, tile.i1))
+        s1 = current[1]
+        s2 = s1 if problem.symmetric and tile.on_diagonal else side(problem, cap2, 2, tile.j0, tile.j1)
+        for leaf, parts in enumerate(tile_kernel(problem, cap, s1, s2, limit)):
+            present = [p for p in parts if p is not None]
+            if per_param:
+                for k, part in enumerate(parts):
+                    accs[k].add(leaf, tile, torch.zeros_like(present[0]) if part is None else part)
+            else:
+                accs[0].add(leaf, tile, sum(present[1:], present[0]))
+    if per_param:
+        results = [acc.result() for acc in accs]
+        return [[results[k][leaf] for k in range(n_params)] for leaf in range(len(problem.layouts))]
+    return accs[0].result()

@@ -1,0 +1,289 @@
+"""What a structured-derivative rule is, the registry that holds them, and the one check of their output.
+
+A rule knows one primitive ``y = op(θ, a)`` that is *linear in its parameter* θ
+(a linear layer's weight or bias, a convolution kernel, a norm's affine, a broadcast
+scale, an embedding table). The capture binds the primitive's arguments once
+(:meth:`Rule.bind`: a dict by argument name) and hands that dict to the rule's jobs:
+
+- ``match(bound, is_param)``: which arguments are parameters (``{role: tensor}``), or
+  None when this call is outside what the rule handles (the parameters it consumes then
+  fall back to Jacobian contraction; never a wrong kernel).
+- ``capture(bound, is_param)``: run inside ``f`` (under ``vmap``/``jacrev``): the
+  non-parameter operands to keep (e.g. the layer input, a norm's normalised input; None
+  in place of a parameter) and static settings (stride, padding, ...).
+- ``structure(role, operands, meta, y_shape)``: the Jacobian ``∂y/∂θ`` as an einsum
+  factorisation :class:`Structure`. The NTK contribution of θ is then
+  ``Σ_θ (c₁ ∂y₁/∂θ)(c₂ ∂y₂/∂θ)`` with ``c = ∂f/∂y`` the output cotangents, which the
+  structured engine contracts with ``opt_einsum`` in one expression per parameter.
+
+Every structure a rule returns goes through :func:`check_structure` (letters, operand
+ranks, axis sizes and the parameter's size), in one place, before it is contracted.
+Families live in their own modules (``linear``, ``conv``, ``norm``, ``elementwise``,
+``embedding``, ``attention``) and add themselves with :func:`register`; :func:`disabled`
+switches every rule off for a block (everything then falls back: for debugging, and for
+tests that prove a rule changed nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+import string
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, TypeVar
+
+import torch
+
+Tensor = torch.Tensor
+IsParam = Callable[[object], bool]
+"""``is_param(t)``: whether ``t`` is one of the parameters being differentiated."""
+Bound = dict[str, Any]
+"""A primitive's arguments by name (:meth:`Rule.bind`)."""
+
+LETTERS = string.ascii_letters
+
+
+@dataclasses.dataclass
+class Structure:
+    """``∂y/∂θ`` of one sample as an einsum: ``J[θ] = Σ c[y] ∏ operands`` (letters local to the rule).
+
+    Attributes:
+      y_shape: shape (per sample) of a view of the primitive's output ``y``; ``y`` names its axes.
+      y: one letter per axis of ``y_shape``.
+      theta: letters of the parameter's axes (those shared by the two samples' factors).
+      operands: ``(letters, tensor)`` pairs; each tensor has a leading sample axis (of size
+        ``b``, the block of samples, or 1 when shared by all) that the letters do not name.
+      scale: constant factor of ``∂y/∂θ`` (e.g. ``-1`` for ``a - θ``).
+    """
+
+    y_shape: tuple[int, ...]
+    y: str
+    theta: str
+    operands: list[tuple[str, Tensor]]
+    scale: complex | float = 1.0
+
+
+class Rule:
+    """Base class of a rule; subclasses set ``name`` and define ``match``, ``capture`` and ``structure``.
+
+    ``names``/``defaults`` describe the op's signature for the default :meth:`bind`
+    (positional order, then keywords); a rule whose op takes its arguments otherwise
+    (``einsum(eq, *operands)``) overrides :meth:`bind`.
+    """
+
+    name: ClassVar[str] = "rule"
+    names: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def bind(self, args: tuple, kwargs: dict) -> Optional[Bound]:
+        """The call's arguments by name (positional first, then defaults); None if the call does not fit."""
+        return bind(args, kwargs, self.names, self.defaults)
+
+    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+        raise NotImplementedError(f"Subclass {type(self).__name__} must define match()")
+
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
+        raise NotImplementedError(f"Subclass {type(self).__name__} must define capture()")
+
+    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+        raise NotImplementedError(f"Subclass {type(self).__name__} must define structure()")
+
+
+RULES: dict[Any, Rule] = {}
+"""The torch function a rule handles -> the rule (filled by :func:`register`)."""
+
+EXPANSIONS: dict[Any, Callable[..., Any]] = {}
+"""A fused torch function -> its re-implementation in ruled primitives (filled by :func:`expand`)."""
+
+_DISABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("ntkfunc_rules_disabled", default=False)
+
+R = TypeVar("R", bound=type)
+
+
+def register(*ops: Any) -> Callable[[R], R]:
+    """Class decorator: ``@register(torch.nn.functional.linear)`` makes the rule handle those functions.
+
+    Refuses a function that already has a rule (rules never shadow each other silently).
+    """
+    if not ops:
+        raise ValueError("register: expected at least one op")
+
+    def add(cls: R) -> R:
+        rule = cls()
+        for op in ops:
+            if op in RULES:
+                raise KeyError(f"{op} already has rule {RULES[op].name}; refusing {rule.name}")
+            RULES[op] = rule
+        return cls
+
+    return add
+
+
+def lookup(op: Any) -> Optional[Rule]:
+    """The rule for ``op``, or None (no rule, or rules :func:`disabled`): Jacobian contraction then."""
+    if _DISABLED.get():
+        return None
+    try:
+        return RULES.get(op)
+    except TypeError:  # unhashable callables
+        return None
+
+
+def expand(*ops: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: ``fn`` re-implements ``op`` in primitives that have rules (or returns NotImplemented).
+
+    The capture runs ``fn`` instead of a fused op that consumes parameters (such as
+    ``multi_head_attention_forward``), so the primitives inside get their rules.
+    """
+
+    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for op in ops:
+            if op in EXPANSIONS:
+                raise KeyError(f"{op} already has expansion {EXPANSIONS[op].__name__}")
+            EXPANSIONS[op] = fn
+        return fn
+
+    return add
+
+
+def expansion(op: Any) -> Optional[Callable[..., Any]]:
+    """The expansion of ``op`` into ruled primitives, or None (none, or rules :func:`disabled`)."""
+    if _DISABLED.get():
+        return None
+    try:
+        return EXPANSIONS.get(op)
+    except TypeError:
+        return None
+
+
+def enabled() -> bool:
+    """Whether rules are in use here (False inside :func:`disabled`)."""
+    return not _DISABLED.get()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block (this thread / context only) no rule or expansion applies: every parameter falls back.
+
+    Implementation 3 then computes every parameter's term from its reverse-mode Jacobian,
+    which is the same kernel by another route; comparing the two proves a rule exact.
+
+    Example:
+      >>> import torch, ntkfunc
+      >>> from ntkfunc import rules
+      >>> with rules.disabled():
+      ...     rules.lookup(torch.nn.functional.linear) is None
+      True
+      >>> rules.lookup(torch.nn.functional.linear).name
+      'linear'
+    """
+    token = _DISABLED.set(True)
+    try:
+        yield
+    finally:
+        _DISABLED.reset(token)
+
+
+# --- the one check of a rule's output -----------------------------------------------------
+
+
+def check_structure(s: Structure, *, rule: str, role: str, theta_shape: Sequence[int]) -> Structure:
+    """``s`` if it is a well-formed factorisation of ``∂y/∂θ`` for a parameter of ``theta_shape``.
+
+    Checked: one distinct letter per axis of ``y`` and per operand axis, distinct θ letters
+    that occur in ``y`` or an operand, operands of rank ``1 + len(letters)`` (their leading
+    sample axis), one size per letter across ``y`` and the operands, and θ's sizes
+    multiplying to the parameter's number of elements. A violation is a bug in the rule:
+    a RuntimeError names the rule, the role and what is wrong.
+
+    >>> x = torch.zeros(1, 3, 4)
+    >>> s = Structure((3, 5), "az", "zy", [("ay", x)])
+    >>> check_structure(s, rule="linear", role="weight", theta_shape=(5, 4)) is s
+    True
+    """
+
+    def fail(what: str) -> RuntimeError:
+        return RuntimeError(f"rule {rule} (role {role!r}) returned a malformed Structure: {what}")
+
+    if len(s.y) != len(s.y_shape) or len(set(s.y)) != len(s.y):
+        raise fail(f"y letters {s.y!r} for y_shape {tuple(s.y_shape)}; expected one distinct letter per axis")
+    sizes = dict(zip(s.y, s.y_shape))
+    for letters, t in s.operands:
+        if not isinstance(t, torch.Tensor):
+            raise fail(f"operand {letters!r} is a {type(t).__name__}; expected a tensor")
+        if len(set(letters)) != len(letters) or t.ndim != 1 + len(letters):
+            raise fail(
+                f"operand {letters!r} of shape {tuple(t.shape)}; expected distinct letters and a leading sample "
+                f"axis plus one axis per letter (ndim {1 + len(letters)})"
+            )
+        for ch, d in zip(letters, t.shape[1:]):
+            if sizes.setdefault(ch, int(d)) != d:
+                raise fail(f"letter {ch!r} has sizes {sizes[ch]} and {int(d)}; expected one size per letter")
+    if len(set(s.theta)) != len(s.theta) or any(ch not in sizes for ch in s.theta):
+        raise fail(f"theta letters {s.theta!r}; expected distinct letters that occur in y {s.y!r} or an operand")
+    numel = math.prod(theta_shape)
+    if math.prod(sizes[ch] for ch in s.theta) != numel:
+        got = tuple(sizes[ch] for ch in s.theta)
+        raise fail(f"theta axes of sizes {got} for a parameter of shape {tuple(theta_shape)}; expected {numel} elements")
+    if not isinstance(s.scale, (int, float, complex)):
+        raise fail(f"scale {s.scale!r}; expected a number")
+    return s
+
+
+# --- helpers shared by the families ---------------------------------------------------
+
+
+def bind(args: tuple, kwargs: dict, names: Sequence[str], defaults: dict[str, Any]) -> Optional[Bound]:
+    """Arguments by name (positional first); None if too many positional or an unknown keyword is given.
+
+    >>> bind((1, 2), {"c": 3}, ("a", "b", "c"), {"c": 0})
+    {'c': 3, 'a': 1, 'b': 2}
+    """
+    if len(args) > len(names) or any(k not in names for k in kwargs):
+        return None
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def einsum_structure(
+    inputs: Sequence[str],
+    output: str,
+    theta_index: int,
+    tensors: Sequence[Optional[Tensor]],
+    theta_shape: Sequence[int],
+    y_shape: Sequence[int],
+    scale: complex | float = 1.0,
+) -> Structure:
+    """The structure of ``y = einsum(inputs -> output)`` with respect to operand ``theta_index``.
+
+    ``tensors`` are the other operands (batch-first; None at ``theta_index``). Size-1 axes that
+    broadcast are dropped; a θ axis that appears nowhere else (y only depends on its sum)
+    gets an operand of ones, so that summing it over θ gives its size.
+    """
+    sizes: dict[str, int] = {}
+    for letters, shape in [(output, tuple(y_shape)), (inputs[theta_index], tuple(theta_shape))] + [
+        (s, tuple(t.shape[1:])) for s, t in zip(inputs, tensors) if t is not None
+    ]:
+        for c, d in zip(letters, shape):
+            sizes[c] = max(sizes.get(c, 1), d)
+    operands = []
+    for s, t in zip(inputs, tensors):
+        if t is None:
+            continue
+        keep = [i for i, c in enumerate(s) if not (t.shape[1 + i] == 1 and sizes[c] > 1)]
+        if len(keep) < len(s):
+            t = t.reshape(t.shape[0], *[t.shape[1 + i] for i in keep])
+            s = "".join(s[i] for i in keep)
+        operands.append((s, t))
+    seen = set(output).union(*[set(s) for s, _ in operands])
+    theta = ""
+    for c, d in zip(inputs[theta_index], theta_shape):
+        if d == 1 and sizes[c] > 1:
+            continue
+        if c not in seen:
+            operands.append((c, torch.ones(1, d)))  # leading size 1: shared by all samples
+        theta += c
+    return Structure(tuple(y_shape), output, theta, operands, scale)

@@ -1,0 +1,148 @@
+"""The middle layer: one engine registry, errors named after the public function, module boundaries."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import pathlib
+
+import pytest
+import torch
+
+import ntkfunc
+from ntkfunc._engines import ENGINES, engines, get_engine
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "ntkfunc"
+
+
+def _mlp():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    f, params = ntkfunc.from_module(model)
+    return f, params, torch.randn(5, 4), torch.randn(3, 4)
+
+
+def _init(gen):
+    return {"w": torch.randn(4, 3, generator=gen)}
+
+
+def _g(p, x):
+    return x @ p["w"]
+
+
+# --- every public function names itself ----------------------------------------------
+
+BAD_IMPLEMENTATION = [
+    ("ntk_fn", lambda f, p, x1, x2: ntkfunc.ntk_fn(f, implementation=7)),
+    ("kernel_fn", lambda f, p, x1, x2: ntkfunc.kernel_fn(f, implementation=7)),
+    ("pntk_fn", lambda f, p, x1, x2: ntkfunc.pntk_fn(f, implementation=7)),
+    ("monte_carlo_kernel_fn", lambda f, p, x1, x2: ntkfunc.monte_carlo_kernel_fn(_g, _init, 2, implementation=7)),
+    ("kernel_matrix", lambda f, p, x1, x2: ntkfunc.kernel_matrix(f, p, x1, implementation=7)),
+]
+
+
+@pytest.mark.parametrize("api,call", BAD_IMPLEMENTATION, ids=[a for a, _ in BAD_IMPLEMENTATION])
+def test_bad_implementation_is_reported_by_the_function_called(api, call):
+    """Regression: kernel_fn(implementation=7) and others reported their error as coming from ntk_fn."""
+    f, params, x1, x2 = _mlp()
+    with pytest.raises(ValueError, match=rf"^{api}: implementation=7; expected 'auto' or one of \[0, 1, 2, 3\]"):
+        call(f, params, x1, x2)
+
+
+BAD_AXES = [
+    ("ntk_fn", lambda f, p, x1, x2: ntkfunc.ntk_fn(f, trace_axes=(5,))(x1, x2, p)),
+    ("kernel_fn", lambda f, p, x1, x2: ntkfunc.kernel_fn(f, trace_axes=(5,))(x1, x2, "ntk", p)),
+    ("nngp_fn", lambda f, p, x1, x2: ntkfunc.nngp_fn(f, trace_axes=(5,))(x1, x2, p)),
+    ("explain", lambda f, p, x1, x2: ntkfunc.explain(f, p, x1, trace_axes=(5,))),
+    ("kernel_matrix", lambda f, p, x1, x2: ntkfunc.kernel_matrix(f, p, x1, trace_axes=(5,), progress=False)),
+]
+
+
+@pytest.mark.parametrize("api,call", BAD_AXES, ids=[a for a, _ in BAD_AXES])
+def test_shared_axis_checks_name_the_caller(api, call):
+    f, params, x1, x2 = _mlp()
+    with pytest.raises(ValueError, match=rf"^{api}\(trace_axes=\(5,\)\): axis 5 out of range for an output of ndim 2"):
+        call(f, params, x1, x2)
+
+
+def test_shared_input_checks_name_the_caller():
+    f, params, x1, _ = _mlp()
+    with pytest.raises(ValueError, match=r"^kernel_fn: x1 and x2 have mismatched feature shapes"):
+        ntkfunc.kernel_fn(f)(x1, torch.randn(3, 5), "ntk", params)
+    with pytest.raises(ValueError, match=r"^pntk_fn|^ntk_fn"):  # pntk_fn is the NTK of the sum of logits
+        ntkfunc.pntk_fn(f)(x1, torch.randn(3, 5), params)
+    with pytest.raises(TypeError, match=r"^explain: params\['w'\] is a str"):
+        ntkfunc.explain(f, {"w": "no"}, x1)
+
+
+@pytest.mark.parametrize("value", [True, False, 1.0, "two", None])
+def test_get_engine_refuses_what_is_not_an_implementation(value):
+    with pytest.raises(ValueError, match=r"^kernel_matrix: implementation=.*; expected 'auto' or one of"):
+        get_engine(value, api="kernel_matrix")
+    if value is not None:  # None means "auto" for kernel_matrix only
+        f, params, x1, _ = _mlp()
+        with pytest.raises(ValueError, match=r"^kernel_matrix: implementation="):
+            ntkfunc.kernel_matrix(f, params, x1, implementation=value, progress=False)
+
+
+def test_get_engine_accepts_numbers_members_and_auto():
+    for e in engines():
+        assert get_engine(int(e.implementation), api="t") is e
+        assert get_engine(e.implementation, api="t") is e
+    assert get_engine("auto", api="t") is get_engine(" Auto ", api="t") is ENGINES[0]
+
+
+def test_registry_is_read_only_and_complete():
+    with pytest.raises(TypeError):
+        ENGINES[9] = ENGINES[1]  # type: ignore[index]
+    assert [e.implementation for e in engines()] == list(ntkfunc.Implementation)
+    assert all(dataclasses.is_dataclass(e) for e in engines())
+
+
+# --- module boundaries ---------------------------------------------------------------
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        yield ".".join(parts), path
+
+
+def _package_of(module: str) -> str:
+    """``ntkfunc._engines.structured.plan`` -> ``ntkfunc._engines``; top-level modules -> ``ntkfunc``."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or (len(parts) == 2 and parts[1].startswith("_") and (PACKAGE / parts[1]).is_dir()) else "ntkfunc"
+
+
+def test_no_module_imports_another_packages_private_names():
+    """Across package boundaries only public names are imported (``_core`` is the shared place)."""
+    offences = []
+    for module, path in _modules():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ntkfunc"):
+                if _package_of(node.module) == _package_of(module):
+                    continue
+                for alias in node.names:
+                    if alias.name.startswith("_") and alias.name != "__version__":
+                        offences.append(f"{module}: from {node.module} import {alias.name}")
+    assert not offences, offences
+
+
+def test_implementations_are_validated_only_by_the_registry():
+    text = {m: p.read_text() for m, p in _modules()}
+    assert not [m for m, t in text.items() if "_IMPLS" in t]
+    assert not [m for m, t in text.items() if "inspect.signature" in t]
+    callers = [m for m, t in text.items() if "get_engine(" in t and m != "ntkfunc._engines.registry"]
+    assert set(callers) >= {"ntkfunc.ntk", "ntkfunc.empirical_kernel", "ntkfunc.monte_carlo", "ntkfunc.pntk",
+                            "ntkfunc._dataset.pipeline", "ntkfunc._cli.compute"}
+
+
+def test_planner_terms_exist_once():
+    text = "\n".join(p.read_text() for _, p in _modules())
+    assert text.count("SAFETY = ") == 1
+    assert text.count("(2 * o + 1)") + text.count("2 * outputs_per_sample(problem) + 1") == 1
