@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	# own dependencies are not on local disk, so the wheel is taken first with --no-deps.)
 	$(BIN)/pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null && $(BIN)/pip install -q torch==2.13.0 \
 		|| $(BIN)/pip install -q "torch>=2.2"
-	$(BIN)/pip install -q -e ".[test,examples]"
+	$(BIN)/pip install -q -e ".[test,examples,lint]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -20,6 +20,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check ntkfunc tests benchmarks examples
+	$(BIN)/mypy
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_core.py

@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 
 import ntkfunc  # noqa: E402
 
-
 # --- models -----------------------------------------------------------------------
 
 
@@ -249,7 +248,7 @@ def write_table(rows, methods, args) -> None:
         "|---|---|---|" + "---|" * len(methods) + "---|---|---|",
     ]
     for model_name, n, compute, res in rows:
-        def ratio(a, b):
+        def ratio(a, b, res=res):
             ra, rb = res[a], res[b]
             if "error" in ra and "error" not in rb:
                 return "tutorial " + ra["error"]

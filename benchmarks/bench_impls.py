@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,8 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _models():  # type: ignore[no-untyped-def]
     import torch
-    from torch import nn
     import torch.nn.functional as F
+    from torch import nn
 
     class BasicBlock(nn.Module):
         def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -179,7 +179,7 @@ def configs(quick: bool) -> list[dict[str, Any]]:
     return out
 
 
-def skip_reason(cfg: dict[str, Any], impl: Any) -> Optional[str]:
+def skip_reason(cfg: dict[str, Any], impl: Any) -> str | None:
     """Configurations trimmed because implementation 1 or 2 would take many minutes here.
 
     Implementation 2 costs N² O forward passes (N = 32): on MLPs it runs only at width 256
@@ -259,7 +259,8 @@ def write_markdown(args: argparse.Namespace, impls: list[int], rows: list) -> No
         "# Implementations side by side (full O x O kernel, `trace_axes=()`)",
         "",
         f"Command: `python benchmarks/bench_impls.py{' --quick' if args.quick else ''}"
-        f"{' --only ' + args.only if args.only else ''}{' --first ' + str(args.first) if args.first else ''} --impls {args.impls} --threads {args.threads} --reps {args.reps} "
+        f"{' --only ' + args.only if args.only else ''}{' --first ' + str(args.first) if args.first else ''}"
+        f" --impls {args.impls} --threads {args.threads} --reps {args.reps} "
         f"--rep-seconds {args.rep_seconds:.0f} --timeout {args.timeout:.0f} --budget {args.budget}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs), "
         f"torch {torch.__version__}, {args.threads} threads, float32, `memory_budget={args.budget}`.  ",

@@ -17,8 +17,8 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import matplotlib
 
@@ -68,7 +68,7 @@ def digits(
     classes: Sequence[int] = tuple(range(10)),
     seed: int = 0,
     flat: bool = True,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = torch.device("cpu"),  # noqa: B008 - an immutable value
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_train, y_train, x_test, y_test)``: a class-balanced split of the digits of ``classes``.
@@ -176,7 +176,7 @@ class Timer:
     def __init__(self, name: str, quiet: bool = False) -> None:
         self.name, self.quiet, self.seconds = name, quiet, 0.0
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.t0 = time.perf_counter()
         return self
 
@@ -186,7 +186,7 @@ class Timer:
             print(f"[{self.name}: {self.seconds:.1f} s]")
 
 
-def optional(value: Optional[int], quick: int, full: int, args: argparse.Namespace) -> int:
+def optional(value: int | None, quick: int, full: int, args: argparse.Namespace) -> int:
     """``value`` if given, else ``quick`` under ``--quick`` and ``full`` otherwise."""
     if value is not None:
         return value

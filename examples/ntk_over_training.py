@@ -54,7 +54,7 @@ def main() -> None:
     every = max(1, steps // 25)
 
     x_tr, y_tr, x_te, y_te = C.digits(n_train, n_test, classes=(6, 9), seed=args.seed, device=device)
-    s_tr, s_te = 2.0 * y_tr.float() - 1.0, 2.0 * y_te.float() - 1.0  # -1 for a 6, +1 for a 9; sorted by class
+    s_tr, _s_te = 2.0 * y_tr.float() - 1.0, 2.0 * y_te.float() - 1.0  # -1 for a 6, +1 for a 9; sorted by class
     torch.manual_seed(args.seed)
     model = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)).to(device)
     f, params = ntkfunc.from_module(model)

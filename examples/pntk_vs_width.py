@@ -29,10 +29,10 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
+import _common as C  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-import _common as C  # noqa: E402
 import ntkfunc  # noqa: E402
 from ntkfunc.datasets import load_digits  # noqa: E402
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from ntkfunc._core.checks import as_axes_tuple, refuse_batch_coupled
 from ntkfunc._core.ops import kernel_context
@@ -18,10 +18,10 @@ KINDS = ("ntk", "nngp")
 Get = Union[str, tuple[str, ...], list[str]]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_tuple(fields: tuple[str, ...]) -> type:
     """The namedtuple type ``Kernel`` with ``fields`` in that order (one type per order)."""
-    return collections.namedtuple("Kernel", fields)  # type: ignore[misc]
+    return collections.namedtuple("Kernel", fields)
 
 
 def canonical_get(get: Any, caller: str = "kernel_fn") -> tuple[bool, tuple[str, ...]]:
@@ -45,7 +45,7 @@ def kernel_fn(
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
     vmap_axes: VMapAxes = 0,
-    implementation: Union[int, str, Implementation] = Implementation.JACOBIAN_CONTRACTION,
+    implementation: int | str | Implementation = Implementation.JACOBIAN_CONTRACTION,
     *,
     memory_budget: MemoryBudget = None,
 ) -> Any:
@@ -74,7 +74,7 @@ def kernel_fn(
     trace_axes, diagonal_axes = as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes)
     refuse_batch_coupled(f, vmap_axes, api)
 
-    def k(x1: PyTree, x2: Optional[PyTree], get: Get, params: PyTree) -> Any:
+    def k(x1: PyTree, x2: PyTree | None, get: Get, params: PyTree) -> Any:
         single, fields = canonical_get(get, api)
         out: dict[str, PyTree] = {}
         with kernel_context(x1, x2, params):

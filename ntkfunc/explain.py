@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional
 
 from ntkfunc._core.checks import as_axes_tuple
 from ntkfunc._core.ops import transform_friendly_attention
@@ -39,7 +38,7 @@ class ParamReport:
     name: str
     shape: tuple[int, ...]
     method: str
-    rule: Optional[str]
+    rule: str | None
     detail: str
     flops: int
     jacobian_flops: int

@@ -9,7 +9,8 @@ and ``1.0``. The group of a name is chosen by ``by``.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Union
 
 import torch
 from torch.utils import _pytree as pytree
@@ -55,7 +56,7 @@ def _group_of(name: str, by: GroupBy) -> str:
     raise ValueError(f"group_kernels(by={list(by)!r}): parameter {name!r} matches none of the prefixes; expected each parameter to match one")
 
 
-def group_kernels(kernels: PyTree, by: GroupBy = None, *, params: Optional[PyTree] = None) -> dict[str, PyTree]:
+def group_kernels(kernels: PyTree, by: GroupBy = None, *, params: PyTree | None = None) -> dict[str, PyTree]:
     """Sum per-parameter kernels per group of parameters; returns ``{group: kernel}``.
 
     Args:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 from torch.utils import _pytree as pytree
@@ -34,7 +34,7 @@ class LanczosResult:
     (matrix-vector products); ``converged``: every Ritz residual below the tolerance."""
 
     eigenvalues: torch.Tensor
-    eigenvectors: Optional[torch.Tensor]
+    eigenvectors: torch.Tensor | None
     iterations: int
     converged: bool
 
@@ -57,9 +57,9 @@ def lanczos(
     k: int,
     *,
     dtype: torch.dtype = torch.float64,
-    device: Union[str, torch.device] = "cpu",
-    max_iter: Optional[int] = None,
-    tol: Optional[float] = None,
+    device: str | torch.device = "cpu",
+    max_iter: int | None = None,
+    tol: float | None = None,
     seed: int = 0,
     return_eigenvectors: bool = False,
 ) -> LanczosResult:
@@ -155,11 +155,11 @@ def top_eigenvalues(
     params: PyTree,
     k: int = 10,
     *,
-    max_iter: Optional[int] = None,
-    tol: Optional[float] = None,
+    max_iter: int | None = None,
+    tol: float | None = None,
     seed: int = 0,
     return_eigenvectors: bool = False,
-) -> Union[torch.Tensor, tuple[torch.Tensor, PyTree]]:
+) -> torch.Tensor | tuple[torch.Tensor, PyTree]:
     """The ``k`` largest eigenvalues of the full eNTK ``Θ(x, x)``, an ``(N O) x (N O)`` matrix.
 
     By :func:`lanczos` on :func:`ntkfunc.ntk_vp_fn` products: ``Θ`` is never formed. They
@@ -207,9 +207,9 @@ def cg(
     matvec: MatVec,
     b: torch.Tensor,
     *,
-    x0: Optional[torch.Tensor] = None,
+    x0: torch.Tensor | None = None,
     tol: float = 1e-6,
-    max_iter: Optional[int] = None,
+    max_iter: int | None = None,
 ) -> CGResult:
     """Solves ``A x = b`` for a symmetric positive (semi-)definite ``A`` by conjugate gradients.
 
@@ -273,7 +273,7 @@ def ntk_solve(
     ridge: float,
     *,
     tol: float = 1e-6,
-    max_iter: Optional[int] = None,
+    max_iter: int | None = None,
 ) -> CGResult:
     """Kernel regression weights ``α = (Θ(x, x) + ridge·I)⁻¹ y`` by conjugate gradients.
 

@@ -10,7 +10,8 @@ with ``sample_seeds(seed, n_samples)[i]``, so results depend only on ``seed`` (n
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -50,10 +51,10 @@ def monte_carlo_kernel_fn(
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
     vmap_axes: VMapAxes = 0,
-    implementation: Union[int, str, Implementation] = Implementation.JACOBIAN_CONTRACTION,
-    get: Optional[Get] = None,
+    implementation: int | str | Implementation = Implementation.JACOBIAN_CONTRACTION,
+    get: Get | None = None,
     seed: int = 0,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
     memory_budget: MemoryBudget = None,
 ) -> Callable[..., Any]:
     """Returns ``kernel(x1, x2=None, get=None)``: the mean of empirical kernels over ``n_samples`` initialisations.
@@ -94,7 +95,7 @@ def monte_carlo_kernel_fn(
     k_fn = kernel_fn(f, trace_axes, diagonal_axes, vmap_axes, engine.implementation, memory_budget=memory_budget)
     seeds = sample_seeds(seed, n_samples)
 
-    def kernel(x1: PyTree, x2: Optional[PyTree] = None, get: Optional[Get] = None) -> Any:
+    def kernel(x1: PyTree, x2: PyTree | None = None, get: Get | None = None) -> Any:
         single, fields = canonical_get(default_get if get is None else get, api)
         first = init_fn(torch.Generator().manual_seed(seeds[0]))
         batch = batch_size
@@ -112,7 +113,7 @@ def monte_carlo_kernel_fn(
             k = k_fn(x1, x2, fields, params)
             return [getattr(k, g) for g in fields]
 
-        total: Optional[list[PyTree]] = None
+        total: list[PyTree] | None = None
         for start in range(0, n_samples, batch):
             draws = [first if i == 0 else init_fn(torch.Generator().manual_seed(seeds[i]))
                      for i in range(start, min(start + batch, n_samples))]

@@ -8,7 +8,7 @@ summed and averaged, diagonal axes kept once, other axes paired), so ``nngp_fn``
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -43,7 +43,7 @@ def output_layouts(out1: Sequence[torch.Tensor], out2: Sequence[torch.Tensor], o
     return layouts
 
 
-def nngp_from_outputs(out1: PyTree, out2: Optional[PyTree], vmap_axes: VMapAxes, trace_axes: Axes,
+def nngp_from_outputs(out1: PyTree, out2: PyTree | None, vmap_axes: VMapAxes, trace_axes: Axes,
                       diagonal_axes: Axes, api: str = "nngp_fn") -> PyTree:
     """The NNGP kernel of already computed outputs (``out2=None``: ``out1`` against itself)."""
     leaves1, spec = tree_flatten(out1)
@@ -87,7 +87,7 @@ def nngp_fn(f: ApplyFn, trace_axes: Axes = (-1,), diagonal_axes: Axes = (), vmap
     trace_axes, diagonal_axes = as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes)
     refuse_batch_coupled(f, vmap_axes, "nngp_fn")
 
-    def nngp(x1: PyTree, x2: Optional[PyTree], params: PyTree) -> PyTree:
+    def nngp(x1: PyTree, x2: PyTree | None, params: PyTree) -> PyTree:
         out1 = f(params, x1)
         out2 = None if x2 is None else f(params, x2)
         return nngp_from_outputs(out1, out2, vmap_axes, trace_axes, diagonal_axes)

@@ -6,8 +6,6 @@ engine registry (:mod:`ntkfunc._engines`) for the implementation, and shape the 
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 from ntkfunc._core.cache import KernelCache
 from ntkfunc._core.checks import as_axes_tuple, check_bool, refuse_batch_coupled
 from ntkfunc._core.ops import kernel_context
@@ -21,7 +19,7 @@ def ntk_fn(
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
     vmap_axes: VMapAxes = 0,
-    implementation: Union[int, str, Implementation] = Implementation.JACOBIAN_CONTRACTION,
+    implementation: int | str | Implementation = Implementation.JACOBIAN_CONTRACTION,
     *,
     memory_budget: MemoryBudget = None,
     per_param: bool = False,
@@ -81,7 +79,7 @@ def ntk_fn(
     refuse_batch_coupled(f, vmap_axes, api)
     cache = KernelCache()
 
-    def kernel(x1: PyTree, x2: Optional[PyTree], params: PyTree) -> PyTree:
+    def kernel(x1: PyTree, x2: PyTree | None, params: PyTree) -> PyTree:
         refuse_param_vmap(engine, params, api)
         with kernel_context(x1, x2, params):
             problem = make_problem(f, x1, x2, params, vmap_axes, trace_axes, diagonal_axes, cache, api=api)

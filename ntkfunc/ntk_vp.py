@@ -16,13 +16,14 @@ of one JVP at ``x1``; nothing of size ``N1 x N2`` or ``N x P``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.func import jvp, vjp
 from torch.utils import _pytree as pytree
 
-from ntkfunc._core.ops import transform_friendly_attention
+from ntkfunc._core.ops import load_forward_ad_decompositions, transform_friendly_attention
 from ntkfunc._core.problem import Params
 from ntkfunc._core.types import ApplyFn, PyTree
 from ntkfunc._engines.vp import jvp_by_double_vjp
@@ -46,7 +47,7 @@ class NtkVp:
       dtype / device: those of ``f``'s outputs.
     """
 
-    def __init__(self, f: ApplyFn, x1: PyTree, x2: Optional[PyTree], params: PyTree) -> None:
+    def __init__(self, f: ApplyFn, x1: PyTree, x2: PyTree | None, params: PyTree) -> None:
         p = Params.make(params, "ntk_vp_fn")
         self._params = p
         diff = [t.detach() for t in p.diff_leaves]
@@ -58,7 +59,7 @@ class NtkVp:
         self._diff = diff
         with transform_friendly_attention():
             try:
-                out2, self._vjp2 = vjp(at(x1 if x2 is None else x2), diff)
+                out2, self._vjp2 = vjp(at(x1 if x2 is None else x2), diff)[:2]
             except RuntimeError:  # say so if f returns integers (no derivative), else re-raise
                 with torch.no_grad():
                     _check_outputs(f(params, x1 if x2 is None else x2), "x1" if x2 is None else "x2")
@@ -76,7 +77,10 @@ class NtkVp:
     def _check(self, v: PyTree, name: str = "v") -> list[torch.Tensor]:
         leaves, spec = pytree.tree_flatten(v)
         if spec != self._spec2:
-            raise ValueError(f"ntk_vp_fn: {name} has structure {pytree.treespec_pprint(spec)}; expected the structure of f(params, x2): {pytree.treespec_pprint(self._spec2)}")
+            raise ValueError(
+                f"ntk_vp_fn: {name} has structure {pytree.treespec_pprint(spec)}; expected the structure of "
+                f"f(params, x2): {pytree.treespec_pprint(self._spec2)}"
+            )
         for k, (t, shape, dtype) in enumerate(zip(leaves, self.in_shapes, self._dtypes)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"ntk_vp_fn: {name} leaf {k} is a {type(t).__name__}; expected a tensor of shape {shape}")
@@ -89,6 +93,7 @@ class NtkVp:
     def __call__(self, v: PyTree) -> PyTree:
         """``Θ(x1, x2) v``: ``v`` shaped like ``f(params, x2)``, result like ``f(params, x1)``."""
         self._check(v)
+        load_forward_ad_decompositions()
         with transform_friendly_attention():
             (tangents,) = self._vjp2(v)  # J(x2)ᵀ v: a list, one tensor per differentiated parameter
             try:
@@ -110,7 +115,7 @@ class NtkVp:
         return torch.cat([o.reshape(-1) for o in pytree.tree_leaves(out)])
 
 
-def ntk_vp_fn(f: ApplyFn, x1: PyTree, x2: Optional[PyTree], params: PyTree) -> NtkVp:
+def ntk_vp_fn(f: ApplyFn, x1: PyTree, x2: PyTree | None, params: PyTree) -> NtkVp:
     """Returns ``ntk_vp(v) = Θ(x1, x2) v``, never materialising ``Θ``.
 
     ``Θ(x1, x2)`` is the full eNTK, ``J(x1) J(x2)ᵀ`` with ``J`` the Jacobian of the whole

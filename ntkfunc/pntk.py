@@ -19,7 +19,7 @@ subset with ``ntk_fn(f, trace_axes=())`` (see ``examples/pntk_vs_width.py``).
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -65,7 +65,7 @@ def sum_of_logits(f: ApplyFn, fx_axis: Any, *, api: str = "pntk_fn", keepdim: bo
 def pntk_fn(
     f: ApplyFn,
     vmap_axes: VMapAxes = 0,
-    implementation: Union[int, str, Implementation] = Implementation.JACOBIAN_CONTRACTION,
+    implementation: int | str | Implementation = Implementation.JACOBIAN_CONTRACTION,
     *,
     memory_budget: MemoryBudget = None,
 ) -> KernelFn:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 import torch
 
@@ -227,8 +228,8 @@ def gradient_descent_mse(
             return fx_train_t, fx_test_t
         return fx_train_t if fx_test_t is None else fx_test_t
 
-    def predict_fn(t: Optional[Scalar] = None, fx_train_0: Any = 0.0, fx_test_0: Any = None,
-                   k_test_train: Optional[torch.Tensor] = None) -> Any:
+    def predict_fn(t: Scalar | None = None, fx_train_0: Any = 0.0, fx_test_0: Any = None,
+                   k_test_train: torch.Tensor | None = None) -> Any:
         """Outputs at time(s) ``t`` (``None``: infinity); see :func:`gradient_descent_mse`."""
         _check_predict_inputs(fx_train_0, fx_test_0, k_test_train, k_train_train, caller)
         if t is None:
@@ -365,12 +366,12 @@ def gp_inference(
             out[g] = Gaussian(mean, cov)
         if single:
             return out[fields[0]]
-        return collections.namedtuple("Gaussians", fields)(*(out[g] for g in fields))  # type: ignore[misc]
+        return collections.namedtuple("Gaussians", fields)(*(out[g] for g in fields))
 
     return predict_fn
 
 
-def max_learning_rate(ntk_train_train: torch.Tensor, y_train_size: Optional[int] = None, momentum: float = 0.0,
+def max_learning_rate(ntk_train_train: torch.Tensor, y_train_size: int | None = None, momentum: float = 0.0,
                       eps: float = 1e-12) -> float:
     """The largest learning rate for which gradient descent on the MSE converges (infinite width).
 

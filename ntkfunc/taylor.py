@@ -11,13 +11,14 @@ result is differentiated again whenever it is trained.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.func import jvp
 from torch.utils import _pytree as pytree
 
-from ntkfunc._core.ops import exact_higher_order, transform_friendly_attention
+from ntkfunc._core.ops import exact_higher_order, load_forward_ad_decompositions, transform_friendly_attention
 from ntkfunc._core.types import ApplyFn, PyTree
 
 
@@ -70,7 +71,7 @@ def _taylor_terms(f: ApplyFn, params0: PyTree, params: PyTree, x: PyTree, degree
         inner = terms(k - 1)
 
         def g(*p: torch.Tensor) -> list[list[torch.Tensor]]:
-            lower, derivs = jvp(inner, p, tangents)  # derivs[j] = d/dε of term j: term j+1
+            lower, derivs = jvp(inner, p, tangents)[:2]  # derivs[j] = d/dε of term j: term j+1
             return list(lower) + [derivs[-1]]
 
         return g
@@ -108,6 +109,7 @@ def taylor_expand(f: ApplyFn, params0: PyTree, degree: int) -> ApplyFn:
 
     def f_taylor(params: PyTree, x: PyTree) -> PyTree:
         _check_like(params, params0, f"taylor_expand(degree={degree})")
+        load_forward_ad_decompositions()
         with transform_friendly_attention(), exact_higher_order():
             terms, spec = _taylor_terms(f, params0, params, x, degree)
         total = list(terms[0])

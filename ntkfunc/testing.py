@@ -15,7 +15,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -83,7 +84,7 @@ def trace_and_diagonal(full: torch.Tensor, ndim: int, trace_axes: Axes, diagonal
     return k / size
 
 
-def reference_kernel(f: ApplyFn, params: PyTree, x1: PyTree, x2: Optional[PyTree], trace_axes: Axes = (-1,), diagonal_axes: Axes = ()) -> PyTree:
+def reference_kernel(f: ApplyFn, params: PyTree, x1: PyTree, x2: PyTree | None, trace_axes: Axes = (-1,), diagonal_axes: Axes = ()) -> PyTree:
     """The empirical NTK in float64 by the definition (the same pytree as ``f``'s output).
 
     Axes count on the whole output of ``f`` (batch axis included), as in ``ntk_fn``.
@@ -103,7 +104,7 @@ def reference_kernel(f: ApplyFn, params: PyTree, x1: PyTree, x2: Optional[PyTree
     return pytree.tree_unflatten(kernels, spec)
 
 
-def reference_nngp(f: ApplyFn, params: PyTree, x1: PyTree, x2: Optional[PyTree], trace_axes: Axes = (-1,), diagonal_axes: Axes = ()) -> PyTree:
+def reference_nngp(f: ApplyFn, params: PyTree, x1: PyTree, x2: PyTree | None, trace_axes: Axes = (-1,), diagonal_axes: Axes = ()) -> PyTree:
     """``f(x1) f(x2)ᵀ`` in float64 with the same output-axis rule."""
     o1 = pytree.tree_leaves(f(params, x1))
     o2 = o1 if x2 is None else pytree.tree_leaves(f(params, x2))
@@ -141,9 +142,9 @@ def check_rule(
     f: ApplyFn,
     params: PyTree,
     x1: PyTree,
-    x2: Optional[PyTree] = None,
+    x2: PyTree | None = None,
     *,
-    expected: Optional[Mapping[str, str]] = None,
+    expected: Mapping[str, str] | None = None,
     settings: Settings = (((), ()), ((-1,), ())),
     vmap_axes: VMapAxes = 0,
     tol: float = 1e-10,

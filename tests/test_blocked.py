@@ -210,18 +210,25 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert torch.equal(torch.from_numpy(np.load(out)), expected)
 
 
-def _run_torchrun(cmd: list, attempts: int = 3, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    """Run a torchrun job; kill it with all its ranks and retry if it hangs.
+def _run_torchrun(cmd: list, outputs: list, attempts: int = 3, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run a torchrun job from scratch; kill it with all its ranks and start over if it hangs.
 
-    Seen on this project's machines: a gloo rank sometimes never returns from
-    ``init_process_group`` although the other rank is connected (inside torch's gloo
-    backend, before any ntkfunc code runs). A hung attempt is killed, ranks included, and
-    run again; if every attempt hangs the test is skipped with that reason, since
-    torch.distributed itself could not start here. A job that fails is returned at once.
+    A job that calls ``kernel_matrix`` twice used to hang now and then in the second gloo
+    rendezvous (fixed: the process group is now kept for the life of the process). Should
+    torch.distributed itself hang here, the attempt is killed, ranks included, and the job
+    runs again *from nothing* (``outputs`` deleted first), so a retry can never count tiles
+    that an earlier attempt wrote. If every attempt hangs the test is skipped with that
+    reason. A job that fails is returned at once.
     """
+    import shutil
+
     import psutil
 
     for _ in range(attempts):
+        for path in outputs:
+            shutil.rmtree(str(path) + ".tiles", ignore_errors=True)
+            for p in (path, Path(str(path) + ".manifest.json")):
+                p.unlink(missing_ok=True)
         proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -233,7 +240,7 @@ def _run_torchrun(cmd: list, attempts: int = 3, timeout: float = 60.0) -> subpro
                 except psutil.NoSuchProcess:
                     pass
             proc.communicate()
-    pytest.skip(f"torch.distributed's gloo init_process_group hung in all {attempts} attempts (> {timeout:.0f} s each) on this machine")
+    pytest.skip(f"torch.distributed hung in all {attempts} attempts (> {timeout:.0f} s each) on this machine")
 
 
 def test_torchrun_two_cpu_processes_equal_one(tmp_path):
@@ -241,7 +248,7 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path):
     f, params, x = build_job()
     expected = kernel_matrix(f, params, x, trace_axes=(), batch_size=3, progress=False)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(JOB), "--out", str(out), "--result", str(result)]
-    res = _run_torchrun(cmd)
+    res = _run_torchrun(cmd, [out, result])
     assert res.returncode == 0, res.stderr[-3000:]
     counts = [json.loads(line)["computed"] for line in res.stdout.splitlines() if line.startswith("{")]
     assert sorted(counts) == [12, 18]  # twice 15 tiles (file, then in memory): rows 0, 2, 4 (5+3+1) and 1, 3 (4+2)

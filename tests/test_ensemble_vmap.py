@@ -54,7 +54,7 @@ def test_ntk_of_an_ensemble_in_one_vmapped_call(case, impl):
     for i in range(_E):  # member 0 against the float64 reference, the others against the unvmapped kernel
         p = _member(stacked, i)
         ref = reference_kernel(f, p, x1, x2, tr, dg) if i == 0 else kernel(x1, x2, p)
-        assert max_rel_err(pytree.tree_map(lambda t: t[i], k), ref) <= 1e-10
+        assert max_rel_err(pytree.tree_map(lambda t, i=i: t[i], k), ref) <= 1e-10
 
 
 @pytest.mark.parametrize("impl", implementations(param_vmap=True))

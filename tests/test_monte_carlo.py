@@ -7,8 +7,8 @@ import torch
 
 import ntkfunc
 from ntkfunc.monte_carlo import sample_seeds
-from tests.zoo import implementations
 from tests.reference import max_rel_err, reference_kernel, reference_nngp
+from tests.zoo import implementations
 
 
 def _init(gen):

@@ -9,7 +9,6 @@ import ntkfunc
 from ntkfunc import predict
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     previous = torch.get_default_dtype()
@@ -244,4 +243,4 @@ def test_max_learning_rate_matches_eigenvalue_and_separates_convergence():
         f = torch.zeros(6, 1)
         for _ in range(3000):
             f = f - factor * lr * k @ (f - y) / 6
-        assert bool(((f - y).abs().max() < 1e-3)) == converges
+        assert bool((f - y).abs().max() < 1e-3) == converges

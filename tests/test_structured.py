@@ -152,7 +152,7 @@ def test_composes_with_vmap_over_params_and_grad():
         member = {k: v[i] for k, v in ensemble.items()}
         assert max_rel_err(batched[i], reference_kernel(f, member, x, None, (), ())) <= 1e-10
     grads = [
-        torch.func.grad(lambda q: ntkfunc.ntk_fn(f, implementation=impl)(x, None, q).sum())(p) for impl in (1, 3)
+        torch.func.grad(lambda q, impl=impl: ntkfunc.ntk_fn(f, implementation=impl)(x, None, q).sum())(p) for impl in (1, 3)
     ]
     assert max_rel_err(grads[1], grads[0]) <= 1e-10
 

@@ -7,11 +7,10 @@ the (trace_axes, diagonal_axes) pairs that make sense for its output rank.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 import ntkfunc
 

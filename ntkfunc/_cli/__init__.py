@@ -4,12 +4,12 @@ whole-dataset kernel (:mod:`ntkfunc._cli.compute`). argparse -> public API, no m
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from ntkfunc._cli import demo
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] == "demo":
         return demo.main(argv[1:])

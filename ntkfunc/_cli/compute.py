@@ -25,8 +25,9 @@ import importlib
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from ntkfunc._engines import choices, get_engine
 DEFAULT_MODEL = "ntkfunc.models:small_cnn"
 DEFAULT_DATA = "digits_0_200_0_100"
 _BUILTIN_TRAIN = {"digits": 1297}
-_KERNELS = {"trace": dict(trace_axes=(-1,)), "pntk": dict(trace_axes=(-1,), pntk=True), "full": dict(trace_axes=())}
+_KERNELS: dict[str, dict[str, Any]] = {"trace": dict(trace_axes=(-1,)), "pntk": dict(trace_axes=(-1,), pntk=True), "full": dict(trace_axes=())}
 
 
 class UsageError(Exception):
@@ -57,7 +58,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DATA, help=f"digits[_a_b[_c_d]], a .npy/.pt file or a folder (default {DEFAULT_DATA})")
     p.add_argument("--test", help="test split for file/folder data (rows after the training rows)")
     p.add_argument("--range", dest="ranges", help="a_b or a_b_c_d: train[a:b] (and test[c:d])")
-    p.add_argument("--kernel", choices=sorted(_KERNELS), default="trace", help="trace: (N1, N2) averaged over outputs; pntk: sum of logits / sqrt(O); full: (N1, N2, O, O)")
+    p.add_argument(
+        "--kernel", choices=sorted(_KERNELS), default="trace",
+        help="trace: (N1, N2) averaged over outputs; pntk: sum of logits / sqrt(O); full: (N1, N2, O, O)",
+    )
     p.add_argument("--implementation", help=f"ntk_fn implementation: {choices()}; default: auto")
     p.add_argument("--batch-size", type=int, help="samples per tile side (default: from the memory budget)")
     p.add_argument("--memory-budget", help="bytes or e.g. 4GB (default: half the available RAM, 80%% of free GPU memory)")
@@ -71,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from ntkfunc._dataset.pipeline import kernel_matrix
 
     try:
@@ -118,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _model(spec: str, weights: Optional[Path], seed: int, dtype: torch.dtype, device: str) -> torch.nn.Module:
+def _model(spec: str, weights: Path | None, seed: int, dtype: torch.dtype, device: str) -> torch.nn.Module:
     m = re.fullmatch(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)", spec)
     if not m:
         raise UsageError(f"--model {spec!r}: expected package.module:factory, e.g. {DEFAULT_MODEL}")
@@ -239,7 +243,7 @@ def _parse_ranges(text: str, what: str) -> list[int]:
     return [int(g) for g in m.groups() if g is not None]
 
 
-def _data(spec: str, test: Optional[str], ranges: Optional[str], dtype: torch.dtype) -> tuple[Any, Any, str]:
+def _data(spec: str, test: str | None, ranges: str | None, dtype: torch.dtype) -> tuple[Any, Any, str]:
     """``(x1, x2, description)``; ``x2`` is None for a symmetric kernel."""
     name, bounds = spec, None
     m = re.fullmatch(r"([A-Za-z][\w-]*?)_(\d+_\d+(?:_\d+_\d+)?)", spec)
@@ -273,12 +277,12 @@ def _data(spec: str, test: Optional[str], ranges: Optional[str], dtype: torch.dt
     if len(rows) == 1:
         x = train[a:b] if isinstance(train, (torch.Tensor, np.ndarray)) else _Rows(train, a, b)
         return x, None, desc
-    x1 = ConcatDataset([_Rows(src, lo, hi) for src, lo, hi in rows])
+    x1: Any = ConcatDataset([_Rows(src, lo, hi) for src, lo, hi in rows])
     x2 = train[a:b] if isinstance(train, (torch.Tensor, np.ndarray)) else _Rows(train, a, b)
     return x1, x2, desc
 
 
-def _implementation(text: Optional[str]) -> Any:
+def _implementation(text: str | None) -> Any:
     """The implementation named by ``--implementation`` (checked by the engine registry), or None."""
     if text is None:
         return None
@@ -289,7 +293,7 @@ def _implementation(text: Optional[str]) -> Any:
         raise UsageError(f"--implementation {text}: expected {choices()}") from None
 
 
-def _devices(text: Optional[str]) -> Any:
+def _devices(text: str | None) -> Any:
     if text is None or text == "all":
         return text
     out = []

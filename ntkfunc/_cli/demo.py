@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
 from ntkfunc._engines import Implementation, engines
 from ntkfunc.datasets import load_digits
 from ntkfunc.models import small_cnn
@@ -22,7 +23,7 @@ from ntkfunc.module import from_module
 from ntkfunc.ntk import ntk_fn
 
 
-def run(n: int = 64, out: Optional[Path] = None, seed: int = 0) -> dict:
+def run(n: int = 64, out: Path | None = None, seed: int = 0) -> dict:
     """Compute the kernel with every implementation; returns seconds per implementation."""
     torch.manual_seed(seed)
     x, y = load_digits()
@@ -79,7 +80,7 @@ def _heatmap(k: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
     print(f"  saved {path}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ntkfunc demo", description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=64, help="number of digits (default 64)")
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for demo_ntk.npy/.png (default ./out)")

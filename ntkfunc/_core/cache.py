@@ -9,7 +9,8 @@ and ``"auto"``'s per-parameter routes. Nothing is shared between kernel function
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

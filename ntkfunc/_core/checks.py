@@ -6,7 +6,7 @@ that was called, then says what was given and what was expected.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from ntkfunc._core.types import ApplyFn, Axes, VMapAxes
 
@@ -30,7 +30,7 @@ def check_bool(value: Any, name: str, api: str) -> bool:
     return value
 
 
-def check_positive_int(value: Any, name: str, api: str, *, allow_none: bool = False) -> Optional[int]:
+def check_positive_int(value: Any, name: str, api: str, *, allow_none: bool = False) -> int | None:
     """``value`` if it is a positive int (or None when ``allow_none``), else a ValueError.
 
     >>> check_positive_int(3, "batch_size", "kernel_matrix")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -33,20 +33,19 @@ def canonical_axes(axes: Axes, ndim: int, what: str, api: str = "ntk_fn") -> tup
     >>> canonical_axes((-1, 0), 3, "trace_axes")
     (0, 2)
     """
-    if isinstance(axes, int) and not isinstance(axes, bool):
-        axes = (axes,)
+    given: tuple = (axes,) if isinstance(axes, int) else tuple(axes)
     out = []
-    for a in axes:
+    for a in given:
         if isinstance(a, bool) or not isinstance(a, int):
             raise TypeError(f"{api}({what}={axes!r}): axes must be ints, got {type(a).__name__}")
         if not -ndim <= a < ndim:
             raise ValueError(
-                f"{api}({what}={tuple(axes)}): axis {a} out of range for an output of "
+                f"{api}({what}={given}): axis {a} out of range for an output of "
                 f"ndim {ndim}; expected -{ndim} <= axis < {ndim}"
             )
         out.append(a % ndim)
     if len(set(out)) != len(out):
-        raise ValueError(f"{api}({what}={tuple(axes)}): repeated axis")
+        raise ValueError(f"{api}({what}={given}): repeated axis")
     return tuple(sorted(out))
 
 
@@ -66,12 +65,12 @@ class Layout:
     """
 
     ndim: int
-    batch_axis: Optional[int]
+    batch_axis: int | None
     trace: tuple[int, ...]
     diagonal: tuple[int, ...]
 
     @staticmethod
-    def make(ndim: int, batch_axis: Optional[int], trace_axes: Axes, diagonal_axes: Axes, api: str = "ntk_fn") -> "Layout":
+    def make(ndim: int, batch_axis: int | None, trace_axes: Axes, diagonal_axes: Axes, api: str = "ntk_fn") -> Layout:
         """The layout of an ndim-``ndim`` output; ``api`` names the caller in error messages."""
         trace = canonical_axes(trace_axes, ndim, "trace_axes", api)
         diagonal = canonical_axes(diagonal_axes, ndim, "diagonal_axes", api)

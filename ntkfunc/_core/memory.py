@@ -16,8 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Callable, Sequence
-
+from collections.abc import Callable, Sequence
 
 import torch
 

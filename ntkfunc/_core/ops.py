@@ -8,7 +8,11 @@ only one of them applies.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+import functools
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +47,7 @@ def transform_friendly_attention() -> Iterator[None]:
 # rsqrt, every order of every transform is derived from elementary rules and is exact.
 
 
-def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):  # type: ignore[no-untyped-def]
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     dims = tuple(range(-len(tuple(normalized_shape)), 0)) if not isinstance(normalized_shape, int) else (-1,)
     mean = input.mean(dim=dims, keepdim=True)
     centred = input - mean
@@ -56,7 +60,7 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):  # t
     return out
 
 
-def _rms_norm(input, normalized_shape, weight=None, eps=None):  # type: ignore[no-untyped-def]
+def _rms_norm(input, normalized_shape, weight=None, eps=None):
     dims = tuple(range(-len(tuple(normalized_shape)), 0)) if not isinstance(normalized_shape, int) else (-1,)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
@@ -68,7 +72,7 @@ def _channel_shape(input: torch.Tensor) -> tuple[int, ...]:
     return (1, -1) + (1,) * (input.ndim - 2)
 
 
-def _affine(out, weight, bias):  # type: ignore[no-untyped-def]
+def _affine(out, weight, bias):
     if weight is not None:
         out = out * weight.reshape(_channel_shape(out))
     if bias is not None:
@@ -76,7 +80,7 @@ def _affine(out, weight, bias):  # type: ignore[no-untyped-def]
     return out
 
 
-def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):  # type: ignore[no-untyped-def]
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     use_batch = training or running_mean is None or running_var is None
     if use_batch:
         dims = (0,) + tuple(range(2, input.ndim))
@@ -96,7 +100,7 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
     return _affine(out, weight, bias)
 
 
-def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,  # type: ignore[no-untyped-def]
+def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                    use_input_stats=True, momentum=0.1, eps=1e-5):
     if not use_input_stats and running_mean is not None and running_var is not None:
         shape = _channel_shape(input)
@@ -109,8 +113,8 @@ def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias
     return _affine(centred * torch.rsqrt(var + eps), weight, bias)
 
 
-def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):  # type: ignore[no-untyped-def]
-    n, c = input.shape[0], input.shape[1]
+def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    n, _c = input.shape[0], input.shape[1]
     grouped = input.reshape(n, num_groups, -1)
     mean = grouped.mean(dim=-1, keepdim=True)
     centred = grouped - mean
@@ -132,7 +136,7 @@ if hasattr(F, "rms_norm"):
 class _DecomposeNorms(TorchFunctionMode):
     """Replaces the fused normalisation functions by :data:`NORM_DECOMPOSITIONS`."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         impl = NORM_DECOMPOSITIONS.get(func)
         if impl is not None:
             return impl(*args, **(kwargs or {}))
@@ -195,3 +199,18 @@ def kernel_context(*trees: Any) -> Iterator[None]:
     """
     with transform_friendly_attention(), exact_higher_order(needs_higher_order(trees)):
         yield
+
+
+@functools.cache
+def load_forward_ad_decompositions() -> None:
+    """Load torch's forward-mode decompositions now, without its ``torch.jit.script`` deprecation warning.
+
+    torch imports them lazily on the first ``jvp`` (``torch.autograd.forward_ad``) and scripts
+    them with ``torch.jit.script``, which warns that it is deprecated: a warning about torch's
+    own internals that users of ``ntkfunc`` can do nothing about. Called before every ``jvp``
+    path (implementation 2, ``ntk_vp_fn``, ``taylor_expand``); the same condition as torch's.
+    """
+    if os.environ.get("PYTORCH_JIT", "1") == "1" and __debug__:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated")
+            from torch._decomp import decompositions_for_jvp  # noqa: F401

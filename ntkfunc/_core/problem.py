@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -40,7 +41,7 @@ class Params:
     diff_index: list[int]  # positions of the differentiated (floating) leaves
 
     @staticmethod
-    def make(params: PyTree, api: str = "ntk_fn") -> "Params":
+    def make(params: PyTree, api: str = "ntk_fn") -> Params:
         with_path, spec = pytree.tree_flatten_with_path(params)
         names, leaves = [], []
         for path, leaf in with_path:
@@ -64,7 +65,7 @@ class Params:
     def diff_names(self) -> list[str]:
         return [self.names[i] for i in self.diff_index]
 
-    def rebuild(self, diff_leaves: Sequence[torch.Tensor], subset: Optional[Sequence[int]] = None) -> PyTree:
+    def rebuild(self, diff_leaves: Sequence[torch.Tensor], subset: Sequence[int] | None = None) -> PyTree:
         """The params pytree with differentiated leaves replaced (``subset``: which of them)."""
         leaves = list(self.leaves)
         positions = self.diff_index if subset is None else [self.diff_index[k] for k in subset]
@@ -89,10 +90,10 @@ class Problem:
     f: ApplyFn
     params: Params
     x1_leaves: list[Any]
-    x2_leaves: Optional[list[Any]]
+    x2_leaves: list[Any] | None
     x_spec: Any
-    x_axes: Optional[list[Optional[int]]]
-    fx_axes: Optional[list[int]]
+    x_axes: list[int | None] | None
+    fx_axes: list[int] | None
     n1: int
     n2: int
     out_spec: Any
@@ -102,8 +103,8 @@ class Problem:
     device: torch.device
     layouts: list[Layout]
     api: str = "ntk_fn"  # the public function being computed (named in error messages)
-    cache: Optional[KernelCache] = None  # the kernel function's cache (its closure), when the inputs have a signature
-    signature: Optional[Signature] = None
+    cache: KernelCache | None = None  # the kernel function's cache (its closure), when the inputs have a signature
+    signature: Signature | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -114,14 +115,14 @@ class Problem:
         return self.x_axes is not None
 
     # --- the function in differentiable forms ---------------------------------------
-    def _call(self, param_leaves: Sequence[torch.Tensor], x_leaves: Sequence[Any], subset: Optional[Sequence[int]]) -> list[torch.Tensor]:
+    def _call(self, param_leaves: Sequence[torch.Tensor], x_leaves: Sequence[Any], subset: Sequence[int] | None) -> list[torch.Tensor]:
         out = self.f(self.params.rebuild(param_leaves, subset), tree_unflatten(list(x_leaves), self.x_spec))
         leaves, spec = tree_flatten(out)
         if spec != self.out_spec:
             raise ValueError(f"{self.api}: f returned outputs of structure {spec}; expected {self.out_spec} as on the first sample")
         return leaves
 
-    def sample_fn(self, subset: Optional[Sequence[int]] = None) -> Callable[..., list[torch.Tensor]]:
+    def sample_fn(self, subset: Sequence[int] | None = None) -> Callable[..., list[torch.Tensor]]:
         """``g(param_leaves, x_leaves)`` on one sample; ``subset`` selects which diff leaves are arguments."""
         assert self.x_axes is not None and self.fx_axes is not None
         x_axes, fx_axes = self.x_axes, self.fx_axes
@@ -133,7 +134,7 @@ class Problem:
 
         return g
 
-    def batch_fn(self, subset: Optional[Sequence[int]] = None) -> Callable[..., list[torch.Tensor]]:
+    def batch_fn(self, subset: Sequence[int] | None = None) -> Callable[..., list[torch.Tensor]]:
         def g(param_leaves: Sequence[torch.Tensor], x_leaves: Sequence[Any]) -> list[torch.Tensor]:
             return self._call(param_leaves, x_leaves, subset)
 
@@ -170,7 +171,7 @@ def _fmt_shapes(leaves: Sequence[Any]) -> str:
 
 
 def _check_inputs(
-    x1_leaves: list[Any], x2_leaves: Optional[list[Any]], spec1: Any, spec2: Any, x_axes: Optional[list[Optional[int]]], api: str
+    x1_leaves: list[Any], x2_leaves: list[Any] | None, spec1: Any, spec2: Any, x_axes: list[int | None] | None, api: str
 ) -> tuple[int, int]:
     if not x1_leaves:
         raise ValueError(f"{api}: x1 has no tensors; expected a tensor or a pytree of tensors")
@@ -217,7 +218,7 @@ def _check_inputs(
 
 
 def _probe(
-    f: ApplyFn, params: Params, x_leaves: list[Any], x_spec: Any, x_axes: Optional[list[Optional[int]]], check: bool, api: str
+    f: ApplyFn, params: Params, x_leaves: list[Any], x_spec: Any, x_axes: list[int | None] | None, check: bool, api: str
 ) -> tuple[list[torch.Tensor], Any]:
     """Run ``f`` on the first sample (or the whole batch): output leaves and structure.
 
@@ -272,12 +273,12 @@ def _probe(
 def make_problem(
     f: ApplyFn,
     x1: PyTree,
-    x2: Optional[PyTree],
+    x2: PyTree | None,
     params: PyTree,
     vmap_axes: VMapAxes,
     trace_axes: Axes,
     diagonal_axes: Axes,
-    cache: Optional[KernelCache] = None,
+    cache: KernelCache | None = None,
     *,
     api: str = "ntk_fn",
 ) -> Problem:
@@ -310,7 +311,7 @@ def make_problem(
             cache.probes[key] = probe
     out1, out2, out_spec = probe.out1, probe.out2, probe.out_spec
 
-    fx_axes: Optional[list[int]] = None
+    fx_axes: list[int] | None = None
     shapes1 = [tuple(o.shape) for o in out1]
     shapes2 = [tuple(o.shape) for o in out2]
     if x_axes is not None:
@@ -357,15 +358,16 @@ def make_problem(
     )
 
 
-def signature_of(p: Params, x1: list[Any], x2: Optional[list[Any]], spec: Any, x_axes: Optional[list[Optional[int]]]) -> Signature:
+def signature_of(p: Params, x1: list[Any], x2: list[Any] | None, spec: Any, x_axes: list[int | None] | None) -> Signature:
     """What the probe's findings depend on: structures, per-sample shapes, dtypes, devices."""
 
     def meta(leaves: list[Any]) -> tuple:
         out = []
         for k, t in enumerate(leaves):
             shape = list(t.shape)
-            if x_axes is not None and x_axes[k] is not None:
-                shape[x_axes[k]] = -1
+            axis = None if x_axes is None else x_axes[k]
+            if axis is not None:
+                shape[axis] = -1
             out.append((tuple(shape), t.dtype, t.device))
         return tuple(out)
 

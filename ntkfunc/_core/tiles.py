@@ -9,7 +9,7 @@ swapped). When the batch axis is traced or diagonal only tiles ``i == j`` contri
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol, Union
+from collections.abc import Callable
+from typing import Any, Protocol, Union
 
 import torch
 
@@ -25,7 +26,7 @@ MemoryBudget = Union[None, int, float, str]
 class KernelFn(Protocol):
     """``kernel(x1, x2, params) -> Tensor`` (or a pytree of tensors for pytree outputs)."""
 
-    def __call__(self, x1: PyTree, x2: Optional[PyTree], params: PyTree) -> PyTree: ...
+    def __call__(self, x1: PyTree, x2: PyTree | None, params: PyTree) -> PyTree: ...
 
 
 Tensor = torch.Tensor

@@ -1,19 +1,23 @@
 """Where a whole-dataset kernel runs: the devices of this process and the ranks of a ``torchrun`` job.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the default process group
-is created on first use, NCCL when CUDA is available and gloo otherwise, and destroyed
-again by whoever created it. Rank ``r`` of ``W`` takes the tile rows ``r, r + W, r + 2W, ...``;
-all ranks write to the same output on a shared filesystem.
+is created on first use, NCCL when CUDA is available and gloo otherwise, and kept for
+the rest of the process (destroyed at exit): destroying it after every call and creating
+it again on the next one made the ranks race through a second gloo rendezvous, where one
+rank could wait forever for peers that had already connected (seen as a hang of a job
+that calls ``kernel_matrix`` twice). Rank ``r`` of ``W`` takes the tile rows
+``r, r + W, r + 2W, ...``; all ranks write to the same output on a shared filesystem.
 Outside ``torchrun`` everything is a single rank.
 """
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import dataclasses
 import datetime
 import os
-from typing import Iterator, Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -21,7 +25,7 @@ import torch.distributed as dist
 from ntkfunc._core.pytree import tree_leaves, tree_map
 from ntkfunc._core.types import PyTree
 
-Devices = Union[None, str, torch.device, Sequence[Union[str, torch.device]]]
+Devices = Union[None, str, torch.device, Sequence[str | torch.device]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,25 +63,24 @@ class Ranks:
         return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def ranks() -> Iterator[Ranks]:
-    """This process's rank and the world size; joins (and later leaves) torchrun's group."""
+def ranks() -> Ranks:
+    """This process's rank and the world size; joins torchrun's group on first use (left at exit)."""
     if not dist.is_available():
-        yield Ranks(0, 1)
-        return
+        return Ranks(0, 1)
     if dist.is_initialized():
-        yield Ranks(dist.get_rank(), dist.get_world_size())
-        return
+        return Ranks(dist.get_rank(), dist.get_world_size())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
-        yield Ranks(0, 1)
-        return
+        return Ranks(0, 1)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # A bounded wait: a rank that cannot reach the others fails with an error instead of hanging.
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
-    try:
-        yield Ranks(dist.get_rank(), dist.get_world_size())
-    finally:
+    atexit.register(_leave)
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def _leave() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from ntkfunc._core.problem import Problem
 from ntkfunc._core.types import ApplyFn, PyTree
@@ -11,7 +11,7 @@ from ntkfunc._engines import Engine, Implementation
 
 
 def job_fingerprint(
-    fn: ApplyFn, params: PyTree, problem: Problem, s1: Samples, s2: Optional[Samples], trace: tuple, diag: tuple,
+    fn: ApplyFn, params: PyTree, problem: Problem, s1: Samples, s2: Samples | None, trace: tuple, diag: tuple,
     pntk: bool, engine: Engine, kshape: tuple,
 ) -> dict[str, Any]:
     """The function's name, params, data, settings and kernel shape, as recorded in the manifest."""

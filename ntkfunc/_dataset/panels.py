@@ -10,7 +10,8 @@ Both expose ``tile(t) -> kernel block`` (already divided by the trace size); the
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch.func import jacrev, vmap
@@ -47,14 +48,14 @@ class JacobianPanels:
         self.pos = self.layout.batch_positions()
         self.trace_size = self.layout.trace_size(problem.out_shapes1[0])
         self.keep = plan.panel > 0 and len(plan.groups) == 1 and not self.layout.batch_paired
-        self.buf: Optional[torch.Tensor] = None
+        self.buf: torch.Tensor | None = None
         self.loaded: set[int] = set()
-        self.panel_id: Optional[int] = None
-        self.stream: Optional[tuple[tuple, torch.Tensor]] = None
+        self.panel_id: int | None = None
+        self.stream: tuple[tuple, torch.Tensor] | None = None
         self.jacobians_computed = 0
         self.fns = [vmap(jacrev(problem.sample_fn(g), argnums=0), in_dims=(None, problem.x_axes)) for g in plan.groups]
 
-    def _compute(self, src: int, i0: int, i1: int, g: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _compute(self, src: int, i0: int, i1: int, g: int, out: torch.Tensor | None = None) -> torch.Tensor:
         x = self.sources[src - 1].get(i0, i1).to(self.device)
         leaves = self.problem.params.diff_leaves
         jac = self.fns[g]([leaves[k] for k in self.plan.groups[g]], [x])[0]
@@ -113,7 +114,7 @@ class JacobianPanels:
     def tile(self, t: Tile) -> torch.Tensor:
         if self.keep and self._aligned(t.i0, t.i1):
             return self.tiles([t])[0]
-        total: Optional[torch.Tensor] = None  # no reuse: sub-tiles (after OOM), parameter groups
+        total: torch.Tensor | None = None  # no reuse: sub-tiles (after OOM), parameter groups
         same = self.symmetric and (t.i0, t.i1) == (t.j0, t.j1)
         for g in range(len(self.plan.groups)):
             j1 = self._compute(1, t.i0, t.i1, g)
@@ -127,7 +128,8 @@ class JacobianPanels:
 class PerTileKernel:
     """Any engine: ``ntk_fn`` on the tile's samples (the engine tiles further if needed)."""
 
-    def __init__(self, f: ApplyFn, params: PyTree, sources: tuple[Samples, Samples], engine: Engine, trace: tuple, diag: tuple, budget: int, device: torch.device, symmetric: bool) -> None:
+    def __init__(self, f: ApplyFn, params: PyTree, sources: tuple[Samples, Samples], engine: Engine, trace: tuple, diag: tuple,
+                 budget: int, device: torch.device, symmetric: bool) -> None:
         self.kernel = ntk_fn(f, trace, diag, 0, engine.implementation, memory_budget=budget)
         self.params, self.sources, self.device, self.symmetric = params, sources, device, symmetric
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 
@@ -91,11 +91,11 @@ def kernel_matrix(
     *,
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
-    implementation: Union[None, int, str, Implementation] = None,
+    implementation: None | int | str | Implementation = None,
     pntk: bool = False,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
     memory_budget: MemoryBudget = None,
-    out: Union[None, str, "os.PathLike[str]"] = None,
+    out: None | str | os.PathLike[str] = None,
     resume: bool = True,
     progress: bool = True,
     devices: Devices = None,
@@ -152,19 +152,19 @@ def kernel_matrix(
       torch.Size([10, 4, 3, 3])
     """
     job = validate(f, params, x1, x2, trace_axes, diagonal_axes, implementation, pntk, batch_size, nonfinite)
-    with ranks() as rk:
-        device = resolve_devices(devices, params, rk, API)
-        shape = probe(job, device[0])
-        budget = parse_budget(memory_budget, device[0])
-        usable, dataset_plan = plan(job, shape, budget, batch_size, in_memory=out is None)
-        store, grid_block = open_output(job, shape, out, dataset_plan, resume, rk)
-        tiles = list(grid(shape.n1, shape.n2, grid_block, grid_block, symmetric=job.symmetric, paired=shape.layout.batch_paired))
-        run(job, shape, store, dataset_plan, grid_block, tiles, device, int(usable), progress_bar=progress_bar_wanted(progress, rk), rk=rk)
-        return finish(store, tiles, rk)
+    rk = ranks()
+    device = resolve_devices(devices, params, rk, API)
+    shape = probe(job, device[0])
+    budget = parse_budget(memory_budget, device[0])
+    usable, dataset_plan = plan(job, shape, budget, batch_size, in_memory=out is None)
+    store, grid_block = open_output(job, shape, out, dataset_plan, resume, rk)
+    tiles = list(grid(shape.n1, shape.n2, grid_block, grid_block, symmetric=job.symmetric, paired=shape.layout.batch_paired))
+    run(job, shape, store, dataset_plan, grid_block, tiles, device, int(usable), progress_bar=progress_bar_wanted(progress, rk), rk=rk)
+    return finish(store, tiles, rk)
 
 
 def validate(f: ApplyFn, params: PyTree, x1: Any, x2: Any, trace_axes: Axes, diagonal_axes: Axes,
-             implementation: Union[None, int, str, Implementation], pntk: bool, batch_size: Optional[int], nonfinite: str) -> Job:
+             implementation: None | int | str | Implementation, pntk: bool, batch_size: int | None, nonfinite: str) -> Job:
     """Check the arguments (before anything runs) and wrap the data as :class:`Samples`."""
     if nonfinite not in ("raise", "warn"):
         raise ValueError(f"{API}(nonfinite={nonfinite!r}): expected 'raise' or 'warn'")
@@ -208,7 +208,7 @@ def _problem(job: Job, device: torch.device, params: PyTree) -> Problem:
         return make_problem(job.fn, job.s1.get(0, 1).to(device), x2, params, 0, job.trace, job.diag, api=API)
 
 
-def plan(job: Job, shape: Shape, budget: int, batch_size: Optional[int], *, in_memory: bool) -> tuple[float, DatasetPlan]:
+def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memory: bool) -> tuple[float, DatasetPlan]:
     """``(usable bytes, plan)``: the budget left for the work once an in-memory kernel is held."""
     kernel_bytes = math.prod(shape.kshape) * itemsize(shape.dtype) if in_memory else 0
     usable = budget * SAFETY - kernel_bytes
@@ -220,7 +220,7 @@ def plan(job: Job, shape: Shape, budget: int, batch_size: Optional[int], *, in_m
     return usable, plan_tiles(shape.problem, job.engine, usable, max(shape.n1, shape.n2), shape.pair_bytes, batch_size)
 
 
-def open_output(job: Job, shape: Shape, out: Union[None, str, "os.PathLike[str]"], dataset_plan: DatasetPlan,
+def open_output(job: Job, shape: Shape, out: None | str | os.PathLike[str], dataset_plan: DatasetPlan,
                 resume: bool, rk: Ranks) -> tuple[Store, int]:
     """``(store, tile side)``: every rank's store, and the tile grid of the run being resumed (or this plan's)."""
     if out is None:

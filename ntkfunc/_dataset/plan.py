@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 from ntkfunc._core.memory import backward_transient
 from ntkfunc._core.problem import Problem
@@ -49,7 +48,7 @@ class DatasetPlan:
         """Tile order: panel of x1 blocks, then x2 block, then x1 block (each x2 block loaded once per panel)."""
         return (self.panel_of(t.i0), t.j0, t.i0)
 
-    def for_grid(self, block: int, n1: int) -> "DatasetPlan":
+    def for_grid(self, block: int, n1: int) -> DatasetPlan:
         """This plan on a tile grid of ``block`` samples (a resumed run keeps its grid) for ``n1`` rows."""
         panel = min(self.panel, -(-n1 // self.block)) if self.panel else 0  # never more blocks than x1 has
         if block != self.block:
@@ -57,7 +56,7 @@ class DatasetPlan:
         return dataclasses.replace(self, block=block, panel=panel)
 
 
-def plan_tiles(problem: Problem, engine: Engine, usable: float, n_max: int, pair_bytes: int, batch_size: Optional[int]) -> DatasetPlan:
+def plan_tiles(problem: Problem, engine: Engine, usable: float, n_max: int, pair_bytes: int, batch_size: int | None) -> DatasetPlan:
     """Block size, parameter groups and panel size for ``usable`` bytes.
 
     Memory (per-sample Jacobian ``J`` bytes, ``A`` activations while computing): a panel of ``k``

@@ -13,7 +13,8 @@ import queue
 import threading
 import time
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ class Runner:
             for g in groups:
                 self._group(engine, g, devices[0], bar)
             return
-        work: "queue.Queue[list[Tile]]" = queue.Queue()
+        work: queue.Queue[list[Tile]] = queue.Queue()
         for g in groups:
             work.put(g)
         errors: list[BaseException] = []
@@ -92,7 +93,7 @@ class Runner:
 
     def _group(self, engine: TileKernel, ts: list[Tile], dev: torch.device, bar: Progress) -> None:
         start = time.perf_counter()
-        blocks: Optional[list[torch.Tensor]] = None
+        blocks: list[torch.Tensor] | None = None
         with self.compute_lock:
             if len(ts) > 1 and hasattr(engine, "tiles") and max(t.i1 - t.i0 for t in ts) <= self.limit:
                 try:

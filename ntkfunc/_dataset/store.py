@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional, Protocol, Union
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -109,14 +110,14 @@ class NpyStore:
     @classmethod
     def open(
         cls,
-        path: "str | os.PathLike[str]",
+        path: str | os.PathLike[str],
         shape: tuple[int, ...],
         dtype: torch.dtype,
         fingerprint: dict[str, Any],
         grid: dict[str, Any],
         resume: bool,
         create: bool = True,
-    ) -> "NpyStore":
+    ) -> NpyStore:
         """Create the output (or reopen it to resume); ``create=False``: only reopen (other ranks).
 
         Refuses to resume when the manifest's fingerprint differs from ``fingerprint``.
@@ -150,7 +151,7 @@ class NpyStore:
         return cls._reopen(path, shape, np_dtype, fingerprint)
 
     @classmethod
-    def _reopen(cls, path: Path, shape: tuple[int, ...], np_dtype: Any, fingerprint: dict[str, Any]) -> "NpyStore":
+    def _reopen(cls, path: Path, shape: tuple[int, ...], np_dtype: Any, fingerprint: dict[str, Any]) -> NpyStore:
         mpath = cls.manifest_path(path)
         try:
             manifest = json.loads(mpath.read_text())
@@ -220,14 +221,14 @@ def _numpy_dtype(dtype: torch.dtype) -> Any:
 
 
 def open_store(
-    out: Union[None, str, "os.PathLike[str]"],
+    out: None | str | os.PathLike[str],
     shape: tuple[int, ...],
     dtype: torch.dtype,
-    fingerprint: Optional[dict[str, Any]],
+    fingerprint: dict[str, Any] | None,
     grid: dict[str, Any],
     resume: bool,
     rk: Ranks,
-) -> Union[MemoryStore, NpyStore]:
+) -> MemoryStore | NpyStore:
     """The store of a run: memory (``out=None``), or ``out`` opened by rank 0 then by the other ranks.
 
     Rank 0 creates (or reopens, to resume) the file; the others wait for it and reopen it.
@@ -236,7 +237,7 @@ def open_store(
     if out is None:
         return MemoryStore(shape, dtype)
     assert fingerprint is not None
-    store: Optional[NpyStore] = None
+    store: NpyStore | None = None
     if rk.rank == 0:
         try:
             store = NpyStore.open(out, shape, dtype, fingerprint, grid, resume)

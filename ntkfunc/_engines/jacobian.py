@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.func import jacrev, vmap
 
 from ntkfunc._core.memory import SAFETY, backward_transient, fmt_bytes, itemsize, outputs_per_sample
 from ntkfunc._core.problem import Problem
-from ntkfunc._core.tiles import Accumulator, Tile, tiles
+from ntkfunc._core.tiles import Accumulator, tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +136,9 @@ def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
     return accs[0].result()
 
 
-def _tile_jacobians(problem: Problem, group: Sequence[int], block: int):  # type: ignore[no-untyped-def]
+def _tile_jacobians(problem: Problem, group: Sequence[int], block: int):
     """Yield ``(tile, J1, J2)``, computing each x1 block's Jacobian once per row of tiles."""
-    current: Optional[tuple[int, list]] = None
+    current: tuple[int, list] | None = None
     for tile in tiles(problem, block, block):
         if current is None or current[0] != tile.i0:
             current = (tile.i0, jacobians(problem, group, 1, tile.i0, tile.i1))

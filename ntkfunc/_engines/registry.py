@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import types
-from typing import Any, Callable, Mapping, Union
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -113,7 +114,7 @@ def choices() -> str:
     return f"'auto' or one of {numbers} ({names})"
 
 
-def get_engine(implementation: Union[int, str, Implementation], *, api: str) -> Engine:
+def get_engine(implementation: int | str | Implementation, *, api: str) -> Engine:
     """The engine of ``implementation`` (a number, an :class:`Implementation` or ``"auto"``).
 
     The only place that validates ``implementation``: anything else raises a ValueError

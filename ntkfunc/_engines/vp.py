@@ -14,11 +14,14 @@ activation tangents of ``b2 x O`` JVPs; tiles are sized by :func:`plan`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.func import jvp, vjp, vmap
 
 from ntkfunc._core.memory import SAFETY, fmt_bytes, itemsize, per_sample_activation_bytes
+from ntkfunc._core.ops import load_forward_ad_decompositions
 from ntkfunc._core.problem import Problem
 from ntkfunc._core.tiles import Accumulator, tiles
 from ntkfunc._engines import jacobian
@@ -49,10 +52,10 @@ def plan(problem: Problem, budget: int) -> tuple[int, int]:
     return max(1, min(b1, problem.n1)), b2
 
 
-def jvp_by_double_vjp(fn, primals, tangents):  # type: ignore[no-untyped-def]
+def jvp_by_double_vjp(fn, primals, tangents):
     """``jvp`` for functions with ops that lack forward-mode rules: transpose the (linear) VJP."""
-    out, vjp_fn = vjp(fn, *primals)
-    _, transpose = vjp(vjp_fn, torch.utils._pytree.tree_map(torch.zeros_like, out))
+    out, vjp_fn = vjp(fn, *primals)[:2]
+    transpose = vjp(vjp_fn, torch.utils._pytree.tree_map(torch.zeros_like, out))[1]
     return out, transpose(tuple(tangents))[0]  # the cotangent of vjp_fn's output: one per primal
 
 
@@ -67,10 +70,11 @@ def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
     """
     if per_param:
         return jacobian.kernel(problem, budget, per_param=True)
+    load_forward_ad_decompositions()
     b1, b2 = plan(problem, budget)
     everything = list(range(len(problem.params.diff_leaves)))
     acc = Accumulator(problem)
-    push = jvp
+    push: Callable[..., Any] = jvp
     for tile in tiles(problem, b1, b2):
         cot = jacobian.jacobians(problem, everything, 2, tile.j0, tile.j1)  # [out leaf][param]: (b2, *out2, *p)
         try:
@@ -85,7 +89,7 @@ def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
     return acc.result()
 
 
-def _tile(problem: Problem, i0: int, i1: int, cot: list[list[torch.Tensor]], push_forward=jvp) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+def _tile(problem: Problem, i0: int, i1: int, cot: list[list[torch.Tensor]], push_forward=jvp) -> list[torch.Tensor]:
     """Kernel blocks per output leaf for x1 samples ``i0:i1`` against the x2 cotangents ``cot``."""
     leaves = problem.params.diff_leaves
     n_leaves = len(problem.layouts)

@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +34,13 @@ Tensor = torch.Tensor
 @expand(F.multi_head_attention_forward)
 def multi_head_attention(
     query: Tensor, key: Tensor, value: Tensor, embed_dim_to_check: int, num_heads: int,
-    in_proj_weight: Optional[Tensor], in_proj_bias: Optional[Tensor], bias_k: Optional[Tensor],
-    bias_v: Optional[Tensor], add_zero_attn: bool, dropout_p: float, out_proj_weight: Tensor,
-    out_proj_bias: Optional[Tensor], training: bool = True, key_padding_mask: Optional[Tensor] = None,
-    need_weights: bool = True, attn_mask: Optional[Tensor] = None, use_separate_proj_weight: bool = False,
-    q_proj_weight: Optional[Tensor] = None, k_proj_weight: Optional[Tensor] = None,
-    v_proj_weight: Optional[Tensor] = None, static_k: Optional[Tensor] = None,
-    static_v: Optional[Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False,
+    in_proj_weight: Tensor | None, in_proj_bias: Tensor | None, bias_k: Tensor | None,
+    bias_v: Tensor | None, add_zero_attn: bool, dropout_p: float, out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None, training: bool = True, key_padding_mask: Tensor | None = None,
+    need_weights: bool = True, attn_mask: Tensor | None = None, use_separate_proj_weight: bool = False,
+    q_proj_weight: Tensor | None = None, k_proj_weight: Tensor | None = None,
+    v_proj_weight: Tensor | None = None, static_k: Tensor | None = None,
+    static_v: Tensor | None = None, average_attn_weights: bool = True, is_causal: bool = False,
 ) -> Any:
     """Self-attention in primitives ``(L, B, E) -> ((L, B, E), weights)``; NotImplemented otherwise."""
     unsupported = (
@@ -51,6 +51,7 @@ def multi_head_attention(
     )
     if unsupported:
         return NotImplemented
+    assert in_proj_weight is not None
     unbatched = query.dim() == 2
     x = query.unsqueeze(1) if unbatched else query
     length, batch, embed = x.shape
@@ -60,7 +61,7 @@ def multi_head_attention(
     weights = torch.softmax(torch.bmm(q * head**-0.5, k.transpose(1, 2)), dim=-1)  # (B*H, L, L)
     out = torch.bmm(weights, v).transpose(0, 1).reshape(length * batch, embed)
     out = F.linear(out, out_proj_weight, out_proj_bias).view(length, batch, embed)
-    avg: Optional[Tensor] = None
+    avg: Tensor | None = None
     if need_weights:
         avg = weights.view(batch, num_heads, length, length)
         avg = avg.mean(1) if average_attn_weights else avg

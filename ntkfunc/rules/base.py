@@ -31,7 +31,8 @@ import contextvars
 import dataclasses
 import math
 import string
-from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -76,17 +77,17 @@ class Rule:
     names: ClassVar[tuple[str, ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}
 
-    def bind(self, args: tuple, kwargs: dict) -> Optional[Bound]:
+    def bind(self, args: tuple, kwargs: dict) -> Bound | None:
         """The call's arguments by name (positional first, then defaults); None if the call does not fit."""
         return bind(args, kwargs, self.names, self.defaults)
 
-    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+    def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
         raise NotImplementedError(f"Subclass {type(self).__name__} must define match()")
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
         raise NotImplementedError(f"Subclass {type(self).__name__} must define capture()")
 
-    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
         raise NotImplementedError(f"Subclass {type(self).__name__} must define structure()")
 
 
@@ -120,7 +121,7 @@ def register(*ops: Any) -> Callable[[R], R]:
     return add
 
 
-def lookup(op: Any) -> Optional[Rule]:
+def lookup(op: Any) -> Rule | None:
     """The rule for ``op``, or None (no rule, or rules :func:`disabled`): Jacobian contraction then."""
     if _DISABLED.get():
         return None
@@ -147,7 +148,7 @@ def expand(*ops: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return add
 
 
-def expansion(op: Any) -> Optional[Callable[..., Any]]:
+def expansion(op: Any) -> Callable[..., Any] | None:
     """The expansion of ``op`` into ruled primitives, or None (none, or rules :func:`disabled`)."""
     if _DISABLED.get():
         return None
@@ -234,7 +235,7 @@ def check_structure(s: Structure, *, rule: str, role: str, theta_shape: Sequence
 # --- helpers shared by the families ---------------------------------------------------
 
 
-def bind(args: tuple, kwargs: dict, names: Sequence[str], defaults: dict[str, Any]) -> Optional[Bound]:
+def bind(args: tuple, kwargs: dict, names: Sequence[str], defaults: dict[str, Any]) -> Bound | None:
     """Arguments by name (positional first); None if too many positional or an unknown keyword is given.
 
     >>> bind((1, 2), {"c": 3}, ("a", "b", "c"), {"c": 0})
@@ -252,7 +253,7 @@ def einsum_structure(
     inputs: Sequence[str],
     output: str,
     theta_index: int,
-    tensors: Sequence[Optional[Tensor]],
+    tensors: Sequence[Tensor | None],
     theta_shape: Sequence[int],
     y_shape: Sequence[int],
     scale: complex | float = 1.0,

@@ -20,7 +20,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -69,10 +70,10 @@ class _Conv(Rule):
     """A convolution ``op(input, weight, bias, ...)`` whose weight and / or bias are parameters."""
 
     transposed: bool = False
-    names = _CONV
+    names: ClassVar[tuple[str, ...]] = _CONV
     defaults = _DEFAULTS
 
-    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+    def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
         if not isinstance(a["input"], torch.Tensor) or is_param(a["input"]):
             return None
         if not isinstance(a["weight"], torch.Tensor) or (isinstance(a["padding"], str) and self.transposed):
@@ -80,7 +81,7 @@ class _Conv(Rule):
         roles = {r: a[r] for r in ("weight", "bias") if is_param(a[r])}
         return roles or None
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
         w, d = a["weight"], a["weight"].ndim - 2
         kernel = tuple(w.shape[2:])
         stride, dilation = _tuple(a["stride"], d), _tuple(a["dilation"], d)
@@ -99,7 +100,7 @@ class _Conv(Rule):
         }
         return [a["input"]], meta
 
-    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
         kernel = meta["kernel"]
         d, g = len(kernel), meta["groups"]
         y_shape = (1,) + tuple(y_shape) if meta["unbatched"] else tuple(y_shape)

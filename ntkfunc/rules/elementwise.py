@@ -22,7 +22,8 @@ Example:
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,15 +38,15 @@ def trailing(ndim: int, y_ndim: int) -> str:
 class _Binary(Rule):
     """``op(input, other[, alpha])`` where exactly one of input / other is a parameter."""
 
-    names = ("input", "other")
+    names: ClassVar[tuple[str, ...]] = ("input", "other")
 
-    def bind(self, args: tuple, kwargs: dict) -> Optional[Bound]:
+    def bind(self, args: tuple, kwargs: dict) -> Bound | None:
         a = bind(args, kwargs, self.names, self.defaults)
         if a is None or "input" not in a or "other" not in a or a.get("out") is not None:
             return None
         return a
 
-    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+    def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
         x, o = a["input"], a["other"]
         if is_param(x) and is_param(o):
             return None
@@ -57,9 +58,9 @@ class _Binary(Rule):
         roles = {r: a[r] for r in ("input", "other") if is_param(a[r])}
         return roles or None
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
         meta: dict[str, Any] = {"alpha": float(a.get("alpha", 1))}
-        ops: list[Optional[Tensor]] = []
+        ops: list[Tensor | None] = []
         for r in ("input", "other"):
             t = a[r]
             if isinstance(t, torch.Tensor):
@@ -80,7 +81,7 @@ class Add(_Binary):
     defaults = {"alpha": 1}
     _sign = 1.0
 
-    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
         shape = meta[role + "_shape"]
         scale = 1.0 if role == "input" else self._sign * meta["alpha"]
         sub = trailing(len(shape), len(y_shape))
@@ -102,7 +103,7 @@ class Mul(_Binary):
     name = "mul"
     names = ("input", "other", "out")
 
-    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
         other = "other" if role == "input" else "input"
         shape = meta[role + "_shape"]
         ny = len(y_shape)

@@ -21,7 +21,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,21 +39,21 @@ class Embedding(Rule):
     names = _NAMES
     defaults = _DEFAULTS
 
-    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+    def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
         if a["max_norm"] is not None or a["scale_grad_by_freq"] or not is_param(a["weight"]):
             return None
         if not isinstance(a["input"], torch.Tensor) or a["weight"].ndim != 2:
             return None
         return {"weight": a["weight"]}
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
         vocab = a["weight"].shape[0]
         pad = a["padding_idx"]
         if pad is not None and pad < 0:
             pad += vocab
         return [a["input"]], {"vocab": vocab, "padding_idx": pad}
 
-    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
         (ids,) = operands
         assert ids is not None
         onehot = F.one_hot(ids.long(), meta["vocab"])

@@ -19,7 +19,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,20 +40,21 @@ class Linear(Rule):
     names = ("input", "weight", "bias")
     defaults = {"bias": None}
 
-    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+    def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
         if is_param(a["input"]) or not _is_tensor(a["weight"]) or a["weight"].ndim != 2:
             return None
         return {r: a[r] for r in ("weight", "bias") if is_param(a[r])} or None
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
         return [a["input"]], {}
 
-    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
         k = len(y_shape) - 1
         lead = LETTERS[:k]
         if role == "bias":
             return Structure(y_shape, lead + "z", "z", [])
         (x,) = operands
+        assert x is not None
         return einsum_structure([lead + "y", "zy"], lead + "z", 1, [x, None], (y_shape[-1], x.shape[-1]), y_shape)
 
 
@@ -78,7 +80,7 @@ class MatMul(Rule):
     name = "matmul"
     names = ("input", "other")
 
-    def bind(self, args: tuple, kwargs: dict) -> Optional[Bound]:
+    def bind(self, args: tuple, kwargs: dict) -> Bound | None:
         if kwargs.get("out") is not None or len(args) + len(kwargs) != 2:
             return None
         a = bind(args, kwargs, self.names, {})
@@ -89,18 +91,18 @@ class MatMul(Rule):
     def subscripts(self, a: Tensor, b: Tensor) -> tuple[str, str, str]:
         return matmul_subscripts(a.ndim, b.ndim)
 
-    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+    def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
         x, y = a["input"], a["other"]
         if not (_is_tensor(x) and _is_tensor(y)) or is_param(x) == is_param(y):
             return None
         return {"lhs": x} if is_param(x) else {"rhs": y}
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
         x, y = a["input"], a["other"]
         meta = {"subscripts": self.subscripts(x, y), "shapes": (tuple(x.shape), tuple(y.shape))}
         return [None if is_param(t) else t for t in (x, y)], meta
 
-    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
         sa, sb, out = meta["subscripts"]
         idx = 0 if role == "lhs" else 1
         tensors = [None, operands[1]] if idx == 0 else [operands[0], None]
@@ -113,7 +115,7 @@ class RMatMul(MatMul):
 
     name = "matmul"
 
-    def bind(self, args: tuple, kwargs: dict) -> Optional[Bound]:
+    def bind(self, args: tuple, kwargs: dict) -> Bound | None:
         a = super().bind(args, kwargs)
         return None if a is None else {"input": a["other"], "other": a["input"]}
 
@@ -128,7 +130,7 @@ class BMM(MatMul):
         return "axy", "ayz", "axz"
 
 
-def parse_einsum(equation: str, ndims: Sequence[int]) -> Optional[tuple[list[str], str]]:
+def parse_einsum(equation: str, ndims: Sequence[int]) -> tuple[list[str], str] | None:
     """``(inputs, output)`` letters of an einsum equation with ``...`` expanded; None if unsupported."""
     eq = equation.replace(" ", "")
     lhs, arrow, rhs = eq.partition("->")
@@ -163,7 +165,7 @@ class Einsum(Rule):
 
     name = "einsum"
 
-    def bind(self, args: tuple, kwargs: dict) -> Optional[Bound]:
+    def bind(self, args: tuple, kwargs: dict) -> Bound | None:
         """``{"equation", "operands", "subscripts"}``: ``einsum(eq, *ops)`` or ``einsum(eq, [ops])``, parsed once."""
         if kwargs or not args or not isinstance(args[0], str):
             return None
@@ -175,17 +177,17 @@ class Einsum(Rule):
             return None
         return {"equation": args[0], "operands": ops, "subscripts": subs}
 
-    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+    def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
         which = [k for k, t in enumerate(a["operands"]) if is_param(t)]
         if len(which) != 1:
             return None
         return {f"operand{which[0]}": a["operands"][which[0]]}
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
         ops = a["operands"]
         return [None if is_param(t) else t for t in ops], {"subscripts": a["subscripts"], "shapes": [tuple(t.shape) for t in ops]}
 
-    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
         inputs, out = meta["subscripts"]
         idx = int(role[len("operand") :])
         tensors = [None if k == idx else t for k, t in enumerate(operands)]

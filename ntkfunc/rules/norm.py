@@ -20,7 +20,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,24 +32,24 @@ from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor,
 class _Affine(Rule):
     """A norm whose output is ``normalise(x) * weight + bias``."""
 
-    channel_axis: Optional[int] = None  # None: weight aligned to the trailing axes
+    channel_axis: int | None = None  # None: weight aligned to the trailing axes
 
     def normalise(self, a: Bound) -> Tensor:
         raise NotImplementedError(f"Subclass {type(self).__name__} must define normalise()")
 
-    def match(self, a: Bound, is_param: IsParam) -> Optional[dict[str, Tensor]]:
+    def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
         if not isinstance(a.get("input"), torch.Tensor) or is_param(a["input"]):
             return None
         if any(is_param(a.get(k)) for k in self.names if k not in ("input", "weight", "bias")):
             return None
-        roles = {r: a[r] for r in ("weight", "bias") if r in a and is_param(a[r])}
+        roles: dict[str, Tensor] = {r: a[r] for r in ("weight", "bias") if r in a and is_param(a[r])}
         return roles or None
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Optional[Tensor]], dict[str, Any]]:
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
         shapes = {r: tuple(a[r].shape) for r in ("weight", "bias") if isinstance(a.get(r), torch.Tensor)}
         return [self.normalise(a)], {"shapes": shapes}
 
-    def structure(self, role: str, operands: Sequence[Optional[Tensor]], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
         ny = len(y_shape)
         shape = meta["shapes"][role]
         out = LETTERS[:ny]

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Container, Sequence
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -100,38 +101,60 @@ def _no_param(t: object) -> bool:
     return False
 
 
-class _Recorder(TorchFunctionMode):
-    """Discovery pass: records events and other uses; calls events with detached parameters."""
+class _ParamMode(TorchFunctionMode):
+    """Sees every torch function call; a call that consumes a parameter is matched against the rules once.
 
-    def __init__(self, ids: dict[int, int]) -> None:
-        super().__init__()
-        self.ids = ids
-        self.events: list[Event] = []
-        self.uses: dict[int, list[str]] = {}
-        self.plain: dict[int, list[str]] = {}
+    Subclasses say what happens to a matched call (:meth:`matched`) and to any other call that
+    touches a parameter (:meth:`unmatched`); expansions of fused ops run with the mode active.
+    """
+
+    ids: Container[int]
 
     def _is_param(self, t: object) -> bool:
         return isinstance(t, torch.Tensor) and id(t) in self.ids
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        hits = [self.ids[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.ids]
-        if not hits:
+        touched = [t for t in _tensors((args, kwargs)) if id(t) in self.ids]
+        if not touched:
             return func(*args, **kwargs)
         out = _expanded(self, func, args, kwargs)
         if out is not NotImplemented:
             return out
         rule = rules.lookup(func)
-        bound = rule.bind(args, kwargs) if rule else None
-        roles = rule.match(bound, self._is_param) if rule and bound is not None else None
-        if roles is None:
-            out = func(*args, **kwargs)
-            if _tensors(out):  # metadata queries (.shape, .dtype) return no tensor
-                for k in hits:
-                    self.plain.setdefault(k, []).append(op_name(func))
-                    self.uses.setdefault(k, []).append(op_name(func))
-            return out
-        assert rule is not None and bound is not None
+        bound = rule.bind(args, kwargs) if rule is not None else None
+        roles = rule.match(bound, self._is_param) if rule is not None and bound is not None else None
+        if rule is None or bound is None or roles is None:
+            return self.unmatched(func, args, kwargs, touched)
+        return self.matched(func, args, kwargs, rule, bound, roles)
+
+    def matched(self, func: Any, args: tuple, kwargs: dict, rule: rules.Rule, bound: rules.Bound, roles: dict[str, torch.Tensor]) -> Any:
+        raise NotImplementedError(f"Subclass {type(self).__name__} must define matched()")
+
+    def unmatched(self, func: Any, args: tuple, kwargs: dict, touched: list[torch.Tensor]) -> Any:
+        return func(*args, **kwargs)
+
+
+class _Recorder(_ParamMode):
+    """Discovery pass: records events and other uses; calls events with detached parameters."""
+
+    def __init__(self, ids: dict[int, int]) -> None:
+        super().__init__()
+        self.ids: dict[int, int] = ids
+        self.events: list[Event] = []
+        self.uses: dict[int, list[str]] = {}
+        self.plain: dict[int, list[str]] = {}
+
+    def unmatched(self, func: Any, args: tuple, kwargs: dict, touched: list[torch.Tensor]) -> Any:
+        out = func(*args, **kwargs)
+        if _tensors(out):  # metadata queries (.shape, .dtype) return no tensor
+            for t in touched:
+                k = self.ids[id(t)]
+                self.plain.setdefault(k, []).append(op_name(func))
+                self.uses.setdefault(k, []).append(op_name(func))
+        return out
+
+    def matched(self, func: Any, args: tuple, kwargs: dict, rule: rules.Rule, bound: rules.Bound, roles: dict[str, torch.Tensor]) -> Any:
         ids = {id(t) for t in roles.values()}
         args, kwargs, bound = pytree.tree_map(
             lambda t: t.detach() if isinstance(t, torch.Tensor) and id(t) in ids else t, (args, kwargs, bound)
@@ -162,7 +185,7 @@ def discover(problem: Problem, which: int = 1) -> Capture:
     else:
         x, fn = problem.x_block(which, 0, problem.n1), problem.batch_fn()
     mode = _Recorder(ids)
-    grads: Sequence[Optional[torch.Tensor]] = [None] * len(copies)
+    grads: Sequence[torch.Tensor | None] = [None] * len(copies)
     with torch.enable_grad() if check else contextlib.nullcontext():
         with mode:
             outs = fn(copies, x)
@@ -173,7 +196,6 @@ def discover(problem: Problem, which: int = 1) -> Capture:
     for e in mode.events:
         for k in e.roles.values():
             count[k] = count.get(k, 0) + 1
-    covered: dict[int, tuple[int, str]] = {}
     fallback: dict[int, str] = {}
     for k in range(len(leaves)):
         if k in mode.plain:
@@ -189,7 +211,8 @@ def discover(problem: Problem, which: int = 1) -> Capture:
 
 def _assemble(all_events: Sequence[Event], fallback: dict[int, str], uses: dict[int, list[str]], api: str) -> Capture:
     """A :class:`Capture` from the recorded events, with ``fallback`` parameters left out of them."""
-    events, covered = [], {}
+    events: list[Event] = []
+    covered: dict[int, tuple[int, str]] = {}
     for e in all_events:
         roles = {r: k for r, k in e.roles.items() if k not in fallback}
         if not roles:
@@ -211,8 +234,11 @@ def restrict(capture: Capture, moved: dict[int, str]) -> Capture:
     return _assemble(capture.events, {**capture.fallback, **moved}, capture.uses, capture.api)
 
 
-class Injector(TorchFunctionMode):
-    """Inside ``f`` under transforms: records operands of event k and adds probe ``deltas[k]`` to its output."""
+class Injector(_ParamMode):
+    """Inside ``f`` under transforms: records operands of event k and adds probe ``deltas[k]`` to its output.
+
+    Calls that touch a covered parameter without matching a rule are metadata queries and run as they are.
+    """
 
     def __init__(self, capture: Capture, covered: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor]) -> None:
         super().__init__()
@@ -222,27 +248,13 @@ class Injector(TorchFunctionMode):
         self.aux: list[list[torch.Tensor]] = []  # per event: its operands that are tensors
         self.slots: list[tuple[int, list[int]]] = []  # per event: (number of operands, positions of the tensors)
 
-    def _is_param(self, t: object) -> bool:
-        return isinstance(t, torch.Tensor) and id(t) in self.ids
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if not any(id(t) in self.ids for t in _tensors((args, kwargs))):
-            return func(*args, **kwargs)
-        out = _expanded(self, func, args, kwargs)
-        if out is not NotImplemented:
-            return out
-        rule = rules.lookup(func)
-        bound = rule.bind(args, kwargs) if rule else None
-        roles = rule.match(bound, self._is_param) if rule and bound is not None else None
-        if roles is None:  # metadata queries on a covered parameter
-            return func(*args, **kwargs)
-        assert rule is not None and bound is not None
+    def matched(self, func: Any, args: tuple, kwargs: dict, rule: rules.Rule, bound: rules.Bound, roles: dict[str, torch.Tensor]) -> Any:
         k = len(self.aux)
         events = self.capture.events
+        api = self.capture.api
         if k >= len(events) or events[k].func is not func:
             raise RuntimeError(
-                f"{self.capture.api}(implementation=3): call {k} of a parameter-consuming op is {op_name(func)}, but the capture "
+                f"{api}(implementation=3): call {k} of a parameter-consuming op is {op_name(func)}, but the capture "
                 f"pass saw {op_name(events[k].func) if k < len(events) else 'no more calls'}; expected f to call the "
                 "same ops on every sample (data-dependent control flow); use implementation=1 or 2"
             )
@@ -250,7 +262,7 @@ class Injector(TorchFunctionMode):
         y = func(*args, **kwargs)
         if tuple(y.shape) != events[k].y_shape:
             raise RuntimeError(
-                f"{self.capture.api}(implementation=3): {op_name(func)} returned shape {tuple(y.shape)} on this sample and "
+                f"{api}(implementation=3): {op_name(func)} returned shape {tuple(y.shape)} on this sample and "
                 f"{events[k].y_shape} in the capture pass; expected the same shapes for every sample"
             )
         self.slots.append((len(operands), [i for i, t in enumerate(operands) if t is not None]))
@@ -284,11 +296,11 @@ def probed(
     return h
 
 
-def unpack(aux: Sequence[Sequence[torch.Tensor]], slots: Sequence[tuple[int, list[int]]]) -> list[list[Optional[torch.Tensor]]]:
+def unpack(aux: Sequence[Sequence[torch.Tensor]], slots: Sequence[tuple[int, list[int]]]) -> list[list[torch.Tensor | None]]:
     """Per event, the rule's operands with None back where a parameter was."""
-    result: list[list[Optional[torch.Tensor]]] = []
+    result: list[list[torch.Tensor | None]] = []
     for tensors, (size, pos) in zip(aux, slots):
-        ops: list[Optional[torch.Tensor]] = [None] * size
+        ops: list[torch.Tensor | None] = [None] * size
         for i, t in zip(pos, tensors):
             ops[i] = t
         result.append(ops)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import torch
 from torch.func import jacrev, vmap
@@ -51,7 +50,7 @@ class Side:
     """
 
     cot: list[list[torch.Tensor]]  # [out leaf][event]: (b, *out_sample, *y)
-    operands: list[list[Optional[torch.Tensor]]]  # [event]: batch-first operands
+    operands: list[list[torch.Tensor | None]]  # [event]: batch-first operands
     fb_jac: list[list[torch.Tensor]]  # [out leaf][fallback param]: (b, *out_sample, *param)
     cap: Capture
     structures: dict[tuple[int, str], rules.Structure] = dataclasses.field(default_factory=dict)
@@ -104,7 +103,7 @@ def side_form(problem: Problem, sd: Side, e: int, role: str, leaf: int) -> plan.
     return sd.forms[key]
 
 
-def side_jacobian(problem: Problem, sd: Side, e: int, role: str, leaf: int, memory_limit: Optional[int]) -> torch.Tensor:
+def side_jacobian(problem: Problem, sd: Side, e: int, role: str, leaf: int, memory_limit: int | None) -> torch.Tensor:
     """This side's rule-formed ``∂f/∂θ`` (formed once, kept for the row)."""
     key = (e, role, leaf)
     if key not in sd.jacobians:
@@ -132,7 +131,7 @@ def route(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side) ->
     return p.at_tile(formed1=key in s1.jacobians, formed2=s1 is s2 or key in s2.jacobians), gram
 
 
-def param_block(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side, memory_limit: Optional[int]) -> torch.Tensor:
+def param_block(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side, memory_limit: int | None) -> torch.Tensor:
     """One covered parameter's kernel block (not divided by the trace size), by the cheaper route."""
     lay = problem.layouts[leaf]
     cost, gram = route(problem, leaf, e, role, s1, s2)
@@ -146,7 +145,7 @@ def param_block(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Si
     return part if scale == 1.0 else part * scale
 
 
-def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit: Optional[int]) -> list[list[Optional[torch.Tensor]]]:
+def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit: int | None) -> list[list[torch.Tensor | None]]:
     """Per output leaf, per differentiated parameter: its kernel block for one tile.
 
     Not divided by the trace size; ``None`` for a parameter the output does not use.
@@ -155,7 +154,7 @@ def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit
     fb_idx = sorted(cap.fallback)
     blocks = []
     for leaf, lay in enumerate(problem.layouts):
-        parts: list[Optional[torch.Tensor]] = [None] * len(leaves)
+        parts: list[torch.Tensor | None] = [None] * len(leaves)
         for k, (e, role) in sorted(cap.covered.items()):
             parts[k] = param_block(problem, leaf, e, role, s1, s2, memory_limit)
         for j, k in enumerate(fb_idx):
@@ -187,7 +186,7 @@ def memory_limit(problem: Problem, budget: int) -> int:
     return 1 << max(16, int(budget * SAFETY / 4 // itemsize(problem.out_dtype)).bit_length() - 1)
 
 
-def kernel(problem: Problem, budget: int, per_param: bool = False, moved: Optional[dict[int, str]] = None) -> list:
+def kernel(problem: Problem, budget: int, per_param: bool = False, moved: dict[int, str] | None = None) -> list:
     """Implementation 3 (see the module docstring): the kernel per output leaf.
 
     With ``per_param=True``: per output leaf, a list over the differentiated parameters
@@ -200,7 +199,7 @@ def kernel(problem: Problem, budget: int, per_param: bool = False, moved: Option
     limit = memory_limit(problem, budget)
     n_params = len(problem.params.diff_leaves)
     accs = [Accumulator(problem) for _ in range(n_params if per_param else 1)]
-    current: Optional[tuple[int, Side]] = None
+    current: tuple[int, Side] | None = None
     for tile in tiles(problem, b, b):
         if current is None or current[0] != tile.i0:
             current = (tile.i0, side(problem, cap, 1, tile.i0, tile.i1))

@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import opt_einsum
 import torch
@@ -55,7 +56,7 @@ class Equation:
         sizes = {ch: d for term, shape in zip(lhs.split(","), self.shapes) for ch, d in zip(term, shape)}
         return tuple(sizes[ch] for ch in out)
 
-    def run(self, memory_limit: Optional[int]) -> torch.Tensor:
+    def run(self, memory_limit: int | None) -> torch.Tensor:
         """The contraction, along opt_einsum's path cached per equation and shapes."""
         return contract(self.eq, self.tensors, memory_limit)
 
@@ -149,12 +150,12 @@ def flops(eq: str, shapes: Shapes) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def expression(eq: str, shapes: Shapes, memory_limit: Optional[int]) -> Any:
+def expression(eq: str, shapes: Shapes, memory_limit: int | None) -> Any:
     """opt_einsum's compiled contraction of ``eq`` on ``shapes`` (its path found once)."""
     return opt_einsum.contract_expression(eq, *shapes, memory_limit=memory_limit)
 
 
-def contract(eq: str, tensors: Sequence[torch.Tensor], memory_limit: Optional[int]) -> torch.Tensor:
+def contract(eq: str, tensors: Sequence[torch.Tensor], memory_limit: int | None) -> torch.Tensor:
     """``eq`` on ``tensors``, lone axes summed first, along a path cached per equation and shapes."""
     new_eq, shapes, alone = presum_plan(eq, tuple(tuple(t.shape) for t in tensors))
     summed = [t.sum(a) if a else t for t, a in zip(tensors, alone)]
@@ -199,12 +200,12 @@ class Prices:
         """Costs for a whole ``n1 x n2`` kernel from one-sample prices (Jacobians formed ``n_jacobians`` times)."""
         return RouteCost(self.gram * n1 * n2, self.form1 * n_jacobians + self.pair * n1 * n2)
 
-    def __add__(self, other: "Prices") -> "Prices":
+    def __add__(self, other: Prices) -> Prices:
         return Prices(self.gram + other.gram, self.form1 + other.form1, self.form2 + other.form2, self.pair + other.pair)
 
 
 def prices(lay: Layout, vmapped: bool, s1: Structure, s2: Structure, c1: torch.Tensor, c2: torch.Tensor,
-           gram: Optional[Equation] = None, forms: tuple[Optional[Equation], Optional[Equation]] = (None, None)) -> Prices:
+           gram: Equation | None = None, forms: tuple[Equation | None, Equation | None] = (None, None)) -> Prices:
     """The :class:`Prices` of one parameter's block (``gram``/``forms``: the equations if already built)."""
     gram = gram or gram_equation(lay, vmapped, s1, s2, c1, c2)
     if s1.theta != s2.theta:
@@ -215,7 +216,7 @@ def prices(lay: Layout, vmapped: bool, s1: Structure, s2: Structure, c1: torch.T
     return Prices(gram.flops, f1.flops, f2.flops, pair)
 
 
-def jacobian_contraction_flops(lay: Layout, n: Optional[int], out_shape: Sequence[int], param_shape: Sequence[int]) -> int:
+def jacobian_contraction_flops(lay: Layout, n: int | None, out_shape: Sequence[int], param_shape: Sequence[int]) -> int:
     """FLOPs of implementation 1's ``J₁ J₂ᵀ`` for one parameter on ``n`` samples against themselves.
 
     ``out_shape``: one sample's output shape; ``n=None`` when not vmapped (the batch is one unit).
