@@ -110,10 +110,14 @@ def test_loads_only_the_samples_of_a_tile():
     assert max(seen) == 9 and len(seen) < 120  # fingerprint probes + one Jacobian per block
 
 
-def test_reuses_block_jacobians_when_they_fit(monkeypatch):
-    """With room in the budget every sample block's Jacobian is computed once, not once per tile."""
+ROW_IMPLEMENTATIONS = [i for i in IMPLEMENTATIONS if ntkfunc._engines.get_engine(i, api="test").rows is not None]
+
+
+@pytest.mark.parametrize("impl", ROW_IMPLEMENTATIONS)
+def test_reuses_block_rows_when_they_fit(monkeypatch, impl):
+    """With room in the budget every sample block's rows are computed once, not once per tile."""
     engines, products = [], []
-    init, contract = panels.JacobianPanels.__init__, Layout.contract
+    init, contract = panels.RowPanels.__init__, Layout.contract
 
     def capture(self, *args, **kw):
         init(self, *args, **kw)
@@ -123,20 +127,24 @@ def test_reuses_block_jacobians_when_they_fit(monkeypatch):
         products.append((a.shape[0], b.shape[0]))
         return contract(self, a, b, n)
 
-    monkeypatch.setattr(panels.JacobianPanels, "__init__", capture)
+    monkeypatch.setattr(panels.RowPanels, "__init__", capture)
     monkeypatch.setattr(Layout, "contract", counting_contract)
     f, params, x1, x2 = _mlp(n1=12, n2=8)
     ref = reference_kernel(f, params, x1, None)
-    assert max_rel_err(kernel_matrix(f, params, x1, None, batch_size=3, implementation=1, progress=False), ref) <= 1e-10
-    assert engines[-1].jacobians_computed == 12  # 10 tiles, each sample's Jacobian once
+    assert max_rel_err(kernel_matrix(f, params, x1, None, batch_size=3, implementation=impl, progress=False), ref) <= 1e-10
+    assert engines[-1].rows_computed == 12  # 10 tiles, each sample's rows once
     assert products == [(3, 3), (6, 3), (9, 3), (12, 3)]  # one product per x2 block: all the panel rows above it
     products.clear()
-    kernel_matrix(f, params, x1, x2, batch_size=3, implementation=1, progress=False)
-    assert engines[-1].jacobians_computed == 12 + 8
+    kernel_matrix(f, params, x1, x2, batch_size=3, implementation=impl, progress=False)
+    assert engines[-1].rows_computed == 12 + 8
     assert products == [(12, 3), (12, 3), (12, 2)]
     products.clear()
-    kernel_matrix(f, params, x1, None, batch_size=3, implementation=1, progress=False, memory_budget=30_000)
-    assert engines[-1].plan.panel < 4 and 12 < engines[-1].jacobians_computed  # a smaller panel: x2 blocks recomputed
+    from ntkfunc._dataset import pipeline, plan
+
+    monkeypatch.setattr(pipeline, "plan_tiles", lambda *a, **kw: plan.DatasetPlan(3, 2, 2))  # room for 2 blocks only
+    k = kernel_matrix(f, params, x1, None, batch_size=3, implementation=impl, progress=False)
+    assert engines[-1].rows_computed == 6 + 6 + 6  # panel 0-5 once, x2 rows 6-11 streamed once, panel 6-11
+    assert max_rel_err(k, ref) <= 1e-10
 
 
 def test_pntk_is_kernel_of_scaled_sum_of_logits():
@@ -251,7 +259,7 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path):
     res = _run_torchrun(cmd, [out, result])
     assert res.returncode == 0, res.stderr[-3000:]
     counts = [json.loads(line)["computed"] for line in res.stdout.splitlines() if line.startswith("{")]
-    assert sorted(counts) == [12, 18]  # twice 15 tiles (file, then in memory): rows 0, 2, 4 (5+3+1) and 1, 3 (4+2)
+    assert len(counts) == 2 and sum(counts) == 30 and min(counts) > 0  # twice 15 tiles (file, then in memory), split by cost
     assert torch.equal(torch.from_numpy(np.load(out)), expected)  # written to one file by both ranks
     assert torch.equal(torch.from_numpy(np.load(result)), expected)  # in memory: gathered on every rank
 
@@ -289,17 +297,17 @@ def test_in_memory_kernel_larger_than_budget_is_refused():
 
 
 def test_cuda_oom_halves_the_block_and_retries(monkeypatch):
-    original = panels.JacobianPanels._compute
+    original = panels.RowPanels._fill
     ok, failed = [], []
 
-    def compute(self, src, i0, i1, g, out=None):
+    def fill(self, src, i0, i1, target):
         if i1 - i0 > 2:
             failed.append(i1 - i0)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         ok.append(i1 - i0)
-        return original(self, src, i0, i1, g, out)
+        return original(self, src, i0, i1, target)
 
-    monkeypatch.setattr(panels.JacobianPanels, "_compute", compute)
+    monkeypatch.setattr(panels.RowPanels, "_fill", fill)
     f, params, x1, x2 = _mlp(n1=9, n2=7)
     for x2_ in (x2, None):
         ok.clear(), failed.clear()
@@ -320,11 +328,28 @@ def test_nonfinite_entries_name_their_samples():
     assert torch.isnan(k[6]).all() and torch.isfinite(k[:6]).all()
 
 
-def test_devices_split_tiles_over_workers():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_devices_split_tiles_over_workers(monkeypatch, impl):
+    """Two workers take whole panels (x1 rows cut in two by cost) and together give the same kernel."""
+    panels_seen = []
+    original = runner.Runner._work
+
+    def work(self, engine, jobs, dev, bar, commits, stop):
+        taken = list(jobs)
+        panels_seen.append(sorted({self.plan.panel_of(t.i0) for job in taken for t in job}))
+        return original(self, engine, iter(taken), dev, bar, commits, stop)
+
+    monkeypatch.setattr(runner.Runner, "_work", work)
     f, params, x1, x2 = _mlp(n1=11, n2=7)
-    one = kernel_matrix(f, params, x1, x2, batch_size=2, progress=False)
-    assert torch.equal(kernel_matrix(f, params, x1, x2, batch_size=2, progress=False, devices=["cpu", "cpu"]), one)
-    assert torch.equal(kernel_matrix(f, params, x1, x2, batch_size=2, progress=False, devices="all"), one)
+    one = kernel_matrix(f, params, x1, x2, batch_size=2, implementation=impl, progress=False)
+    for x2_ in (x2, None):
+        ref = reference_kernel(f, params, x1, x2_)
+        panels_seen.clear()
+        two = kernel_matrix(f, params, x1, x2_, batch_size=2, implementation=impl, progress=False, devices=["cpu", "cpu"])
+        assert max_rel_err(two, ref) <= 1e-10  # the panels' products have other shapes: equal to rounding
+        taken = [p for ps in panels_seen for p in ps]
+        assert len(panels_seen) == 2 and sorted(taken) == sorted(set(taken))  # every panel by one worker
+    assert torch.equal(kernel_matrix(f, params, x1, x2, batch_size=2, implementation=impl, progress=False, devices="all"), one)
 
 
 def test_memory_budget_decides_the_tiles():

@@ -1,7 +1,11 @@
 """How one tile of a whole-dataset kernel is computed.
 
-- :class:`JacobianPanels` (engines that reuse Jacobians): block Jacobians flattened over
-  parameters, held per panel; each tile is one matrix product of panel rows with a block.
+- :class:`RowPanels` (engines with per-sample rows, :class:`ntkfunc._engines.persample.RowSource`):
+  rows of the current panel's x1 blocks live in ONE preallocated buffer
+  ``(panel * block, *out, P)``, reused for every panel (fresh allocations of this size would
+  page-fault on every use); x2 blocks are computed into a second reused buffer. All tiles of
+  one x2 block within a panel are ONE matrix product of the panel rows with that block (at
+  the ``precision`` of the run); Gram-route parameters add their factor contractions per tile.
 - :class:`PerTileKernel` (any engine): ``ntk_fn`` on the tile's samples.
 
 Both expose ``tile(t) -> kernel block`` (already divided by the trace size); the panels also
@@ -14,15 +18,15 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
-from torch.func import jacrev, vmap
 
 from ntkfunc._core.layout import Layout
-from ntkfunc._core.problem import Problem
 from ntkfunc._core.tiles import Tile
 from ntkfunc._core.types import ApplyFn, PyTree
 from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.plan import DatasetPlan
+from ntkfunc._dataset.precision import product
 from ntkfunc._engines import Engine
+from ntkfunc._engines.persample import Factors, RowSource
 from ntkfunc.ntk import ntk_fn
 
 
@@ -32,97 +36,140 @@ class TileKernel(Protocol):
     def tile(self, t: Tile) -> torch.Tensor: ...
 
 
-class JacobianPanels:
-    """Per-sample Jacobians flattened over parameters, held per panel of x1 blocks.
+class RowPanels:
+    """Per-sample rows held per panel of x1 blocks; x2 blocks streamed; one product per x2 block.
 
-    The current panel's x1 Jacobians live in one buffer ``(panel * block, *out, P)``,
-    filled block by block as tiles need them; x2 blocks are streamed (the latest is kept).
-    :meth:`tiles` computes all tiles of one x2 block within a panel as ONE matrix product
-    of the panel rows with that block, so the contraction runs at matmul speed.
+    ``storage``: the dtype rows are kept in (bfloat16 for ``precision="bf16"`` on CUDA, else the
+    kernel's ``dtype``). ``rows_computed`` counts the per-sample rows formed (each a batched
+    gradient pass's worth of work), for benchmarks and tests.
     """
 
-    def __init__(self, problem: Problem, sources: tuple[Samples, Samples], plan: DatasetPlan, device: torch.device, symmetric: bool, n1: int) -> None:
-        self.problem, self.sources, self.plan, self.device = problem, sources, plan, device
-        self.symmetric, self.n1 = symmetric, n1
-        self.layout: Layout = problem.layouts[0]
-        self.pos = self.layout.batch_positions()
-        self.trace_size = self.layout.trace_size(problem.out_shapes1[0])
-        self.keep = plan.panel > 0 and len(plan.groups) == 1 and not self.layout.batch_paired
-        self.buf: torch.Tensor | None = None
-        self.loaded: set[int] = set()
+    def __init__(self, source: RowSource, sources: tuple[Samples, Samples], plan: DatasetPlan, device: torch.device,
+                 symmetric: bool, n1: int, layout: Layout, trace_size: int, dtype: torch.dtype, storage: torch.dtype) -> None:
+        self.source, self.sources, self.plan, self.device = source, sources, plan, device
+        self.symmetric, self.n1, self.layout, self.trace_size = symmetric, n1, layout, trace_size
+        self.dtype, self.storage = dtype, storage
+        self.pos = layout.batch_positions()
+        self.row_shape = (*source.out_shape, source.slots.width)
+        self.buf: torch.Tensor | None = None  # the panel's rows
+        self.col: torch.Tensor | None = None  # the streamed block's rows
+        self.staging: torch.Tensor | None = None  # a chunk's rows in the kernel's dtype before bf16 storage
+        self.loaded: dict[int, Factors | None] = {}  # block start -> its Gram factors (rows in buf)
         self.panel_id: int | None = None
-        self.stream: tuple[tuple, torch.Tensor] | None = None
-        self.jacobians_computed = 0
-        self.fns = [vmap(jacrev(problem.sample_fn(g), argnums=0), in_dims=(None, problem.x_axes)) for g in plan.groups]
+        self.stream_key: tuple[int, int] | None = None
+        self.stream_factors: Factors | None = None
+        self.rows_computed = 0
+        b = plan.block
+        self.n_blocks = -(-n1 // b)
+        n_panels = plan.panel_of((self.n_blocks - 1) * b) + 1 if plan.panel else 0
+        spans = [plan.panel_blocks(p, self.n_blocks) for p in range(n_panels)]
+        self.panel_size = max([min(c * b, n1) - a * b for a, c in spans] or [0])
 
-    def _compute(self, src: int, i0: int, i1: int, g: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.sources[src - 1].get(i0, i1).to(self.device)
-        leaves = self.problem.params.diff_leaves
-        jac = self.fns[g]([leaves[k] for k in self.plan.groups[g]], [x])[0]
-        shape = jac[0].shape[: jac[0].ndim - leaves[self.plan.groups[g][0]].ndim]
-        pieces = [j.reshape(*shape, -1) for j in jac]
-        self.jacobians_computed += i1 - i0
-        if out is not None:
-            return torch.cat(pieces, dim=-1, out=out)
-        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+    # --- rows ------------------------------------------------------------------------------
+    def _fill(self, src: int, i0: int, i1: int, target: torch.Tensor) -> Factors | None:
+        """Rows of samples ``i0:i1`` of x1 (``src=1``) or x2 into ``target``; their Gram factors."""
+        data = self.sources[src - 1].get(i0, i1)
+        if self.device.type == "cuda":  # pinned and asynchronous: the copy does not wait for queued work
+            x = [data.pin_memory().to(self.device, non_blocking=True)]
+        else:
+            x = [data.to(self.device)]
+        self.rows_computed += i1 - i0
+        if target.dtype == self.dtype:
+            return self.source.compute(x, target, self.plan.chunk)
+        factors = []  # bfloat16 storage: compute a chunk at a time in the kernel's dtype, then store
+        for s in range(0, i1 - i0, self.plan.chunk):
+            e = min(s + self.plan.chunk, i1 - i0)
+            if self.staging is None or self.staging.shape[0] < e - s:
+                self.staging = torch.empty((self.plan.chunk, *self.row_shape), dtype=self.dtype, device=self.device)
+            part = self.source.compute([x[0][s:e]], self.staging[: e - s], self.plan.chunk)
+            target[s:e].copy_(self.staging[: e - s])
+            if part is not None:
+                factors.append(part)
+        return Factors.cat(factors) if factors else None
+
+    def _rows(self, n: int) -> torch.Tensor:
+        return torch.empty((n, *self.row_shape), dtype=self.storage, device=self.device)
 
     def _aligned(self, i0: int, i1: int) -> bool:
         return i0 % self.plan.block == 0 and i1 == min(i0 + self.plan.block, self.n1)
 
+    def _enter_panel(self, i0: int) -> int:
+        """Switch to the panel of block ``i0`` (its rows go into the same buffer); its first row."""
+        pid = self.plan.panel_of(i0)
+        first, _ = self.plan.panel_blocks(pid, self.n_blocks)
+        if pid != self.panel_id:
+            self.panel_id, self.loaded = pid, {}
+            if self.buf is None:
+                self.buf = self._rows(self.panel_size)
+        return first * self.plan.block
+
     def _panel_rows(self, i0: int, i1: int) -> torch.Tensor:
         """Rows ``i0:i1`` (whole blocks of the current panel) of the panel buffer, computed if missing."""
-        assert self.panel_id is not None
+        base = self._enter_panel(i0)
+        assert self.buf is not None
         b = self.plan.block
-        base = self.panel_id * self.plan.panel * b
         for s in range(i0, i1, b):
             e = min(s + b, self.n1)
             if s not in self.loaded:
-                if self.buf is None:
-                    first = self._compute(1, s, e, 0)
-                    self.buf = first.new_empty((self.plan.panel * b, *first.shape[1:]))
-                    self.buf[s - base : e - base] = first
-                    del first
-                else:
-                    self._compute(1, s, e, 0, out=self.buf[s - base : e - base])
-                self.loaded.add(s)
-        assert self.buf is not None
+                self.loaded[s] = self._fill(1, s, e, self.buf[s - base : e - base])
         return self.buf[i0 - base : i1 - base]
 
-    def _column(self, j0: int, j1: int) -> torch.Tensor:
-        if self.symmetric and self.plan.panel_of(j0) == self.panel_id:
-            return self._panel_rows(j0, j1)
-        key = (j0, j1)
-        if self.stream is None or self.stream[0] != key:
-            self.stream = None  # free the previous block first
-            self.stream = (key, self._compute(1 if self.symmetric else 2, j0, j1, 0))
-        return self.stream[1]
+    def _panel_factors(self, i0: int, i1: int) -> list[Factors | None]:
+        return [self.loaded[s] for s in range(i0, i1, self.plan.block)]
 
-    def _enter_panel(self, i0: int) -> None:
-        pid = self.plan.panel_of(i0)
-        if pid != self.panel_id:
-            self.panel_id, self.loaded = pid, set()
+    def _column(self, j0: int, j1: int) -> tuple[torch.Tensor, Factors | None]:
+        """Rows and factors of the x2 block ``j0:j1``: from the panel (``x2=None``, same panel) or streamed."""
+        if self.symmetric and self.plan.panel_of(j0) == self.panel_id:
+            rows = self._panel_rows(j0, j1)
+            return rows, self.loaded[j0]
+        key = (j0, j1)
+        if self.stream_key != key:
+            if self.col is None:
+                self.col = self._rows(self.plan.block)
+            self.stream_key = None
+            self.stream_factors = self._fill(1 if self.symmetric else 2, j0, j1, self.col[: j1 - j0])
+            self.stream_key = key
+        assert self.col is not None
+        return self.col[: j1 - j0], self.stream_factors
+
+    # --- products ----------------------------------------------------------------------------
+    def _gram(self, f1: Factors | None, f2: Factors | None) -> torch.Tensor | None:
+        return None if f1 is None or f2 is None else self.source.gram(f1, f2)
 
     def tiles(self, ts: Sequence[Tile]) -> list[torch.Tensor]:
-        """Tiles sharing one x2 block and consecutive x1 blocks of one panel: one product."""
-        if not self.keep or not all(self._aligned(t.i0, t.i1) for t in ts):
+        """Tiles sharing one x2 block and consecutive x1 blocks of one panel: one product (plus Gram terms)."""
+        if self.layout.batch_paired or not all(self._aligned(t.i0, t.i1) for t in ts):
             return [self.tile(t) for t in ts]
-        self._enter_panel(ts[0].i0)
         rows = self._panel_rows(ts[0].i0, ts[-1].i1)
-        k = self.layout.contract(rows, self._column(ts[0].j0, ts[0].j1), 1) / self.trace_size
-        return list(torch.split(k, [t.i1 - t.i0 for t in ts], dim=self.pos[0]))
+        col, col_factors = self._column(ts[0].j0, ts[0].j1)
+        k = product(self.layout, rows, col, self.dtype)
+        blocks = list(torch.split(k, [t.i1 - t.i0 for t in ts], dim=self.pos[0]))
+        for n, f1 in enumerate(self._panel_factors(ts[0].i0, ts[-1].i1)):
+            extra = self._gram(f1, col_factors)
+            if extra is not None:
+                blocks[n] = blocks[n] + extra
+        return [blk / self.trace_size for blk in blocks]
 
     def tile(self, t: Tile) -> torch.Tensor:
-        if self.keep and self._aligned(t.i0, t.i1):
+        if not self.layout.batch_paired and self._aligned(t.i0, t.i1) and (t.j1 - t.j0 <= self.plan.block):
             return self.tiles([t])[0]
-        total: torch.Tensor | None = None  # no reuse: sub-tiles (after OOM), parameter groups
-        same = self.symmetric and (t.i0, t.i1) == (t.j0, t.j1)
-        for g in range(len(self.plan.groups)):
-            j1 = self._compute(1, t.i0, t.i1, g)
-            j2 = j1 if same else self._compute(1 if self.symmetric else 2, t.j0, t.j1, g)
-            part = self.layout.contract(j1, j2, 1)
-            total = part if total is None else total + part
-        assert total is not None
-        return total / self.trace_size
+        # sub-tiles (after a CUDA out-of-memory split) and paired tiles: rows of these samples only
+        r1 = self._rows(t.i1 - t.i0)
+        f1 = self._fill(1, t.i0, t.i1, r1)
+        if self.symmetric and (t.i0, t.i1) == (t.j0, t.j1):
+            r2, f2 = r1, f1
+        else:
+            r2 = self._rows(t.j1 - t.j0)
+            f2 = self._fill(1 if self.symmetric else 2, t.j0, t.j1, r2)
+        k = product(self.layout, r1, r2, self.dtype) if not self.layout.batch_paired else self.layout.contract(
+            r1.to(self.dtype), r2.to(self.dtype), 1)
+        extra = self._gram(f1, f2)
+        return (k if extra is None else k + extra) / self.trace_size
+
+    def release(self) -> None:
+        """Drop the panel and stream buffers (after a CUDA out-of-memory error)."""
+        self.buf = self.col = self.staging = None
+        self.loaded, self.panel_id, self.stream_key = {}, None, None
 
 
 class PerTileKernel:

@@ -32,12 +32,14 @@ from ntkfunc._core.types import ApplyFn, Axes, MemoryBudget, PyTree
 from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import Devices, Ranks, ranks, resolve_devices, to_device
 from ntkfunc._dataset.fingerprint import job_fingerprint
-from ntkfunc._dataset.panels import JacobianPanels, PerTileKernel, TileKernel
-from ntkfunc._dataset.plan import DatasetPlan, plan_tiles
+from ntkfunc._dataset.panels import PerTileKernel, RowPanels, TileKernel
+from ntkfunc._dataset.plan import MEASURE_FLOPS, Costs, DatasetPlan, Sizes, assign, measured_block, panel_cost, partition, plan_tiles
+from ntkfunc._dataset.precision import Precision, check_precision, matmul_precision, storage_dtype
 from ntkfunc._dataset.progress import make_progress
 from ntkfunc._dataset.runner import Runner
 from ntkfunc._dataset.store import MemoryStore, NpyStore, Store, open_store
 from ntkfunc._engines import Engine, Implementation, get_engine
+from ntkfunc._engines.persample import RowSource
 from ntkfunc.pntk import sum_of_logits
 
 API = "kernel_matrix"
@@ -57,6 +59,7 @@ class Job:
     diag: tuple
     pntk: bool
     nonfinite: str
+    precision: str = "highest"
 
     @property
     def symmetric(self) -> bool:
@@ -82,6 +85,19 @@ class Shape:
         pairs = max(1, self.n1 * (1 if self.layout.batch_paired else self.n2))
         return math.prod(self.kshape) // pairs * itemsize(self.dtype)
 
+    def sizes(self, symmetric: bool) -> Sizes:
+        return Sizes(self.n1, self.n2, symmetric, self.layout.batch_paired)
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """What :func:`plan` decided: the bytes left for the work, the tiles, and the rows' source and storage dtype."""
+
+    usable: float
+    tiles: DatasetPlan
+    source: RowSource | None
+    storage: torch.dtype
+
 
 def kernel_matrix(
     f: ApplyFn,
@@ -100,6 +116,7 @@ def kernel_matrix(
     progress: bool = True,
     devices: Devices = None,
     nonfinite: Literal["raise", "warn"] = "raise",
+    precision: Precision = "highest",
 ) -> torch.Tensor:
     """The empirical NTK of ``f`` over whole datasets ``x1`` (rows) and ``x2`` (columns).
 
@@ -113,8 +130,11 @@ def kernel_matrix(
         tile's samples are loaded. ``x2=None``: ``K(x1, x1)``, upper tiles computed and mirrored.
       trace_axes, diagonal_axes: as in ``ntk_fn`` (traces are averaged); the batch axis may be
         diagonal (then only diagonal tiles are computed) but not traced.
-      implementation: an ``ntk_fn`` implementation; None picks ``"auto"``. Implementation 1
-        reuses per-sample Jacobians across tiles (see :mod:`ntkfunc._dataset.plan`).
+      implementation: an ``ntk_fn`` implementation; None picks ``"auto"``. Implementations 1, 3 and
+        ``"auto"`` keep per-sample gradients ("rows") in panels across tiles and multiply them with
+        one matrix product per x2 block (:mod:`ntkfunc._dataset.plan`); 3 and ``"auto"`` form them
+        from the structured rules at batched-backward speed and give parameters whose Gram
+        contraction is cheaper no row at all (:mod:`ntkfunc._engines.persample`).
       pntk: the kernel of ``Σ_o f_o(x) / sqrt(O)`` (one output per sample, as :func:`ntkfunc.pntk_fn`)
         instead of ``f``.
       batch_size: samples per tile side (default: from the budget).
@@ -133,6 +153,9 @@ def kernel_matrix(
         (every CUDA device, one worker thread each), or a list of devices.
       nonfinite: ``"raise"`` (FloatingPointError naming the samples; the tile is not
         committed) or ``"warn"`` (warning naming them, the tile is kept).
+      precision: ``"highest"`` (IEEE float32 products), ``"tf32"`` (CUDA TF32) or ``"bf16"``
+        (bfloat16 inputs, float32 accumulation) for the float32 matrix products of the run
+        (:mod:`ntkfunc._dataset.precision`; measured errors in benchmarks/RESULTS.md).
 
     Shapes: an ``(N, O)`` output gives ``(N1, N2)`` with the default trace; the layout is
     ``ntk_fn``'s. CUDA out-of-memory errors halve the computed block and retry.
@@ -151,30 +174,32 @@ def kernel_matrix(
       >>> ntkfunc.kernel_matrix(f, params, x, x[:4], trace_axes=(), progress=False).shape
       torch.Size([10, 4, 3, 3])
     """
-    job = validate(f, params, x1, x2, trace_axes, diagonal_axes, implementation, pntk, batch_size, nonfinite)
+    job = validate(f, params, x1, x2, trace_axes, diagonal_axes, implementation, pntk, batch_size, nonfinite, precision)
     rk = ranks()
     device = resolve_devices(devices, params, rk, API)
     shape = probe(job, device[0])
     budget = parse_budget(memory_budget, device[0])
-    usable, dataset_plan = plan(job, shape, budget, batch_size, in_memory=out is None)
-    store, grid_block = open_output(job, shape, out, dataset_plan, resume, rk)
+    planned = plan(job, shape, budget, batch_size, in_memory=out is None, device=device[0])
+    store, grid_block = open_output(job, shape, out, planned.tiles, resume, rk)
     tiles = list(grid(shape.n1, shape.n2, grid_block, grid_block, symmetric=job.symmetric, paired=shape.layout.batch_paired))
-    run(job, shape, store, dataset_plan, grid_block, tiles, device, int(usable), progress_bar=progress_bar_wanted(progress, rk), rk=rk)
+    run(job, shape, store, planned, grid_block, tiles, device, progress_bar=progress_bar_wanted(progress, rk), rk=rk)
     return finish(store, tiles, rk)
 
 
 def validate(f: ApplyFn, params: PyTree, x1: Any, x2: Any, trace_axes: Axes, diagonal_axes: Axes,
-             implementation: None | int | str | Implementation, pntk: bool, batch_size: int | None, nonfinite: str) -> Job:
+             implementation: None | int | str | Implementation, pntk: bool, batch_size: int | None, nonfinite: str,
+             precision: str = "highest") -> Job:
     """Check the arguments (before anything runs) and wrap the data as :class:`Samples`."""
     if nonfinite not in ("raise", "warn"):
         raise ValueError(f"{API}(nonfinite={nonfinite!r}): expected 'raise' or 'warn'")
+    check_precision(precision, API)
     check_positive_int(batch_size, "batch_size", API, allow_none=True)
     engine = get_engine("auto" if implementation is None else implementation, api=API)
     refuse_batch_coupled(f, 0, API)
     fn = sum_of_logits(f, 0, api=f"{API}(pntk=True)", keepdim=True) if pntk else f
     s1 = Samples(x1, "x1")
     s2 = s1 if x2 is None else Samples(x2, "x2")
-    return Job(f, fn, params, engine, s1, s2, as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes), bool(pntk), nonfinite)
+    return Job(f, fn, params, engine, s1, s2, as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes), bool(pntk), nonfinite, precision)
 
 
 def probe(job: Job, device: torch.device) -> Shape:
@@ -208,8 +233,8 @@ def _problem(job: Job, device: torch.device, params: PyTree) -> Problem:
         return make_problem(job.fn, job.s1.get(0, 1).to(device), x2, params, 0, job.trace, job.diag, api=API)
 
 
-def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memory: bool) -> tuple[float, DatasetPlan]:
-    """``(usable bytes, plan)``: the budget left for the work once an in-memory kernel is held."""
+def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memory: bool, device: torch.device) -> Planned:
+    """The budget left for the work once an in-memory kernel is held, the tiles, and the engine's row source."""
     kernel_bytes = math.prod(shape.kshape) * itemsize(shape.dtype) if in_memory else 0
     usable = budget * SAFETY - kernel_bytes
     if usable <= 0:
@@ -217,7 +242,17 @@ def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memo
             f"{API}: the kernel {tuple(shape.kshape)} alone needs {fmt_bytes(kernel_bytes)} in memory and "
             f"memory_budget allows {fmt_bytes(budget)}; pass out='K.npy' to write it to disk, or raise memory_budget"
         )
-    return usable, plan_tiles(shape.problem, job.engine, usable, max(shape.n1, shape.n2), shape.pair_bytes, batch_size)
+    sizes = shape.sizes(job.symmetric)
+    storage = storage_dtype(job.precision, shape.dtype, device)
+    source = job.engine.rows(shape.problem, shape.n1, shape.n2, int(usable)) if job.engine.rows is not None else None
+    hint = None
+    if source is not None and batch_size is None:
+        pairs = shape.n1 * (shape.n1 + 1) / 2 if job.symmetric else shape.n1 * shape.n2
+        if pairs * source.flops()[1] >= MEASURE_FLOPS and not sizes.paired:
+            hint = measured_block(device, shape.dtype, min(1024, shape.n1))
+    ratio = itemsize(storage) / itemsize(shape.dtype)
+    tiles = plan_tiles(source.sample_bytes() if source is not None else None, ratio, usable, sizes, shape.pair_bytes, batch_size, hint)
+    return Planned(usable, tiles, source, storage)
 
 
 def open_output(job: Job, shape: Shape, out: None | str | os.PathLike[str], dataset_plan: DatasetPlan,
@@ -229,34 +264,67 @@ def open_output(job: Job, shape: Shape, out: None | str | os.PathLike[str], data
         job.f, job.params, shape.problem, job.s1, None if job.symmetric else job.s2, job.trace, job.diag, job.pntk,
         job.engine, shape.kshape,
     )
+    if job.precision != "highest":  # reduced-precision products differ from IEEE ones: never mixed in one file
+        fingerprint["precision"] = job.precision
     store = open_store(out, shape.kshape, shape.dtype, fingerprint, {"block": dataset_plan.block}, resume, rk)
     assert isinstance(store, NpyStore)
     return store, int(store.grid["block"])
 
 
-def run(job: Job, shape: Shape, store: Store, dataset_plan: DatasetPlan, grid_block: int, tiles: list[Tile],
-        devices: list[torch.device], usable: int, *, progress_bar: bool, rk: Ranks) -> None:
+def run(job: Job, shape: Shape, store: Store, planned: Planned, grid_block: int, tiles: list[Tile],
+        devices: list[torch.device], *, progress_bar: bool, rk: Ranks) -> None:
     """Compute and commit this rank's pending tiles, panel by panel, on ``devices``."""
-    limit = dataset_plan.block  # the largest block planned to fit; a resumed grid may be larger
-    on_grid = dataset_plan.for_grid(grid_block, shape.n1)
+    limit = planned.tiles.block  # the largest block planned to fit; a resumed grid may be larger
+    on_grid, mine = schedule(planned, shape.sizes(job.symmetric), grid_block, rk, len(devices))
     done = store.done_keys()
-    # rank r takes the tile rows r, r + W, ...; tiles run panel by panel (see DatasetPlan.order)
-    todo = sorted((t for t in tiles if rk.mine(t.i0 // grid_block) and t.key not in done), key=on_grid.order)
+    todo = sorted((t for t in tiles if on_grid.panel_of(t.i0) in mine and t.key not in done), key=on_grid.order)
+    runner = Runner(shape.layout, job.symmetric, store, limit, job.nonfinite, shape.kshape, on_grid,
+                    serial=not job.engine.thread_safe, background=isinstance(store, NpyStore))
+    jobs = sorted(runner.jobs(todo), key=lambda ts: mine.index(on_grid.panel_of(ts[0].i0)))
 
     def make_engine(dev: torch.device) -> TileKernel:
         p = job.params if dev == devices[0] and len(devices) == 1 else to_device(job.params, dev)
-        if job.engine.reuses_jacobians:
+        if on_grid.panel and job.engine.rows is not None:
             problem = shape.problem if p is job.params else _problem(job, dev, p)
-            return JacobianPanels(problem, (job.s1, job.s2), on_grid, dev, job.symmetric, shape.n1)
-        return PerTileKernel(job.fn, p, (job.s1, job.s2), job.engine, job.trace, job.diag, usable, dev, job.symmetric)
+            source = planned.source if p is job.params and planned.source is not None else (
+                job.engine.rows(problem, shape.n1, shape.n2, int(planned.usable)))  # one per device: workspaces
+            layout = problem.layouts[0]
+            return RowPanels(source, (job.s1, job.s2), on_grid, dev, job.symmetric, shape.n1, layout,
+                             layout.trace_size(problem.out_shapes1[0]), shape.dtype, planned.storage)
+        return PerTileKernel(job.fn, p, (job.s1, job.s2), job.engine, job.trace, job.diag, int(planned.usable), dev, job.symmetric)
 
-    runner = Runner(shape.layout, job.symmetric, store, limit, job.nonfinite, shape.kshape, on_grid,
-                    serial=not job.engine.thread_safe)
     bar = make_progress(progress_bar, len(tiles), len(done & {t.key for t in tiles}))
     try:
-        runner.run(todo, devices, make_engine, bar)
+        with matmul_precision(job.precision, devices):
+            runner.run(jobs, devices, make_engine, bar)
     finally:
         bar.close()
+
+
+def schedule(planned: Planned, sizes: Sizes, grid_block: int, rk: Ranks, n_devices: int) -> tuple[DatasetPlan, list[int]]:
+    """The plan on the run's tile grid with its panels cut, and this rank's panels (dearest first).
+
+    Panels are cut to equal cost for all workers (``ranks x devices``) and dealt out by cost;
+    every rank computes the same schedule from the same inputs (rank 0's panel size, FLOP
+    counts), so no tile is left out or computed twice. A rank's devices then take its
+    panels dearest first.
+    """
+    on_grid = planned.tiles.for_grid(grid_block, sizes.n1)
+    on_grid = dataclasses.replace(on_grid, panel=rk.broadcast_int(on_grid.panel))  # budgets differ by rank: rank 0's cut for all
+    workers = rk.world * n_devices
+    n_blocks = -(-sizes.n1 // grid_block)
+    if on_grid.panel and planned.source is not None:
+        row, pair = planned.source.flops() if workers > 1 else (1.0, 0.0)
+        costs = Costs(row, pair)
+        on_grid = dataclasses.replace(on_grid, starts=partition(n_blocks, on_grid.panel, workers, grid_block, sizes, costs))
+    else:  # each block row is a unit of work; its cost is its tiles
+        costs = Costs(0.0, 1.0)
+        on_grid = dataclasses.replace(on_grid, panel=0, starts=tuple(range(n_blocks)))
+    spans = [on_grid.panel_blocks(p, n_blocks) for p in range(len(on_grid.starts))]
+    cost = [panel_cost(a, c, grid_block, sizes, costs) for a, c in spans]
+    slots = assign(cost, rk.world * n_devices)
+    mine = sorted((p for w in range(rk.rank * n_devices, (rk.rank + 1) * n_devices) for p in slots[w]), key=lambda p: (-cost[p], p))
+    return on_grid, mine
 
 
 def finish(store: Store, tiles: list[Tile], rk: Ranks) -> torch.Tensor:

@@ -1,30 +1,43 @@
-"""How a whole-dataset kernel is cut: block size, parameter groups and panels, from the memory budget.
+"""How a whole-dataset kernel is cut: tile side, panels of kept rows, gradient chunks, and who computes what.
 
-For an engine that reuses Jacobians (implementation 1), per-sample Jacobians flattened over
-parameters (``(b, *out, P)``) are computed per block of samples; the budget holds a *panel*
-of x1 blocks plus one streamed x2 block, so each x1 Jacobian is computed once and each x2
-block once per panel (with everything in one panel, every Jacobian is computed exactly
-once). When even one sample's Jacobian does not fit, parameters are split into groups and
-nothing is kept across tiles. Other engines get tiles of :data:`DEFAULT_BLOCK` samples and
-plan their own memory inside each tile.
+For an engine with per-sample rows (:class:`ntkfunc._engines.persample.RowSource`), each
+sample's row (``*out x P`` numbers: its gradient flattened over the parameters that take
+rows) plus its Gram-route factors costs ``row`` bytes. The budget holds a *panel* of ``k``
+x1 blocks of ``b`` samples (their rows computed once) plus one streamed x2 block, so every
+x1 row is computed once and every x2 row once per panel; with all of x1 in one panel each
+row is computed exactly once (``N`` rows with ``x2=None``, ``N1 + N2`` otherwise). Rows are
+computed ``chunk`` samples at a time (the batched backward's activations are what the
+chunk costs). Panels are the unit of work: :func:`partition` cuts the x1 blocks into
+panels of equal *cost* (rows computed plus sample pairs multiplied, the upper triangle of a
+symmetric kernel being what it is) and :func:`assign` deals them to workers (devices,
+``torchrun`` ranks) by cost. Engines without rows get tiles of :data:`DEFAULT_BLOCK` samples
+and plan their own memory inside each tile (``ntk_fn``).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
+import time
+from collections.abc import Sequence
 
-from ntkfunc._core.memory import backward_transient
-from ntkfunc._core.problem import Problem
+import torch
+
 from ntkfunc._core.tiles import Tile
-from ntkfunc._engines import Engine
-from ntkfunc._engines.jacobian import jacobian_bytes, pack_groups
+from ntkfunc._engines.persample import SampleBytes
 
 DEFAULT_BLOCK = 256
 """Tile side for engines that plan their own memory."""
 
 TARGET_BLOCK = 128
-"""Samples per block when memory allows: large enough for efficient batched Jacobians."""
+"""Samples per block when the GEMM rates are not measured: wide enough for matmul speed on a CPU."""
+
+CHUNK = 32
+"""Samples per batched gradient pass at most (activations grow with it; rates do not beyond ~32)."""
+
+MEASURE_FLOPS = 5e11
+"""Gram products of at least this many FLOPs are worth measuring GEMM rates to pick the block."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,16 +46,28 @@ class DatasetPlan:
 
     Attributes:
       block: samples per block (x1 and x2): tiles are ``block x block``.
-      groups: parameter groups (indices into the differentiated leaves).
-      panel: x1 blocks whose Jacobians are held together (0: none kept across tiles).
+      panel: most x1 blocks whose rows are held together (0: nothing kept; the engine per tile).
+      chunk: samples per batched gradient pass.
+      starts: first x1 block of each panel (:func:`partition`); empty: panels of ``panel`` blocks.
     """
 
     block: int
-    groups: list[list[int]]
     panel: int
+    chunk: int = CHUNK
+    starts: tuple[int, ...] = ()
 
     def panel_of(self, i0: int) -> int:
-        return (i0 // self.block) // max(self.panel, 1)
+        blk = i0 // self.block
+        if self.starts:
+            return bisect.bisect_right(self.starts, blk) - 1
+        return blk // max(self.panel, 1)
+
+    def panel_blocks(self, pid: int, n_blocks: int) -> tuple[int, int]:
+        """First and one-past-last x1 block of panel ``pid``."""
+        if self.starts:
+            return self.starts[pid], (self.starts[pid + 1] if pid + 1 < len(self.starts) else n_blocks)
+        k = max(self.panel, 1)
+        return pid * k, min((pid + 1) * k, n_blocks)
 
     def order(self, t: Tile) -> tuple[int, int, int]:
         """Tile order: panel of x1 blocks, then x2 block, then x1 block (each x2 block loaded once per panel)."""
@@ -53,42 +78,171 @@ class DatasetPlan:
         panel = min(self.panel, -(-n1 // self.block)) if self.panel else 0  # never more blocks than x1 has
         if block != self.block:
             panel = max(1, panel * self.block // block) if panel else 0
-        return dataclasses.replace(self, block=block, panel=panel)
+        return dataclasses.replace(self, block=block, panel=panel, chunk=min(self.chunk, block), starts=())
 
 
-def plan_tiles(problem: Problem, engine: Engine, usable: float, n_max: int, pair_bytes: int, batch_size: int | None) -> DatasetPlan:
-    """Block size, parameter groups and panel size for ``usable`` bytes.
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """The kernel being planned: ``n1 x n2`` samples, symmetric (``x2=None``) or paired (batch axis diagonal)."""
 
-    Memory (per-sample Jacobian ``J`` bytes, ``A`` activations while computing): a panel of ``k``
-    x1 blocks plus one streamed x2 block (``(k + 1) b J``), the block being computed (its
-    Jacobian and the flattened copy plus activations: ``b (2 J + A)``) and the tile
-    (``3 b² pair``). Each x1 Jacobian is computed once and each x2 block once per panel, so
-    about ``N1 + N2 * N1 / (k b)`` per-sample Jacobians in all (``N + N² / (2 k b)`` when symmetric).
+    n1: int
+    n2: int
+    symmetric: bool
+    paired: bool
+
+
+def plan_tiles(sample: SampleBytes | None, storage_ratio: float, usable: float, sizes: Sizes, pair_bytes: int,
+               batch_size: int | None, block_hint: int | None = None) -> DatasetPlan:
+    """Tile side, panel and chunk for ``usable`` bytes (``sample``: the row source's bytes per sample, None: no rows).
+
+    ``storage_ratio``: panel bytes per computed byte (0.5 for bfloat16 panels of a float32
+    kernel). Memory: a panel of ``k`` blocks plus one streamed block (``(k + 1) b row``; no
+    stream when everything fits in one panel of a symmetric kernel), a chunk being computed
+    (``chunk transient``), and the products (``3 k b² pair``).
     """
-    everything = list(range(len(problem.params.diff_leaves)))
-    if not engine.reuses_jacobians:
-        return DatasetPlan(batch_size or min(n_max, DEFAULT_BLOCK), [everything], 0)
-    sizes = jacobian_bytes(problem)
-    transient = backward_transient(problem) + max(sizes)  # + backward temporaries
-    total = sum(sizes)
-    fit = largest_block(usable, 3 * total + transient, pair_bytes)  # a panel of one block
-    if fit < 1:
-        groups = pack_groups(sizes, max((usable - transient) / 3, 0), problem)
-        largest = max(sum(sizes[k] for k in g) for g in groups)
-        block = max(1, largest_block(usable, 3 * largest + transient, pair_bytes))
-        return DatasetPlan(min(block, n_max, batch_size or n_max), groups, 0)
-    block = min(n_max, batch_size or max(1, min(TARGET_BLOCK, fit // 2 if fit >= 2 else 1)))
-    rest = usable - block * (3 * total + transient) - 3 * block * block * pair_bytes
-    panel = max(1, int(rest // max(block * total, 1)) + 1) if rest >= 0 else 0
-    return DatasetPlan(block, [everything], panel)
+    n_max = max(sizes.n1, sizes.n2)
+    per_tile = DatasetPlan(batch_size or min(n_max, DEFAULT_BLOCK), 0, 1)
+    if sample is None:
+        return per_tile
+    row = sample.rows * storage_ratio + sample.kept
+    chunk = max(1, min(CHUNK, int(0.25 * usable // max(sample.transient, 1))))
+    room = usable - chunk * (sample.transient + sample.rows)  # a chunk being computed (and its rows before storage)
+    block = max(1, min(batch_size or block_hint or TARGET_BLOCK, n_max))
+    while True:
+        k = _panel_blocks(room, row, block, sizes, pair_bytes)
+        if k >= 1 or block == 1 or batch_size:
+            break
+        block = max(1, block // 2)
+    if k < 1:
+        return per_tile  # not even one block of rows and one streamed block: the engine per tile
+    return DatasetPlan(block, k, min(chunk, block))
 
 
-def largest_block(usable: float, per_sample: float, pair_bytes: float) -> int:
-    """Largest ``b`` with ``b * per_sample + 3 b² pair_bytes <= usable``.
+def _panel_blocks(room: float, row: float, block: int, sizes: Sizes, pair_bytes: int) -> int:
+    """Most x1 blocks of ``block`` samples a panel can hold in ``room`` bytes (0: none), with the stream and products.
 
-    >>> largest_block(1000.0, 10.0, 0.0)
-    100
+    >>> _panel_blocks(10.0, 1.0, 2, Sizes(8, 8, True, False), 0)  # 8 rows fit: one panel, nothing streamed
+    4
+    >>> _panel_blocks(7.0, 1.0, 2, Sizes(8, 8, True, False), 0)  # 2 blocks + a streamed block
+    2
     """
-    a, c = 3 * pair_bytes, per_sample
-    b = (-c + math.sqrt(c * c + 4 * a * usable)) / (2 * a) if a > 0 else usable / max(c, 1)
-    return int(b)
+    n_blocks = -(-sizes.n1 // block)
+    per_block = block * row + 3 * block * block * pair_bytes
+    if (sizes.symmetric or sizes.paired) and sizes.n1 * row + 3 * n_blocks * block * block * pair_bytes <= room:
+        return n_blocks  # x2 = x1 and every row fits: nothing streamed
+    return max(0, min(n_blocks, int((room - block * row) // per_block)))
+
+
+# --- costs, panels and workers -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+    """Seconds (or any common unit) per row computed and per sample pair multiplied."""
+
+    row: float
+    pair: float
+
+
+def panel_cost(first: int, last: int, block: int, sizes: Sizes, costs: Costs) -> float:
+    """Cost of x1 blocks ``[first, last)`` as one panel: its rows, the x2 rows it streams, its pairs.
+
+    >>> panel_cost(0, 1, 2, Sizes(4, 4, True, False), Costs(1.0, 0.0))  # rows 0-1 once, rows 2-3 streamed
+    4.0
+    """
+    a, c = first * block, min(last * block, sizes.n1)
+    rows = c - a
+    if sizes.paired:
+        return costs.row * rows + costs.pair * rows * block
+    if sizes.symmetric:
+        streamed = sizes.n1 - c
+        pairs = rows * (sizes.n1 - a) - rows * (rows - block) / 2  # the panel's tiles on and above the diagonal
+        return costs.row * (rows + streamed) + costs.pair * pairs
+    return costs.row * (rows + sizes.n2) + costs.pair * rows * sizes.n2
+
+
+def partition(n_blocks: int, cap: int, workers: int, block: int, sizes: Sizes, costs: Costs) -> tuple[int, ...]:
+    """First block of each panel: at most ``cap`` blocks each, ``workers`` x an integer panels of equal cost.
+
+    One worker: panels of ``cap`` blocks (the fewest). Several: the smallest number of panels that
+    is a multiple of ``workers`` and respects ``cap``, cut where their costs are equal (a bisection
+    on the cost of the dearest panel).
+
+    >>> partition(6, 6, 1, 1, Sizes(6, 6, True, False), Costs(0.0, 1.0))
+    (0,)
+    >>> partition(6, 6, 2, 1, Sizes(6, 6, True, False), Costs(0.0, 1.0))  # 21 tiles: 11 + 10
+    (0, 2)
+    """
+    cap = max(1, cap)
+    if workers <= 1 or n_blocks <= 1:
+        return tuple(range(0, n_blocks, cap))
+    needed = -(-n_blocks // cap)  # panels the memory requires
+    m = min(n_blocks, workers * -(-needed // workers))
+
+    def cut(limit: float) -> list[int]:
+        starts, a = [], 0
+        while a < n_blocks:
+            starts.append(a)
+            c = a + 1
+            while c < n_blocks and c - a < cap and panel_cost(a, c + 1, block, sizes, costs) <= limit:
+                c += 1
+            a = c
+        return starts
+
+    lo, hi = 0.0, panel_cost(0, n_blocks, block, sizes, costs)
+    best = cut(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        starts = cut(mid)
+        if len(starts) <= m:
+            hi, best = mid, starts
+        else:
+            lo = mid
+    return tuple(best)
+
+
+def assign(costs: Sequence[float], workers: int) -> list[list[int]]:
+    """Panels (indices) per worker: dearest first, each to the least loaded worker (deterministic).
+
+    >>> assign([5.0, 3.0, 3.0, 1.0], 2)
+    [[0, 3], [1, 2]]
+    """
+    load = [0.0] * workers
+    out: list[list[int]] = [[] for _ in range(workers)]
+    for p in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        w = min(range(workers), key=lambda r: (load[r], r))
+        out[w].append(p)
+        load[w] += costs[p]
+    return [sorted(ps) for ps in out]
+
+
+# --- measured rates --------------------------------------------------------------------------------
+
+
+def gemm_seconds(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, repeats: int = 3) -> float:
+    """Best-of-``repeats`` seconds of one ``(m x k) @ (k x n)`` product on ``device``."""
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(n, k, dtype=dtype, device=device)
+    a @ b.T  # warm-up (allocation, kernel selection)
+    best = math.inf
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b.T
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measured_block(device: torch.device, dtype: torch.dtype, rows: int, candidates: Sequence[int] = (64, 128, 256, 512)) -> int:
+    """The narrowest streamed block whose product with a panel of ``rows`` rows runs within 85% of the best rate.
+
+    A panel product is ``(rows x P) @ (P x b)``; narrow blocks are memory-bound, wide ones
+    cost memory (the stream) without speed. Measured with ``P`` cut to 8,192 columns.
+    """
+    k = 8192
+    rates = {b: 2.0 * rows * b * k / gemm_seconds(device, dtype, rows, b, k) for b in candidates}
+    best = max(rates.values())
+    return min(b for b, r in rates.items() if r >= 0.85 * best)

@@ -1,9 +1,14 @@
 """Running the tiles of a whole-dataset kernel: over devices, splitting on CUDA OOM, checked, committed.
 
-A :class:`Runner` takes the pending tiles in plan order, groups consecutive tiles that share
-an x2 block (computed as one product by :class:`~ntkfunc._dataset.panels.JacobianPanels`),
-computes them on one worker per device, checks each block for non-finite entries, and
-commits it with its mirror image (``x2=None``) to the store.
+A :class:`Runner` takes *jobs* (the pending tiles of one panel each, in plan order), groups
+consecutive tiles that share an x2 block (computed as one product by
+:class:`~ntkfunc._dataset.panels.RowPanels`), computes them on one worker per device (each
+worker takes whole panels, the dearest first, so that a panel's rows are computed by one
+device only), checks each block for non-finite entries, and commits it with its mirror
+image (``x2=None``) to the store. One group is in flight per worker: its results are
+fetched only after the next group's work was issued, so that a GPU (whose work queues
+asynchronously) keeps computing while the host checks and writes. Commits to a file run in a background thread
+(``background=True``), so that writing and ``fsync`` overlap the next products.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -30,10 +35,11 @@ class Runner:
     """Computes tiles (splitting them on CUDA OOM), checks them, commits them with their mirrors.
 
     ``serial``: the engine is not thread-safe, so workers on several devices take turns.
+    ``background``: commits run in one background thread (file outputs).
     """
 
     def __init__(self, layout: Layout, symmetric: bool, store: Store, limit: int, nonfinite: str, kshape: tuple,
-                 plan: DatasetPlan, serial: bool = False) -> None:
+                 plan: DatasetPlan, serial: bool = False, background: bool = False) -> None:
         self.layout, self.symmetric, self.store = layout, symmetric, store
         self.paired = layout.batch_paired
         self.limit = max(1, limit)
@@ -43,6 +49,7 @@ class Runner:
         self.plan = plan
         self.lock = threading.Lock()
         self.compute_lock: Any = threading.Lock() if serial else contextlib.nullcontext()
+        self.background = background
 
     def groups(self, todo: list[Tile]) -> list[list[Tile]]:
         """Consecutive tiles of one x2 block and panel with adjacent x1 blocks: computed together."""
@@ -58,28 +65,45 @@ class Runner:
                 out.append([t])
         return out
 
-    def run(self, todo: list[Tile], devices: list[torch.device], make_engine: Callable[[torch.device], TileKernel], bar: Progress) -> None:
-        """Every tile of ``todo``, on one worker thread per device (the caller's thread for one device)."""
-        groups = self.groups(todo)
+    def jobs(self, todo: list[Tile]) -> list[list[Tile]]:
+        """``todo`` (in plan order) cut into panels: the unit a worker takes whole."""
+        out: dict[int, list[Tile]] = {}
+        for t in todo:
+            out.setdefault(self.plan.panel_of(t.i0), []).append(t)
+        return list(out.values())
+
+    def run(self, jobs: list[list[Tile]], devices: list[torch.device], make_engine: Callable[[torch.device], TileKernel], bar: Progress) -> None:
+        """Every tile of ``jobs``, on one worker thread per device (the caller's thread for one device)."""
+        commits = _Commits(self, bar) if self.background else None
+        try:
+            self._run(jobs, devices, make_engine, bar, commits)
+        except BaseException:
+            if commits is not None:
+                commits.close(quiet=True)  # the tiles already queued are committed; the first error stands
+            raise
+        if commits is not None:
+            commits.close()
+
+    def _run(self, jobs: list[list[Tile]], devices: list[torch.device], make_engine: Callable[[torch.device], TileKernel],
+             bar: Progress, commits: _Commits | None) -> None:
         if len(devices) == 1:
-            engine = make_engine(devices[0])
-            for g in groups:
-                self._group(engine, g, devices[0], bar)
+            self._work(make_engine(devices[0]), iter(jobs), devices[0], bar, commits, lambda: False)
             return
         work: queue.Queue[list[Tile]] = queue.Queue()
-        for g in groups:
-            work.put(g)
+        for job in jobs:
+            work.put(job)
         errors: list[BaseException] = []
+
+        def take() -> Iterator[list[Tile]]:
+            while not errors:
+                try:
+                    yield work.get_nowait()
+                except queue.Empty:
+                    return
 
         def worker(dev: torch.device) -> None:
             try:
-                engine = make_engine(dev)
-                while not errors:
-                    try:
-                        g = work.get_nowait()
-                    except queue.Empty:
-                        return
-                    self._group(engine, g, dev, bar)
+                self._work(make_engine(dev), take(), dev, bar, commits, lambda: bool(errors))
             except BaseException as err:  # re-raised in the caller's thread
                 errors.append(err)
 
@@ -91,24 +115,51 @@ class Runner:
         if errors:
             raise errors[0]
 
-    def _group(self, engine: TileKernel, ts: list[Tile], dev: torch.device, bar: Progress) -> None:
-        start = time.perf_counter()
+    def _work(self, engine: TileKernel, jobs: Iterator[list[Tile]], dev: torch.device, bar: Progress,
+              commits: _Commits | None, stop: Callable[[], bool]) -> None:
+        """The groups of ``jobs`` one after the other, one group in flight: a group's results are
+        fetched (and committed) after the next group's work was issued, so that an accelerator
+        computes the next rows and products while the host checks and writes the previous tiles."""
+        pending: tuple[list[Tile], list[torch.Tensor], float] | None = None
+        for job in jobs:
+            for g in self.groups(job):
+                if stop():
+                    return
+                start = time.perf_counter()
+                blocks = self._group(engine, g, dev)
+                if pending is not None:
+                    self._finish(*pending, bar, commits)
+                pending = (g, blocks, (time.perf_counter() - start) / len(g))
+        if pending is not None:
+            self._finish(*pending, bar, commits)
+
+    def _group(self, engine: TileKernel, ts: list[Tile], dev: torch.device) -> list[torch.Tensor]:
         blocks: list[torch.Tensor] | None = None
         with self.compute_lock:
-            if len(ts) > 1 and hasattr(engine, "tiles") and max(t.i1 - t.i0 for t in ts) <= self.limit:
+            if hasattr(engine, "tiles") and max(t.i1 - t.i0 for t in ts) <= self.limit:
                 try:
                     blocks = engine.tiles(ts)
                 except torch.OutOfMemoryError:
+                    release = getattr(engine, "release", None)
+                    if release is not None:
+                        release()
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
             if blocks is None:
                 blocks = [self._compute(engine, t, dev) for t in ts]
-        seconds = (time.perf_counter() - start) / len(ts)
+        return blocks
+
+    def _finish(self, ts: list[Tile], blocks: list[torch.Tensor], seconds: float, bar: Progress, commits: _Commits | None) -> None:
+        """Fetch, check and commit (or queue the commit of) each tile of a computed group."""
         for t, block in zip(ts, blocks):
-            self._commit(t, block.detach().cpu(), bar, seconds)
+            block = block.detach().cpu()
+            self._check_finite(block, t)
+            if commits is not None:
+                commits.put(t, block, seconds)
+            else:
+                self._commit(t, block, bar, seconds)
 
     def _commit(self, t: Tile, block: torch.Tensor, bar: Progress, seconds: float) -> None:
-        self._check_finite(block, t)
         writes = [(self._index(t.i0, t.i1, t.j0, t.j1), block)]
         entries = t.entries
         if self.symmetric and not self.paired and t.i0 != t.j0:
@@ -126,6 +177,9 @@ class Runner:
             except torch.OutOfMemoryError:
                 if max(bi, bj) == 1:
                     raise
+                release = getattr(engine, "release", None)
+                if release is not None:
+                    release()
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 self.limit = max(1, (max(bi, bj) + 1) // 2)
@@ -165,6 +219,40 @@ class Runner:
         if self.nonfinite == "raise":
             raise FloatingPointError(msg + "; the tile was not written")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+
+class _Commits:
+    """Commits in one background thread, in order; the first error stops it and is raised to the workers."""
+
+    def __init__(self, runner: Runner, bar: Progress, depth: int = 8) -> None:
+        self.runner, self.bar = runner, bar
+        self.queue: queue.Queue[tuple[Tile, torch.Tensor, float] | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.runner._commit(item[0], item[1], self.bar, item[2])
+                except BaseException as err:  # raised to the workers at their next commit, or at close
+                    self.error = err
+
+    def put(self, t: Tile, block: torch.Tensor, seconds: float) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((t, block, seconds))
+
+    def close(self, quiet: bool = False) -> None:
+        """Wait for every queued commit; raise the first error (unless ``quiet``)."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and not quiet:
+            raise self.error
 
 
 def _few(idx: list[int], k: int = 10) -> str:

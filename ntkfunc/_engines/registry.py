@@ -21,7 +21,7 @@ from ntkfunc._core.memory import parse_budget
 from ntkfunc._core.problem import Problem
 from ntkfunc._core.pytree import tree_unflatten
 from ntkfunc._core.types import MemoryBudget, PyTree
-from ntkfunc._engines import auto, jacobian, vp
+from ntkfunc._engines import auto, jacobian, persample, vp
 from ntkfunc._engines.structured import kernel as structured
 
 
@@ -61,8 +61,9 @@ class Engine:
       kernel: ``kernel(problem, budget, per_param=False)`` (see :data:`KernelImpl`).
       per_param: it can split the kernel by parameter tensor (``per_param=True``).
       param_vmap: its kernels work under ``torch.func.vmap`` over ``params`` (an ensemble axis).
-      reuses_jacobians: ``kernel_matrix`` may keep its per-sample Jacobians, flattened over
-        parameters, across tiles (panels) and contract them with one matrix product per tile.
+      rows: how ``kernel_matrix`` makes this engine's per-sample rows (gradients flattened over
+        parameters, :mod:`ntkfunc._engines.persample`) to keep them across tiles (panels) and
+        contract them with one matrix product per tile; None: ``ntk_fn`` per tile.
       thread_safe: it may run in several threads at once (forward-mode AD keeps process-wide
         dual levels, so an engine that uses it is not).
     """
@@ -72,8 +73,13 @@ class Engine:
     kernel: KernelImpl
     per_param: bool = True
     param_vmap: bool = True
-    reuses_jacobians: bool = False
+    rows: persample.RowsFactory | None = None
     thread_safe: bool = True
+
+    @property
+    def reuses_jacobians(self) -> bool:
+        """``kernel_matrix`` keeps per-sample rows across tiles (see ``rows``)."""
+        return self.rows is not None
 
 
 def _table(*records: Engine) -> Mapping[int, Engine]:
@@ -86,10 +92,10 @@ def _table(*records: Engine) -> Mapping[int, Engine]:
 
 
 ENGINES: Mapping[int, Engine] = _table(
-    Engine(Implementation.AUTO, "auto", auto.kernel),
-    Engine(Implementation.JACOBIAN_CONTRACTION, "Jacobian contraction", jacobian.kernel, reuses_jacobians=True),
+    Engine(Implementation.AUTO, "auto", auto.kernel, rows=persample.structured_rows),
+    Engine(Implementation.JACOBIAN_CONTRACTION, "Jacobian contraction", jacobian.kernel, rows=persample.jacobian_rows),
     Engine(Implementation.NTK_VECTOR_PRODUCTS, "NTK-vector products", vp.kernel, thread_safe=False),
-    Engine(Implementation.STRUCTURED_DERIVATIVES, "structured derivatives", structured.kernel),
+    Engine(Implementation.STRUCTURED_DERIVATIVES, "structured derivatives", structured.kernel, rows=persample.structured_rows),
 )
 """Every implementation, by number (read-only)."""
 

@@ -1,0 +1,244 @@
+"""Whole-dataset kernels against the machine's limit: CIFAR ResNet-18, one logit, ``kernel_matrix(f, p, x, None)``.
+
+For each N and implementation, ONE fresh process measures, back to back:
+
+- the **limit**: one batched forward+backward (parameter gradients, loader batches of 64) over
+  the N samples, plus half the time of ``G @ G.T`` for a random ``(N, P)`` float32 ``G``
+  (timed on column chunks of ``G`` that fit in memory and scaled to ``P``: the product is a
+  sum over column chunks), i.e. the per-sample gradient work at batched speed plus the
+  symmetric Gram GEMM;
+- ``kernel_matrix(f, params, x, None, trace_axes=(-1,), implementation=...)`` with the default
+  memory budget (or ``--budget``), its time, peak RSS above the process before the call, and
+  where the time goes: rows (per-sample gradients formed), the row products (GEMM), the Gram
+  route's contractions and the rest (planning, commits); the rows it computed against N.
+
+When the budget cannot hold every sample's full gradient (``N * P * 4`` bytes), the
+per-sample gradient passes a full-row panel scheme needs at least (``N (m + 1) / 2`` with
+``m = N / R`` panels of the ``R`` rows that fit) are reported too, with the limit that
+count implies. ``--baseline DIR`` runs the same measurement with the ``ntkfunc`` package in
+``DIR`` (e.g. an export of an earlier commit) for before/after figures in one run.
+
+    python benchmarks/bench_scale.py --n 256 512 --impls auto 1
+    python benchmarks/bench_scale.py --n 256 512 2048 --impls auto 1 --baseline /tmp/base --write out.json
+    python benchmarks/bench_scale.py --n 16 --small   # seconds: a smoke run on a small ResNet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(small: bool):  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from bench_blocked import ResNet18  # the CIFAR ResNet-18 of the earlier benchmarks
+
+    torch.manual_seed(0)
+    model = ResNet18(classes=1).eval()
+    if small:  # a quarter-width stand-in for smoke runs
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 1),
+        ).eval()
+    return model
+
+
+def limit_seconds(model, x, threads: int) -> dict:  # type: ignore[no-untyped-def]
+    """One batched forward+backward over ``x`` and half of ``G @ G.T`` for a random ``(N, P)`` G."""
+    import torch
+
+    n = x.shape[0]
+    p = sum(t.numel() for t in model.parameters())
+    model.zero_grad(set_to_none=True)
+    model(x[:8]).sum().backward()  # warm-up
+    t0 = time.perf_counter()
+    for s in range(0, n, 64):
+        model.zero_grad(set_to_none=True)
+        model(x[s : s + 64]).sum().backward()
+    fwd_bwd = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    cols = max(1, min(p, int(2e9 // (4 * n))))  # a 2 GB chunk of G
+    best = _gram_seconds(torch.randn(n, cols))
+    gemm = best * p / cols
+    return {"fwd_bwd": fwd_bwd, "half_gemm": gemm / 2, "limit": fwd_bwd + gemm / 2, "gemm_flops_per_s": 2.0 * n * n * cols / best,
+            "fwd_bwd_per_sample": fwd_bwd / n, "P": p}
+
+
+def _gram_seconds(g) -> float:  # type: ignore[no-untyped-def]
+    """Best of two timings of ``g @ g.T`` after a warm-up."""
+    g @ g.T
+    return min(_timed(lambda: g @ g.T) for _ in range(2))
+
+
+def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def min_full_row_passes(n: int, rows_fit: int) -> int:
+    """Per-sample gradient passes of a symmetric kernel with full rows when ``rows_fit`` rows fit at once.
+
+    A panel of ``R`` rows is computed once and every later row streamed once per panel:
+    ``sum_p (N - p R)`` over ``m = ceil(N / R)`` panels (``N`` when everything fits).
+
+    >>> min_full_row_passes(512, 1000), min_full_row_passes(512, 128)
+    (512, 1280)
+    """
+    if rows_fit >= n:
+        return n
+    r = max(1, rows_fit - 1)  # one row's room streams the rest
+    return sum(n - k * r for k in range(-(-n // r)))
+
+
+def measure(n: int, impl: str, threads: int, budget: str | None, small: bool, precision: str) -> dict:
+    """One configuration, in this process (fresh: called through ``_measure``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import ntkfunc  # first: the package on PYTHONPATH (this tree or --baseline), before bench_blocked's path
+    from ntkfunc._core.memory import SAFETY, parse_budget
+
+    model = _model(small)
+    f, params = ntkfunc.from_module(model)
+    torch.manual_seed(1)
+    x = torch.randn(n, 3, 32, 32)
+    lim = limit_seconds(model, x, threads)
+    phases = _instrument()
+    impl_arg = impl if impl == "auto" else int(impl)
+    kw = {} if precision == "highest" else {"precision": precision}
+    ntkfunc.kernel_matrix(f, params, x[:4], None, implementation=impl_arg, progress=False, **kw)  # warm-up (code paths)
+    for key in phases:
+        phases[key] = 0
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    budget_bytes = parse_budget(budget, torch.device("cpu"))
+    t0 = time.perf_counter()
+    k = ntkfunc.kernel_matrix(f, params, x, None, trace_axes=(-1,), implementation=impl_arg, memory_budget=budget_bytes,
+                              progress=False, **kw)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert bool(torch.isfinite(k).all())
+    torch.save(k, f"/tmp/bench_scale_{os.getpid()}.pt")
+    row_bytes = 4 * lim["P"]
+    rows_fit = int(budget_bytes * SAFETY // row_bytes)
+    passes = min_full_row_passes(n, rows_fit)
+    out = {
+        "n": n, "impl": impl, "threads": threads, "precision": precision, "seconds": seconds, "budget": budget_bytes,
+        "peak_above_start": peak - base, **lim, "ratio": seconds / lim["limit"], "full_rows_fit": rows_fit,
+        "min_full_row_passes": passes, "limit_at_min_passes": passes * lim["fwd_bwd_per_sample"] + lim["half_gemm"],
+        "kernel": f"/tmp/bench_scale_{os.getpid()}.pt", "load": os.getloadavg()[0], **phases,
+    }
+    out["ratio_at_min_passes"] = seconds / out["limit_at_min_passes"]
+    return out
+
+
+def _instrument() -> dict:
+    """Time the phases of the panels (per-sample rows, row products, Gram terms) when the package has them."""
+    phases: dict = {"rows_seconds": 0.0, "rows_computed": 0, "product_seconds": 0.0, "gram_seconds": 0.0}
+    try:
+        from ntkfunc._dataset import panels
+    except ImportError:  # pragma: no cover - an old package without the pipeline layout
+        return phases
+    if not hasattr(panels, "RowPanels"):
+        return phases
+    fill, gram, product = panels.RowPanels._fill, panels.RowPanels._gram, panels.product
+
+    def timed_fill(self, src, i0, i1, target):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        r = fill(self, src, i0, i1, target)
+        phases["rows_seconds"] += time.perf_counter() - t0
+        phases["rows_computed"] += i1 - i0
+        return r
+
+    def timed_gram(self, f1, f2):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        r = gram(self, f1, f2)
+        phases["gram_seconds"] += time.perf_counter() - t0
+        return r
+
+    def timed_product(*args):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        r = product(*args)
+        phases["product_seconds"] += time.perf_counter() - t0
+        return r
+
+    panels.RowPanels._fill, panels.RowPanels._gram, panels.product = timed_fill, timed_gram, timed_product
+    return phases
+
+
+def run_one(n: int, impl: str, threads: int, budget: str | None, small: bool, precision: str, package: Path | None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(package or ROOT))
+    cmd = [sys.executable, __file__, "_measure", str(n), impl, str(threads), budget or "", "1" if small else "0", precision]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(package or ROOT))
+    if res.returncode:
+        return {"n": n, "impl": impl, "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"}
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    row["package"] = "baseline" if package else "this"
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of the issue (limit, time, ratio) plus the phases."""
+    lines = [
+        "| N | package | impl | limit (s) | time (s) | ratio | rows (s) | products (s) | Gram (s) | other (s) | rows computed | peak RSS (GB) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['n']} | {r.get('package', '')} | {r['impl']} | | failed: {r['error'][:60]} | | | | | | | | |")
+            continue
+        other = r["seconds"] - r["rows_seconds"] - r["product_seconds"] - r["gram_seconds"]
+        phased = r["rows_computed"] > 0
+        lines.append(
+            f"| {r['n']} | {r['package']} | {r['impl']} | {r['limit']:.1f} | {r['seconds']:.1f} | {r['ratio']:.2f} | "
+            + (f"{r['rows_seconds']:.1f} | {r['product_seconds']:.1f} | {r['gram_seconds']:.1f} | {other:.1f} | {r['rows_computed']} | "
+               if phased else "- | - | - | - | - | ")
+            + f"{r['peak_above_start'] / 1e9:.2f} | {r['load']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_measure":
+        n, impl, threads, budget, small, precision = sys.argv[2:8]
+        print(json.dumps(measure(int(n), impl, int(threads), budget or None, small == "1", precision)))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--impls", nargs="+", default=["auto", "1"])
+    ap.add_argument("--baseline", type=Path, help="a directory holding an earlier ntkfunc package: before figures")
+    ap.add_argument("--baseline-max-n", type=int, default=512, help="largest N for baseline runs (default 512)")
+    ap.add_argument("--impl1-max-n", type=int, default=512, help="largest N for implementation 1 (default 512)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget", default=None, help="memory budget (default: kernel_matrix's default)")
+    ap.add_argument("--precision", default="highest")
+    ap.add_argument("--small", action="store_true", help="a small CNN instead of ResNet-18 (smoke runs)")
+    ap.add_argument("--write", type=Path, help="write the rows as JSON here")
+    args = ap.parse_args()
+    rows = []
+    for n in args.n:
+        for impl in args.impls:
+            if impl == "1" and n > args.impl1_max_n:
+                continue
+            if args.baseline and n <= args.baseline_max_n:
+                rows.append(run_one(n, impl, args.threads, args.budget, args.small, "highest", args.baseline))
+                print(json.dumps(rows[-1]), flush=True)
+            rows.append(run_one(n, impl, args.threads, args.budget, args.small, args.precision, None))
+            print(json.dumps(rows[-1]), flush=True)
+    print(table(rows))
+    if args.write:
+        args.write.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""``kernel_matrix(precision=...)``: the float32 precision of the Gram products.
+
+- ``"highest"`` (default): IEEE float32 products (``torch.backends.cuda.matmul`` and oneDNN's
+  ``mkldnn.matmul`` held at ``"ieee"`` while the kernel is computed, whatever the process set).
+- ``"tf32"``: CUDA matrix products in TF32 (10-bit mantissa inputs, float32 accumulation). CPUs
+  have no TF32 units: there it is ``"highest"``.
+- ``"bf16"``: bfloat16 inputs (8-bit mantissa) with float32 accumulation and output. On CUDA the
+  per-sample gradient panels are *stored* in bfloat16 (half the memory, twice the samples per
+  panel) and multiplied with ``torch.mm(..., out_dtype=torch.float32)``; on CPU oneDNN's
+  ``fp32_precision="bf16"`` (AMX / AVX512-BF16 where present) converts float32 panels on the fly.
+
+The setting holds for every float32 matrix product of the run (the per-sample gradients'
+``bmm`` and linear layers included; cuDNN convolutions keep ``torch.backends.cudnn``'s own
+setting) and is restored afterwards. Non-float32 kernels (float64, bfloat16 models) are
+computed in their own dtype whatever ``precision`` says. Measured errors against float64 are
+in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
+
+import torch
+
+from ntkfunc._core.layout import Layout
+
+Precision = Literal["highest", "tf32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("highest", "tf32", "bf16")
+
+
+def check_precision(precision: object, api: str = "kernel_matrix") -> str:
+    """``precision`` if valid, else a ValueError naming what was given and the choices.
+
+    >>> check_precision("tf32")
+    'tf32'
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"{api}(precision={precision!r}): expected one of {', '.join(repr(p) for p in PRECISIONS)}")
+    return str(precision)
+
+
+def _flag(obj: object) -> str | None:
+    return getattr(obj, "fp32_precision", None)
+
+
+def _wanted(current: str | None, target: str) -> str | None:
+    """The flag value to set, or None to leave it (absent, or already IEEE by default)."""
+    if current is None:
+        return None
+    default_ieee = current == "none" and torch.get_float32_matmul_precision() == "highest"
+    if target == "ieee" and (current == "ieee" or default_ieee):
+        return None
+    return target
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str, devices: Sequence[torch.device]) -> Iterator[None]:
+    """Hold the float32 matmul precision of CUDA and oneDNN for the block; restored on exit.
+
+    Set once per run (not per product), so that worker threads of several devices never
+    race on torch's process-wide flags.
+    """
+    cuda = torch.backends.cuda.matmul
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    saved = (_flag(cuda), _flag(mkldnn))
+    use_cuda = any(d.type == "cuda" for d in devices)
+    want = (_wanted(saved[0], "tf32" if precision == "tf32" else "ieee"), _wanted(saved[1], "bf16" if precision == "bf16" else "ieee"))
+    try:
+        if want[0] is not None and use_cuda:
+            cuda.fp32_precision = want[0]
+        if want[1] is not None and mkldnn is not None:
+            mkldnn.fp32_precision = want[1]
+        yield
+    finally:
+        if want[0] is not None and use_cuda:
+            cuda.fp32_precision = saved[0]
+        if want[1] is not None and mkldnn is not None:
+            mkldnn.fp32_precision = saved[1]
+
+
+def storage_dtype(precision: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype panels are stored in: bfloat16 for ``"bf16"`` float32 kernels on CUDA (when
+    ``torch.mm(..., out_dtype=)`` works there), else the kernel's dtype.
+
+    >>> storage_dtype("bf16", torch.float32, torch.device("cpu"))
+    torch.float32
+    """
+    if precision == "bf16" and dtype == torch.float32 and device.type == "cuda" and _mixed_mm_works(device):
+        return torch.bfloat16
+    return dtype
+
+
+def _mixed_mm_works(device: torch.device) -> bool:
+    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+    try:
+        return torch.bmm(a[None], a[None], out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def product(layout: Layout, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``layout.contract(a, b, 1)`` of rows ``(b1, *out, P)`` and ``(b2, *out, P)``, in ``dtype``.
+
+    Rows in ``dtype`` go through ``torch.einsum``; bfloat16 rows of a float32 kernel through
+    :func:`batched_product` with float32 accumulation and output.
+    """
+    if a.dtype == dtype:
+        return layout.contract(a, b, 1)
+    return batched_product(layout, a, b, lambda x, y: torch.bmm(x, y, out_dtype=dtype))
+
+
+def batched_product(layout: Layout, a: torch.Tensor, b: torch.Tensor, bmm: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``layout.contract(a, b, 1)`` as one ``bmm(x, y)``: diagonal axes batched, traced axes and
+    parameters summed, the rest paired; ``bmm`` is any batched matrix product.
+
+    >>> lay = Layout.make(3, 0, (1,), (2,))
+    >>> a, b = torch.randn(4, 5, 3, 7), torch.randn(2, 5, 3, 7)
+    >>> bool(torch.allclose(batched_product(lay, a, b, torch.bmm), lay.contract(a, b, 1), atol=1e-5))
+    True
+    """
+    lhs1, lhs2, out = layout.operand_subscripts(1)
+    diag = [ch for ch in lhs1 if ch in lhs2 and ch in out]
+    summed = [ch for ch in lhs1 if ch in lhs2 and ch not in out]
+    free1 = [ch for ch in lhs1 if ch not in lhs2]
+    free2 = [ch for ch in lhs2 if ch not in lhs1]
+    size = {ch: d for ch, d in zip(lhs1 + lhs2, tuple(a.shape) + tuple(b.shape))}
+
+    def arrange(t: torch.Tensor, lhs: str, free: list[str]) -> torch.Tensor:
+        order = [lhs.index(ch) for ch in diag + free + summed]
+        n = 1
+        for ch in summed:
+            n *= size[ch]
+        m = 1
+        for ch in free:
+            m *= size[ch]
+        d = 1
+        for ch in diag:
+            d *= size[ch]
+        return t.permute(order).reshape(d, m, n)
+
+    x, y = arrange(a, lhs1, free1), arrange(b, lhs2, free2)
+    k = bmm(x, y.transpose(1, 2))
+    k = k.reshape([size[ch] for ch in diag + free1 + free2])
+    have = diag + free1 + free2
+    return k.permute([have.index(ch) for ch in out])

@@ -1,0 +1,488 @@
+"""Per-sample gradients at batched speed, written straight into rows of a preallocated buffer.
+
+A *row* is one sample's gradient of every output entry, flattened over parameters:
+``rows[n, *out, :]`` for samples ``n`` of a block, ``out`` the per-sample output shape
+(batch axis removed) and the last axis the parameters, in the **documented order**:
+
+  the differentiated (floating) leaves of ``params`` in pytree-flatten order
+  (``torch.utils._pytree.tree_flatten``; for :func:`ntkfunc.from_module` params that is
+  ``model.named_parameters()`` order), each leaf flattened row-major (C order), i.e.
+  ``torch.cat([g.reshape(*out, -1) for g in grads], -1)`` of ``torch.func.jacrev``.
+
+:class:`Slots` records where each parameter sits (``offset``, ``size``). Two sources fill
+rows for :func:`ntkfunc.kernel_matrix` (see :data:`RowsFactory`):
+
+- :class:`JacobianRows` (implementation 1): ``vmap(jacrev(f))``, copied into the buffer
+  with ``torch.cat(..., out=...)``;
+- :class:`StructuredRows` (implementations 3 and ``"auto"``): the structured engine's
+  capture gives, from one batched pass (``vmap`` over the block of a ``jacrev`` with respect
+  to zero probes at every parameter-consuming primitive, which batches like a plain
+  backward because no weight gradient is asked of torch), the cotangents at every such
+  primitive and its operands; each parameter's rule then forms its per-sample gradient
+  in its slot of the buffer (convolutions: ``im2col`` into a reused workspace and one
+  ``bmm`` per output component; linear layers: one ``bmm``;
+  others: the rule's einsum, copied in; products go through a contiguous buffer, since
+  ``bmm`` into a strided slot takes a far slower path). Parameters without a rule (views, weight tying,
+  ...) take their reverse-mode Jacobians from the same pass. A parameter whose Gram
+  contraction (:func:`ntkfunc._engines.structured.plan.gram_equation`, e.g.
+  ``Σ (c₁c₂ᵀ) ⊙ (x₁x₂ᵀ)``) is priced cheaper than its rows by
+  :class:`~ntkfunc._engines.structured.plan.RouteCost` gets **no slot**: its block keeps
+  the (small) factors instead and :meth:`StructuredRows.gram` contracts them per tile.
+
+:func:`per_sample_gradients` is the entry point for callers that want rows of every
+parameter (no Gram route).
+
+Example:
+  >>> import torch, ntkfunc
+  >>> from ntkfunc._core.problem import make_problem
+  >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+  >>> f, params = ntkfunc.from_module(model)
+  >>> x = torch.randn(5, 1, 4, 4)
+  >>> problem = make_problem(f, x[:1], None, params, 0, (), ())
+  >>> rows = per_sample_gradients(problem, [x])                 # (samples, outputs, parameters)
+  >>> rows.shape
+  torch.Size([5, 3, 47])
+  >>> jac = torch.func.vmap(torch.func.jacrev(lambda p, xi: f(p, xi[None])[0]), (None, 0))(params, x)
+  >>> expected = torch.cat([jac[k].reshape(5, 3, -1) for k in params], -1)
+  >>> bool(torch.allclose(rows, expected, atol=1e-6))
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch.func import jacrev, vmap
+
+from ntkfunc._core.memory import backward_transient, itemsize
+from ntkfunc._core.problem import Problem
+from ntkfunc._engines.structured import capture as capture_mod
+from ntkfunc._engines.structured import kernel as structured
+from ntkfunc._engines.structured import plan
+from ntkfunc.rules import Structure
+from ntkfunc.rules.conv import Conv2d
+from ntkfunc.rules.linear import Linear
+
+
+@dataclasses.dataclass(frozen=True)
+class Slots:
+    """Where each parameter's gradient sits in a row: ``rows[..., offset:offset + size]``.
+
+    Attributes:
+      leaves: indices into ``problem.params.diff_leaves``, in row order (increasing).
+      offsets / sizes: start and number of elements of each leaf's slot.
+
+    >>> s = Slots((0, 2), (0, 6), (6, 4))
+    >>> s.width, s.slot(2)
+    (10, slice(6, 10, None))
+    """
+
+    leaves: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @staticmethod
+    def of(problem: Problem, leaves: Sequence[int]) -> Slots:
+        """Slots for ``leaves`` (sorted: the documented order) of ``problem``'s differentiated parameters."""
+        order = sorted(leaves)
+        sizes = [problem.params.diff_leaves[k].numel() for k in order]
+        offsets = [0]
+        for s in sizes[:-1]:
+            offsets.append(offsets[-1] + s)
+        return Slots(tuple(order), tuple(offsets[: len(order)]), tuple(sizes))
+
+    @property
+    def width(self) -> int:
+        return sum(self.sizes)
+
+    def slot(self, leaf: int) -> slice:
+        i = self.leaves.index(leaf)
+        return slice(self.offsets[i], self.offsets[i] + self.sizes[i])
+
+    def names(self, problem: Problem) -> list[str]:
+        """The parameter names in row order (``params`` keys / pytree paths)."""
+        return [problem.params.diff_names[k] for k in self.leaves]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleBytes:
+    """Memory per sample of a row source: ``rows`` (one row, model dtype), ``kept`` (Gram-route
+    factors held with it) and ``transient`` (while its gradients are computed)."""
+
+    rows: int
+    kept: int
+    transient: int
+
+
+@dataclasses.dataclass
+class Factors:
+    """What a block keeps for its Gram-route parameters: per parameter ``(structure, cotangent)``.
+
+    Structures' operands are contiguous with the parameter's letters last, so that the Gram
+    contraction of two blocks is plain matrix products.
+    """
+
+    terms: list[tuple[Structure, torch.Tensor]]
+
+    @staticmethod
+    def cat(parts: Sequence[Factors]) -> Factors:
+        """The factors of consecutive chunks of samples as one block."""
+        if len(parts) == 1:
+            return parts[0]
+        terms = []
+        for k in range(len(parts[0].terms)):
+            sts = [p.terms[k][0] for p in parts]
+            ops = []
+            for i, (letters, _) in enumerate(sts[0].operands):
+                pieces = [s.operands[i][1] for s in sts]
+                shared = all(p.shape[0] == 1 for p in pieces) and any(c.shape[0] > 1 for c in (p.terms[k][1] for p in parts))
+                ops.append((letters, pieces[0] if shared else torch.cat(pieces)))
+            terms.append((dataclasses.replace(sts[0], operands=ops), torch.cat([p.terms[k][1] for p in parts])))
+        return Factors(terms)
+
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() + sum(t.numel() * t.element_size() for _, t in s.operands) for s, c in self.terms)
+
+
+class RowSource(Protocol):
+    """What ``kernel_matrix``'s panels need: rows of a block of samples, and Gram terms of the rest.
+
+    ``slots`` says which parameters have rows (``slots.width`` columns); ``out_shape`` the
+    per-sample output shape. ``compute(x, out, chunk)`` fills ``out`` ``(b, *out_shape, width)``
+    for the block whose input leaves are ``x`` (``chunk`` samples per pass) and returns the
+    block's :class:`Factors` (None without Gram-route parameters); ``gram(f1, f2)`` is their
+    kernel block (batch-first layout of ``layout.contract``, not divided by the trace size).
+    """
+
+    slots: Slots
+    out_shape: tuple[int, ...]
+
+    def sample_bytes(self) -> SampleBytes: ...
+
+    def compute(self, x: list[Any], out: torch.Tensor, chunk: int) -> Factors | None: ...
+
+    def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None: ...
+
+    def flops(self) -> tuple[float, float]: ...
+
+
+RowsFactory = Callable[[Problem, int, int, int], RowSource]
+"""``rows(problem, n1, n2, budget) -> RowSource`` for a probed one-sample ``problem`` of a kernel of
+``n1 x n2`` samples, whose contractions keep their intermediates within ``budget`` bytes."""
+
+
+def forward_flops(problem: Problem) -> float:
+    """FLOPs of ``f`` on one sample (``torch.utils.flop_counter``: matrix products and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = problem.x_block(1, 0, 1)
+    xs = [a if ax is None else a.squeeze(ax) for a, ax in zip(x, problem.x_axes or [])]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        problem.sample_fn()(problem.params.diff_leaves, xs)
+    return float(counter.get_total_flops())
+
+
+def _pair_flops(problem: Problem, out_shape: tuple[int, ...], width: int) -> float:
+    """FLOPs of one sample pair's row product (``layout.contract`` of two rows)."""
+    return float(plan.jacobian_contraction_flops(problem.layouts[0], 1, out_shape, (width,))) if width else 0.0
+
+
+def _chunks(x: list[Any], axes: list[int | None], b: int, chunk: int):
+    for s in range(0, b, chunk):
+        e = min(s + chunk, b)
+        yield s, e, [t if a is None else t.narrow(a, s, e - s) for t, a in zip(x, axes)]
+
+
+def _block_size(x: list[Any], axes: list[int | None]) -> int:
+    return next(t.shape[a] for t, a in zip(x, axes) if a is not None)
+
+
+def _out_shape(problem: Problem) -> tuple[int, ...]:
+    if len(problem.layouts) != 1:
+        raise ValueError(f"{problem.api}: per-sample rows need one output tensor; f returned {len(problem.layouts)}")
+    return tuple(problem.sample_out_shapes(1)[0])
+
+
+class JacobianRows:
+    """Implementation 1's rows: ``vmap(jacrev(f))`` per chunk, concatenated into the buffer."""
+
+    def __init__(self, problem: Problem, n1: int = 1, n2: int = 1, budget: int = 1 << 30) -> None:
+        self.problem = problem
+        self.out_shape = _out_shape(problem)
+        self.slots = Slots.of(problem, range(len(problem.params.diff_leaves)))
+        self.fn = vmap(jacrev(problem.sample_fn(), argnums=0), in_dims=(None, problem.x_axes))
+        self._flops: tuple[float, float] | None = None
+
+    def sample_bytes(self) -> SampleBytes:
+        size = itemsize(self.problem.out_dtype)
+        o = math.prod(self.out_shape)
+        # vmap(jacrev) holds the Jacobian pieces and the concatenated row, plus the backward's activations
+        return SampleBytes(o * self.slots.width * size, 0, o * self.slots.width * size + backward_transient(self.problem))
+
+    def compute(self, x: list[Any], out: torch.Tensor, chunk: int) -> Factors | None:
+        axes = self.problem.x_axes or []
+        leaves = self.problem.params.diff_leaves
+        for s, e, xc in _chunks(x, axes, _block_size(x, axes), chunk):
+            jac = self.fn(leaves, xc)[0]
+            pieces = [j.reshape(e - s, *self.out_shape, -1) for j in jac]
+            torch.cat(pieces, dim=-1, out=out[s:e])
+        return None
+
+    def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None:
+        return None
+
+    def flops(self) -> tuple[float, float]:
+        """Estimated FLOPs per row (a forward pass and one backward per output entry) and per sample pair."""
+        if self._flops is None:
+            o = math.prod(self.out_shape)
+            self._flops = ((1 + 2 * o) * forward_flops(self.problem), _pair_flops(self.problem, self.out_shape, self.slots.width))
+        return self._flops
+
+
+class StructuredRows:
+    """Rows formed by the rules from one batched pass per chunk; Gram-route parameters keep factors.
+
+    ``routes``: ``"price"`` (each covered parameter by the cheaper of its Gram contraction and its
+    rows, for an ``n1 x n2`` kernel, and only when its factors take less memory than its row),
+    ``"rows"`` (every parameter has a slot) or ``"gram"`` (every covered parameter takes the Gram
+    route: for tests).
+    """
+
+    def __init__(self, problem: Problem, n1: int = 1, n2: int = 1, budget: int = 1 << 30, routes: str = "price") -> None:
+        if not problem.vmapped:
+            raise ValueError(f"{problem.api}: per-sample rows need vmap_axes (independent samples)")
+        self.problem = problem
+        self.out_shape = _out_shape(problem)
+        self.layout = problem.layouts[0]
+        self.cap = capture_mod.discover(problem)
+        self.gram_flops = 0.0  # per sample pair, of the Gram-route parameters
+        if routes not in ("price", "rows", "gram"):
+            raise ValueError(f"StructuredRows(routes={routes!r}): expected 'price', 'rows' or 'gram'")
+        self.gram_params = self._gram_params(n1, n2, routes == "gram") if routes != "rows" else {}
+        self.slots = Slots.of(problem, [k for k in range(len(problem.params.diff_leaves)) if k not in self.gram_params])
+        self.fallback = sorted(self.cap.fallback)
+        self.limit = structured.memory_limit(problem, budget)
+        self.workspace: dict[tuple, torch.Tensor] = {}  # im2col buffers, one per layer shape
+        self._flops: tuple[float, float] | None = None
+
+    def _gram_params(self, n1: int, n2: int, every: bool = False) -> dict[int, tuple[int, str]]:
+        """Covered parameters whose Gram contraction costs fewer FLOPs than their rows, for ``n1 x n2`` samples."""
+        if not self.cap.covered:
+            return {}
+        one = structured.side(self.problem, self.cap, 1, 0, 1)
+        o = math.prod(self.out_shape)
+        chosen = {}
+        for k, (e, role) in self.cap.covered.items():
+            prices = structured.block_prices(self.problem, 0, e, role, one, one)[0]
+            kept = self._factors(self.problem, one, {k: (e, role)}).nbytes()
+            row = o * self.problem.params.diff_leaves[k].numel() * itemsize(self.problem.out_dtype)
+            if every or (prices.scaled(n1, n2, n1 + n2).use_gram and kept < row):  # cheaper, and smaller to keep than its row
+                chosen[k] = (e, role)
+                self.gram_flops += prices.gram
+        return dict(sorted(chosen.items()))
+
+    def sample_bytes(self) -> SampleBytes:
+        size = itemsize(self.problem.out_dtype)
+        o = math.prod(self.out_shape)
+        kept = 0
+        if self.gram_params:
+            one = structured.side(self.problem, self.cap, 1, 0, 1)
+            kept = self._factors(self.problem, one).nbytes()
+        work = sum(self._workspace_numel().values()) * size
+        fb = sum(self.problem.params.diff_leaves[k].numel() for k in self.fallback) * o * size
+        return SampleBytes(o * self.slots.width * size, kept, backward_transient(self.problem) + work + fb)
+
+    def _workspace_numel(self) -> dict[tuple, int]:
+        """Per distinct convolution shape, the elements per sample of its padded input and patches."""
+        out: dict[tuple, int] = {}
+        for k in self.slots.leaves:
+            if k not in self.cap.covered:
+                continue
+            ev = self.cap.events[self.cap.covered[k][0]]
+            if isinstance(ev.rule, Conv2d) and len(ev.meta["kernel"]) == 2:
+                w, y = ev.meta["weight_shape"], ev.y_shape[-3:]
+                (p0, _), (p1, _) = ev.meta["pads"]
+                c = w[1] * ev.meta["groups"]
+                out[("patches", c * math.prod(w[2:]), math.prod(y[1:]))] = c * math.prod(w[2:]) * math.prod(y[1:])
+                out[("grad", w[0] // ev.meta["groups"], math.prod(w[1:]))] = w[0] // ev.meta["groups"] * math.prod(w[1:])
+                (s0, s1) = ev.meta["stride"]
+                out[("padded", c, p0, p1, s0, s1, y[1:])] = c * (y[1] * s0 + 2 * p0 + 2) * (y[2] * s1 + 2 * p1 + 2)
+        return out
+
+    def compute(self, x: list[Any], out: torch.Tensor, chunk: int) -> Factors | None:
+        axes = self.problem.x_axes or []
+        parts = []
+        for s, e, xc in _chunks(x, axes, _block_size(x, axes), chunk):
+            pb = dataclasses.replace(self.problem, x1_leaves=xc, x2_leaves=None, n1=e - s, n2=e - s)
+            sd = structured.side(pb, self.cap, 1, 0, e - s)
+            self._write(pb, sd, out[s:e])
+            if self.gram_params:
+                parts.append(self._factors(pb, sd))
+            del sd
+        return Factors.cat(parts) if parts else None
+
+    def _write(self, pb: Problem, sd: structured.Side, rows: torch.Tensor) -> None:
+        """Every slotted parameter's per-sample gradient into its slot of ``rows`` ``(g, *out, width)``."""
+        for k in self.slots.leaves:
+            view = rows[..., self.slots.slot(k)]
+            if k in self.cap.fallback:
+                view.copy_(sd.fb_jac[0][self.fallback.index(k)].reshape(view.shape))
+                continue
+            e, role = self.cap.covered[k]
+            ev = self.cap.events[e]
+            cot = sd.cot[0][e]
+            if isinstance(ev.rule, Conv2d) and self._conv2d(ev, role, sd.operands[e], cot, view):
+                continue
+            if isinstance(ev.rule, Linear) and self._linear(role, sd.operands[e], cot, view, ev.y_shape):
+                continue
+            st = structured.event_structure(pb, sd, e, role)
+            jac = plan.jacobian_equation(self.layout, True, st, cot).run(self.limit)
+            view.copy_(jac.reshape(view.shape) * st.scale if st.scale != 1.0 else jac.reshape(view.shape))
+
+    def _conv2d(self, ev: capture_mod.Event, role: str, operands: list, cot: torch.Tensor, view: torch.Tensor) -> bool:
+        """``∂f/∂W`` of a 2-D convolution: ``im2col`` into a reused workspace, one ``bmm`` per output entry and group.
+
+        False when the call is outside this fast path (several images per sample, uneven padding).
+        """
+        meta = ev.meta
+        g, o = cot.shape[0], math.prod(self.out_shape)
+        y = ev.y_shape if not meta["unbatched"] else (1, *ev.y_shape)
+        if y[0] != 1:
+            return False
+        co, s = y[1], math.prod(y[2:])
+        c = cot.reshape(g, o, co, s)
+        v = view.view(g, o, view.shape[-1])
+        if role == "bias":
+            v.copy_(c.sum(-1))
+            return True
+        (xin,) = operands
+        if xin is None or xin.shape[0] != g:
+            return False  # an input shared by all samples: the rule's einsum
+        xin = xin.reshape(g, *xin.shape[-3:])
+        groups = meta["groups"]
+        ik = math.prod(meta["weight_shape"][1:]) * groups
+        ws = self._patches(xin, meta, y[2:])
+        cg, ig = co // groups, ik // groups
+        tmp = self._workspace("grad", (g, cg, ig), xin)
+        for j in range(o):
+            target = v[:, j].view(g, co, ig)
+            for q in range(groups):
+                # into a contiguous buffer, then one copy: bmm writing a strided slot directly takes a
+                # per-sample path, many times slower when the cores are shared
+                torch.bmm(c[:, j, q * cg : (q + 1) * cg], ws[:, q * ig : (q + 1) * ig].transpose(1, 2), out=tmp)
+                target[:, q * cg : (q + 1) * cg].copy_(tmp)
+        return True
+
+    def _patches(self, x: torch.Tensor, meta: dict[str, Any], out_hw: tuple[int, ...]) -> torch.Tensor:
+        """im2col of ``x`` ``(g, C, H, W)``: ``(g, C * kh * kw, H' * W')``, in reused buffers.
+
+        A strided copy from ``unfold`` views of the zero-padded input (several times faster than
+        ``aten::im2col`` on CPU); the padded input and the patches live in buffers reused from
+        call to call (a fresh allocation of this size page-faults on every use).
+        """
+        g, c, h, w = x.shape
+        (k0, k1), (s0, s1), (d0, d1) = meta["kernel"], meta["stride"], meta["dilation"]
+        (p0, _), (p1, _) = meta["pads"]
+        padded = self._workspace("padded", (g, c, h + 2 * p0, w + 2 * p1), x, zero=True)
+        padded[:, :, p0 : p0 + h, p1 : p1 + w].copy_(x)  # the border stays zero from the first use
+        u = padded.unfold(2, d0 * (k0 - 1) + 1, s0).unfold(3, d1 * (k1 - 1) + 1, s1)  # (g, C, H', W', span0, span1)
+        if d0 != 1 or d1 != 1:
+            u = u[..., ::d0, ::d1]
+        ws = self._workspace("patches", (g, c * k0 * k1, math.prod(out_hw)), x)
+        ws.view(g, c, k0, k1, *out_hw).copy_(u.permute(0, 1, 4, 5, 2, 3))
+        return ws
+
+    def _workspace(self, name: str, shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
+        """``shape[0]`` rows of a buffer kept per ``name`` and per-sample shape, reused from call to call."""
+        key = (name, shape[1:], like.dtype, like.device)
+        held = self.workspace.get(key)
+        if held is None or held.shape[0] < shape[0]:
+            held = torch.zeros(shape, dtype=like.dtype, device=like.device) if zero else torch.empty(shape, dtype=like.dtype, device=like.device)
+            self.workspace[key] = held
+        return held[: shape[0]]
+
+    def _linear(self, role: str, operands: list, cot: torch.Tensor, view: torch.Tensor, y_shape: tuple[int, ...]) -> bool:
+        """``∂f/∂W`` of ``x Wᵀ + b``: one ``bmm`` of cotangents and inputs over positions per output entry."""
+        g, o = cot.shape[0], math.prod(self.out_shape)
+        z = y_shape[-1]
+        c = cot.reshape(g, o, -1, z)  # (g, o, positions, out features)
+        v = view.view(g, o, view.shape[-1])
+        if role == "bias":
+            v.copy_(c.sum(2))
+            return True
+        (xin,) = operands
+        if xin is None or xin.shape[0] != g:
+            return False
+        xi = xin.reshape(g, -1, xin.shape[-1])  # (g, positions, in features)
+        if xi.shape[1] != c.shape[2]:
+            return False  # a broadcast input: the rule's einsum
+        tmp = self._workspace("grad", (g, z, xi.shape[-1]), xi)
+        for j in range(o):
+            torch.bmm(c[:, j].transpose(1, 2), xi, out=tmp)
+            v[:, j].view(g, z, xi.shape[-1]).copy_(tmp)
+        return True
+
+    def _factors(self, pb: Problem, sd: structured.Side, params: dict[int, tuple[int, str]] | None = None) -> Factors:
+        terms = []
+        for _k, (e, role) in (self.gram_params if params is None else params).items():
+            st = structured.event_structure(pb, sd, e, role)
+            terms.append((_packed(st), sd.cot[0][e]))
+        return Factors(terms)
+
+    def flops(self) -> tuple[float, float]:
+        """Estimated FLOPs per row (a forward pass and one backward per output entry) and per sample pair."""
+        if self._flops is None:
+            o = math.prod(self.out_shape)
+            pair = _pair_flops(self.problem, self.out_shape, self.slots.width) + self.gram_flops
+            self._flops = ((1 + 2 * o) * forward_flops(self.problem), pair)
+        return self._flops
+
+    def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None:
+        total: torch.Tensor | None = None
+        for (s1, c1), (s2, c2) in zip(f1.terms, f2.terms):
+            part = plan.gram_equation(self.layout, True, s1, s2, c1, c2).run(self.limit)
+            scale = s1.scale * s2.scale
+            part = part if scale == 1.0 else part * scale
+            total = part if total is None else total + part
+        return total
+
+
+def _packed(st: Structure) -> Structure:
+    """``st`` with each operand contiguous and its parameter letters last (Gram contractions become GEMMs)."""
+    ops = []
+    for letters, t in st.operands:
+        order = [i for i, ch in enumerate(letters) if ch not in st.theta] + [i for i, ch in enumerate(letters) if ch in st.theta]
+        ops.append(("".join(letters[i] for i in order), t.permute([0] + [1 + i for i in order]).contiguous()))
+    return dataclasses.replace(st, operands=ops)
+
+
+def jacobian_rows(problem: Problem, n1: int, n2: int, budget: int) -> RowSource:
+    """Implementation 1's :data:`RowsFactory`."""
+    return JacobianRows(problem, n1, n2, budget)
+
+
+def structured_rows(problem: Problem, n1: int, n2: int, budget: int) -> RowSource:
+    """Implementations 3 and ``"auto"``: rule-formed rows, Gram route where it is priced cheaper."""
+    return StructuredRows(problem, n1, n2, budget)
+
+
+def per_sample_gradients(problem: Problem, x: list[Any], out: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Per-sample gradients of every differentiated parameter for the samples ``x``: ``(b, *out, P)``.
+
+    ``problem``: a probed one-sample problem (:func:`ntkfunc._core.problem.make_problem`, batch
+    axis 0); ``x``: the input leaves of the block (batch axes as ``problem.x_axes``); ``out``: a
+    buffer to fill (allocated if None); ``chunk``: samples per batched pass (default: all).
+    Parameters in the documented order (module docstring), rows formed by the rules
+    (:class:`StructuredRows` without the Gram route).
+    """
+    source = StructuredRows(problem, routes="rows")
+    axes = problem.x_axes or []
+    b = _block_size(x, axes)
+    if out is None:
+        out = torch.empty((b, *source.out_shape, source.slots.width), dtype=problem.out_dtype, device=problem.device)
+    source.compute(x, out, chunk or b)
+    return out
