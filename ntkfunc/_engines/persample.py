@@ -59,6 +59,7 @@ import torch
 from torch.func import jacrev, vmap
 
 from ntkfunc._core.memory import backward_transient, itemsize
+from ntkfunc._core.ops import transform_friendly_attention
 from ntkfunc._core.problem import Problem
 from ntkfunc._engines.structured import capture as capture_mod
 from ntkfunc._engines.structured import kernel as structured
@@ -227,7 +228,8 @@ class JacobianRows:
         axes = self.problem.x_axes or []
         leaves = self.problem.params.diff_leaves
         for s, e, xc in _chunks(x, axes, _block_size(x, axes), chunk):
-            jac = self.fn(leaves, xc)[0]
+            with transform_friendly_attention():
+                jac = self.fn(leaves, xc)[0]
             pieces = [j.reshape(e - s, *self.out_shape, -1) for j in jac]
             torch.cat(pieces, dim=-1, out=out[s:e])
         return None
@@ -318,7 +320,8 @@ class StructuredRows:
         parts = []
         for s, e, xc in _chunks(x, axes, _block_size(x, axes), chunk):
             pb = dataclasses.replace(self.problem, x1_leaves=xc, x2_leaves=None, n1=e - s, n2=e - s)
-            sd = structured.side(pb, self.cap, 1, 0, e - s)
+            with transform_friendly_attention():
+                sd = structured.side(pb, self.cap, 1, 0, e - s)
             self._write(pb, sd, out[s:e])
             if self.gram_params:
                 parts.append(self._factors(pb, sd))
