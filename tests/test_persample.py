@@ -197,3 +197,20 @@ def test_memory_caps_the_panels_then_workers_share_them():
     starts = plan.partition(10, 3, 2, 100, sizes, plan.Costs(1.0, 0.01))
     spans = [(a, starts[i + 1] if i + 1 < len(starts) else 10) for i, a in enumerate(starts)]
     assert all(c - a <= 3 for a, c in spans) and len(starts) % 2 == 0 and starts[0] == 0
+
+
+@pytest.mark.parametrize("trace", [(-1,), ()])
+def test_bfloat16_panels_stage_chunks_and_multiply_in_float32(monkeypatch, trace):
+    """The CUDA bf16 path on a CPU: rows stored in bfloat16 (computed chunk by chunk in float32, then stored)
+    and multiplied by ``batched_product`` into float32 (here with an upcast bmm standing in for out_dtype=)."""
+    from ntkfunc._dataset import panels, pipeline
+
+    f, params, x = _digits_cnn()
+    seen = []
+    monkeypatch.setattr(pipeline, "storage_dtype", lambda precision, dtype, device: torch.bfloat16)
+    monkeypatch.setattr(panels, "product", lambda lay, a, b, dt: seen.append(a.dtype) or batched_product(
+        lay, a, b, lambda u, v: torch.bmm(u.to(dt), v.to(dt))))
+    k = ntkfunc.kernel_matrix(f, params, x[:24], None, trace_axes=trace, batch_size=8, progress=False)
+    assert k.dtype == torch.float32 and set(seen) == {torch.bfloat16}
+    ref = reference_kernel(f, {n: v.double() for n, v in params.items()}, x[:24].double(), None, trace)
+    assert max_rel_err(k.double(), ref) <= 3e-2

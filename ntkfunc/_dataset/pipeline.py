@@ -33,7 +33,7 @@ from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import Devices, Ranks, ranks, resolve_devices, to_device
 from ntkfunc._dataset.fingerprint import job_fingerprint
 from ntkfunc._dataset.panels import PerTileKernel, RowPanels, TileKernel
-from ntkfunc._dataset.plan import MEASURE_FLOPS, Costs, DatasetPlan, Sizes, assign, measured_block, panel_cost, partition, plan_tiles
+from ntkfunc._dataset.plan import MEASURE_FLOPS, Costs, DatasetPlan, Sizes, assign, choose_block, measured_rates, panel_cost, partition, plan_tiles
 from ntkfunc._dataset.precision import Precision, check_precision, matmul_precision, storage_dtype
 from ntkfunc._dataset.progress import make_progress
 from ntkfunc._dataset.runner import Runner
@@ -245,13 +245,15 @@ def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memo
     sizes = shape.sizes(job.symmetric)
     storage = storage_dtype(job.precision, shape.dtype, device)
     source = job.engine.rows(shape.problem, shape.n1, shape.n2, int(usable)) if job.engine.rows is not None else None
-    hint = None
-    if source is not None and batch_size is None:
-        pairs = shape.n1 * (shape.n1 + 1) / 2 if job.symmetric else shape.n1 * shape.n2
-        if pairs * source.flops()[1] >= MEASURE_FLOPS and not sizes.paired:
-            hint = measured_block(device, shape.dtype, min(1024, shape.n1))
     ratio = itemsize(storage) / itemsize(shape.dtype)
-    tiles = plan_tiles(source.sample_bytes() if source is not None else None, ratio, usable, sizes, shape.pair_bytes, batch_size, hint)
+    sample = source.sample_bytes() if source is not None else None
+    hint = None
+    if source is not None and sample is not None and batch_size is None and not sizes.paired:
+        pairs = shape.n1 * (shape.n1 + 1) / 2 if job.symmetric else shape.n1 * shape.n2
+        if pairs * source.flops()[1] >= MEASURE_FLOPS:  # worth measuring: the block from rates and memory
+            rates = measured_rates(device, storage if storage != torch.bfloat16 else shape.dtype, min(1024, shape.n1))
+            hint = choose_block(sample, ratio, usable, sizes, shape.pair_bytes, rates, source.flops())
+    tiles = plan_tiles(sample, ratio, usable, sizes, shape.pair_bytes, batch_size, hint)
     return Planned(usable, tiles, source, storage)
 
 
@@ -277,7 +279,7 @@ def run(job: Job, shape: Shape, store: Store, planned: Planned, grid_block: int,
     limit = planned.tiles.block  # the largest block planned to fit; a resumed grid may be larger
     on_grid, mine = schedule(planned, shape.sizes(job.symmetric), grid_block, rk, len(devices))
     done = store.done_keys()
-    todo = sorted((t for t in tiles if on_grid.panel_of(t.i0) in mine and t.key not in done), key=on_grid.order)
+    todo = sorted((t for t in tiles if on_grid.panel_of(t.i0) in mine and t.key not in done), key=on_grid.ordering(shape.n1, job.symmetric))
     runner = Runner(shape.layout, job.symmetric, store, limit, job.nonfinite, shape.kshape, on_grid,
                     serial=not job.engine.thread_safe, background=isinstance(store, NpyStore))
     jobs = sorted(runner.jobs(todo), key=lambda ts: mine.index(on_grid.panel_of(ts[0].i0)))
