@@ -174,6 +174,23 @@ def test_plan_holds_panels_within_the_budget():
     assert plan.plan_tiles(sample, 1.0, 7e5, sizes, 8, None).panel == 0  # not two rows: the engine per tile
 
 
+def test_choose_block_trades_product_rate_against_rows_recomputed():
+    """Flat rates: the block that leaves the longest panels (fewest rows); a much faster wide product: the
+    wide block; widths capped at N."""
+    sample = persample.SampleBytes(rows=100_000, kept=0, transient=500_000)
+    sizes = plan.Sizes(2048, 2048, True, False)
+    flat = {64: 1e10, 128: 1e10, 256: 1e10, 512: 1e10}
+    costly_rows = persample.Flops(row=1e9, product=1e5, gram=0.0)
+    b = plan.choose_block(sample, 1.0, 100e6, sizes, 8, flat, costly_rows)
+    plans = [plan.plan_tiles(sample, 1.0, 100e6, sizes, 8, c) for c in flat]
+    best = min(plan.rows_needed(sizes, p.block, p.panel) for p in plans if p.panel)
+    chosen = plan.plan_tiles(sample, 1.0, 100e6, sizes, 8, b)
+    assert b is not None and plan.rows_needed(sizes, chosen.block, chosen.panel) <= best
+    steep = {64: 1e8, 128: 1e9, 256: 1e10, 512: 1e11}
+    assert plan.choose_block(sample, 1.0, 1e9, sizes, 8, steep, persample.Flops(1e3, 1e6, 0.0)) >= 512
+    assert plan.choose_block(sample, 1.0, 1e9, plan.Sizes(16, 16, True, False), 8, flat, costly_rows) == 16  # one block
+
+
 @pytest.mark.parametrize("workers", [2, 3, 4])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_panels_are_balanced_by_cost(workers, symmetric):

@@ -228,9 +228,11 @@ def probe(job: Job, device: torch.device) -> Shape:
 
 
 def _problem(job: Job, device: torch.device, params: PyTree) -> Problem:
+    """The problem on the first sample of each side, copied out of its source (a view of a dataset
+    tensor would make every tensor saved for backward count the whole dataset's storage)."""
     with transform_friendly_attention():
-        x2 = None if job.symmetric else job.s2.get(0, 1).to(device)
-        return make_problem(job.fn, job.s1.get(0, 1).to(device), x2, params, 0, job.trace, job.diag, api=API)
+        x2 = None if job.symmetric else job.s2.get(0, 1).to(device).clone()
+        return make_problem(job.fn, job.s1.get(0, 1).to(device).clone(), x2, params, 0, job.trace, job.diag, api=API)
 
 
 def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memory: bool, device: torch.device) -> Planned:
@@ -250,7 +252,7 @@ def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memo
     hint = None
     if source is not None and sample is not None and batch_size is None and not sizes.paired:
         pairs = shape.n1 * (shape.n1 + 1) / 2 if job.symmetric else shape.n1 * shape.n2
-        if pairs * source.flops()[1] >= MEASURE_FLOPS:  # worth measuring: the block from rates and memory
+        if pairs * source.flops().pair >= MEASURE_FLOPS:  # worth measuring: the block from rates and memory
             rates = measured_rates(device, storage if storage != torch.bfloat16 else shape.dtype, min(1024, shape.n1))
             hint = choose_block(sample, ratio, usable, sizes, shape.pair_bytes, rates, source.flops())
     tiles = plan_tiles(sample, ratio, usable, sizes, shape.pair_bytes, batch_size, hint)
@@ -316,8 +318,8 @@ def schedule(planned: Planned, sizes: Sizes, grid_block: int, rk: Ranks, n_devic
     workers = rk.world * n_devices
     n_blocks = -(-sizes.n1 // grid_block)
     if on_grid.panel and planned.source is not None:
-        row, pair = planned.source.flops() if workers > 1 else (1.0, 0.0)
-        costs = Costs(row, pair)
+        fl = planned.source.flops() if workers > 1 else None
+        costs = Costs(fl.row, fl.pair) if fl is not None else Costs(1.0, 0.0)
         on_grid = dataclasses.replace(on_grid, starts=partition(n_blocks, on_grid.panel, workers, grid_block, sizes, costs))
     else:  # each block row is a unit of work; its cost is its tiles
         costs = Costs(0.0, 1.0)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ntkfunc._core.tiles import Tile
-from ntkfunc._engines.persample import SampleBytes
+from ntkfunc._engines.persample import Flops, SampleBytes
 
 DEFAULT_BLOCK = 256
 """Tile side for engines that plan their own memory."""
@@ -284,24 +284,31 @@ def rows_needed(sizes: Sizes, block: int, panel: int) -> float:
 
 
 def choose_block(sample: SampleBytes, storage_ratio: float, usable: float, sizes: Sizes, pair_bytes: int,
-                 rates: dict[int, float], flops: tuple[float, float]) -> int | None:
+                 rates: dict[int, float], flops: Flops) -> int | None:
     """The block width with the least estimated time, from measured product rates and the memory.
 
-    Each candidate ``b`` fixes the panel the budget holds, hence the rows computed; the estimate is
-    rows x (FLOPs per row) at the best rate plus pairs x (FLOPs per pair) at ``b``'s rate. Wider
-    blocks multiply faster, narrower ones leave room for longer panels (fewer rows recomputed).
+    Each candidate ``b`` (the measured widths capped at N, and for each the width that fills the
+    room it leaves with one more block, when the panel does not hold all of x1) fixes the panel
+    the budget holds, hence the rows computed.
+    The estimate: rows x FLOPs per row plus pairs x Gram-route FLOPs per pair at the best rate,
+    plus pairs x the rows' product FLOPs at ``b``'s rate (the nearest measured width not wider).
+    Wide blocks multiply faster; narrow ones leave room for longer panels (fewer rows recomputed).
     """
-    row_flops, pair_flops = flops
     pairs = sizes.n1 * (sizes.n1 + 1) / 2 if sizes.symmetric else sizes.n1 * sizes.n2
     fastest = max(rates.values())
+    measured = sorted(rates)
+    candidates = {min(b, max(sizes.n1, sizes.n2)) for b in measured}
+    for b in measured:
+        p = plan_tiles(sample, storage_ratio, usable, sizes, pair_bytes, b)
+        if p.panel and p.panel * p.block < sizes.n1:  # room for about (panel + 1) blocks: fill it with one more
+            candidates.add(max(1, (p.panel + 1) * p.block // (p.panel + 2)))
     best: tuple[float, int] | None = None
-    for b, rate in sorted(rates.items()):
-        if b > max(sizes.n1, sizes.n2) and best is not None:
-            break
+    for b in sorted(candidates):
         p = plan_tiles(sample, storage_ratio, usable, sizes, pair_bytes, b)
         if not p.panel:
             continue
-        seconds = rows_needed(sizes, p.block, p.panel) * row_flops / fastest + pairs * pair_flops / rate
+        rate = rates[max([m for m in measured if m <= b] or [measured[0]])]
+        seconds = (rows_needed(sizes, p.block, p.panel) * flops.row + pairs * flops.gram) / fastest + pairs * flops.product / rate
         if best is None or seconds < best[0]:
             best = (seconds, b)
     return None if best is None else best[1]

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -119,6 +119,20 @@ class SampleBytes:
     transient: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Flops:
+    """Estimated FLOPs of a row source: per row (a forward pass and one backward per output entry),
+    and per sample pair of the rows' product and of the Gram-route contractions."""
+
+    row: float
+    product: float
+    gram: float
+
+    @property
+    def pair(self) -> float:
+        return self.product + self.gram
+
+
 @dataclasses.dataclass
 class Factors:
     """What a block keeps for its Gram-route parameters: per parameter ``(structure, cotangent)``.
@@ -168,7 +182,7 @@ class RowSource(Protocol):
 
     def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None: ...
 
-    def flops(self) -> tuple[float, float]: ...
+    def flops(self) -> Flops: ...
 
 
 RowsFactory = Callable[[Problem, int, int, int], RowSource]
@@ -192,7 +206,7 @@ def _pair_flops(problem: Problem, out_shape: tuple[int, ...], width: int) -> flo
     return float(plan.jacobian_contraction_flops(problem.layouts[0], 1, out_shape, (width,))) if width else 0.0
 
 
-def _chunks(x: list[Any], axes: list[int | None], b: int, chunk: int):
+def _chunks(x: list[Any], axes: list[int | None], b: int, chunk: int) -> Iterator[tuple[int, int, list[Any]]]:
     for s in range(0, b, chunk):
         e = min(s + chunk, b)
         yield s, e, [t if a is None else t.narrow(a, s, e - s) for t, a in zip(x, axes)]
@@ -216,7 +230,7 @@ class JacobianRows:
         self.out_shape = _out_shape(problem)
         self.slots = Slots.of(problem, range(len(problem.params.diff_leaves)))
         self.fn = vmap(jacrev(problem.sample_fn(), argnums=0), in_dims=(None, problem.x_axes))
-        self._flops: tuple[float, float] | None = None
+        self._flops: Flops | None = None
 
     def sample_bytes(self) -> SampleBytes:
         size = itemsize(self.problem.out_dtype)
@@ -237,11 +251,10 @@ class JacobianRows:
     def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None:
         return None
 
-    def flops(self) -> tuple[float, float]:
-        """Estimated FLOPs per row (a forward pass and one backward per output entry) and per sample pair."""
+    def flops(self) -> Flops:
         if self._flops is None:
             o = math.prod(self.out_shape)
-            self._flops = ((1 + 2 * o) * forward_flops(self.problem), _pair_flops(self.problem, self.out_shape, self.slots.width))
+            self._flops = Flops((1 + 2 * o) * forward_flops(self.problem), _pair_flops(self.problem, self.out_shape, self.slots.width), 0.0)
         return self._flops
 
 
@@ -261,6 +274,7 @@ class StructuredRows:
         self.out_shape = _out_shape(problem)
         self.layout = problem.layouts[0]
         self.cap = capture_mod.discover(problem)
+        self._one: structured.Side | None = None
         self.gram_flops = 0.0  # per sample pair, of the Gram-route parameters
         if routes not in ("price", "rows", "gram"):
             raise ValueError(f"StructuredRows(routes={routes!r}): expected 'price', 'rows' or 'gram'")
@@ -269,13 +283,13 @@ class StructuredRows:
         self.fallback = sorted(self.cap.fallback)
         self.limit = structured.memory_limit(problem, budget)
         self.workspace: dict[tuple, torch.Tensor] = {}  # im2col buffers, one per layer shape
-        self._flops: tuple[float, float] | None = None
+        self._flops: Flops | None = None
 
     def _gram_params(self, n1: int, n2: int, every: bool = False) -> dict[int, tuple[int, str]]:
         """Covered parameters whose Gram contraction costs fewer FLOPs than their rows, for ``n1 x n2`` samples."""
         if not self.cap.covered:
             return {}
-        one = structured.side(self.problem, self.cap, 1, 0, 1)
+        one = self._one_sample()
         o = math.prod(self.out_shape)
         chosen = {}
         for k, (e, role) in self.cap.covered.items():
@@ -290,13 +304,17 @@ class StructuredRows:
     def sample_bytes(self) -> SampleBytes:
         size = itemsize(self.problem.out_dtype)
         o = math.prod(self.out_shape)
-        kept = 0
-        if self.gram_params:
-            one = structured.side(self.problem, self.cap, 1, 0, 1)
-            kept = self._factors(self.problem, one).nbytes()
+        kept = self._factors(self.problem, self._one_sample()).nbytes() if self.gram_params else 0
         work = sum(self._workspace_numel().values()) * size
         fb = sum(self.problem.params.diff_leaves[k].numel() for k in self.fallback) * o * size
         return SampleBytes(o * self.slots.width * size, kept, backward_transient(self.problem) + work + fb)
+
+    def _one_sample(self) -> structured.Side:
+        """The capture on the problem's first sample (prices and sizes are read from it), computed once."""
+        if self._one is None:
+            with transform_friendly_attention():
+                self._one = structured.side(self.problem, self.cap, 1, 0, 1)
+        return self._one
 
     def _workspace_numel(self) -> dict[tuple, int]:
         """Per distinct convolution shape, the elements per sample of its padded input and patches."""
@@ -436,12 +454,11 @@ class StructuredRows:
             terms.append((_packed(st), sd.cot[0][e]))
         return Factors(terms)
 
-    def flops(self) -> tuple[float, float]:
-        """Estimated FLOPs per row (a forward pass and one backward per output entry) and per sample pair."""
+    def flops(self) -> Flops:
         if self._flops is None:
             o = math.prod(self.out_shape)
-            pair = _pair_flops(self.problem, self.out_shape, self.slots.width) + self.gram_flops
-            self._flops = ((1 + 2 * o) * forward_flops(self.problem), pair)
+            product = _pair_flops(self.problem, self.out_shape, self.slots.width)
+            self._flops = Flops((1 + 2 * o) * forward_flops(self.problem), product, self.gram_flops)
         return self._flops
 
     def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None:
