@@ -73,7 +73,7 @@ def _tv(name: str, **kw: Any) -> Callable[[str, int], tuple[torch.nn.Module, Any
         tv = load("torchvision")
         torch.manual_seed(seed)
         model = getattr(tv.models, name)(num_classes=10, **kw)
-        return model.eval(), _images(2, 32, seed), {}
+        return model.eval(), _images(2, 16 if size == "tiny" else 32, seed), {}
 
     return build
 
@@ -81,7 +81,7 @@ def _tv(name: str, **kw: Any) -> Callable[[str, int], tuple[torch.nn.Module, Any
 def _tv_vit(size: str, seed: int) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     tv = load("torchvision")
     torch.manual_seed(seed)
-    dims = dict(num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64) if size == "tiny" else dict(num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
+    dims = dict(num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32) if size == "tiny" else dict(num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
     model = tv.models.VisionTransformer(image_size=32, patch_size=8, num_classes=10, **dims)
     return model.eval(), _images(2, 32, seed), {}
 
@@ -90,7 +90,7 @@ def _timm(name: str, tiny: dict[str, Any]) -> Callable[[str, int], tuple[torch.n
     def build(size: str, seed: int) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
         timm = load("timm")
         torch.manual_seed(seed)
-        model = timm.create_model(name, pretrained=False, num_classes=10, **(tiny if size == "tiny" else {}))
+        model = timm.create_model(name, pretrained=False, num_classes=10, **(tiny if size == "tiny" else {"img_size": 32} if "vit" in name else {}))
         return model.eval(), _images(2, 32, seed), {}
 
     return build
@@ -102,21 +102,21 @@ def _hf(kind: str, attn: str) -> Callable[[str, int], tuple[torch.nn.Module, Any
         torch.manual_seed(seed)
         tiny = size == "tiny"
         if kind == "gpt2":
-            cfg = tr.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=16) if tiny else tr.GPT2Config()
+            cfg = tr.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=16) if tiny else tr.GPT2Config()
             cls, kw = tr.GPT2LMHeadModel, {}
         elif kind == "bert":
-            cfg = (tr.BertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=64,
+            cfg = (tr.BertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=32,
                                  max_position_embeddings=16) if tiny else tr.BertConfig())
             cls, kw = tr.BertForMaskedLM, {}
         else:  # a Llama with grouped-query attention and tied embeddings (the SmolLM-135M shape at "base")
             cfg = (tr.LlamaConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
-                                  vocab_size=64, max_position_embeddings=16, tie_word_embeddings=True) if tiny else
+                                  vocab_size=32, max_position_embeddings=16, tie_word_embeddings=True) if tiny else
                    tr.LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
                                   vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True))
             cls, kw = tr.LlamaForCausalLM, {}
         cfg._attn_implementation = attn
         model = cls(cfg).eval()
-        x = {"input_ids": _tokens(2, 6, cfg.vocab_size, seed)}
+        x = {"input_ids": _tokens(2, 5 if tiny else 8, cfg.vocab_size, seed)}
         if not tiny:  # the kernel of a few logits: the same rules, a small output (coverage only)
             kw["output"] = lambda out: out.logits[:, -1, :4]
         return model, x, kw

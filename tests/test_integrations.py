@@ -31,6 +31,7 @@ sys.path.pop(0)
 # so does the backward pass through them: kernels agree with the reference to ~1e-9 there (measured
 # below 1e-8 on these configs); everything else to float64 rounding.
 TOL = {"hf llama eager": 1e-8, "hf llama sdpa": 1e-8}
+CNNS = ("torchvision resnet18", "torchvision mobilenet_v3_small", "torchvision efficientnet_b0")
 
 
 def _build(name: str, size: str = "tiny"):
@@ -58,7 +59,7 @@ def test_family_is_exact_and_ruled(name):
     report = ntkfunc.explain(f, p, x, trace_axes=trace)
     assert coverage(report) >= 0.9, str(report)
     ref = reference_kernel(f, p, x, None, trace, ())
-    for impl in (1, 3):
+    for impl in (3,) if name in CNNS else (1, 3):  # implementation 1 on the CNNs: the zoo of tests/test_ntk.py
         k = ntkfunc.ntk_fn(f, trace_axes=trace, implementation=impl)(x, None, p)
         assert max_rel_err(k, ref) <= TOL.get(name, 1e-12), (impl, max_rel_err(k, ref))
 
@@ -83,7 +84,7 @@ def test_hf_keyword_inputs_with_a_padding_mask():
     """GPT-2 eager prepares its mask in plain ops (vmap works); sdpa reads the mask's values (vmap_axes=None)."""
     for name, vmap_axes in (("hf gpt2 eager", 0), ("hf gpt2 sdpa", None)):
         model, x, kw = _build(name)
-        f, p = ntkfunc.from_module(model.double(), **kw)
+        f, p = ntkfunc.from_module(model.double(), **kw, output=lambda out: out.logits[..., :3])
         mask = torch.ones_like(x["input_ids"])
         mask[0, :2] = 0
         x = {**x, "attention_mask": mask}
