@@ -27,10 +27,10 @@ import _libraries as L  # noqa: E402
 
 sys.path.pop(0)
 
-# HF Llama computes RMSNorm (and eager attention's softmax) in float32 even in a float64 model, and
-# so does the backward pass through them: kernels agree with the reference to ~1e-9 there (measured
-# below 1e-8 on these configs); everything else to float64 rounding.
-TOL = {"hf llama eager": 1e-8, "hf llama sdpa": 1e-8}
+# HF Llama computes RMSNorm in float32 even in a float64 model (and so do its derivatives): the
+# reverse-mode implementations (1, 3) round as the reverse-mode reference does and agree to 1e-16;
+# implementation 2's forward mode rounds elsewhere and agrees to ~3e-9 (measured 2.6e-9 to 3.8e-9).
+TOL = {("hf llama eager", 2): 1e-8, ("hf llama sdpa", 2): 1e-8}
 CNNS = ("torchvision resnet18", "torchvision mobilenet_v3_small", "torchvision efficientnet_b0")
 
 
@@ -59,9 +59,9 @@ def test_family_is_exact_and_ruled(name):
     report = ntkfunc.explain(f, p, x, trace_axes=trace)
     assert coverage(report) >= 0.9, str(report)
     ref = reference_kernel(f, p, x, None, trace, ())
-    for impl in (3,) if name in CNNS else (1, 3):  # implementation 1 on the CNNs: the zoo of tests/test_ntk.py
+    for impl in (3,) if name in CNNS else (1, 2, 3):  # 1 and 2 on CNNs: the zoo of tests/test_ntk.py
         k = ntkfunc.ntk_fn(f, trace_axes=trace, implementation=impl)(x, None, p)
-        assert max_rel_err(k, ref) <= TOL.get(name, 1e-12), (impl, max_rel_err(k, ref))
+        assert max_rel_err(k, ref) <= TOL.get((name, impl), 1e-12), (impl, max_rel_err(k, ref))
 
 
 def test_gpt2_tied_embedding_and_addmm_rules():
