@@ -4,14 +4,12 @@ Each family of ``examples/_libraries.py`` (random weights, no download) in float
 implementations 1 and 3 against the float64 reference (``ntkfunc.testing.reference_kernel``),
 and ``explain``'s coverage. Skipped, with the reason, when the library is not installed
 (``pip install -e '.[integrations]'``, see the Makefile). Also runs the README section's
-snippets and the GPT-2 example.
+snippets (the GPT-2 example runs in tests/test_examples.py).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -122,16 +120,3 @@ def test_readme_section_runs():
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
-
-
-def test_gpt2_example_runs_quick(tmp_path):
-    try:
-        L.load("transformers")
-    except ImportError as err:
-        pytest.skip(str(err))
-    pytest.importorskip("matplotlib", reason="the examples need the optional extra ntkfunc[examples] (matplotlib)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "gpt2_token_ntk.py"), "--quick", "--out", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "gpt2_token_ntk.png").stat().st_size > 1000
