@@ -44,6 +44,48 @@ def test_rows_equal_jacobians_in_the_documented_order(case):
     assert source.slots.names(problem) == [problem.params.names[i] for i in problem.params.diff_index]
 
 
+def _tied_lm(p, x):  # GPT-2 style: the token embedding is the LM head (two uses of one table)
+    h = torch.tanh(torch.nn.functional.embedding(x, p["e"]) + p["pos"][: x.shape[1]])
+    return torch.nn.functional.linear(h, p["e"]).sum(1)
+
+
+def _views(p, x):  # a weight through .T (tied with a direct use), a layer scale through reshape, a slice, an expand
+    h = torch.tanh(torch.tanh(x) @ p["w"].T + p["b"]) @ p["w"]
+    h = torch.cat([p["cls"].expand(x.shape[0], -1, -1), h * p["g"].reshape(1, 1, -1)], dim=1)
+    return torch.sin(h + p["pos"][: h.shape[1]]).flatten(1) @ p["v"].T
+
+
+def _linear_t(p, x):  # a covered weight through a view only: F.linear(x, W.T) and x @ W.T (rows in W's order)
+    return torch.nn.functional.linear(torch.tanh(x @ p["a"].T), p["m"].T)
+
+
+VIEW_CASES = {
+    "tied_lm": (_tied_lm, {"e": (7, 4), "pos": (6, 4)}, lambda: torch.randint(0, 7, (5, 5))),
+    "views": (_views, {"w": (5, 4), "b": (5,), "cls": (1, 1, 4), "g": (4,), "pos": (8, 4), "v": (3, 16)}, lambda: torch.randn(5, 3, 4, dtype=torch.float64)),
+    "linear_t": (_linear_t, {"a": (6, 4), "m": (6, 3)}, lambda: torch.randn(5, 2, 4, dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("name", VIEW_CASES)
+def test_rows_follow_views_and_tied_parameters(name):
+    """Rows of parameters used through views (in the parameter's order) and of tied ones (sum of the uses) equal vmap(jacrev);
+    the kernel by auto equals the reference."""
+    torch.manual_seed(0)
+    f, shapes, make_x = VIEW_CASES[name]
+    params = {k: 0.5 * torch.randn(*s, dtype=torch.float64) for k, s in shapes.items()}
+    x = make_x()
+    problem = make_problem(f, x[:1], None, params, 0, (), (), api="kernel_matrix")
+    source = persample.StructuredRows(problem, routes="rows")
+    if name == "tied_lm":
+        assert list(source.cap.tied) == [0]  # the rules, not the fallback, form the tied table's rows
+        assert source.cap.fallback[1].startswith("rows: the view")  # pos[:T]: a slice, its rows by reverse mode
+    rows = persample.per_sample_gradients(problem, [x], chunk=2)
+    assert max_rel_err(rows, _jacobian_rows(f, params, x)) <= 1e-12
+    for trace in ((), (-1,)):
+        k = ntkfunc.kernel_matrix(f, params, x, x[:3], trace_axes=trace, batch_size=2, progress=False)
+        assert max_rel_err(k, reference_kernel(f, params, x, x[:3], trace)) <= 1e-10, trace
+
+
 @pytest.mark.parametrize("case", [c for c in ROW_CASES if c.name in ("mlp", "cnn", "attention_matmul", "resblock_groupnorm")], ids=str)
 def test_jacobian_rows_equal_structured_rows(case):
     f, params, x1, _, problem = _problem(case)

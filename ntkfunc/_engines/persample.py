@@ -22,8 +22,11 @@ rows for :func:`ntkfunc.kernel_matrix` (see :data:`RowsFactory`):
   in its slot of the buffer (convolutions: ``im2col`` into a reused workspace and one
   ``bmm`` per output component; linear layers: one ``bmm``;
   others: the rule's einsum, copied in; products go through a contiguous buffer, since
-  ``bmm`` into a strided slot takes a far slower path). Parameters without a rule (views, weight tying,
-  ...) take their reverse-mode Jacobians from the same pass. A parameter whose Gram
+  ``bmm`` into a strided slot takes a far slower path). A parameter consumed through a view
+  (``W.T``, ``cls.expand(n, -1, -1)``) gets its rule's einsum composed with the view, in the
+  parameter's own order; a tied one (used by several primitives) the sum of its uses'.
+  Parameters without a rule, and views whose rows cannot be put in the parameter's order (a
+  slice such as ``pos[:T]``), take their reverse-mode Jacobians from the same pass. A parameter whose Gram
   contraction (:func:`ntkfunc._engines.structured.plan.gram_equation`, e.g.
   ``Σ (c₁c₂ᵀ) ⊙ (x₁x₂ᵀ)``) is priced cheaper than its rows by
   :class:`~ntkfunc._engines.structured.plan.RouteCost` gets **no slot**: its block keeps
@@ -63,7 +66,7 @@ from ntkfunc._core.ops import transform_friendly_attention
 from ntkfunc._core.problem import Problem
 from ntkfunc._engines.structured import capture as capture_mod
 from ntkfunc._engines.structured import kernel as structured
-from ntkfunc._engines.structured import plan
+from ntkfunc._engines.structured import plan, views
 from ntkfunc.rules import Structure
 from ntkfunc.rules.conv import Conv2d
 from ntkfunc.rules.linear import Linear
@@ -273,8 +276,10 @@ class StructuredRows:
         self.problem = problem
         self.out_shape = _out_shape(problem)
         self.layout = problem.layouts[0]
-        self.cap = capture_mod.discover(problem)
         self._one: structured.Side | None = None
+        self.cap = capture_mod.discover(problem)
+        self.cap = capture_mod.restrict(self.cap, self._unordered_views())
+        self._one = None  # read again with the restricted capture
         self.gram_flops = 0.0  # per sample pair, of the Gram-route parameters
         if routes not in ("price", "rows", "gram"):
             raise ValueError(f"StructuredRows(routes={routes!r}): expected 'price', 'rows' or 'gram'")
@@ -308,6 +313,31 @@ class StructuredRows:
         work = sum(self._workspace_numel().values()) * size
         fb = sum(self.problem.params.diff_leaves[k].numel() for k in self.fallback) * o * size
         return SampleBytes(o * self.slots.width * size, kept, backward_transient(self.problem) + work + fb)
+
+    def _unordered_views(self) -> dict[int, str]:
+        """Covered parameters consumed through a view whose rows cannot be formed in the parameter's order."""
+        moved = {}
+        for k, (e, role) in self.cap.covered.items():
+            vm = self.cap.events[e].views.get(role)
+            if vm is None or vm.trivial:
+                continue
+            if not vm.covers:
+                moved[k] = f"rows: the view ({vm.describe()}) selects part of the parameter"
+                continue
+            try:
+                self._use_structure(self.problem, self._one_sample(), e, role, k)
+            except views.ViewError as err:
+                moved[k] = f"rows: {err}"
+        return moved
+
+    def _use_structure(self, pb: Problem, sd: structured.Side, e: int, role: str, k: int) -> Structure:
+        """The structure of ``∂y/∂θ`` of one use with θ's letters in θ's row-major order (as its slot)."""
+        ev = self.cap.events[e]
+        vm = ev.views.get(role)
+        if vm is None or vm.trivial or k in self.cap.tied:  # the cached form is already in θ's order
+            return structured.event_structure(pb, sd, e, role)
+        theta = tuple(pb.params.diff_leaves[k].shape)
+        return views.use_structure(ev.rule, role, sd.operands[e], ev.meta, ev.y_shape, vm, True, theta)
 
     def _one_sample(self) -> structured.Side:
         """The capture on the problem's first sample (prices and sizes are read from it), computed once."""
@@ -353,16 +383,26 @@ class StructuredRows:
             if k in self.cap.fallback:
                 view.copy_(sd.fb_jac[0][self.fallback.index(k)].reshape(view.shape))
                 continue
-            e, role = self.cap.covered[k]
-            ev = self.cap.events[e]
-            cot = sd.cot[0][e]
-            if isinstance(ev.rule, Conv2d) and self._conv2d(ev, role, sd.operands[e], cot, view):
+            uses = self.cap.tied.get(k) or [self.cap.covered[k]]
+            if len(uses) == 1 and self._fast(sd, *uses[0], view):
                 continue
-            if isinstance(ev.rule, Linear) and self._linear(role, sd.operands[e], cot, view, ev.y_shape):
-                continue
-            st = structured.event_structure(pb, sd, e, role)
-            jac = plan.jacobian_equation(self.layout, True, st, cot).run(self.limit)
-            view.copy_(jac.reshape(view.shape) * st.scale if st.scale != 1.0 else jac.reshape(view.shape))
+            for i, (e, role) in enumerate(uses):  # a tied parameter: the sum of its uses
+                st = self._use_structure(pb, sd, e, role, k)
+                jac = plan.jacobian_equation(self.layout, True, st, sd.cot[0][e]).run(self.limit).reshape(view.shape)
+                jac = jac * st.scale if st.scale != 1.0 else jac
+                view.copy_(jac) if i == 0 else view.add_(jac)
+
+    def _fast(self, sd: structured.Side, e: int, role: str, view: torch.Tensor) -> bool:
+        """The bmm paths of convolutions and linear layers, for a parameter consumed as it is (no view)."""
+        ev = self.cap.events[e]
+        vm = ev.views.get(role)
+        if vm is not None and not vm.trivial:
+            return False
+        if isinstance(ev.rule, Conv2d):
+            return self._conv2d(ev, role, sd.operands[e], sd.cot[0][e], view)
+        if isinstance(ev.rule, Linear):
+            return self._linear(role, sd.operands[e], sd.cot[0][e], view, ev.y_shape)
+        return False
 
     def _conv2d(self, ev: capture_mod.Event, role: str, operands: list, cot: torch.Tensor, view: torch.Tensor) -> bool:
         """``∂f/∂W`` of a 2-D convolution: ``im2col`` into a reused workspace, one ``bmm`` per output entry and group.
