@@ -392,8 +392,8 @@ def test_errors_say_what_was_given_and_expected(tmp_path):
         kernel_matrix(f, params, [1, 2])
     with pytest.raises(ValueError, match=r"x2 has no samples"):
         kernel_matrix(f, params, x1, x1[:0])
-    with pytest.raises(ValueError, match=r"nonfinite='ignore'\): expected 'raise' or 'warn'"):
-        kernel_matrix(f, params, x1, nonfinite="ignore")
+    with pytest.raises(ValueError, match=r"nonfinite='nope'\): expected 'raise', 'warn' or 'ignore'"):
+        kernel_matrix(f, params, x1, nonfinite="nope")
     with pytest.raises(ValueError, match=r"returned 2 output tensors .* expected one tensor with the batch axis first"):
         kernel_matrix(lambda p, x: (f(p, x), f(p, x)), params, x1)
     with pytest.raises(ValueError, match=r"devices='gpu0'\).*expected None, 'all' or a list of devices"):

@@ -18,11 +18,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from ntkfunc._core.checks import as_axes_tuple, check_positive_int, refuse_batch_coupled
+from ntkfunc._core.checks import as_axes_tuple, check_positive_int, explained_f_errors, refuse_batch_coupled
+from ntkfunc._core.finite import NonFinite, check_mode
 from ntkfunc._core.layout import Layout
 from ntkfunc._core.memory import SAFETY, fmt_bytes, itemsize, parse_budget
 from ntkfunc._core.ops import transform_friendly_attention
@@ -99,7 +100,7 @@ def kernel_matrix(
     resume: bool = True,
     progress: bool = True,
     devices: Devices = None,
-    nonfinite: Literal["raise", "warn"] = "raise",
+    nonfinite: NonFinite = "raise",
 ) -> torch.Tensor:
     """The empirical NTK of ``f`` over whole datasets ``x1`` (rows) and ``x2`` (columns).
 
@@ -132,7 +133,7 @@ def kernel_matrix(
       devices: None (params' device; ``cuda:LOCAL_RANK`` under torchrun with CUDA), ``"all"``
         (every CUDA device, one worker thread each), or a list of devices.
       nonfinite: ``"raise"`` (FloatingPointError naming the samples; the tile is not
-        committed) or ``"warn"`` (warning naming them, the tile is kept).
+        committed), ``"warn"`` (warning naming them, the tile is kept) or ``"ignore"``.
 
     Shapes: an ``(N, O)`` output gives ``(N1, N2)`` with the default trace; the layout is
     ``ntk_fn``'s. CUDA out-of-memory errors halve the computed block and retry.
@@ -159,15 +160,15 @@ def kernel_matrix(
     usable, dataset_plan = plan(job, shape, budget, batch_size, in_memory=out is None)
     store, grid_block = open_output(job, shape, out, dataset_plan, resume, rk)
     tiles = list(grid(shape.n1, shape.n2, grid_block, grid_block, symmetric=job.symmetric, paired=shape.layout.batch_paired))
-    run(job, shape, store, dataset_plan, grid_block, tiles, device, int(usable), progress_bar=progress_bar_wanted(progress, rk), rk=rk)
+    with explained_f_errors(API, job.params, {}, without_vmap=_WITHOUT_VMAP):
+        run(job, shape, store, dataset_plan, grid_block, tiles, device, int(usable), progress_bar=progress_bar_wanted(progress, rk), rk=rk)
     return finish(store, tiles, rk)
 
 
 def validate(f: ApplyFn, params: PyTree, x1: Any, x2: Any, trace_axes: Axes, diagonal_axes: Axes,
              implementation: None | int | str | Implementation, pntk: bool, batch_size: int | None, nonfinite: str) -> Job:
     """Check the arguments (before anything runs) and wrap the data as :class:`Samples`."""
-    if nonfinite not in ("raise", "warn"):
-        raise ValueError(f"{API}(nonfinite={nonfinite!r}): expected 'raise' or 'warn'")
+    check_mode(nonfinite, API)
     check_positive_int(batch_size, "batch_size", API, allow_none=True)
     engine = get_engine("auto" if implementation is None else implementation, api=API)
     refuse_batch_coupled(f, 0, API)
@@ -202,10 +203,15 @@ def probe(job: Job, device: torch.device) -> Shape:
     return Shape(problem, layout, layout.kernel_shape(shape1, shape2), n1, n2)
 
 
+_WITHOUT_VMAP = "use ntk_fn(f, vmap_axes=None) for the kernel of a whole batch without vmap (kernel_matrix needs per-sample outputs)"
+
+
 def _problem(job: Job, device: torch.device, params: PyTree) -> Problem:
     with transform_friendly_attention():
+        x1 = job.s1.get(0, 1).to(device)
         x2 = None if job.symmetric else job.s2.get(0, 1).to(device)
-        return make_problem(job.fn, job.s1.get(0, 1).to(device), x2, params, 0, job.trace, job.diag, api=API)
+        with explained_f_errors(API, params, {"x1": x1, "x2": x2}, without_vmap=_WITHOUT_VMAP):
+            return make_problem(job.fn, x1, x2, params, 0, job.trace, job.diag, api=API)
 
 
 def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memory: bool) -> tuple[float, DatasetPlan]:
