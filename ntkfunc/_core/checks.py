@@ -18,6 +18,11 @@ from ntkfunc._core.types import ApplyFn, Axes, PyTree, VMapAxes
 BATCH_COUPLED_ATTR = "__ntkfunc_batch_coupled__"
 """Attribute ``from_module`` sets on ``f`` when samples of a batch interact (BatchNorm with batch statistics)."""
 
+FINGERPRINT_ATTR = "__ntkfunc_fingerprint__"
+"""A zero-argument callable attribute returning JSON data that changes whenever what its owner computes or holds
+does: ``from_module`` sets it on ``f`` (the module's structure and constants), a Dataset may define it (its
+contents). ``kernel_matrix`` records it in a resumable output's fingerprint."""
+
 
 def as_axes_tuple(axes: Axes) -> tuple[int, ...]:
     """``-1 -> (-1,)``, ``[0, 2] -> (0, 2)`` (the values are checked against an output later)."""
@@ -123,7 +128,7 @@ def input_mismatch(params: PyTree, inputs: dict[str, PyTree]) -> tuple[type[Exce
     return None
 
 
-_VMAP_CONTROL_FLOW = "data-dependent control flow"
+_VMAP_CONTROL_FLOW = "use a Tensor in some data-dependent control flow"  # torch.func.vmap's error
 
 
 @contextlib.contextmanager
