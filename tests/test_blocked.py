@@ -227,7 +227,7 @@ def _run_torchrun(cmd: list, outputs: list, attempts: int = 3, timeout: float = 
     for _ in range(attempts):
         for path in outputs:
             shutil.rmtree(str(path) + ".tiles", ignore_errors=True)
-            for p in (path, Path(str(path) + ".manifest.json")):
+            for p in (path, Path(str(path) + ".partial"), Path(str(path) + ".manifest.json")):
                 p.unlink(missing_ok=True)
         proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
