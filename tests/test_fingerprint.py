@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
 
 import ntkfunc
+from ntkfunc import _cli as cli
 from ntkfunc import kernel_matrix
 from ntkfunc._dataset import runner
 from ntkfunc._dataset.fingerprint import differences, probes_match
@@ -16,6 +18,15 @@ from tests.reference import max_rel_err, reference_kernel
 def _model(act):
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 6), act, torch.nn.Linear(6, 3)).double()
+
+
+def cnn_tanh():
+    """``--model tests.test_fingerprint:cnn_tanh`` (the CLI's default digits: 1 x 8 x 8)."""
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(72, 3))
+
+
+def cnn_relu():
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(72, 3))
 
 
 class _Stop(Exception):
@@ -124,3 +135,32 @@ def test_every_item_of_a_small_dataset_is_compared(tmp_path):
     changed[5] += 1.0
     with pytest.raises(ValueError, match=r"computed with different x1 \(recorded"):
         kernel_matrix(f, params, _Items(changed), x[:3], out=out, progress=False)
+
+
+def _write_digits(path, x):
+    np.save(path, x.numpy())
+
+
+def test_cli_model_and_files_are_compared(tmp_path, capsys):
+    """Regression: --model a:cnn_relu then a:cnn_tanh on one --out resumed; so did a changed test image."""
+    from ntkfunc.datasets import load_digits
+
+    x, _ = load_digits()
+    train, test = tmp_path / "train.npy", tmp_path / "test.npy"
+    _write_digits(train, x[:12])
+    _write_digits(test, x[100:104])
+    out = tmp_path / "K.npy"
+    argv = ["compute", "--data", str(train), "--test", str(test), "--out", str(out), "--no-progress"]
+    assert cli.main(argv + ["--model", "tests.test_fingerprint:cnn_relu"]) == 0
+    assert cli.main(argv + ["--model", "tests.test_fingerprint:cnn_tanh"]) == 1
+    assert "computed with different module.structure" in capsys.readouterr().err
+    changed = x[100:104].clone()
+    changed[2, 0, 3, 3] += 0.5  # one pixel of one test image
+    _write_digits(test, changed)
+    assert cli.main(argv + ["--model", "tests.test_fingerprint:cnn_relu"]) == 1
+    assert "computed with different x1" in capsys.readouterr().err
+    assert cli.main(argv + ["--model", "tests.test_fingerprint:cnn_relu", "--no-resume"]) == 0
+    torch.manual_seed(0)
+    f, params = ntkfunc.from_module(cnn_relu().eval())
+    expected = kernel_matrix(f, params, torch.cat([x[:12], changed]), x[:12], progress=False)
+    np.testing.assert_allclose(np.load(out), expected.numpy(), rtol=1e-5, atol=1e-6)
