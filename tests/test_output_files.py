@@ -73,7 +73,7 @@ def _env():
 def test_a_second_writer_is_refused_while_the_first_is_alive(tmp_path):
     """Regression: run B (resume=False) deleted and recreated the file under a live run A; A kept committing into it."""
     out = tmp_path / "K.npy"
-    proc = subprocess.Popen([sys.executable, str(JOB), "--out", str(out), "--sleep", "0.15"], env=_env(),
+    proc = subprocess.Popen([sys.executable, str(JOB), "--out", str(out), "--sleep", "0.4"], env=_env(),  # ~6 s of tiles
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     marks = Path(str(out) + ".tiles")
     deadline = time.time() + 60
@@ -85,6 +85,7 @@ def test_a_second_writer_is_refused_while_the_first_is_alive(tmp_path):
         with pytest.raises(RuntimeError, match=rf"kernel_matrix\(out='.*K.npy'\): another writer \(pid {proc.pid} on .*\) holds K.npy.lock; "
                                                "expected one writer per output"):
             kernel_matrix(f, params, x * 2, trace_axes=(), out=str(out), resume=resume, batch_size=3, progress=False)
+    assert proc.poll() is None  # both refusals came while A was writing
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     expected = kernel_matrix(f, params, x, trace_axes=(), batch_size=3, progress=False)

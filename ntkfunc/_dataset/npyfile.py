@@ -51,6 +51,8 @@ def create(path: Path, shape: tuple[int, ...], dtype: Any, api: str) -> Header:
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
     del mm  # a sparse file so far
     header = read_header(path)
+    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - macOS, Windows: the file stays sparse
+        return header
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, header.size)
