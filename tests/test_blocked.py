@@ -243,6 +243,37 @@ def _run_torchrun(cmd: list, outputs: list, attempts: int = 3, timeout: float = 
     pytest.skip(f"torch.distributed hung in all {attempts} attempts (> {timeout:.0f} s each) on this machine")
 
 
+def _rank_records(stdout: str, world: int) -> dict[int, int]:
+    """``{rank: tiles computed}`` from the job's JSON lines, one per rank, each whole.
+
+    Lines that are not JSON objects (anything torchrun or a library prints) are skipped; a line
+    that starts like one but does not parse, a rank missing or reported twice fail the test
+    with the whole output.
+    """
+    records: dict[int, int] = {}
+    for line in stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            pytest.fail(f"a JSON line of the job does not parse: {line!r}\nstdout:\n{stdout}")
+        assert record["rank"] not in records, f"rank {record['rank']} reported twice:\n{stdout}"
+        records[record["rank"]] = record["computed"]
+    assert sorted(records) == list(range(world)), f"expected one line from each of ranks 0..{world - 1}:\n{stdout}"
+    return records
+
+
+def test_rank_records_refuse_garbled_missing_and_repeated_lines():
+    assert _rank_records('warning: x\n{"rank": 1, "computed": 3}\n{"rank": 0, "computed": 4}\n', world=2) == {0: 4, 1: 3}
+    with pytest.raises(pytest.fail.Exception, match="does not parse"):  # two ranks' lines interleaved
+        _rank_records('{"rank": 0, "computed": 4}{"rank": 1, "computed": 3}\n\n', world=2)
+    with pytest.raises(AssertionError, match="one line from each of ranks 0..1"):
+        _rank_records('{"rank": 0, "computed": 4}\n', world=2)
+    with pytest.raises(AssertionError, match="rank 0 reported twice"):
+        _rank_records('{"rank": 0, "computed": 4}\n{"rank": 0, "computed": 3}\n', world=2)
+
+
 def test_torchrun_two_cpu_processes_equal_one(tmp_path):
     out, result = tmp_path / "K.npy", tmp_path / "mem.npy"
     f, params, x = build_job()
@@ -250,8 +281,8 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(JOB), "--out", str(out), "--result", str(result)]
     res = _run_torchrun(cmd, [out, result])
     assert res.returncode == 0, res.stderr[-3000:]
-    counts = [json.loads(line)["computed"] for line in res.stdout.splitlines() if line.startswith("{")]
-    assert sorted(counts) == [12, 18]  # twice 15 tiles (file, then in memory): rows 0, 2, 4 (5+3+1) and 1, 3 (4+2)
+    counts = _rank_records(res.stdout, world=2)
+    assert sorted(counts.values()) == [12, 18]  # twice 15 tiles (file, then in memory): rows 0, 2, 4 (5+3+1) and 1, 3 (4+2)
     assert torch.equal(torch.from_numpy(np.load(out)), expected)  # written to one file by both ranks
     assert torch.equal(torch.from_numpy(np.load(result)), expected)  # in memory: gathered on every rank
 
