@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_
 
+from ntkfunc._core.calls import Convention, Inputs, Output
 from ntkfunc._core.checks import BATCH_COUPLED_ATTR, FINGERPRINT_ATTR
 from ntkfunc._core.hashing import tensor_digest
 from ntkfunc._core.types import ApplyFn, PyTree
@@ -20,7 +21,9 @@ from ntkfunc._core.types import ApplyFn, PyTree
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 
 
-def from_module(module: nn.Module, *, vmap_axes: Any = 0) -> tuple[ApplyFn, dict[str, torch.Tensor]]:
+def from_module(
+    module: nn.Module, *, vmap_axes: Any = 0, output: Output = None, inputs: Inputs = "auto"
+) -> tuple[ApplyFn, dict[str, torch.Tensor]]:
     """Returns ``(f, params)`` with ``f(params, x) = module(x)`` computed by ``functional_call``.
 
     - ``params``: the trainable parameters (``requires_grad=True``), detached, by name.
@@ -41,6 +44,15 @@ def from_module(module: nn.Module, *, vmap_axes: Any = 0) -> tuple[ApplyFn, dict
       in which case ``f`` uses a copy of the module whose BatchNorm layers keep no running
       statistics (nothing in ``module`` is modified); pass the same ``vmap_axes=None`` to
       ``ntk_fn``.
+    - Model libraries' conventions (HuggingFace, timm, torchvision; see the README): ``x`` a
+      dict whose keys name ``forward``'s parameters (``input_ids``, ``attention_mask``, ...) is
+      passed as keyword arguments (``inputs="auto"``; or ``"keywords"`` / ``"positional"``), a
+      ``forward`` with a ``use_cache`` parameter gets ``use_cache=False``, and ``output``
+      selects what the kernel is of: a key or attribute (``"logits"``), a path
+      (``("hidden_states", -1)``) or a callable of the module's output. With ``output=None`` a
+      HuggingFace ``ModelOutput`` holding one tensor gives that tensor, one holding several is
+      refused with an error that lists them. timm and torchvision models return tensors and
+      need none of this.
 
     Example:
       >>> import torch, ntkfunc
@@ -83,10 +95,18 @@ def from_module(module: nn.Module, *, vmap_axes: Any = 0) -> tuple[ApplyFn, dict
     per_thread = _PerThreadModules(module)
     known = {k for k, _ in module.named_parameters(remove_duplicate=False)} | {k for k, _ in module.named_buffers(remove_duplicate=False)}
     cls = type(module).__name__
+    call = Convention.of(module, inputs=inputs, output=output)
 
     def f(p: PyTree, x: PyTree) -> PyTree:
         _check_call(p, params, known, modes, cls)
-        return functional_call(per_thread.get(), (p, consts), (x,), strict=False)
+        args, kwargs = call.arguments(x)
+        try:
+            out = functional_call(per_thread.get(), (p, consts), args, kwargs, strict=False)
+        except RuntimeError as err:
+            if "data-dependent control flow" in str(err):
+                raise RuntimeError(_DATA_DEPENDENT.format(name=cls)) from err
+            raise
+        return call.select(out)
 
     def identity() -> dict[str, str]:
         """What besides params determines f: the module's structure and modes, and its constants."""
@@ -127,6 +147,15 @@ def _check_call(p: PyTree, params: Mapping[str, torch.Tensor], known: set[str], 
             "from_module, whose f keeps the mode the module had then; expected that mode: call from_module again "
             "after model.train() / model.eval()"
         )
+
+
+_DATA_DEPENDENT = (
+    "from_module: {name} reads the values of its inputs in Python (data-dependent control flow), which "
+    "torch.func.vmap cannot do per sample (HuggingFace's attention-mask preparation does this for some "
+    "attention implementations); expected either vmap_axes=None in ntk_fn (the exact kernel of the whole batch, "
+    "computed as one unit) or inputs without the value-dependent argument (e.g. no attention_mask when no "
+    "token is padded)"
+)
 
 
 class _PerThreadModules:
