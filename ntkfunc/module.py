@@ -38,7 +38,8 @@ def from_module(
       name the module does not know, and refuses to run once ``module.train()`` /
       ``module.eval()`` changed a submodule's mode after ``from_module`` (call it again).
     - ``f`` carries the module's identity (class names, ``repr``, ``state_dict`` keys, modes,
-      buffers and frozen parameters) for ``kernel_matrix``'s resume fingerprint.
+      ``inputs=`` / ``output=``, buffers and frozen parameters) for ``kernel_matrix``'s resume
+      fingerprint.
     - A module in training mode with BatchNorm normalises with batch statistics, so one
       sample's output depends on the whole batch. It is refused unless ``vmap_axes=None``,
       in which case ``f`` uses a copy of the module whose BatchNorm layers keep no running
@@ -109,12 +110,14 @@ def from_module(
         return call.select(out)
 
     def identity() -> dict[str, str]:
-        """What besides params determines f: the module's structure and modes, and its constants."""
+        """What besides params determines f: the module's structure and modes, how it is called, its constants."""
+        selected = getattr(output, "__qualname__", None) if callable(output) else output
         structure = [
             [f"{type(m).__module__}.{type(m).__qualname__}" for m in module.modules()],
             _ADDRESS.sub("0x?", repr(module)),
             list(module.state_dict(keep_vars=True)),
             [m.training for m in module.modules()],
+            [inputs, repr(selected)],
         ]
         return {"structure": hashlib.sha256(repr(structure).encode()).hexdigest(),
                 "constants": tensor_digest(list(consts.values()), list(consts))}

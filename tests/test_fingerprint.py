@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 import ntkfunc
 from ntkfunc import _cli as cli
 from ntkfunc import kernel_matrix
+from ntkfunc._core.checks import FINGERPRINT_ATTR
 from ntkfunc._dataset import runner
 from ntkfunc._dataset.fingerprint import differences, probes_match
 from tests.reference import max_rel_err, reference_kernel
@@ -76,6 +77,33 @@ def test_changed_buffers_are_refused(tmp_path):
         model[1].running_var.mul_(4.0)  # the same params, other running statistics
     with pytest.raises(ValueError, match=r"computed with different module.constants \(recorded"):
         kernel_matrix(f, params, x, out=out, progress=False)
+
+
+class _TwoHeads(torch.nn.Module):
+    """A module whose output is a dict (as a HuggingFace model's); ``output=`` selects a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 6)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return {"a": h[:, :3], "b": h[:, 3:]}
+
+
+def test_another_output_selection_is_refused(tmp_path):
+    """``from_module(output=...)`` is part of the module's identity: the same module and params, another head."""
+    torch.manual_seed(0)
+    model = _TwoHeads().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    out = str(tmp_path / "K.npy")
+    f_a, params = ntkfunc.from_module(model, output="a")
+    f_b, _ = ntkfunc.from_module(model, output="b")
+    identity = {k: getattr(f, FINGERPRINT_ATTR)() for k, f in [("a", f_a), ("b", f_b), ("a again", ntkfunc.from_module(model, output="a")[0])]}
+    assert identity["a"] != identity["b"] and identity["a"] == identity["a again"]
+    kernel_matrix(f_a, params, x, out=out, progress=False)
+    with pytest.raises(ValueError, match=r"computed with different module.structure"):
+        kernel_matrix(f_b, params, x, out=out, progress=False)
 
 
 def test_a_function_that_computes_something_else_is_refused(tmp_path):
