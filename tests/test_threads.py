@@ -70,7 +70,11 @@ def test_overlapping_attention_blocks_restore_the_global_sdpa_flags():
 
 
 def test_threaded_runs_leave_the_sdpa_flags_as_found():
-    """Regression: after kernel_matrix over 4 worker threads (or ntk_fn in 4 threads) flash attention stayed disabled."""
+    """End to end: kernel_matrix over 4 worker threads, and ntk_fn in 4 threads, leave the flags as they found them.
+
+    The interleaving that left flash attention disabled depends on timing (it passes on the old
+    code too when the threads happen not to overlap that way); the test above forces it.
+    """
     _, f, params, _ = _mlp()
     x = torch.randn(30, 4, dtype=torch.float64)
     before = _flags()
