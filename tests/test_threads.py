@@ -147,3 +147,20 @@ def test_from_module_refuses_a_mode_changed_afterwards_in_every_thread():
     model.eval()
     again = _main_and_worker(lambda: ntkfunc.ntk_fn(f)(x, None, params))
     assert torch.equal(again[0], ok[0]) and torch.equal(again[1], ok[0])
+
+
+def test_readme_thread_safety_table_matches_the_registry():
+    """The README's "Thread safety" rows say yes exactly for the implementations registered thread_safe."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text.split("### Thread safety", 1)[1].split("\n\n")[1]
+    said = {}
+    for row in table.splitlines():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if len(cells) == 2 and cells[0].startswith("implementation"):
+            names = re.findall(r"`([^`]+)`", cells[0].split("(")[0])
+            for name in names:
+                said[0 if name == '"auto"' else int(name)] = cells[1].startswith("yes")
+    assert said == {e: ENGINES[e].thread_safe for e in ENGINES}, said
