@@ -104,6 +104,7 @@ def test_tiled_under_small_memory_budget_is_unchanged(impl, monkeypatch):
 
     monkeypatch.setattr("ntkfunc._engines.jacobian.tiles", counting_tiles)
     monkeypatch.setattr("ntkfunc._engines.structured.kernel.tiles", counting_tiles)
+    monkeypatch.setattr("ntkfunc._engines.vp.tiles", counting_tiles)
     f, params, x1, x2, vmap_axes = CASE_BY_NAME["mlp"].build(torch.float64)
     big = ntkfunc.ntk_fn(f, trace_axes=(), implementation=impl, per_param=True)(x1, None, params)
     for budget in (100_000, 30_000, 10_000, 5_000):  # the first that tiles

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch.utils import _pytree as pytree
@@ -29,6 +29,7 @@ from ntkfunc._core.pytree import broadcast_prefix, tree_flatten, tree_unflatten
 from ntkfunc._core.types import ApplyFn, Axes, PyTree, VMapAxes
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass
@@ -113,6 +114,19 @@ class Problem:
     @property
     def vmapped(self) -> bool:
         return self.x_axes is not None
+
+    def remember(self, what: str, compute: Callable[[], _T], *key: Hashable) -> _T:
+        """``compute()``, found once per input signature (and ``key``) and kept in the kernel function's cache.
+
+        Only for what depends on shapes, dtypes and structure alone, never on values. Without
+        a cache (inputs under an outer transform, or a one-off problem) it is computed each time.
+        """
+        if self.cache is None or self.signature is None:
+            return compute()
+        k = (what, self.signature, key)
+        if k not in self.cache.derived:
+            self.cache.derived[k] = compute()
+        return self.cache.derived[k]
 
     # --- the function in differentiable forms ---------------------------------------
     def _call(self, param_leaves: Sequence[torch.Tensor], x_leaves: Sequence[Any], subset: Sequence[int] | None) -> list[torch.Tensor]:

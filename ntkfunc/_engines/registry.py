@@ -63,8 +63,8 @@ class Engine:
       param_vmap: its kernels work under ``torch.func.vmap`` over ``params`` (an ensemble axis).
       reuses_jacobians: ``kernel_matrix`` may keep its per-sample Jacobians, flattened over
         parameters, across tiles (panels) and contract them with one matrix product per tile.
-      thread_safe: it may run in several threads at once (forward-mode AD keeps process-wide
-        dual levels, so an engine that uses it is not).
+      thread_safe: it may run in several threads at once (an engine that runs forward-mode AD must
+        hold `_core.forward_ad.forward_ad_section`: torch keeps its dual levels per process).
     """
 
     implementation: Implementation
@@ -88,7 +88,7 @@ def _table(*records: Engine) -> Mapping[int, Engine]:
 ENGINES: Mapping[int, Engine] = _table(
     Engine(Implementation.AUTO, "auto", auto.kernel),
     Engine(Implementation.JACOBIAN_CONTRACTION, "Jacobian contraction", jacobian.kernel, reuses_jacobians=True),
-    Engine(Implementation.NTK_VECTOR_PRODUCTS, "NTK-vector products", vp.kernel, thread_safe=False),
+    Engine(Implementation.NTK_VECTOR_PRODUCTS, "NTK-vector products", vp.kernel),
     Engine(Implementation.STRUCTURED_DERIVATIVES, "structured derivatives", structured.kernel),
 )
 """Every implementation, by number (read-only)."""
