@@ -47,14 +47,15 @@ def jacobian_is_cheaper(problem: Problem, cap: capture.Capture) -> dict[int, str
     for k, (e, role) in cap.covered.items():
         per_sample = sum(
             (structured.block_prices(problem, leaf, e, role, one, one)[0] for leaf in range(len(problem.layouts))),
-            plan.Prices(0, 0, 0, 0),
+            plan.ZERO,
         )
         cost = per_sample.scaled(problem.n1, problem.n2, n_jacobians)
-        all_jacobian += cost.jacobian
+        all_jacobian += cost.jacobian.cost
         if cost.use_gram:
-            saving += cost.jacobian - cost.gram
+            saving += cost.jacobian.cost - cost.gram.cost
         else:
-            moved[k] = f"auto: Jacobian contraction ({cost.jacobian:.2e} FLOPs) is cheaper than the rule ({cost.gram:.2e})"
+            moved[k] = (f"auto: Jacobian contraction ({cost.jacobian.flops:.2e} FLOPs) is cheaper than the rule "
+                        f"({cost.gram.flops:.2e} FLOPs, {cost.gram.traffic:.2e} elements written)")
     if saving < MIN_SAVING * all_jacobian:
         reason = f"auto: the rules would save {saving:.2e} of {all_jacobian:.2e} FLOPs, not worth the capture"
         moved = {k: moved.get(k, reason) for k in cap.covered}

@@ -131,16 +131,21 @@ def route(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side) ->
     return p.at_tile(formed1=key in s1.jacobians, formed2=s1 is s2 or key in s2.jacobians), gram
 
 
-def param_block(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side, memory_limit: int | None) -> torch.Tensor:
-    """One covered parameter's kernel block (not divided by the trace size), by the cheaper route."""
+def param_block(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side, memory_limit: int | None,
+                sharing: plan.Sharing | None = None) -> torch.Tensor:
+    """One covered parameter's kernel block (not divided by the trace size), by the cheaper route.
+
+    ``sharing``: the :class:`~ntkfunc._engines.structured.plan.Sharing` of the event's other roles.
+    """
     lay = problem.layouts[leaf]
     cost, gram = route(problem, leaf, e, role, s1, s2)
     if cost.use_gram:
-        part = gram.run(memory_limit)
+        part = gram.run(memory_limit, sharing)
     else:
         j1 = side_jacobian(problem, s1, e, role, leaf, memory_limit)
         j2 = side_jacobian(problem, s2, e, role, leaf, memory_limit)
-        part = lay.contract(j1, j2, j1.ndim - len(lay.operand_subscripts(0)[0]))
+        n_theta = j1.ndim - len(lay.operand_subscripts(0)[0])
+        part = lay.contract_self(j1, n_theta) if j1 is j2 else lay.contract(j1, j2, n_theta)
     scale = event_structure(problem, s1, e, role).scale * event_structure(problem, s2, e, role).scale
     return part if scale == 1.0 else part * scale
 
@@ -152,13 +157,23 @@ def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit
     """
     leaves = problem.params.diff_leaves
     fb_idx = sorted(cap.fallback)
+    by_event: dict[int, list[tuple[int, str]]] = {}
+    for k, (e, role) in sorted(cap.covered.items()):
+        by_event.setdefault(e, []).append((k, role))
     blocks = []
     for leaf, lay in enumerate(problem.layouts):
         parts: list[torch.Tensor | None] = [None] * len(leaves)
-        for k, (e, role) in sorted(cap.covered.items()):
-            parts[k] = param_block(problem, leaf, e, role, s1, s2, memory_limit)
+        for e, roles in by_event.items():
+            if len(roles) == 1:
+                k, role = roles[0]
+                parts[k] = param_block(problem, leaf, e, role, s1, s2, memory_limit)
+                continue
+            with plan.Sharing() as sharing:  # the roles of one primitive share their cotangent factors
+                for k, role in roles:
+                    parts[k] = param_block(problem, leaf, e, role, s1, s2, memory_limit, sharing)
         for j, k in enumerate(fb_idx):
-            parts[k] = lay.contract(s1.fb_jac[leaf][j], s2.fb_jac[leaf][j], leaves[k].ndim)
+            a, b = s1.fb_jac[leaf][j], s2.fb_jac[leaf][j]
+            parts[k] = lay.contract_self(a, leaves[k].ndim) if a is b else lay.contract(a, b, leaves[k].ndim)
         assert any(p is not None for p in parts)
         blocks.append(parts)
     return blocks
