@@ -115,18 +115,23 @@ class Problem:
     def vmapped(self) -> bool:
         return self.x_axes is not None
 
-    def remember(self, what: str, compute: Callable[[], _T], *key: Hashable) -> _T:
+    def remember(self, what: str, compute: Callable[[], _T], *key: Hashable,
+                 keep: Callable[[_T], bool] | None = None) -> _T:
         """``compute()``, found once per input signature (and ``key``) and kept in the kernel function's cache.
 
-        Only for what depends on shapes, dtypes and structure alone, never on values. Without
-        a cache (inputs under an outer transform, or a one-off problem) it is computed each time.
+        Only for what depends on shapes, dtypes and structure alone, never on values; ``keep``
+        can refuse to keep a result that turned out to depend on values. Without a cache
+        (inputs under an outer transform, or a one-off problem) it is computed each time.
         """
         if self.cache is None or self.signature is None:
             return compute()
         k = (what, self.signature, key)
-        if k not in self.cache.derived:
-            self.cache.derived[k] = compute()
-        return self.cache.derived[k]
+        if k in self.cache.derived:
+            return self.cache.derived[k]
+        value = compute()
+        if keep is None or keep(value):
+            self.cache.derived[k] = value
+        return value
 
     # --- the function in differentiable forms ---------------------------------------
     def _call(self, param_leaves: Sequence[torch.Tensor], x_leaves: Sequence[Any], subset: Sequence[int] | None) -> list[torch.Tensor]:

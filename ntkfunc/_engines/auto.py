@@ -67,7 +67,7 @@ def choose(problem: Problem) -> RouteChoice:
     key = None if problem.signature is None else (problem.signature, problem.n1, problem.n2, rules.enabled())
     if key is not None and problem.cache is not None and key in problem.cache.routes:
         return problem.cache.routes[key]
-    cap = capture.discover(problem)
+    cap = structured.captured(problem)
     moved = jacobian_is_cheaper(problem, cap)
     choice = RouteChoice(moved, outright=len(moved) == len(cap.covered))
     if key is not None and problem.cache is not None:

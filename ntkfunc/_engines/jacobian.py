@@ -58,7 +58,7 @@ def plan(problem: Problem, budget: int, n_kernels: int = 1) -> Plan:
         return Plan([everything], n_max)
     # While a block's Jacobian is built, backward temporaries about the size of the
     # largest parameter's Jacobian and ~2 O copies of the activations are alive.
-    transient = backward_transient(problem) + max(sizes)
+    transient = problem.remember("backward_transient", lambda: backward_transient(problem)) + max(sizes)
     if n_all * total + n_max * transient <= usable:
         return Plan([everything], n_max)
     block = int(usable // (2 * total + transient))

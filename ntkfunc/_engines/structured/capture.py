@@ -75,6 +75,9 @@ class Capture:
       covered: parameter index -> (event position, role).
       fallback: parameter indices computed by Jacobian contraction, with a reason each.
       uses: parameter index -> names of the functions that consumed it (for ``explain``).
+      static: every event's ``meta`` depends on shapes and settings only, never on a tensor's
+        values (a rule that read a tensor into ``meta`` instead of returning it as an
+        operand clears it): the capture may then be reused for inputs of the same signature.
     """
 
     events: list[Event]
@@ -82,6 +85,7 @@ class Capture:
     fallback: dict[int, str]
     uses: dict[int, list[str]]
     api: str = "ntk_fn"
+    static: bool = True
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -144,6 +148,7 @@ class _Recorder(_ParamMode):
         self.events: list[Event] = []
         self.uses: dict[int, list[str]] = {}
         self.plain: dict[int, list[str]] = {}
+        self.static = True
 
     def unmatched(self, func: Any, args: tuple, kwargs: dict, touched: list[torch.Tensor]) -> Any:
         out = func(*args, **kwargs)
@@ -156,10 +161,19 @@ class _Recorder(_ParamMode):
 
     def matched(self, func: Any, args: tuple, kwargs: dict, rule: rules.Rule, bound: rules.Bound, roles: dict[str, torch.Tensor]) -> Any:
         ids = {id(t) for t in roles.values()}
-        args, kwargs, bound = pytree.tree_map(
-            lambda t: t.detach() if isinstance(t, torch.Tensor) and id(t) in ids else t, (args, kwargs, bound)
-        )
-        _, meta = rule.capture(bound, _no_param)
+        detached: set[int] = set()
+
+        def detach(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and id(t) in ids:
+                t = t.detach()
+                detached.add(id(t))
+            return t
+
+        args, kwargs, bound = pytree.tree_map(detach, (args, kwargs, bound))
+        operands, meta = rule.capture(bound, _no_param)
+        kept = {id(t) for t in operands if t is not None} | detached
+        if any(id(t) not in kept for t in _tensors(bound)):  # a tensor that went into meta: maybe its values
+            self.static = False
         y = func(*args, **kwargs)
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"rule {rule.name} matched {op_name(func)}, which returned a {type(y).__name__}; expected a tensor")
@@ -206,10 +220,11 @@ def discover(problem: Problem, which: int = 1) -> Capture:
             fallback[k] = f"used by {count[k]} primitives (weight tying)"
         elif count.get(k, 0) == 0:
             fallback[k] = "not used"
-    return _assemble(mode.events, fallback, mode.uses, problem.api)
+    return _assemble(mode.events, fallback, mode.uses, problem.api, mode.static)
 
 
-def _assemble(all_events: Sequence[Event], fallback: dict[int, str], uses: dict[int, list[str]], api: str) -> Capture:
+def _assemble(all_events: Sequence[Event], fallback: dict[int, str], uses: dict[int, list[str]], api: str,
+              static: bool = True) -> Capture:
     """A :class:`Capture` from the recorded events, with ``fallback`` parameters left out of them."""
     events: list[Event] = []
     covered: dict[int, tuple[int, str]] = {}
@@ -220,7 +235,7 @@ def _assemble(all_events: Sequence[Event], fallback: dict[int, str], uses: dict[
         for r, k in roles.items():
             covered[k] = (len(events), r)
         events.append(dataclasses.replace(e, roles=roles))
-    return Capture(events, covered, fallback, uses, api)
+    return Capture(events, covered, fallback, uses, api, static)
 
 
 def restrict(capture: Capture, moved: dict[int, str]) -> Capture:
@@ -231,7 +246,7 @@ def restrict(capture: Capture, moved: dict[int, str]) -> Capture:
     """
     if not moved:
         return capture
-    return _assemble(capture.events, {**capture.fallback, **moved}, capture.uses, capture.api)
+    return _assemble(capture.events, {**capture.fallback, **moved}, capture.uses, capture.api, capture.static)
 
 
 class Injector(_ParamMode):

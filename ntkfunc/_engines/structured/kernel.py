@@ -58,6 +58,22 @@ class Side:
     jacobians: dict[Key, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
+def captured(problem: Problem, which: int = 1, moved: dict[int, str] | None = None) -> Capture:
+    """The capture of ``f`` on x1's (``which=1``) or x2's first sample, ``moved`` parameters sent to the fallback.
+
+    Kept in the kernel function's cache per input signature (and rules on or off): the
+    primitives ``f`` calls, their settings and shapes depend on the signature only. A capture
+    whose rules read tensor values into their settings (``Capture.static`` false) is redone.
+    """
+    moved = moved or {}
+
+    def find() -> Capture:
+        return capture_mod.restrict(capture_mod.discover(problem, which), moved)
+
+    return problem.remember("capture", find, which, rules.enabled(), tuple(sorted(moved.items())),
+                            keep=lambda cap: cap.static)
+
+
 def side(problem: Problem, cap: Capture, which: int, start: int, stop: int) -> Side:
     """Cotangents at every event's output and the rules' operands for samples ``start:stop``."""
     leaves = problem.params.diff_leaves
@@ -193,7 +209,7 @@ def block_size(problem: Problem, cap: Capture, budget: int) -> int:
     n_all = problem.n1 + (0 if problem.symmetric else problem.n2)
     if n_all * per_sample <= 0.1 * usable:
         return n_max
-    return max(1, min(n_max, int(usable // (2 * per_sample + backward_transient(problem)))))
+    return max(1, min(n_max, int(usable // (2 * per_sample + problem.remember("backward_transient", lambda: backward_transient(problem))))))
 
 
 def memory_limit(problem: Problem, budget: int) -> int:
@@ -208,8 +224,8 @@ def kernel(problem: Problem, budget: int, per_param: bool = False, moved: dict[i
     (each parameter's term of the same sum, so no extra work). ``moved`` (parameter index
     -> reason) sends covered parameters to the reverse-mode Jacobian fallback.
     """
-    cap = capture_mod.restrict(capture_mod.discover(problem), moved or {})
-    cap2 = cap if problem.vmapped or problem.symmetric else capture_mod.restrict(capture_mod.discover(problem, 2), moved or {})
+    cap = captured(problem, 1, moved)
+    cap2 = cap if problem.vmapped or problem.symmetric else captured(problem, 2, moved)
     b = block_size(problem, cap, budget)
     limit = memory_limit(problem, budget)
     n_params = len(problem.params.diff_leaves)
