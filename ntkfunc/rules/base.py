@@ -76,6 +76,10 @@ class Rule:
     name: ClassVar[str] = "rule"
     names: ClassVar[tuple[str, ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}
+    static_meta: ClassVar[bool] = False
+    """True when :meth:`capture`'s ``meta`` depends only on shapes and non-tensor arguments, never
+    on a tensor's values: ntkfunc may then keep the capture for later calls with the same input
+    signature (a kernel per training step). Leave False for a rule that reads values into meta."""
 
     def bind(self, args: tuple, kwargs: dict) -> Bound | None:
         """The call's arguments by name (positional first, then defaults); None if the call does not fit."""

@@ -36,6 +36,7 @@ def _is_tensor(t: Any) -> bool:
 class Linear(Rule):
     """``F.linear(x, W, b) = x Wᵀ + b``: x ``(..., i)``, W ``(o, i)``, b ``(o,)``."""
 
+    static_meta = True
     name = "linear"
     names = ("input", "weight", "bias")
     defaults = {"bias": None}
@@ -77,6 +78,7 @@ def matmul_subscripts(nda: int, ndb: int) -> tuple[str, str, str]:
 class MatMul(Rule):
     """``input @ other`` (``matmul``, ``mm``) with broadcasting batch axes and 1-D operands; one is a parameter."""
 
+    static_meta = True
     name = "matmul"
     names = ("input", "other")
 
@@ -163,6 +165,7 @@ def parse_einsum(equation: str, ndims: Sequence[int]) -> tuple[list[str], str] |
 class Einsum(Rule):
     """``torch.einsum(eq, *operands)`` where exactly one operand is a parameter, used once."""
 
+    static_meta = True
     name = "einsum"
 
     def bind(self, args: tuple, kwargs: dict) -> Bound | None:

@@ -75,9 +75,9 @@ class Capture:
       covered: parameter index -> (event position, role).
       fallback: parameter indices computed by Jacobian contraction, with a reason each.
       uses: parameter index -> names of the functions that consumed it (for ``explain``).
-      static: every event's ``meta`` depends on shapes and settings only, never on a tensor's
-        values (a rule that read a tensor into ``meta`` instead of returning it as an
-        operand clears it): the capture may then be reused for inputs of the same signature.
+      static: every event's rule declares ``static_meta`` (its ``meta`` depends on shapes and
+        settings only, never on a tensor's values): the capture may then be reused for inputs
+        of the same signature.
     """
 
     events: list[Event]
@@ -161,19 +161,11 @@ class _Recorder(_ParamMode):
 
     def matched(self, func: Any, args: tuple, kwargs: dict, rule: rules.Rule, bound: rules.Bound, roles: dict[str, torch.Tensor]) -> Any:
         ids = {id(t) for t in roles.values()}
-        detached: set[int] = set()
-
-        def detach(t: Any) -> Any:
-            if isinstance(t, torch.Tensor) and id(t) in ids:
-                t = t.detach()
-                detached.add(id(t))
-            return t
-
-        args, kwargs, bound = pytree.tree_map(detach, (args, kwargs, bound))
-        operands, meta = rule.capture(bound, _no_param)
-        kept = {id(t) for t in operands if t is not None} | detached
-        if any(id(t) not in kept for t in _tensors(bound)):  # a tensor that went into meta: maybe its values
-            self.static = False
+        args, kwargs, bound = pytree.tree_map(
+            lambda t: t.detach() if isinstance(t, torch.Tensor) and id(t) in ids else t, (args, kwargs, bound)
+        )
+        _, meta = rule.capture(bound, _no_param)
+        self.static = self.static and rule.static_meta
         y = func(*args, **kwargs)
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"rule {rule.name} matched {op_name(func)}, which returned a {type(y).__name__}; expected a tensor")
