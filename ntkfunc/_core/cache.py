@@ -43,8 +43,8 @@ class RouteChoice:
     outright: bool
 
 
-RouteKey = tuple[Signature, int, int, bool]
-"""(signature, N1, N2, rules enabled)."""
+RouteKey = tuple[Signature, int, int, bool, bool]
+"""(signature, N1, N2, rules enabled, rules forced)."""
 
 
 ShapeKey = tuple[str, Signature, Any]

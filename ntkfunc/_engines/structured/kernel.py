@@ -15,7 +15,11 @@ samples:
    opt_einsum contracts traced axes early; :mod:`~ntkfunc._engines.structured.plan` prices
    the Gram route (``(c₁c₂ᵀ) ⊙ (x₁x₂ᵀ)``) against forming ``∂f/∂θ`` and takes the cheaper.
 4. Fallback parameters (no rule, used through a view, tied, ...) are contracted from
-   their Jacobians exactly as in implementation 1.
+   their Jacobians exactly as in implementation 1. So are the covered parameters whose
+   Jacobian route is cheaper than their Gram route (:func:`routes`, priced once per input
+   signature from one sample): forming ``∂f/∂θ`` from the rule would repeat what reverse
+   mode computes in the same cotangent pass (a linear layer's weight gradient), so that
+   pass returns it (a Transformer block's projection and MLP weights on 64 tokens).
 
 Memory: sample blocks are sized so that the cotangents (``b x O x Σ numel(y_k)``), the
 operands and the fallback Jacobians fit the budget, and tiled with :func:`~ntkfunc._core.tiles.tiles`.
@@ -33,6 +37,7 @@ from ntkfunc import rules
 from ntkfunc._core.memory import SAFETY, backward_transient, itemsize, outputs_per_sample
 from ntkfunc._core.problem import Problem
 from ntkfunc._core.tiles import Accumulator, tiles
+from ntkfunc._engines import jacobian
 from ntkfunc._engines.structured import capture as capture_mod
 from ntkfunc._engines.structured import plan
 from ntkfunc._engines.structured.capture import Capture
@@ -65,13 +70,9 @@ def captured(problem: Problem, which: int = 1, moved: dict[int, str] | None = No
     primitives ``f`` calls, their settings and shapes depend on the signature only. A capture
     whose rules read tensor values into their settings (``Capture.static`` false) is redone.
     """
-    moved = moved or {}
-
-    def find() -> Capture:
-        return capture_mod.restrict(capture_mod.discover(problem, which), moved)
-
-    return problem.remember("capture", find, which, rules.enabled(), tuple(sorted(moved.items())),
-                            keep=lambda cap: cap.static)
+    found = problem.remember("capture", lambda: capture_mod.discover(problem, which), which, rules.enabled(),
+                             keep=lambda cap: cap.static)
+    return capture_mod.restrict(found, moved or {})
 
 
 def side(problem: Problem, cap: Capture, which: int, start: int, stop: int) -> Side:
@@ -124,7 +125,7 @@ def side_jacobian(problem: Problem, sd: Side, e: int, role: str, leaf: int, memo
     key = (e, role, leaf)
     if key not in sd.jacobians:
         # contiguous: the einsum leaves the parameter axes transposed, which makes J₁ J₂ᵀ several times slower
-        sd.jacobians[key] = side_form(problem, sd, e, role, leaf).run(memory_limit).contiguous()
+        sd.jacobians[key] = side_form(problem, sd, e, role, leaf).form(memory_limit)
     return sd.jacobians[key]
 
 
@@ -195,6 +196,90 @@ def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit
     return blocks
 
 
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """What each route costs for the whole kernel, priced from one sample.
+
+    Attributes:
+      costs: covered parameter index -> its :class:`~ntkfunc._engines.structured.plan.RouteCost`.
+      cotangents: event -> what probing it costs: its cotangents for every output component
+        and sample, written by the cotangent pass (paid once for all its roles).
+    """
+
+    costs: dict[int, plan.RouteCost]
+    cotangents: dict[int, plan.Price]
+
+
+def calibrate(problem: Problem, cap: Capture) -> Calibration:
+    """The :class:`Calibration`: one sample's cotangents (one small pass), prices scaled to ``N1 x N2``.
+
+    Jacobians are formed once per sample. Empty when not vmapped (one whole-batch block).
+    """
+    if not problem.vmapped or not cap.covered:
+        return Calibration({}, {})
+    one = side(problem, cap, 1, 0, 1)
+    n_jacobians = problem.n1 + (0 if problem.symmetric else problem.n2)
+    costs = {}
+    for k, (e, role) in cap.covered.items():
+        per_sample = sum((block_prices(problem, leaf, e, role, one, one)[0] for leaf in range(len(problem.layouts))), plan.ZERO)
+        costs[k] = per_sample.scaled(problem.n1, problem.n2, n_jacobians)
+    o = outputs_per_sample(problem)
+    cotangents = {e: plan.Price(0.0, float(n_jacobians * o * math.prod(ev.y_shape))) for e, ev in enumerate(cap.events)}
+    return Calibration(costs, cotangents)
+
+
+def reverse_mode_routes(cal: Calibration, cap: Capture) -> dict[int, str]:
+    """The covered parameters whose ``∂f/∂θ`` should come from reverse mode, with the reason.
+
+    Per primitive: probing it (its cotangents, then each role's cheaper route) or not (every
+    role's Jacobian from reverse mode), whichever is cheaper. A role whose Jacobian route is
+    cheaper takes its Jacobian from reverse mode too: forming it from the rule would repeat
+    what the cotangent pass computes anyway (a linear layer's ``Σ_t c_t x_tᵀ`` is its weight
+    gradient). So a bias whose weight is better contracted as a Jacobian does not keep a
+    probe whose cotangents (all positions, all outputs) cost more than its whole kernel term.
+    When all rules together save less than probing costs (:data:`~ntkfunc._engines.structured.plan.PROBE_FLOPS`),
+    every parameter is moved and the kernel is Jacobian contraction without the capture.
+    """
+    moved: dict[int, str] = {}
+    by_event: dict[int, list[int]] = {}
+    for k, (e, _) in cap.covered.items():
+        by_event.setdefault(e, []).append(k)
+    saving = 0.0
+    for e, ks in by_event.items():
+        if any(k not in cal.costs for k in ks):
+            saving = math.inf  # not calibrated (one whole-batch block): keep the rules
+            continue
+        drop = sum((cal.costs[k].jacobian for k in ks), plan.FREE)
+        keep = sum((cal.costs[k].chosen for k in ks), cal.cotangents[e])
+        saving += max(drop.cost - keep.cost, 0.0)
+        for k in ks:
+            c = cal.costs[k]
+            if drop.cost < keep.cost:
+                moved[k] = (f"Jacobian contraction: probing its primitive ({keep.cost:.2e} with its cotangents) costs more "
+                            f"than reverse-mode Jacobians for all its roles ({drop.cost:.2e})")
+            elif not c.use_gram:
+                moved[k] = (f"Jacobian contraction ({c.jacobian.flops:.2e} FLOPs) is cheaper than the rule's Gram route "
+                            f"({c.gram.flops:.2e} FLOPs, {c.gram.traffic:.2e} elements written)")
+    if saving < plan.PROBE_FLOPS:  # the rules save less than the capture costs: Jacobian contraction throughout
+        why = f"Jacobian contraction: the rules would save {saving:.2e} in all, less than probing costs ({plan.PROBE_FLOPS:.0e})"
+        moved = {k: moved.get(k, why) for k in cap.covered}
+    return moved
+
+
+def routes(problem: Problem) -> dict[int, str]:
+    """Implementation 3's parameters for reverse-mode Jacobians, decided once per input signature and sizes.
+
+    None inside :func:`ntkfunc.rules.forced` (every rule is used).
+    """
+    if rules.is_forced():
+        return {}
+    def decide() -> dict[int, str]:
+        cap = captured(problem)
+        return reverse_mode_routes(calibrate(problem, cap), cap)
+
+    return problem.remember("reverse_mode_routes", decide, problem.n1, problem.n2, rules.enabled())
+
+
 def block_size(problem: Problem, cap: Capture, budget: int) -> int:
     """Samples per block so that both blocks' cotangents, operands and fallback Jacobians fit."""
     if not problem.vmapped:
@@ -222,9 +307,14 @@ def kernel(problem: Problem, budget: int, per_param: bool = False, moved: dict[i
 
     With ``per_param=True``: per output leaf, a list over the differentiated parameters
     (each parameter's term of the same sum, so no extra work). ``moved`` (parameter index
-    -> reason) sends covered parameters to the reverse-mode Jacobian fallback.
+    -> reason) sends covered parameters to the reverse-mode Jacobian fallback; by default
+    those whose Jacobian route is cheaper (:func:`routes`).
     """
+    if moved is None:
+        moved = routes(problem)
     cap = captured(problem, 1, moved)
+    if not cap.events:  # nothing left to probe: implementation 1's path, without the capture mode
+        return jacobian.kernel(problem, budget, per_param)
     cap2 = cap if problem.vmapped or problem.symmetric else captured(problem, 2, moved)
     b = block_size(problem, cap, budget)
     limit = memory_limit(problem, budget)

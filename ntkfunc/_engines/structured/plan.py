@@ -66,6 +66,16 @@ class Equation:
         """The contraction, along opt_einsum's path cached per equation and shapes."""
         return contract(self.eq, self.tensors, memory_limit, sharing)
 
+    def form(self, memory_limit: int | None) -> torch.Tensor:
+        """The contraction as a contiguous tensor (a side's ``∂f/∂θ``), by :func:`broadcast_matmul` where that copies less."""
+        new_eq, _, how = presum_plan(self.eq, self.shapes)
+        if len(self.tensors) == 2:
+            ready = [_prepare(t, sq, sm) for t, (sq, sm) in zip(self.tensors, how)]
+            out = broadcast_matmul(new_eq, ready[0], ready[1])
+            if out is not None:
+                return out
+        return self.run(memory_limit).contiguous()
+
 
 class _Symbols:
     """Fresh einsum letters, after those of the output layout."""
@@ -140,6 +150,12 @@ element of its output on top of its FLOPs, e.g. the Gram route of a 512 x 128 li
 64 tokens (4.2 GFLOP with a 21 M-element intermediate) takes 170 ms and its Jacobian route
 (4.7 GFLOP, all matrix products but for a 10 M-element Jacobian) 82 ms. Pure FLOP counts pick
 the first, this weighting the second."""
+
+
+PROBE_FLOPS = 2e8
+"""What probing ``f`` at all costs per call, in the same FLOP units: the capture mode sees every
+torch call of the cotangent pass and returns each probed primitive's operands (measured: 1-2 ms
+on the bench_vs_nt models, one thread). Rules that save less than this do not pay for it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +280,42 @@ def _prepare(t: torch.Tensor, squeeze: tuple[int, ...], summed: tuple[int, ...])
     if squeeze:
         t = t.squeeze(squeeze)
     return t.sum(summed) if summed else t
+
+
+def broadcast_matmul(eq: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``einsum(eq, a, b)`` (contiguous) as one ``torch.matmul`` that broadcasts ``b``, or None when that copies more.
+
+    ``torch.einsum`` lays ``a`` out as ``(batch, a's free axes, contracted)``, a copy of ``a``
+    unless its memory already has that order; a cotangent ``(b, O, T, d_out)`` contracted
+    over its positions ``T`` never has. Here all but the last of ``a``'s free axes become
+    batch axes of the product and ``b`` is broadcast over them (a copy of ``b`` times their
+    size), so ``a`` is read in place as a transposed matrix. Forming a linear layer's
+    ``∂f/∂W = Σ_t c_t x_tᵀ`` for 16 samples, 10 outputs and 64 tokens this way is 1.3-2.5x faster.
+
+    >>> a, b = torch.randn(2, 3, 5, 40), torch.randn(2, 5, 6)
+    >>> bool(torch.allclose(broadcast_matmul("abte,atf->abef", a, b), torch.einsum("abte,atf->abef", a, b)))
+    True
+    """
+    lhs, out = eq.split("->")
+    ta, tb = lhs.split(",")
+    batch = [ch for ch in out if ch in ta and ch in tb]
+    left = [ch for ch in out if ch in ta and ch not in tb]
+    right = [ch for ch in out if ch in tb and ch not in ta]
+    summed = [ch for ch in ta if ch in tb and ch not in out]
+    if not left or not right or not summed or len(set(ta)) != len(ta) or len(set(tb)) != len(tb):
+        return None
+    size = {ch: d for term, t in ((ta, a), (tb, b)) for ch, d in zip(term, t.shape)}
+    outer = left[:-1]
+    if b.numel() * math.prod(size[ch] for ch in outer) >= a.numel():
+        return None
+    k = math.prod(size[ch] for ch in summed)
+    r = math.prod(size[ch] for ch in right)
+    am = a.permute([ta.index(ch) for ch in batch + left + summed])
+    am = am.reshape(*(size[ch] for ch in batch + left), k)
+    bm = b.permute([tb.index(ch) for ch in batch + summed + right]).reshape(*(size[ch] for ch in batch), *([1] * len(outer)), k, r)
+    y = torch.matmul(am, bm).reshape(*(size[ch] for ch in batch + left + right))  # order: batch, left, right
+    order = batch + left + right
+    return y.permute([order.index(ch) for ch in out]).contiguous()
 
 
 def contract(eq: str, tensors: Sequence[torch.Tensor], memory_limit: int | None, sharing: Sharing | None = None) -> torch.Tensor:
