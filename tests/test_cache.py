@@ -95,3 +95,27 @@ def test_a_rule_that_reads_values_into_meta_is_captured_again():
             assert max_rel_err(kernel(x, None, params), reference_kernel(f, params, x, None, (), ())) <= 1e-10
     finally:
         del RULES[torch.lerp]
+
+
+def test_a_non_contiguous_parameter_is_another_signature(monkeypatch):
+    """Views of a non-contiguous parameter fall back (``views.ViewMap.of``), so contiguity is part of
+    the signature: a contiguous call after a non-contiguous one is captured again and gets its rule.
+    Both kernels are exact."""
+    from ntkfunc._engines.structured import capture
+
+    found = []
+    original = capture.discover
+    monkeypatch.setattr(capture, "discover", lambda *a, **k: found.append(original(*a, **k)) or found[-1])
+    torch.manual_seed(0)
+
+    def f(p, x):
+        return torch.tanh(x @ p["w"].T)
+
+    x = torch.randn(3, 4, dtype=torch.float64)
+    kernel = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)
+    q = {"w": torch.randn(4, 5, dtype=torch.float64).T}  # (5, 4), not contiguous
+    p = {"w": torch.randn(5, 4, dtype=torch.float64)}
+    with rules.forced():
+        for params in (q, p):
+            assert max_rel_err(kernel(x, None, params), reference_kernel(f, params, x, None, (), ())) <= 1e-10
+    assert len(found) == 2 and 0 in found[0].fallback and 0 in found[1].covered

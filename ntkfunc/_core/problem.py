@@ -378,7 +378,7 @@ def make_problem(
 
 
 def signature_of(p: Params, x1: list[Any], x2: list[Any] | None, spec: Any, x_axes: list[int | None] | None) -> Signature:
-    """What the probe's findings depend on: structures, per-sample shapes, dtypes, devices."""
+    """What the probe's findings depend on: structures, per-sample shapes, dtypes, devices (and parameters' contiguity)."""
 
     def meta(leaves: list[Any]) -> tuple:
         out = []
@@ -390,5 +390,6 @@ def signature_of(p: Params, x1: list[Any], x2: list[Any] | None, spec: Any, x_ax
             out.append((tuple(shape), t.dtype, t.device))
         return tuple(out)
 
-    params = tuple((tuple(t.shape), t.dtype, t.device) for t in p.leaves)
+    # contiguity: the structured capture follows views of contiguous parameters only (structured.views)
+    params = tuple((tuple(t.shape), t.dtype, t.device, t.is_contiguous()) for t in p.leaves)
     return (str(p.spec), params, str(spec), meta(x1), None if x2 is None else meta(x2), None if x_axes is None else tuple(x_axes))

@@ -32,7 +32,7 @@ MIN_SAVING = 0.25
 
 
 def jacobian_is_cheaper(problem: Problem, cap: capture.Capture) -> dict[int, str]:
-    """Covered parameter index -> reason, for those that should use Jacobian contraction.
+    """Ruled parameter index -> reason, for those that should use Jacobian contraction.
 
     A parameter goes to Jacobian contraction when that is cheaper than its rule (as in
     implementation 3, :func:`~ntkfunc._engines.structured.kernel.reverse_mode_routes`). If the
@@ -44,13 +44,15 @@ def jacobian_is_cheaper(problem: Problem, cap: capture.Capture) -> dict[int, str
         return {}
     cal = structured.calibrate(problem, cap)
     moved = {k: "auto: " + why for k, why in structured.reverse_mode_routes(cal, cap).items()}
+    if not cal.costs:  # not calibrated (one whole-batch block): keep the rules
+        return moved
     all_jacobian = sum(c.jacobian.cost for c in cal.costs.values())
-    probed = {cap.covered[k][0] for k in cal.costs if k not in moved}
+    probed = {e for events, ks in structured.probe_groups(cap) if any(k not in moved for k in ks) for e in events}
     saving = sum(c.jacobian.cost - c.gram.cost for k, c in cal.costs.items() if k not in moved)
     saving -= sum(cal.cotangents[e].cost for e in probed)
-    if cal.costs and saving < MIN_SAVING * all_jacobian:
+    if saving < MIN_SAVING * all_jacobian:
         reason = f"auto: the rules would save {saving:.2e} of {all_jacobian:.2e} (FLOPs and traffic), not worth the capture"
-        moved = {k: moved.get(k, reason) for k in cap.covered}
+        moved = {k: moved.get(k, reason) for k in cap.ruled}
     return moved
 
 
@@ -61,7 +63,7 @@ def choose(problem: Problem) -> RouteChoice:
         return problem.cache.routes[key]
     cap = structured.captured(problem)
     moved = jacobian_is_cheaper(problem, cap)
-    choice = RouteChoice(moved, outright=len(moved) == len(cap.covered))
+    choice = RouteChoice(moved, outright=len(moved) == len(cap.ruled))
     if key is not None and problem.cache is not None:
         problem.cache.routes[key] = choice
     return choice

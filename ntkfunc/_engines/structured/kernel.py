@@ -14,12 +14,15 @@ samples:
    :class:`~ntkfunc._core.layout.Layout` (traced axes summed, diagonal axes shared), so
    opt_einsum contracts traced axes early; :mod:`~ntkfunc._engines.structured.plan` prices
    the Gram route (``(c₁c₂ᵀ) ⊙ (x₁x₂ᵀ)``) against forming ``∂f/∂θ`` and takes the cheaper.
-4. Fallback parameters (no rule, used through a view, tied, ...) are contracted from
-   their Jacobians exactly as in implementation 1. So are the covered parameters whose
-   Jacobian route is cheaper than their Gram route (:func:`routes`, priced once per input
-   signature from one sample): forming ``∂f/∂θ`` from the rule would repeat what reverse
-   mode computes in the same cotangent pass (a linear layer's weight gradient), so that
-   pass returns it (a Transformer block's projection and MLP weights on 64 tokens).
+4. A tied parameter (used by several primitives, e.g. an embedding and the LM head)
+   gets every pair of its uses, cross terms included (:func:`tied_block`), by the same
+   two routes.
+5. Fallback parameters (no rule, a view that does not compose, uses that do not pair, ...)
+   are contracted from their Jacobians exactly as in implementation 1. So are the ruled
+   parameters whose Jacobian route is cheaper than their Gram route (:func:`routes`, priced
+   once per input signature from one sample): forming ``∂f/∂θ`` from the rule would repeat
+   what reverse mode computes in the same cotangent pass (a linear layer's weight gradient),
+   so that pass returns it (a Transformer block's projection and MLP weights on 64 tokens).
 
 Memory: sample blocks are sized so that the cotangents (``b x O x Σ numel(y_k)``), the
 operands and the fallback Jacobians fit the budget, and tiled with :func:`~ntkfunc._core.tiles.tiles`.
@@ -39,7 +42,7 @@ from ntkfunc._core.problem import Problem
 from ntkfunc._core.tiles import Accumulator, tiles
 from ntkfunc._engines import jacobian
 from ntkfunc._engines.structured import capture as capture_mod
-from ntkfunc._engines.structured import plan
+from ntkfunc._engines.structured import plan, views
 from ntkfunc._engines.structured.capture import Capture
 
 Key = tuple[int, str, int]  # (event, role, output leaf)
@@ -101,13 +104,19 @@ def side(problem: Problem, cap: Capture, which: int, start: int, stop: int) -> S
 
 
 def event_structure(problem: Problem, sd: Side, e: int, role: str) -> rules.Structure:
-    """The rule's (checked) structure of event ``e``'s role ``role`` on this side's samples."""
+    """The rule's (checked) structure of event ``e``'s role ``role`` on this side's samples.
+
+    Composed with the view the event consumes the parameter through, if any, and in the
+    canonical form that the uses of a tied parameter share (:mod:`views`).
+    """
     key = (e, role)
     if key not in sd.structures:
         ev = sd.cap.events[e]
-        theta = problem.params.diff_leaves[ev.roles[role]]
-        st = ev.rule.structure(role, sd.operands[e], ev.meta, ev.y_shape)
-        sd.structures[key] = rules.check_structure(st, rule=ev.rule.name, role=role, theta_shape=tuple(theta.shape))
+        k = ev.roles[role]
+        theta = problem.params.diff_leaves[k]
+        sd.structures[key] = views.use_structure(
+            ev.rule, role, sd.operands[e], ev.meta, ev.y_shape, ev.views.get(role), k in sd.cap.tied, tuple(theta.shape)
+        )
     return sd.structures[key]
 
 
@@ -167,6 +176,61 @@ def param_block(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Si
     return part if scale == 1.0 else part * scale
 
 
+# --- tied parameters: every pair of uses ------------------------------------------------
+
+
+def tied_prices(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Side, s2: Side) -> tuple[plan.Prices, list[plan.Equation]]:
+    """The prices of a tied parameter's block, and the Gram equation of every pair of uses (x1 use, x2 use).
+
+    Gram route: one equation per pair, the x2 use's θ letters renamed onto the x1 use's.
+    Jacobian route: each side's ``∂f/∂θ`` is the sum of its uses' rule-formed Jacobians.
+    """
+    lay = problem.layouts[leaf]
+    st1 = [event_structure(problem, s1, e, r) for e, r in uses]
+    st2 = [event_structure(problem, s2, e, r) for e, r in uses]
+    grams = [
+        plan.gram_equation(lay, problem.vmapped, a, views.relabel(b, a.theta), s1.cot[leaf][e1], s2.cot[leaf][e2])
+        for (e1, _), a in zip(uses, st1) for (e2, _), b in zip(uses, st2)
+    ]
+    gram = sum((g.price for g in grams), plan.FREE)
+    if len({views.theta_sizes(st) for st in st1 + st2}) > 1:
+        return plan.Prices(gram, plan.NONE, plan.NONE, plan.NONE), grams
+    forms1 = [side_form(problem, s1, e, r, leaf) for e, r in uses]
+    forms2 = [side_form(problem, s2, e, r, leaf) for e, r in uses]
+    pair = plan.price(plan.pair_equation(lay, len(st1[0].theta)), (forms1[0].out_shape, forms2[0].out_shape))
+    return plan.Prices(gram, sum((f.price for f in forms1), plan.FREE), sum((f.price for f in forms2), plan.FREE), pair), grams
+
+
+def tied_route(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Side, s2: Side) -> tuple[plan.RouteCost, list[plan.Equation]]:
+    """The cost of each route for this tile (side Jacobians already formed are free) and the pairs' Gram equations."""
+    p, grams = tied_prices(problem, leaf, uses, s1, s2)
+    formed1 = all((e, r, leaf) in s1.jacobians for e, r in uses)
+    formed2 = s1 is s2 or all((e, r, leaf) in s2.jacobians for e, r in uses)
+    return p.at_tile(formed1, formed2), grams
+
+
+def tied_block(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Side, s2: Side, memory_limit: int | None) -> torch.Tensor:
+    """A tied parameter's kernel block ``Σ_{u,w} (c₁ᵤ ∂yᵤ/∂θ)(c₂_w ∂y_w/∂θ)ᵀ`` (not divided by the trace size)."""
+    lay = problem.layouts[leaf]
+    cost, grams = tied_route(problem, leaf, uses, s1, s2)
+    scales1 = [event_structure(problem, s1, e, r).scale for e, r in uses]
+    scales2 = [event_structure(problem, s2, e, r).scale for e, r in uses]
+    if cost.use_gram:
+        parts = []
+        for g, (a, b) in zip(grams, [(a, b) for a in scales1 for b in scales2]):
+            part = g.run(memory_limit)
+            parts.append(part if a * b == 1.0 else part * (a * b))
+        return sum(parts[1:], parts[0])
+
+    def summed(sd: Side, scales: list) -> torch.Tensor:
+        js = [side_jacobian(problem, sd, e, r, leaf, memory_limit) for e, r in uses]
+        js = [j if c == 1.0 else j * c for j, c in zip(js, scales)]
+        return sum(js[1:], js[0])
+
+    j1, j2 = summed(s1, scales1), summed(s2, scales2)
+    return lay.contract(j1, j2, j1.ndim - len(lay.operand_subscripts(0)[0]))
+
+
 def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit: int | None) -> list[list[torch.Tensor | None]]:
     """Per output leaf, per differentiated parameter: its kernel block for one tile.
 
@@ -188,6 +252,8 @@ def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit
             with plan.Sharing() as sharing:  # the roles of one primitive share their cotangent factors
                 for k, role in roles:
                     parts[k] = param_block(problem, leaf, e, role, s1, s2, memory_limit, sharing)
+        for k, uses in sorted(cap.tied.items()):
+            parts[k] = tied_block(problem, leaf, uses, s1, s2, memory_limit)
         for j, k in enumerate(fb_idx):
             a, b = s1.fb_jac[leaf][j], s2.fb_jac[leaf][j]
             parts[k] = lay.contract_self(a, leaves[k].ndim) if a is b else lay.contract(a, b, leaves[k].ndim)
@@ -215,42 +281,64 @@ def calibrate(problem: Problem, cap: Capture) -> Calibration:
 
     Jacobians are formed once per sample. Empty when not vmapped (one whole-batch block).
     """
-    if not problem.vmapped or not cap.covered:
+    if not problem.vmapped or not cap.ruled:
         return Calibration({}, {})
     one = side(problem, cap, 1, 0, 1)
     n_jacobians = problem.n1 + (0 if problem.symmetric else problem.n2)
     costs = {}
-    for k, (e, role) in cap.covered.items():
-        per_sample = sum((block_prices(problem, leaf, e, role, one, one)[0] for leaf in range(len(problem.layouts))), plan.ZERO)
+    for k in cap.ruled:
+        per_sample = sum((one_sample_prices(problem, cap, k, leaf, one) for leaf in range(len(problem.layouts))), plan.ZERO)
         costs[k] = per_sample.scaled(problem.n1, problem.n2, n_jacobians)
     o = outputs_per_sample(problem)
     cotangents = {e: plan.Price(0.0, float(n_jacobians * o * math.prod(ev.y_shape))) for e, ev in enumerate(cap.events)}
     return Calibration(costs, cotangents)
 
 
-def reverse_mode_routes(cal: Calibration, cap: Capture) -> dict[int, str]:
-    """The covered parameters whose ``∂f/∂θ`` should come from reverse mode, with the reason.
+def one_sample_prices(problem: Problem, cap: Capture, k: int, leaf: int, one: Side) -> plan.Prices:
+    """The prices of ruled parameter ``k``'s block (covered or tied) for output leaf ``leaf``, ``one`` against itself."""
+    if k in cap.tied:
+        return tied_prices(problem, leaf, cap.tied[k], one, one)[0]
+    e, role = cap.covered[k]
+    return block_prices(problem, leaf, e, role, one, one)[0]
 
-    Per primitive: probing it (its cotangents, then each role's cheaper route) or not (every
-    role's Jacobian from reverse mode), whichever is cheaper. A role whose Jacobian route is
-    cheaper takes its Jacobian from reverse mode too: forming it from the rule would repeat
-    what the cotangent pass computes anyway (a linear layer's ``Σ_t c_t x_tᵀ`` is its weight
-    gradient). So a bias whose weight is better contracted as a Jacobian does not keep a
-    probe whose cotangents (all positions, all outputs) cost more than its whole kernel term.
-    When all rules together save less than probing costs (:data:`~ntkfunc._engines.structured.plan.PROBE_FLOPS`),
-    every parameter is moved and the kernel is Jacobian contraction without the capture.
+
+def probe_groups(cap: Capture) -> list[tuple[set[int], list[int]]]:
+    """The ruled parameters in groups that share probed primitives: ``(events, parameter indices)``.
+
+    A primitive's cotangents serve all its roles, and a tied parameter's all its uses, so a
+    group's primitives are probed, or not, together.
+    """
+    groups: list[tuple[set[int], list[int]]] = []
+    for k in cap.ruled:
+        events = {e for e, _ in cap.tied[k]} if k in cap.tied else {cap.covered[k][0]}
+        joined = [g for g in groups if g[0] & events]
+        for g in joined:
+            groups.remove(g)
+        groups.append((events.union(*(g[0] for g in joined)), sorted([k, *(j for g in joined for j in g[1])])))
+    return groups
+
+
+def reverse_mode_routes(cal: Calibration, cap: Capture) -> dict[int, str]:
+    """The ruled parameters whose ``∂f/∂θ`` should come from reverse mode, with the reason.
+
+    Per group of primitives (:func:`probe_groups`): probing them (their cotangents, then each
+    parameter's cheaper route) or not (every parameter's Jacobian from reverse mode), whichever
+    is cheaper. A parameter whose Jacobian route is cheaper takes its Jacobian from reverse
+    mode too: forming it from the rule would repeat what the cotangent pass computes anyway (a
+    linear layer's ``Σ_t c_t x_tᵀ`` is its weight gradient). So a bias whose weight is better
+    contracted as a Jacobian does not keep a probe whose cotangents (all positions, all
+    outputs) cost more than its whole kernel term. When all rules together save less than
+    probing costs (:data:`~ntkfunc._engines.structured.plan.PROBE_FLOPS`), every parameter is
+    moved and the kernel is Jacobian contraction without the capture.
     """
     moved: dict[int, str] = {}
-    by_event: dict[int, list[int]] = {}
-    for k, (e, _) in cap.covered.items():
-        by_event.setdefault(e, []).append(k)
     saving = 0.0
-    for e, ks in by_event.items():
+    for events, ks in probe_groups(cap):
         if any(k not in cal.costs for k in ks):
             saving = math.inf  # not calibrated (one whole-batch block): keep the rules
             continue
         drop = sum((cal.costs[k].jacobian for k in ks), plan.FREE)
-        keep = sum((cal.costs[k].chosen for k in ks), cal.cotangents[e])
+        keep = sum((cal.costs[k].chosen for k in ks), sum((cal.cotangents[e] for e in events), plan.FREE))
         saving += max(drop.cost - keep.cost, 0.0)
         for k in ks:
             c = cal.costs[k]
@@ -262,7 +350,7 @@ def reverse_mode_routes(cal: Calibration, cap: Capture) -> dict[int, str]:
                             f"({c.gram.flops:.2e} FLOPs, {c.gram.traffic:.2e} elements written)")
     if saving < plan.PROBE_FLOPS:  # the rules save less than the capture costs: Jacobian contraction throughout
         why = f"Jacobian contraction: the rules would save {saving:.2e} in all, less than probing costs ({plan.PROBE_FLOPS:.0e})"
-        moved = {k: moved.get(k, why) for k in cap.covered}
+        moved = {k: moved.get(k, why) for k in cap.ruled}
     return moved
 
 
