@@ -1,6 +1,7 @@
 """ntkfunc: empirical neural tangent kernels of PyTorch models, as functional transforms."""
 
 from ntkfunc import datasets, linalg, models, predict, rules, testing
+from ntkfunc._dataset.kernel_file import load_kernel, verify_kernel
 from ntkfunc._dataset.pipeline import kernel_matrix
 from ntkfunc._engines import Implementation
 from ntkfunc.empirical_kernel import kernel_fn
@@ -27,6 +28,7 @@ __all__ = [
     "kernel_matrix",
     "linalg",
     "linearize",
+    "load_kernel",
     "models",
     "monte_carlo_kernel_fn",
     "nngp_fn",
@@ -37,4 +39,5 @@ __all__ = [
     "rules",
     "taylor_expand",
     "testing",
+    "verify_kernel",
 ]

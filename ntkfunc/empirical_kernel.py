@@ -6,7 +6,8 @@ import collections
 import functools
 from typing import Any, Union
 
-from ntkfunc._core.checks import as_axes_tuple, refuse_batch_coupled
+from ntkfunc._core.checks import as_axes_tuple, explained_f_errors, refuse_batch_coupled, split_vmap_axes
+from ntkfunc._core.finite import NonFinite, check_kernels, check_mode
 from ntkfunc._core.ops import kernel_context
 from ntkfunc._core.problem import make_problem
 from ntkfunc._core.types import ApplyFn, Axes, MemoryBudget, PyTree, VMapAxes
@@ -48,6 +49,7 @@ def kernel_fn(
     implementation: int | str | Implementation = Implementation.JACOBIAN_CONTRACTION,
     *,
     memory_budget: MemoryBudget = None,
+    nonfinite: NonFinite = "raise",
 ) -> Any:
     """Returns ``k(x1, x2, get, params)``: the empirical NTK and / or NNGP of ``f``.
 
@@ -57,6 +59,7 @@ def kernel_fn(
     is entered once for both kernels; the NNGP
     costs one forward pass per input batch, the NTK is computed by ``implementation`` (its
     Jacobian pass runs its own forward). Both are differentiable in ``x1``, ``x2``, ``params``.
+    ``nonfinite`` checks both kernels as in :func:`ntkfunc.ntk_fn` (default ``"raise"``).
 
     Example:
       >>> import torch, ntkfunc
@@ -72,20 +75,23 @@ def kernel_fn(
     api = "kernel_fn"
     engine = get_engine(implementation, api=api)
     trace_axes, diagonal_axes = as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes)
+    split_vmap_axes(vmap_axes, api)
+    check_mode(nonfinite, api)
     refuse_batch_coupled(f, vmap_axes, api)
 
     def k(x1: PyTree, x2: PyTree | None, get: Get, params: PyTree) -> Any:
         single, fields = canonical_get(get, api)
         out: dict[str, PyTree] = {}
-        with kernel_context(x1, x2, params):
+        with kernel_context(x1, x2, params), explained_f_errors(api, params, {"x1": x1, "x2": x2}, vmap_axes):
             if "ntk" in fields:
                 refuse_param_vmap(engine, params, api)
                 problem = make_problem(f, x1, x2, params, vmap_axes, trace_axes, diagonal_axes, api=api)
                 out["ntk"] = compute(problem, engine, memory_budget)
+                check_kernels(out["ntk"], problem.layouts, nonfinite, api, label="NTK")
             if "nngp" in fields:
                 fx1 = f(params, x1)
                 fx2 = None if x2 is None else f(params, x2)
-                out["nngp"] = nngp_from_outputs(fx1, fx2, vmap_axes, trace_axes, diagonal_axes, api)
+                out["nngp"] = nngp_from_outputs(fx1, fx2, vmap_axes, trace_axes, diagonal_axes, api, nonfinite)
         if single:
             return out[fields[0]]
         return kernel_tuple(fields)(*(out[g] for g in fields))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import re
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,8 +14,11 @@ from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_
 
 from ntkfunc._core.calls import Convention, Inputs, Output
-from ntkfunc._core.checks import BATCH_COUPLED_ATTR
+from ntkfunc._core.checks import BATCH_COUPLED_ATTR, FINGERPRINT_ATTR
+from ntkfunc._core.hashing import tensor_digest
 from ntkfunc._core.types import ApplyFn, PyTree
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 
 
 def from_module(
@@ -27,7 +33,13 @@ def from_module(
     - ``f`` is thread-safe (``kernel_matrix(devices=...)`` runs one worker thread per
       device): ``functional_call`` swaps tensors into a module, so each thread other than
       the main one runs its own copy of the module's structure (its tensors on the meta
-      device: every parameter and buffer is passed at call time).
+      device: every parameter and buffer is passed at call time). It behaves the same in
+      every thread: ``f(p, x)`` refuses a ``p`` that lacks a trainable parameter or has a
+      name the module does not know, and refuses to run once ``module.train()`` /
+      ``module.eval()`` changed a submodule's mode after ``from_module`` (call it again).
+    - ``f`` carries the module's identity (class names, ``repr``, ``state_dict`` keys, modes,
+      ``inputs=`` / ``output=``, buffers and frozen parameters) for ``kernel_matrix``'s resume
+      fingerprint.
     - A module in training mode with BatchNorm normalises with batch statistics, so one
       sample's output depends on the whole batch. It is refused unless ``vmap_axes=None``,
       in which case ``f`` uses a copy of the module whose BatchNorm layers keep no running
@@ -64,6 +76,7 @@ def from_module(
             f"from_module: dropout module(s) {dropout} are in training mode, so the model is random; "
             "expected module.eval() (or dropout with p=0)"
         )
+    modes = [(n, m, m.training) for n, m in module.named_modules()]  # of the user's module: checked at every call
     batchnorms = [n for n, m in module.named_modules() if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)]
     coupled = None
     if batchnorms:
@@ -81,22 +94,62 @@ def from_module(
     consts.update({k: v.detach() for k, v in module.named_buffers()})
 
     per_thread = _PerThreadModules(module)
+    known = {k for k, _ in module.named_parameters(remove_duplicate=False)} | {k for k, _ in module.named_buffers(remove_duplicate=False)}
+    cls = type(module).__name__
     call = Convention.of(module, inputs=inputs, output=output)
 
     def f(p: PyTree, x: PyTree) -> PyTree:
+        _check_call(p, params, known, modes, cls)
         args, kwargs = call.arguments(x)
         try:
             out = functional_call(per_thread.get(), (p, consts), args, kwargs, strict=False)
         except RuntimeError as err:
             if "data-dependent control flow" in str(err):
-                raise RuntimeError(_DATA_DEPENDENT.format(name=type(module).__name__)) from err
+                raise RuntimeError(_DATA_DEPENDENT.format(name=cls)) from err
             raise
         return call.select(out)
 
-    f.__name__ = f"{type(module).__name__}_apply"
+    def identity() -> dict[str, str]:
+        """What besides params determines f: the module's structure and modes, how it is called, its constants."""
+        selected = getattr(output, "__qualname__", None) if callable(output) else output
+        structure = [
+            [f"{type(m).__module__}.{type(m).__qualname__}" for m in module.modules()],
+            _ADDRESS.sub("0x?", repr(module)),
+            list(module.state_dict(keep_vars=True)),
+            [m.training for m in module.modules()],
+            [inputs, repr(selected)],
+        ]
+        return {"structure": hashlib.sha256(repr(structure).encode()).hexdigest(),
+                "constants": tensor_digest(list(consts.values()), list(consts))}
+
+    f.__name__ = f"{cls}_apply"
+    setattr(f, FINGERPRINT_ATTR, identity)
     if coupled:
         setattr(f, BATCH_COUPLED_ATTR, coupled)
     return f, params
+
+
+def _check_call(p: PyTree, params: Mapping[str, torch.Tensor], known: set[str], modes: list[tuple[str, nn.Module, bool]], cls: str) -> None:
+    """Refuse, in every thread alike, a params dict that is not the module's, and a module whose mode changed."""
+    if not isinstance(p, Mapping):
+        raise TypeError(f"from_module's f(params, x): params is a {type(p).__name__}; expected the dict of tensors from_module returned")
+    missing = [k for k in params if k not in p]
+    unknown = [k for k in p if k not in known]
+    if missing or unknown:
+        what = (f"lacks {missing[:5]}" if missing else "") + (" and " if missing and unknown else "") + (
+            f"has {unknown[:5]}, which {cls} has no parameter or buffer of" if unknown else "")
+        raise ValueError(
+            f"from_module's f(params, x): params {what}; expected every trainable parameter of {cls} by the names "
+            "from_module returned (frozen parameters and buffers may be given too)"
+        )
+    changed = [(name or "(the module)", m.training) for name, m, was in modes if m.training != was]
+    if changed:
+        now = "training" if changed[0][1] else "eval"
+        raise ValueError(
+            f"from_module's f(params, x): {cls} submodules {[n for n, _ in changed][:5]} were switched to {now} mode after "
+            "from_module, whose f keeps the mode the module had then; expected that mode: call from_module again "
+            "after model.train() / model.eval()"
+        )
 
 
 _DATA_DEPENDENT = (

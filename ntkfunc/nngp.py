@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ntkfunc._core.checks import as_axes_tuple, refuse_batch_coupled, split_vmap_axes
+from ntkfunc._core.checks import as_axes_tuple, explained_f_errors, refuse_batch_coupled, split_vmap_axes
+from ntkfunc._core.finite import NonFinite, check_kernels, check_mode
 from ntkfunc._core.layout import Layout
 from ntkfunc._core.pytree import broadcast_prefix, tree_flatten, tree_unflatten
 from ntkfunc._core.types import ApplyFn, Axes, KernelFn, PyTree, VMapAxes
@@ -44,8 +45,8 @@ def output_layouts(out1: Sequence[torch.Tensor], out2: Sequence[torch.Tensor], o
 
 
 def nngp_from_outputs(out1: PyTree, out2: PyTree | None, vmap_axes: VMapAxes, trace_axes: Axes,
-                      diagonal_axes: Axes, api: str = "nngp_fn") -> PyTree:
-    """The NNGP kernel of already computed outputs (``out2=None``: ``out1`` against itself)."""
+                      diagonal_axes: Axes, api: str = "nngp_fn", nonfinite: NonFinite = "ignore") -> PyTree:
+    """The NNGP kernel of already computed outputs (``out2=None``: ``out1`` against itself), checked per ``nonfinite``."""
     leaves1, spec = tree_flatten(out1)
     leaves2 = leaves1 if out2 is None else tree_flatten(out2)[0]
     if out2 is not None and tree_flatten(out2)[1] != spec:
@@ -56,10 +57,12 @@ def nngp_from_outputs(out1: PyTree, out2: PyTree | None, vmap_axes: VMapAxes, tr
         order = lay.order()
         k = lay.contract(a.permute(order), b.permute(order), 0)
         kernels.append(k / lay.trace_size(a.shape))
+    check_kernels(kernels, layouts, nonfinite, api, label="NNGP", stacklevel=3)
     return tree_unflatten(kernels, spec)
 
 
-def nngp_fn(f: ApplyFn, trace_axes: Axes = (-1,), diagonal_axes: Axes = (), vmap_axes: VMapAxes = 0) -> KernelFn:
+def nngp_fn(f: ApplyFn, trace_axes: Axes = (-1,), diagonal_axes: Axes = (), vmap_axes: VMapAxes = 0, *,
+            nonfinite: NonFinite = "raise") -> KernelFn:
     """Returns ``nngp(x1, x2, params)``, the empirical NNGP kernel ``f(params, x1) f(params, x2)ᵀ``.
 
     Same output-axis semantics as :func:`ntkfunc.ntk_fn` (and ``neural_tangents.empirical_nngp_fn``):
@@ -67,6 +70,8 @@ def nngp_fn(f: ApplyFn, trace_axes: Axes = (-1,), diagonal_axes: Axes = (), vmap
     two ``(d1, d2)`` otherwise; the batch axis (``vmap_axes``) is one of the output axes.
     ``x2=None`` means ``x2 = x1``. Pytree outputs give the same pytree of kernels. ``f`` is run
     once per batch on the whole batch. The result is differentiable in ``x1``, ``x2``, ``params``.
+    ``nonfinite``: as :func:`ntkfunc.ntk_fn` (default ``"raise"``: NaN or infinite entries raise a
+    ``FloatingPointError`` naming their samples).
 
     Shapes: ``f(params, x): (N, O)`` gives ``(N1, N2)`` with ``trace_axes=(-1,)`` and
     ``(N1, N2, O, O)`` with ``trace_axes=()``.
@@ -85,12 +90,15 @@ def nngp_fn(f: ApplyFn, trace_axes: Axes = (-1,), diagonal_axes: Axes = (), vmap
       torch.Size([5, 3, 3])
     """
     trace_axes, diagonal_axes = as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes)
+    split_vmap_axes(vmap_axes, "nngp_fn")
+    check_mode(nonfinite, "nngp_fn")
     refuse_batch_coupled(f, vmap_axes, "nngp_fn")
 
     def nngp(x1: PyTree, x2: PyTree | None, params: PyTree) -> PyTree:
-        out1 = f(params, x1)
-        out2 = None if x2 is None else f(params, x2)
-        return nngp_from_outputs(out1, out2, vmap_axes, trace_axes, diagonal_axes)
+        with explained_f_errors("nngp_fn", params, {"x1": x1, "x2": x2}, vmap_axes):
+            out1 = f(params, x1)
+            out2 = None if x2 is None else f(params, x2)
+        return nngp_from_outputs(out1, out2, vmap_axes, trace_axes, diagonal_axes, nonfinite=nonfinite)
 
     nngp.__doc__ = f"Empirical NNGP of {getattr(f, '__name__', 'f')}: nngp(x1, x2, params)."
     return nngp

@@ -7,7 +7,8 @@ engine registry (:mod:`ntkfunc._engines`) for the implementation, and shape the 
 from __future__ import annotations
 
 from ntkfunc._core.cache import KernelCache
-from ntkfunc._core.checks import as_axes_tuple, check_bool, refuse_batch_coupled
+from ntkfunc._core.checks import as_axes_tuple, check_bool, explained_f_errors, refuse_batch_coupled, split_vmap_axes
+from ntkfunc._core.finite import NonFinite, check_kernels, check_mode
 from ntkfunc._core.ops import kernel_context
 from ntkfunc._core.problem import make_problem
 from ntkfunc._core.types import ApplyFn, Axes, KernelFn, MemoryBudget, PyTree, VMapAxes
@@ -23,6 +24,7 @@ def ntk_fn(
     *,
     memory_budget: MemoryBudget = None,
     per_param: bool = False,
+    nonfinite: NonFinite = "raise",
 ) -> KernelFn:
     """Returns ``kernel(x1, x2, params)``, the empirical NTK ``Θ = J(x1) J(x2)ᵀ`` of ``f``.
 
@@ -37,6 +39,9 @@ def ntk_fn(
         statistics): the kernel is then computed on the whole batch at once.
       implementation: 1 Jacobian contraction, 2 NTK-vector products, 3 structured derivatives
         (per-primitive rules of ``ntkfunc.rules``; see ``Implementation`` and ``ntkfunc.explain``).
+        Implementation 2 uses torch's forward-mode AD, whose levels are process-wide: call it
+        from one thread at a time (``kernel_matrix(devices=[...])`` runs its workers in turn for
+        it); the others may be called from several threads at once.
       memory_budget: bytes (or ``"2GB"``) the Jacobians may occupy; default 80% of free
         CUDA memory, or half of the available RAM on CPU. Work is tiled to fit.
       per_param: return the kernel split by parameter tensor (the "layerwise components"
@@ -49,6 +54,9 @@ def ntk_fn(
         per parameter (implementation 1's path): splitting its JVPs by parameter would cost
         one JVP pass per parameter tensor instead. Use :func:`ntkfunc.group_kernels` to sum
         them per module.
+      nonfinite: ``"raise"`` (default: a ``FloatingPointError`` naming the x1 and x2 samples whose
+        kernel entries are NaN or infinite), ``"warn"`` (a ``RuntimeWarning``, the kernel is
+        returned) or ``"ignore"`` (no check), as ``kernel_matrix``.
 
     Shapes: outputs ``(N, d1, ..., dk)`` give ``(N1, N2)`` followed, for each output axis
     in order, by nothing (traced), ``d_i`` (diagonal) or ``(d_i, d_i)``. A pytree output gives
@@ -76,14 +84,18 @@ def ntk_fn(
     if check_bool(per_param, "per_param", api):
         refuse_per_param(engine, api)
     trace_axes, diagonal_axes = as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes)
+    split_vmap_axes(vmap_axes, api)
+    check_mode(nonfinite, api)
     refuse_batch_coupled(f, vmap_axes, api)
     cache = KernelCache()
 
     def kernel(x1: PyTree, x2: PyTree | None, params: PyTree) -> PyTree:
         refuse_param_vmap(engine, params, api)
-        with kernel_context(x1, x2, params):
+        with kernel_context(x1, x2, params), explained_f_errors(api, params, {"x1": x1, "x2": x2}, vmap_axes):
             problem = make_problem(f, x1, x2, params, vmap_axes, trace_axes, diagonal_axes, cache, api=api)
-            return compute(problem, engine, memory_budget, per_param)
+            result = compute(problem, engine, memory_budget, per_param)
+        check_kernels(result, problem.layouts, nonfinite, api, problem.params.diff_names if per_param else None)
+        return result
 
     split = ", split by parameter" if per_param else ""
     name = int(engine.implementation)

@@ -25,6 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ntkfunc._core.checks import BATCH_COUPLED_ATTR, split_vmap_axes
+from ntkfunc._core.finite import NonFinite, check_mode
 from ntkfunc._core.pytree import broadcast_prefix
 from ntkfunc._core.types import ApplyFn, KernelFn, MemoryBudget, PyTree, VMapAxes
 from ntkfunc._engines import Implementation, get_engine
@@ -68,6 +69,7 @@ def pntk_fn(
     implementation: int | str | Implementation = Implementation.JACOBIAN_CONTRACTION,
     *,
     memory_budget: MemoryBudget = None,
+    nonfinite: NonFinite = "raise",
 ) -> KernelFn:
     """Returns ``kernel(x1, x2, params)``: the ``(N1, N2)`` sum-of-logits pNTK of ``f``.
 
@@ -80,7 +82,8 @@ def pntk_fn(
     Args:
       f: ``f(params, x)`` as for :func:`ntkfunc.ntk_fn`.
       vmap_axes: as for ``ntk_fn``; its output axis (or axis 0 when ``None``) is the batch axis.
-      implementation, memory_budget: passed to ``ntk_fn``.
+      implementation, memory_budget, nonfinite: passed to ``ntk_fn`` (``nonfinite="raise"``: a
+        ``FloatingPointError`` naming the samples of NaN or infinite entries).
 
     Example:
       >>> import torch, ntkfunc
@@ -98,4 +101,5 @@ def pntk_fn(
     x_axis, fx_axis = split_vmap_axes(vmap_axes, "pntk_fn")
     axes: VMapAxes = None if vmap_axes is None else (x_axis, 0, {})
     g = sum_of_logits(f, fx_axis)
-    return ntk_fn(g, trace_axes=(), vmap_axes=axes, implementation=engine.implementation, memory_budget=memory_budget)
+    return ntk_fn(g, trace_axes=(), vmap_axes=axes, implementation=engine.implementation, memory_budget=memory_budget,
+                  nonfinite=check_mode(nonfinite, "pntk_fn"))

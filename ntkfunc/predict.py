@@ -136,7 +136,10 @@ def gradient_descent_mse(
 
     ``predict_fn`` arguments: ``t`` a non-negative scalar or tensor of times (its shape becomes
     leading axes of the results) or ``None`` for ``t = ∞`` (Cholesky solve, no
-    eigendecomposition); ``fx_train_0`` outputs on the training set at ``t = 0`` (``None``: do not
+    eigendecomposition; a kernel that is not positive definite is refused). Finite times are
+    exact also for a rank-deficient kernel (a zero eigenvalue takes its limit, see
+    ``_flow_factors``), and ``t=float("inf")`` is the limit of the flow: the pseudo-inverse of
+    ``k_train_train`` (equal to ``t=None`` when it has full rank); ``fx_train_0`` outputs on the training set at ``t = 0`` (``None``: do not
     predict on it); ``fx_test_0`` outputs on a test set at ``t = 0`` (needs ``k_test_train``, of
     shape ``(N_test, N)`` / ``(N_test, N, O, O)``). Returns ``fx_train_t``, ``fx_test_t`` or
     ``(fx_train_t, fx_test_t)``.
@@ -204,10 +207,9 @@ def gradient_descent_mse(
         lead = len(t_shape)
         t = t.reshape(-1, 1)
         evals, evecs = eigh()
-        evals = evals.unsqueeze(0)
         rhs = -y_train if fx_train_0 is None else fx_train_0 - y_train
         rhs = to_last(torch.broadcast_to(_as_tensor(rhs, k_train_train), y_train.shape)).reshape(-1, *rhs_shape)
-        expm1 = torch.expm1(-evals.clamp(min=0) * t / size)  # (T, n)
+        expm1, inv = _flow_factors(evals, t, size)  # (T, n) each
         shape = t_shape + tuple(k_train_train.shape[1::2]) + rhs_shape
         fx_train_t = fx_test_t = None
         if fx_train_0 is not None:
@@ -215,7 +217,6 @@ def gradient_descent_mse(
             fx0 = _as_tensor(fx_train_0, k_train_train)
             fx_train_t = fx0.reshape((1,) * lead + tuple(fx0.shape)) + from_last(d, lead)
         if fx_test_0 is not None:
-            inv = expm1 / evals.abs()
             d = torch.einsum("ji,ti,ki,k...->tj...", evecs, inv, evecs, rhs).reshape(shape)
             n_non_t = ndim - n_t
             d = torch.tensordot(k_test_train, d, dims=(_odd(k_test_train), [lead + i for i in range(n_non_t)]))
@@ -255,6 +256,43 @@ def _check_predict_inputs(fx_train_0: Any, fx_test_0: Any, k_test_train: Any, k_
             f"{caller}: k_test_train has shape {tuple(k_test_train.shape)}; expected its odd axes to be the training "
             f"axes {tuple(k_train_train.shape[1::2])} of k_train_train {tuple(k_train_train.shape)}"
         )
+
+
+def _flow_factors(evals: torch.Tensor, t: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient flow in the eigenbasis of the training kernel: ``(train, test)`` factors per time and eigenvalue.
+
+    For an eigenvalue ``λ`` and time ``t`` (``t``: ``(T, 1)``, ``evals``: ``(n,)``; results ``(T, n)``):
+
+    - ``train = expm1(-λ t / size)``: how far the training residual of that mode has decayed;
+    - ``test = expm1(-λ t / size) / λ``: what the mode contributes to test outputs (through
+      ``k_test_train``), computed as ``-(t / size) φ(λ t / size)`` with ``φ(z) = -expm1(-z) / z``,
+      ``φ(0) = 1``: finite and smooth at ``λ = 0``, where it is the limit ``-t / size``.
+
+    Negative eigenvalues (round-off in a positive semi-definite kernel) are taken as 0, as in
+    neural-tangents; neural-tangents 0.6.5 then divides by ``|λ|`` (0 for a negative eigenvalue,
+    NaN for a zero one), here every such mode follows the ``λ = 0`` limit. At ``t = inf`` the
+    limit is taken: modes with ``λ`` above ``torch.linalg.pinv``'s cutoff (``n`` eps ``λ_max``)
+    converge (``train = -1``, ``test = -1 / λ``) and the others do not move (0): the
+    pseudo-inverse of the training kernel, equal to ``t=None``'s solve when the kernel has full rank.
+
+    >>> train, test = _flow_factors(torch.tensor([0.0, 2.0], dtype=torch.float64), torch.tensor([[1.0], [float("inf")]], dtype=torch.float64), 1)
+    >>> test.tolist()
+    [[-1.0, -0.43233235838169365], [0.0, -0.5]]
+    """
+    lam = evals.clamp(min=0).unsqueeze(0)
+    finite = torch.isfinite(t)
+    tf = torch.where(finite, t, torch.zeros_like(t))
+    z = lam * tf / size
+    positive = z > 0
+    z_safe = torch.where(positive, z, torch.ones_like(z))
+    phi = torch.where(positive, -torch.expm1(-z_safe) / z_safe, torch.ones_like(z))
+    train, test = torch.expm1(-z), -(tf / size) * phi
+    cutoff = evals.abs().max() * evals.shape[0] * torch.finfo(evals.dtype).eps
+    converged = lam > cutoff
+    lam_safe = torch.where(converged, lam, torch.ones_like(lam))
+    train_inf = torch.where(converged, -torch.ones_like(lam), torch.zeros_like(lam))
+    test_inf = torch.where(converged, -1 / lam_safe, torch.zeros_like(lam))
+    return torch.where(finite, train, train_inf), torch.where(finite, test, test_inf)
 
 
 # --- GP inference -------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 ``python tests/blocked_job.py [--out K.npy] [--sleep S] [--result R.npy] [--scale 2]``
 (``--result``: then also compute the kernel in memory and save it)
-(also under ``python -m torch.distributed.run --nproc_per_node=2``). Prints one JSON line
-(rank 0): the number of tiles this process computed.
+(also under ``python -m torch.distributed.run --nproc_per_node=2``). Each process prints one
+JSON line, ``{"rank": r, "computed": n}``: the number of tiles it computed.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def main() -> None:
         k = ntkfunc.kernel_matrix(f, params, x, trace_axes=(), batch_size=args.batch_size, progress=False)
         if rank == 0:
             np.save(args.result, k.numpy())
-    print(json.dumps({"rank": rank, "computed": len(computed)}), flush=True)
+    # One write per line: torchrun runs each rank with ``python -u``, where ``print`` writes the
+    # text and its newline in two calls, so two ranks' lines could interleave on the shared stdout.
+    sys.stdout.write(json.dumps({"rank": rank, "computed": len(computed)}) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert torch.equal(torch.from_numpy(np.load(out)), expected)
 
 
+_TRANSPORT_LOST = ("Connection reset by peer", "Connection closed by peer")  # gloo's socket errors
+
+
 def _run_torchrun(cmd: list, outputs: list, attempts: int = 3, timeout: float = 60.0) -> subprocess.CompletedProcess:
     """Run a torchrun job from scratch; kill it with all its ranks and start over if it hangs.
 
@@ -218,21 +222,24 @@ def _run_torchrun(cmd: list, outputs: list, attempts: int = 3, timeout: float = 
     torch.distributed itself hang here, the attempt is killed, ranks included, and the job
     runs again *from nothing* (``outputs`` deleted first), so a retry can never count tiles
     that an earlier attempt wrote. If every attempt hangs the test is skipped with that
-    reason. A job that fails is returned at once.
+    reason. A job that fails is returned at once, unless its ranks lost their gloo connections
+    (``Connection reset by peer`` / ``closed by peer``, seen once on a loaded machine): that
+    attempt is reported as a warning, with its stderr, and the job runs again from nothing;
+    the test asserts on the last attempt, so a job that keeps failing still fails the test.
     """
     import shutil
 
     import psutil
 
-    for _ in range(attempts):
+    result = None
+    for attempt in range(attempts):
         for path in outputs:
             shutil.rmtree(str(path) + ".tiles", ignore_errors=True)
-            for p in (path, Path(str(path) + ".manifest.json")):
+            for p in (path, Path(str(path) + ".partial"), Path(str(path) + ".manifest.json")):
                 p.unlink(missing_ok=True)
         proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             out, err = proc.communicate(timeout=timeout)
-            return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
         except subprocess.TimeoutExpired:
             for child in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
                 try:
@@ -240,7 +247,77 @@ def _run_torchrun(cmd: list, outputs: list, attempts: int = 3, timeout: float = 
                 except psutil.NoSuchProcess:
                     pass
             proc.communicate()
-    pytest.skip(f"torch.distributed hung in all {attempts} attempts (> {timeout:.0f} s each) on this machine")
+            continue
+        result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        lost = proc.returncode != 0 and any(s in err for s in _TRANSPORT_LOST)
+        if not lost or attempt == attempts - 1:
+            return result
+        warnings.warn(f"torchrun attempt {attempt + 1} lost its gloo connections (exit {proc.returncode}); "
+                      f"running the job again from nothing. Its stderr ends:\n{err[-2000:]}", stacklevel=2)
+    if result is None:
+        pytest.skip(f"torch.distributed hung in all {attempts} attempts (> {timeout:.0f} s each) on this machine")
+    return result  # an attempt that lost its connections, then hung ones: the failure stands
+
+
+_FLAKY_JOB = r"""
+import pathlib, sys
+count = pathlib.Path(sys.argv[1])
+n = int(count.read_text()) + 1 if count.exists() else 1
+count.write_text(str(n))
+if n <= int(sys.argv[2]):  # the first attempts lose their connections
+    sys.exit("RuntimeError: [gloo/transport/tcp/pair.cc:534] Connection reset by peer")
+print("done", n)
+"""
+
+
+def test_torchrun_retry_is_only_for_lost_connections_and_cannot_hide_a_failure(tmp_path):
+    count = tmp_path / "attempts"
+
+    def run(failures, script=_FLAKY_JOB):
+        count.unlink(missing_ok=True)
+        return _run_torchrun([sys.executable, "-c", script, str(count), str(failures)], [tmp_path / "K.npy"], attempts=3)
+
+    with pytest.warns(UserWarning, match=r"(?s)torchrun attempt 1 lost its gloo connections .* from nothing.*Connection reset by peer"):
+        res = run(1)
+    assert res.returncode == 0 and res.stdout.split() == ["done", "2"]  # retried once, from nothing
+    with pytest.warns(UserWarning, match="lost its gloo connections"):
+        res = run(5)
+    assert res.returncode != 0 and count.read_text() == "3"  # failing every time: the failure is returned
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = run(0, script="import sys; sys.exit('ValueError: a real failure')")
+    assert res.returncode != 0 and "a real failure" in res.stderr and not count.exists()  # not retried
+
+
+def _rank_records(stdout: str, world: int) -> dict[int, int]:
+    """``{rank: tiles computed}`` from the job's JSON lines, one per rank, each whole.
+
+    Lines that are not JSON objects (anything torchrun or a library prints) are skipped; a line
+    that starts like one but does not parse, a rank missing or reported twice fail the test
+    with the whole output.
+    """
+    records: dict[int, int] = {}
+    for line in stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            pytest.fail(f"a JSON line of the job does not parse: {line!r}\nstdout:\n{stdout}")
+        assert record["rank"] not in records, f"rank {record['rank']} reported twice:\n{stdout}"
+        records[record["rank"]] = record["computed"]
+    assert sorted(records) == list(range(world)), f"expected one line from each of ranks 0..{world - 1}:\n{stdout}"
+    return records
+
+
+def test_rank_records_refuse_garbled_missing_and_repeated_lines():
+    assert _rank_records('warning: x\n{"rank": 1, "computed": 3}\n{"rank": 0, "computed": 4}\n', world=2) == {0: 4, 1: 3}
+    with pytest.raises(pytest.fail.Exception, match="does not parse"):  # two ranks' lines interleaved
+        _rank_records('{"rank": 0, "computed": 4}{"rank": 1, "computed": 3}\n\n', world=2)
+    with pytest.raises(AssertionError, match="one line from each of ranks 0..1"):
+        _rank_records('{"rank": 0, "computed": 4}\n', world=2)
+    with pytest.raises(AssertionError, match="rank 0 reported twice"):
+        _rank_records('{"rank": 0, "computed": 4}\n{"rank": 0, "computed": 3}\n', world=2)
 
 
 def test_torchrun_two_cpu_processes_equal_one(tmp_path):
@@ -250,8 +327,8 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(JOB), "--out", str(out), "--result", str(result)]
     res = _run_torchrun(cmd, [out, result])
     assert res.returncode == 0, res.stderr[-3000:]
-    counts = [json.loads(line)["computed"] for line in res.stdout.splitlines() if line.startswith("{")]
-    assert sorted(counts) == [12, 18]  # twice 15 tiles (file, then in memory): rows 0, 2, 4 (5+3+1) and 1, 3 (4+2)
+    counts = _rank_records(res.stdout, world=2)
+    assert sorted(counts.values()) == [12, 18]  # twice 15 tiles (file, then in memory): rows 0, 2, 4 (5+3+1) and 1, 3 (4+2)
     assert torch.equal(torch.from_numpy(np.load(out)), expected)  # written to one file by both ranks
     assert torch.equal(torch.from_numpy(np.load(result)), expected)  # in memory: gathered on every rank
 
@@ -392,8 +469,8 @@ def test_errors_say_what_was_given_and_expected(tmp_path):
         kernel_matrix(f, params, [1, 2])
     with pytest.raises(ValueError, match=r"x2 has no samples"):
         kernel_matrix(f, params, x1, x1[:0])
-    with pytest.raises(ValueError, match=r"nonfinite='ignore'\): expected 'raise' or 'warn'"):
-        kernel_matrix(f, params, x1, nonfinite="ignore")
+    with pytest.raises(ValueError, match=r"nonfinite='nope'\): expected 'raise', 'warn' or 'ignore'"):
+        kernel_matrix(f, params, x1, nonfinite="nope")
     with pytest.raises(ValueError, match=r"returned 2 output tensors .* expected one tensor with the batch axis first"):
         kernel_matrix(lambda p, x: (f(p, x), f(p, x)), params, x1)
     with pytest.raises(ValueError, match=r"devices='gpu0'\).*expected None, 'all' or a list of devices"):

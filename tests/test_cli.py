@@ -106,6 +106,7 @@ def test_no_arguments_runs_the_embedded_default(tmp_path):
         (["--batch-size", "0"], r"--batch-size 0: expected a positive number"),
         (["--devices", "gpu:x"], r"--devices 'gpu:x': 'gpu:x' is not a device"),
         (["--out", "K.txt"], r"--out K.txt: expected a path ending in .npy"),
+        (["--out", "."], r"--out \.: is a directory; expected the path of a \.npy file to write, e\.g\. ntk\.npy"),
         (["--frobnicate"], r"unrecognized arguments: --frobnicate"),
     ],
 )
@@ -123,7 +124,7 @@ def test_bad_arguments_one_line_exit_2_nothing_written(args, message, tmp_path, 
 
 def test_unknown_command_lists_compute(capsys):
     assert cli.main(["frobnicate"]) == 2
-    assert "expected 'demo' or 'compute'" in capsys.readouterr().err
+    assert "expected 'demo', 'compute' or 'verify'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("choice", ["auto", "AUTO", "0", "1", "2", "3"])
@@ -141,3 +142,51 @@ def test_help_lists_the_registry_choices(capsys):
     with pytest.raises(SystemExit):
         cli.main(["compute", "--help"])
     assert "'auto' or one of [0, 1, 2, 3]" in capsys.readouterr().out
+
+
+def test_weights_that_are_not_a_state_dict_are_refused_in_one_line(tmp_path, capsys):
+    """Regression: a pickled model passed as --weights gave a 20-line UnpicklingError traceback."""
+    torch.save(tiny_mlp(), tmp_path / "model.pt")  # the whole module, not its state_dict
+    torch.save(torch.ones(3), tmp_path / "tensor.pt")
+    argv = ["compute", "--model", "tests.test_cli:tiny_mlp", "--out", str(tmp_path / "K.npy"), "--no-progress"]
+    for name, message in [
+        ("model.pt", r"--weights .*model.pt: not a state_dict saved with torch.save\(model.state_dict\(\), path\): it holds objects "
+                     r"that torch.load\(weights_only=True\) does not run"),
+        ("tensor.pt", r"--weights .*tensor.pt: holds a Tensor; expected a state_dict"),
+    ]:
+        assert cli.main(argv + ["--weights", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("ntkfunc compute: error: "), err
+        import re
+
+        assert re.search(message, err), err
+    assert not (tmp_path / "K.npy.tiles").exists()
+
+
+def test_a_full_disk_is_one_line_at_the_start(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert cli.main(["compute", "--data", "digits_0_10", "--out", str(tmp_path / "K.npy"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no room for the kernel file K.npy.partial: it needs" in err
+
+
+def test_verify_command(tmp_path, capsys):
+    out = tmp_path / "K.npy"
+    assert cli.main(["compute", "--data", "digits_0_10", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["verify", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith("K.npy: complete float32[10, 10] kernel, 1 tiles, entries match their checksums")
+    values = np.load(out, mmap_mode="r+")
+    values[3, 4] += 1
+    values.flush()
+    del values
+    assert cli.main(["verify", "--quick", str(out)]) == 0  # structure only
+    assert cli.main(["verify", str(out), str(tmp_path / "missing.npy")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert "do not match the checksums" in err[0] and "no kernel there" in err[1]

@@ -142,7 +142,10 @@ def test_non_tensor_param_leaf():
         ntkfunc.ntk_fn(f)(X, None, {"w": torch.ones(3, 2, dtype=torch.float64), "scale": 2.0})
 
 
-@pytest.mark.parametrize("budget,match", [("lots", "expected a number of bytes"), (-5, "expected a positive size"), ([1], "expected bytes")])
+@pytest.mark.parametrize("budget,match", [
+    ("lots", "expected a number of bytes"), (-5, "expected a positive size"), ([1], "expected bytes"),
+    (float("nan"), r"memory_budget=nan: expected a finite number of bytes"), (float("inf"), r"memory_budget=inf: expected a finite"),
+])
 def test_bad_memory_budget(budget, match):
     f, params = _mlp()
     with pytest.raises((ValueError, TypeError), match=match):
@@ -208,3 +211,66 @@ def test_no_warning_on_clean_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ntkfunc.ntk_fn(f)(X, None, params)
+
+
+# --- inputs that do not fit params, or no samples, or an axis that is not one ---------------
+
+
+def test_inputs_of_another_dtype_than_params():
+    """Regression: torch's raw 'mat1 and mat2 must have the same dtype' with no word on which input."""
+    f, params = _mlp()  # float64
+    x = X.float()
+    expected = (r"f\(params, x\) failed \(mat1 and mat2 must have the same dtype.*\): x1 is torch.float32 and params are torch.float64; "
+                r"expected inputs of the dtype of params \(e.g. x1.to\(torch.float64\)\)")
+    with pytest.raises(TypeError, match="^ntk_fn: " + expected):
+        ntkfunc.ntk_fn(f)(x, None, params)
+    with pytest.raises(TypeError, match="^kernel_fn: " + expected):
+        ntkfunc.kernel_fn(f)(x, None, "ntk", params)
+    with pytest.raises(TypeError, match="^kernel_matrix: " + expected):
+        ntkfunc.kernel_matrix(f, params, x, progress=False)
+
+
+def test_inputs_on_another_device_than_params():
+    """Regression: torch's raw 'Tensor on device cpu is not on the expected device meta!'."""
+    f, params = _mlp()
+    with pytest.raises(ValueError, match=r"^ntk_fn: f\(params, x\) failed \(.*\): x1 is on meta and params on cpu; expected inputs on the device of params"):
+        ntkfunc.ntk_fn(f)(X.to("meta"), None, params)
+    with pytest.raises(ValueError, match=r"^nngp_fn: f\(params, x\) failed .*x1 is on meta and params on cpu"):
+        ntkfunc.nngp_fn(f)(X.to("meta"), None, params)
+
+
+def test_no_samples_is_refused_clearly():
+    """Regression: 'start (0) + length (1) exceeds dimension size (0)'."""
+    f, params = _mlp()
+    with pytest.raises(ValueError, match=r"^ntk_fn: x1 has no samples \(size 0 along its batch axis\); expected at least one sample"):
+        ntkfunc.ntk_fn(f)(X[:0], None, params)
+    with pytest.raises(ValueError, match=r"^ntk_fn: x2 has no samples"):
+        ntkfunc.ntk_fn(f)(X, X[:0], params)
+    with pytest.raises(ValueError, match=r"^kernel_fn: x1 has no samples"):
+        ntkfunc.kernel_fn(f)(X[:0], None, "ntk", params)
+
+
+@pytest.mark.parametrize("axes", ["0", 1.0, {"a": "0"}, (0, "0", {})])
+def test_vmap_axes_that_are_not_axes(axes):
+    """Regression: vmap_axes='0' failed inside with "'<=' not supported between instances of 'int' and 'str'"."""
+    f, _ = _mlp()
+    with pytest.raises(TypeError, match=r"^ntk_fn\(vmap_axes=.*\): .* is a (str|float); expected the batch axis as an int, None"):
+        ntkfunc.ntk_fn(f, vmap_axes=axes)
+    with pytest.raises(TypeError, match=r"^nngp_fn\(vmap_axes="):
+        ntkfunc.nngp_fn(f, vmap_axes=axes)
+
+
+def test_python_control_flow_under_vmap_says_vmap_axes_none_exists():
+    """Regression: torch's vmap error did not say that vmap_axes=None computes the kernel without vmap."""
+    f, params = _mlp()
+
+    def g(p, x):
+        return f(p, x) if x.sum() > 0 else -f(p, x)
+
+    with pytest.raises(ValueError, match=r"^ntk_fn\(vmap_axes=0\): f uses a tensor's value in Python control flow .* "
+                                         r"or pass vmap_axes=None to compute the kernel of the whole batch"):
+        ntkfunc.ntk_fn(g)(X, None, params)
+    with pytest.raises(ValueError, match=r"^kernel_matrix\(vmap_axes=0\): f uses a tensor's value .* ntk_fn\(f, vmap_axes=None\)"):
+        ntkfunc.kernel_matrix(g, params, X, implementation=1, progress=False)
+    k = ntkfunc.ntk_fn(g, vmap_axes=None, trace_axes=())(X, None, params)  # what the message offers works
+    assert max_rel_err(k, reference_kernel(g, params, X, None, (), ())) <= 1e-12

@@ -244,3 +244,60 @@ def test_max_learning_rate_matches_eigenvalue_and_separates_convergence():
         for _ in range(3000):
             f = f - factor * lr * k @ (f - y) / 6
         assert bool((f - y).abs().max() < 1e-3) == converges
+
+
+def _rank_deficient_problem(zero_at=0):
+    """A bias-free ReLU net with one all-zero training input: its kernel is singular.
+
+    With the zero input first, ``eigh`` finds an exact zero eigenvalue; at position 2 a tiny negative one.
+    """
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 1, bias=False))
+    f, params = ntkfunc.from_module(model)
+    x_train, x_test = torch.randn(6, 3), torch.randn(9, 3)
+    x_train[zero_at] = 0.0
+    kernel = ntkfunc.ntk_fn(f)
+    ktt, ktd = kernel(x_train, None, params), kernel(x_test, x_train, params)
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(6, 1, generator=g)
+    return ktt, ktd, y, f(params, x_train).detach(), f(params, x_test).detach()
+
+
+def test_zero_eigenvalue_gives_finite_predictions_that_follow_the_flow():
+    """Regression: expm1(-λt)/λ was 0/0 at λ = 0, so every test prediction was NaN."""
+    ktt, ktd, y, f0, ft0 = _rank_deficient_problem()
+    assert torch.count_nonzero(ktt[0]) == 0 and torch.linalg.eigvalsh(ktt)[0] == 0  # an exact zero eigenvalue
+    fn = predict.gradient_descent_mse(ktt, y, learning_rate=0.5)
+    times = torch.tensor([0.0, 2.0, 7.0])
+    train, test = fn(times, f0, ft0, ktd)
+    assert torch.isfinite(train).all() and torch.isfinite(test).all()
+    for i, t in enumerate(times.tolist()):
+        ef, eft = _euler_extrapolated(lambda r: ktt @ r, lambda r: ktd @ r, y, f0, ft0, 0.5, t)
+        assert torch.allclose(train[i], ef, atol=1e-6) and torch.allclose(test[i], eft, atol=1e-6)
+
+
+def test_small_eigenvalues_are_stable_and_continuous_at_zero():
+    evals = torch.tensor([0.0, 1e-300, 1e-12, 1e-6, 3.0])
+    t = torch.tensor([[0.0], [2.0], [1e3]])
+    train, test = predict._flow_factors(evals, t, 4)
+    assert torch.isfinite(train).all() and torch.isfinite(test).all()
+    expected = torch.expm1(-evals[3:] * t / 4) / evals[3:]  # where the direct formula is accurate
+    assert torch.allclose(test[:, 3:], expected, rtol=1e-12)
+    assert torch.allclose(test[:, :3], (-t / 4).expand(3, 3), rtol=1e-9)  # the λ -> 0 limit: -t / size
+
+
+@pytest.mark.parametrize("zero_at", [0, 2], ids=["exact-zero", "round-off-negative"])
+def test_infinite_time_on_a_rank_deficient_kernel_is_the_pseudo_inverse(zero_at):
+    """Regression: t=inf computed 0 * inf = NaN for a zero (or clamped negative) eigenvalue, train and test."""
+    ktt, ktd, y, f0, ft0 = _rank_deficient_problem(zero_at)
+    fn = predict.gradient_descent_mse(ktt, y)
+    train, test = fn(float("inf"), f0, ft0, ktd)
+    pinv = torch.linalg.pinv(ktt, hermitian=True)
+    assert torch.allclose(test, ft0 + ktd @ pinv @ (y - f0), atol=1e-9)
+    assert torch.allclose(train, f0 + ktt @ pinv @ (y - f0), atol=1e-9)  # the zero mode's output does not move
+    assert torch.allclose(train[zero_at], f0[zero_at]) and not torch.allclose(train[zero_at], y[zero_at])
+    full = _psd(5, seed=3)  # full rank: the limit is t=None's solve
+    yf = torch.randn(5, 2, generator=torch.Generator().manual_seed(4))
+    fnf = predict.gradient_descent_mse(full[:4, :4], yf[:4])
+    a, b = fnf(float("inf"), torch.zeros(4, 2), torch.zeros(1, 2), full[4:, :4]), fnf(None, torch.zeros(4, 2), torch.zeros(1, 2), full[4:, :4])
+    assert torch.allclose(a[0], b[0], atol=1e-9) and torch.allclose(a[1], b[1], atol=1e-9)

@@ -1,5 +1,6 @@
 """Command line: ``ntkfunc [demo]`` runs the embedded default job; ``ntkfunc compute`` a
-whole-dataset kernel (:mod:`ntkfunc._cli.compute`). argparse -> public API, no maths."""
+whole-dataset kernel (:mod:`ntkfunc._cli.compute`); ``ntkfunc verify`` checks kernel files
+(:mod:`ntkfunc._cli.verify`). argparse -> public API, no maths."""
 
 from __future__ import annotations
 
@@ -17,5 +18,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ntkfunc._cli import compute
 
         return compute.main(argv[1:])
-    print(f"ntkfunc: unknown command {argv[0]!r}; expected 'demo' or 'compute'", file=sys.stderr)
+    if argv[0] == "verify":
+        from ntkfunc._cli import verify
+
+        return verify.main(argv[1:])
+    print(f"ntkfunc: unknown command {argv[0]!r}; expected 'demo', 'compute' or 'verify'", file=sys.stderr)
     return 2

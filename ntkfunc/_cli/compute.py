@@ -21,7 +21,9 @@ Bad arguments print one line and exit with status 2 before anything is written.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
+import pickle
 import re
 import sys
 import time
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from ntkfunc._core.checks import FINGERPRINT_ATTR
 from ntkfunc._core.memory import fmt_bytes, parse_budget
 from ntkfunc._engines import choices, get_engine
 
@@ -92,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (TypeError, ValueError) as err:
                 raise UsageError(f"--memory-budget: {err}") from err
         devices = _devices(args.devices)
+        if args.out.is_dir():
+            raise UsageError(f"--out {args.out}: is a directory; expected the path of a .npy file to write, e.g. {args.out / 'ntk.npy'}")
         if args.out.suffix != ".npy":
             raise UsageError(f"--out {args.out}: expected a path ending in .npy")
         from ntkfunc.module import from_module
@@ -111,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f, params, x1, x2, implementation=impl, batch_size=args.batch_size, memory_budget=args.memory_budget,
             out=str(args.out), resume=args.resume, progress=not args.no_progress, devices=devices, **_KERNELS[args.kernel],
         )
-    except (ValueError, TypeError, MemoryError, FloatingPointError) as err:
-        print(f"ntkfunc compute: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, MemoryError, FloatingPointError, RuntimeError, OSError) as err:
+        print(f"ntkfunc compute: error: {err}", file=sys.stderr)  # e.g. another writer, a changed job, a full disk
         return 1
     seconds = time.perf_counter() - start
     print(
@@ -138,15 +143,40 @@ def _model(spec: str, weights: Path | None, seed: int, dtype: torch.dtype, devic
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"--model {spec!r}: the factory returned a {type(model).__name__}; expected a torch.nn.Module")
     if weights is not None:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as err:
-            raise UsageError(f"--weights {weights}: {str(err).splitlines()[0]}") from err
+        model.load_state_dict(_state_dict(weights))
     try:
         return model.to(device=torch.device(device), dtype=dtype)
     except RuntimeError as err:
         raise UsageError(f"--device {device!r}: {str(err).splitlines()[0]}") from err
+
+
+def _state_dict(weights: Path) -> dict[str, Any]:
+    """The state_dict in ``weights``, loaded with ``weights_only=True`` (no code in the file runs)."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only=True refused something that is not tensors and containers
+        raise UsageError(
+            f"--weights {weights}: not a state_dict saved with torch.save(model.state_dict(), path): it holds objects that "
+            f"torch.load(weights_only=True) does not run ({str(err).strip().splitlines()[0][:160]})"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise UsageError(f"--weights {weights}: cannot read it ({str(err).strip().splitlines()[0]}); expected a file saved "
+                         "with torch.save(model.state_dict(), path)") from None
+    if not isinstance(state, dict):
+        raise UsageError(f"--weights {weights}: holds a {type(state).__name__}; expected a state_dict (a dict of tensors "
+                         "by parameter name) saved with torch.save(model.state_dict(), path)")
+    return state
+
+
+def _digest_rows(data: Any, start: int, stop: int) -> str:
+    """sha256 of rows ``start:stop`` of a source: every byte of an array's rows, of a folder's files."""
+    if isinstance(data, (_Cast, _Folder)):
+        return data.digest(start, stop)
+    h = hashlib.sha256(f"{type(data).__name__}:{start}:{stop}".encode())
+    step = 256
+    for i in range(start, stop, step):
+        h.update(np.ascontiguousarray(np.asarray(data[i : min(i + step, stop)])).tobytes())
+    return h.hexdigest()
 
 
 class _Rows(Dataset):
@@ -164,6 +194,16 @@ class _Rows(Dataset):
         item = self.data[self.start + i]
         return torch.from_numpy(np.array(item)) if isinstance(item, np.ndarray) else item
 
+    def __ntkfunc_fingerprint__(self) -> str:
+        return _digest_rows(self.data, self.start, self.stop)
+
+
+class _Concat(ConcatDataset):
+    """Row ranges one after another (train rows, then test rows), fingerprinted part by part."""
+
+    def __ntkfunc_fingerprint__(self) -> str:
+        return hashlib.sha256("|".join(str(getattr(d, FINGERPRINT_ATTR)()) for d in self.datasets).encode()).hexdigest()
+
 
 class _Cast(Dataset):
     """Items' inputs cast to a floating dtype (integer inputs are kept)."""
@@ -180,6 +220,12 @@ class _Cast(Dataset):
         x = torch.as_tensor(x)
         return x.to(self.dtype) if x.is_floating_point() or x.dtype == torch.uint8 else x
 
+    def __ntkfunc_fingerprint__(self) -> str:
+        return self.digest(0, len(self))
+
+    def digest(self, start: int, stop: int) -> str:
+        return f"{self.dtype}:{_digest_rows(self.data, start, stop)}"
+
 
 class _Folder(Dataset):
     """Per-sample ``.npy`` / ``.pt`` files under a folder, sorted by path."""
@@ -190,9 +236,22 @@ class _Folder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> torch.Tensor | np.ndarray:
         p = self.files[i]
         return torch.from_numpy(np.load(p)) if p.suffix == ".npy" else _tensor_of(torch.load(p, weights_only=True), p)
+
+    def __ntkfunc_fingerprint__(self) -> str:
+        return self.digest(0, len(self.files))
+
+    def digest(self, start: int, stop: int) -> str:
+        """sha256 of the names and bytes of files ``start:stop``."""
+        h = hashlib.sha256()
+        for p in self.files[start:stop]:
+            h.update(f"{p.name}:{p.stat().st_size};".encode())
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        return h.hexdigest()
 
 
 def _tensor_of(obj: Any, where: Any) -> torch.Tensor:
@@ -277,7 +336,7 @@ def _data(spec: str, test: str | None, ranges: str | None, dtype: torch.dtype) -
     if len(rows) == 1:
         x = train[a:b] if isinstance(train, (torch.Tensor, np.ndarray)) else _Rows(train, a, b)
         return x, None, desc
-    x1: Any = ConcatDataset([_Rows(src, lo, hi) for src, lo, hi in rows])
+    x1: Any = _Concat([_Rows(src, lo, hi) for src, lo, hi in rows])
     x2 = train[a:b] if isinstance(train, (torch.Tensor, np.ndarray)) else _Rows(train, a, b)
     return x1, x2, desc
 

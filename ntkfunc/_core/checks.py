@@ -6,12 +6,22 @@ that was called, then says what was given and what was expected.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-from ntkfunc._core.types import ApplyFn, Axes, VMapAxes
+import torch
+from torch.utils import _pytree as pytree
+
+from ntkfunc._core.types import ApplyFn, Axes, PyTree, VMapAxes
 
 BATCH_COUPLED_ATTR = "__ntkfunc_batch_coupled__"
 """Attribute ``from_module`` sets on ``f`` when samples of a batch interact (BatchNorm with batch statistics)."""
+
+FINGERPRINT_ATTR = "__ntkfunc_fingerprint__"
+"""A zero-argument callable attribute returning JSON data that changes whenever what its owner computes or holds
+does: ``from_module`` sets it on ``f`` (the module's structure and constants), a Dataset may define it (its
+contents). ``kernel_matrix`` records it in a resumable output's fingerprint."""
 
 
 def as_axes_tuple(axes: Axes) -> tuple[int, ...]:
@@ -54,8 +64,22 @@ def split_vmap_axes(vmap_axes: VMapAxes, api: str = "ntk_fn") -> tuple[Any, Any]
         x_axis, fx_axis, kw = vmap_axes
         if kw:
             raise ValueError(f"{api}(vmap_axes={vmap_axes!r}): keyword-argument axes are not supported; expected {{}}")
+        _check_axis_tree(x_axis, vmap_axes, api)
+        _check_axis_tree(fx_axis, vmap_axes, api)
         return x_axis, fx_axis
+    _check_axis_tree(vmap_axes, vmap_axes, api)
     return vmap_axes, vmap_axes
+
+
+def _check_axis_tree(axes: Any, given: VMapAxes, api: str) -> None:
+    """Every leaf of a (pytree of) batch axes is an int or None, else a TypeError naming ``api``."""
+    for leaf in pytree.tree_leaves(axes):
+        if leaf is not None and (isinstance(leaf, bool) or not isinstance(leaf, int)):
+            raise TypeError(
+                f"{api}(vmap_axes={given!r}): {leaf!r} is a {type(leaf).__name__}; expected the batch axis as an "
+                "int, None (samples interact: the whole batch at once), a pytree of them matching x, or "
+                "(x_axes, fx_axes, {})"
+            )
 
 
 def refuse_batch_coupled(f: ApplyFn, vmap_axes: VMapAxes, api: str) -> None:
@@ -67,3 +91,68 @@ def refuse_batch_coupled(f: ApplyFn, vmap_axes: VMapAxes, api: str) -> None:
             "rest of the batch and a per-sample kernel would be wrong; pass vmap_axes=None (exact kernel "
             "of the whole batch) or call model.eval() before from_module"
         )
+
+
+# --- failures of f, explained -------------------------------------------------------------
+
+
+def _floating(tree: PyTree) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def input_mismatch(params: PyTree, inputs: dict[str, PyTree]) -> tuple[type[Exception], str] | None:
+    """``(error type, what disagrees)`` when the inputs' floating dtype or device differ from params', else None.
+
+    >>> input_mismatch({"w": torch.ones(2)}, {"x1": torch.ones(3, 2, dtype=torch.float64)})[1]
+    'x1 is torch.float64 and params are torch.float32; expected inputs of the dtype of params (e.g. x1.to(torch.float32))'
+    """
+    p = _floating(params)
+    if not p:
+        return None
+    p_dtypes = sorted({str(t.dtype) for t in p})
+    p_devices = sorted({str(t.device) for t in p})
+    for name, x in inputs.items():
+        tensors = [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
+        far = sorted({str(t.device) for t in tensors if t.ndim > 0} - set(p_devices))
+        if far:
+            return ValueError, (
+                f"{name} is on {', '.join(far)} and params on {', '.join(p_devices)}; expected inputs on the device of "
+                f"params (e.g. {name}.to({p_devices[0]!r}))"
+            )
+        dtypes = sorted({str(t.dtype) for t in tensors if t.is_floating_point()} - set(p_dtypes))
+        if dtypes:
+            return TypeError, (
+                f"{name} is {', '.join(dtypes)} and params are {', '.join(p_dtypes)}; expected inputs of the dtype of "
+                f"params (e.g. {name}.to({p_dtypes[0]}))"
+            )
+    return None
+
+
+_VMAP_CONTROL_FLOW = "use a Tensor in some data-dependent control flow"  # torch.func.vmap's error
+
+
+@contextlib.contextmanager
+def explained_f_errors(api: str, params: PyTree, inputs: dict[str, PyTree], vmap_axes: VMapAxes = 0, *,
+                       without_vmap: str = "pass vmap_axes=None to compute the kernel of the whole batch at once without vmap") -> Iterator[None]:
+    """Re-raise torch's errors from running ``f`` with what the caller gave and what was expected.
+
+    - inputs whose floating dtype or device differ from params' (torch says e.g. ``mat1 and mat2
+      must have the same dtype``): a TypeError / ValueError naming both;
+    - a tensor's value used in Python control flow (or ``.item()``) under ``vmap``: a ValueError
+      that says so, and what computes the kernel without ``vmap`` (``without_vmap``).
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if _VMAP_CONTROL_FLOW in str(err):
+            raise ValueError(
+                f"{api}(vmap_axes={vmap_axes!r}): f uses a tensor's value in Python control flow (an if/while on a "
+                "tensor, .item(), bool(...)), which torch.func.vmap cannot batch over samples; expected f built from "
+                f"tensor ops (e.g. torch.where instead of if), or {without_vmap}"
+            ) from err
+        mismatch = input_mismatch(params, inputs)
+        if mismatch is None:
+            raise
+        kind, what = mismatch
+        raise kind(f"{api}: f(params, x) failed ({first}): {what}") from err

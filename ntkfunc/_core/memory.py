@@ -56,6 +56,8 @@ def parse_budget(budget: MemoryBudget, device: torch.device) -> int:
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     else:
         value = float(budget)
+    if not math.isfinite(value):
+        raise ValueError(f"memory_budget={budget!r}: expected a finite number of bytes (or None for the default)")
     if value <= 0:
         raise ValueError(f"memory_budget={budget!r}: expected a positive size")
     return int(value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,21 +22,70 @@ from torch.overrides import TorchFunctionMode
 _ft = torch._C._functorch
 
 
+class _MathAttention:
+    """torch's process-wide SDPA backend flags, set to the math backend while any thread is in a block.
+
+    ``torch.nn.attention.sdpa_kernel`` saves the flags on entry and restores them on exit, so
+    two threads whose blocks overlap restore each other's saved state, and the last one out
+    can leave flash and memory-efficient attention disabled for the rest of the process.
+    Here the first block in (in any thread) saves the flags and selects the math backend,
+    and the last block out restores them. The flags themselves are global, which is why
+    this count is too: it is the one piece of state that mirrors them.
+    """
+
+    lock = threading.Lock()
+    depth = 0
+    active: Any = None  # the sdpa_kernel context entered by the first block
+
+    @classmethod
+    def enter(cls) -> None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with cls.lock:
+            if cls.depth == 0:
+                cls.active = sdpa_kernel([SDPBackend.MATH])
+                cls.active.__enter__()
+            cls.depth += 1
+
+    @classmethod
+    def exit(cls) -> None:
+        with cls.lock:
+            cls.depth -= 1
+            if cls.depth == 0:
+                active, cls.active = cls.active, None
+                active.__exit__(None, None, None)
+
+
 @contextlib.contextmanager
 def transform_friendly_attention() -> Iterator[None]:
     """Route ``scaled_dot_product_attention`` to its math decomposition for this block.
 
     The fused CPU/CUDA attention kernels have neither batching rules (vmap falls back to
     a slow per-sample loop) nor forward-mode derivatives; the math backend is plain
-    matmul + softmax, which every transform supports. Restored on exit.
+    matmul + softmax, which every transform supports. torch selects backends by
+    process-wide flags: they are set while any thread is inside such a block and restored
+    when the last one leaves (see :class:`_MathAttention`), also when blocks of several
+    threads overlap.
+
+    Example:
+      >>> import torch
+      >>> before = torch.backends.cuda.flash_sdp_enabled()
+      >>> with transform_friendly_attention():
+      ...     torch.backends.cuda.flash_sdp_enabled()
+      False
+      >>> torch.backends.cuda.flash_sdp_enabled() == before
+      True
     """
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention import sdpa_kernel  # noqa: F401
     except ImportError:  # torch < 2.3: nothing to select
         yield
         return
-    with sdpa_kernel([SDPBackend.MATH]):
+    _MathAttention.enter()
+    try:
         yield
+    finally:
+        _MathAttention.exit()
 
 
 # --- normalisation ops as elementary ops ------------------------------------------------

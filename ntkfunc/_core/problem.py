@@ -217,7 +217,10 @@ def _check_inputs(
             raise ValueError(f"{api}: {name} leaves have different batch sizes {sorted(sizes)} along vmap_axes; shapes: {_fmt_shapes(leaves)}")
         if not sizes:
             raise ValueError(f"{api}(vmap_axes): maps no leaf of {name}; expected at least one batched input")
-        return sizes.pop()
+        n = sizes.pop()
+        if n == 0:
+            raise ValueError(f"{api}: {name} has no samples (size 0 along its batch axis); expected at least one sample")
+        return n
 
     n1 = batch_size(x1_leaves, "x1")
     n2 = batch_size(x2_leaves, "x2") if x2_leaves is not None else n1

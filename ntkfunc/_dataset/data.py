@@ -15,8 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ntkfunc._core.checks import FINGERPRINT_ATTR
+from ntkfunc._core.hashing import tensor_bytes
+
 _HASH_CHUNK = 1 << 24  # bytes hashed at a time
-_DATASET_PROBES = 64  # dataset items hashed for the fingerprint
+_DATASET_HASH_BYTES = 1 << 28  # a Dataset up to this size is hashed item by item, whole
+_DATASET_PROBES = 64  # at least this many spread items of a larger one
 
 
 class Samples:
@@ -61,25 +65,37 @@ class Samples:
         return torch.stack(items)
 
     def fingerprint(self) -> str:
-        """sha256 of the samples (tensors/arrays: every byte; datasets: length + 64 spread items)."""
+        """sha256 of the samples, as a resume compares them.
+
+        Tensors and arrays: every byte. A Dataset with a ``__ntkfunc_fingerprint__()`` method: its
+        length and what that returns (``ntkfunc compute``'s file and folder datasets hash their
+        files byte by byte). Any other Dataset: every item when they total at most 256 MiB (judged
+        by the first item), else that budget's worth of evenly spread items (at least 64).
+        """
         h = hashlib.sha256()
         if self.kind in ("tensor", "array"):
             first = self.get(0, 1)
             h.update(f"{self.kind}:{tuple(self.data.shape)}:{first.dtype}".encode())
             rows = max(1, _HASH_CHUNK // max(1, first.numel() * first.element_size()))
             for i in range(0, self.n, rows):
-                h.update(_bytes(self.get(i, min(i + rows, self.n))))
-        else:
-            h.update(f"dataset:{type(self.data).__name__}:{self.n}".encode())
-            probes = sorted({round(k * (self.n - 1) / max(1, _DATASET_PROBES - 1)) for k in range(_DATASET_PROBES)})
-            for i in probes:
-                h.update(_bytes(_input_of(self.data[i], self.name, i).unsqueeze(0)))
+                h.update(tensor_bytes(self.get(i, min(i + rows, self.n))))
+            return h.hexdigest()
+        h.update(f"dataset:{type(self.data).__name__}:{self.n}".encode())
+        own = getattr(self.data, FINGERPRINT_ATTR, None)
+        if callable(own):
+            h.update(str(own()).encode())
+            return h.hexdigest()
+        for i in self.hashed_items():
+            h.update(tensor_bytes(_input_of(self.data[i], self.name, i).unsqueeze(0)))
         return h.hexdigest()
 
-
-def _bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    def hashed_items(self) -> list[int]:
+        """The Dataset items :meth:`fingerprint` hashes: all of them, or evenly spread ones within the budget."""
+        first = _input_of(self.data[0], self.name, 0)
+        count = max(_DATASET_PROBES, _DATASET_HASH_BYTES // max(1, first.numel() * first.element_size()))
+        if count >= self.n:
+            return list(range(self.n))
+        return sorted({round(k * (self.n - 1) / (count - 1)) for k in range(count)})
 
 
 def _input_of(item: Any, name: str, i: int) -> torch.Tensor:
@@ -92,12 +108,3 @@ def _input_of(item: Any, name: str, i: int) -> torch.Tensor:
             "array (or a tuple/list whose first element is one)"
         )
     return x
-
-
-def tensor_fingerprint(tensors: list[torch.Tensor], names: list[str]) -> str:
-    """sha256 of named tensors (shapes, dtypes and every byte)."""
-    h = hashlib.sha256()
-    for name, t in zip(names, tensors):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(_bytes(t))
-    return h.hexdigest()

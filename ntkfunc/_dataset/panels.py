@@ -130,7 +130,7 @@ class PerTileKernel:
 
     def __init__(self, f: ApplyFn, params: PyTree, sources: tuple[Samples, Samples], engine: Engine, trace: tuple, diag: tuple,
                  budget: int, device: torch.device, symmetric: bool) -> None:
-        self.kernel = ntk_fn(f, trace, diag, 0, engine.implementation, memory_budget=budget)
+        self.kernel = ntk_fn(f, trace, diag, 0, engine.implementation, memory_budget=budget, nonfinite="ignore")  # the runner checks
         self.params, self.sources, self.device, self.symmetric = params, sources, device, symmetric
 
     def tile(self, t: Tile) -> torch.Tensor:

@@ -9,8 +9,8 @@ Tiles are split over devices (``devices``) and over ``torchrun`` ranks.
 
 :func:`kernel_matrix` is a pipeline of named steps: :func:`validate` the arguments,
 :func:`probe` the function on one sample, :func:`plan` the tiles under the budget,
-:func:`open_output` (memory or a resumable file, agreed by all ranks), :func:`run` the pending
-tiles, and :func:`finish` (check that every tile is committed, return the kernel).
+:func:`open_output` (memory or a resumable file, agreed by all ranks, locked for this run), :func:`run`
+the pending tiles, and :func:`finish` (check that every tile is committed, record it, return the kernel).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from ntkfunc._core.checks import as_axes_tuple, check_positive_int, refuse_batch_coupled
+from ntkfunc._core.checks import as_axes_tuple, check_bool, check_positive_int, explained_f_errors, refuse_batch_coupled
+from ntkfunc._core.finite import NonFinite, check_mode
 from ntkfunc._core.layout import Layout
 from ntkfunc._core.memory import SAFETY, fmt_bytes, itemsize, parse_budget
 from ntkfunc._core.ops import transform_friendly_attention
@@ -32,6 +33,7 @@ from ntkfunc._core.types import ApplyFn, Axes, MemoryBudget, PyTree
 from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import Devices, Ranks, ranks, resolve_devices, to_device
 from ntkfunc._dataset.fingerprint import job_fingerprint
+from ntkfunc._dataset.kernel_file import verify_kernel
 from ntkfunc._dataset.panels import JacobianPanels, PerTileKernel, TileKernel
 from ntkfunc._dataset.plan import DatasetPlan, plan_tiles
 from ntkfunc._dataset.progress import make_progress
@@ -99,7 +101,8 @@ def kernel_matrix(
     resume: bool = True,
     progress: bool = True,
     devices: Devices = None,
-    nonfinite: Literal["raise", "warn"] = "raise",
+    nonfinite: NonFinite = "raise",
+    verify: bool = False,
 ) -> torch.Tensor:
     """The empirical NTK of ``f`` over whole datasets ``x1`` (rows) and ``x2`` (columns).
 
@@ -120,19 +123,22 @@ def kernel_matrix(
       batch_size: samples per tile side (default: from the budget).
       memory_budget: bytes (or ``"2GB"``) this process may use for Jacobians, caches, tiles and,
         with ``out=None``, the kernel itself; per device with several devices. Default as ``ntk_fn``.
-      out: None returns an in-memory tensor; a path writes a ``.npy`` file (plus
-        ``<out>.manifest.json`` and ``<out>.tiles/``) and returns a tensor over a
-        copy-on-write memory map of it.
+      out: None returns an in-memory tensor; a path writes a ``.npy`` file (``<out>.partial``
+        until every tile is in, plus ``<out>.manifest.json``, ``<out>.tiles/`` and ``<out>.lock``)
+        and returns a tensor over a copy-on-write memory map of it. One writer per output: a
+        second run on the same ``out`` is refused while the first is alive.
       resume: continue an interrupted run with the same ``out`` (refused, with the reason, if
-        params, data or settings changed); False starts over. A resumed run keeps the recorded
-        tile grid (a smaller budget then computes each tile in smaller pieces). The fingerprint
-        hashes every byte of tensor/array inputs but only the length and 64 spread items of a
-        Dataset.
+        f, params, buffers, data or settings changed, or if the files were damaged); False
+        starts over. A resumed run keeps the recorded tile grid (a smaller budget then computes
+        each tile in smaller pieces) and checks every committed tile's checksum first. See
+        :mod:`ntkfunc._dataset.fingerprint` for what is compared.
       progress: a tqdm bar (tiles, ETA, kernel entries/s) on stderr when it is a terminal.
       devices: None (params' device; ``cuda:LOCAL_RANK`` under torchrun with CUDA), ``"all"``
         (every CUDA device, one worker thread each), or a list of devices.
       nonfinite: ``"raise"`` (FloatingPointError naming the samples; the tile is not
-        committed) or ``"warn"`` (warning naming them, the tile is kept).
+        committed), ``"warn"`` (warning naming them, the tile is kept) or ``"ignore"``.
+      verify: with ``out``, read the finished file back and check every tile against its
+        checksum (:func:`ntkfunc.verify_kernel`) before returning.
 
     Shapes: an ``(N, O)`` output gives ``(N1, N2)`` with the default trace; the layout is
     ``ntk_fn``'s. CUDA out-of-memory errors halve the computed block and retry.
@@ -152,22 +158,26 @@ def kernel_matrix(
       torch.Size([10, 4, 3, 3])
     """
     job = validate(f, params, x1, x2, trace_axes, diagonal_axes, implementation, pntk, batch_size, nonfinite)
+    check_verify(verify, out)
     rk = ranks()
     device = resolve_devices(devices, params, rk, API)
     shape = probe(job, device[0])
     budget = parse_budget(memory_budget, device[0])
     usable, dataset_plan = plan(job, shape, budget, batch_size, in_memory=out is None)
     store, grid_block = open_output(job, shape, out, dataset_plan, resume, rk)
-    tiles = list(grid(shape.n1, shape.n2, grid_block, grid_block, symmetric=job.symmetric, paired=shape.layout.batch_paired))
-    run(job, shape, store, dataset_plan, grid_block, tiles, device, int(usable), progress_bar=progress_bar_wanted(progress, rk), rk=rk)
-    return finish(store, tiles, rk)
+    try:  # the store holds the output's lock until the kernel is returned (or the run fails)
+        tiles = list(grid(shape.n1, shape.n2, grid_block, grid_block, symmetric=job.symmetric, paired=shape.layout.batch_paired))
+        with explained_f_errors(API, job.params, {}, without_vmap=_WITHOUT_VMAP):
+            run(job, shape, store, dataset_plan, grid_block, tiles, device, int(usable), progress_bar=progress_bar_wanted(progress, rk), rk=rk)
+        return finish(store, tiles, rk, verify=verify)
+    finally:
+        store.close()
 
 
 def validate(f: ApplyFn, params: PyTree, x1: Any, x2: Any, trace_axes: Axes, diagonal_axes: Axes,
              implementation: None | int | str | Implementation, pntk: bool, batch_size: int | None, nonfinite: str) -> Job:
     """Check the arguments (before anything runs) and wrap the data as :class:`Samples`."""
-    if nonfinite not in ("raise", "warn"):
-        raise ValueError(f"{API}(nonfinite={nonfinite!r}): expected 'raise' or 'warn'")
+    check_mode(nonfinite, API)
     check_positive_int(batch_size, "batch_size", API, allow_none=True)
     engine = get_engine("auto" if implementation is None else implementation, api=API)
     refuse_batch_coupled(f, 0, API)
@@ -175,6 +185,12 @@ def validate(f: ApplyFn, params: PyTree, x1: Any, x2: Any, trace_axes: Axes, dia
     s1 = Samples(x1, "x1")
     s2 = s1 if x2 is None else Samples(x2, "x2")
     return Job(f, fn, params, engine, s1, s2, as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes), bool(pntk), nonfinite)
+
+
+def check_verify(verify: bool, out: None | str | os.PathLike[str]) -> None:
+    """``verify=True`` checks an output file: it needs ``out``."""
+    if check_bool(verify, "verify", API) and out is None:
+        raise ValueError(f"{API}(verify=True, out=None): verify reads the kernel file back; expected out='K.npy'")
 
 
 def probe(job: Job, device: torch.device) -> Shape:
@@ -202,10 +218,15 @@ def probe(job: Job, device: torch.device) -> Shape:
     return Shape(problem, layout, layout.kernel_shape(shape1, shape2), n1, n2)
 
 
+_WITHOUT_VMAP = "use ntk_fn(f, vmap_axes=None) for the kernel of a whole batch without vmap (kernel_matrix needs per-sample outputs)"
+
+
 def _problem(job: Job, device: torch.device, params: PyTree) -> Problem:
     with transform_friendly_attention():
+        x1 = job.s1.get(0, 1).to(device)
         x2 = None if job.symmetric else job.s2.get(0, 1).to(device)
-        return make_problem(job.fn, job.s1.get(0, 1).to(device), x2, params, 0, job.trace, job.diag, api=API)
+        with explained_f_errors(API, params, {"x1": x1, "x2": x2}, without_vmap=_WITHOUT_VMAP):
+            return make_problem(job.fn, x1, x2, params, 0, job.trace, job.diag, api=API)
 
 
 def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memory: bool) -> tuple[float, DatasetPlan]:
@@ -259,8 +280,8 @@ def run(job: Job, shape: Shape, store: Store, dataset_plan: DatasetPlan, grid_bl
         bar.close()
 
 
-def finish(store: Store, tiles: list[Tile], rk: Ranks) -> torch.Tensor:
-    """Wait for every rank, check that every tile is committed, record completion, return the kernel."""
+def finish(store: Store, tiles: list[Tile], rk: Ranks, *, verify: bool = False) -> torch.Tensor:
+    """Wait for every rank, check that every tile is committed, record completion (and ``verify``), return the kernel."""
     rk.barrier()
     if isinstance(store, MemoryStore):
         return rk.all_reduce_sum(store.result())
@@ -268,7 +289,10 @@ def finish(store: Store, tiles: list[Tile], rk: Ranks) -> torch.Tensor:
         missing = [t.key for t in tiles if t.key not in store.done_keys()]
         if missing:  # pragma: no cover - an invariant: every rank committed its tiles
             raise RuntimeError(f"{API}: tiles {missing[:5]} were not committed")
-        store.finish()
+        store.finish([t.key for t in tiles])
+        if verify:
+            assert isinstance(store, NpyStore)
+            verify_kernel(store.path, api=f"{API}(verify=True)")
     rk.barrier()
     return store.result()
 

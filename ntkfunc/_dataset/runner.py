@@ -12,12 +12,12 @@ import contextlib
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ntkfunc._core.finite import nonfinite_message, report
 from ntkfunc._core.layout import Layout
 from ntkfunc._core.tiles import Tile
 from ntkfunc._dataset.panels import TileKernel
@@ -147,25 +147,6 @@ class Runner:
         return tuple(index)
 
     def _check_finite(self, block: torch.Tensor, t: Tile) -> None:
-        bad = ~torch.isfinite(block)
-        if not bool(bad.any()):
-            return
-        keep1 = [d for d in range(block.ndim) if d != self.pos[0]]
-        rows = (t.i0 + torch.nonzero(bad.any(dim=keep1) if keep1 else bad).flatten()).tolist()
-        if len(self.pos) == 2:
-            keep2 = [d for d in range(block.ndim) if d != self.pos[1]]
-            cols = (t.j0 + torch.nonzero(bad.any(dim=keep2)).flatten()).tolist()
-        else:
-            cols = rows
-        msg = (
-            f"kernel_matrix: {int(bad.sum())} non-finite kernel entries in the tile x1[{t.i0}:{t.i1}] x "
-            f"x2[{t.j0}:{t.j1}], from x1 samples {_few(rows)} and x2 samples {_few(cols)}; expected finite values "
-            "(check these samples' inputs and f's outputs on them for NaN/inf or overflow)"
-        )
-        if self.nonfinite == "raise":
-            raise FloatingPointError(msg + "; the tile was not written")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-
-
-def _few(idx: list[int], k: int = 10) -> str:
-    return str(idx[:k])[:-1] + (f", ... ({len(idx)} in all)]" if len(idx) > k else "]")
+        where = f" in the tile x1[{t.i0}:{t.i1}] x x2[{t.j0}:{t.j1}]"
+        message = nonfinite_message(block, self.pos, "kernel_matrix", where, offsets=(t.i0, t.j0))
+        report(message, self.nonfinite, stacklevel=2, raised="; the tile was not written")

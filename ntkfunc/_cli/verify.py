@@ -1,0 +1,37 @@
+"""``ntkfunc verify K.npy [...]``: check kernel files written by ``kernel_matrix(out=...)`` / ``ntkfunc compute``.
+
+For each file: its manifest is intact and complete, the ``.npy`` has the recorded header,
+shape and size, every tile's marker is there and the markers cover every entry, and (unless
+``--quick``) every tile's entries match the checksum written with them. Prints one line per
+file; exit status 0 when all pass, 1 otherwise. argparse -> :func:`ntkfunc.verify_kernel`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from ntkfunc._dataset.kernel_file import verify_kernel
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"ntkfunc verify: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _Parser(prog="ntkfunc verify", description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", help="kernel files (K.npy)")
+    p.add_argument("--quick", action="store_true", help="do not read the entries (manifest, header, size and markers only)")
+    args = p.parse_args(argv)
+    status = 0
+    for path in args.paths:
+        try:
+            print(f"ntkfunc verify: {verify_kernel(path, data=not args.quick, api='ntkfunc verify')}")
+        except (ValueError, OSError) as err:
+            print(f"ntkfunc verify: error: {err}", file=sys.stderr)
+            status = 1
+    return status
