@@ -64,6 +64,8 @@ import threading
 import time
 from typing import Any
 
+from cpu_load import cpu_sample, foreign  # benchmarks/ is this script's folder
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "benchmarks")
 DEFAULT_NT_PYTHON = os.environ.get("NT_PYTHON", "/work/nt-venv/bin/python")
@@ -217,25 +219,6 @@ def write_npz(s: dict[str, Any], path: str) -> dict[str, Any]:
     return {"n_params": n_params, "out_shape": out_shape, "x_shape": list(x.shape)}
 
 
-def _cpu_sample() -> tuple[float, float, float, float]:
-    """(busy CPU-seconds of the whole machine, stolen CPU-seconds, this process's CPU-seconds, wall)."""
-    try:
-        with open("/proc/stat") as fh:
-            v = [int(a) for a in fh.readline().split()[1:]]
-        hz = os.sysconf("SC_CLK_TCK")
-        busy = (v[0] + v[1] + v[2] + v[5] + v[6]) / hz  # user nice system irq softirq
-        steal = (v[7] if len(v) > 7 else 0) / hz
-    except (OSError, ValueError, IndexError):
-        busy = steal = float("nan")
-    return busy, steal, time.process_time(), time.perf_counter()
-
-
-def _foreign(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> dict[str, float]:
-    """CPU cores used by other processes (and stolen by the hypervisor) between two samples."""
-    wall = max(b[3] - a[3], 1e-9)
-    return {"foreign": max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / wall), "steal": (b[1] - a[1]) / wall}
-
-
 # --- the ntkfunc worker (runs in this python) ------------------------------------------------
 
 
@@ -268,7 +251,7 @@ def torch_measure(req: dict[str, Any], emit) -> None:  # type: ignore[no-untyped
     np.save(req["kernel_out"], k.detach().cpu().numpy())
     emit({"event": "warmup", "first_s": first, "kernel_shape": list(k.shape)})
     del k
-    spent, c0 = 0.0, _cpu_sample()
+    spent, c0 = 0.0, cpu_sample()
     for _ in range(req["reps"]):
         if spent > req["rep_seconds"]:
             break
@@ -277,8 +260,8 @@ def torch_measure(req: dict[str, Any], emit) -> None:  # type: ignore[no-untyped
         dt = time.perf_counter() - t0
         spent += dt
         emit({"event": "call", "s": dt})
-    c1 = _cpu_sample()
-    emit({"event": "load", "wall": c1[3] - c0[3], **_foreign(c0, c1)})
+    c1 = cpu_sample()
+    emit({"event": "load", "wall": c1[3] - c0[3], **foreign(c0, c1)})
     emit({"event": "done", "n_params": sum(p.numel() for p in params.values())})
 
 
@@ -462,9 +445,9 @@ def cell(r: dict[str, Any] | None) -> str:
 
 def machine_foreign(seconds: float = 1.0) -> float:
     """Cores busy outside this process over ``seconds`` (the workers are idle meanwhile)."""
-    a = _cpu_sample()
+    a = cpu_sample()
     time.sleep(seconds)
-    f = _foreign(a, _cpu_sample())
+    f = foreign(a, cpu_sample())
     return f["foreign"] + f["steal"]
 
 

@@ -42,6 +42,8 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from cpu_load import cpu_sample, foreign  # benchmarks/ is this script's folder
+
 
 def _import_nt():  # type: ignore[no-untyped-def]
     # neural_tangents/__init__.py imports `experimental`, which needs TensorFlow; it is not
@@ -180,25 +182,6 @@ def load(npz_path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any],
     return meta, params, consts, x
 
 
-def _cpu_sample() -> tuple[float, float, float, float]:
-    """(busy CPU-seconds of the whole machine, stolen CPU-seconds, this process's CPU-seconds, wall)."""
-    try:
-        with open("/proc/stat") as fh:
-            v = [int(a) for a in fh.readline().split()[1:]]
-        hz = os.sysconf("SC_CLK_TCK")
-        busy = (v[0] + v[1] + v[2] + v[5] + v[6]) / hz  # user nice system irq softirq
-        steal = (v[7] if len(v) > 7 else 0) / hz
-    except (OSError, ValueError, IndexError):
-        busy = steal = float("nan")
-    return busy, steal, time.process_time(), time.perf_counter()
-
-
-def _foreign(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> dict[str, float]:
-    """CPU cores used by other processes (and stolen by the hypervisor) between two samples."""
-    wall = max(b[3] - a[3], 1e-9)
-    return {"foreign": max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / wall), "steal": (b[1] - a[1]) / wall}
-
-
 # --- one measurement ------------------------------------------------------------------------
 
 
@@ -218,7 +201,7 @@ def measure(req: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> None
     np.save(req["kernel_out"], np.asarray(k))
     emit({"event": "warmup", "first_s": first, "kernel_shape": list(k.shape)})
     del k
-    spent, c0 = 0.0, _cpu_sample()
+    spent, c0 = 0.0, cpu_sample()
     for _ in range(req["reps"]):
         if spent > req["rep_seconds"]:
             break
@@ -227,8 +210,8 @@ def measure(req: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> None
         dt = time.perf_counter() - t0
         spent += dt
         emit({"event": "call", "s": dt})
-    c1 = _cpu_sample()
-    emit({"event": "load", "wall": c1[3] - c0[3], **_foreign(c0, c1)})
+    c1 = cpu_sample()
+    emit({"event": "load", "wall": c1[3] - c0[3], **foreign(c0, c1)})
     n_params = int(sum(v.size for v in jax.tree_util.tree_leaves(params)))
     emit({"event": "done", "n_params": n_params})
     del kfn

@@ -39,9 +39,8 @@ def ntk_fn(
         statistics): the kernel is then computed on the whole batch at once.
       implementation: 1 Jacobian contraction, 2 NTK-vector products, 3 structured derivatives
         (per-primitive rules of ``ntkfunc.rules``; see ``Implementation`` and ``ntkfunc.explain``).
-        Implementation 2 uses torch's forward-mode AD, whose levels are process-wide: call it
-        from one thread at a time (``kernel_matrix(devices=[...])`` runs its workers in turn for
-        it); the others may be called from several threads at once.
+        Every implementation may be called from several threads at once (implementation 2's
+        forward-mode sections, whose AD levels torch keeps per process, take turns on one lock).
       memory_budget: bytes (or ``"2GB"``) the Jacobians may occupy; default 80% of free
         CUDA memory, or half of the available RAM on CPU. Work is tiled to fit.
       per_param: return the kernel split by parameter tensor (the "layerwise components"

@@ -156,7 +156,8 @@ def check_rule(
     1. with ``expected`` (parameter name -> ``"rule:role"``, as ``explain`` names them), the
        parameters named there are handled by that rule (they did not fall back);
     2. for ``x2`` (if given) and ``x2=None``, and every ``(trace_axes, diagonal_axes)`` of
-       ``settings``, the kernel of implementation 3 agrees to ``tol`` (relative to its largest
+       ``settings``, the kernel of implementation 3 with every rule in use
+       (:func:`ntkfunc.rules.forced`) agrees to ``tol`` (relative to its largest
        entry) with :func:`reference_kernel` and with implementation 3 under
        :func:`ntkfunc.rules.disabled` (every parameter from its reverse-mode Jacobian).
 
@@ -184,7 +185,8 @@ def check_rule(
     for x2_ in ([x2] if x2 is not None else []) + [None]:
         for tr, dg in settings:
             kernel = ntk_fn(f, trace_axes=tr, diagonal_axes=dg, vmap_axes=vmap_axes, implementation=3)
-            k = kernel(x1, x2_, params)
+            with rules.forced():  # every matching rule, even where reverse mode would be cheaper
+                k = kernel(x1, x2_, params)
             with rules.disabled():
                 fallback = kernel(x1, x2_, params)
             ref = reference_kernel(f, params, x1, x2_, tr, dg)

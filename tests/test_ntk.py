@@ -99,7 +99,8 @@ def test_small_memory_budget_tiles_and_stays_exact(case_name, impl, monkeypatch)
             counted.append(t)
             yield t
 
-    modules = {1: ["ntkfunc._engines.jacobian"], 2: ["ntkfunc._engines.vp"], 3: ["ntkfunc._engines.structured.kernel"],
+    modules = {1: ["ntkfunc._engines.jacobian"], 2: ["ntkfunc._engines.vp"],
+               3: ["ntkfunc._engines.jacobian", "ntkfunc._engines.structured.kernel"],
                "auto": ["ntkfunc._engines.jacobian", "ntkfunc._engines.structured.kernel"]}[impl]
     for module in modules:
         monkeypatch.setattr(f"{module}.tiles", counting_tiles)

@@ -10,6 +10,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import ntkfunc
+from ntkfunc import rules
 from ntkfunc._engines import registry
 from tests.reference import max_rel_err, reference_kernel
 from tests.zoo import CASES, implementations
@@ -104,6 +105,7 @@ def test_tiled_under_small_memory_budget_is_unchanged(impl, monkeypatch):
 
     monkeypatch.setattr("ntkfunc._engines.jacobian.tiles", counting_tiles)
     monkeypatch.setattr("ntkfunc._engines.structured.kernel.tiles", counting_tiles)
+    monkeypatch.setattr("ntkfunc._engines.vp.tiles", counting_tiles)
     f, params, x1, x2, vmap_axes = CASE_BY_NAME["mlp"].build(torch.float64)
     big = ntkfunc.ntk_fn(f, trace_axes=(), implementation=impl, per_param=True)(x1, None, params)
     for budget in (100_000, 30_000, 10_000, 5_000):  # the first that tiles
@@ -257,9 +259,10 @@ def test_structured_per_param_costs_one_kernel_evaluation(monkeypatch):
 
     monkeypatch.setattr(structured, "side", spy)
     f, params, x1, x2, _ = CASE_BY_NAME["cnn"].build(torch.float64)
-    full = ntkfunc.ntk_fn(f, implementation=3)(x1, x2, params)
-    full_calls = list(calls)
-    calls.clear()
-    per = ntkfunc.ntk_fn(f, implementation=3, per_param=True)(x1, x2, params)
+    with rules.forced():  # the rules' path (the zoo's small CNN would otherwise take reverse-mode Jacobians)
+        full = ntkfunc.ntk_fn(f, implementation=3)(x1, x2, params)
+        full_calls = list(calls)
+        calls.clear()
+        per = ntkfunc.ntk_fn(f, implementation=3, per_param=True)(x1, x2, params)
     assert calls == full_calls and len(calls) == 2
     assert max_rel_err(sum(per.values()), full) <= 1e-12

@@ -163,10 +163,11 @@ def test_path_cache_is_reused():
     f, p = ntkfunc.from_module(model)
     x = torch.randn(4, 3)
     kernel = ntkfunc.ntk_fn(f, implementation=3)
-    kernel(x, None, p)
-    before = plan.expression.cache_info()
-    kernel(x, None, p)
-    after = plan.expression.cache_info()
+    with ntkfunc.rules.forced():
+        kernel(x, None, p)
+        before = plan.expression.cache_info()
+        kernel(x, None, p)
+        after = plan.expression.cache_info()
     assert after.misses == before.misses and after.hits > before.hits
 
 
@@ -194,3 +195,44 @@ def test_implementation_3_is_registered():
     assert [int(e.implementation) for e in engines()] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="expected 'auto' or one of \\[0, 1, 2, 3\\]"):
         ntkfunc.ntk_fn(lambda p, x: x, implementation=4)
+
+
+def test_reverse_mode_routes_where_cheaper_and_forced_keeps_the_rules():
+    """64 tokens of width 8, full kernel: probing the linear (its cotangents on every token, then its
+    roles' routes) costs more than reverse-mode Jacobians, so implementation 3 takes both parameters
+    from reverse mode (and, with nothing left to probe, skips the capture); inside ``rules.forced()``
+    the rule is used. Both kernels are the reference's."""
+    from ntkfunc._core.problem import make_problem
+    from ntkfunc._engines.structured import kernel as structured
+
+    torch.manual_seed(0)
+    p = {"w": 0.3 * torch.randn(8, 8, dtype=D), "b": 0.1 * torch.randn(8, dtype=D)}
+
+    def f(p, x):  # x: (N, T, 8), output (N, 8)
+        return torch.tanh(F.linear(x, p["w"], p["b"])).mean(1)
+
+    x = torch.randn(3, 64, 8, dtype=D)
+    problem = make_problem(f, x, None, p, 0, (), (), api="test")
+    moved = structured.routes(problem)
+    assert set(moved) == {0, 1} and all("Jacobian contraction" in why for why in moved.values())
+    with ntkfunc.rules.forced():
+        assert structured.routes(problem) == {}
+    ref = reference_kernel(f, p, x, None, (), ())
+    kernel = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)
+    assert max_rel_err(kernel(x, None, p), ref) <= 1e-10
+    with ntkfunc.rules.forced():
+        assert max_rel_err(kernel(x, None, p), ref) <= 1e-10
+
+
+@pytest.mark.parametrize("eq,sa,sb", [
+    ("abte,atf->abef", (2, 3, 5, 4), (2, 5, 6)),  # cotangent (b, O, T, d) with inputs (b, T, i): a linear weight
+    ("abcte,atf->abcef", (2, 3, 2, 5, 4), (2, 5, 6)),  # two outer axes broadcast over
+    ("ate,atf->aef", (2, 5, 4), (2, 5, 6)),  # nothing to broadcast over: left to einsum
+])
+def test_broadcast_matmul_agrees_with_einsum(eq, sa, sb):
+    a, b = torch.randn(*sa, dtype=D), torch.randn(*sb, dtype=D)
+    out = plan.broadcast_matmul(eq, a, b)
+    if out is None:
+        return
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, torch.einsum(eq, a, b))

@@ -202,12 +202,20 @@ def double(tree):
     return torch.utils._pytree.tree_map(lambda t: t.double() if t.is_floating_point() else t, tree)
 
 
-def implementations(*, param_vmap: bool = False) -> list:
-    """Every registered implementation (``"auto"`` by name), from the engine registry.
+def implementations(*, param_vmap: bool = False, rules_forced: bool = True) -> list:
+    """Every registered implementation (``"auto"`` by name), from the engine registry, as pytest params.
 
-    ``param_vmap``: only those whose kernels work under ``vmap`` over params.
+    ``param_vmap``: only those whose kernels work under ``vmap`` over params. ``rules_forced``:
+    also implementation 3 with every matching rule in use (id ``3-rules``, run inside
+    ``ntkfunc.rules.forced()`` by ``tests/conftest.py``): otherwise the zoo's small models
+    would mostly exercise its reverse-mode Jacobians, not its rules.
     """
+    import pytest
+
     from ntkfunc._engines import Implementation, engines
 
-    return ["auto" if e.implementation == Implementation.AUTO else int(e.implementation)
-            for e in engines() if e.param_vmap or not param_vmap]
+    out: list = ["auto" if e.implementation == Implementation.AUTO else int(e.implementation)
+                 for e in engines() if e.param_vmap or not param_vmap]
+    if rules_forced and 3 in out:
+        out.append(pytest.param(3, id="3-rules", marks=pytest.mark.rules_forced))
+    return out

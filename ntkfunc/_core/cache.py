@@ -2,8 +2,11 @@
 
 ``ntk_fn(f)`` returns a kernel that is usually called many times with inputs of the same
 shapes (a kernel per training step, per tile). What depends only on those shapes is
-found once and kept here: what the probe of ``f`` found (output shapes and structure)
-and ``"auto"``'s per-parameter routes. Nothing is shared between kernel functions.
+found once and kept here: what the probe of ``f`` found (output shapes and structure),
+``"auto"``'s per-parameter routes, and what the engines derive from shapes alone (planner
+measurements such as activation sizes, the structured engine's capture and equations).
+Parameter *values* are never kept: a call with the same shapes and new values computes
+the new kernel. Nothing is shared between kernel functions.
 """
 
 from __future__ import annotations
@@ -40,13 +43,26 @@ class RouteChoice:
     outright: bool
 
 
-RouteKey = tuple[Signature, int, int, bool]
-"""(signature, N1, N2, rules enabled)."""
+RouteKey = tuple[Signature, int, int, bool, bool]
+"""(signature, N1, N2, rules enabled, rules forced)."""
+
+
+ShapeKey = tuple[str, Signature, Any]
+"""(what, signature, further parts such as sizes): the key of :attr:`KernelCache.derived`."""
 
 
 @dataclasses.dataclass
 class KernelCache:
-    """Per kernel function: probe results by input signature and auto's routes by signature and sizes."""
+    """Per kernel function: what depends on the input signature only.
+
+    Attributes:
+      probes: what the probe of ``f`` found, by signature.
+      routes: ``"auto"``'s choice, by signature and sizes.
+      derived: anything else an engine derives from shapes, dtypes and structure alone
+        (``Problem.remember``): activation sizes, the structured engine's capture,
+        equations and prices. Never tensors that hold parameter or input values.
+    """
 
     probes: dict[Signature, ProbeResult] = dataclasses.field(default_factory=dict)
     routes: dict[RouteKey, RouteChoice] = dataclasses.field(default_factory=dict)
+    derived: dict[ShapeKey, Any] = dataclasses.field(default_factory=dict)

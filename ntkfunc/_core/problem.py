@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch.utils import _pytree as pytree
@@ -29,6 +29,7 @@ from ntkfunc._core.pytree import broadcast_prefix, tree_flatten, tree_unflatten
 from ntkfunc._core.types import ApplyFn, Axes, PyTree, VMapAxes
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass
@@ -113,6 +114,24 @@ class Problem:
     @property
     def vmapped(self) -> bool:
         return self.x_axes is not None
+
+    def remember(self, what: str, compute: Callable[[], _T], *key: Hashable,
+                 keep: Callable[[_T], bool] | None = None) -> _T:
+        """``compute()``, found once per input signature (and ``key``) and kept in the kernel function's cache.
+
+        Only for what depends on shapes, dtypes and structure alone, never on values; ``keep``
+        can refuse to keep a result that turned out to depend on values. Without a cache
+        (inputs under an outer transform, or a one-off problem) it is computed each time.
+        """
+        if self.cache is None or self.signature is None:
+            return compute()
+        k = (what, self.signature, key)
+        if k in self.cache.derived:
+            return self.cache.derived[k]
+        value = compute()
+        if keep is None or keep(value):
+            self.cache.derived[k] = value
+        return value
 
     # --- the function in differentiable forms ---------------------------------------
     def _call(self, param_leaves: Sequence[torch.Tensor], x_leaves: Sequence[Any], subset: Sequence[int] | None) -> list[torch.Tensor]:
@@ -362,7 +381,7 @@ def make_problem(
 
 
 def signature_of(p: Params, x1: list[Any], x2: list[Any] | None, spec: Any, x_axes: list[int | None] | None) -> Signature:
-    """What the probe's findings depend on: structures, per-sample shapes, dtypes, devices."""
+    """What the probe's findings depend on: structures, per-sample shapes, dtypes, devices (and parameters' contiguity)."""
 
     def meta(leaves: list[Any]) -> tuple:
         out = []
@@ -374,5 +393,6 @@ def signature_of(p: Params, x1: list[Any], x2: list[Any] | None, spec: Any, x_ax
             out.append((tuple(shape), t.dtype, t.device))
         return tuple(out)
 
-    params = tuple((tuple(t.shape), t.dtype, t.device) for t in p.leaves)
+    # contiguity: the structured capture follows views of contiguous parameters only (structured.views)
+    params = tuple((tuple(t.shape), t.dtype, t.device, t.is_contiguous()) for t in p.leaves)
     return (str(p.spec), params, str(spec), meta(x1), None if x2 is None else meta(x2), None if x_axes is None else tuple(x_axes))

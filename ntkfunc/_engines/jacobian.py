@@ -58,7 +58,7 @@ def plan(problem: Problem, budget: int, n_kernels: int = 1) -> Plan:
         return Plan([everything], n_max)
     # While a block's Jacobian is built, backward temporaries about the size of the
     # largest parameter's Jacobian and ~2 O copies of the activations are alive.
-    transient = backward_transient(problem) + max(sizes)
+    transient = problem.remember("backward_transient", lambda: backward_transient(problem)) + max(sizes)
     if n_all * total + n_max * transient <= usable:
         return Plan([everything], n_max)
     block = int(usable // (2 * total + transient))
@@ -108,10 +108,14 @@ def jacobians(problem: Problem, group: Sequence[int], which: int, start: int, st
 
 
 def contract(problem: Problem, j1: list[list[torch.Tensor]], j2: list[list[torch.Tensor]], group: Sequence[int]) -> list[list[torch.Tensor]]:
-    """Per output leaf, per parameter: the (not yet trace-normalised) kernel contribution."""
+    """Per output leaf, per parameter: the (not yet trace-normalised) kernel contribution.
+
+    ``j2 is j1`` (the diagonal tile of ``x2=None``) contracts only the upper blocks (``Layout.contract_self``).
+    """
     leaves = problem.params.diff_leaves
     return [
-        [lay.contract(a, b, leaves[k].ndim) for a, b, k in zip(j1[leaf], j2[leaf], group)]
+        [lay.contract_self(a, leaves[k].ndim) if a is b else lay.contract(a, b, leaves[k].ndim)
+         for a, b, k in zip(j1[leaf], j2[leaf], group)]
         for leaf, lay in enumerate(problem.layouts)
     ]
 

@@ -64,8 +64,8 @@ class Engine:
       rows: how ``kernel_matrix`` makes this engine's per-sample rows (gradients flattened over
         parameters, :mod:`ntkfunc._engines.persample`) to keep them across tiles (panels) and
         contract them with one matrix product per tile; None: ``ntk_fn`` per tile.
-      thread_safe: it may run in several threads at once (forward-mode AD keeps process-wide
-        dual levels, so an engine that uses it is not).
+      thread_safe: it may run in several threads at once (an engine that runs forward-mode AD must
+        hold `_core.forward_ad.forward_ad_section`: torch keeps its dual levels per process).
     """
 
     implementation: Implementation
@@ -94,7 +94,7 @@ def _table(*records: Engine) -> Mapping[int, Engine]:
 ENGINES: Mapping[int, Engine] = _table(
     Engine(Implementation.AUTO, "auto", auto.kernel, rows=persample.structured_rows),
     Engine(Implementation.JACOBIAN_CONTRACTION, "Jacobian contraction", jacobian.kernel, rows=persample.jacobian_rows),
-    Engine(Implementation.NTK_VECTOR_PRODUCTS, "NTK-vector products", vp.kernel, thread_safe=False),
+    Engine(Implementation.NTK_VECTOR_PRODUCTS, "NTK-vector products", vp.kernel),
     Engine(Implementation.STRUCTURED_DERIVATIVES, "structured derivatives", structured.kernel, rows=persample.structured_rows),
 )
 """Every implementation, by number (read-only)."""

@@ -31,6 +31,8 @@ from ntkfunc.rules.base import (
     enabled,
     expand,
     expansion,
+    forced,
+    is_forced,
     lookup,
     register,
 )
@@ -40,5 +42,5 @@ from ntkfunc.rules import attention, concat, conv, elementwise, embedding, linea
 
 __all__ = [
     "EXPANSIONS", "LETTERS", "RULES", "Bound", "IsParam", "Rule", "Structure", "Tensor", "bind", "check_structure",
-    "disabled", "einsum_structure", "enabled", "expand", "expansion", "lookup", "register",
+    "disabled", "einsum_structure", "enabled", "expand", "expansion", "forced", "is_forced", "lookup", "register",
 ]

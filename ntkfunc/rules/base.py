@@ -76,6 +76,10 @@ class Rule:
     name: ClassVar[str] = "rule"
     names: ClassVar[tuple[str, ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}
+    static_meta: ClassVar[bool] = False
+    """True when :meth:`capture`'s ``meta`` depends only on shapes and non-tensor arguments, never
+    on a tensor's values: ntkfunc may then keep the capture for later calls with the same input
+    signature (a kernel per training step). Leave False for a rule that reads values into meta."""
 
     def bind(self, args: tuple, kwargs: dict) -> Bound | None:
         """The call's arguments by name (positional first, then defaults); None if the call does not fit."""
@@ -98,6 +102,7 @@ EXPANSIONS: dict[Any, Callable[..., Any]] = {}
 """A fused torch function -> its re-implementation in ruled primitives (filled by :func:`expand`)."""
 
 _DISABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("ntkfunc_rules_disabled", default=False)
+_FORCED: contextvars.ContextVar[bool] = contextvars.ContextVar("ntkfunc_rules_forced", default=False)
 
 R = TypeVar("R", bound=type)
 
@@ -161,6 +166,37 @@ def expansion(op: Any) -> Callable[..., Any] | None:
 def enabled() -> bool:
     """Whether rules are in use here (False inside :func:`disabled`)."""
     return not _DISABLED.get()
+
+
+def is_forced() -> bool:
+    """Whether rules apply wherever they match, cheaper or not (True inside :func:`forced`)."""
+    return _FORCED.get()
+
+
+@contextlib.contextmanager
+def forced() -> Iterator[None]:
+    """Within the block (this thread / context only) every rule that matches is used.
+
+    Outside it, implementation 3 and ``"auto"`` take a parameter's Jacobian from reverse mode
+    (and skip the capture altogether) where that is cheaper than its rule; inside it every
+    covered parameter's kernel term comes from its rule, so that a rule can be tested
+    (:func:`ntkfunc.testing.check_rule` uses it) or measured.
+
+    Example:
+      >>> import torch, ntkfunc
+      >>> from ntkfunc import rules
+      >>> f = lambda p, x: torch.tanh(x @ p)
+      >>> p, x = torch.randn(3, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+      >>> with rules.forced():
+      ...     k = ntkfunc.ntk_fn(f, implementation=3)(x, None, p)
+      >>> bool(torch.allclose(k, ntkfunc.ntk_fn(f)(x, None, p)))
+      True
+    """
+    token = _FORCED.set(True)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
 
 
 @contextlib.contextmanager

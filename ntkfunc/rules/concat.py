@@ -34,6 +34,7 @@ from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor,
 class Cat(Rule):
     """``cat(tensors, dim)``: every parameter among ``tensors`` gets the role ``tensor{i}``."""
 
+    static_meta = True
     name = "cat"
 
     def bind(self, args: tuple, kwargs: dict) -> Bound | None:

@@ -69,6 +69,7 @@ def upsample(x: Tensor, stride: Sequence[int]) -> Tensor:
 class _Conv(Rule):
     """A convolution ``op(input, weight, bias, ...)`` whose weight and / or bias are parameters."""
 
+    static_meta = True
     transposed: bool = False
     names: ClassVar[tuple[str, ...]] = _CONV
     defaults = _DEFAULTS

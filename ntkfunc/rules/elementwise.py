@@ -38,6 +38,7 @@ def trailing(ndim: int, y_ndim: int) -> str:
 class _Binary(Rule):
     """``op(input, other[, alpha])`` where exactly one of input / other is a parameter."""
 
+    static_meta = True
     names: ClassVar[tuple[str, ...]] = ("input", "other")
 
     def bind(self, args: tuple, kwargs: dict) -> Bound | None:

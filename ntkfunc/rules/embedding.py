@@ -35,6 +35,7 @@ _DEFAULTS = {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_gra
 
 @register(F.embedding)
 class Embedding(Rule):
+    static_meta = True
     name = "embedding"
     names = _NAMES
     defaults = _DEFAULTS

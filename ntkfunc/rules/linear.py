@@ -38,6 +38,7 @@ def _is_tensor(t: Any) -> bool:
 class Linear(Rule):
     """``F.linear(x, W, b) = x Wᵀ + b``: x ``(..., i)``, W ``(o, i)``, b ``(o,)``."""
 
+    static_meta = True
     name = "linear"
     names = ("input", "weight", "bias")
     defaults = {"bias": None}
@@ -79,6 +80,7 @@ def matmul_subscripts(nda: int, ndb: int) -> tuple[str, str, str]:
 class MatMul(Rule):
     """``input @ other`` (``matmul``, ``mm``) with broadcasting batch axes and 1-D operands; one is a parameter."""
 
+    static_meta = True
     name = "matmul"
     names = ("input", "other")
 
@@ -165,6 +167,7 @@ def parse_einsum(equation: str, ndims: Sequence[int]) -> tuple[list[str], str] |
 class Einsum(Rule):
     """``torch.einsum(eq, *operands)`` where exactly one operand is a parameter, used once."""
 
+    static_meta = True
     name = "einsum"
 
     def bind(self, args: tuple, kwargs: dict) -> Bound | None:
@@ -204,6 +207,7 @@ class _AddMatMul(Rule):
     :class:`MatMul`). ``mats`` names the two matrix operands, ``subscripts`` their einsum.
     """
 
+    static_meta = True
     mats: ClassVar[tuple[str, str]] = ("mat1", "mat2")
     subscripts: ClassVar[tuple[str, str, str]] = ("xy", "yz", "xz")
 

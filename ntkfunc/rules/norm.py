@@ -32,6 +32,7 @@ from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor,
 class _Affine(Rule):
     """A norm whose output is ``normalise(x) * weight + bias``."""
 
+    static_meta = True
     channel_axis: int | None = None  # None: weight aligned to the trailing axes
 
     def normalise(self, a: Bound) -> Tensor:

@@ -86,6 +86,9 @@ class Capture:
       uses: parameter index -> names of the functions that consumed it (for ``explain``).
       tied: parameter index -> its ``(event position, role)`` uses, for parameters used by
         several events (or roles): their kernel sums every pair of uses.
+      static: every event's rule declares ``static_meta`` (its ``meta`` depends on shapes and
+        settings only, never on a tensor's values): the capture may then be reused for inputs
+        of the same signature.
     """
 
     events: list[Event]
@@ -94,6 +97,7 @@ class Capture:
     uses: dict[int, list[str]]
     api: str = "ntk_fn"
     tied: dict[int, list[tuple[int, str]]] = dataclasses.field(default_factory=dict)
+    static: bool = True
 
     @property
     def ruled(self) -> list[int]:
@@ -189,6 +193,7 @@ class _Recorder(_ParamMode):
         self.uses: dict[int, list[str]] = {}
         self.plain: dict[int, list[str]] = {}
         self.bad_views: dict[int, str] = {}
+        self.static = True
 
     def unmatched(self, func: Any, args: tuple, kwargs: dict, touched: list[torch.Tensor]) -> Any:
         out = func(*args, **kwargs)
@@ -221,6 +226,7 @@ class _Recorder(_ParamMode):
                     maps[r] = vm
         args, kwargs, bound = pytree.tree_map(detach, (args, kwargs, bound))
         _, meta = rule.capture(bound, _no_param)
+        self.static = self.static and rule.static_meta
         y = func(*args, **kwargs)
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"rule {rule.name} matched {op_name(func)}, which returned a {type(y).__name__}; expected a tensor")
@@ -283,7 +289,7 @@ def discover(problem: Problem, which: int = 1) -> Capture:
             reason = _pairing_problem(mode, k, uses_of[k])
             if reason is not None:
                 fallback[k] = reason
-    return _assemble(mode.events, fallback, mode.uses, problem.api)
+    return _assemble(mode.events, fallback, mode.uses, problem.api, mode.static)
 
 
 def _pairing_problem(mode: _Recorder, k: int, uses: Sequence[tuple[int, str]]) -> str | None:
@@ -305,7 +311,8 @@ def _uses(events: Sequence[Event], fallback: Container[int]) -> dict[int, list[t
     return uses
 
 
-def _assemble(all_events: Sequence[Event], fallback: dict[int, str], uses: dict[int, list[str]], api: str) -> Capture:
+def _assemble(all_events: Sequence[Event], fallback: dict[int, str], uses: dict[int, list[str]], api: str,
+              static: bool = True) -> Capture:
     """A :class:`Capture` from the recorded events, with ``fallback`` parameters left out of them."""
     events: list[Event] = []
     for e in all_events:
@@ -315,7 +322,7 @@ def _assemble(all_events: Sequence[Event], fallback: dict[int, str], uses: dict[
     by_param = _uses(events, fallback)
     covered = {k: us[0] for k, us in by_param.items() if len(us) == 1}
     tied = {k: us for k, us in by_param.items() if len(us) > 1}
-    return Capture(events, covered, fallback, uses, api, tied=tied)
+    return Capture(events, covered, fallback, uses, api, tied=tied, static=static)
 
 
 def restrict(capture: Capture, moved: dict[int, str]) -> Capture:
@@ -326,7 +333,7 @@ def restrict(capture: Capture, moved: dict[int, str]) -> Capture:
     """
     if not moved:
         return capture
-    return _assemble(capture.events, {**capture.fallback, **moved}, capture.uses, capture.api)
+    return _assemble(capture.events, {**capture.fallback, **moved}, capture.uses, capture.api, capture.static)
 
 
 class Injector(_ParamMode):

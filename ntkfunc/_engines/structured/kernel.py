@@ -18,7 +18,11 @@ samples:
    gets every pair of its uses, cross terms included (:func:`tied_block`), by the same
    two routes.
 5. Fallback parameters (no rule, a view that does not compose, uses that do not pair, ...)
-   are contracted from their Jacobians exactly as in implementation 1.
+   are contracted from their Jacobians exactly as in implementation 1. So are the ruled
+   parameters whose Jacobian route is cheaper than their Gram route (:func:`routes`, priced
+   once per input signature from one sample): forming ``∂f/∂θ`` from the rule would repeat
+   what reverse mode computes in the same cotangent pass (a linear layer's weight gradient),
+   so that pass returns it (a Transformer block's projection and MLP weights on 64 tokens).
 
 Memory: sample blocks are sized so that the cotangents (``b x O x Σ numel(y_k)``), the
 operands and the fallback Jacobians fit the budget, and tiled with :func:`~ntkfunc._core.tiles.tiles`.
@@ -36,6 +40,7 @@ from ntkfunc import rules
 from ntkfunc._core.memory import SAFETY, backward_transient, itemsize, outputs_per_sample
 from ntkfunc._core.problem import Problem
 from ntkfunc._core.tiles import Accumulator, tiles
+from ntkfunc._engines import jacobian
 from ntkfunc._engines.structured import capture as capture_mod
 from ntkfunc._engines.structured import plan, views
 from ntkfunc._engines.structured.capture import Capture
@@ -59,6 +64,18 @@ class Side:
     structures: dict[tuple[int, str], rules.Structure] = dataclasses.field(default_factory=dict)
     forms: dict[Key, plan.Equation] = dataclasses.field(default_factory=dict)
     jacobians: dict[Key, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+def captured(problem: Problem, which: int = 1, moved: dict[int, str] | None = None) -> Capture:
+    """The capture of ``f`` on x1's (``which=1``) or x2's first sample, ``moved`` parameters sent to the fallback.
+
+    Kept in the kernel function's cache per input signature (and rules on or off): the
+    primitives ``f`` calls, their settings and shapes depend on the signature only. A capture
+    whose rules read tensor values into their settings (``Capture.static`` false) is redone.
+    """
+    found = problem.remember("capture", lambda: capture_mod.discover(problem, which), which, rules.enabled(),
+                             keep=lambda cap: cap.static)
+    return capture_mod.restrict(found, moved or {})
 
 
 def side(problem: Problem, cap: Capture, which: int, start: int, stop: int) -> Side:
@@ -117,7 +134,7 @@ def side_jacobian(problem: Problem, sd: Side, e: int, role: str, leaf: int, memo
     key = (e, role, leaf)
     if key not in sd.jacobians:
         # contiguous: the einsum leaves the parameter axes transposed, which makes J₁ J₂ᵀ several times slower
-        sd.jacobians[key] = side_form(problem, sd, e, role, leaf).run(memory_limit).contiguous()
+        sd.jacobians[key] = side_form(problem, sd, e, role, leaf).form(memory_limit)
     return sd.jacobians[key]
 
 
@@ -140,16 +157,21 @@ def route(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side) ->
     return p.at_tile(formed1=key in s1.jacobians, formed2=s1 is s2 or key in s2.jacobians), gram
 
 
-def param_block(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side, memory_limit: int | None) -> torch.Tensor:
-    """One covered parameter's kernel block (not divided by the trace size), by the cheaper route."""
+def param_block(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side, memory_limit: int | None,
+                sharing: plan.Sharing | None = None) -> torch.Tensor:
+    """One covered parameter's kernel block (not divided by the trace size), by the cheaper route.
+
+    ``sharing``: the :class:`~ntkfunc._engines.structured.plan.Sharing` of the event's other roles.
+    """
     lay = problem.layouts[leaf]
     cost, gram = route(problem, leaf, e, role, s1, s2)
     if cost.use_gram:
-        part = gram.run(memory_limit)
+        part = gram.run(memory_limit, sharing)
     else:
         j1 = side_jacobian(problem, s1, e, role, leaf, memory_limit)
         j2 = side_jacobian(problem, s2, e, role, leaf, memory_limit)
-        part = lay.contract(j1, j2, j1.ndim - len(lay.operand_subscripts(0)[0]))
+        n_theta = j1.ndim - len(lay.operand_subscripts(0)[0])
+        part = lay.contract_self(j1, n_theta) if j1 is j2 else lay.contract(j1, j2, n_theta)
     scale = event_structure(problem, s1, e, role).scale * event_structure(problem, s2, e, role).scale
     return part if scale == 1.0 else part * scale
 
@@ -170,13 +192,13 @@ def tied_prices(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Si
         plan.gram_equation(lay, problem.vmapped, a, views.relabel(b, a.theta), s1.cot[leaf][e1], s2.cot[leaf][e2])
         for (e1, _), a in zip(uses, st1) for (e2, _), b in zip(uses, st2)
     ]
-    gram = sum(g.flops for g in grams)
+    gram = sum((g.price for g in grams), plan.FREE)
     if len({views.theta_sizes(st) for st in st1 + st2}) > 1:
-        return plan.Prices(gram, math.inf, math.inf, math.inf), grams
+        return plan.Prices(gram, plan.NONE, plan.NONE, plan.NONE), grams
     forms1 = [side_form(problem, s1, e, r, leaf) for e, r in uses]
     forms2 = [side_form(problem, s2, e, r, leaf) for e, r in uses]
-    pair = plan.flops(plan.pair_equation(lay, len(st1[0].theta)), (forms1[0].out_shape, forms2[0].out_shape))
-    return plan.Prices(gram, sum(f.flops for f in forms1), sum(f.flops for f in forms2), pair), grams
+    pair = plan.price(plan.pair_equation(lay, len(st1[0].theta)), (forms1[0].out_shape, forms2[0].out_shape))
+    return plan.Prices(gram, sum((f.price for f in forms1), plan.FREE), sum((f.price for f in forms2), plan.FREE), pair), grams
 
 
 def tied_route(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Side, s2: Side) -> tuple[plan.RouteCost, list[plan.Equation]]:
@@ -216,18 +238,134 @@ def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit
     """
     leaves = problem.params.diff_leaves
     fb_idx = sorted(cap.fallback)
+    by_event: dict[int, list[tuple[int, str]]] = {}
+    for k, (e, role) in sorted(cap.covered.items()):
+        by_event.setdefault(e, []).append((k, role))
     blocks = []
     for leaf, lay in enumerate(problem.layouts):
         parts: list[torch.Tensor | None] = [None] * len(leaves)
-        for k, (e, role) in sorted(cap.covered.items()):
-            parts[k] = param_block(problem, leaf, e, role, s1, s2, memory_limit)
+        for e, roles in by_event.items():
+            if len(roles) == 1:
+                k, role = roles[0]
+                parts[k] = param_block(problem, leaf, e, role, s1, s2, memory_limit)
+                continue
+            with plan.Sharing() as sharing:  # the roles of one primitive share their cotangent factors
+                for k, role in roles:
+                    parts[k] = param_block(problem, leaf, e, role, s1, s2, memory_limit, sharing)
         for k, uses in sorted(cap.tied.items()):
             parts[k] = tied_block(problem, leaf, uses, s1, s2, memory_limit)
         for j, k in enumerate(fb_idx):
-            parts[k] = lay.contract(s1.fb_jac[leaf][j], s2.fb_jac[leaf][j], leaves[k].ndim)
+            a, b = s1.fb_jac[leaf][j], s2.fb_jac[leaf][j]
+            parts[k] = lay.contract_self(a, leaves[k].ndim) if a is b else lay.contract(a, b, leaves[k].ndim)
         assert any(p is not None for p in parts)
         blocks.append(parts)
     return blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """What each route costs for the whole kernel, priced from one sample.
+
+    Attributes:
+      costs: covered parameter index -> its :class:`~ntkfunc._engines.structured.plan.RouteCost`.
+      cotangents: event -> what probing it costs: its cotangents for every output component
+        and sample, written by the cotangent pass (paid once for all its roles).
+    """
+
+    costs: dict[int, plan.RouteCost]
+    cotangents: dict[int, plan.Price]
+
+
+def calibrate(problem: Problem, cap: Capture) -> Calibration:
+    """The :class:`Calibration`: one sample's cotangents (one small pass), prices scaled to ``N1 x N2``.
+
+    Jacobians are formed once per sample. Empty when not vmapped (one whole-batch block).
+    """
+    if not problem.vmapped or not cap.ruled:
+        return Calibration({}, {})
+    one = side(problem, cap, 1, 0, 1)
+    n_jacobians = problem.n1 + (0 if problem.symmetric else problem.n2)
+    costs = {}
+    for k in cap.ruled:
+        per_sample = sum((one_sample_prices(problem, cap, k, leaf, one) for leaf in range(len(problem.layouts))), plan.ZERO)
+        costs[k] = per_sample.scaled(problem.n1, problem.n2, n_jacobians)
+    o = outputs_per_sample(problem)
+    cotangents = {e: plan.Price(0.0, float(n_jacobians * o * math.prod(ev.y_shape))) for e, ev in enumerate(cap.events)}
+    return Calibration(costs, cotangents)
+
+
+def one_sample_prices(problem: Problem, cap: Capture, k: int, leaf: int, one: Side) -> plan.Prices:
+    """The prices of ruled parameter ``k``'s block (covered or tied) for output leaf ``leaf``, ``one`` against itself."""
+    if k in cap.tied:
+        return tied_prices(problem, leaf, cap.tied[k], one, one)[0]
+    e, role = cap.covered[k]
+    return block_prices(problem, leaf, e, role, one, one)[0]
+
+
+def probe_groups(cap: Capture) -> list[tuple[set[int], list[int]]]:
+    """The ruled parameters in groups that share probed primitives: ``(events, parameter indices)``.
+
+    A primitive's cotangents serve all its roles, and a tied parameter's all its uses, so a
+    group's primitives are probed, or not, together.
+    """
+    groups: list[tuple[set[int], list[int]]] = []
+    for k in cap.ruled:
+        events = {e for e, _ in cap.tied[k]} if k in cap.tied else {cap.covered[k][0]}
+        joined = [g for g in groups if g[0] & events]
+        for g in joined:
+            groups.remove(g)
+        groups.append((events.union(*(g[0] for g in joined)), sorted([k, *(j for g in joined for j in g[1])])))
+    return groups
+
+
+def reverse_mode_routes(cal: Calibration, cap: Capture) -> dict[int, str]:
+    """The ruled parameters whose ``∂f/∂θ`` should come from reverse mode, with the reason.
+
+    Per group of primitives (:func:`probe_groups`): probing them (their cotangents, then each
+    parameter's cheaper route) or not (every parameter's Jacobian from reverse mode), whichever
+    is cheaper. A parameter whose Jacobian route is cheaper takes its Jacobian from reverse
+    mode too: forming it from the rule would repeat what the cotangent pass computes anyway (a
+    linear layer's ``Σ_t c_t x_tᵀ`` is its weight gradient). So a bias whose weight is better
+    contracted as a Jacobian does not keep a probe whose cotangents (all positions, all
+    outputs) cost more than its whole kernel term. When all rules together save less than
+    probing costs (:data:`~ntkfunc._engines.structured.plan.PROBE_FLOPS`), every parameter is
+    moved and the kernel is Jacobian contraction without the capture.
+    """
+    moved: dict[int, str] = {}
+    saving = 0.0
+    for events, ks in probe_groups(cap):
+        if any(k not in cal.costs for k in ks):
+            saving = math.inf  # not calibrated (one whole-batch block): keep the rules
+            continue
+        drop = sum((cal.costs[k].jacobian for k in ks), plan.FREE)
+        keep = sum((cal.costs[k].chosen for k in ks), sum((cal.cotangents[e] for e in events), plan.FREE))
+        saving += max(drop.cost - keep.cost, 0.0)
+        for k in ks:
+            c = cal.costs[k]
+            if drop.cost < keep.cost:
+                moved[k] = (f"Jacobian contraction: probing its primitive ({keep.cost:.2e} with its cotangents) costs more "
+                            f"than reverse-mode Jacobians for all its roles ({drop.cost:.2e})")
+            elif not c.use_gram:
+                moved[k] = (f"Jacobian contraction ({c.jacobian.flops:.2e} FLOPs) is cheaper than the rule's Gram route "
+                            f"({c.gram.flops:.2e} FLOPs, {c.gram.traffic:.2e} elements written)")
+    if saving < plan.PROBE_FLOPS:  # the rules save less than the capture costs: Jacobian contraction throughout
+        why = f"Jacobian contraction: the rules would save {saving:.2e} in all, less than probing costs ({plan.PROBE_FLOPS:.0e})"
+        moved = {k: moved.get(k, why) for k in cap.ruled}
+    return moved
+
+
+def routes(problem: Problem) -> dict[int, str]:
+    """Implementation 3's parameters for reverse-mode Jacobians, decided once per input signature and sizes.
+
+    None inside :func:`ntkfunc.rules.forced` (every rule is used).
+    """
+    if rules.is_forced():
+        return {}
+    def decide() -> dict[int, str]:
+        cap = captured(problem)
+        return reverse_mode_routes(calibrate(problem, cap), cap)
+
+    return problem.remember("reverse_mode_routes", decide, problem.n1, problem.n2, rules.enabled())
 
 
 def block_size(problem: Problem, cap: Capture, budget: int) -> int:
@@ -244,7 +382,7 @@ def block_size(problem: Problem, cap: Capture, budget: int) -> int:
     n_all = problem.n1 + (0 if problem.symmetric else problem.n2)
     if n_all * per_sample <= 0.1 * usable:
         return n_max
-    return max(1, min(n_max, int(usable // (2 * per_sample + backward_transient(problem)))))
+    return max(1, min(n_max, int(usable // (2 * per_sample + problem.remember("backward_transient", lambda: backward_transient(problem))))))
 
 
 def memory_limit(problem: Problem, budget: int) -> int:
@@ -257,10 +395,15 @@ def kernel(problem: Problem, budget: int, per_param: bool = False, moved: dict[i
 
     With ``per_param=True``: per output leaf, a list over the differentiated parameters
     (each parameter's term of the same sum, so no extra work). ``moved`` (parameter index
-    -> reason) sends covered parameters to the reverse-mode Jacobian fallback.
+    -> reason) sends covered parameters to the reverse-mode Jacobian fallback; by default
+    those whose Jacobian route is cheaper (:func:`routes`).
     """
-    cap = capture_mod.restrict(capture_mod.discover(problem), moved or {})
-    cap2 = cap if problem.vmapped or problem.symmetric else capture_mod.restrict(capture_mod.discover(problem, 2), moved or {})
+    if moved is None:
+        moved = routes(problem)
+    cap = captured(problem, 1, moved)
+    if not cap.events:  # nothing left to probe: implementation 1's path, without the capture mode
+        return jacobian.kernel(problem, budget, per_param)
+    cap2 = cap if problem.vmapped or problem.symmetric else captured(problem, 2, moved)
     b = block_size(problem, cap, budget)
     limit = memory_limit(problem, budget)
     n_params = len(problem.params.diff_leaves)

@@ -11,8 +11,10 @@ For one covered parameter θ and one pair of sample blocks there are two exact r
 :func:`gram_equation` and :func:`jacobian_equation` build the einsums (with the output-axis
 letters of :class:`~ntkfunc._core.layout.Layout`: traced axes summed, diagonal axes shared);
 :func:`flops` prices an equation with opt_einsum's ``contract_path`` (cached per equation and
-shapes), :func:`contract` runs it along a path cached the same way, and :class:`RouteCost`
-holds the one decision "which route is cheaper". The structured engine, ``"auto"`` and
+shapes), :func:`price` adds what its non-BLAS steps write (:data:`TRAFFIC_FLOPS`),
+:func:`contract` runs it along a path cached the same way (inside :class:`Sharing`, the
+contractions of one primitive reuse each other's steps), and :class:`RouteCost` holds the
+one decision "which route is cheaper". The structured engine, ``"auto"`` and
 ``explain`` all read their prices from :func:`prices`.
 """
 
@@ -45,10 +47,14 @@ class Equation:
         return tuple(tuple(t.shape) for t in self.tensors)
 
     @property
+    def price(self) -> Price:
+        """What contracting it costs (after removing trivial axes): FLOPs and non-BLAS traffic."""
+        return price(self.eq, self.shapes)
+
+    @property
     def flops(self) -> int:
-        """opt_einsum's FLOP count for contracting it (after summing lone axes)."""
-        eq, shapes, _ = presum_plan(self.eq, self.shapes)
-        return flops(eq, shapes)
+        """opt_einsum's FLOP count for contracting it (after removing trivial axes)."""
+        return int(self.price.flops)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -56,9 +62,19 @@ class Equation:
         sizes = {ch: d for term, shape in zip(lhs.split(","), self.shapes) for ch, d in zip(term, shape)}
         return tuple(sizes[ch] for ch in out)
 
-    def run(self, memory_limit: int | None) -> torch.Tensor:
+    def run(self, memory_limit: int | None, sharing: Sharing | None = None) -> torch.Tensor:
         """The contraction, along opt_einsum's path cached per equation and shapes."""
-        return contract(self.eq, self.tensors, memory_limit)
+        return contract(self.eq, self.tensors, memory_limit, sharing)
+
+    def form(self, memory_limit: int | None) -> torch.Tensor:
+        """The contraction as a contiguous tensor (a side's ``∂f/∂θ``), by :func:`broadcast_matmul` where that copies less."""
+        new_eq, _, how = presum_plan(self.eq, self.shapes)
+        if len(self.tensors) == 2:
+            ready = [_prepare(t, sq, sm) for t, (sq, sm) in zip(self.tensors, how)]
+            out = broadcast_matmul(new_eq, ready[0], ready[1])
+            if out is not None:
+                return out
+        return self.run(memory_limit).contiguous()
 
 
 class _Symbols:
@@ -123,30 +139,101 @@ def pair_equation(lay: Layout, n_param_axes: int) -> str:
     return f"{lhs1},{lhs2}->{out}"
 
 
-@functools.lru_cache(maxsize=8192)
-def presum_plan(eq: str, shapes: Shapes) -> tuple[str, Shapes, tuple[tuple[int, ...], ...]]:
-    """``(equation, shapes, axes to sum per operand)`` once axes that only one operand has are summed out.
+TRAFFIC_FLOPS = 300
+"""FLOPs one element written by a contraction step that is no matrix product costs as much time as.
 
-    opt_einsum contracts pairs and would carry such axes along; summing them first is exact.
+opt_einsum runs such steps through ``torch.einsum``, which permutes and copies its operands
+and writes a large intermediate; a matrix product (BLAS) writes its output at little cost
+next to its FLOPs. Measured on this project's CPU (one thread, float32, the bench_vs_nt
+models): matrix products run at about 1e11 FLOP/s and a non-BLAS step costs about 3 ns per
+element of its output on top of its FLOPs, e.g. the Gram route of a 512 x 128 linear layer on
+64 tokens (4.2 GFLOP with a 21 M-element intermediate) takes 170 ms and its Jacobian route
+(4.7 GFLOP, all matrix products but for a 10 M-element Jacobian) 82 ms. Pure FLOP counts pick
+the first, this weighting the second."""
+
+
+PROBE_FLOPS = 2e8
+"""What probing ``f`` at all costs per call, in the same FLOP units: the capture mode sees every
+torch call of the cotangent pass and returns each probed primitive's operands (measured: 1-2 ms
+on the bench_vs_nt models, one thread). Rules that save less than this do not pay for it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Price:
+    """What one contraction costs: its FLOPs and the elements its non-BLAS steps write."""
+
+    flops: float
+    traffic: float = 0.0
+
+    @property
+    def cost(self) -> float:
+        """The time estimate in FLOP units that routes are compared by (see :data:`TRAFFIC_FLOPS`)."""
+        return self.flops + TRAFFIC_FLOPS * self.traffic
+
+    def __add__(self, other: Price) -> Price:
+        return Price(self.flops + other.flops, self.traffic + other.traffic)
+
+    def __mul__(self, k: float) -> Price:
+        return Price(self.flops * k, self.traffic * k)
+
+
+FREE = Price(0.0)
+NONE = Price(math.inf)  # a route that does not exist
+
+
+@functools.lru_cache(maxsize=8192)
+def presum_plan(eq: str, shapes: Shapes) -> tuple[str, Shapes, tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]]:
+    """``(equation, shapes, (squeeze, sum) axes per operand)`` once trivial axes are removed.
+
+    Size-1 axes absent from the output are squeezed (a view), then axes that only one
+    operand has are summed: opt_einsum contracts pairs and would carry such axes along,
+    and removing them first is exact. Squeezing instead of summing keeps an operand shared
+    by several equations the same view (:class:`Sharing` reuses it).
 
     >>> presum_plan("ab,bc->a", ((2, 3), (3, 4)))
-    ('ab,b->a', ((2, 3), (3,)), ((), (1,)))
+    ('ab,b->a', ((2, 3), (3,)), (((), ()), ((), (1,))))
+    >>> presum_plan("agb,gc->ac", ((2, 1, 3), (1, 4)))
+    ('a,c->ac', ((2,), (4,)), (((1,), (1,)), ((0,), ())))
     """
     lhs, out = eq.split("->")
     terms = lhs.split(",")
-    new_terms, new_shapes, alone = [], [], []
-    for i, (term, shape) in enumerate(zip(terms, shapes)):
-        others = set(out).union(*[set(u) for j, u in enumerate(terms) if j != i])
-        alone.append(tuple(d for d, ch in enumerate(term) if ch not in others))
-        new_terms.append("".join(ch for ch in term if ch in others))
-        new_shapes.append(tuple(d for ch, d in zip(term, shape) if ch in others))
-    return ",".join(new_terms) + "->" + out, tuple(new_shapes), tuple(alone)
+    sizes = {ch: d for term, shape in zip(terms, shapes) for ch, d in zip(term, shape)}
+    unit = {ch for ch, d in sizes.items() if d == 1 and ch not in out}
+    terms1 = ["".join(ch for ch in term if ch not in unit) for term in terms]
+    new_terms, new_shapes, how = [], [], []
+    for i, (term, term1) in enumerate(zip(terms, terms1)):
+        squeeze = tuple(d for d, ch in enumerate(term) if ch in unit)
+        others = set(out).union(*[set(u) for j, u in enumerate(terms1) if j != i])
+        how.append((squeeze, tuple(d for d, ch in enumerate(term1) if ch not in others)))
+        new_terms.append("".join(ch for ch in term1 if ch in others))
+        new_shapes.append(tuple(sizes[ch] for ch in new_terms[-1]))
+    return ",".join(new_terms) + "->" + out, tuple(new_shapes), tuple(how)
 
 
 @functools.lru_cache(maxsize=8192)
+def _path_price(eq: str, shapes: Shapes) -> Price:
+    """opt_einsum's optimal path of ``eq`` on ``shapes``, priced step by step."""
+    info = opt_einsum.contract_path(eq, *shapes, shapes=True)[1]
+    sizes = {ch: d for term, shape in zip(eq.split("->")[0].split(","), shapes) for ch, d in zip(term, shape)}
+    flops = traffic = 0.0
+    for _, removed, step, _, blas in info.contraction_list:
+        inputs, output = step.split("->")
+        letters = set(inputs.replace(",", ""))
+        flops += opt_einsum.helpers.flop_count(letters, bool(removed), len(inputs.split(",")), sizes)
+        if not blas:
+            traffic += math.prod(sizes[ch] for ch in output)
+    return Price(flops, traffic)
+
+
+def price(eq: str, shapes: Shapes) -> Price:
+    """The :class:`Price` of contracting ``eq`` on ``shapes`` (trivial axes removed first, as :func:`contract` does)."""
+    new_eq, new_shapes, _ = presum_plan(eq, shapes)
+    return _path_price(new_eq, new_shapes)
+
+
 def flops(eq: str, shapes: Shapes) -> int:
-    """opt_einsum's optimal-path FLOP count (``PathInfo.opt_cost``) of ``eq`` on ``shapes``."""
-    return int(opt_einsum.contract_path(eq, *shapes, shapes=True)[1].opt_cost)
+    """opt_einsum's FLOP count of ``eq`` on ``shapes`` along its optimal path."""
+    return int(price(eq, shapes).flops)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -155,53 +242,140 @@ def expression(eq: str, shapes: Shapes, memory_limit: int | None) -> Any:
     return opt_einsum.contract_expression(eq, *shapes, memory_limit=memory_limit)
 
 
-def contract(eq: str, tensors: Sequence[torch.Tensor], memory_limit: int | None) -> torch.Tensor:
-    """``eq`` on ``tensors``, lone axes summed first, along a path cached per equation and shapes."""
-    new_eq, shapes, alone = presum_plan(eq, tuple(tuple(t.shape) for t in tensors))
-    summed = [t.sum(a) if a else t for t, a in zip(tensors, alone)]
-    return expression(new_eq, shapes, memory_limit)(*summed, backend="torch")
+class Sharing:
+    """Contractions run inside ``with Sharing() as sh`` (and given ``sharing=sh``) reuse common work.
+
+    Within the block, opt_einsum's ``shared_intermediates`` reuses every pairwise step already
+    computed on the same operand objects, and trivial-axis removal returns the same view for
+    the same operand: the roles of one primitive (a linear layer's weight and bias) share the
+    cotangent Gram ``c₁ c₂ᵀ``. Everything is released on exit.
+    """
+
+    def __init__(self) -> None:
+        self._prepared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._context: Any = None
+
+    def __enter__(self) -> Sharing:
+        self._context = opt_einsum.shared_intermediates()
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._context.__exit__(*exc)
+        self._prepared.clear()
+
+    def prepare(self, t: torch.Tensor, squeeze: tuple[int, ...], summed: tuple[int, ...]) -> torch.Tensor:
+        """``t`` without its trivial axes; the same object for every view of the same data and layout."""
+        try:  # equations build their own views of one cotangent: recognise them by their memory
+            where: tuple = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        except RuntimeError:  # a tensor under an outer transform has no storage of its own
+            where = (id(t),)
+        key = (where, squeeze, summed)
+        if key not in self._prepared:
+            self._prepared[key] = (t, _prepare(t, squeeze, summed))  # t kept alive: its id stays its own
+        return self._prepared[key][1]
+
+
+def _prepare(t: torch.Tensor, squeeze: tuple[int, ...], summed: tuple[int, ...]) -> torch.Tensor:
+    if squeeze:
+        t = t.squeeze(squeeze)
+    return t.sum(summed) if summed else t
+
+
+def broadcast_matmul(eq: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``einsum(eq, a, b)`` (contiguous) as one ``torch.matmul`` that broadcasts ``b``, or None when that copies more.
+
+    ``torch.einsum`` lays ``a`` out as ``(batch, a's free axes, contracted)``, a copy of ``a``
+    unless its memory already has that order; a cotangent ``(b, O, T, d_out)`` contracted
+    over its positions ``T`` never has. Here all but the last of ``a``'s free axes become
+    batch axes of the product and ``b`` is broadcast over them (a copy of ``b`` times their
+    size), so ``a`` is read in place as a transposed matrix. Forming a linear layer's
+    ``∂f/∂W = Σ_t c_t x_tᵀ`` for 16 samples, 10 outputs and 64 tokens this way is 1.3-2.5x faster.
+
+    >>> a, b = torch.randn(2, 3, 5, 40), torch.randn(2, 5, 6)
+    >>> bool(torch.allclose(broadcast_matmul("abte,atf->abef", a, b), torch.einsum("abte,atf->abef", a, b)))
+    True
+    """
+    lhs, out = eq.split("->")
+    ta, tb = lhs.split(",")
+    batch = [ch for ch in out if ch in ta and ch in tb]
+    left = [ch for ch in out if ch in ta and ch not in tb]
+    right = [ch for ch in out if ch in tb and ch not in ta]
+    summed = [ch for ch in ta if ch in tb and ch not in out]
+    if not left or not right or not summed or len(set(ta)) != len(ta) or len(set(tb)) != len(tb):
+        return None
+    size = {ch: d for term, t in ((ta, a), (tb, b)) for ch, d in zip(term, t.shape)}
+    outer = left[:-1]
+    if b.numel() * math.prod(size[ch] for ch in outer) >= a.numel():
+        return None
+    k = math.prod(size[ch] for ch in summed)
+    r = math.prod(size[ch] for ch in right)
+    am = a.permute([ta.index(ch) for ch in batch + left + summed])
+    am = am.reshape(*(size[ch] for ch in batch + left), k)
+    bm = b.permute([tb.index(ch) for ch in batch + summed + right]).reshape(*(size[ch] for ch in batch), *([1] * len(outer)), k, r)
+    y = torch.matmul(am, bm).reshape(*(size[ch] for ch in batch + left + right))  # order: batch, left, right
+    order = batch + left + right
+    return y.permute([order.index(ch) for ch in out]).contiguous()
+
+
+def contract(eq: str, tensors: Sequence[torch.Tensor], memory_limit: int | None, sharing: Sharing | None = None) -> torch.Tensor:
+    """``eq`` on ``tensors``, trivial axes removed first, along a path cached per equation and shapes."""
+    new_eq, shapes, how = presum_plan(eq, tuple(tuple(t.shape) for t in tensors))
+    if sharing is None:
+        ready = [_prepare(t, sq, sm) for t, (sq, sm) in zip(tensors, how)]
+    else:
+        ready = [sharing.prepare(t, sq, sm) for t, (sq, sm) in zip(tensors, how)]
+    return expression(new_eq, shapes, memory_limit)(*ready, backend="torch")
 
 
 @dataclasses.dataclass(frozen=True)
 class RouteCost:
-    """FLOPs of one parameter's kernel block by each route, and the decision between them."""
+    """What one parameter's kernel block costs by each route, and the decision between them."""
 
-    gram: float
-    jacobian: float
+    gram: Price
+    jacobian: Price
 
     @property
     def use_gram(self) -> bool:
-        """The Gram route when it costs no more than the Jacobian route: the one place this is decided."""
-        return self.gram <= self.jacobian
+        """The Gram route when its time estimate is no larger: the one place this is decided."""
+        return self.gram.cost <= self.jacobian.cost
+
+    @property
+    def chosen(self) -> Price:
+        return self.gram if self.use_gram else self.jacobian
 
     @property
     def flops(self) -> float:
-        return self.gram if self.use_gram else self.jacobian
+        """FLOPs of the chosen route."""
+        return self.chosen.flops
 
 
 @dataclasses.dataclass(frozen=True)
 class Prices:
-    """opt_einsum's FLOPs of the pieces of both routes for one parameter and one pair of blocks.
+    """The pieces of both routes for one parameter and one pair of blocks, priced.
 
     ``form1``/``form2``: forming each side's ``∂f/∂θ`` from the rule; ``pair``: ``J₁ J₂ᵀ``
-    (infinite when the two sides' structures disagree on θ's axes: no Jacobian route).
+    (:data:`NONE` when the two sides' structures disagree on θ's axes: no Jacobian route).
     """
 
-    gram: int
-    form1: float
-    form2: float
-    pair: float
+    gram: Price
+    form1: Price
+    form2: Price
+    pair: Price
 
     def at_tile(self, formed1: bool, formed2: bool) -> RouteCost:
         """Costs for a tile whose side Jacobians may already be formed (and kept for their row)."""
-        return RouteCost(self.gram, (0 if formed1 else self.form1) + (0 if formed2 else self.form2) + self.pair)
+        return RouteCost(self.gram, (FREE if formed1 else self.form1) + (FREE if formed2 else self.form2) + self.pair)
 
     def scaled(self, n1: int, n2: int, n_jacobians: int) -> RouteCost:
         """Costs for a whole ``n1 x n2`` kernel from one-sample prices (Jacobians formed ``n_jacobians`` times)."""
-        return RouteCost(self.gram * n1 * n2, self.form1 * n_jacobians + self.pair * n1 * n2)
+        return RouteCost(self.gram * (n1 * n2), self.form1 * n_jacobians + self.pair * (n1 * n2))
 
     def __add__(self, other: Prices) -> Prices:
         return Prices(self.gram + other.gram, self.form1 + other.form1, self.form2 + other.form2, self.pair + other.pair)
+
+
+ZERO = Prices(FREE, FREE, FREE, FREE)
 
 
 def prices(lay: Layout, vmapped: bool, s1: Structure, s2: Structure, c1: torch.Tensor, c2: torch.Tensor,
@@ -209,11 +383,11 @@ def prices(lay: Layout, vmapped: bool, s1: Structure, s2: Structure, c1: torch.T
     """The :class:`Prices` of one parameter's block (``gram``/``forms``: the equations if already built)."""
     gram = gram or gram_equation(lay, vmapped, s1, s2, c1, c2)
     if s1.theta != s2.theta:
-        return Prices(gram.flops, math.inf, math.inf, math.inf)
+        return Prices(gram.price, NONE, NONE, NONE)
     f1 = forms[0] or jacobian_equation(lay, vmapped, s1, c1)
     f2 = forms[1] or jacobian_equation(lay, vmapped, s2, c2)
-    pair = flops(pair_equation(lay, len(s1.theta)), (f1.out_shape, f2.out_shape))
-    return Prices(gram.flops, f1.flops, f2.flops, pair)
+    pair = price(pair_equation(lay, len(s1.theta)), (f1.out_shape, f2.out_shape))
+    return Prices(gram.price, f1.price, f2.price, pair)
 
 
 def jacobian_contraction_flops(lay: Layout, n: int | None, out_shape: Sequence[int], param_shape: Sequence[int]) -> int:

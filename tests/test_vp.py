@@ -1,0 +1,139 @@
+"""Implementation 2's own paths: column triangles and chunked pushes, per-parameter JVPs, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+import ntkfunc
+import ntkfunc._engines.vp as vp
+from ntkfunc._core.problem import make_problem
+from ntkfunc._engines import ENGINES
+from tests.reference import max_rel_err, reference_kernel
+from tests.zoo import CASES
+
+CASE_BY_NAME = {c.name: c for c in CASES}
+VMAPPED = [c for c in CASES if not c.name.endswith("vmap_none")]
+
+
+def _setting(case):
+    return ((), ()) if case.out_ndim == 2 else ((1,), (2,))
+
+
+@pytest.mark.parametrize("x2_given", [True, False], ids=["x2", "x2None"])
+@pytest.mark.parametrize("case", VMAPPED, ids=str)
+def test_many_columns_rows_and_chunks_are_exact(case, x2_given, monkeypatch):
+    """Column blocks of one sample, one x1 row and two tangents per JVP: every piece of the tiling is used."""
+    monkeypatch.setattr(vp, "MIN_TANGENTS", 1)
+    monkeypatch.setattr(vp, "MAX_COLUMNS", 100)
+    monkeypatch.setattr(vp, "WORKING_SET", 1)
+    pushes = []
+    original = vp._push
+
+    def spy(problem, group, r0, r1, tangents, chunk, forward):
+        pushes.append((r0, r1, chunk))
+        return original(problem, group, r0, r1, tangents, chunk, forward)
+
+    monkeypatch.setattr(vp, "_push", spy)
+    f, params, x1, x2, vmap_axes = case.build(torch.float64)
+    tr, dg = _setting(case)
+    x2 = x2 if x2_given else None
+    k = ntkfunc.ntk_fn(f, tr, dg, vmap_axes, implementation=2)(x1, x2, params)
+    assert max_rel_err(k, reference_kernel(f, params, x1, x2, tr, dg)) <= 1e-10
+    assert all(r1 - r0 == 1 and c == 1 for r0, r1, c in pushes)
+    if not x2_given:  # the triangle: column j is pushed through rows 0..j only
+        n = pytree.tree_leaves(x1)[0].shape[1 if vmap_axes == 1 else 0]
+        assert len(pushes) == n * (n + 1) // 2
+
+
+def test_symmetric_kernel_uses_the_triangle():
+    """With x2=None, fewer (x1 sample, tangent) pairs are pushed than N1 x N2 x O."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10)).double()
+    f, params = ntkfunc.from_module(model)
+    x = torch.randn(40, 3, dtype=torch.float64)
+    p = vp.plan(make_problem(f, x, None, params, 0, (), ()), 10**9)
+    assert p.b2 < 40 and p.b1 == p.b2  # several columns on one grid
+    k = ntkfunc.ntk_fn(f, trace_axes=(), implementation=2)(x, None, params)
+    assert max_rel_err(k, reference_kernel(f, params, x, None, (), ())) <= 1e-10
+
+
+@pytest.mark.parametrize("x2_given", [True, False], ids=["x2", "x2None"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_per_parameter_jvps_match_reference(case, x2_given, monkeypatch):
+    """The JVP route of per_param=True (one pass per parameter), forced, on the whole zoo."""
+    monkeypatch.setattr(vp, "per_param_cost", lambda problem: vp.PerParamCost(0.0, 1.0))
+    f, params, x1, x2, vmap_axes = case.build(torch.float64)
+    tr, dg = _setting(case)
+    x2 = x2 if x2_given else None
+    per = ntkfunc.ntk_fn(f, tr, dg, vmap_axes, implementation=2, per_param=True)(x1, x2, params)
+    comps = pytree.tree_structure(params).flatten_up_to(per)
+    leaves, spec = pytree.tree_flatten(params)
+    for i, (comp, leaf) in enumerate(zip(comps, leaves)):
+        if not leaf.is_floating_point():
+            assert comp is None
+            continue
+
+        def g(p, x, i=i):
+            full = list(leaves)
+            full[i] = p
+            return f(pytree.tree_unflatten(full, spec), x)
+
+        ref = reference_kernel(g, leaf, x1, x2, tr, dg)
+        scale = max(t.abs().max().item() for t in pytree.tree_leaves(ref))
+        err = max(((a - b).abs().max().item() for a, b in zip(pytree.tree_leaves(comp), pytree.tree_leaves(ref))))
+        assert err <= 1e-10 * max(scale, 1.0)
+
+
+def test_per_parameter_route_follows_the_cost(monkeypatch):
+    """Wide layers with 10 outputs: JVP passes; a small CNN: implementation 1's path."""
+    routes = []
+    original = ntkfunc._engines.jacobian.kernel
+    monkeypatch.setattr(vp.jacobian, "kernel", lambda *a, **k: routes.append("jacobian") or original(*a, **k))
+    torch.manual_seed(0)
+    wide = torch.nn.Sequential(torch.nn.Linear(4, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                               torch.nn.Linear(256, 10))
+    f, params = ntkfunc.from_module(wide)
+    x = torch.randn(8, 4)
+    per = ntkfunc.ntk_fn(f, trace_axes=(), implementation=2, per_param=True)(x, None, params)
+    assert routes == []
+    full = ntkfunc.ntk_fn(f, trace_axes=(), implementation=1)(x, None, params)
+    assert max_rel_err(sum(per.values()), full) <= 1e-5
+    f, params, x1, x2, _ = CASE_BY_NAME["cnn"].build(torch.float64)
+    ntkfunc.ntk_fn(f, implementation=2, per_param=True)(x1, x2, params)
+    assert routes == ["jacobian"]
+
+
+def test_threads_compute_different_kernels_at_once():
+    """Regression: forward-mode AD levels are process-wide in torch; 4 threads x 20 calls gave
+    'Trying to access a forward AD level with an invalid index' and some wrong kernels."""
+    assert ENGINES[2].thread_safe
+    cases = [CASE_BY_NAME[n] for n in ("mlp", "cnn", "layernorm_mlp", "pytree")]
+    jobs = []
+    for case in cases:
+        f, params, x1, x2, vmap_axes = case.build(torch.float64)
+        jobs.append((ntkfunc.ntk_fn(f, trace_axes=(), vmap_axes=vmap_axes, implementation=2), x1, x2, params,
+                     reference_kernel(f, params, x1, x2, (), ())))
+    errors: list = []
+    worst: list = []
+    barrier = threading.Barrier(len(jobs))
+
+    def work(job):
+        kernel, x1, x2, params, ref = job
+        barrier.wait()
+        try:
+            for _ in range(20):
+                worst.append(max_rel_err(kernel(x1, x2, params), ref))
+        except Exception as e:  # reported below, on the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(worst) == 20 * len(jobs) and max(worst) <= 1e-10
