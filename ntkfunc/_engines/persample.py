@@ -303,7 +303,7 @@ class StructuredRows:
             row = o * self.problem.params.diff_leaves[k].numel() * itemsize(self.problem.out_dtype)
             if every or (prices.scaled(n1, n2, n1 + n2).use_gram and kept < row):  # cheaper, and smaller to keep than its row
                 chosen[k] = (e, role)
-                self.gram_flops += prices.gram
+                self.gram_flops += prices.gram.flops
         return dict(sorted(chosen.items()))
 
     def sample_bytes(self) -> SampleBytes:
