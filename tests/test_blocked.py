@@ -111,7 +111,7 @@ def test_loads_only_the_samples_of_a_tile():
     assert max(seen) == 9 and len(seen) < 120  # fingerprint probes + one Jacobian per block
 
 
-ROW_IMPLEMENTATIONS = [i for i in IMPLEMENTATIONS if ntkfunc._engines.get_engine(i, api="test").rows is not None]
+ROW_IMPLEMENTATIONS = [i for i in implementations(rules_forced=False) if ntkfunc._engines.get_engine(i, api="test").rows is not None]
 
 
 @pytest.mark.parametrize("impl", ROW_IMPLEMENTATIONS)
