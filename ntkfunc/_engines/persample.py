@@ -328,20 +328,27 @@ class StructuredRows:
     def _write(self, pb: Problem, sd: structured.Side, rows: torch.Tensor) -> None:
         """Every slotted parameter's per-sample gradient into its slot of ``rows`` ``(g, *out, width)``."""
         for k in self.slots.leaves:
-            view = rows[..., self.slots.slot(k)]
-            if k in self.cap.fallback:
-                view.copy_(sd.fb_jac[0][self.fallback.index(k)].reshape(view.shape))
-                continue
-            e, role = self.cap.covered[k]
-            ev = self.cap.events[e]
-            cot = sd.cot[0][e]
-            if isinstance(ev.rule, Conv2d) and self._conv2d(ev, role, sd.operands[e], cot, view):
-                continue
-            if isinstance(ev.rule, Linear) and self._linear(role, sd.operands[e], cot, view, ev.y_shape):
-                continue
-            st = structured.event_structure(pb, sd, e, role)
-            jac = plan.jacobian_equation(self.layout, True, st, cot).run(self.limit)
-            view.copy_(jac.reshape(view.shape) * st.scale if st.scale != 1.0 else jac.reshape(view.shape))
+            self.write(pb, sd, k, rows[..., self.slots.slot(k)])
+
+    def write(self, pb: Problem, sd: structured.Side, k: int, view: torch.Tensor) -> None:
+        """Parameter ``k``'s per-sample gradient (C order) into ``view`` ``(g, *out, numel)``, from the side pass ``sd``.
+
+        ``pb`` is the problem of the side's ``g`` samples. Any parameter (slotted or not): the
+        sketches of :mod:`ntkfunc._engines.sketch` form one parameter at a time into their own buffers.
+        """
+        if k in self.cap.fallback:
+            view.copy_(sd.fb_jac[0][self.fallback.index(k)].reshape(view.shape))
+            return
+        e, role = self.cap.covered[k]
+        ev = self.cap.events[e]
+        cot = sd.cot[0][e]
+        if isinstance(ev.rule, Conv2d) and self._conv2d(ev, role, sd.operands[e], cot, view):
+            return
+        if isinstance(ev.rule, Linear) and self._linear(role, sd.operands[e], cot, view, ev.y_shape):
+            return
+        st = structured.event_structure(pb, sd, e, role)
+        jac = plan.jacobian_equation(self.layout, True, st, cot).run(self.limit)
+        view.copy_(jac.reshape(view.shape) * st.scale if st.scale != 1.0 else jac.reshape(view.shape))
 
     def _conv2d(self, ev: capture_mod.Event, role: str, operands: list, cot: torch.Tensor, view: torch.Tensor) -> bool:
         """``∂f/∂W`` of a 2-D convolution: ``im2col`` into a reused workspace, one ``bmm`` per output entry and group.
