@@ -11,7 +11,6 @@ same for whole datasets, with the features written once to ``.npy``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from ntkfunc._core.ops import kernel_context
 from ntkfunc._core.pytree import tree_unflatten
 from ntkfunc._core.types import ApplyFn, Axes, KernelFn, MemoryBudget, PyTree, VMapAxes
 from ntkfunc._engines import Implementation, get_engine
+from ntkfunc._engines.sketch.error import SketchError, halves, spread
 from ntkfunc._engines.sketch.features import Featurizer
 from ntkfunc._engines.sketch.plan import KINDS, SketchPlan
 
@@ -121,34 +121,10 @@ class Sketch:
         for name, t in (("features1", f1), ("features2", f2)):
             if t.ndim < 2 or t.shape[-1] != self.dim:
                 raise ValueError(f"Sketch(dim={self.dim}).error_estimate: {name} has shape {tuple(t.shape)}; expected (N, *out, {self.dim})")
-        rows1 = _spread(f1.shape[0], samples)
-        a1 = f1[rows1].to(torch.float64)
-        a2 = a1 if features2 is None else f2[_spread(f2.shape[0], samples)].to(torch.float64)
+        a1 = f1[spread(f1.shape[0], samples)]
+        a2 = a1 if features2 is None else f2[spread(f2.shape[0], samples)]
         lay = Layout.make(a1.ndim - 1, 0, as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes), "Sketch.error_estimate")
-        h = self.dim // 2
-        scale_a, scale_b = self.dim / h, self.dim / (self.dim - h)
-        ka = lay.contract(a1[..., :h], a2[..., :h], 1) * scale_a
-        kb = lay.contract(a1[..., h:], a2[..., h:], 1) * scale_b
-        full = (ka * h + kb * (self.dim - h)) / self.dim
-        diff = float((ka - kb).norm()) / 2
-        norm = float(full.norm())
-        return SketchError(diff / norm if norm else math.inf, diff / math.sqrt(max(full.numel(), 1)), len(rows1))
-
-
-@dataclasses.dataclass(frozen=True)
-class SketchError:
-    """An estimate of a sketched kernel's error: ``relative`` ≈ ``‖K̂ - K‖_F / ‖K̂‖_F``, ``rms`` per entry, from ``samples`` rows."""
-
-    relative: float
-    rms: float
-    samples: int
-
-
-def _spread(n: int, k: int) -> list[int]:
-    """At most ``k`` evenly spaced indices of ``range(n)``."""
-    if n <= k:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+        return halves(a1, a2, lay, self.dim)
 
 
 def _featurizer(f: ApplyFn, sketch: Any, vmap_axes: VMapAxes, implementation: Any, memory_budget: MemoryBudget, api: str) -> Featurizer:
@@ -159,8 +135,8 @@ def _featurizer(f: ApplyFn, sketch: Any, vmap_axes: VMapAxes, implementation: An
     if engine.rows is None:
         able = "1, 3 or 'auto'"
         raise ValueError(
-            f"{api}(implementation={int(engine.implementation)}): {engine.name} gives no per-sample gradients to "
-            f"project; expected an implementation with per-sample rows ({able})"
+            f"{api}(implementation={int(engine.implementation)}): implementation {int(engine.implementation)} "
+            f"({engine.name}) has no per-sample gradients to project; expected {able}"
         )
     refuse_batch_coupled(f, vmap_axes, api)
     structured = engine.implementation != Implementation.JACOBIAN_CONTRACTION
