@@ -117,9 +117,13 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], shape: tuple[int, ...], dtype: torch.dtype, fingerprint: dict[str, Any],
-             resume: bool, create: bool = True, chunk: int = CHUNK_SAMPLES) -> FeatureStore:
-        """Create the features file (or reopen it to reuse / resume); ``create=False``: only reopen (other ranks)."""
+             resume: bool, create: bool = True, chunk: int | None = None) -> FeatureStore:
+        """Create the features file (or reopen it to reuse / resume); ``create=False``: only reopen (other ranks).
+
+        ``chunk``: samples per committed chunk (default :data:`CHUNK_SAMPLES`); a reopened file keeps its own.
+        """
         path = Path(path)
+        chunk = CHUNK_SAMPLES if chunk is None else chunk
         np_dtype = _numpy_dtype(dtype)
         mpath = cls.manifest_path(path)
         if (resume or not create) and mpath.exists() and path.exists():
