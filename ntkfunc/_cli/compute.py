@@ -153,7 +153,7 @@ def _report_sketch(out: Path) -> None:
     record = manifest["fingerprint"]["sketch"]
     run = manifest.get("sketch_run", {})
     err = run.get("error_estimate", {}).get("relative_frobenius")
-    est = "" if err is None else f"; estimated relative Frobenius error {err:.3g} (two halves of the features)"
+    est = "" if err is None else f"; estimated relative Frobenius error {err:.3g} (re-sketched features)"
     print(f"  sketch: {record['resolved']}{' (exact)' if record['exact'] else ''}{est}; features in {', '.join(p for p in run.get('features', []) if p)}")
 
 

@@ -46,7 +46,7 @@ from ntkfunc._dataset.data import Samples, tensor_fingerprint
 from ntkfunc._dataset.distributed import Ranks, to_device
 from ntkfunc._dataset.store import _atomic_write, _numpy_dtype
 from ntkfunc._engines.persample import Factors, SampleBytes, Slots
-from ntkfunc._engines.sketch.error import halves, spread
+from ntkfunc._engines.sketch.error import resketch, spread
 from ntkfunc._engines.sketch.rows import SketchRows
 from ntkfunc._engines.structured.plan import jacobian_contraction_flops
 
@@ -377,13 +377,13 @@ def _run(job: Any, problem: Problem, sketch: Any, samples: Samples, chunks: Any,
 
 
 def estimate(s1: Samples, s2: Samples, problem: Problem, sketch: Any, symmetric: bool, samples: int = 1024) -> dict[str, Any]:
-    """The halves estimate (:mod:`ntkfunc._engines.sketch.error`) on up to ``samples`` spread rows of the features."""
+    """The re-sketch estimate (:mod:`ntkfunc._engines.sketch.error`) on up to ``samples`` spread rows of the features."""
     lay = problem.layouts[0]
-    if sketch.dim < 2 or lay.batch_paired:
+    if lay.batch_paired:
         return {}
 
     def rows(s: Samples) -> torch.Tensor:
         return torch.stack([s.get(i, i + 1)[0] for i in spread(len(s), samples)])
 
     a1 = rows(s1)
-    return halves(a1, a1 if symmetric else rows(s2), lay, sketch.dim).record()
+    return resketch(a1, a1 if symmetric else rows(s2), lay, sketch.dim, sketch.seed).record()

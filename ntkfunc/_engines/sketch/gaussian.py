@@ -7,8 +7,8 @@ can be drawn alone and the same seed gives the same ``Π`` on every device and t
 are kept (per device and dtype) up to :data:`CACHE_BYTES` and redrawn beyond.
 
 The reference sketch: its columns are independent, so its variance is exactly
-``Var[K̂_nm] = (K_nn K_mm + K_nm²) / dim`` and two halves of its features are independent
-sketches. It costs ``2 P dim`` FLOPs per gradient row (a matrix product), so it is for small
+``Var[K̂_nm] = (K_nn K_mm + K_nm²) / dim`` (what :mod:`~ntkfunc._engines.sketch.error`
+estimates for every kind). It costs ``2 P dim`` FLOPs per gradient row (a matrix product), so it is for small
 models; the count sketch and TensorSketch cost ``O(P)`` or less.
 
 >>> import torch
