@@ -104,7 +104,7 @@ class Sketch:
         layer whose cotangents are one-hot per output (a last linear layer) gets the same
         error in every output, which the trace then does not average away, so the actual
         error can exceed the estimate by up to ``sqrt(O)`` (3x measured with ``O = 10`` on
-        a small CNN; within 1.3x on the digits CNN of ``examples/sketch_accuracy.py``,
+        a small CNN; within 2x on the digits CNN of ``examples/sketch_accuracy.py``,
         whose figure shows both). The same holds for the count sketch of a parameter whose
         rows are wider than ``dim``. Computed on at most ``samples`` evenly spaced rows and
         columns, deterministically from the sketch's seed.
