@@ -318,6 +318,26 @@ def test_factor_routes_equal_the_formed_gradient_routes(kind):
         torch.testing.assert_close(fast, formed, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=(2, 3), padding=(0, 2)),
+    dict(kernel_size=3, dilation=2, padding=2), dict(kernel_size=3, padding="same", dilation=(1, 2)), dict(kernel_size=1),
+], ids=str)
+@pytest.mark.parametrize("dim", [32, 4096])
+def test_count_sketch_of_convolutions_from_gathered_patches_equals_the_formed_route(conv, dim):
+    """The count sketch of a convolution's gradient from its padded input (signed patches gathered in bucket order;
+    rows wrapping the buckets at dim=32, an exact layout at 4096) equals hashing the formed gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, **conv), nn.Tanh(), nn.Flatten(1), nn.LazyLinear(2)).double()
+    x = torch.randn(4, 3, 7, 6, dtype=torch.float64)
+    model(x)
+    f, params = ntkfunc.from_module(model)
+    sketch = ntkfunc.Sketch(dim, seed=2, kind="countsketch")
+    assert sketch.explain(f, params, x).params[0].route == "factors"
+    fast = ntkfunc.features_fn(f, sketch)(x, params)
+    formed = ntkfunc.features_fn(f, sketch, implementation=1)(x, params)
+    torch.testing.assert_close(fast, formed, rtol=1e-10, atol=1e-10)
+
+
 def test_tensorsketch_fft_route_equals_hashing_the_outer_products():
     blk = tensorsketch.TensorSketchBlock(leaf=0, rows=5, cols=9, dim=32, seed=1)
     c, x = torch.randn(3, 2, 5, 4, dtype=torch.float64), torch.randn(3, 4, 9, dtype=torch.float64)

@@ -140,18 +140,75 @@ class CountSketchBlock:
         """``out += vec(c x) Π`` for ``G = c x`` with ``c`` ``(m, O, R, S)``, ``x`` ``(m, S, D)``; ``out`` ``(m, O, dim)``.
 
         The factors are permuted and flipped so that one ``bmm`` gives ``G`` in bucket order
-        (``x`` padded with zero columns to the stride ``D'``), then folded.
+        (``x`` padded with zero columns to the stride ``D'``), then folded. When ``x`` has more
+        positions than ``G`` has rows (``S > O R``: early convolutions, whose patches outnumber
+        the gradient), the columns are permuted in ``G`` after the product instead: the same
+        ``G``, one gather of ``O R D`` entries instead of ``S D``.
         """
         ws = ws or Buffers()
         t = self.tables(c.device, c.dtype)
         m, o, r, s = c.shape
         cp = c.index_select(2, t["inv_r"]).mul_(t["s_r"][:, None]).reshape(m, o * r, s)
-        xp = ws.get("cs-x", (m, s, self.stride), x)
-        _select_columns(x, t["inv_c"], xp)
-        xp[..., : self.cols].mul_(t["s_c"])
         g = ws.get("cs-g", (m, o * r, self.stride), x)
-        torch.bmm(cp, xp, out=g)  # (m, O R, D'): rows and columns already in bucket order
+        if s > o * r:
+            g0 = ws.get("cs-g0", (m, o * r, self.cols), x)
+            torch.bmm(cp, x, out=g0)  # (m, O R, D): rows in bucket order
+            _select_columns(g0, t["inv_c"], g)
+            g[..., : self.cols].mul_(t["s_c"])
+        else:
+            xp = ws.get("cs-x", (m, s, self.stride), x)
+            _select_columns(x, t["inv_c"], xp)
+            xp[..., : self.cols].mul_(t["s_c"])
+            torch.bmm(cp, xp, out=g)  # (m, O R, D'): rows and columns already in bucket order
         fold(g.view(m * o, self.window), self.base, out.view(m * o, self.dim))
+
+
+    def conv_factors(self, c: torch.Tensor, xpad: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
+                     dilation: Sequence[int], out: torch.Tensor, ws: Buffers | None = None) -> None:
+        """:meth:`factors` of a 2-D convolution from its padded input ``xpad`` ``(m, C, Hp, Wp)`` and ``c`` ``(m, O, R, S)``.
+
+        The patches are gathered straight into bucket order with their signs (one
+        ``index_select`` from ``[x, -x, 0]``: im2col, the column permutation, the signs and
+        the zero padding to ``D'`` in one pass), then one ``bmm`` and the fold, as :meth:`factors`.
+        """
+        ws = ws or Buffers()
+        t = self.tables(c.device, c.dtype)
+        m, o, r, s = c.shape
+        chans, hp, wp = (int(v) for v in xpad.shape[1:])
+        n = chans * hp * wp
+        idx = self._patch_index((chans, hp, wp), tuple(kernel), tuple(stride), tuple(dilation), xpad.device)
+        if idx.numel() != s * self.stride:
+            raise AssertionError(f"conv_factors: {idx.numel() // self.stride} positions from the geometry, {s} cotangents")
+        src = ws.get("cs-src", (m, 2 * n + 1), xpad)
+        src[:, :n].copy_(xpad.reshape(m, n))
+        torch.neg(src[:, :n], out=src[:, n : 2 * n])
+        src[:, 2 * n].zero_()
+        xp = ws.get("cs-x", (m, s * self.stride), xpad)
+        torch.index_select(src, 1, idx, out=xp)
+        cp = c.index_select(2, t["inv_r"]).mul_(t["s_r"][:, None]).reshape(m, o * r, s)
+        g = ws.get("cs-g", (m, o * r, self.stride), xpad)
+        torch.bmm(cp, xp.view(m, s, self.stride), out=g)
+        fold(g.view(m * o, self.window), self.base, out.view(m * o, self.dim))
+
+    def _patch_index(self, shape: tuple[int, int, int], kernel: tuple[int, ...], stride: tuple[int, ...],
+                     dilation: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``(S D')`` flat positions in ``[x, -x, 0]`` (each ``C Hp Wp`` long) of the signed, bucket-ordered patches."""
+        key = ("patches", shape, kernel, stride, dilation, str(device))
+        if key not in self._tables:
+            chans, hp, wp = shape
+            (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+            if chans * kh * kw != self.cols:
+                raise AssertionError(f"_patch_index: {chans}x{kh}x{kw} patches for {self.cols} columns")
+            cpu = self._cpu()
+            j = cpu["inv_c"]
+            n = chans * hp * wp
+            col = (j // (kh * kw)) * hp * wp + ((j // kw) % kh) * dh * wp + (j % kw) * dw + n * (cpu["s_c"] < 0).long()
+            ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+            base = ((torch.arange(ho) * sh)[:, None] * wp + (torch.arange(wo) * sw)[None, :]).reshape(-1)
+            idx = torch.full((ho * wo, self.stride), 2 * n, dtype=torch.long)
+            idx[:, : self.cols] = base[:, None] + col[None, :]
+            self._tables[key] = idx.reshape(-1).to(device)
+        return self._tables[key]
 
 
 def _select_columns(v: torch.Tensor, index: torch.Tensor, target: torch.Tensor) -> None:

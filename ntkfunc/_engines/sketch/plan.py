@@ -42,7 +42,7 @@ ROUTES = ("factors", "fft", "formed")
 RATES = {"gemm_flop": 1 / 150e9, "element": 0.5e-9, "fft_unit": 1.3e-10}
 """Seconds per matrix-product FLOP, per element read or written, per ``n log2 n`` unit of an FFT.
 
-Measured with ``benchmarks/bench_sketch.py --rates`` on the development machine (2 shared
+Measured with ``python benchmarks/bench_sketch.py rates`` on the development machine (2 shared
 cores): float32 GEMMs at ~150 GFLOP/s inside the per-layer products, ~2 GB/s of scattered
 element traffic, a length-8192 real FFT in ~14 us. Only their ratios matter to ``auto``.
 """

@@ -170,6 +170,11 @@ class SketchRows:
         per_sample += self.outputs * fac.positions * self.dim if route == "fft" else self.outputs * fac.rows * fac.cols
         cot = sd.cot[0][e]
         for a, z in self._spans(g, per_sample):
+            if route == "factors" and isinstance(ev.rule, Conv2d):
+                assert isinstance(blk, countsketch.CountSketchBlock)
+                if not self._conv_countsketch(ev, cot[a:z], xin[a:z], z - a, fac, blk, target[a:z]):
+                    return False
+                continue
             factors = self._factors(ev, cot[a:z], xin[a:z], z - a, fac)
             if factors is None:
                 return False
@@ -180,6 +185,23 @@ class SketchRows:
             else:
                 assert isinstance(blk, countsketch.CountSketchBlock)
                 blk.factors(c, x, target[a:z], self.ws)
+        return True
+
+    def _conv_countsketch(self, ev: capture_mod.Event, cot: torch.Tensor, xin: torch.Tensor, m: int, fac: Factorable,
+                          blk: countsketch.CountSketchBlock, target: torch.Tensor) -> bool:
+        """The count sketch of a convolution's gradient from its padded input (patches gathered in bucket order)."""
+        meta = ev.meta
+        if len(meta["kernel"]) != 2:
+            return False
+        xi = xin.reshape(m, *xin.shape[-3:])
+        flat = [p for lr in reversed(meta["pads"]) for p in lr]
+        xpad = torch.nn.functional.pad(xi, flat) if any(flat) else xi
+        (kh, kw), (sh, sw), (dh, dw) = meta["kernel"], meta["stride"], meta["dilation"]
+        ho, wo = (xpad.shape[-2] - dh * (kh - 1) - 1) // sh + 1, (xpad.shape[-1] - dw * (kw - 1) - 1) // sw + 1
+        if ho * wo != fac.positions:
+            return False
+        c = cot.reshape(m, self.outputs, fac.rows, fac.positions)
+        blk.conv_factors(c, xpad, meta["kernel"], meta["stride"], meta["dilation"], target, self.ws)
         return True
 
     def _factors(self, ev: capture_mod.Event, cot: torch.Tensor, xin: torch.Tensor, m: int,
