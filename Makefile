@@ -12,7 +12,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	# own dependencies are not on local disk, so the wheel is taken first with --no-deps.)
 	$(BIN)/pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null && $(BIN)/pip install -q torch==2.13.0 \
 		|| $(BIN)/pip install -q "torch>=2.2"
-	$(BIN)/pip install -q -e ".[test,examples,lint]"
+	$(BIN)/pip install -q -e ".[test,examples,lint,integrations]"
+	# timm and torchvision for tests/test_integrations.py, without their dependencies (torchvision pins
+	# its own torch release, which would replace the one above); the tests skip them if this fails.
+	-$(BIN)/pip install -q --no-deps timm torchvision
+	$(BIN)/python -c "import torch; print('torch', torch.__version__)"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -185,15 +185,15 @@ def resnet(n1: int, n2: int, threads: int, budget: str) -> dict:
     peak = matmul_peak(threads)
     out = {"P": p, "threads": threads, "matmul_peak_flops": peak, "n1": n1, "n2": n2, "budget": budget}
     from ntkfunc._core.layout import Layout
-    from ntkfunc._dataset.panels import JacobianPanels
+    from ntkfunc._dataset.panels import RowPanels
 
     for kernel, kw, o in (("trace", {}, 10), ("pntk", {"pntk": True}, 1)):
         stats = {"jac_seconds": 0.0, "jac_samples": 0, "contract_seconds": 0.0}
-        orig_jac, orig_contract = JacobianPanels._compute, Layout.contract
+        orig_jac, orig_contract = RowPanels._fill, Layout.contract
 
-        def jac(self, src, i0, i1, g, out=None, orig_jac=orig_jac, stats=stats):  # type: ignore[no-untyped-def]
+        def jac(self, src, i0, i1, target, orig_jac=orig_jac, stats=stats):  # type: ignore[no-untyped-def]
             t0 = time.perf_counter()
-            r = orig_jac(self, src, i0, i1, g, out)
+            r = orig_jac(self, src, i0, i1, target)
             stats["jac_seconds"] += time.perf_counter() - t0
             stats["jac_samples"] += i1 - i0
             return r
@@ -204,7 +204,7 @@ def resnet(n1: int, n2: int, threads: int, budget: str) -> dict:
             stats["contract_seconds"] += time.perf_counter() - t0
             return r
 
-        JacobianPanels._compute, Layout.contract = jac, contract
+        RowPanels._fill, Layout.contract = jac, contract
         try:
             ntkfunc.kernel_matrix(f, params, x1[:1], x2[:1], implementation=1, progress=False, **kw)  # warm-up
             for key in stats:
@@ -213,7 +213,7 @@ def resnet(n1: int, n2: int, threads: int, budget: str) -> dict:
             k = ntkfunc.kernel_matrix(f, params, x1, x2, implementation=1, memory_budget=budget, progress=False, **kw)
             total = time.perf_counter() - start
         finally:
-            JacobianPanels._compute, Layout.contract = orig_jac, orig_contract
+            RowPanels._fill, Layout.contract = orig_jac, orig_contract
         assert torch.isfinite(k).all()
         flops = 2.0 * n1 * n2 * o * p
         per_jac = stats["jac_seconds"] / max(stats["jac_samples"], 1)

@@ -29,10 +29,13 @@ class ParamReport:
     Attributes:
       name: the parameter's path in ``params``. shape: its shape.
       method: ``"rule"`` or ``"fallback"`` (Jacobian contraction).
-      rule: the rule and role (``"linear:weight"``), or None for a fallback.
+      rule: the rule and role (``"linear:weight"``), joined by ``+`` for a tied parameter
+        (``"embedding:weight+linear:weight"``), or None for a fallback.
       detail: the primitive that consumes it (rule), or why it falls back.
       flops: estimated FLOPs of its kernel contraction with the method used.
       jacobian_flops: the same contraction done from Jacobians (implementation 1).
+      via: the views it is consumed through (``"TensorBase.expand"``), ``""`` if none.
+      uses: how many primitives (rule roles) consume it; more than one: tied.
     """
 
     name: str
@@ -42,6 +45,15 @@ class ParamReport:
     detail: str
     flops: int
     jacobian_flops: int
+    via: str = ""
+    uses: int = 1
+
+    @property
+    def label(self) -> str:
+        """The table's "rule / reason" entry."""
+        if self.rule is None:
+            return self.detail
+        return self.rule + (f" (via {self.via})" if self.via else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +78,7 @@ class Explanation:
     def __str__(self) -> str:
         head = ("parameter", "shape", "method", "rule / reason", "FLOPs", "impl-1 FLOPs")
         rows = [
-            (p.name, "x".join(map(str, p.shape)) or "()", p.method, p.rule or p.detail, _fmt(p.flops), _fmt(p.jacobian_flops))
+            (p.name, "x".join(map(str, p.shape)) or "()", p.method, p.label, _fmt(p.flops), _fmt(p.jacobian_flops))
             for p in self.params
         ]
         rows.append(("total", "", f"{len(self.fallbacks)} fallback", f"N={self.n}", _fmt(self.flops), _fmt(self.jacobian_flops)))
@@ -120,11 +132,18 @@ def explain(
             plan.jacobian_contraction_flops(lay, n, shape, tuple(leaf.shape))
             for lay, shape in zip(problem.layouts, problem.sample_out_shapes(1))
         )
-        if k in cap.covered:
-            e, role = cap.covered[k]
-            ev = cap.events[e]
-            flops = sum(int(structured.route(problem, i, e, role, sd, sd)[0].flops) for i in range(len(problem.layouts)))
-            reports.append(ParamReport(name, tuple(leaf.shape), "rule", f"{ev.rule.name}:{role}", capture.op_name(ev.func), flops, jac))
+        if k in cap.covered or k in cap.tied:
+            uses = cap.tied.get(k) or [cap.covered[k]]
+            if k in cap.covered:
+                e, role = cap.covered[k]
+                costs = [structured.route(problem, i, e, role, sd, sd)[0] for i in range(len(problem.layouts))]
+            else:
+                costs = [structured.tied_route(problem, i, uses, sd, sd)[0] for i in range(len(problem.layouts))]
+            evs = [(cap.events[e], role) for e, role in uses]
+            rule = "+".join(f"{ev.rule.name}:{role}" for ev, role in evs)
+            detail = ", ".join(capture.op_name(ev.func) for ev, _ in evs)
+            via = ", ".join(sorted({ev.views[role].describe() for ev, role in evs if role in ev.views}))
+            reports.append(ParamReport(name, tuple(leaf.shape), "rule", rule, detail, sum(int(c.flops) for c in costs), jac, via, len(uses)))
         else:
             reports.append(ParamReport(name, tuple(leaf.shape), "fallback", None, cap.fallback[k], jac, jac))
     return Explanation(reports, problem.n1)

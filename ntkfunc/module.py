@@ -10,11 +10,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_
 
+from ntkfunc._core.calls import Convention, Inputs, Output
 from ntkfunc._core.checks import BATCH_COUPLED_ATTR
 from ntkfunc._core.types import ApplyFn, PyTree
 
 
-def from_module(module: nn.Module, *, vmap_axes: Any = 0) -> tuple[ApplyFn, dict[str, torch.Tensor]]:
+def from_module(
+    module: nn.Module, *, vmap_axes: Any = 0, output: Output = None, inputs: Inputs = "auto"
+) -> tuple[ApplyFn, dict[str, torch.Tensor]]:
     """Returns ``(f, params)`` with ``f(params, x) = module(x)`` computed by ``functional_call``.
 
     - ``params``: the trainable parameters (``requires_grad=True``), detached, by name.
@@ -30,6 +33,15 @@ def from_module(module: nn.Module, *, vmap_axes: Any = 0) -> tuple[ApplyFn, dict
       in which case ``f`` uses a copy of the module whose BatchNorm layers keep no running
       statistics (nothing in ``module`` is modified); pass the same ``vmap_axes=None`` to
       ``ntk_fn``.
+    - Model libraries' conventions (HuggingFace, timm, torchvision; see the README): ``x`` a
+      dict whose keys name ``forward``'s parameters (``input_ids``, ``attention_mask``, ...) is
+      passed as keyword arguments (``inputs="auto"``; or ``"keywords"`` / ``"positional"``), a
+      ``forward`` with a ``use_cache`` parameter gets ``use_cache=False``, and ``output``
+      selects what the kernel is of: a key or attribute (``"logits"``), a path
+      (``("hidden_states", -1)``) or a callable of the module's output. With ``output=None`` a
+      HuggingFace ``ModelOutput`` holding one tensor gives that tensor, one holding several is
+      refused with an error that lists them. timm and torchvision models return tensors and
+      need none of this.
 
     Example:
       >>> import torch, ntkfunc
@@ -69,14 +81,31 @@ def from_module(module: nn.Module, *, vmap_axes: Any = 0) -> tuple[ApplyFn, dict
     consts.update({k: v.detach() for k, v in module.named_buffers()})
 
     per_thread = _PerThreadModules(module)
+    call = Convention.of(module, inputs=inputs, output=output)
 
     def f(p: PyTree, x: PyTree) -> PyTree:
-        return functional_call(per_thread.get(), (p, consts), (x,), strict=False)
+        args, kwargs = call.arguments(x)
+        try:
+            out = functional_call(per_thread.get(), (p, consts), args, kwargs, strict=False)
+        except RuntimeError as err:
+            if "data-dependent control flow" in str(err):
+                raise RuntimeError(_DATA_DEPENDENT.format(name=type(module).__name__)) from err
+            raise
+        return call.select(out)
 
     f.__name__ = f"{type(module).__name__}_apply"
     if coupled:
         setattr(f, BATCH_COUPLED_ATTR, coupled)
     return f, params
+
+
+_DATA_DEPENDENT = (
+    "from_module: {name} reads the values of its inputs in Python (data-dependent control flow), which "
+    "torch.func.vmap cannot do per sample (HuggingFace's attention-mask preparation does this for some "
+    "attention implementations); expected either vmap_axes=None in ntk_fn (the exact kernel of the whole batch, "
+    "computed as one unit) or inputs without the value-dependent argument (e.g. no attention_mask when no "
+    "token is padded)"
+)
 
 
 class _PerThreadModules:

@@ -136,7 +136,8 @@ def test_no_module_imports_another_packages_private_names():
 def test_implementations_are_validated_only_by_the_registry():
     text = {m: p.read_text() for m, p in _modules()}
     assert not [m for m, t in text.items() if "_IMPLS" in t]
-    assert not [m for m, t in text.items() if "inspect.signature" in t]
+    # no engine capability inferred from a signature (_core.calls reads a module's forward() for its calling convention)
+    assert not [m for m, t in text.items() if "inspect.signature" in t and m != "ntkfunc._core.calls"]
     callers = [m for m, t in text.items() if "get_engine(" in t and m != "ntkfunc._engines.registry"]
     assert set(callers) >= {"ntkfunc.ntk", "ntkfunc.empirical_kernel", "ntkfunc.monte_carlo", "ntkfunc.pntk",
                             "ntkfunc._dataset.pipeline", "ntkfunc._cli.compute"}

@@ -20,6 +20,8 @@ SCRIPTS = sorted(p for p in (ROOT / "examples").glob("*.py") if not p.name.start
 
 pytest.importorskip("matplotlib", reason="the examples need the optional extra ntkfunc[examples] (matplotlib)")
 
+NEEDS = {"gpt2_token_ntk": "transformers"}  # examples that need a model library (ntkfunc[integrations])
+
 
 def test_examples_found() -> None:
     assert SCRIPTS, f"no example scripts found in {ROOT / 'examples'}"
@@ -27,6 +29,8 @@ def test_examples_found() -> None:
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
 def test_example_runs_quick(script: Path, tmp_path: Path) -> None:
+    if script.stem in NEEDS:
+        pytest.importorskip(NEEDS[script.stem], reason=f"{script.name} needs {NEEDS[script.stem]} (pip install -e '.[integrations]')")
     out = tmp_path / "figures"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}

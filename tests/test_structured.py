@@ -22,8 +22,8 @@ def _mixed():
         "w1": 0.5 * torch.randn(6, 4, dtype=D),  # linear: rule
         "b1": 0.1 * torch.randn(6, dtype=D),  # linear bias: rule
         "div": 1.5 + torch.rand(6, dtype=D),  # x / p: no rule
-        "tied": 0.4 * torch.randn(6, 6, dtype=D),  # used by two linear calls: tying
-        "wt": 0.4 * torch.randn(3, 6, dtype=D),  # consumed through .T: a view
+        "tied": 0.4 * torch.randn(6, 6, dtype=D),  # used by two linear calls: tying (every pair of uses)
+        "wt": 0.4 * torch.randn(3, 6, dtype=D),  # consumed through .T: a view, composed with the rule
         "logscale": 0.1 * torch.randn(3, dtype=D),  # exp(p): no rule
         "both": 0.3 * torch.randn(3, dtype=D),  # a rule use and a no-rule use
         "head": 0.5 * torch.randn(3, 3, dtype=D),  # matmul: rule
@@ -45,9 +45,9 @@ def test_mixed_coverage_is_exact_and_explained():
     x1, x2 = torch.randn(4, 4, dtype=D), torch.randn(3, 4, dtype=D)
     report = ntkfunc.explain(f, p, x1, trace_axes=())
     by_name = {r.name: r for r in report.params}
-    assert {n for n, r in by_name.items() if r.method == "rule"} == {"w1", "b1", "head"}
-    assert "weight tying" in by_name["tied"].detail
-    assert "Tensor.T" in by_name["wt"].detail
+    assert {n for n, r in by_name.items() if r.method == "rule"} == {"w1", "b1", "head", "tied", "wt"}
+    assert by_name["tied"].rule == "linear:weight+linear:weight" and by_name["tied"].uses == 2
+    assert by_name["wt"].rule == "matmul:rhs" and "Tensor.T" in by_name["wt"].via
     assert "div" in by_name["div"].detail
     assert "exp" in by_name["logscale"].detail
     assert by_name["both"].method == "fallback"
@@ -61,10 +61,10 @@ def test_explain_table_and_totals():
     f, p = _mixed()
     report = ntkfunc.explain(f, p, torch.randn(4, 4, dtype=D))
     text = str(report)
-    for word in ("parameter", "method", "linear:weight", "fallback", "weight tying", "total"):
+    for word in ("parameter", "method", "linear:weight", "fallback", "linear:weight+linear:weight", "(via Tensor.T)", "total"):
         assert word in text
     assert report.flops == sum(r.flops for r in report.params) > 0
-    assert len(report.fallbacks) == 5
+    assert len(report.fallbacks) == 3
     assert all(r.flops == r.jacobian_flops for r in report.fallbacks)
 
 
@@ -106,7 +106,7 @@ def test_weight_tying_in_a_module_and_a_covered_bias():
     f, p = ntkfunc.from_module(model)
     x1, x2 = torch.randn(4, 5, dtype=D), torch.randn(2, 5, dtype=D)
     report = {r.name: r for r in ntkfunc.explain(f, p, x1).params}
-    assert report["enc.weight"].method == "fallback"
+    assert report["enc.weight"].rule == "linear:weight+linear:weight"  # directly, and through .T
     assert report["dec.bias"].rule == "linear:bias" and report["scale"].rule == "mul:other"
     k = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)(x1, x2, p)
     assert max_rel_err(k, reference_kernel(f, p, x1, x2, (), ())) <= 1e-10
@@ -117,7 +117,7 @@ def test_every_parameter_without_rules_still_exact():
     p = {"a": torch.randn(3, 4, dtype=D), "b": torch.rand(4, dtype=D) + 1}
 
     def f(p, x):
-        return torch.tanh(x @ p["a"].T) ** 2 / p["b"][:3]
+        return torch.tanh(x @ torch.sin(p["a"]).T) ** 2 / p["b"][:3]
 
     x1 = torch.randn(4, 4, dtype=D)
     assert all(r.method == "fallback" for r in ntkfunc.explain(f, p, x1).params)

@@ -45,7 +45,7 @@ from ntkfunc._core.problem import Problem
 from ntkfunc._dataset.data import Samples, tensor_fingerprint
 from ntkfunc._dataset.distributed import Ranks, to_device
 from ntkfunc._dataset.store import _atomic_write, _numpy_dtype
-from ntkfunc._engines.persample import Factors, SampleBytes, Slots
+from ntkfunc._engines.persample import Factors, Flops, SampleBytes, Slots
 from ntkfunc._engines.sketch.error import resketch, spread
 from ntkfunc._engines.sketch.rows import SketchRows
 from ntkfunc._engines.structured.plan import jacobian_contraction_flops
@@ -78,10 +78,11 @@ class FeatureRows:
     def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None:
         return None
 
-    def flops(self) -> tuple[float, float]:
-        """A row costs its copy; a pair the product of two feature rows."""
+    def flops(self) -> Flops:
+        """A row costs its copy; a pair the product of two feature rows; no Gram route."""
         o = math.prod(self.out_shape)
-        return float(o * self.slots.width), float(jacobian_contraction_flops(self.problem.layouts[0], 1, self.out_shape, (self.slots.width,)))
+        return Flops(float(o * self.slots.width),
+                     float(jacobian_contraction_flops(self.problem.layouts[0], 1, self.out_shape, (self.slots.width,))), 0.0)
 
 
 def feature_rows(dim: int) -> Any:

@@ -69,7 +69,7 @@ class RowPanels:
     def _fill(self, src: int, i0: int, i1: int, target: torch.Tensor) -> Factors | None:
         """Rows of samples ``i0:i1`` of x1 (``src=1``) or x2 into ``target``; their Gram factors."""
         data = self.sources[src - 1].get(i0, i1)
-        if self.device.type == "cuda":  # pinned and asynchronous: the copy does not wait for queued work
+        if self.device.type == "cuda" and data.device.type == "cpu":  # pinned, asynchronous: no wait for queued work
             x = [data.pin_memory().to(self.device, non_blocking=True)]
         else:
             x = [data.to(self.device)]
@@ -110,7 +110,12 @@ class RowPanels:
         b = self.plan.block
         for s in range(i0, i1, b):
             e = min(s + b, self.n1)
-            if s not in self.loaded:
+            if s in self.loaded:
+                continue
+            if self.symmetric and self.stream_key == (s, e) and self.col is not None:
+                self.buf[s - base : e - base].copy_(self.col[: e - s])  # streamed last by the previous panel
+                self.loaded[s] = self.stream_factors
+            else:
                 self.loaded[s] = self._fill(1, s, e, self.buf[s - base : e - base])
         return self.buf[i0 - base : i1 - base]
 

@@ -34,7 +34,7 @@ from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import Devices, Ranks, ranks, resolve_devices, to_device
 from ntkfunc._dataset.fingerprint import job_fingerprint
 from ntkfunc._dataset.panels import PerTileKernel, RowPanels, TileKernel
-from ntkfunc._dataset.plan import MEASURE_FLOPS, Costs, DatasetPlan, Sizes, assign, measured_block, panel_cost, partition, plan_tiles
+from ntkfunc._dataset.plan import MEASURE_FLOPS, Costs, DatasetPlan, Sizes, assign, choose_block, measured_rates, panel_cost, partition, plan_tiles
 from ntkfunc._dataset.precision import Precision, check_precision, matmul_precision, storage_dtype
 from ntkfunc._dataset.progress import make_progress
 from ntkfunc._dataset.runner import Runner
@@ -267,9 +267,11 @@ def probe(job: Job, device: torch.device) -> Shape:
 
 
 def _problem(job: Job, device: torch.device, params: PyTree) -> Problem:
+    """The problem on the first sample of each side, copied out of its source (a view of a dataset
+    tensor would make every tensor saved for backward count the whole dataset's storage)."""
     with transform_friendly_attention():
-        x2 = None if job.symmetric else job.s2.get(0, 1).to(device)
-        return make_problem(job.fn, job.s1.get(0, 1).to(device), x2, params, 0, job.trace, job.diag, api=API)
+        x2 = None if job.symmetric else job.s2.get(0, 1).to(device).clone()
+        return make_problem(job.fn, job.s1.get(0, 1).to(device).clone(), x2, params, 0, job.trace, job.diag, api=API)
 
 
 def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memory: bool, device: torch.device) -> Planned:
@@ -284,13 +286,15 @@ def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memo
     sizes = shape.sizes(job.symmetric)
     storage = storage_dtype(job.precision, shape.dtype, device)
     source = job.engine.rows(shape.problem, shape.n1, shape.n2, int(usable)) if job.engine.rows is not None else None
-    hint = None
-    if source is not None and batch_size is None:
-        pairs = shape.n1 * (shape.n1 + 1) / 2 if job.symmetric else shape.n1 * shape.n2
-        if pairs * source.flops()[1] >= MEASURE_FLOPS and not sizes.paired:
-            hint = measured_block(device, shape.dtype, min(1024, shape.n1))
     ratio = itemsize(storage) / itemsize(shape.dtype)
-    tiles = plan_tiles(source.sample_bytes() if source is not None else None, ratio, usable, sizes, shape.pair_bytes, batch_size, hint)
+    sample = source.sample_bytes() if source is not None else None
+    hint = None
+    if source is not None and sample is not None and batch_size is None and not sizes.paired:
+        pairs = shape.n1 * (shape.n1 + 1) / 2 if job.symmetric else shape.n1 * shape.n2
+        if pairs * source.flops().pair >= MEASURE_FLOPS:  # worth measuring: the block from rates and memory
+            rates = measured_rates(device, storage if storage != torch.bfloat16 else shape.dtype, min(1024, shape.n1))
+            hint = choose_block(sample, ratio, usable, sizes, shape.pair_bytes, rates, source.flops())
+    tiles = plan_tiles(sample, ratio, usable, sizes, shape.pair_bytes, batch_size, hint)
     if job.rows_data is not None and not tiles.panel:
         raise MemoryError(f"{API}(sketch=...): memory_budget={fmt_bytes(budget)} holds not even one block of features and "
                           "its kernel tile; raise memory_budget or pass a smaller batch_size")
@@ -321,7 +325,7 @@ def run(job: Job, shape: Shape, store: Store, planned: Planned, grid_block: int,
     limit = planned.tiles.block  # the largest block planned to fit; a resumed grid may be larger
     on_grid, mine = schedule(planned, shape.sizes(job.symmetric), grid_block, rk, len(devices))
     done = store.done_keys()
-    todo = sorted((t for t in tiles if on_grid.panel_of(t.i0) in mine and t.key not in done), key=on_grid.order)
+    todo = sorted((t for t in tiles if on_grid.panel_of(t.i0) in mine and t.key not in done), key=on_grid.ordering(shape.n1, job.symmetric))
     runner = Runner(shape.layout, job.symmetric, store, limit, job.nonfinite, shape.kshape, on_grid,
                     serial=not job.engine.thread_safe, background=isinstance(store, NpyStore))
     jobs = sorted(runner.jobs(todo), key=lambda ts: mine.index(on_grid.panel_of(ts[0].i0)))
@@ -358,8 +362,8 @@ def schedule(planned: Planned, sizes: Sizes, grid_block: int, rk: Ranks, n_devic
     workers = rk.world * n_devices
     n_blocks = -(-sizes.n1 // grid_block)
     if on_grid.panel and planned.source is not None:
-        row, pair = planned.source.flops() if workers > 1 else (1.0, 0.0)
-        costs = Costs(row, pair)
+        fl = planned.source.flops() if workers > 1 else None
+        costs = Costs(fl.row, fl.pair) if fl is not None else Costs(1.0, 0.0)
         on_grid = dataclasses.replace(on_grid, starts=partition(n_blocks, on_grid.panel, workers, grid_block, sizes, costs))
     else:  # each block row is a unit of work; its cost is its tiles
         costs = Costs(0.0, 1.0)

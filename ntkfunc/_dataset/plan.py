@@ -20,12 +20,12 @@ import bisect
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ntkfunc._core.tiles import Tile
-from ntkfunc._engines.persample import SampleBytes
+from ntkfunc._engines.persample import Flops, SampleBytes
 
 DEFAULT_BLOCK = 256
 """Tile side for engines that plan their own memory."""
@@ -72,6 +72,29 @@ class DatasetPlan:
     def order(self, t: Tile) -> tuple[int, int, int]:
         """Tile order: panel of x1 blocks, then x2 block, then x1 block (each x2 block loaded once per panel)."""
         return (self.panel_of(t.i0), t.j0, t.i0)
+
+    def ordering(self, n1: int, symmetric: bool) -> Callable[[Tile], tuple[int, int, int, int]]:
+        """The tile order runs use: panel by panel, x2 block by x2 block, x1 blocks ascending.
+
+        With ``x2=None`` a panel's own columns come first, then the later x2 blocks in
+        *descending* order, so that the last block streamed is the next panel's first block
+        (its rows are copied, not recomputed). Otherwise x2 runs forward in even panels and
+        backward in odd ones, so that consecutive panels share their boundary x2 block.
+
+        >>> p = DatasetPlan(1, 2)
+        >>> [(t.i0, t.j0) for t in sorted([Tile(i, i + 1, j, j + 1) for i in range(4) for j in range(i, 4)], key=p.ordering(4, True))]
+        [(0, 0), (0, 1), (1, 1), (0, 3), (1, 3), (0, 2), (1, 2), (2, 2), (2, 3), (3, 3)]
+        """
+        n_blocks = -(-n1 // self.block)
+
+        def key(t: Tile) -> tuple[int, int, int, int]:
+            pid = self.panel_of(t.i0)
+            if symmetric:
+                last = self.panel_blocks(pid, n_blocks)[1] * self.block
+                return (pid, 0, t.j0, t.i0) if t.j0 < last else (pid, 1, -t.j0, t.i0)
+            return (pid, 0, t.j0 if pid % 2 == 0 else -t.j0, t.i0)
+
+        return key
 
     def for_grid(self, block: int, n1: int) -> DatasetPlan:
         """This plan on a tile grid of ``block`` samples (a resumed run keeps its grid) for ``n1`` rows."""
@@ -236,13 +259,56 @@ def gemm_seconds(device: torch.device, dtype: torch.dtype, m: int, n: int, k: in
     return best
 
 
-def measured_block(device: torch.device, dtype: torch.dtype, rows: int, candidates: Sequence[int] = (64, 128, 256, 512)) -> int:
-    """The narrowest streamed block whose product with a panel of ``rows`` rows runs within 85% of the best rate.
+def measured_rates(device: torch.device, dtype: torch.dtype, rows: int, candidates: Sequence[int] = (64, 128, 256, 512)) -> dict[int, float]:
+    """FLOP/s of a panel product ``(rows x P) @ (P x b)`` for each streamed block width ``b``.
 
-    A panel product is ``(rows x P) @ (P x b)``; narrow blocks are memory-bound, wide ones
-    cost memory (the stream) without speed. Measured with ``P`` cut to 8,192 columns.
+    Narrow blocks are memory-bound; measured with ``P`` cut to 8,192 columns.
     """
     k = 8192
-    rates = {b: 2.0 * rows * b * k / gemm_seconds(device, dtype, rows, b, k) for b in candidates}
-    best = max(rates.values())
-    return min(b for b, r in rates.items() if r >= 0.85 * best)
+    return {b: 2.0 * rows * b * k / gemm_seconds(device, dtype, rows, b, k) for b in candidates}
+
+
+def rows_needed(sizes: Sizes, block: int, panel: int) -> float:
+    """Per-sample rows computed with panels of ``panel`` blocks (x1 once, x2 once per panel).
+
+    >>> rows_needed(Sizes(8, 8, True, False), 2, 4), rows_needed(Sizes(8, 8, True, False), 2, 2)
+    (8.0, 10.0)
+    """
+    n_blocks = -(-sizes.n1 // block)
+    total = 0.0
+    for a in range(0, n_blocks, max(panel, 1)):
+        total += panel_cost(a, min(a + panel, n_blocks), block, sizes, Costs(1.0, 0.0))
+    if sizes.symmetric and n_blocks > panel:
+        total -= block * (-(-n_blocks // panel) - 1)  # the last streamed block of a panel starts the next
+    return total
+
+
+def choose_block(sample: SampleBytes, storage_ratio: float, usable: float, sizes: Sizes, pair_bytes: int,
+                 rates: dict[int, float], flops: Flops) -> int | None:
+    """The block width with the least estimated time, from measured product rates and the memory.
+
+    Each candidate ``b`` (the measured widths capped at N, and for each the width that fills the
+    room it leaves with one more block, when the panel does not hold all of x1) fixes the panel
+    the budget holds, hence the rows computed.
+    The estimate: rows x FLOPs per row plus pairs x Gram-route FLOPs per pair at the best rate,
+    plus pairs x the rows' product FLOPs at ``b``'s rate (the nearest measured width not wider).
+    Wide blocks multiply faster; narrow ones leave room for longer panels (fewer rows recomputed).
+    """
+    pairs = sizes.n1 * (sizes.n1 + 1) / 2 if sizes.symmetric else sizes.n1 * sizes.n2
+    fastest = max(rates.values())
+    measured = sorted(rates)
+    candidates = {min(b, max(sizes.n1, sizes.n2)) for b in measured}
+    for b in measured:
+        p = plan_tiles(sample, storage_ratio, usable, sizes, pair_bytes, b)
+        if p.panel and p.panel * p.block < sizes.n1:  # room for about (panel + 1) blocks: fill it with one more
+            candidates.add(max(1, (p.panel + 1) * p.block // (p.panel + 2)))
+    best: tuple[float, int] | None = None
+    for b in sorted(candidates):
+        p = plan_tiles(sample, storage_ratio, usable, sizes, pair_bytes, b)
+        if not p.panel:
+            continue
+        rate = rates[max([m for m in measured if m <= b] or [measured[0]])]
+        seconds = (rows_needed(sizes, p.block, p.panel) * flops.row + pairs * flops.gram) / fastest + pairs * flops.product / rate
+        if best is None or seconds < best[0]:
+            best = (seconds, b)
+    return None if best is None else best[1]

@@ -41,43 +41,65 @@ def check_precision(precision: object, api: str = "kernel_matrix") -> str:
     return str(precision)
 
 
-def _flag(obj: object) -> str | None:
-    return getattr(obj, "fp32_precision", None)
+def _generic_ieee() -> bool:
+    """Whether backends left at ``"none"`` compute float32 products in IEEE float32 (the process-wide default)."""
+    return getattr(torch.backends, "fp32_precision", "none") in ("none", "ieee")
 
 
-def _wanted(current: str | None, target: str) -> str | None:
-    """The flag value to set, or None to leave it (absent, or already IEEE by default)."""
-    if current is None:
+def _cuda_tf32(on: bool) -> Callable[[], None] | None:
+    """Set cuBLAS's TF32 for float32 products (new API, else the legacy flag); the undo, or None if unchanged."""
+    m = torch.backends.cuda.matmul
+    try:
+        old = m.fp32_precision
+    except AttributeError:
+        old = None
+    if old is not None:  # the new API only (torch refuses some mixes of the two)
+        target = "tf32" if on else "ieee"
+        if old == target or (target == "ieee" and old == "none" and _generic_ieee()):
+            return None
+        m.fp32_precision = target
+        return lambda: setattr(m, "fp32_precision", old)
+    else:  # torch < 2.9: the legacy flag
+        legacy = m.allow_tf32
+        if legacy == on:
+            return None
+        m.allow_tf32 = on
+        return lambda: setattr(m, "allow_tf32", legacy)
+
+
+def _cpu_bf16(on: bool) -> Callable[[], None] | None:
+    """Set oneDNN's float32 matmul precision to bf16 (or IEEE); the undo, or None if unchanged."""
+    m = getattr(torch.backends.mkldnn, "matmul", None)
+    old = getattr(m, "fp32_precision", None)
+    if m is None or old is None:
         return None
-    default_ieee = current == "none" and torch.get_float32_matmul_precision() == "highest"
-    if target == "ieee" and (current == "ieee" or default_ieee):
+    target = "bf16" if on else "ieee"
+    if old == target or (target == "ieee" and old == "none" and _generic_ieee()):
         return None
-    return target
+    m.fp32_precision = target
+    return lambda: setattr(m, "fp32_precision", old)
 
 
 @contextlib.contextmanager
 def matmul_precision(precision: str, devices: Sequence[torch.device]) -> Iterator[None]:
-    """Hold the float32 matmul precision of CUDA and oneDNN for the block; restored on exit.
+    """Hold the float32 matmul precision of cuBLAS and oneDNN for the block; restored on exit.
 
     Set once per run (not per product), so that worker threads of several devices never
     race on torch's process-wide flags.
     """
-    cuda = torch.backends.cuda.matmul
-    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
-    saved = (_flag(cuda), _flag(mkldnn))
-    use_cuda = any(d.type == "cuda" for d in devices)
-    want = (_wanted(saved[0], "tf32" if precision == "tf32" else "ieee"), _wanted(saved[1], "bf16" if precision == "bf16" else "ieee"))
+    undo: list[Callable[[], None]] = []
     try:
-        if want[0] is not None and use_cuda:
-            cuda.fp32_precision = want[0]
-        if want[1] is not None and mkldnn is not None:
-            mkldnn.fp32_precision = want[1]
+        if any(d.type == "cuda" for d in devices):
+            u = _cuda_tf32(precision == "tf32")
+            if u is not None:
+                undo.append(u)
+        u = _cpu_bf16(precision == "bf16")
+        if u is not None:
+            undo.append(u)
         yield
     finally:
-        if want[0] is not None and use_cuda:
-            cuda.fp32_precision = saved[0]
-        if want[1] is not None and mkldnn is not None:
-            mkldnn.fp32_precision = saved[1]
+        for u in reversed(undo):
+            u()
 
 
 def storage_dtype(precision: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:

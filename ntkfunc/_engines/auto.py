@@ -38,15 +38,15 @@ def jacobian_is_cheaper(problem: Problem, cap: capture.Capture) -> dict[int, str
     of Jacobian contraction's FLOPs, all of them go: the capture and the per-rule dispatch
     would cost more than they save (a Transformer block, whose rules win only on biases).
     """
-    if not problem.vmapped or not cap.covered:
+    if not problem.vmapped or not cap.ruled:
         return {}  # one whole-batch block: no per-sample calibration possible
     one = structured.side(problem, cap, 1, 0, 1)
     n_jacobians = problem.n1 + (0 if problem.symmetric else problem.n2)
     moved: dict[int, str] = {}
     saving = all_jacobian = 0.0
-    for k, (e, role) in cap.covered.items():
+    for k in cap.ruled:
         per_sample = sum(
-            (structured.block_prices(problem, leaf, e, role, one, one)[0] for leaf in range(len(problem.layouts))),
+            (_prices(problem, cap, k, leaf, one) for leaf in range(len(problem.layouts))),
             plan.Prices(0, 0, 0, 0),
         )
         cost = per_sample.scaled(problem.n1, problem.n2, n_jacobians)
@@ -57,8 +57,16 @@ def jacobian_is_cheaper(problem: Problem, cap: capture.Capture) -> dict[int, str
             moved[k] = f"auto: Jacobian contraction ({cost.jacobian:.2e} FLOPs) is cheaper than the rule ({cost.gram:.2e})"
     if saving < MIN_SAVING * all_jacobian:
         reason = f"auto: the rules would save {saving:.2e} of {all_jacobian:.2e} FLOPs, not worth the capture"
-        moved = {k: moved.get(k, reason) for k in cap.covered}
+        moved = {k: moved.get(k, reason) for k in cap.ruled}
     return moved
+
+
+def _prices(problem: Problem, cap: capture.Capture, k: int, leaf: int, one: structured.Side) -> plan.Prices:
+    """One sample's prices of parameter ``k``'s block for output leaf ``leaf`` (a covered or a tied parameter)."""
+    if k in cap.tied:
+        return structured.tied_prices(problem, leaf, cap.tied[k], one, one)[0]
+    e, role = cap.covered[k]
+    return structured.block_prices(problem, leaf, e, role, one, one)[0]
 
 
 def choose(problem: Problem) -> RouteChoice:
@@ -68,7 +76,7 @@ def choose(problem: Problem) -> RouteChoice:
         return problem.cache.routes[key]
     cap = capture.discover(problem)
     moved = jacobian_is_cheaper(problem, cap)
-    choice = RouteChoice(moved, outright=len(moved) == len(cap.covered))
+    choice = RouteChoice(moved, outright=len(moved) == len(cap.ruled))
     if key is not None and problem.cache is not None:
         problem.cache.routes[key] = choice
     return choice

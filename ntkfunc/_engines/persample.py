@@ -22,8 +22,11 @@ rows for :func:`ntkfunc.kernel_matrix` (see :data:`RowsFactory`):
   in its slot of the buffer (convolutions: ``im2col`` into a reused workspace and one
   ``bmm`` per output component; linear layers: one ``bmm``;
   others: the rule's einsum, copied in; products go through a contiguous buffer, since
-  ``bmm`` into a strided slot takes a far slower path). Parameters without a rule (views, weight tying,
-  ...) take their reverse-mode Jacobians from the same pass. A parameter whose Gram
+  ``bmm`` into a strided slot takes a far slower path). A parameter consumed through a view
+  (``W.T``, ``cls.expand(n, -1, -1)``) gets its rule's einsum composed with the view, in the
+  parameter's own order; a tied one (used by several primitives) the sum of its uses'.
+  Parameters without a rule, and views whose rows cannot be put in the parameter's order (a
+  slice such as ``pos[:T]``), take their reverse-mode Jacobians from the same pass. A parameter whose Gram
   contraction (:func:`ntkfunc._engines.structured.plan.gram_equation`, e.g.
   ``Σ (c₁c₂ᵀ) ⊙ (x₁x₂ᵀ)``) is priced cheaper than its rows by
   :class:`~ntkfunc._engines.structured.plan.RouteCost` gets **no slot**: its block keeps
@@ -52,17 +55,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch.func import jacrev, vmap
 
 from ntkfunc._core.memory import backward_transient, itemsize
+from ntkfunc._core.ops import transform_friendly_attention
 from ntkfunc._core.problem import Problem
 from ntkfunc._engines.structured import capture as capture_mod
 from ntkfunc._engines.structured import kernel as structured
-from ntkfunc._engines.structured import plan
+from ntkfunc._engines.structured import plan, views
 from ntkfunc.rules import Structure
 from ntkfunc.rules.conv import Conv2d
 from ntkfunc.rules.linear import Linear
@@ -118,6 +122,20 @@ class SampleBytes:
     transient: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Flops:
+    """Estimated FLOPs of a row source: per row (a forward pass and one backward per output entry),
+    and per sample pair of the rows' product and of the Gram-route contractions."""
+
+    row: float
+    product: float
+    gram: float
+
+    @property
+    def pair(self) -> float:
+        return self.product + self.gram
+
+
 @dataclasses.dataclass
 class Factors:
     """What a block keeps for its Gram-route parameters: per parameter ``(structure, cotangent)``.
@@ -167,7 +185,7 @@ class RowSource(Protocol):
 
     def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None: ...
 
-    def flops(self) -> tuple[float, float]: ...
+    def flops(self) -> Flops: ...
 
 
 RowsFactory = Callable[[Problem, int, int, int], RowSource]
@@ -191,7 +209,7 @@ def _pair_flops(problem: Problem, out_shape: tuple[int, ...], width: int) -> flo
     return float(plan.jacobian_contraction_flops(problem.layouts[0], 1, out_shape, (width,))) if width else 0.0
 
 
-def _chunks(x: list[Any], axes: list[int | None], b: int, chunk: int):
+def _chunks(x: list[Any], axes: list[int | None], b: int, chunk: int) -> Iterator[tuple[int, int, list[Any]]]:
     for s in range(0, b, chunk):
         e = min(s + chunk, b)
         yield s, e, [t if a is None else t.narrow(a, s, e - s) for t, a in zip(x, axes)]
@@ -215,7 +233,7 @@ class JacobianRows:
         self.out_shape = _out_shape(problem)
         self.slots = Slots.of(problem, range(len(problem.params.diff_leaves)))
         self.fn = vmap(jacrev(problem.sample_fn(), argnums=0), in_dims=(None, problem.x_axes))
-        self._flops: tuple[float, float] | None = None
+        self._flops: Flops | None = None
 
     def sample_bytes(self) -> SampleBytes:
         size = itemsize(self.problem.out_dtype)
@@ -227,7 +245,8 @@ class JacobianRows:
         axes = self.problem.x_axes or []
         leaves = self.problem.params.diff_leaves
         for s, e, xc in _chunks(x, axes, _block_size(x, axes), chunk):
-            jac = self.fn(leaves, xc)[0]
+            with transform_friendly_attention():
+                jac = self.fn(leaves, xc)[0]
             pieces = [j.reshape(e - s, *self.out_shape, -1) for j in jac]
             torch.cat(pieces, dim=-1, out=out[s:e])
         return None
@@ -235,11 +254,10 @@ class JacobianRows:
     def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None:
         return None
 
-    def flops(self) -> tuple[float, float]:
-        """Estimated FLOPs per row (a forward pass and one backward per output entry) and per sample pair."""
+    def flops(self) -> Flops:
         if self._flops is None:
             o = math.prod(self.out_shape)
-            self._flops = ((1 + 2 * o) * forward_flops(self.problem), _pair_flops(self.problem, self.out_shape, self.slots.width))
+            self._flops = Flops((1 + 2 * o) * forward_flops(self.problem), _pair_flops(self.problem, self.out_shape, self.slots.width), 0.0)
         return self._flops
 
 
@@ -258,7 +276,10 @@ class StructuredRows:
         self.problem = problem
         self.out_shape = _out_shape(problem)
         self.layout = problem.layouts[0]
+        self._one: structured.Side | None = None
         self.cap = capture_mod.discover(problem)
+        self.cap = capture_mod.restrict(self.cap, self._unordered_views())
+        self._one = None  # read again with the restricted capture
         self.gram_flops = 0.0  # per sample pair, of the Gram-route parameters
         if routes not in ("price", "rows", "gram"):
             raise ValueError(f"StructuredRows(routes={routes!r}): expected 'price', 'rows' or 'gram'")
@@ -267,13 +288,13 @@ class StructuredRows:
         self.fallback = sorted(self.cap.fallback)
         self.limit = structured.memory_limit(problem, budget)
         self.workspace: dict[tuple, torch.Tensor] = {}  # im2col buffers, one per layer shape
-        self._flops: tuple[float, float] | None = None
+        self._flops: Flops | None = None
 
     def _gram_params(self, n1: int, n2: int, every: bool = False) -> dict[int, tuple[int, str]]:
         """Covered parameters whose Gram contraction costs fewer FLOPs than their rows, for ``n1 x n2`` samples."""
         if not self.cap.covered:
             return {}
-        one = structured.side(self.problem, self.cap, 1, 0, 1)
+        one = self._one_sample()
         o = math.prod(self.out_shape)
         chosen = {}
         for k, (e, role) in self.cap.covered.items():
@@ -288,13 +309,42 @@ class StructuredRows:
     def sample_bytes(self) -> SampleBytes:
         size = itemsize(self.problem.out_dtype)
         o = math.prod(self.out_shape)
-        kept = 0
-        if self.gram_params:
-            one = structured.side(self.problem, self.cap, 1, 0, 1)
-            kept = self._factors(self.problem, one).nbytes()
+        kept = self._factors(self.problem, self._one_sample()).nbytes() if self.gram_params else 0
         work = sum(self._workspace_numel().values()) * size
         fb = sum(self.problem.params.diff_leaves[k].numel() for k in self.fallback) * o * size
         return SampleBytes(o * self.slots.width * size, kept, backward_transient(self.problem) + work + fb)
+
+    def _unordered_views(self) -> dict[int, str]:
+        """Covered parameters consumed through a view whose rows cannot be formed in the parameter's order."""
+        moved = {}
+        for k, (e, role) in self.cap.covered.items():
+            vm = self.cap.events[e].views.get(role)
+            if vm is None or vm.trivial:
+                continue
+            if not vm.covers:
+                moved[k] = f"rows: the view ({vm.describe()}) selects part of the parameter"
+                continue
+            try:
+                self._use_structure(self.problem, self._one_sample(), e, role, k)
+            except views.ViewError as err:
+                moved[k] = f"rows: {err}"
+        return moved
+
+    def _use_structure(self, pb: Problem, sd: structured.Side, e: int, role: str, k: int) -> Structure:
+        """The structure of ``∂y/∂θ`` of one use with θ's letters in θ's row-major order (as its slot)."""
+        ev = self.cap.events[e]
+        vm = ev.views.get(role)
+        if vm is None or vm.trivial or k in self.cap.tied:  # the cached form is already in θ's order
+            return structured.event_structure(pb, sd, e, role)
+        theta = tuple(pb.params.diff_leaves[k].shape)
+        return views.use_structure(ev.rule, role, sd.operands[e], ev.meta, ev.y_shape, vm, True, theta)
+
+    def _one_sample(self) -> structured.Side:
+        """The capture on the problem's first sample (prices and sizes are read from it), computed once."""
+        if self._one is None:
+            with transform_friendly_attention():
+                self._one = structured.side(self.problem, self.cap, 1, 0, 1)
+        return self._one
 
     def _workspace_numel(self) -> dict[tuple, int]:
         """Per distinct convolution shape, the elements per sample of its padded input and patches."""
@@ -318,7 +368,8 @@ class StructuredRows:
         parts = []
         for s, e, xc in _chunks(x, axes, _block_size(x, axes), chunk):
             pb = dataclasses.replace(self.problem, x1_leaves=xc, x2_leaves=None, n1=e - s, n2=e - s)
-            sd = structured.side(pb, self.cap, 1, 0, e - s)
+            with transform_friendly_attention():
+                sd = structured.side(pb, self.cap, 1, 0, e - s)
             self._write(pb, sd, out[s:e])
             if self.gram_params:
                 parts.append(self._factors(pb, sd))
@@ -339,16 +390,26 @@ class StructuredRows:
         if k in self.cap.fallback:
             view.copy_(sd.fb_jac[0][self.fallback.index(k)].reshape(view.shape))
             return
-        e, role = self.cap.covered[k]
+        uses = self.cap.tied.get(k) or [self.cap.covered[k]]
+        if len(uses) == 1 and self._fast(sd, *uses[0], view):
+            return
+        for i, (e, role) in enumerate(uses):  # a tied parameter: the sum of its uses
+            st = self._use_structure(pb, sd, e, role, k)
+            jac = plan.jacobian_equation(self.layout, True, st, sd.cot[0][e]).run(self.limit).reshape(view.shape)
+            jac = jac * st.scale if st.scale != 1.0 else jac
+            view.copy_(jac) if i == 0 else view.add_(jac)
+
+    def _fast(self, sd: structured.Side, e: int, role: str, view: torch.Tensor) -> bool:
+        """The bmm paths of convolutions and linear layers, for a parameter consumed as it is (no view)."""
         ev = self.cap.events[e]
-        cot = sd.cot[0][e]
-        if isinstance(ev.rule, Conv2d) and self._conv2d(ev, role, sd.operands[e], cot, view):
-            return
-        if isinstance(ev.rule, Linear) and self._linear(role, sd.operands[e], cot, view, ev.y_shape):
-            return
-        st = structured.event_structure(pb, sd, e, role)
-        jac = plan.jacobian_equation(self.layout, True, st, cot).run(self.limit)
-        view.copy_(jac.reshape(view.shape) * st.scale if st.scale != 1.0 else jac.reshape(view.shape))
+        vm = ev.views.get(role)
+        if vm is not None and not vm.trivial:
+            return False
+        if isinstance(ev.rule, Conv2d):
+            return self._conv2d(ev, role, sd.operands[e], sd.cot[0][e], view)
+        if isinstance(ev.rule, Linear):
+            return self._linear(role, sd.operands[e], sd.cot[0][e], view, ev.y_shape)
+        return False
 
     def _conv2d(self, ev: capture_mod.Event, role: str, operands: list, cot: torch.Tensor, view: torch.Tensor) -> bool:
         """``∂f/∂W`` of a 2-D convolution: ``im2col`` into a reused workspace, one ``bmm`` per output entry and group.
@@ -440,12 +501,11 @@ class StructuredRows:
             terms.append((_packed(st), sd.cot[0][e]))
         return Factors(terms)
 
-    def flops(self) -> tuple[float, float]:
-        """Estimated FLOPs per row (a forward pass and one backward per output entry) and per sample pair."""
+    def flops(self) -> Flops:
         if self._flops is None:
             o = math.prod(self.out_shape)
-            pair = _pair_flops(self.problem, self.out_shape, self.slots.width) + self.gram_flops
-            self._flops = ((1 + 2 * o) * forward_flops(self.problem), pair)
+            product = _pair_flops(self.problem, self.out_shape, self.slots.width)
+            self._flops = Flops((1 + 2 * o) * forward_flops(self.problem), product, self.gram_flops)
         return self._flops
 
     def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None:

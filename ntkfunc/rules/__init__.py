@@ -36,7 +36,7 @@ from ntkfunc.rules.base import (
 )
 
 # Families register themselves on import.
-from ntkfunc.rules import attention, conv, elementwise, embedding, linear, norm  # noqa: E402,F401  isort: skip
+from ntkfunc.rules import attention, concat, conv, elementwise, embedding, linear, norm  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "EXPANSIONS", "LETTERS", "RULES", "Bound", "IsParam", "Rule", "Structure", "Tensor", "bind", "check_structure",

@@ -1,4 +1,5 @@
-"""Linear family: ``F.linear``, ``matmul`` / ``@`` / ``mm`` / ``bmm`` and ``einsum`` with one parameter operand.
+"""Linear family: ``F.linear``, ``matmul`` / ``@`` / ``mm`` / ``bmm``, ``einsum``, and ``addmm`` / ``baddbmm`` /
+``addbmm`` / ``addmv`` with one parameter operand (and the added input as a parameter).
 
 Every op here is an einsum ``y = einsum(a, θ)``, so ``∂y/∂θ`` is the einsum with θ
 removed; for ``y = x Wᵀ + b`` the NTK contribution of ``W`` is
@@ -19,8 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -192,3 +194,97 @@ class Einsum(Rule):
         idx = int(role[len("operand") :])
         tensors = [None if k == idx else t for k, t in enumerate(operands)]
         return einsum_structure(inputs, out, idx, tensors, meta["shapes"][idx], y_shape)
+
+
+class _AddMatMul(Rule):
+    """``beta * input + alpha * (mat1 @ mat2)`` (``addmm`` and its batched / vector variants).
+
+    Roles: ``input`` (broadcast to the output, like a bias: ``∂y/∂input = beta``) and one
+    of the two matrix operands (``∂y/∂θ`` is ``alpha`` times the other one, as in
+    :class:`MatMul`). ``mats`` names the two matrix operands, ``subscripts`` their einsum.
+    """
+
+    mats: ClassVar[tuple[str, str]] = ("mat1", "mat2")
+    subscripts: ClassVar[tuple[str, str, str]] = ("xy", "yz", "xz")
+
+    def bind(self, args: tuple, kwargs: dict) -> Bound | None:
+        names = ("input", *self.mats, "beta", "alpha", "out")
+        a = bind(args, kwargs, names, {"beta": 1, "alpha": 1, "out": None})
+        if a is None or a["out"] is not None or any(r not in a for r in ("input", *self.mats)):
+            return None
+        return a
+
+    def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
+        m1, m2 = (a[r] for r in self.mats)
+        if not all(_is_tensor(t) for t in (a["input"], m1, m2)) or is_param(m1) and is_param(m2):
+            return None
+        if not all(isinstance(a[s], numbers.Number) and not isinstance(a[s], bool) for s in ("beta", "alpha")):
+            return None
+        return {r: a[r] for r in ("input", *self.mats) if is_param(a[r])} or None
+
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
+        meta = {
+            "shapes": {r: tuple(a[r].shape) for r in ("input", *self.mats)},
+            "beta": complex(a["beta"]) if isinstance(a["beta"], complex) else float(a["beta"]),
+            "alpha": complex(a["alpha"]) if isinstance(a["alpha"], complex) else float(a["alpha"]),
+        }
+        return [None if is_param(a[r]) else a[r] for r in self.mats], meta
+
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+        shape = meta["shapes"][role]
+        out = LETTERS[: len(y_shape)]
+        if role == "input":  # broadcast against the output's trailing axes, as in add
+            sub = LETTERS[len(y_shape) - len(shape) : len(y_shape)]
+            return einsum_structure([sub], out, 0, [None], shape, y_shape, meta["beta"])
+        idx = self.mats.index(role)
+        tensors = [None, operands[1]] if idx == 0 else [operands[0], None]
+        sa, sb, so = self.subscripts
+        return einsum_structure([sa, sb], so, idx, tensors, shape, y_shape, meta["alpha"])
+
+
+@register(torch.addmm, torch.Tensor.addmm)
+class AddMM(_AddMatMul):
+    """``addmm(input, mat1, mat2)``: ``(n, k) @ (k, m)`` plus ``input`` broadcast to ``(n, m)``.
+
+    HuggingFace's GPT-2 ``Conv1D`` is ``addmm(bias, x.view(-1, in), W)`` with ``W`` of shape ``(in, out)``.
+
+    >>> from ntkfunc.rules import lookup
+    >>> rule = lookup(torch.addmm)
+    >>> b, x, w = torch.randn(5), torch.randn(3, 4), torch.randn(4, 5)
+    >>> bound = rule.bind((b, x, w), {})
+    >>> sorted(rule.match(bound, lambda t: t is w or t is b))
+    ['input', 'mat2']
+    >>> ops, meta = rule.capture(bound, lambda t: t is w or t is b)
+    >>> s = rule.structure("mat2", [o if o is None else o.unsqueeze(0) for o in ops], meta, (3, 5))
+    >>> (s.y, s.theta, [letters for letters, _ in s.operands])
+    ('xz', 'yz', ['xy'])
+    """
+
+    name = "addmm"
+
+
+@register(torch.baddbmm, torch.Tensor.baddbmm)
+class BAddBMM(_AddMatMul):
+    """``baddbmm(input, batch1, batch2)``: ``(B, n, k) @ (B, k, m)`` plus ``input`` broadcast to ``(B, n, m)``."""
+
+    name = "baddbmm"
+    mats = ("batch1", "batch2")
+    subscripts = ("axy", "ayz", "axz")
+
+
+@register(torch.addbmm, torch.Tensor.addbmm)
+class AddBMM(_AddMatMul):
+    """``addbmm(input, batch1, batch2)``: ``Σ_B (B, n, k) @ (B, k, m)`` plus ``input`` broadcast to ``(n, m)``."""
+
+    name = "addbmm"
+    mats = ("batch1", "batch2")
+    subscripts = ("axy", "ayz", "xz")
+
+
+@register(torch.addmv, torch.Tensor.addmv)
+class AddMV(_AddMatMul):
+    """``addmv(input, mat, vec)``: ``(n, k) @ (k,)`` plus ``input`` broadcast to ``(n,)``."""
+
+    name = "addmv"
+    mats = ("mat", "vec")
+    subscripts = ("xy", "y", "x")

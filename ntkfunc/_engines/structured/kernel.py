@@ -14,8 +14,11 @@ samples:
    :class:`~ntkfunc._core.layout.Layout` (traced axes summed, diagonal axes shared), so
    opt_einsum contracts traced axes early; :mod:`~ntkfunc._engines.structured.plan` prices
    the Gram route (``(c₁c₂ᵀ) ⊙ (x₁x₂ᵀ)``) against forming ``∂f/∂θ`` and takes the cheaper.
-4. Fallback parameters (no rule, used through a view, tied, ...) are contracted from
-   their Jacobians exactly as in implementation 1.
+4. A tied parameter (used by several primitives, e.g. an embedding and the LM head)
+   gets every pair of its uses, cross terms included (:func:`tied_block`), by the same
+   two routes.
+5. Fallback parameters (no rule, a view that does not compose, uses that do not pair, ...)
+   are contracted from their Jacobians exactly as in implementation 1.
 
 Memory: sample blocks are sized so that the cotangents (``b x O x Σ numel(y_k)``), the
 operands and the fallback Jacobians fit the budget, and tiled with :func:`~ntkfunc._core.tiles.tiles`.
@@ -34,7 +37,7 @@ from ntkfunc._core.memory import SAFETY, backward_transient, itemsize, outputs_p
 from ntkfunc._core.problem import Problem
 from ntkfunc._core.tiles import Accumulator, tiles
 from ntkfunc._engines.structured import capture as capture_mod
-from ntkfunc._engines.structured import plan
+from ntkfunc._engines.structured import plan, views
 from ntkfunc._engines.structured.capture import Capture
 
 Key = tuple[int, str, int]  # (event, role, output leaf)
@@ -84,13 +87,19 @@ def side(problem: Problem, cap: Capture, which: int, start: int, stop: int) -> S
 
 
 def event_structure(problem: Problem, sd: Side, e: int, role: str) -> rules.Structure:
-    """The rule's (checked) structure of event ``e``'s role ``role`` on this side's samples."""
+    """The rule's (checked) structure of event ``e``'s role ``role`` on this side's samples.
+
+    Composed with the view the event consumes the parameter through, if any, and in the
+    canonical form that the uses of a tied parameter share (:mod:`views`).
+    """
     key = (e, role)
     if key not in sd.structures:
         ev = sd.cap.events[e]
-        theta = problem.params.diff_leaves[ev.roles[role]]
-        st = ev.rule.structure(role, sd.operands[e], ev.meta, ev.y_shape)
-        sd.structures[key] = rules.check_structure(st, rule=ev.rule.name, role=role, theta_shape=tuple(theta.shape))
+        k = ev.roles[role]
+        theta = problem.params.diff_leaves[k]
+        sd.structures[key] = views.use_structure(
+            ev.rule, role, sd.operands[e], ev.meta, ev.y_shape, ev.views.get(role), k in sd.cap.tied, tuple(theta.shape)
+        )
     return sd.structures[key]
 
 
@@ -145,6 +154,61 @@ def param_block(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Si
     return part if scale == 1.0 else part * scale
 
 
+# --- tied parameters: every pair of uses ------------------------------------------------
+
+
+def tied_prices(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Side, s2: Side) -> tuple[plan.Prices, list[plan.Equation]]:
+    """The prices of a tied parameter's block, and the Gram equation of every pair of uses (x1 use, x2 use).
+
+    Gram route: one equation per pair, the x2 use's θ letters renamed onto the x1 use's.
+    Jacobian route: each side's ``∂f/∂θ`` is the sum of its uses' rule-formed Jacobians.
+    """
+    lay = problem.layouts[leaf]
+    st1 = [event_structure(problem, s1, e, r) for e, r in uses]
+    st2 = [event_structure(problem, s2, e, r) for e, r in uses]
+    grams = [
+        plan.gram_equation(lay, problem.vmapped, a, views.relabel(b, a.theta), s1.cot[leaf][e1], s2.cot[leaf][e2])
+        for (e1, _), a in zip(uses, st1) for (e2, _), b in zip(uses, st2)
+    ]
+    gram = sum(g.flops for g in grams)
+    if len({views.theta_sizes(st) for st in st1 + st2}) > 1:
+        return plan.Prices(gram, math.inf, math.inf, math.inf), grams
+    forms1 = [side_form(problem, s1, e, r, leaf) for e, r in uses]
+    forms2 = [side_form(problem, s2, e, r, leaf) for e, r in uses]
+    pair = plan.flops(plan.pair_equation(lay, len(st1[0].theta)), (forms1[0].out_shape, forms2[0].out_shape))
+    return plan.Prices(gram, sum(f.flops for f in forms1), sum(f.flops for f in forms2), pair), grams
+
+
+def tied_route(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Side, s2: Side) -> tuple[plan.RouteCost, list[plan.Equation]]:
+    """The cost of each route for this tile (side Jacobians already formed are free) and the pairs' Gram equations."""
+    p, grams = tied_prices(problem, leaf, uses, s1, s2)
+    formed1 = all((e, r, leaf) in s1.jacobians for e, r in uses)
+    formed2 = s1 is s2 or all((e, r, leaf) in s2.jacobians for e, r in uses)
+    return p.at_tile(formed1, formed2), grams
+
+
+def tied_block(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Side, s2: Side, memory_limit: int | None) -> torch.Tensor:
+    """A tied parameter's kernel block ``Σ_{u,w} (c₁ᵤ ∂yᵤ/∂θ)(c₂_w ∂y_w/∂θ)ᵀ`` (not divided by the trace size)."""
+    lay = problem.layouts[leaf]
+    cost, grams = tied_route(problem, leaf, uses, s1, s2)
+    scales1 = [event_structure(problem, s1, e, r).scale for e, r in uses]
+    scales2 = [event_structure(problem, s2, e, r).scale for e, r in uses]
+    if cost.use_gram:
+        parts = []
+        for g, (a, b) in zip(grams, [(a, b) for a in scales1 for b in scales2]):
+            part = g.run(memory_limit)
+            parts.append(part if a * b == 1.0 else part * (a * b))
+        return sum(parts[1:], parts[0])
+
+    def summed(sd: Side, scales: list) -> torch.Tensor:
+        js = [side_jacobian(problem, sd, e, r, leaf, memory_limit) for e, r in uses]
+        js = [j if c == 1.0 else j * c for j, c in zip(js, scales)]
+        return sum(js[1:], js[0])
+
+    j1, j2 = summed(s1, scales1), summed(s2, scales2)
+    return lay.contract(j1, j2, j1.ndim - len(lay.operand_subscripts(0)[0]))
+
+
 def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit: int | None) -> list[list[torch.Tensor | None]]:
     """Per output leaf, per differentiated parameter: its kernel block for one tile.
 
@@ -157,6 +221,8 @@ def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit
         parts: list[torch.Tensor | None] = [None] * len(leaves)
         for k, (e, role) in sorted(cap.covered.items()):
             parts[k] = param_block(problem, leaf, e, role, s1, s2, memory_limit)
+        for k, uses in sorted(cap.tied.items()):
+            parts[k] = tied_block(problem, leaf, uses, s1, s2, memory_limit)
         for j, k in enumerate(fb_idx):
             parts[k] = lay.contract(s1.fb_jac[leaf][j], s2.fb_jac[leaf][j], leaves[k].ndim)
         assert any(p is not None for p in parts)
