@@ -338,6 +338,30 @@ def test_count_sketch_of_convolutions_from_gathered_patches_equals_the_formed_ro
     torch.testing.assert_close(fast, formed, rtol=1e-10, atol=1e-10)
 
 
+class _ViewsAndTies(nn.Module):
+    """A weight used through its transpose, another tied into two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 9) / 3)  # F.linear(x, w.T): 6 -> 9
+        self.t = nn.Linear(9, 9)
+
+    def forward(self, x):
+        h = torch.tanh(nn.functional.linear(x, self.w.T))       # (N, 9)
+        return self.t(torch.tanh(self.t(h))).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("kind", ["countsketch", "tensorsketch", "auto"])
+def test_weights_through_views_and_tied_weights_get_the_formed_features(kind):
+    torch.manual_seed(0)
+    f, params = ntkfunc.from_module(_ViewsAndTies().double())
+    x = torch.randn(5, 6, dtype=torch.float64)
+    sketch = ntkfunc.Sketch(40, seed=1, kind=kind)
+    fast = ntkfunc.features_fn(f, sketch)(x, params)
+    formed = ntkfunc.features_fn(f, sketch, implementation=1)(x, params)
+    torch.testing.assert_close(fast, formed, rtol=1e-10, atol=1e-10)
+
+
 def test_tensorsketch_fft_route_equals_hashing_the_outer_products():
     blk = tensorsketch.TensorSketchBlock(leaf=0, rows=5, cols=9, dim=32, seed=1)
     c, x = torch.randn(3, 2, 5, 4, dtype=torch.float64), torch.randn(3, 4, 9, dtype=torch.float64)

@@ -51,8 +51,9 @@ def factorable(problem: Problem, cap: capture_mod.Capture) -> dict[int, Factorab
     out: dict[int, Factorable] = {}
     for k, (e, role) in cap.covered.items():
         ev = cap.events[e]
-        if role != "weight":
-            continue
+        vm = ev.views.get(role)
+        if role != "weight" or (vm is not None and not vm.trivial):
+            continue  # a weight used through a view (w.T, a slice) is formed by its view-aware rule
         w = tuple(problem.params.diff_leaves[k].shape)
         if isinstance(ev.rule, Conv2d) and len(ev.meta["kernel"]) == 2 and ev.meta["groups"] == 1 and not ev.meta["unbatched"] \
                 and ev.y_shape[0] == 1:
