@@ -23,7 +23,7 @@ accurate as the kernel in Frobenius norm, the tenth a few times less. The estima
 the measured error within 2x (below it at large k: TensorSketch's error in the last layers
 is shared by the 10 traced outputs; see ``Sketch.error_estimate``).
 
-Run: ``python examples/sketch_accuracy.py`` (about 2 minutes on 2 CPU cores; ``--quick``: seconds).
+Run: ``python examples/sketch_accuracy.py`` (about a minute on 2 CPU cores; ``--quick``: seconds).
 """
 
 from __future__ import annotations
