@@ -13,6 +13,7 @@ from ntkfunc.nngp import nngp_fn
 from ntkfunc.ntk import ntk_fn
 from ntkfunc.ntk_vp import ntk_vp_fn
 from ntkfunc.pntk import pntk_fn
+from ntkfunc.sketch import Sketch, features_fn, sketched_ntk_fn
 from ntkfunc.taylor import linearize, taylor_expand
 
 __version__ = "0.1.0"
@@ -20,8 +21,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Explanation",
     "Implementation",
+    "Sketch",
     "datasets",
     "explain",
+    "features_fn",
     "from_module",
     "group_kernels",
     "kernel_fn",
@@ -37,6 +40,7 @@ __all__ = [
     "pntk_fn",
     "predict",
     "rules",
+    "sketched_ntk_fn",
     "taylor_expand",
     "testing",
     "verify_kernel",

@@ -75,6 +75,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--seed", type=int, default=0, help="seed set before the model factory runs (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sketch-dim", type=int, help="a sketched kernel with this many features per output (ntkfunc.Sketch); default: exact")
+    p.add_argument("--sketch-seed", type=int, default=0, help="seed of the sketch's projection (default 0)")
+    p.add_argument("--sketch-kind", default="auto", help="auto (default), countsketch, tensorsketch or gaussian")
+    p.add_argument("--features", type=Path, help="folder for the sketch's features .npy (default: <out>.features)")
     return p
 
 
@@ -97,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices = _devices(args.devices)
         if args.out.is_dir():
             raise UsageError(f"--out {args.out}: is a directory; expected the path of a .npy file to write, e.g. {args.out / 'ntk.npy'}")
+        sketch = _sketch(args.sketch_dim, args.sketch_seed, args.sketch_kind)
         if args.out.suffix != ".npy":
             raise UsageError(f"--out {args.out}: expected a path ending in .npy")
         from ntkfunc.module import from_module
@@ -109,12 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     n1, n2 = len(x1), len(x1) if x2 is None else len(x2)
     n_params = sum(p.numel() for p in params.values())
-    print(f"ntkfunc compute: {args.kernel} eNTK of {args.model} ({n_params:,} parameters) on {desc}: {n1} x {n2} -> {args.out}")
+    how = "" if sketch is None else f" sketched (dim={sketch.dim}, seed={sketch.seed}, kind={sketch.kind})"
+    print(f"ntkfunc compute: {args.kernel} eNTK{how} of {args.model} ({n_params:,} parameters) on {desc}: {n1} x {n2} -> {args.out}")
     start = time.perf_counter()
     try:
         k = kernel_matrix(
             f, params, x1, x2, implementation=impl, batch_size=args.batch_size, memory_budget=args.memory_budget,
-            out=str(args.out), resume=args.resume, progress=not args.no_progress, devices=devices, **_KERNELS[args.kernel],
+            out=str(args.out), resume=args.resume, progress=not args.no_progress, devices=devices, sketch=sketch,
+            features=args.features, **_KERNELS[args.kernel],
         )
     except (ValueError, TypeError, MemoryError, FloatingPointError, RuntimeError, OSError) as err:
         print(f"ntkfunc compute: error: {err}", file=sys.stderr)  # e.g. another writer, a changed job, a full disk
@@ -124,7 +131,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  kernel {tuple(k.shape)} {str(k.dtype).replace('torch.', '')} ({fmt_bytes(k.numel() * k.element_size())}) in "
         f"{seconds:.1f} s ({k.numel() / max(seconds, 1e-9):.3g} entries/s); saved {args.out}"
     )
+    if sketch is not None:
+        _report_sketch(args.out)
     return 0
+
+
+def _sketch(dim: int | None, seed: int, kind: str) -> Any:
+    """The ``Sketch`` of ``--sketch-dim/--sketch-seed/--sketch-kind`` (None: the exact kernel)."""
+    if dim is None:
+        return None
+    from ntkfunc.sketch import Sketch
+
+    try:
+        return Sketch(dim, seed, kind)
+    except ValueError as err:
+        flag = {"dim": "--sketch-dim", "seed": "--sketch-seed", "kind": "--sketch-kind"}
+        name = next((v for k, v in flag.items() if f"Sketch({k}=" in str(err)), "--sketch-dim")
+        raise UsageError(f"{name}: {str(err).split(': ', 1)[1]}") from None
+
+
+def _report_sketch(out: Path) -> None:
+    """The resolved sketch and its error estimate, from the output's manifest."""
+    import json
+
+    manifest = json.loads(Path(str(out) + ".manifest.json").read_text())
+    record = manifest["fingerprint"]["sketch"]
+    run = manifest.get("sketch_run", {})
+    err = run.get("error_estimate", {}).get("relative_frobenius")
+    est = "" if err is None else f"; estimated relative Frobenius error {err:.3g} (re-sketched features)"
+    print(f"  sketch: {record['resolved']}{' (exact)' if record['exact'] else ''}{est}; features in {', '.join(p for p in run.get('features', []) if p)}")
 
 
 def _model(spec: str, weights: Path | None, seed: int, dtype: torch.dtype, device: str) -> torch.nn.Module:

@@ -30,6 +30,7 @@ from ntkfunc._core.ops import transform_friendly_attention
 from ntkfunc._core.problem import Problem, make_problem
 from ntkfunc._core.tiles import Tile, grid
 from ntkfunc._core.types import ApplyFn, Axes, MemoryBudget, PyTree
+from ntkfunc._dataset import features as featuring
 from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import Devices, Ranks, ranks, resolve_devices, to_device
 from ntkfunc._dataset.fingerprint import job_fingerprint
@@ -43,6 +44,7 @@ from ntkfunc._dataset.store import MemoryStore, NpyStore, Store, open_store
 from ntkfunc._engines import Engine, Implementation, get_engine
 from ntkfunc._engines.persample import RowSource
 from ntkfunc.pntk import sum_of_logits
+from ntkfunc.sketch import Sketch
 
 API = "kernel_matrix"
 
@@ -62,6 +64,9 @@ class Job:
     pntk: bool
     nonfinite: str
     precision: str = "highest"
+    sketch: Sketch | None = None
+    sketch_record: dict | None = None  # the resolved sketch (kind per parameter), for the fingerprint
+    rows_data: tuple[Samples, Samples] | None = None  # what the panels' rows come from (the features, with a sketch)
 
     @property
     def symmetric(self) -> bool:
@@ -120,6 +125,8 @@ def kernel_matrix(
     nonfinite: NonFinite = "raise",
     precision: Precision = "highest",
     verify: bool = False,
+    sketch: Sketch | None = None,
+    features: None | str | os.PathLike[str] = None,
 ) -> torch.Tensor:
     """The empirical NTK of ``f`` over whole datasets ``x1`` (rows) and ``x2`` (columns).
 
@@ -162,6 +169,17 @@ def kernel_matrix(
         (:mod:`ntkfunc._dataset.precision`; measured errors in benchmarks/RESULTS.md).
       verify: with ``out``, read the finished file back and check every tile against its
         checksum (:func:`ntkfunc.verify_kernel`) before returning.
+      sketch: an :class:`ntkfunc.Sketch`: the sketched kernel ``(J(x1) Π)(J(x2) Π)ᵀ`` (as
+        :func:`ntkfunc.sketched_ntk_fn`, unbiased) instead of the exact one. The features
+        ``J(x) Π`` ``(N, *out, dim)`` are computed first, once per sample
+        (:mod:`ntkfunc._dataset.features`), then multiplied tile by tile exactly as per-sample
+        rows are, with the same tiling, output, resume and progress. Needs per-sample
+        gradients: implementation 1, 3 or ``"auto"``.
+      features: with ``sketch``: a folder where the features are written as
+        ``features-<key>.npy`` (``np.load`` opens them; ``<key>`` hashes model, params, data and
+        sketch, so another kernel of the same data reuses them). Default: ``<out>.features``
+        with ``out``, memory without. The output's manifest records the sketch, its resolved
+        plan and an error estimate (:meth:`ntkfunc.Sketch.error_estimate`).
 
     Shapes: an ``(N, O)`` output gives ``(N1, N2)`` with the default trace; the layout is
     ``ntk_fn``'s. CUDA out-of-memory errors halve the computed block and retry.
@@ -180,18 +198,24 @@ def kernel_matrix(
       >>> ntkfunc.kernel_matrix(f, params, x, x[:4], trace_axes=(), progress=False).shape
       torch.Size([10, 4, 3, 3])
     """
-    job = validate(f, params, x1, x2, trace_axes, diagonal_axes, implementation, pntk, batch_size, nonfinite, precision)
+    job = validate(f, params, x1, x2, trace_axes, diagonal_axes, implementation, pntk, batch_size, nonfinite, precision, sketch)
     check_verify(verify, out)
     rk = ranks()
     device = resolve_devices(devices, params, rk, API)
     shape = probe(job, device[0])
     budget = parse_budget(memory_budget, device[0])
+    featured = None
+    if job.sketch is not None:
+        featured = featuring.compute(job, shape.problem, job.sketch, budget, out, features, resume, device, rk, progress_bar_wanted(progress, rk))
+        job = sketched(job, featured)
     planned = plan(job, shape, budget, batch_size, in_memory=out is None, device=device[0])
     store, grid_block = open_output(job, shape, out, planned.tiles, resume, rk)
     try:  # the store holds the output's lock until the kernel is returned (or the run fails)
         tiles = list(grid(shape.n1, shape.n2, grid_block, grid_block, symmetric=job.symmetric, paired=shape.layout.batch_paired))
         with explained_f_errors(API, job.params, {}, without_vmap=_WITHOUT_VMAP):
             run(job, shape, store, planned, grid_block, tiles, device, progress_bar=progress_bar_wanted(progress, rk), rk=rk)
+        if featured is not None and isinstance(store, NpyStore):
+            store.manifest["sketch_run"] = {"error_estimate": featured.error, "features": list(featured.paths)}
         return finish(store, tiles, rk, verify=verify)
     finally:
         store.close()
@@ -199,17 +223,32 @@ def kernel_matrix(
 
 def validate(f: ApplyFn, params: PyTree, x1: Any, x2: Any, trace_axes: Axes, diagonal_axes: Axes,
              implementation: None | int | str | Implementation, pntk: bool, batch_size: int | None, nonfinite: str,
-             precision: str = "highest") -> Job:
+             precision: str = "highest", sketch: Sketch | None = None) -> Job:
     """Check the arguments (before anything runs) and wrap the data as :class:`Samples`."""
     check_mode(nonfinite, API)
     check_precision(precision, API)
     check_positive_int(batch_size, "batch_size", API, allow_none=True)
     engine = get_engine("auto" if implementation is None else implementation, api=API)
+    if sketch is not None and not isinstance(sketch, Sketch):
+        raise TypeError(f"{API}(sketch={sketch!r}): expected None or ntkfunc.Sketch(dim, seed=0, kind='auto')")
+    if sketch is not None and engine.rows is None:
+        raise ValueError(
+            f"{API}(sketch=..., implementation={int(engine.implementation)}): implementation {int(engine.implementation)} "
+            f"({engine.name}) has no per-sample gradients to project; expected implementation 1, 3 or 'auto' (None)"
+        )
     refuse_batch_coupled(f, 0, API)
     fn = sum_of_logits(f, 0, api=f"{API}(pntk=True)", keepdim=True) if pntk else f
     s1 = Samples(x1, "x1")
     s2 = s1 if x2 is None else Samples(x2, "x2")
-    return Job(f, fn, params, engine, s1, s2, as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes), bool(pntk), nonfinite, precision)
+    return Job(f, fn, params, engine, s1, s2, as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes), bool(pntk), nonfinite, precision,
+               sketch)
+
+
+def sketched(job: Job, featured: featuring.Featured) -> Job:
+    """The job of the kernel stage: rows are the stored features (width ``dim``), multiplied as per-sample rows are."""
+    assert job.sketch is not None
+    engine = dataclasses.replace(job.engine, rows=featuring.feature_rows(job.sketch.dim))
+    return dataclasses.replace(job, engine=engine, rows_data=(featured.s1, featured.s2), sketch_record=featured.record)
 
 
 def check_verify(verify: bool, out: None | str | os.PathLike[str]) -> None:
@@ -277,6 +316,9 @@ def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memo
             rates = measured_rates(device, storage if storage != torch.bfloat16 else shape.dtype, min(1024, shape.n1))
             hint = choose_block(sample, ratio, usable, sizes, shape.pair_bytes, rates, source.flops())
     tiles = plan_tiles(sample, ratio, usable, sizes, shape.pair_bytes, batch_size, hint)
+    if job.rows_data is not None and not tiles.panel:
+        raise MemoryError(f"{API}(sketch=...): memory_budget={fmt_bytes(budget)} holds not even one block of features and "
+                          "its kernel tile; raise memory_budget or pass a smaller batch_size")
     return Planned(usable, tiles, source, storage)
 
 
@@ -291,6 +333,8 @@ def open_output(job: Job, shape: Shape, out: None | str | os.PathLike[str], data
     )
     if job.precision != "highest":  # reduced-precision products differ from IEEE ones: never mixed in one file
         fingerprint["precision"] = job.precision
+    if job.sketch_record is not None:  # kind, dim, seed and the resolved kind of every parameter
+        fingerprint["sketch"] = job.sketch_record
     store = open_store(out, shape.kshape, shape.dtype, fingerprint, {"block": dataset_plan.block}, resume, rk)
     assert isinstance(store, NpyStore)
     return store, int(store.grid["block"])
@@ -314,7 +358,7 @@ def run(job: Job, shape: Shape, store: Store, planned: Planned, grid_block: int,
             source = planned.source if p is job.params and planned.source is not None else (
                 job.engine.rows(problem, shape.n1, shape.n2, int(planned.usable)))  # one per device: workspaces
             layout = problem.layouts[0]
-            return RowPanels(source, (job.s1, job.s2), on_grid, dev, job.symmetric, shape.n1, layout,
+            return RowPanels(source, job.rows_data or (job.s1, job.s2), on_grid, dev, job.symmetric, shape.n1, layout,
                              layout.trace_size(problem.out_shapes1[0]), shape.dtype, planned.storage)
         return PerTileKernel(job.fn, p, (job.s1, job.s2), job.engine, job.trace, job.diag, int(planned.usable), dev, job.symmetric)
 

@@ -379,18 +379,25 @@ class StructuredRows:
     def _write(self, pb: Problem, sd: structured.Side, rows: torch.Tensor) -> None:
         """Every slotted parameter's per-sample gradient into its slot of ``rows`` ``(g, *out, width)``."""
         for k in self.slots.leaves:
-            view = rows[..., self.slots.slot(k)]
-            if k in self.cap.fallback:
-                view.copy_(sd.fb_jac[0][self.fallback.index(k)].reshape(view.shape))
-                continue
-            uses = self.cap.tied.get(k) or [self.cap.covered[k]]
-            if len(uses) == 1 and self._fast(sd, *uses[0], view):
-                continue
-            for i, (e, role) in enumerate(uses):  # a tied parameter: the sum of its uses
-                st = self._use_structure(pb, sd, e, role, k)
-                jac = plan.jacobian_equation(self.layout, True, st, sd.cot[0][e]).run(self.limit).reshape(view.shape)
-                jac = jac * st.scale if st.scale != 1.0 else jac
-                view.copy_(jac) if i == 0 else view.add_(jac)
+            self.write(pb, sd, k, rows[..., self.slots.slot(k)])
+
+    def write(self, pb: Problem, sd: structured.Side, k: int, view: torch.Tensor) -> None:
+        """Parameter ``k``'s per-sample gradient (C order) into ``view`` ``(g, *out, numel)``, from the side pass ``sd``.
+
+        ``pb`` is the problem of the side's ``g`` samples. Any parameter (slotted or not): the
+        sketches of :mod:`ntkfunc._engines.sketch` form one parameter at a time into their own buffers.
+        """
+        if k in self.cap.fallback:
+            view.copy_(sd.fb_jac[0][self.fallback.index(k)].reshape(view.shape))
+            return
+        uses = self.cap.tied.get(k) or [self.cap.covered[k]]
+        if len(uses) == 1 and self._fast(sd, *uses[0], view):
+            return
+        for i, (e, role) in enumerate(uses):  # a tied parameter: the sum of its uses
+            st = self._use_structure(pb, sd, e, role, k)
+            jac = plan.jacobian_equation(self.layout, True, st, sd.cot[0][e]).run(self.limit).reshape(view.shape)
+            jac = jac * st.scale if st.scale != 1.0 else jac
+            view.copy_(jac) if i == 0 else view.add_(jac)
 
     def _fast(self, sd: structured.Side, e: int, role: str, view: torch.Tensor) -> bool:
         """The bmm paths of convolutions and linear layers, for a parameter consumed as it is (no view)."""

@@ -1,0 +1,351 @@
+"""Sketched eNTKs (``kernel_matrix(..., sketch=Sketch(k))``): accuracy against the exact kernel, speed per phase and end to end.
+
+Modes (each prints a markdown table and, with ``--write``, appends JSON rows):
+
+- ``rates``: the cost-model constants of ``ntkfunc._engines.sketch.plan.RATES`` on this
+  machine (float32 GEMM FLOP/s, scattered element traffic, real FFT of length k).
+- ``phases``: per-sample rates on the CIFAR ResNet-18 with one logit (``bench_blocked.ResNet18``,
+  random 3x32x32 data), measured on ``--chunk`` samples after a warm-up: the batched
+  forward+backward (the floor), the **exact per-sample gradients** (full rows, as the exact
+  ``kernel_matrix`` forms them), the **sketched features** (the same cotangent pass plus the
+  projection, split into the two), and the float32 GEMM rate of the ``(N, k)`` feature
+  products. From them, the estimated end-to-end time of an ``N x N`` sketched kernel:
+  ``N t_features + N² k / GEMM rate`` (``x2=None`` computes the tiles on and above the
+  diagonal: about ``N² k`` FLOP).
+- ``speed``: ``kernel_matrix(f, params, x, None, sketch=Sketch(k), out=...)`` end to end for
+  ``--n`` samples (features to ``.npy``, then the kernel to ``.npy``), the time of each stage,
+  against the estimate of the same process's ``phases``.
+- ``accuracy``: the exact kernel (``kernel_matrix``, float32, implementation ``"auto"``) against
+  the sketched one at ``k``, on ``--model digits`` (the 284k-parameter digits CNN of
+  ``bench_blocked``: ``--n`` training images against themselves and the rest of the 1,797
+  images as a test set, for kernel regression) or ``--model resnet`` (``--n`` random images):
+  relative Frobenius error, top-10 eigenvalue errors, the error estimate
+  (``Sketch.error_estimate``), and for the digits the test accuracy of kernel regression
+  (``predict.gradient_descent_mse``, ``t = ∞``) with either kernel.
+
+    python benchmarks/bench_sketch.py rates
+    python benchmarks/bench_sketch.py phases --n 10000 50000
+    python benchmarks/bench_sketch.py speed --n 10000
+    python benchmarks/bench_sketch.py accuracy --model digits --n 1000
+    python benchmarks/bench_sketch.py accuracy --model resnet --n 500
+    python benchmarks/bench_sketch.py phases --small --chunk 8 --n 100    # seconds: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_blocked import ResNet18, digits_cnn  # noqa: E402
+
+import ntkfunc  # noqa: E402
+from ntkfunc import predict  # noqa: E402
+from ntkfunc._core.problem import make_problem  # noqa: E402
+from ntkfunc._engines.persample import StructuredRows  # noqa: E402
+from ntkfunc._engines.sketch import rows as sketch_rows  # noqa: E402
+
+
+def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def resnet(small: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if small:  # a small stand-in for smoke runs
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 1),
+        ).eval()
+    return ResNet18(classes=1).eval()
+
+
+# --- rates ------------------------------------------------------------------------------------
+
+
+def rates(dim: int) -> dict:
+    """GEMM FLOP/s (float32, 2048 x 2048 x 2048), element traffic (index_add of 16 M scattered floats), rfft of length dim."""
+    a = torch.randn(2048, 2048)
+    a @ a
+    gemm = min(_timed(lambda: a @ a) for _ in range(3))
+    src, idx = torch.randn(1 << 24), torch.randint(0, dim, (1 << 24,))
+    out = torch.zeros(dim)
+    out.index_add_(0, idx, src)
+    scatter = min(_timed(lambda: out.index_add_(0, idx, src)) for _ in range(3))
+    v = torch.randn(256, dim)
+    torch.fft.rfft(v)
+    fft = min(_timed(lambda: torch.fft.rfft(v)) for _ in range(3)) / 256
+    return {"mode": "rates", "gemm_flop_per_s": 2 * 2048 ** 3 / gemm, "element_s": scatter / (3 << 24),
+            "fft_s": fft, "fft_unit_s": fft / (dim * math.log2(dim)), "dim": dim}
+
+
+# --- phases -----------------------------------------------------------------------------------
+
+
+def phases(small: bool, dim: int, chunk: int, kind: str) -> dict:
+    """Per-sample seconds of each phase on ``chunk`` random CIFAR images (after a warm-up on another chunk)."""
+    model = resnet(small)
+    f, params = ntkfunc.from_module(model)
+    n_params = sum(v.numel() for v in params.values())
+    x = torch.randn(2 * chunk, 3, 32, 32)
+    warm, meas = x[:chunk], x[chunk:]
+
+    model.zero_grad(set_to_none=True)
+    model(warm).sum().backward()
+    model.zero_grad(set_to_none=True)
+    fwd_bwd = _timed(lambda: model(meas).sum().backward()) / chunk
+    model.zero_grad(set_to_none=True)
+
+    pb = make_problem(f, warm[:1], None, params, 0, (), ())
+    exact = StructuredRows(pb, routes="rows")
+    buf = torch.empty(chunk, 1, exact.slots.width)
+    exact.compute([warm], buf, chunk)
+    t_exact = _timed(lambda: exact.compute([meas], buf, chunk)) / chunk
+
+
+    side_s = collections.defaultdict(float)
+    orig_side = sketch_rows.structured.side
+
+    def side(*a, **k):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        try:
+            return orig_side(*a, **k)
+        finally:
+            side_s["side"] += time.perf_counter() - t0
+
+    src = sketch_rows.SketchRows(pb, kind, dim, 0, True)
+    feats = torch.empty(chunk, 1, dim)
+    src.compute([warm], feats, chunk)
+    sketch_rows.structured.side = side
+    try:
+        t_feat = _timed(lambda: src.compute([meas], feats, chunk)) / chunk
+    finally:
+        sketch_rows.structured.side = orig_side
+    t_side = side_s["side"] / chunk
+
+    g = torch.randn(2048, dim)
+    g @ g.T
+    gemm = min(_timed(lambda: g @ g.T) for _ in range(2))
+    return {
+        "mode": "phases", "model": "small" if small else "ResNet18(classes=1)", "P": n_params, "dim": dim, "kind": kind,
+        "chunk": chunk, "threads": torch.get_num_threads(), "fwd_bwd_s": fwd_bwd, "exact_rows_s": t_exact,
+        "features_s": t_feat, "cotangent_pass_s": t_side, "projection_s": t_feat - t_side,
+        "gemm_flop_per_s": 2.0 * 2048 * 2048 * dim / gemm, "plan": str(src.plan),
+    }
+
+
+def estimate(ph: dict, n: int) -> dict:
+    """Estimated seconds of an ``n x n`` sketched kernel from the phase rates."""
+    feat = n * ph["features_s"]
+    gemm = n * n * ph["dim"] / ph["gemm_flop_per_s"]
+    return {"n": n, "features_s": feat, "gemm_s": gemm, "total_s": feat + gemm}
+
+
+# --- speed ------------------------------------------------------------------------------------
+
+
+def speed(n: int, small: bool, dim: int, kind: str, folder: Path) -> dict:
+    """``kernel_matrix(..., sketch=)`` end to end on ``n`` random images, to ``.npy`` files in ``folder``."""
+    from ntkfunc._dataset import features as featuring
+
+    model = resnet(small)
+    f, params = ntkfunc.from_module(model)
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    stage = {}
+    orig_compute, orig_estimate = featuring.compute, featuring.estimate
+
+    def compute(*a, **k):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        try:
+            return orig_compute(*a, **k)
+        finally:
+            stage["features_s"] = time.perf_counter() - t0
+
+    def est(*a, **k):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        try:
+            return orig_estimate(*a, **k)
+        finally:
+            stage["error_estimate_s"] = time.perf_counter() - t0
+
+    featuring.compute, featuring.estimate = compute, est
+    try:
+        out = folder / f"K{n}.npy"
+        t0 = time.perf_counter()
+        k = ntkfunc.kernel_matrix(f, params, x, None, sketch=ntkfunc.Sketch(dim, kind=kind), out=str(out),
+                                  progress=sys.stderr.isatty())
+        total = time.perf_counter() - t0
+    finally:
+        featuring.compute, featuring.estimate = orig_compute, orig_estimate
+    manifest = json.loads(Path(str(out) + ".manifest.json").read_text())
+    run = manifest.get("sketch_run", {})
+    return {"mode": "speed", "n": n, "dim": dim, "kind": kind, "total_s": total, **stage,
+            "kernel_s": total - stage.get("features_s", 0.0), "shape": list(k.shape),
+            "error_estimate": run.get("error_estimate", {}).get("relative_frobenius"), "peak_rss_gb": _rss_gb()}
+
+
+def _rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+# --- accuracy ---------------------------------------------------------------------------------
+
+
+def accuracy(model_name: str, n: int, dim: int, kind: str, seeds: int) -> dict:
+    """Exact vs sketched kernel at ``dim``: Frobenius and top-10 eigenvalue errors; kernel regression on the digits."""
+    if model_name == "digits":
+        from ntkfunc.datasets import load_digits
+
+        torch.manual_seed(0)
+        model = digits_cnn()
+        images, labels = load_digits(torch.float32)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+        x = images[order].reshape(-1, 1, 8, 8)
+        x = (x - x[:n].mean()) / x[:n].std()
+        y = labels[order]
+        x_rows, n_test = x, len(x) - n
+    else:
+        model = resnet(False)
+        x_rows = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+        n_test = 0
+    f, params = ntkfunc.from_module(model)
+    x_tr = x_rows[:n]
+    t0 = time.perf_counter()
+    exact = ntkfunc.kernel_matrix(f, params, x_rows, x_tr, progress=sys.stderr.isatty()).double()
+    t_exact = time.perf_counter() - t0
+    k_tr = exact[:n]
+    eig = torch.linalg.eigvalsh(k_tr).flip(0)[:10]
+    row = {"mode": "accuracy", "model": model_name, "P": sum(v.numel() for v in params.values()), "n": n,
+           "n_test": n_test, "dim": dim, "kind": kind, "exact_s": t_exact, "seeds": []}
+    if n_test:
+        row["accuracy_exact"] = _regression(k_tr, exact[n:], y[:n], y[n:])
+    for seed in range(seeds):
+        sketch = ntkfunc.Sketch(dim, seed=seed, kind=kind)
+        t0 = time.perf_counter()
+        feats = ntkfunc.features_fn(f, sketch)(x_rows, params)
+        t_feat = time.perf_counter() - t0
+        o = feats.shape[1]
+        kh = (torch.einsum("aod,bod->ab", feats, feats[:n]) / o).double()
+        kh_tr = kh[:n]
+        eh = torch.linalg.eigvalsh(kh_tr).flip(0)[:10]
+        res = {"seed": seed, "features_s": t_feat, "frobenius": float((kh_tr - k_tr).norm() / k_tr.norm()),
+               "estimate": sketch.error_estimate(feats[:n]).relative,
+               "eig_rel_err": ((eh - eig).abs() / eig).tolist()}
+        if n_test:
+            res["accuracy"] = _regression(kh_tr, kh[n:], y[:n], y[n:])
+        row["seeds"].append(res)
+    row["top10_eigenvalues"] = eig.tolist()
+    return row
+
+
+def _regression(k_tr: torch.Tensor, k_te: torch.Tensor, y_tr: torch.Tensor, y_te: torch.Tensor) -> float:
+    t = torch.nn.functional.one_hot(y_tr, 10).double() - 0.1
+    fx = predict.gradient_descent_mse(k_tr, t, diag_reg=1e-4)(None, None, torch.zeros(len(y_te), 10, dtype=torch.float64), k_te)
+    return float((fx.argmax(-1) == y_te).double().mean())
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def _s(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def markdown(row: dict, estimates: list[dict]) -> str:
+    m = row["mode"]
+    if m == "rates":
+        return (f"GEMM {row['gemm_flop_per_s'] / 1e9:.0f} GFLOP/s, {row['element_s'] * 1e9:.2f} ns per scattered element, "
+                f"rfft({row['dim']}) {row['fft_s'] * 1e6:.1f} us ({row['fft_unit_s'] * 1e12:.0f} ps per n log2 n)")
+    if m == "phases":
+        lines = [f"{row['model']} ({row['P']:,} parameters), k = {row['dim']}, kind={row['kind']!r}, chunk {row['chunk']}, "
+                 f"{row['threads']} threads", "",
+                 "| phase | ms/sample |", "|---|---|"]
+        for key, name in (("fwd_bwd_s", "batched forward+backward (floor)"), ("exact_rows_s", "exact per-sample gradients (full rows)"),
+                          ("features_s", "sketched features (total)"), ("cotangent_pass_s", "  of which the cotangent pass"),
+                          ("projection_s", "  of which the projection")):
+            lines.append(f"| {name} | {1e3 * row[key]:.1f} |")
+        lines += ["", f"sketched features / exact per-sample gradients: {row['features_s'] / row['exact_rows_s']:.2f}; "
+                  f"feature GEMM {row['gemm_flop_per_s'] / 1e9:.0f} GFLOP/s", ""]
+        lines += ["| N x N | features | GEMM | estimated total |", "|---|---|---|---|"]
+        lines += [f"| {e['n']:,} | {_s(e['features_s'])} | {_s(e['gemm_s'])} | {_s(e['total_s'])} |" for e in estimates]
+        return "\n".join(lines)
+    if m == "speed":
+        return (f"N = {row['n']:,}, k = {row['dim']}: total {_s(row['total_s'])} (features {_s(row.get('features_s', 0))}, "
+                f"of which error estimate {_s(row.get('error_estimate_s', 0))}; kernel {_s(row['kernel_s'])}), "
+                f"peak RSS {row['peak_rss_gb']:.1f} GB, estimated relative error {row['error_estimate']:.3g}")
+    seeds = row["seeds"]
+    mean = lambda key: sum(s[key] for s in seeds) / len(seeds)  # noqa: E731
+    eig = [sum(s["eig_rel_err"][i] for s in seeds) / len(seeds) for i in range(10)]
+    out = (f"{row['model']} ({row['P']:,} parameters), N = {row['n']}, k = {row['dim']}, kind={row['kind']!r}, "
+           f"{len(seeds)} seeds: relative Frobenius error {mean('frobenius'):.4f} (estimate {mean('estimate'):.4f}); "
+           f"top-10 eigenvalue relative errors {', '.join(f'{e:.4f}' for e in eig)}; exact {_s(row['exact_s'])}, "
+           f"features {_s(mean('features_s'))}")
+    if "accuracy_exact" in row:
+        out += (f"; kernel regression test accuracy ({row['n_test']} images) exact {row['accuracy_exact']:.4f}, "
+                f"sketched {', '.join(format(s['accuracy'], '.4f') for s in seeds)}")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=["rates", "phases", "speed", "accuracy"])
+    p.add_argument("--n", type=int, nargs="+", default=[10000], help="N (phases: the N x N kernels to estimate)")
+    p.add_argument("--dim", type=int, default=8192)
+    p.add_argument("--kind", default="auto")
+    p.add_argument("--chunk", type=int, default=32, help="phases: samples per measured chunk")
+    p.add_argument("--model", choices=["digits", "resnet"], default="digits")
+    p.add_argument("--seeds", type=int, default=2, help="accuracy: sketches per model")
+    p.add_argument("--small", action="store_true", help="a small CNN instead of ResNet-18 (smoke runs)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--folder", type=Path, default=None, help="speed: where the .npy files go (default: a temporary folder)")
+    p.add_argument("--write", type=Path, default=None, help="append the JSON rows to this file")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    rows: list[dict] = []
+    if a.mode == "rates":
+        rows.append(rates(a.dim))
+        print(markdown(rows[0], []))
+    elif a.mode == "phases":
+        ph = phases(a.small, a.dim, a.chunk, a.kind)
+        ph["estimates"] = [estimate(ph, n) for n in a.n]
+        rows.append(ph)
+        print(ph["plan"])
+        print(markdown(ph, ph["estimates"]))
+    elif a.mode == "speed":
+        ph = phases(a.small, a.dim, a.chunk, a.kind)
+        rows.append(ph)
+        print(markdown(ph, [estimate(ph, n) for n in a.n]))
+        with tempfile.TemporaryDirectory(dir=a.folder) as tmp:
+            for n in a.n:
+                r = speed(n, a.small, a.dim, a.kind, Path(tmp))
+                r["estimated_s"] = estimate(ph, n)["total_s"]
+                rows.append(r)
+                print(markdown(r, []) + f"; estimated {_s(r['estimated_s'])}", flush=True)
+    else:
+        for n in a.n:
+            rows.append(accuracy(a.model, n, a.dim, a.kind, a.seeds))
+            print(markdown(rows[-1], []), flush=True)
+    if a.write:
+        with a.write.open("a") as fh:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

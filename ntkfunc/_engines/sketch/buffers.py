@@ -1,0 +1,37 @@
+"""Work buffers kept from call to call (a fresh allocation of tens of MB page-faults on every use)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Buffers:
+    """Named buffers, grown on demand and reused: ``get(name, shape, like)`` is a view of the first elements.
+
+    >>> b = Buffers()
+    >>> x = b.get("u", (2, 3), torch.ones(1))
+    >>> y = b.get("u", (1, 3), torch.ones(1))   # the same storage, reused
+    >>> x.data_ptr() == y.data_ptr(), tuple(y.shape)
+    (True, (1, 3))
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
+        """A ``shape`` view of buffer ``name`` (dtype and device of ``like``); zero-filled if ``zero``."""
+        n = 1
+        for d in shape:
+            n *= int(d)
+        key = (name, like.dtype, like.device)
+        held = self._held.get(key)
+        if held is None or held.numel() < n:
+            held = torch.empty(max(n, 1), dtype=like.dtype, device=like.device)
+            self._held[key] = held
+        view = held[:n].view(shape)
+        if zero:
+            view.zero_()
+        return view
+
+    def clear(self) -> None:
+        self._held.clear()

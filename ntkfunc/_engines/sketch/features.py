@@ -1,0 +1,105 @@
+"""Features of any ``f``: pytree outputs, any batch axes, ``vmap_axes=None``; what ``features_fn`` and ``sketched_ntk_fn`` call.
+
+The gradient machinery (:class:`~ntkfunc._engines.sketch.rows.SketchRows`) wants one output
+tensor with the batch axis first. A function with several output leaves, or a batch axis
+elsewhere, is wrapped as ``f_cat(params, x) = cat([leaf moved to batch-first, flattened])``,
+whose features are split back into the leaves: leaf ``(N, *out_leaf)`` gets features
+``(N, *out_leaf, dim)`` (batch first, the leaf's other axes in order), which is the
+batch-first layout :meth:`~ntkfunc._core.layout.Layout.contract` takes. With
+``vmap_axes=None`` the whole batch is one unit and leaf ``out`` gets ``(*out, dim)``.
+
+Each call probes ``f`` (``make_problem``, cached per input signature) and draws nothing new:
+the sketch's tables are kept per parameter structure in the closure's cache.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ntkfunc._core.cache import KernelCache
+from ntkfunc._core.checks import split_vmap_axes
+from ntkfunc._core.memory import SAFETY, parse_budget
+from ntkfunc._core.problem import Problem, make_problem
+from ntkfunc._core.pytree import tree_flatten
+from ntkfunc._core.types import ApplyFn, MemoryBudget, PyTree, VMapAxes
+from ntkfunc._engines.sketch.rows import SketchRows
+
+
+class Featurizer:
+    """``features(x, params) -> (problem of f, [features per output leaf])`` for one ``f`` and sketch.
+
+    ``structured``: per-sample gradients from the structured capture (implementations 3 and
+    ``"auto"``), else ``vmap(jacrev)`` (implementation 1). Keeps probe results and the sketch's
+    tables between calls (its own caches, owned by the public function's closure).
+    """
+
+    def __init__(self, f: ApplyFn, kind: str, dim: int, seed: int, vmap_axes: VMapAxes, structured: bool,
+                 memory_budget: MemoryBudget, api: str) -> None:
+        self.f, self.kind, self.dim, self.seed = f, kind, dim, seed
+        self.vmap_axes, self.structured, self.memory_budget, self.api = vmap_axes, structured, memory_budget, api
+        self.cache = KernelCache()
+        self.cat_cache = KernelCache()
+        self.tables: dict = {}
+        self.last_plan: Any = None
+
+    def problem(self, x1: PyTree, x2: PyTree | None, params: PyTree, trace_axes: Any = (), diagonal_axes: Any = ()) -> Problem:
+        """The checked problem of ``f`` (layouts, output structure) for these inputs."""
+        return make_problem(self.f, x1, x2, params, self.vmap_axes, trace_axes, diagonal_axes, self.cache, api=self.api)
+
+    def source(self, p0: Problem, x: PyTree, params: PyTree) -> SketchRows:
+        """The sketched-rows source for ``x`` under ``p0``'s output structure (``f`` wrapped if needed)."""
+        direct = len(p0.layouts) == 1 and (p0.fx_axes is None or p0.fx_axes == [0])
+        if direct:
+            rows_problem = make_problem(self.f, x, None, params, self.vmap_axes, (), (), self.cache, api=self.api)
+        else:
+            x_axis, _ = split_vmap_axes(self.vmap_axes, self.api)
+            axes = None if p0.fx_axes is None else list(p0.fx_axes)
+            fn = _concatenated(self.f, axes)
+            vm: VMapAxes = None if axes is None else (x_axis, 0, {})
+            rows_problem = make_problem(fn, x, None, params, vm, (), (), self.cat_cache, api=self.api)
+        src = SketchRows(rows_problem, self.kind, self.dim, self.seed, self.structured, self.tables)
+        self.last_plan = src.plan
+        return src
+
+    def features(self, p0: Problem, x: PyTree, params: PyTree) -> list[torch.Tensor]:
+        """Features of ``x`` per output leaf of ``f`` (``p0`` gives the leaves' shapes)."""
+        src = self.source(p0, x, params)
+        rp = src.problem
+        budget = parse_budget(self.memory_budget, rp.device) * SAFETY
+        if rp.vmapped:
+            out = torch.empty((rp.n1, *src.out_shape, self.dim), dtype=rp.out_dtype, device=rp.device)
+            src.compute(rp.x1_leaves, out, src.chunk_for(budget))
+        else:
+            out = src.whole_batch(rp.x1_leaves)
+        return _split(out, p0, rp)
+
+
+def _concatenated(f: ApplyFn, fx_axes: list[int] | None) -> ApplyFn:
+    """``f`` with its output leaves moved batch-first, flattened and concatenated: ``(N, Σ numel)`` (or ``(Σ numel,)``)."""
+
+    def f_cat(params: PyTree, x: PyTree) -> torch.Tensor:
+        leaves, _ = tree_flatten(f(params, x))
+        if fx_axes is None:
+            return torch.cat([leaf.reshape(-1) for leaf in leaves])
+        parts = [leaf.movedim(a, 0) for leaf, a in zip(leaves, fx_axes)]
+        return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
+
+    f_cat.__qualname__ = f"{getattr(f, '__qualname__', 'f')}[concatenated outputs]"
+    return f_cat
+
+
+def _split(out: torch.Tensor, p0: Problem, rp: Problem) -> list[torch.Tensor]:
+    """Features of ``rp`` (possibly the concatenated outputs) cut into ``p0``'s output leaves, batch first."""
+    dim = out.shape[-1]
+    if len(p0.layouts) == 1 and (p0.fx_axes is None or p0.fx_axes == [0]):
+        return [out]
+    shapes = p0.sample_out_shapes(1) if p0.vmapped else p0.out_shapes1
+    sizes = [math.prod(s) for s in shapes]
+    if p0.vmapped:
+        flat = out.reshape(out.shape[0], -1, dim)
+        return [part.reshape(out.shape[0], *s, dim) for part, s in zip(flat.split(sizes, dim=1), shapes)]
+    flat = out.reshape(-1, dim)
+    return [part.reshape(*s, dim) for part, s in zip(flat.split(sizes, dim=0), shapes)]

@@ -1,0 +1,266 @@
+"""Sketched per-sample gradients ("features") ``J(x) Π``: ``(b, *out, dim)`` for a block of samples.
+
+One batched gradient pass per chunk of samples, as :mod:`ntkfunc._engines.persample` does
+for exact rows (implementations 3 and ``"auto"``: the structured capture's cotangents and
+operands; implementation 1: ``vmap(jacrev(f))`` rows), then each parameter's part of ``Π``
+(:mod:`~ntkfunc._engines.sketch.plan`) is applied by its route:
+
+- ``"factors"`` / ``"fft"``: from the captured cotangents ``c`` and inputs ``x`` of a 2-D
+  convolution (im2col patches) or linear layer, never forming the gradient;
+- ``"formed"``: the parameter's per-sample gradient formed into a reused buffer (a few samples
+  at a time, at most :data:`WORK_BYTES`), by the same code as the exact rows
+  (:meth:`~ntkfunc._engines.persample.StructuredRows.write`), then projected.
+
+No full row (``P`` numbers per output) is ever held: memory is the gradient pass's plus
+one parameter's work buffers. The features of a sample do not depend on the chunk or block it
+is computed in, nor on the route (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any, Union
+
+import torch
+from torch.func import jacrev
+
+from ntkfunc._core.memory import backward_transient, itemsize
+from ntkfunc._core.problem import Problem
+from ntkfunc._engines.persample import JacobianRows, StructuredRows
+from ntkfunc._engines.sketch import countsketch, gaussian, tensorsketch
+from ntkfunc._engines.sketch.buffers import Buffers
+from ntkfunc._engines.sketch.plan import Factorable, SketchPlan, resolve
+from ntkfunc._engines.structured import capture as capture_mod
+from ntkfunc._engines.structured import kernel as structured
+from ntkfunc.rules.conv import Conv2d, patches
+from ntkfunc.rules.linear import Linear
+
+WORK_BYTES = 64 << 20
+"""Most bytes of one parameter's work buffers (formed gradients, patches, FFT inputs) at a time."""
+
+CHUNK = 32
+"""Samples per batched gradient pass at most."""
+
+Block = Union[countsketch.CountSketchBlock, tensorsketch.TensorSketchBlock, gaussian.GaussianBlock]
+
+
+def factorable(problem: Problem, cap: capture_mod.Capture) -> dict[int, Factorable]:
+    """Parameters whose per-sample gradient is ``Σ_s c_s x_sᵀ``: weights of ``F.linear`` and 2-D convolutions (``groups=1``)."""
+    out: dict[int, Factorable] = {}
+    for k, (e, role) in cap.covered.items():
+        ev = cap.events[e]
+        vm = ev.views.get(role)
+        if role != "weight" or (vm is not None and not vm.trivial):
+            continue  # a weight used through a view (w.T, a slice) is formed by its view-aware rule
+        w = tuple(problem.params.diff_leaves[k].shape)
+        if isinstance(ev.rule, Conv2d) and len(ev.meta["kernel"]) == 2 and ev.meta["groups"] == 1 and not ev.meta["unbatched"] \
+                and ev.y_shape[0] == 1:
+            out[k] = Factorable(w[0], math.prod(w[1:]), math.prod(ev.y_shape[2:]))
+        elif isinstance(ev.rule, Linear) and len(w) == 2:
+            out[k] = Factorable(w[0], w[1], math.prod(ev.y_shape[:-1]))
+    return out
+
+
+def blocks_of(plan: SketchPlan) -> dict[int, Block]:
+    """Each parameter's piece of ``Π``, by leaf; the count sketch laid out over its parameters together."""
+    by_kind: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
+    for p in plan.params:
+        by_kind.setdefault(p.kind, []).append((p.leaf, p.shape))
+    made: list[Block] = []
+    made += countsketch.layout(by_kind.get("countsketch", []), plan.dim, plan.seed)
+    made += tensorsketch.blocks(by_kind.get("tensorsketch", []), plan.dim, plan.seed)
+    made += gaussian.blocks(by_kind.get("gaussian", []), plan.dim, plan.seed)
+    return {b.leaf: b for b in made}
+
+
+class SketchRows:
+    """Features of blocks of samples of a probed one-sample ``problem`` (batch axis 0 after wrapping).
+
+    ``structured_rows``: gradients from the structured capture (implementations 3 / ``"auto"``), else
+    ``vmap(jacrev)`` rows (implementation 1). ``plan``: the resolved sketch. ``out_shape``: the
+    per-sample output shape; features are ``(b, *out_shape, dim)``. ``tables``: a cache (owned by
+    the caller) of the drawn tables, by parameter structure, so that repeated calls draw nothing.
+    """
+
+    def __init__(self, problem: Problem, kind: str, dim: int, seed: int, structured_rows: bool = True,
+                 tables: dict | None = None) -> None:
+        self.problem = problem
+        self.dim = dim
+        self.vmapped = problem.vmapped
+        self.src: StructuredRows | JacobianRows | None = None
+        cap: capture_mod.Capture | None = None
+        if self.vmapped:
+            self.src = StructuredRows(problem, routes="rows") if structured_rows else JacobianRows(problem)
+            cap = self.src.cap if isinstance(self.src, StructuredRows) else capture_mod.discover(problem)
+            self.out_shape = self.src.out_shape
+        else:
+            self.out_shape = tuple(problem.out_shapes1[0])
+        leaves = problem.params.diff_leaves
+        self.factorable = factorable(problem, cap) if cap is not None else {}
+        self.plan = resolve(kind, dim, seed, problem.params.diff_names, [tuple(t.shape) for t in leaves],
+                            math.prod(self.out_shape) if self.vmapped else 1, self.factorable,
+                            fast_routes=isinstance(self.src, StructuredRows))
+        self.cap = cap
+        key = tuple((p.leaf, p.kind, p.shape) for p in self.plan.params) + (dim, seed)
+        tables = {} if tables is None else tables  # the caller's cache: tables drawn once per parameter structure
+        if key not in tables:
+            tables[key] = blocks_of(self.plan)
+        self.blocks = tables[key]
+        self.ws = Buffers()
+        self.outputs = math.prod(self.out_shape)
+        self.offsets = [0]
+        for t in leaves:
+            self.offsets.append(self.offsets[-1] + t.numel())
+
+    # --- sizes -----------------------------------------------------------------------------
+    def sample_bytes(self) -> int:
+        """Bytes per sample while a chunk is computed: the gradient pass's transient (rows for implementation 1)."""
+        size = itemsize(self.problem.out_dtype)
+        rows = self.outputs * self.offsets[-1] * size if isinstance(self.src, JacobianRows) else 0
+        return backward_transient(self.problem) + rows + self.outputs * self.dim * size
+
+    def chunk_for(self, budget: float) -> int:
+        """Samples per gradient pass within ``budget`` bytes (a quarter of it for the pass)."""
+        return max(1, min(CHUNK, int(0.25 * budget // max(self.sample_bytes(), 1))))
+
+    # --- features ----------------------------------------------------------------------------
+    def compute(self, x: list[Any], out: torch.Tensor, chunk: int = CHUNK) -> None:
+        """Fill ``out`` ``(b, *out_shape, dim)`` (contiguous) with the features of the samples ``x`` (input leaves)."""
+        if not self.vmapped:
+            out.copy_(self.whole_batch(x))
+            return
+        axes = self.problem.x_axes or []
+        b = next(t.shape[a] for t, a in zip(x, axes) if a is not None)
+        for s in range(0, b, chunk):
+            e = min(s + chunk, b)
+            xc = [t if a is None else t.narrow(a, s, e - s) for t, a in zip(x, axes)]
+            target = out[s:e].view(e - s, self.outputs, self.dim)
+            target.zero_()
+            if isinstance(self.src, StructuredRows):
+                self._structured(xc, e - s, target)
+            else:
+                self._jacobian(xc, e - s, target)
+
+    def _structured(self, xc: list[Any], g: int, target: torch.Tensor) -> None:
+        assert isinstance(self.src, StructuredRows) and self.cap is not None
+        pb = dataclasses.replace(self.problem, x1_leaves=xc, x2_leaves=None, n1=g, n2=g)
+        sd = structured.side(pb, self.cap, 1, 0, g)
+        for p in self.plan.params:
+            blk = self.blocks[p.leaf]
+            if p.route != "formed" and self._from_factors(p.route, p.leaf, blk, sd, g, target):
+                continue
+            numel = blk.numel
+            for a, z in self._spans(g, self.outputs * numel):
+                part = sd if (a, z) == (0, g) else _narrow(sd, a, z, g)
+                rows = self.ws.get("formed", (z - a, *self.out_shape, numel), target)
+                self.src.write(pb, part, p.leaf, rows)
+                blk.formed(rows.view((z - a) * self.outputs, numel), target[a:z].reshape((z - a) * self.outputs, self.dim), self.ws)
+
+    def _from_factors(self, route: str, leaf: int, blk: Block, sd: structured.Side, g: int, target: torch.Tensor) -> bool:
+        """The ``factors`` / ``fft`` route for one parameter; False when this call is outside it (then: formed)."""
+        assert self.cap is not None
+        e, _ = self.cap.covered[leaf]
+        ev = self.cap.events[e]
+        (xin,) = sd.operands[e][:1]
+        if xin is None or xin.shape[0] != g:
+            return False  # an input shared by all samples
+        fac = self.factorable[leaf]
+        per_sample = self.outputs * fac.rows * max(fac.positions, 1) + fac.positions * fac.cols
+        per_sample += self.outputs * fac.positions * self.dim if route == "fft" else self.outputs * fac.rows * fac.cols
+        cot = sd.cot[0][e]
+        for a, z in self._spans(g, per_sample):
+            if route == "factors" and isinstance(ev.rule, Conv2d):
+                assert isinstance(blk, countsketch.CountSketchBlock)
+                if not self._conv_countsketch(ev, cot[a:z], xin[a:z], z - a, fac, blk, target[a:z]):
+                    return False
+                continue
+            factors = self._factors(ev, cot[a:z], xin[a:z], z - a, fac)
+            if factors is None:
+                return False
+            c, x = factors
+            if route == "fft":
+                assert isinstance(blk, tensorsketch.TensorSketchBlock)
+                blk.fft(c, x, target[a:z], self.ws)
+            else:
+                assert isinstance(blk, countsketch.CountSketchBlock)
+                blk.factors(c, x, target[a:z], self.ws)
+        return True
+
+    def _conv_countsketch(self, ev: capture_mod.Event, cot: torch.Tensor, xin: torch.Tensor, m: int, fac: Factorable,
+                          blk: countsketch.CountSketchBlock, target: torch.Tensor) -> bool:
+        """The count sketch of a convolution's gradient from its padded input (patches gathered in bucket order)."""
+        meta = ev.meta
+        if len(meta["kernel"]) != 2:
+            return False
+        xi = xin.reshape(m, *xin.shape[-3:])
+        flat = [p for lr in reversed(meta["pads"]) for p in lr]
+        xpad = torch.nn.functional.pad(xi, flat) if any(flat) else xi
+        (kh, kw), (sh, sw), (dh, dw) = meta["kernel"], meta["stride"], meta["dilation"]
+        ho, wo = (xpad.shape[-2] - dh * (kh - 1) - 1) // sh + 1, (xpad.shape[-1] - dw * (kw - 1) - 1) // sw + 1
+        if ho * wo != fac.positions:
+            return False
+        c = cot.reshape(m, self.outputs, fac.rows, fac.positions)
+        blk.conv_factors(c, xpad, meta["kernel"], meta["stride"], meta["dilation"], target, self.ws)
+        return True
+
+    def _factors(self, ev: capture_mod.Event, cot: torch.Tensor, xin: torch.Tensor, m: int,
+                 fac: Factorable) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(c (m, O, R, S), x (m, S, D))`` of a convolution (im2col patches) or linear layer."""
+        o = self.outputs
+        if isinstance(ev.rule, Conv2d):
+            meta = ev.meta
+            c = cot.reshape(m, o, fac.rows, fac.positions)
+            xi = xin.reshape(m, *xin.shape[-3:])
+            view = patches(xi, meta["kernel"], meta["stride"], meta["dilation"], meta["pads"])  # (m, C, H', W', kh, kw)
+            if math.prod(view.shape[2:4]) != fac.positions:
+                return None
+            x = self.ws.get("patches", (m, *view.shape[2:4], view.shape[1], *view.shape[4:]), xi)
+            x.copy_(view.permute(0, 2, 3, 1, 4, 5))
+            return c, x.view(m, fac.positions, fac.cols)
+        c = cot.reshape(m, o, fac.positions, fac.rows).transpose(2, 3)
+        x = xin.reshape(m, -1, xin.shape[-1])
+        if x.shape[1] != fac.positions:
+            return None  # a broadcast input
+        return c, x
+
+    def _jacobian(self, xc: list[Any], g: int, target: torch.Tensor) -> None:
+        assert isinstance(self.src, JacobianRows)
+        rows = self.ws.get("rows", (g, *self.out_shape, self.offsets[-1]), target)
+        self.src.compute(xc, rows, g)
+        flat = rows.view(g * self.outputs, -1)
+        for p in self.plan.params:
+            a, z = self.offsets[p.leaf], self.offsets[p.leaf + 1]
+            self.blocks[p.leaf].formed(flat[:, a:z], target.view(g * self.outputs, self.dim), self.ws)
+
+    def whole_batch(self, x: list[Any]) -> torch.Tensor:
+        """``vmap_axes=None``: the features of the batch as one unit, ``(*out, dim)`` (reverse-mode Jacobian)."""
+        leaves = self.problem.params.diff_leaves
+        fn = self.problem.batch_fn()
+        jac = jacrev(lambda p: fn(p, x)[0])(leaves)
+        m = self.outputs
+        out = torch.zeros(m, self.dim, dtype=self.problem.out_dtype, device=self.problem.device)
+        for p in self.plan.params:
+            self.blocks[p.leaf].formed(jac[p.leaf].reshape(m, -1), out, self.ws)
+        return out.view(*self.out_shape, self.dim)
+
+    def _spans(self, g: int, per_sample_elements: int) -> Iterator[tuple[int, int]]:
+        """Sub-chunks of the ``g`` samples whose work buffers stay within :data:`WORK_BYTES`."""
+        size = itemsize(self.problem.out_dtype)
+        m = max(1, min(g, WORK_BYTES // max(1, per_sample_elements * size)))
+        for a in range(0, g, m):
+            yield a, min(a + m, g)
+
+
+def _narrow(sd: structured.Side, a: int, z: int, g: int) -> structured.Side:
+    """The side pass of samples ``a:z`` of its ``g`` (operands shared by all samples kept whole)."""
+    def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or t.shape[0] != g else t[a:z]
+
+    return structured.Side(
+        cot=[[c[a:z] for c in leaf] for leaf in sd.cot],
+        operands=[[cut(t) for t in ev] for ev in sd.operands],
+        fb_jac=[[j[a:z] for j in leaf] for leaf in sd.fb_jac],
+        cap=sd.cap,
+    )
