@@ -40,13 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ntkfunc._core.checks import FINGERPRINT_ATTR
-from ntkfunc._core.hashing import tensor_digest
 from ntkfunc._core.memory import SAFETY, fmt_bytes, itemsize
 from ntkfunc._core.problem import Problem
 from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import Ranks, to_device
-from ntkfunc._dataset.fingerprint import probe_fingerprint, probes_match
+from ntkfunc._dataset.fingerprint import function_identity, probe_fingerprint, probes_match
 from ntkfunc._dataset.lock import OutputLock
 from ntkfunc._dataset.store import _numpy_dtype, atomic_write
 from ntkfunc._engines.persample import Factors, Flops, SampleBytes, Slots
@@ -257,13 +255,8 @@ def fingerprint(job: Any, problem: Problem, samples: Samples, record: dict[str, 
     :mod:`ntkfunc._dataset.fingerprint`); what ``f`` computes on probe samples is compared
     with a tolerance, so it is stored beside it in the manifest (see :meth:`FeatureStore.open`).
     """
-    p = problem.params
-    fn = job.f
-    identity = getattr(fn, FINGERPRINT_ATTR, None)
     return {
-        "f": f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}",
-        "module": identity() if callable(identity) else None,
-        "params": tensor_digest([t.detach() for t in p.leaves], p.names),
+        **function_identity(job.f, problem),
         "data": samples.fingerprint(),
         "pntk": bool(job.pntk),
         "sketch": record,

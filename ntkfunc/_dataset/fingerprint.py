@@ -41,12 +41,8 @@ def job_fingerprint(
     pntk: bool, engine: Engine, kshape: tuple,
 ) -> dict[str, Any]:
     """The function, params, data, settings and kernel shape, as recorded in the manifest."""
-    p = problem.params
-    identity = getattr(fn, FINGERPRINT_ATTR, None)
     return {
-        "f": f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}",
-        "module": identity() if callable(identity) else None,
-        "params": tensor_digest([t.detach() for t in p.leaves], p.names),
+        **function_identity(fn, problem),
         PROBE_KEY: probe_fingerprint(problem, s1),
         "x1": s1.fingerprint(),
         "x2": None if s2 is None else s2.fingerprint(),
@@ -56,6 +52,17 @@ def job_fingerprint(
         "implementation": _implementation_name(engine),
         "kernel_shape": list(kshape),
         "dtype": str(problem.out_dtype),
+    }
+
+
+def function_identity(fn: ApplyFn, problem: Problem) -> dict[str, Any]:
+    """What is known exactly of ``fn``: its name, its module's structure and constants (see the module doc), the params' bytes."""
+    p = problem.params
+    identity = getattr(fn, FINGERPRINT_ATTR, None)
+    return {
+        "f": f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}",
+        "module": identity() if callable(identity) else None,
+        "params": tensor_digest([t.detach() for t in p.leaves], p.names),
     }
 
 
