@@ -64,7 +64,7 @@ import threading
 import time
 from typing import Any
 
-from cpu_load import cpu_sample, foreign  # benchmarks/ is this script's folder
+from timing import cpu_sample, foreign, timed_calls  # benchmarks/ is this script's folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "benchmarks")
@@ -251,17 +251,7 @@ def torch_measure(req: dict[str, Any], emit) -> None:  # type: ignore[no-untyped
     np.save(req["kernel_out"], k.detach().cpu().numpy())
     emit({"event": "warmup", "first_s": first, "kernel_shape": list(k.shape)})
     del k
-    spent, c0 = 0.0, cpu_sample()
-    for _ in range(req["reps"]):
-        if spent > req["rep_seconds"]:
-            break
-        t0 = time.perf_counter()
-        kernel(x, None, params)
-        dt = time.perf_counter() - t0
-        spent += dt
-        emit({"event": "call", "s": dt})
-    c1 = cpu_sample()
-    emit({"event": "load", "wall": c1[3] - c0[3], **foreign(c0, c1)})
+    timed_calls(lambda: kernel(x, None, params), req["reps"], req["rep_seconds"], emit)
     emit({"event": "done", "n_params": sum(p.numel() for p in params.values())})
 
 

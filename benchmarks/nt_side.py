@@ -42,7 +42,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from cpu_load import cpu_sample, foreign  # benchmarks/ is this script's folder
+from timing import timed_calls  # benchmarks/ is this script's folder
 
 
 def _import_nt():  # type: ignore[no-untyped-def]
@@ -201,17 +201,7 @@ def measure(req: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> None
     np.save(req["kernel_out"], np.asarray(k))
     emit({"event": "warmup", "first_s": first, "kernel_shape": list(k.shape)})
     del k
-    spent, c0 = 0.0, cpu_sample()
-    for _ in range(req["reps"]):
-        if spent > req["rep_seconds"]:
-            break
-        t0 = time.perf_counter()
-        kfn(x, None, params).block_until_ready()
-        dt = time.perf_counter() - t0
-        spent += dt
-        emit({"event": "call", "s": dt})
-    c1 = cpu_sample()
-    emit({"event": "load", "wall": c1[3] - c0[3], **foreign(c0, c1)})
+    timed_calls(lambda kfn=kfn: kfn(x, None, params).block_until_ready(), req["reps"], req["rep_seconds"], emit)
     n_params = int(sum(v.size for v in jax.tree_util.tree_leaves(params)))
     emit({"event": "done", "n_params": n_params})
     del kfn

@@ -1,7 +1,7 @@
-"""How busy the machine is: CPU-seconds of other processes between two samples (stdlib only).
+"""Timed repeated calls, and how busy the machine was meanwhile (stdlib only).
 
 Shared by both sides of ``bench_vs_nt.py`` (the ntkfunc worker and ``nt_side.py``, which runs in
-the JAX environment), so each measurement reports the load it ran under.
+the JAX environment), so both time their calls the same way and report the load they ran under.
 
     >>> a = cpu_sample(); b = cpu_sample()
     >>> sorted(foreign(a, b))
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 Sample = tuple[float, float, float, float]
 
@@ -33,3 +35,19 @@ def foreign(a: Sample, b: Sample) -> dict[str, float]:
     """CPU cores used by other processes (and stolen by the hypervisor) between two samples."""
     wall = max(b[3] - a[3], 1e-9)
     return {"foreign": max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / wall), "steal": (b[1] - a[1]) / wall}
+
+
+def timed_calls(call: Callable[[], Any], reps: int, rep_seconds: float, emit: Callable[[dict[str, Any]], None]) -> None:
+    """Up to ``reps`` calls of ``call`` (stopping once ``rep_seconds`` are spent): one ``call`` event
+    each with its seconds, then one ``load`` event (other processes' CPU use meanwhile)."""
+    spent, c0 = 0.0, cpu_sample()
+    for _ in range(reps):
+        if spent > rep_seconds:
+            break
+        t0 = time.perf_counter()
+        call()
+        dt = time.perf_counter() - t0
+        spent += dt
+        emit({"event": "call", "s": dt})
+    c1 = cpu_sample()
+    emit({"event": "load", "wall": c1[3] - c0[3], **foreign(c0, c1)})
