@@ -10,6 +10,7 @@ import torch
 import ntkfunc
 from ntkfunc._core.ops import transform_friendly_attention
 from ntkfunc._engines import ENGINES
+from tests.concurrency import in_threads
 from tests.reference import max_rel_err, reference_kernel
 
 SDPA_FLAGS = ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled")
@@ -24,24 +25,6 @@ def _mlp(dtype=torch.float64):
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).to(dtype)
     f, params = ntkfunc.from_module(model)
     return model, f, params, torch.randn(9, 4, dtype=dtype)
-
-
-def _in_threads(*targets):
-    errors = []
-
-    def run(target):
-        try:
-            target()
-        except BaseException as err:  # pragma: no cover - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=(t,)) for t in targets]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
 
 
 def test_overlapping_attention_blocks_restore_the_global_sdpa_flags():
@@ -63,7 +46,7 @@ def test_overlapping_attention_blocks_restore_the_global_sdpa_flags():
             a_out.wait(5)
             inside.append(_flags())  # still math-only while B computes
 
-    _in_threads(a, b)
+    in_threads(a, b)
     assert inside == [dict(before, flash_sdp_enabled=False, mem_efficient_sdp_enabled=False, math_sdp_enabled=True,
                            cudnn_sdp_enabled=False)]
     assert _flags() == before
@@ -82,7 +65,7 @@ def test_threaded_runs_leave_the_sdpa_flags_as_found():
     assert max_rel_err(k, reference_kernel(f, params, x, None)) <= 1e-10
     assert _flags() == before
     kernel = ntkfunc.ntk_fn(f)
-    _in_threads(*[lambda: [kernel(x[:4], None, params) for _ in range(10)] for _ in range(4)])
+    in_threads(*[lambda: [kernel(x[:4], None, params) for _ in range(10)] for _ in range(4)])
     assert _flags() == before
 
 
@@ -101,7 +84,7 @@ def test_thread_safe_implementations_agree_across_threads(impl):
     kernel = ntkfunc.ntk_fn(f, implementation=impl)
     ref = reference_kernel(f, params, x, None)
     results = []
-    _in_threads(*[lambda: results.append(kernel(x, None, params)) for _ in range(4)])
+    in_threads(*[lambda: results.append(kernel(x, None, params)) for _ in range(4)])
     assert len(results) == 4 and all(max_rel_err(k, ref) <= 1e-10 for k in results)
 
 
@@ -116,7 +99,7 @@ def _main_and_worker(call):
             out.append(err)
 
     capture()
-    _in_threads(capture)
+    in_threads(capture)
     return out
 
 

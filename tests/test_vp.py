@@ -12,6 +12,7 @@ import ntkfunc
 import ntkfunc._engines.vp as vp
 from ntkfunc._core.problem import make_problem
 from ntkfunc._engines import ENGINES
+from tests.concurrency import in_threads
 from tests.reference import max_rel_err, reference_kernel
 from tests.zoo import CASES
 
@@ -117,23 +118,14 @@ def test_threads_compute_different_kernels_at_once():
         f, params, x1, x2, vmap_axes = case.build(torch.float64)
         jobs.append((ntkfunc.ntk_fn(f, trace_axes=(), vmap_axes=vmap_axes, implementation=2), x1, x2, params,
                      reference_kernel(f, params, x1, x2, (), ())))
-    errors: list = []
     worst: list = []
     barrier = threading.Barrier(len(jobs))
 
     def work(job):
         kernel, x1, x2, params, ref = job
         barrier.wait()
-        try:
-            for _ in range(20):
-                worst.append(max_rel_err(kernel(x1, x2, params), ref))
-        except Exception as e:  # reported below, on the main thread
-            errors.append(e)
+        for _ in range(20):
+            worst.append(max_rel_err(kernel(x1, x2, params), ref))
 
-    threads = [threading.Thread(target=work, args=(job,)) for job in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    in_threads(*[lambda job=job: work(job) for job in jobs])  # raises the first error of any thread
     assert len(worst) == 20 * len(jobs) and max(worst) <= 1e-10
