@@ -53,8 +53,8 @@ from bench_blocked import ResNet18, digits_cnn  # noqa: E402
 import ntkfunc  # noqa: E402
 from ntkfunc import predict  # noqa: E402
 from ntkfunc._core.problem import make_problem  # noqa: E402
-from ntkfunc._engines.persample import StructuredRows  # noqa: E402
-from ntkfunc._engines.sketch import rows as sketch_rows  # noqa: E402
+from ntkfunc._engines.rows import StructuredRows  # noqa: E402
+from ntkfunc._engines.rows import projected as sketch_rows  # noqa: E402
 
 
 def _timed(fn) -> float:  # type: ignore[no-untyped-def]
@@ -127,7 +127,7 @@ def phases(small: bool, dim: int, chunk: int, kind: str) -> dict:
         finally:
             side_s["side"] += time.perf_counter() - t0
 
-    src = sketch_rows.SketchRows(pb, kind, dim, 0, True)
+    src = sketch_rows.ProjectedRows(pb, kind, dim, 0, True)
     feats = torch.empty(chunk, 1, dim)
     src.compute([warm], feats, chunk)
     sketch_rows.structured.side = side

@@ -1,4 +1,4 @@
-"""Per-sample rows (ntkfunc._engines.persample), their Gram route, the products' precision and the panel plan."""
+"""Per-sample rows (ntkfunc._engines.rows), their Gram route, the products' precision and the panel plan."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import ntkfunc
 from ntkfunc._core.problem import make_problem
 from ntkfunc._dataset import plan
 from ntkfunc._dataset.precision import batched_product, check_precision, matmul_precision
-from ntkfunc._engines import persample
+from ntkfunc._engines import rows as persample
 from tests.reference import max_rel_err, reference_kernel, trace_and_diagonal
 from tests.zoo import CASES, SETTINGS_2D, SETTINGS_3D
 

@@ -1,7 +1,7 @@
 """``kernel_matrix(..., sketch=Sketch(...))``: the features of a dataset, written once, then the kernel from them.
 
 Stage 1 (this module) computes the sketched per-sample gradients ``J(x) Π`` of x1 (and x2)
-in chunks of samples (:class:`~ntkfunc._engines.sketch.rows.SketchRows`: one batched gradient
+in chunks of samples (:class:`~ntkfunc._engines.rows.projected.ProjectedRows`: one batched gradient
 pass per chunk, no full gradient row held) and keeps them
 
 - in memory (``out=None`` and ``features=None``, when they fit the budget), or
@@ -19,7 +19,7 @@ starts over); a chunk whose bytes no longer match its recorded hash is recompute
 warning; a file whose shape or dtype does not match is refused. Ranks take every
 ``world``-th chunk; the devices of one process take chunks from a shared queue.
 
-Stage 2 is the exact kernel's pipeline on the features: :class:`FeatureRows` is a row
+Stage 2 is the exact kernel's pipeline on the features: :class:`~ntkfunc._engines.rows.stored.StoredRows` is a row
 source whose rows are the stored features (width ``dim`` instead of ``P``), so tiling,
 panels, the out-of-core output, resume and progress are ``kernel_matrix``'s own.
 """
@@ -47,53 +47,13 @@ from ntkfunc._dataset.distributed import Ranks, to_device
 from ntkfunc._dataset.fingerprint import function_identity, probe_fingerprint, probes_match
 from ntkfunc._dataset.lock import OutputLock
 from ntkfunc._dataset.store import _numpy_dtype, atomic_write
-from ntkfunc._engines.persample import Factors, Flops, SampleBytes, Slots
+from ntkfunc._engines.rows.projected import ProjectedRows
 from ntkfunc._engines.sketch.error import resketch, spread
-from ntkfunc._engines.sketch.rows import SketchRows
-from ntkfunc._engines.structured.plan import jacobian_contraction_flops
 
 API = "kernel_matrix"
 _FORMAT = 1
 CHUNK_SAMPLES = 256
 """Samples per committed chunk of a features file (each marked once written and synced)."""
-
-
-# --- stage 2: the kernel from features ------------------------------------------------------------
-
-
-class FeatureRows:
-    """A :class:`~ntkfunc._engines.persample.RowSource` whose rows are stored features ``(b, *out, dim)``."""
-
-    def __init__(self, problem: Problem, dim: int) -> None:
-        self.problem = problem
-        self.out_shape = tuple(problem.sample_out_shapes(1)[0])
-        self.slots = Slots((0,), (0,), (dim,))
-
-    def sample_bytes(self) -> SampleBytes:
-        row = math.prod(self.out_shape) * self.slots.width * itemsize(self.problem.out_dtype)
-        return SampleBytes(row, 0, row)
-
-    def compute(self, x: list[Any], out: torch.Tensor, chunk: int) -> Factors | None:
-        out.copy_(x[0].reshape(out.shape))
-        return None
-
-    def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None:
-        return None
-
-    def flops(self) -> Flops:
-        """A row costs its copy; a pair the product of two feature rows; no Gram route."""
-        o = math.prod(self.out_shape)
-        return Flops(float(o * self.slots.width),
-                     float(jacobian_contraction_flops(self.problem.layouts[0], 1, self.out_shape, (self.slots.width,))), 0.0)
-
-
-def feature_rows(dim: int) -> Any:
-    """The engine ``rows`` factory of the kernel stage (``rows(problem, n1, n2, budget)``)."""
-
-    def rows(problem: Problem, n1: int, n2: int, budget: int) -> FeatureRows:
-        return FeatureRows(problem, dim)
-
-    return rows
 
 
 # --- stage 1: the store --------------------------------------------------------------------------
@@ -276,7 +236,7 @@ def compute(job: Any, problem: Problem, sketch: Any, budget: int, out: Any, fold
     """The features of ``job``'s x1 (and x2): from their files when already computed, else computed now."""
     usable = budget * SAFETY
     structured = int(job.engine.implementation) != 1
-    source = SketchRows(problem, sketch.kind, sketch.dim, sketch.seed, structured)
+    source = ProjectedRows(problem, sketch.kind, sketch.dim, sketch.seed, structured)
     record = source.plan.record()
     shape_of = lambda n: (n, *source.out_shape, sketch.dim)  # noqa: E731
     if folder is None and out is not None:
@@ -340,7 +300,7 @@ def _open(path: Path, shape: tuple[int, ...], dtype: torch.dtype, fp: dict[str, 
 
 
 def _run(job: Any, problem: Problem, sketch: Any, samples: Samples, chunks: Any, size: int, devices: list[torch.device],
-         usable: float, bar: bool, name: str, commit: Any, source: SketchRows) -> None:
+         usable: float, bar: bool, name: str, commit: Any, source: ProjectedRows) -> None:
     """Features of the ``chunks`` (of ``size`` samples) on every device, each committed as it is done."""
     from ntkfunc._dataset.progress import make_progress
 
@@ -355,7 +315,7 @@ def _run(job: Any, problem: Problem, sketch: Any, samples: Samples, chunks: Any,
         work.put(c)
     errors: list[BaseException] = []
 
-    def worker(dev: torch.device, src: SketchRows) -> None:
+    def worker(dev: torch.device, src: ProjectedRows) -> None:
         pass_size = src.chunk_for(usable / max(len(devices), 1))
         buf = torch.empty((size, *src.out_shape, sketch.dim), dtype=problem.out_dtype, device=dev)
         while not errors:
@@ -380,7 +340,7 @@ def _run(job: Any, problem: Problem, sketch: Any, samples: Samples, chunks: Any,
 
                 p = to_device(job.params, dev)
                 prob = make_problem(job.fn, job.s1.get(0, 1).to(dev), None, p, 0, job.trace, job.diag, api=API)
-                src = SketchRows(prob, sketch.kind, sketch.dim, sketch.seed, int(job.engine.implementation) != 1)
+                src = ProjectedRows(prob, sketch.kind, sketch.dim, sketch.seed, int(job.engine.implementation) != 1)
             worker(dev, src)
         except BaseException as err:
             errors.append(err)

@@ -1,6 +1,6 @@
 """How one tile of a whole-dataset kernel is computed.
 
-- :class:`RowPanels` (engines with per-sample rows, :class:`ntkfunc._engines.persample.RowSource`):
+- :class:`RowPanels` (engines with per-sample rows, :class:`ntkfunc._engines.rows.source.RowSource`):
   rows of the current panel's x1 blocks live in ONE preallocated buffer
   ``(panel * block, *out, P)``, reused for every panel (fresh allocations of this size would
   page-fault on every use); x2 blocks are computed into a second reused buffer. All tiles of
@@ -26,7 +26,7 @@ from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.plan import DatasetPlan
 from ntkfunc._dataset.precision import product
 from ntkfunc._engines import Engine
-from ntkfunc._engines.persample import Factors, RowSource
+from ntkfunc._engines.rows.source import Factors, RowSource
 from ntkfunc.ntk import ntk_fn
 
 

@@ -42,7 +42,8 @@ from ntkfunc._dataset.progress import make_progress
 from ntkfunc._dataset.runner import Runner
 from ntkfunc._dataset.store import MemoryStore, NpyStore, Store, open_store
 from ntkfunc._engines import Engine, Implementation, get_engine
-from ntkfunc._engines.persample import RowSource
+from ntkfunc._engines.rows.source import RowSource
+from ntkfunc._engines.rows.stored import feature_rows
 from ntkfunc.pntk import sum_of_logits
 from ntkfunc.sketch import Sketch
 
@@ -144,7 +145,7 @@ def kernel_matrix(
         ``"auto"`` keep per-sample gradients ("rows") in panels across tiles and multiply them with
         one matrix product per x2 block (:mod:`ntkfunc._dataset.plan`); 3 and ``"auto"`` form them
         from the structured rules at batched-backward speed and give parameters whose Gram
-        contraction is cheaper no row at all (:mod:`ntkfunc._engines.persample`).
+        contraction is cheaper no row at all (:mod:`ntkfunc._engines.rows.structured`).
       pntk: the kernel of ``Σ_o f_o(x) / sqrt(O)`` (one output per sample, as :func:`ntkfunc.pntk_fn`)
         instead of ``f``.
       batch_size: samples per tile side (default: from the budget).
@@ -247,7 +248,7 @@ def validate(f: ApplyFn, params: PyTree, x1: Any, x2: Any, trace_axes: Axes, dia
 def sketched(job: Job, featured: featuring.Featured) -> Job:
     """The job of the kernel stage: rows are the stored features (width ``dim``), multiplied as per-sample rows are."""
     assert job.sketch is not None
-    engine = dataclasses.replace(job.engine, rows=featuring.feature_rows(job.sketch.dim))
+    engine = dataclasses.replace(job.engine, rows=feature_rows(job.sketch.dim))
     return dataclasses.replace(job, engine=engine, rows_data=(featured.s1, featured.s2), sketch_record=featured.record)
 
 

@@ -1,6 +1,6 @@
 """How a whole-dataset kernel is cut: tile side, panels of kept rows, gradient chunks, and who computes what.
 
-For an engine with per-sample rows (:class:`ntkfunc._engines.persample.RowSource`), each
+For an engine with per-sample rows (:class:`ntkfunc._engines.rows.source.RowSource`), each
 sample's row (``*out x P`` numbers: its gradient flattened over the parameters that take
 rows) plus its Gram-route factors costs ``row`` bytes. The budget holds a *panel* of ``k``
 x1 blocks of ``b`` samples (their rows computed once) plus one streamed x2 block, so every
@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ntkfunc._core.tiles import Tile
-from ntkfunc._engines.persample import Flops, SampleBytes
+from ntkfunc._engines.rows.source import Flops, SampleBytes
 
 DEFAULT_BLOCK = 256
 """Tile side for engines that plan their own memory."""

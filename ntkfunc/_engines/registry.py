@@ -21,7 +21,7 @@ from ntkfunc._core.memory import parse_budget
 from ntkfunc._core.problem import Problem
 from ntkfunc._core.pytree import tree_unflatten
 from ntkfunc._core.types import MemoryBudget, PyTree
-from ntkfunc._engines import auto, jacobian, persample, vp
+from ntkfunc._engines import auto, jacobian, rows, vp
 from ntkfunc._engines.structured import kernel as structured
 
 
@@ -62,7 +62,7 @@ class Engine:
       per_param: it can split the kernel by parameter tensor (``per_param=True``).
       param_vmap: its kernels work under ``torch.func.vmap`` over ``params`` (an ensemble axis).
       rows: how ``kernel_matrix`` makes this engine's per-sample rows (gradients flattened over
-        parameters, :mod:`ntkfunc._engines.persample`) to keep them across tiles (panels) and
+        parameters, :mod:`ntkfunc._engines.rows`) to keep them across tiles (panels) and
         contract them with one matrix product per tile; None: ``ntk_fn`` per tile.
       thread_safe: it may run in several threads at once (an engine that runs forward-mode AD must
         hold `_core.forward_ad.forward_ad_section`: torch keeps its dual levels per process).
@@ -73,7 +73,7 @@ class Engine:
     kernel: KernelImpl
     per_param: bool = True
     param_vmap: bool = True
-    rows: persample.RowsFactory | None = None
+    rows: rows.RowsFactory | None = None
     thread_safe: bool = True
 
     @property
@@ -92,10 +92,10 @@ def _table(*records: Engine) -> Mapping[int, Engine]:
 
 
 ENGINES: Mapping[int, Engine] = _table(
-    Engine(Implementation.AUTO, "auto", auto.kernel, rows=persample.structured_rows),
-    Engine(Implementation.JACOBIAN_CONTRACTION, "Jacobian contraction", jacobian.kernel, rows=persample.jacobian_rows),
+    Engine(Implementation.AUTO, "auto", auto.kernel, rows=rows.structured_rows),
+    Engine(Implementation.JACOBIAN_CONTRACTION, "Jacobian contraction", jacobian.kernel, rows=rows.jacobian_rows),
     Engine(Implementation.NTK_VECTOR_PRODUCTS, "NTK-vector products", vp.kernel),
-    Engine(Implementation.STRUCTURED_DERIVATIVES, "structured derivatives", structured.kernel, rows=persample.structured_rows),
+    Engine(Implementation.STRUCTURED_DERIVATIVES, "structured derivatives", structured.kernel, rows=rows.structured_rows),
 )
 """Every implementation, by number (read-only)."""
 

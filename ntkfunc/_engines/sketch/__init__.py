@@ -5,6 +5,5 @@
   per-parameter block with a ``formed`` route (a formed gradient) and, where it has one, a
   route from a layer's factors (``factors``, ``fft``);
 - :mod:`.plan`: which kind and route each parameter gets, priced in one place (``auto``);
-- :mod:`.rows`: the features of a block of samples from one batched gradient pass;
 - :mod:`.features`: any ``f`` (pytree outputs, batch axes, ``vmap_axes=None``) for the public functions.
 """

@@ -1,6 +1,6 @@
 """Features of any ``f``: pytree outputs, any batch axes, ``vmap_axes=None``; what ``features_fn`` and ``sketched_ntk_fn`` call.
 
-The gradient machinery (:class:`~ntkfunc._engines.sketch.rows.SketchRows`) wants one output
+The gradient machinery (:class:`~ntkfunc._engines.rows.projected.ProjectedRows`) wants one output
 tensor with the batch axis first. A function with several output leaves, or a batch axis
 elsewhere, is wrapped as ``f_cat(params, x) = cat([leaf moved to batch-first, flattened])``,
 whose features are split back into the leaves: leaf ``(N, *out_leaf)`` gets features
@@ -25,7 +25,7 @@ from ntkfunc._core.memory import SAFETY, parse_budget
 from ntkfunc._core.problem import Problem, make_problem
 from ntkfunc._core.pytree import tree_flatten
 from ntkfunc._core.types import ApplyFn, MemoryBudget, PyTree, VMapAxes
-from ntkfunc._engines.sketch.rows import SketchRows
+from ntkfunc._engines.rows.projected import ProjectedRows
 
 
 class Featurizer:
@@ -49,7 +49,7 @@ class Featurizer:
         """The checked problem of ``f`` (layouts, output structure) for these inputs."""
         return make_problem(self.f, x1, x2, params, self.vmap_axes, trace_axes, diagonal_axes, self.cache, api=self.api)
 
-    def source(self, p0: Problem, x: PyTree, params: PyTree) -> SketchRows:
+    def source(self, p0: Problem, x: PyTree, params: PyTree) -> ProjectedRows:
         """The sketched-rows source for ``x`` under ``p0``'s output structure (``f`` wrapped if needed)."""
         direct = len(p0.layouts) == 1 and (p0.fx_axes is None or p0.fx_axes == [0])
         if direct:
@@ -60,7 +60,7 @@ class Featurizer:
             fn = _concatenated(self.f, axes)
             vm: VMapAxes = None if axes is None else (x_axis, 0, {})
             rows_problem = make_problem(fn, x, None, params, vm, (), (), self.cat_cache, api=self.api)
-        src = SketchRows(rows_problem, self.kind, self.dim, self.seed, self.structured, self.tables)
+        src = ProjectedRows(rows_problem, self.kind, self.dim, self.seed, self.structured, self.tables)
         self.last_plan = src.plan
         return src
 

@@ -1,36 +1,20 @@
-"""Per-sample gradients at batched speed, written straight into rows of a preallocated buffer.
+"""Rows formed by the structured rules from one batched pass per chunk (implementations 3 and ``"auto"``).
 
-A *row* is one sample's gradient of every output entry, flattened over parameters:
-``rows[n, *out, :]`` for samples ``n`` of a block, ``out`` the per-sample output shape
-(batch axis removed) and the last axis the parameters, in the **documented order**:
-
-  the differentiated (floating) leaves of ``params`` in pytree-flatten order
-  (``torch.utils._pytree.tree_flatten``; for :func:`ntkfunc.from_module` params that is
-  ``model.named_parameters()`` order), each leaf flattened row-major (C order), i.e.
-  ``torch.cat([g.reshape(*out, -1) for g in grads], -1)`` of ``torch.func.jacrev``.
-
-:class:`Slots` records where each parameter sits (``offset``, ``size``). Two sources fill
-rows for :func:`ntkfunc.kernel_matrix` (see :data:`RowsFactory`):
-
-- :class:`JacobianRows` (implementation 1): ``vmap(jacrev(f))``, copied into the buffer
-  with ``torch.cat(..., out=...)``;
-- :class:`StructuredRows` (implementations 3 and ``"auto"``): the structured engine's
-  capture gives, from one batched pass (``vmap`` over the block of a ``jacrev`` with respect
-  to zero probes at every parameter-consuming primitive, which batches like a plain
-  backward because no weight gradient is asked of torch), the cotangents at every such
-  primitive and its operands; each parameter's rule then forms its per-sample gradient
-  in its slot of the buffer (convolutions: ``im2col`` into a reused workspace and one
-  ``bmm`` per output component; linear layers: one ``bmm``;
-  others: the rule's einsum, copied in; products go through a contiguous buffer, since
-  ``bmm`` into a strided slot takes a far slower path). A parameter consumed through a view
-  (``W.T``, ``cls.expand(n, -1, -1)``) gets its rule's einsum composed with the view, in the
-  parameter's own order; a tied one (used by several primitives) the sum of its uses'.
-  Parameters without a rule, and views whose rows cannot be put in the parameter's order (a
-  slice such as ``pos[:T]``), take their reverse-mode Jacobians from the same pass. A parameter whose Gram
-  contraction (:func:`ntkfunc._engines.structured.plan.gram_equation`, e.g.
-  ``Σ (c₁c₂ᵀ) ⊙ (x₁x₂ᵀ)``) is priced cheaper than its rows by
-  :class:`~ntkfunc._engines.structured.plan.RouteCost` gets **no slot**: its block keeps
-  the (small) factors instead and :meth:`StructuredRows.gram` contracts them per tile.
+The structured engine's capture gives, from one batched pass (``vmap`` over the block of a
+``jacrev`` with respect to zero probes at every parameter-consuming primitive, which batches
+like a plain backward because no weight gradient is asked of torch), the cotangents at every
+such primitive and its operands; each parameter's rule then forms its per-sample gradient in
+its slot of the buffer (convolutions: ``im2col`` into a reused workspace and one ``bmm`` per
+output component; linear layers: one ``bmm``; others: the rule's einsum, copied in; products
+go through a contiguous buffer, since ``bmm`` into a strided slot takes a far slower path). A
+parameter consumed through a view (``W.T``, ``cls.expand(n, -1, -1)``) gets its rule's einsum
+composed with the view, in the parameter's own order; a tied one (used by several primitives)
+the sum of its uses'. Parameters without a rule, and views whose rows cannot be put in the
+parameter's order (a slice such as ``pos[:T]``), take their reverse-mode Jacobians from the
+same pass. A parameter whose Gram contraction
+(:func:`ntkfunc._engines.structured.plan.gram_equation`, e.g. ``Σ (c₁c₂ᵀ) ⊙ (x₁x₂ᵀ)``) is
+priced cheaper than its rows gets **no slot**: its block keeps the (small) factors instead and
+:meth:`StructuredRows.gram` contracts them per tile.
 
 :func:`per_sample_gradients` is the entry point for callers that want rows of every
 parameter (no Gram route).
@@ -55,210 +39,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from torch.func import jacrev, vmap
 
 from ntkfunc._core.memory import backward_transient, itemsize
 from ntkfunc._core.ops import transform_friendly_attention
 from ntkfunc._core.problem import Problem
+from ntkfunc._engines.rows.jacobian import JacobianRows
+from ntkfunc._engines.rows.source import Factors, Flops, RowSource, SampleBytes, Slots, block_size, chunks, forward_flops, out_shape, pair_flops
 from ntkfunc._engines.structured import capture as capture_mod
 from ntkfunc._engines.structured import kernel as structured
 from ntkfunc._engines.structured import plan, views
 from ntkfunc.rules import Structure
 from ntkfunc.rules.conv import Conv2d
 from ntkfunc.rules.linear import Linear
-
-
-@dataclasses.dataclass(frozen=True)
-class Slots:
-    """Where each parameter's gradient sits in a row: ``rows[..., offset:offset + size]``.
-
-    Attributes:
-      leaves: indices into ``problem.params.diff_leaves``, in row order (increasing).
-      offsets / sizes: start and number of elements of each leaf's slot.
-
-    >>> s = Slots((0, 2), (0, 6), (6, 4))
-    >>> s.width, s.slot(2)
-    (10, slice(6, 10, None))
-    """
-
-    leaves: tuple[int, ...]
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-
-    @staticmethod
-    def of(problem: Problem, leaves: Sequence[int]) -> Slots:
-        """Slots for ``leaves`` (sorted: the documented order) of ``problem``'s differentiated parameters."""
-        order = sorted(leaves)
-        sizes = [problem.params.diff_leaves[k].numel() for k in order]
-        offsets = [0]
-        for s in sizes[:-1]:
-            offsets.append(offsets[-1] + s)
-        return Slots(tuple(order), tuple(offsets[: len(order)]), tuple(sizes))
-
-    @property
-    def width(self) -> int:
-        return sum(self.sizes)
-
-    def slot(self, leaf: int) -> slice:
-        i = self.leaves.index(leaf)
-        return slice(self.offsets[i], self.offsets[i] + self.sizes[i])
-
-    def names(self, problem: Problem) -> list[str]:
-        """The parameter names in row order (``params`` keys / pytree paths)."""
-        return [problem.params.diff_names[k] for k in self.leaves]
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleBytes:
-    """Memory per sample of a row source: ``rows`` (one row, model dtype), ``kept`` (Gram-route
-    factors held with it) and ``transient`` (while its gradients are computed)."""
-
-    rows: int
-    kept: int
-    transient: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Flops:
-    """Estimated FLOPs of a row source: per row (a forward pass and one backward per output entry),
-    and per sample pair of the rows' product and of the Gram-route contractions."""
-
-    row: float
-    product: float
-    gram: float
-
-    @property
-    def pair(self) -> float:
-        return self.product + self.gram
-
-
-@dataclasses.dataclass
-class Factors:
-    """What a block keeps for its Gram-route parameters: per parameter ``(structure, cotangent)``.
-
-    Structures' operands are contiguous with the parameter's letters last, so that the Gram
-    contraction of two blocks is plain matrix products.
-    """
-
-    terms: list[tuple[Structure, torch.Tensor]]
-
-    @staticmethod
-    def cat(parts: Sequence[Factors]) -> Factors:
-        """The factors of consecutive chunks of samples as one block."""
-        if len(parts) == 1:
-            return parts[0]
-        terms = []
-        for k in range(len(parts[0].terms)):
-            sts = [p.terms[k][0] for p in parts]
-            ops = []
-            for i, (letters, _) in enumerate(sts[0].operands):
-                pieces = [s.operands[i][1] for s in sts]
-                shared = all(p.shape[0] == 1 for p in pieces) and any(c.shape[0] > 1 for c in (p.terms[k][1] for p in parts))
-                ops.append((letters, pieces[0] if shared else torch.cat(pieces)))
-            terms.append((dataclasses.replace(sts[0], operands=ops), torch.cat([p.terms[k][1] for p in parts])))
-        return Factors(terms)
-
-    def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() + sum(t.numel() * t.element_size() for _, t in s.operands) for s, c in self.terms)
-
-
-class RowSource(Protocol):
-    """What ``kernel_matrix``'s panels need: rows of a block of samples, and Gram terms of the rest.
-
-    ``slots`` says which parameters have rows (``slots.width`` columns); ``out_shape`` the
-    per-sample output shape. ``compute(x, out, chunk)`` fills ``out`` ``(b, *out_shape, width)``
-    for the block whose input leaves are ``x`` (``chunk`` samples per pass) and returns the
-    block's :class:`Factors` (None without Gram-route parameters); ``gram(f1, f2)`` is their
-    kernel block (batch-first layout of ``layout.contract``, not divided by the trace size).
-    """
-
-    slots: Slots
-    out_shape: tuple[int, ...]
-
-    def sample_bytes(self) -> SampleBytes: ...
-
-    def compute(self, x: list[Any], out: torch.Tensor, chunk: int) -> Factors | None: ...
-
-    def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None: ...
-
-    def flops(self) -> Flops: ...
-
-
-RowsFactory = Callable[[Problem, int, int, int], RowSource]
-"""``rows(problem, n1, n2, budget) -> RowSource`` for a probed one-sample ``problem`` of a kernel of
-``n1 x n2`` samples, whose contractions keep their intermediates within ``budget`` bytes."""
-
-
-def forward_flops(problem: Problem) -> float:
-    """FLOPs of ``f`` on one sample (``torch.utils.flop_counter``: matrix products and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = problem.x_block(1, 0, 1)
-    xs = [a if ax is None else a.squeeze(ax) for a, ax in zip(x, problem.x_axes or [])]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        problem.sample_fn()(problem.params.diff_leaves, xs)
-    return float(counter.get_total_flops())
-
-
-def _pair_flops(problem: Problem, out_shape: tuple[int, ...], width: int) -> float:
-    """FLOPs of one sample pair's row product (``layout.contract`` of two rows)."""
-    return float(plan.jacobian_contraction_flops(problem.layouts[0], 1, out_shape, (width,))) if width else 0.0
-
-
-def _chunks(x: list[Any], axes: list[int | None], b: int, chunk: int) -> Iterator[tuple[int, int, list[Any]]]:
-    for s in range(0, b, chunk):
-        e = min(s + chunk, b)
-        yield s, e, [t if a is None else t.narrow(a, s, e - s) for t, a in zip(x, axes)]
-
-
-def _block_size(x: list[Any], axes: list[int | None]) -> int:
-    return next(t.shape[a] for t, a in zip(x, axes) if a is not None)
-
-
-def _out_shape(problem: Problem) -> tuple[int, ...]:
-    if len(problem.layouts) != 1:
-        raise ValueError(f"{problem.api}: per-sample rows need one output tensor; f returned {len(problem.layouts)}")
-    return tuple(problem.sample_out_shapes(1)[0])
-
-
-class JacobianRows:
-    """Implementation 1's rows: ``vmap(jacrev(f))`` per chunk, concatenated into the buffer."""
-
-    def __init__(self, problem: Problem, n1: int = 1, n2: int = 1, budget: int = 1 << 30) -> None:
-        self.problem = problem
-        self.out_shape = _out_shape(problem)
-        self.slots = Slots.of(problem, range(len(problem.params.diff_leaves)))
-        self.fn = vmap(jacrev(problem.sample_fn(), argnums=0), in_dims=(None, problem.x_axes))
-        self._flops: Flops | None = None
-
-    def sample_bytes(self) -> SampleBytes:
-        size = itemsize(self.problem.out_dtype)
-        o = math.prod(self.out_shape)
-        # vmap(jacrev) holds the Jacobian pieces and the concatenated row, plus the backward's activations
-        return SampleBytes(o * self.slots.width * size, 0, o * self.slots.width * size + backward_transient(self.problem))
-
-    def compute(self, x: list[Any], out: torch.Tensor, chunk: int) -> Factors | None:
-        axes = self.problem.x_axes or []
-        leaves = self.problem.params.diff_leaves
-        for s, e, xc in _chunks(x, axes, _block_size(x, axes), chunk):
-            with transform_friendly_attention():
-                jac = self.fn(leaves, xc)[0]
-            pieces = [j.reshape(e - s, *self.out_shape, -1) for j in jac]
-            torch.cat(pieces, dim=-1, out=out[s:e])
-        return None
-
-    def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None:
-        return None
-
-    def flops(self) -> Flops:
-        if self._flops is None:
-            o = math.prod(self.out_shape)
-            self._flops = Flops((1 + 2 * o) * forward_flops(self.problem), _pair_flops(self.problem, self.out_shape, self.slots.width), 0.0)
-        return self._flops
 
 
 class StructuredRows:
@@ -274,7 +69,7 @@ class StructuredRows:
         if not problem.vmapped:
             raise ValueError(f"{problem.api}: per-sample rows need vmap_axes (independent samples)")
         self.problem = problem
-        self.out_shape = _out_shape(problem)
+        self.out_shape = out_shape(problem)
         self.layout = problem.layouts[0]
         self._one: structured.Side | None = None
         self.cap = capture_mod.discover(problem)
@@ -366,7 +161,7 @@ class StructuredRows:
     def compute(self, x: list[Any], out: torch.Tensor, chunk: int) -> Factors | None:
         axes = self.problem.x_axes or []
         parts = []
-        for s, e, xc in _chunks(x, axes, _block_size(x, axes), chunk):
+        for s, e, xc in chunks(x, axes, block_size(x, axes), chunk):
             pb = dataclasses.replace(self.problem, x1_leaves=xc, x2_leaves=None, n1=e - s, n2=e - s)
             with transform_friendly_attention():
                 sd = structured.side(pb, self.cap, 1, 0, e - s)
@@ -504,7 +299,7 @@ class StructuredRows:
     def flops(self) -> Flops:
         if self._flops is None:
             o = math.prod(self.out_shape)
-            product = _pair_flops(self.problem, self.out_shape, self.slots.width)
+            product = pair_flops(self.problem, self.out_shape, self.slots.width)
             self._flops = Flops((1 + 2 * o) * forward_flops(self.problem), product, self.gram_flops)
         return self._flops
 
@@ -548,7 +343,7 @@ def per_sample_gradients(problem: Problem, x: list[Any], out: torch.Tensor | Non
     """
     source = StructuredRows(problem, routes="rows")
     axes = problem.x_axes or []
-    b = _block_size(x, axes)
+    b = block_size(x, axes)
     if out is None:
         out = torch.empty((b, *source.out_shape, source.slots.width), dtype=problem.out_dtype, device=problem.device)
     source.compute(x, out, chunk or b)

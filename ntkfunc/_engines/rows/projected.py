@@ -1,6 +1,6 @@
 """Sketched per-sample gradients ("features") ``J(x) Π``: ``(b, *out, dim)`` for a block of samples.
 
-One batched gradient pass per chunk of samples, as :mod:`ntkfunc._engines.persample` does
+One batched gradient pass per chunk of samples, as :mod:`ntkfunc._engines.rows.structured` does
 for exact rows (implementations 3 and ``"auto"``: the structured capture's cotangents and
 operands; implementation 1: ``vmap(jacrev(f))`` rows), then each parameter's part of ``Π``
 (:mod:`~ntkfunc._engines.sketch.plan`) is applied by its route:
@@ -9,7 +9,7 @@ operands; implementation 1: ``vmap(jacrev(f))`` rows), then each parameter's par
   convolution (im2col patches) or linear layer, never forming the gradient;
 - ``"formed"``: the parameter's per-sample gradient formed into a reused buffer (a few samples
   at a time, at most :data:`WORK_BYTES`), by the same code as the exact rows
-  (:meth:`~ntkfunc._engines.persample.StructuredRows.write`), then projected.
+  (:meth:`~ntkfunc._engines.rows.structured.StructuredRows.write`), then projected.
 
 No full row (``P`` numbers per output) is ever held: memory is the gradient pass's plus
 one parameter's work buffers. The features of a sample do not depend on the chunk or block it
@@ -28,7 +28,8 @@ from torch.func import jacrev
 
 from ntkfunc._core.memory import backward_transient, itemsize
 from ntkfunc._core.problem import Problem
-from ntkfunc._engines.persample import JacobianRows, StructuredRows
+from ntkfunc._engines.rows.jacobian import JacobianRows
+from ntkfunc._engines.rows.structured import StructuredRows
 from ntkfunc._engines.sketch import countsketch, gaussian, tensorsketch
 from ntkfunc._engines.sketch.buffers import Buffers
 from ntkfunc._engines.sketch.plan import Factorable, SketchPlan, resolve
@@ -75,7 +76,7 @@ def blocks_of(plan: SketchPlan) -> dict[int, Block]:
     return {b.leaf: b for b in made}
 
 
-class SketchRows:
+class ProjectedRows:
     """Features of blocks of samples of a probed one-sample ``problem`` (batch axis 0 after wrapping).
 
     ``structured_rows``: gradients from the structured capture (implementations 3 / ``"auto"``), else

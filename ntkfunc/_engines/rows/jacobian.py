@@ -1,0 +1,50 @@
+"""Implementation 1's rows: ``vmap(jacrev(f))`` per chunk, concatenated into the caller's buffer."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.func import jacrev, vmap
+
+from ntkfunc._core.memory import backward_transient, itemsize
+from ntkfunc._core.ops import transform_friendly_attention
+from ntkfunc._core.problem import Problem
+from ntkfunc._engines.rows.source import Factors, Flops, SampleBytes, Slots, block_size, chunks, forward_flops, out_shape, pair_flops
+
+
+class JacobianRows:
+    """Implementation 1's rows: ``vmap(jacrev(f))`` per chunk, concatenated into the buffer."""
+
+    def __init__(self, problem: Problem, n1: int = 1, n2: int = 1, budget: int = 1 << 30) -> None:
+        self.problem = problem
+        self.out_shape = out_shape(problem)
+        self.slots = Slots.of(problem, range(len(problem.params.diff_leaves)))
+        self.fn = vmap(jacrev(problem.sample_fn(), argnums=0), in_dims=(None, problem.x_axes))
+        self._flops: Flops | None = None
+
+    def sample_bytes(self) -> SampleBytes:
+        size = itemsize(self.problem.out_dtype)
+        o = math.prod(self.out_shape)
+        # vmap(jacrev) holds the Jacobian pieces and the concatenated row, plus the backward's activations
+        return SampleBytes(o * self.slots.width * size, 0, o * self.slots.width * size + backward_transient(self.problem))
+
+    def compute(self, x: list[Any], out: torch.Tensor, chunk: int) -> Factors | None:
+        axes = self.problem.x_axes or []
+        leaves = self.problem.params.diff_leaves
+        for s, e, xc in chunks(x, axes, block_size(x, axes), chunk):
+            with transform_friendly_attention():
+                jac = self.fn(leaves, xc)[0]
+            pieces = [j.reshape(e - s, *self.out_shape, -1) for j in jac]
+            torch.cat(pieces, dim=-1, out=out[s:e])
+        return None
+
+    def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None:
+        return None
+
+    def flops(self) -> Flops:
+        if self._flops is None:
+            o = math.prod(self.out_shape)
+            self._flops = Flops((1 + 2 * o) * forward_flops(self.problem), pair_flops(self.problem, self.out_shape, self.slots.width), 0.0)
+        return self._flops
