@@ -21,7 +21,7 @@ from ntkfunc._core.layout import Layout
 from ntkfunc._core.ops import kernel_context
 from ntkfunc._core.pytree import tree_unflatten
 from ntkfunc._core.types import ApplyFn, Axes, KernelFn, MemoryBudget, PyTree, VMapAxes
-from ntkfunc._engines import Implementation, get_engine
+from ntkfunc._engines import Implementation, get_engine, refuse_without_rows
 from ntkfunc._engines.sketch.error import SketchError, resketch, spread
 from ntkfunc._engines.sketch.features import Featurizer
 from ntkfunc._engines.sketch.plan import KINDS, SketchPlan
@@ -139,15 +139,9 @@ def _featurizer(f: ApplyFn, sketch: Any, vmap_axes: VMapAxes, implementation: An
     if not isinstance(sketch, Sketch):
         raise TypeError(f"{api}: sketch is a {type(sketch).__name__}; expected ntkfunc.Sketch(dim, seed=0, kind='auto')")
     engine = get_engine("auto" if implementation is None else implementation, api=api)
-    if engine.rows is None:
-        able = "1, 3 or 'auto'"
-        raise ValueError(
-            f"{api}(implementation={int(engine.implementation)}): implementation {int(engine.implementation)} "
-            f"({engine.name}) has no per-sample gradients to project; expected {able}"
-        )
+    refuse_without_rows(engine, api)
     refuse_batch_coupled(f, vmap_axes, api)
-    structured = engine.implementation != Implementation.JACOBIAN_CONTRACTION
-    return Featurizer(f, sketch.kind, sketch.dim, sketch.seed, vmap_axes, structured, memory_budget, api)
+    return Featurizer(f, sketch.kind, sketch.dim, sketch.seed, vmap_axes, engine.captures, memory_budget, api)
 
 
 def features_fn(f: ApplyFn, sketch: Sketch, vmap_axes: VMapAxes = 0, *,

@@ -235,8 +235,7 @@ def compute(job: Any, problem: Problem, sketch: Any, budget: int, out: Any, fold
             devices: list[torch.device], rk: Ranks, bar: bool) -> Featured:
     """The features of ``job``'s x1 (and x2): from their files when already computed, else computed now."""
     usable = budget * SAFETY
-    structured = int(job.engine.implementation) != 1
-    source = ProjectedRows(problem, sketch.kind, sketch.dim, sketch.seed, structured)
+    source = ProjectedRows(problem, sketch.kind, sketch.dim, sketch.seed, job.engine.captures)
     record = source.plan.record()
     shape_of = lambda n: (n, *source.out_shape, sketch.dim)  # noqa: E731
     if folder is None and out is not None:
@@ -340,7 +339,7 @@ def _run(job: Any, problem: Problem, sketch: Any, samples: Samples, chunks: Any,
 
                 p = to_device(job.params, dev)
                 prob = make_problem(job.fn, job.s1.get(0, 1).to(dev), None, p, 0, job.trace, job.diag, api=API)
-                src = ProjectedRows(prob, sketch.kind, sketch.dim, sketch.seed, int(job.engine.implementation) != 1)
+                src = ProjectedRows(prob, sketch.kind, sketch.dim, sketch.seed, job.engine.captures)
             worker(dev, src)
         except BaseException as err:
             errors.append(err)

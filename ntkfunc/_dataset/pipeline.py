@@ -41,7 +41,7 @@ from ntkfunc._dataset.precision import Precision, check_precision, matmul_precis
 from ntkfunc._dataset.progress import make_progress
 from ntkfunc._dataset.runner import Runner
 from ntkfunc._dataset.store import MemoryStore, NpyStore, Store, open_store
-from ntkfunc._engines import Engine, Implementation, get_engine
+from ntkfunc._engines import Engine, Implementation, get_engine, refuse_without_rows
 from ntkfunc._engines.rows.source import RowSource
 from ntkfunc._engines.rows.stored import feature_rows
 from ntkfunc.pntk import sum_of_logits
@@ -232,11 +232,8 @@ def validate(f: ApplyFn, params: PyTree, x1: Any, x2: Any, trace_axes: Axes, dia
     engine = get_engine("auto" if implementation is None else implementation, api=API)
     if sketch is not None and not isinstance(sketch, Sketch):
         raise TypeError(f"{API}(sketch={sketch!r}): expected None or ntkfunc.Sketch(dim, seed=0, kind='auto')")
-    if sketch is not None and engine.rows is None:
-        raise ValueError(
-            f"{API}(sketch=..., implementation={int(engine.implementation)}): implementation {int(engine.implementation)} "
-            f"({engine.name}) has no per-sample gradients to project; expected implementation 1, 3 or 'auto' (None)"
-        )
+    if sketch is not None:
+        refuse_without_rows(engine, API, "sketch=..., ")
     refuse_batch_coupled(f, 0, API)
     fn = sum_of_logits(f, 0, api=f"{API}(pntk=True)", keepdim=True) if pntk else f
     s1 = Samples(x1, "x1")

@@ -16,8 +16,10 @@ from ntkfunc._engines.registry import (
     get_engine,
     refuse_param_vmap,
     refuse_per_param,
+    refuse_without_rows,
 )
 
 __all__ = [
     "ENGINES", "Engine", "Implementation", "choices", "compute", "engines", "get_engine", "refuse_param_vmap", "refuse_per_param",
+    "refuse_without_rows",
 ]

@@ -66,6 +66,9 @@ class Engine:
         contract them with one matrix product per tile; None: ``ntk_fn`` per tile.
       thread_safe: it may run in several threads at once (an engine that runs forward-mode AD must
         hold `_core.forward_ad.forward_ad_section`: torch keeps its dual levels per process).
+      captures: its per-sample gradients come from the structured capture (cotangents and the
+        rules' operands at every parameter-consuming primitive), which also gives the factors that
+        sketches project without forming gradients; False: ``vmap(jacrev)`` rows.
     """
 
     implementation: Implementation
@@ -75,6 +78,7 @@ class Engine:
     param_vmap: bool = True
     rows: rows.RowsFactory | None = None
     thread_safe: bool = True
+    captures: bool = False
 
     @property
     def reuses_jacobians(self) -> bool:
@@ -92,10 +96,10 @@ def _table(*records: Engine) -> Mapping[int, Engine]:
 
 
 ENGINES: Mapping[int, Engine] = _table(
-    Engine(Implementation.AUTO, "auto", auto.kernel, rows=rows.structured_rows),
+    Engine(Implementation.AUTO, "auto", auto.kernel, rows=rows.structured_rows, captures=True),
     Engine(Implementation.JACOBIAN_CONTRACTION, "Jacobian contraction", jacobian.kernel, rows=rows.jacobian_rows),
     Engine(Implementation.NTK_VECTOR_PRODUCTS, "NTK-vector products", vp.kernel),
-    Engine(Implementation.STRUCTURED_DERIVATIVES, "structured derivatives", structured.kernel, rows=rows.structured_rows),
+    Engine(Implementation.STRUCTURED_DERIVATIVES, "structured derivatives", structured.kernel, rows=rows.structured_rows, captures=True),
 )
 """Every implementation, by number (read-only)."""
 
@@ -147,6 +151,20 @@ def refuse_param_vmap(engine: Engine, params: PyTree, api: str) -> None:
             f"{api}(implementation={int(engine.implementation)}) does not support torch.func.vmap over params (an "
             f"ensemble axis); expected one of implementations {able} for vmapped params, or a Python loop over the ensemble"
         )
+
+
+def refuse_without_rows(engine: Engine, api: str, given: str = "") -> None:
+    """Refuse an engine without per-sample rows where they are needed (sketches project them).
+
+    ``given``: the caller's other arguments to show before ``implementation=`` (``"sketch=..., "``).
+    """
+    if engine.rows is not None:
+        return
+    able = [int(e.implementation) for e in engines() if e.rows is not None and e.implementation != Implementation.AUTO]
+    raise ValueError(
+        f"{api}({given}implementation={int(engine.implementation)}): implementation {int(engine.implementation)} "
+        f"({engine.name}) has no per-sample gradients to project; expected one of {able} or 'auto' (None)"
+    )
 
 
 def refuse_per_param(engine: Engine, api: str) -> None:
