@@ -93,7 +93,7 @@ class Route:
 
     @property
     def price(self) -> plan.Price | None:
-        """The price of the route taken (:data:`PROBED`: the cheaper one)."""
+        """The price of the route taken (:data:`PROBED`: the cheaper one; :data:`REVERSE_MODE`: the Jacobian route's)."""
         if self.cost is None:
             return None
         if self.route == GRAM or (self.route == PROBED and self.cost.use_gram):
