@@ -12,11 +12,11 @@ contraction time goes and which parameters fall back to Jacobians, and why.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from ntkfunc._core.checks import as_axes_tuple
 from ntkfunc._core.ops import transform_friendly_attention
 from ntkfunc._core.problem import make_problem
+from ntkfunc._core.pytree import display_name as pretty
 from ntkfunc._core.types import ApplyFn, Axes, PyTree, VMapAxes
 from ntkfunc._engines.structured import capture, plan
 from ntkfunc._engines.structured import kernel as structured
@@ -147,10 +147,3 @@ def explain(
         else:
             reports.append(ParamReport(name, tuple(leaf.shape), "fallback", None, cap.fallback[k], jac, jac))
     return Explanation(reports, problem.n1)
-
-
-def pretty(name: str) -> str:
-    """``"['enc']['w']"`` -> ``"enc.w"``, ``"[0][1]"`` -> ``"0.1"``."""
-    parts = re.findall(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)", name)
-    joined = ".".join(a or b or c for a, b, c in parts)
-    return joined or name

@@ -26,12 +26,12 @@ from typing import Any, Union
 import torch
 from torch.func import jacrev
 
+from ntkfunc._core.buffers import Buffers
 from ntkfunc._core.memory import backward_transient, itemsize
 from ntkfunc._core.problem import Problem
 from ntkfunc._engines.rows.jacobian import JacobianRows
 from ntkfunc._engines.rows.structured import StructuredRows
 from ntkfunc._engines.sketch import countsketch, gaussian, tensorsketch
-from ntkfunc._engines.sketch.buffers import Buffers
 from ntkfunc._engines.sketch.plan import Factorable, SketchPlan, resolve
 from ntkfunc._engines.structured import capture as capture_mod
 from ntkfunc._engines.structured import kernel as structured

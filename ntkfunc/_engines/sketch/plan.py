@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Sequence
 
+from ntkfunc._core.pytree import display_name
 from ntkfunc._engines.sketch import countsketch
 
 KINDS = ("countsketch", "tensorsketch", "gaussian")
@@ -145,12 +145,6 @@ def fft_seconds(fac: Factorable, outputs: int, dim: int) -> float:
 
 
 # --- resolution ----------------------------------------------------------------------------------
-
-
-def display_name(path: str) -> str:
-    """A pytree path as ``explain`` prints it: ``"['enc']['w']"`` -> ``"enc.w"``, ``"[0][1]"`` -> ``"0.1"``."""
-    parts = re.findall(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)", path)
-    return ".".join(a or b or c for a, b, c in parts) or path
 
 
 def resolve(kind: str, dim: int, seed: int, names: Sequence[str], shapes: Sequence[tuple[int, ...]], outputs: int,
