@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 from ntkfunc._core.pytree import display_name
 from ntkfunc._engines.sketch import countsketch
+from ntkfunc.rules import Factorable
 
 KINDS = ("countsketch", "tensorsketch", "gaussian")
 """The sketches a parameter can get (``Sketch(kind=...)`` also takes ``"auto"``)."""
@@ -46,15 +47,6 @@ Measured with ``python benchmarks/bench_sketch.py rates`` on the development mac
 cores): float32 GEMMs at ~150 GFLOP/s inside the per-layer products, ~2 GB/s of scattered
 element traffic, a length-8192 real FFT in ~14 us. Only their ratios matter to ``auto``.
 """
-
-
-@dataclasses.dataclass(frozen=True)
-class Factorable:
-    """A parameter whose per-sample gradient is ``Σ_s c_s x_sᵀ`` (rows ``R``, columns ``D``, ``S`` positions)."""
-
-    rows: int
-    cols: int
-    positions: int
 
 
 @dataclasses.dataclass(frozen=True)
