@@ -149,6 +149,34 @@ def test_planner_terms_exist_once():
     assert text.count("(2 * o + 1)") + text.count("2 * outputs_per_sample(problem) + 1") == 1
 
 
+# --- issue 20: one route decision ---
+
+
+def test_routes_are_decided_only_by_the_route_planner():
+    """No second decider: the probing threshold, auto's minimum saving and the Gram-or-Jacobian
+    comparison (``RouteCost.use_gram``, defined with the prices) are read only in the planner, which
+    implementation 3, ``"auto"``, the per-sample rows and ``explain`` all ask."""
+    import re
+
+    planner = "ntkfunc._engines.structured.routes"
+    policy = {"MIN_SAVING", "PROBE_FLOPS", "use_gram"}
+    offences = []
+    for module, path in _modules():
+        if module == planner:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if name in policy:
+                offences.append(f"{module}:{node.lineno}: {name}")
+    assert not offences, offences
+    text = {m: p.read_text() for m, p in _modules()}
+    assert "PROBE_FLOPS = " in text[planner] and "MIN_SAVING = " in text[planner]
+    readers = {m for m, t in text.items() if re.search(r"\broutes\.(decide|on_tile|for_rows|forced)\(", t)} - {planner}
+    assert readers == {"ntkfunc._engines.structured.kernel", "ntkfunc._engines.rows.structured"}, readers
+    asks = {m for m, t in text.items() if "route_plan(" in t} - {"ntkfunc._engines.structured.kernel"}
+    assert asks == {"ntkfunc._engines.auto", "ntkfunc.explain"}, asks
+
+
 # --- issue 20: per-layer maths in the rules ---
 
 

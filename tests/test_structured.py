@@ -213,10 +213,10 @@ def test_reverse_mode_routes_where_cheaper_and_forced_keeps_the_rules():
 
     x = torch.randn(3, 64, 8, dtype=D)
     problem = make_problem(f, x, None, p, 0, (), (), api="test")
-    moved = structured.routes(problem)
+    moved = structured.route_plan(problem).moved
     assert set(moved) == {0, 1} and all("Jacobian contraction" in why for why in moved.values())
     with ntkfunc.rules.forced():
-        assert structured.routes(problem) == {}
+        assert structured.route_plan(problem).moved == {}
     ref = reference_kernel(f, p, x, None, (), ())
     kernel = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)
     assert max_rel_err(kernel(x, None, p), ref) <= 1e-10

@@ -3,8 +3,8 @@
 ``ntk_fn(f)`` returns a kernel that is usually called many times with inputs of the same
 shapes (a kernel per training step, per tile). What depends only on those shapes is
 found once and kept here: what the probe of ``f`` found (output shapes and structure),
-``"auto"``'s per-parameter routes, and what the engines derive from shapes alone (planner
-measurements such as activation sizes, the structured engine's capture and equations).
+and what the engines derive from shapes alone (planner measurements such as activation
+sizes, the structured engine's capture, equations and per-parameter routes).
 Parameter *values* are never kept: a call with the same shapes and new values computes
 the new kernel. Nothing is shared between kernel functions.
 """
@@ -12,7 +12,6 @@ the new kernel. Nothing is shared between kernel functions.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,23 +29,6 @@ class ProbeResult:
     out_spec: Any
 
 
-@dataclasses.dataclass(frozen=True)
-class RouteChoice:
-    """``"auto"``'s decision for one signature and size.
-
-    Attributes:
-      moved: covered parameter index -> why it takes Jacobian contraction instead of its rule.
-      outright: no parameter takes a rule: run implementation 1 for everything.
-    """
-
-    moved: Mapping[int, str]
-    outright: bool
-
-
-RouteKey = tuple[Signature, int, int, bool, bool]
-"""(signature, N1, N2, rules enabled, rules forced)."""
-
-
 ShapeKey = tuple[str, Signature, Any]
 """(what, signature, further parts such as sizes): the key of :attr:`KernelCache.derived`."""
 
@@ -57,12 +39,10 @@ class KernelCache:
 
     Attributes:
       probes: what the probe of ``f`` found, by signature.
-      routes: ``"auto"``'s choice, by signature and sizes.
       derived: anything else an engine derives from shapes, dtypes and structure alone
         (``Problem.remember``): activation sizes, the structured engine's capture,
-        equations and prices. Never tensors that hold parameter or input values.
+        equations, prices and routes. Never tensors that hold parameter or input values.
     """
 
     probes: dict[Signature, ProbeResult] = dataclasses.field(default_factory=dict)
-    routes: dict[RouteKey, RouteChoice] = dataclasses.field(default_factory=dict)
     derived: dict[ShapeKey, Any] = dataclasses.field(default_factory=dict)

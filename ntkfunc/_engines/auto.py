@@ -11,62 +11,26 @@ term exist:
 
 ``G``, ``F`` and ``C`` are the structured engine's prices for one sample
 (:func:`ntkfunc._engines.structured.plan.prices`: FLOPs plus what non-BLAS steps write),
-scaled to the whole kernel; the same :class:`~ntkfunc._engines.structured.plan.RouteCost`
-decides, as in implementation 3. When no parameter takes a
-Gram contraction, the capture is skipped altogether and the kernel is implementation 1's.
-Parameters without a rule always use Jacobian contraction. Either way the kernel is
-exact; only the cost changes.
+scaled to the whole kernel, and the route planner decides
+(:func:`ntkfunc._engines.structured.routes.decide` with its ``"auto"`` policy: implementation
+3's decision, and when the rules of the remaining parameters together save less than
+:data:`~ntkfunc._engines.structured.routes.MIN_SAVING` of Jacobian contraction's cost, every
+parameter takes Jacobian contraction). When no parameter takes a Gram contraction, the
+capture is skipped altogether and the kernel is implementation 1's. Parameters without a
+rule always use Jacobian contraction. Either way the kernel is exact; only the cost changes.
 """
 
 from __future__ import annotations
 
-from ntkfunc import rules
-from ntkfunc._core.cache import RouteChoice
 from ntkfunc._core.problem import Problem
 from ntkfunc._engines import jacobian
-from ntkfunc._engines.structured import capture
 from ntkfunc._engines.structured import kernel as structured
-
-MIN_SAVING = 0.25
-"""The rules must save this fraction of Jacobian contraction's cost to pay for the capture."""
+from ntkfunc._engines.structured import routes
 
 
-def jacobian_is_cheaper(problem: Problem, cap: capture.Capture) -> dict[int, str]:
-    """Ruled parameter index -> reason, for those that should use Jacobian contraction.
-
-    A parameter goes to Jacobian contraction when that is cheaper than its rule (as in
-    implementation 3, :func:`~ntkfunc._engines.structured.kernel.reverse_mode_routes`). If the
-    rules of the remaining parameters together save less than :data:`MIN_SAVING` of Jacobian
-    contraction's cost, all of them go: the capture and the per-rule dispatch would cost more
-    than they save (a Transformer block, whose rules win only on biases).
-    """
-    if rules.is_forced():
-        return {}
-    cal = structured.calibrate(problem, cap)
-    moved = {k: "auto: " + why for k, why in structured.reverse_mode_routes(cal, cap).items()}
-    if not cal.costs:  # not calibrated (one whole-batch block): keep the rules
-        return moved
-    all_jacobian = sum(c.jacobian.cost for c in cal.costs.values())
-    probed = {e for events, ks in structured.probe_groups(cap) if any(k not in moved for k in ks) for e in events}
-    saving = sum(c.jacobian.cost - c.gram.cost for k, c in cal.costs.items() if k not in moved)
-    saving -= sum(cal.cotangents[e].cost for e in probed)
-    if saving < MIN_SAVING * all_jacobian:
-        reason = f"auto: the rules would save {saving:.2e} of {all_jacobian:.2e} (FLOPs and traffic), not worth the capture"
-        moved = {k: moved.get(k, reason) for k in cap.ruled}
-    return moved
-
-
-def choose(problem: Problem) -> RouteChoice:
+def choose(problem: Problem) -> routes.RoutePlan:
     """auto's routes for this problem, remembered in the kernel function's cache per signature and sizes."""
-    key = None if problem.signature is None else (problem.signature, problem.n1, problem.n2, rules.enabled(), rules.is_forced())
-    if key is not None and problem.cache is not None and key in problem.cache.routes:
-        return problem.cache.routes[key]
-    cap = structured.captured(problem)
-    moved = jacobian_is_cheaper(problem, cap)
-    choice = RouteChoice(moved, outright=len(moved) == len(cap.ruled))
-    if key is not None and problem.cache is not None:
-        problem.cache.routes[key] = choice
-    return choice
+    return structured.route_plan(problem, routes.AUTO)
 
 
 def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
@@ -78,4 +42,4 @@ def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
     choice = choose(problem)
     if choice.outright:
         return jacobian.kernel(problem, budget, per_param)
-    return structured.kernel(problem, budget, per_param, moved=dict(choice.moved))
+    return structured.kernel(problem, budget, per_param, moved=choice.moved)

@@ -51,7 +51,7 @@ from ntkfunc._engines.rows.jacobian import JacobianRows
 from ntkfunc._engines.rows.source import Factors, Flops, RowSource, SampleBytes, Slots, block_size, chunks, out_shape, pair_flops, row_flops
 from ntkfunc._engines.structured import capture as capture_mod
 from ntkfunc._engines.structured import kernel as structured
-from ntkfunc._engines.structured import plan, views
+from ntkfunc._engines.structured import plan, routes, views
 from ntkfunc.rules import Structure
 
 
@@ -85,7 +85,7 @@ class StructuredRows:
         self._flops: Flops | None = None
 
     def _gram_params(self, n1: int, n2: int, every: bool = False) -> dict[int, tuple[int, str]]:
-        """Covered parameters whose Gram contraction costs fewer FLOPs than their rows, for ``n1 x n2`` samples."""
+        """Covered parameters that take the Gram route in rows for ``n1 x n2`` samples (:func:`~ntkfunc._engines.structured.routes.for_rows`)."""
         if not self.cap.covered:
             return {}
         one = self._one_sample()
@@ -95,7 +95,7 @@ class StructuredRows:
             prices = structured.block_prices(self.problem, 0, e, role, one, one)[0]
             kept = self._factors(self.problem, one, {k: (e, role)}).nbytes()
             row = o * self.problem.params.diff_leaves[k].numel() * itemsize(self.problem.out_dtype)
-            if every or (prices.scaled(n1, n2, n1 + n2).use_gram and kept < row):  # cheaper, and smaller to keep than its row
+            if every or routes.for_rows(prices, n1, n2, kept, row).route == routes.GRAM:
                 chosen[k] = (e, role)
                 self.gram_flops += prices.gram.flops
         return dict(sorted(chosen.items()))

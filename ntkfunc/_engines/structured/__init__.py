@@ -1,2 +1,3 @@
 """Implementation 3, structured derivatives: capture (which primitives consume parameters),
-plan (equations and their prices, the one place routes are decided) and kernel (the tiles)."""
+plan (equations and their prices), routes (the one place a parameter's route is decided) and
+kernel (the tiles)."""

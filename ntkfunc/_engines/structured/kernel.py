@@ -13,16 +13,17 @@ samples:
    ``c₁``, the x1 operands, ``c₂`` and the x2 operands, with the output-axis letters of
    :class:`~ntkfunc._core.layout.Layout` (traced axes summed, diagonal axes shared), so
    opt_einsum contracts traced axes early; :mod:`~ntkfunc._engines.structured.plan` prices
-   the Gram route (``(c₁c₂ᵀ) ⊙ (x₁x₂ᵀ)``) against forming ``∂f/∂θ`` and takes the cheaper.
+   the Gram route (``(c₁c₂ᵀ) ⊙ (x₁x₂ᵀ)``) against forming ``∂f/∂θ`` and
+   :func:`~ntkfunc._engines.structured.routes.on_tile` takes the cheaper (:func:`param_block`).
 4. A tied parameter (used by several primitives, e.g. an embedding and the LM head)
-   gets every pair of its uses, cross terms included (:func:`tied_block`), by the same
-   two routes.
+   gets every pair of its uses, cross terms included, by the same two routes.
 5. Fallback parameters (no rule, a view that does not compose, uses that do not pair, ...)
    are contracted from their Jacobians exactly as in implementation 1. So are the ruled
-   parameters whose Jacobian route is cheaper than their Gram route (:func:`routes`, priced
-   once per input signature from one sample): forming ``∂f/∂θ`` from the rule would repeat
-   what reverse mode computes in the same cotangent pass (a linear layer's weight gradient),
-   so that pass returns it (a Transformer block's projection and MLP weights on 64 tokens).
+   parameters that the planner sends to reverse mode (:func:`route_plan`, priced once per
+   input signature from one sample, :func:`~ntkfunc._engines.structured.routes.decide`):
+   forming ``∂f/∂θ`` from the rule would repeat what reverse mode computes in the same
+   cotangent pass (a linear layer's weight gradient), so that pass returns it (a Transformer
+   block's projection and MLP weights on 64 tokens).
 
 Memory: sample blocks are sized so that the cotangents (``b x O x Σ numel(y_k)``), the
 operands and the fallback Jacobians fit the budget, and tiled with :func:`~ntkfunc._core.tiles.tiles`.
@@ -42,7 +43,7 @@ from ntkfunc._core.problem import Problem
 from ntkfunc._core.tiles import Accumulator, tiles
 from ntkfunc._engines import jacobian
 from ntkfunc._engines.structured import capture as capture_mod
-from ntkfunc._engines.structured import plan, views
+from ntkfunc._engines.structured import plan, routes, views
 from ntkfunc._engines.structured.capture import Capture
 
 Key = tuple[int, str, int]  # (event, role, output leaf)
@@ -150,30 +151,11 @@ def block_prices(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: S
     return plan.prices(lay, problem.vmapped, st1, st2, c1, c2, gram, forms), gram
 
 
-def route(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side) -> tuple[plan.RouteCost, plan.Equation]:
-    """The cost of each route for this tile (side Jacobians already formed are free) and the Gram equation."""
+def route(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side) -> tuple[routes.Route, plan.Equation]:
+    """This tile's route (:func:`~ntkfunc._engines.structured.routes.on_tile`: side Jacobians already formed are free) and the Gram equation."""
     p, gram = block_prices(problem, leaf, e, role, s1, s2)
     key = (e, role, leaf)
-    return p.at_tile(formed1=key in s1.jacobians, formed2=s1 is s2 or key in s2.jacobians), gram
-
-
-def param_block(problem: Problem, leaf: int, e: int, role: str, s1: Side, s2: Side, memory_limit: int | None,
-                sharing: plan.Sharing | None = None) -> torch.Tensor:
-    """One covered parameter's kernel block (not divided by the trace size), by the cheaper route.
-
-    ``sharing``: the :class:`~ntkfunc._engines.structured.plan.Sharing` of the event's other roles.
-    """
-    lay = problem.layouts[leaf]
-    cost, gram = route(problem, leaf, e, role, s1, s2)
-    if cost.use_gram:
-        part = gram.run(memory_limit, sharing)
-    else:
-        j1 = side_jacobian(problem, s1, e, role, leaf, memory_limit)
-        j2 = side_jacobian(problem, s2, e, role, leaf, memory_limit)
-        n_theta = j1.ndim - len(lay.operand_subscripts(0)[0])
-        part = lay.contract_self(j1, n_theta) if j1 is j2 else lay.contract(j1, j2, n_theta)
-    scale = event_structure(problem, s1, e, role).scale * event_structure(problem, s2, e, role).scale
-    return part if scale == 1.0 else part * scale
+    return routes.on_tile(p, formed1=key in s1.jacobians, formed2=s1 is s2 or key in s2.jacobians), gram
 
 
 # --- tied parameters: every pair of uses ------------------------------------------------
@@ -201,34 +183,79 @@ def tied_prices(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Si
     return plan.Prices(gram, sum((f.price for f in forms1), plan.FREE), sum((f.price for f in forms2), plan.FREE), pair), grams
 
 
-def tied_route(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Side, s2: Side) -> tuple[plan.RouteCost, list[plan.Equation]]:
-    """The cost of each route for this tile (side Jacobians already formed are free) and the pairs' Gram equations."""
+def tied_route(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Side, s2: Side) -> tuple[routes.Route, list[plan.Equation]]:
+    """This tile's route (side Jacobians already formed are free) and the pairs' Gram equations."""
     p, grams = tied_prices(problem, leaf, uses, s1, s2)
     formed1 = all((e, r, leaf) in s1.jacobians for e, r in uses)
     formed2 = s1 is s2 or all((e, r, leaf) in s2.jacobians for e, r in uses)
-    return p.at_tile(formed1, formed2), grams
+    return routes.on_tile(p, formed1, formed2), grams
 
 
-def tied_block(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Side, s2: Side, memory_limit: int | None) -> torch.Tensor:
-    """A tied parameter's kernel block ``Σ_{u,w} (c₁ᵤ ∂yᵤ/∂θ)(c₂_w ∂y_w/∂θ)ᵀ`` (not divided by the trace size)."""
+# --- one parameter's block by its route ---------------------------------------------------
+
+
+def param_block(problem: Problem, k: int, leaf: int, s1: Side, s2: Side, memory_limit: int | None,
+                sharing: plan.Sharing | None = None) -> torch.Tensor:
+    """Ruled parameter ``k``'s kernel block for one tile (not divided by the trace size), by this tile's route.
+
+    A tied parameter gets every pair of its uses, cross terms included. ``sharing``: the
+    :class:`~ntkfunc._engines.structured.plan.Sharing` of the event's other roles.
+    """
+    cap = s1.cap
+    if k in cap.tied:
+        uses = cap.tied[k]
+        r, grams = tied_route(problem, leaf, uses, s1, s2)
+    else:
+        uses = [cap.covered[k]]
+        r, gram = route(problem, leaf, *uses[0], s1, s2)
+        grams = [gram]
+    if r.route == routes.GRAM:
+        scales1 = [event_structure(problem, s1, e, role).scale for e, role in uses]
+        scales2 = [event_structure(problem, s2, e, role).scale for e, role in uses]
+        return gram_block(k, grams, [a * b for a in scales1 for b in scales2], memory_limit, sharing)
+    return formed_block(problem, k, leaf, uses, s1, s2, memory_limit)
+
+
+def gram_block(k: int, grams: list[plan.Equation], scales: list[complex | float], memory_limit: int | None,
+               sharing: plan.Sharing | None = None) -> torch.Tensor:
+    """Parameter ``k``'s block by the Gram route: its equations (one per pair of uses), each times its scale, summed."""
+    parts = []
+    for g, scale in zip(grams, scales):
+        part = g.run(memory_limit, sharing)
+        parts.append(part if scale == 1.0 else part * scale)
+    return sum(parts[1:], parts[0])
+
+
+def formed_block(problem: Problem, k: int, leaf: int, uses: list[tuple[int, str]], s1: Side, s2: Side,
+                 memory_limit: int | None) -> torch.Tensor:
+    """Parameter ``k``'s block by the formed route: each side's ``∂f/∂θ`` from the rule (kept for its row), then ``J₁ J₂ᵀ``.
+
+    A tied parameter's ``∂f/∂θ`` is the sum of its uses'.
+    """
     lay = problem.layouts[leaf]
-    cost, grams = tied_route(problem, leaf, uses, s1, s2)
-    scales1 = [event_structure(problem, s1, e, r).scale for e, r in uses]
-    scales2 = [event_structure(problem, s2, e, r).scale for e, r in uses]
-    if cost.use_gram:
-        parts = []
-        for g, (a, b) in zip(grams, [(a, b) for a in scales1 for b in scales2]):
-            part = g.run(memory_limit)
-            parts.append(part if a * b == 1.0 else part * (a * b))
-        return sum(parts[1:], parts[0])
+    if len(uses) == 1:
+        e, role = uses[0]
+        j1 = side_jacobian(problem, s1, e, role, leaf, memory_limit)
+        j2 = side_jacobian(problem, s2, e, role, leaf, memory_limit)
+        n_theta = j1.ndim - len(lay.operand_subscripts(0)[0])
+        part = lay.contract_self(j1, n_theta) if j1 is j2 else lay.contract(j1, j2, n_theta)
+        scale = event_structure(problem, s1, e, role).scale * event_structure(problem, s2, e, role).scale
+        return part if scale == 1.0 else part * scale
 
-    def summed(sd: Side, scales: list) -> torch.Tensor:
+    def summed(sd: Side) -> torch.Tensor:
         js = [side_jacobian(problem, sd, e, r, leaf, memory_limit) for e, r in uses]
+        scales = [event_structure(problem, sd, e, r).scale for e, r in uses]
         js = [j if c == 1.0 else j * c for j, c in zip(js, scales)]
         return sum(js[1:], js[0])
 
-    j1, j2 = summed(s1, scales1), summed(s2, scales2)
+    j1, j2 = summed(s1), summed(s2)
     return lay.contract(j1, j2, j1.ndim - len(lay.operand_subscripts(0)[0]))
+
+
+def reverse_mode_block(problem: Problem, k: int, leaf: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Parameter ``k``'s block from its reverse-mode Jacobians ``a``, ``b`` (implementation 1's contraction)."""
+    lay, n_theta = problem.layouts[leaf], problem.params.diff_leaves[k].ndim
+    return lay.contract_self(a, n_theta) if a is b else lay.contract(a, b, n_theta)
 
 
 def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit: int | None) -> list[list[torch.Tensor | None]]:
@@ -242,47 +269,31 @@ def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit
     for k, (e, role) in sorted(cap.covered.items()):
         by_event.setdefault(e, []).append((k, role))
     blocks = []
-    for leaf, lay in enumerate(problem.layouts):
+    for leaf in range(len(problem.layouts)):
         parts: list[torch.Tensor | None] = [None] * len(leaves)
-        for e, roles in by_event.items():
+        for roles in by_event.values():
             if len(roles) == 1:
-                k, role = roles[0]
-                parts[k] = param_block(problem, leaf, e, role, s1, s2, memory_limit)
+                parts[roles[0][0]] = param_block(problem, roles[0][0], leaf, s1, s2, memory_limit)
                 continue
             with plan.Sharing() as sharing:  # the roles of one primitive share their cotangent factors
-                for k, role in roles:
-                    parts[k] = param_block(problem, leaf, e, role, s1, s2, memory_limit, sharing)
-        for k, uses in sorted(cap.tied.items()):
-            parts[k] = tied_block(problem, leaf, uses, s1, s2, memory_limit)
+                for k, _ in roles:
+                    parts[k] = param_block(problem, k, leaf, s1, s2, memory_limit, sharing)
+        for k in sorted(cap.tied):
+            parts[k] = param_block(problem, k, leaf, s1, s2, memory_limit)
         for j, k in enumerate(fb_idx):
-            a, b = s1.fb_jac[leaf][j], s2.fb_jac[leaf][j]
-            parts[k] = lay.contract_self(a, leaves[k].ndim) if a is b else lay.contract(a, b, leaves[k].ndim)
+            parts[k] = reverse_mode_block(problem, k, leaf, s1.fb_jac[leaf][j], s2.fb_jac[leaf][j])
         assert any(p is not None for p in parts)
         blocks.append(parts)
     return blocks
 
 
-@dataclasses.dataclass(frozen=True)
-class Calibration:
-    """What each route costs for the whole kernel, priced from one sample.
-
-    Attributes:
-      costs: covered parameter index -> its :class:`~ntkfunc._engines.structured.plan.RouteCost`.
-      cotangents: event -> what probing it costs: its cotangents for every output component
-        and sample, written by the cotangent pass (paid once for all its roles).
-    """
-
-    costs: dict[int, plan.RouteCost]
-    cotangents: dict[int, plan.Price]
-
-
-def calibrate(problem: Problem, cap: Capture) -> Calibration:
-    """The :class:`Calibration`: one sample's cotangents (one small pass), prices scaled to ``N1 x N2``.
+def calibrate(problem: Problem, cap: Capture) -> routes.Calibration:
+    """The planner's :class:`~ntkfunc._engines.structured.routes.Calibration`: one sample's cotangents (one small pass), prices scaled to ``N1 x N2``.
 
     Jacobians are formed once per sample. Empty when not vmapped (one whole-batch block).
     """
     if not problem.vmapped or not cap.ruled:
-        return Calibration({}, {})
+        return routes.Calibration({}, {})
     one = side(problem, cap, 1, 0, 1)
     n_jacobians = problem.n1 + (0 if problem.symmetric else problem.n2)
     costs = {}
@@ -291,7 +302,7 @@ def calibrate(problem: Problem, cap: Capture) -> Calibration:
         costs[k] = per_sample.scaled(problem.n1, problem.n2, n_jacobians)
     o = outputs_per_sample(problem)
     cotangents = {e: plan.Price(0.0, float(n_jacobians * o * math.prod(ev.y_shape))) for e, ev in enumerate(cap.events)}
-    return Calibration(costs, cotangents)
+    return routes.Calibration(costs, cotangents)
 
 
 def one_sample_prices(problem: Problem, cap: Capture, k: int, leaf: int, one: Side) -> plan.Prices:
@@ -302,70 +313,21 @@ def one_sample_prices(problem: Problem, cap: Capture, k: int, leaf: int, one: Si
     return block_prices(problem, leaf, e, role, one, one)[0]
 
 
-def probe_groups(cap: Capture) -> list[tuple[set[int], list[int]]]:
-    """The ruled parameters in groups that share probed primitives: ``(events, parameter indices)``.
+def route_plan(problem: Problem, policy: str = routes.STRUCTURED, cap: Capture | None = None) -> routes.RoutePlan:
+    """The planner's routes for this problem (:func:`~ntkfunc._engines.structured.routes.decide`), once per input signature and sizes.
 
-    A primitive's cotangents serve all its roles, and a tied parameter's all its uses, so a
-    group's primitives are probed, or not, together.
-    """
-    groups: list[tuple[set[int], list[int]]] = []
-    for k in cap.ruled:
-        events = {e for e, _ in cap.tied[k]} if k in cap.tied else {cap.covered[k][0]}
-        joined = [g for g in groups if g[0] & events]
-        for g in joined:
-            groups.remove(g)
-        groups.append((events.union(*(g[0] for g in joined)), sorted([k, *(j for g in joined for j in g[1])])))
-    return groups
-
-
-def reverse_mode_routes(cal: Calibration, cap: Capture) -> dict[int, str]:
-    """The ruled parameters whose ``∂f/∂θ`` should come from reverse mode, with the reason.
-
-    Per group of primitives (:func:`probe_groups`): probing them (their cotangents, then each
-    parameter's cheaper route) or not (every parameter's Jacobian from reverse mode), whichever
-    is cheaper. A parameter whose Jacobian route is cheaper takes its Jacobian from reverse
-    mode too: forming it from the rule would repeat what the cotangent pass computes anyway (a
-    linear layer's ``Σ_t c_t x_tᵀ`` is its weight gradient). So a bias whose weight is better
-    contracted as a Jacobian does not keep a probe whose cotangents (all positions, all
-    outputs) cost more than its whole kernel term. When all rules together save less than
-    probing costs (:data:`~ntkfunc._engines.structured.plan.PROBE_FLOPS`), every parameter is
-    moved and the kernel is Jacobian contraction without the capture.
-    """
-    moved: dict[int, str] = {}
-    saving = 0.0
-    for events, ks in probe_groups(cap):
-        if any(k not in cal.costs for k in ks):
-            saving = math.inf  # not calibrated (one whole-batch block): keep the rules
-            continue
-        drop = sum((cal.costs[k].jacobian for k in ks), plan.FREE)
-        keep = sum((cal.costs[k].chosen for k in ks), sum((cal.cotangents[e] for e in events), plan.FREE))
-        saving += max(drop.cost - keep.cost, 0.0)
-        for k in ks:
-            c = cal.costs[k]
-            if drop.cost < keep.cost:
-                moved[k] = (f"Jacobian contraction: probing its primitive ({keep.cost:.2e} with its cotangents) costs more "
-                            f"than reverse-mode Jacobians for all its roles ({drop.cost:.2e})")
-            elif not c.use_gram:
-                moved[k] = (f"Jacobian contraction ({c.jacobian.flops:.2e} FLOPs) is cheaper than the rule's Gram route "
-                            f"({c.gram.flops:.2e} FLOPs, {c.gram.traffic:.2e} elements written)")
-    if saving < plan.PROBE_FLOPS:  # the rules save less than the capture costs: Jacobian contraction throughout
-        why = f"Jacobian contraction: the rules would save {saving:.2e} in all, less than probing costs ({plan.PROBE_FLOPS:.0e})"
-        moved = {k: moved.get(k, why) for k in cap.ruled}
-    return moved
-
-
-def routes(problem: Problem) -> dict[int, str]:
-    """Implementation 3's parameters for reverse-mode Jacobians, decided once per input signature and sizes.
-
-    None inside :func:`ntkfunc.rules.forced` (every rule is used).
+    ``policy``: :data:`~ntkfunc._engines.structured.routes.STRUCTURED` (implementation 3) or
+    :data:`~ntkfunc._engines.structured.routes.AUTO`; ``cap``: the problem's capture, if already
+    at hand. Inside :func:`ntkfunc.rules.forced` every rule is used.
     """
     if rules.is_forced():
-        return {}
-    def decide() -> dict[int, str]:
-        cap = captured(problem)
-        return reverse_mode_routes(calibrate(problem, cap), cap)
+        return routes.forced(cap or captured(problem))
 
-    return problem.remember("reverse_mode_routes", decide, problem.n1, problem.n2, rules.enabled())
+    def decide() -> routes.RoutePlan:
+        found = cap or captured(problem)
+        return routes.decide(calibrate(problem, found), found, policy)
+
+    return problem.remember("route_plan", decide, policy, problem.n1, problem.n2, rules.enabled())
 
 
 def block_size(problem: Problem, cap: Capture, budget: int) -> int:
@@ -396,11 +358,13 @@ def kernel(problem: Problem, budget: int, per_param: bool = False, moved: dict[i
     With ``per_param=True``: per output leaf, a list over the differentiated parameters
     (each parameter's term of the same sum, so no extra work). ``moved`` (parameter index
     -> reason) sends covered parameters to the reverse-mode Jacobian fallback; by default
-    those whose Jacobian route is cheaper (:func:`routes`).
+    those that the planner sends there (:func:`route_plan`).
     """
     if moved is None:
-        moved = routes(problem)
-    cap = captured(problem, 1, moved)
+        found = captured(problem)
+        cap = capture_mod.restrict(found, route_plan(problem, cap=found).moved)
+    else:
+        cap = captured(problem, 1, moved)
     if not cap.events:  # nothing left to probe: implementation 1's path, without the capture mode
         return jacobian.kernel(problem, budget, per_param)
     cap2 = cap if problem.vmapped or problem.symmetric else captured(problem, 2, moved)

@@ -13,9 +13,10 @@ letters of :class:`~ntkfunc._core.layout.Layout`: traced axes summed, diagonal a
 :func:`flops` prices an equation with opt_einsum's ``contract_path`` (cached per equation and
 shapes), :func:`price` adds what its non-BLAS steps write (:data:`TRAFFIC_FLOPS`),
 :func:`contract` runs it along a path cached the same way (inside :class:`Sharing`, the
-contractions of one primitive reuse each other's steps), and :class:`RouteCost` holds the
-one decision "which route is cheaper". The structured engine, ``"auto"`` and
-``explain`` all read their prices from :func:`prices`.
+contractions of one primitive reuse each other's steps), and :class:`RouteCost` holds both
+routes' prices and their comparison. Which route a parameter takes is decided in
+:mod:`~ntkfunc._engines.structured.routes` alone, from these prices; the structured engine,
+``"auto"``, the per-sample rows and ``explain`` read it there.
 """
 
 from __future__ import annotations
@@ -150,12 +151,6 @@ element of its output on top of its FLOPs, e.g. the Gram route of a 512 x 128 li
 64 tokens (4.2 GFLOP with a 21 M-element intermediate) takes 170 ms and its Jacobian route
 (4.7 GFLOP, all matrix products but for a 10 M-element Jacobian) 82 ms. Pure FLOP counts pick
 the first, this weighting the second."""
-
-
-PROBE_FLOPS = 2e8
-"""What probing ``f`` at all costs per call, in the same FLOP units: the capture mode sees every
-torch call of the cotangent pass and returns each probed primitive's operands (measured: 1-2 ms
-on the bench_vs_nt models, one thread). Rules that save less than this do not pay for it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,24 +325,18 @@ def contract(eq: str, tensors: Sequence[torch.Tensor], memory_limit: int | None,
 
 @dataclasses.dataclass(frozen=True)
 class RouteCost:
-    """What one parameter's kernel block costs by each route, and the decision between them."""
+    """What one parameter's kernel block costs by the Gram route and by a Jacobian route (``J₁ J₂ᵀ``).
+
+    Read by :mod:`~ntkfunc._engines.structured.routes`, which decides.
+    """
 
     gram: Price
     jacobian: Price
 
     @property
     def use_gram(self) -> bool:
-        """The Gram route when its time estimate is no larger: the one place this is decided."""
+        """The comparison: the Gram route's time estimate is no larger."""
         return self.gram.cost <= self.jacobian.cost
-
-    @property
-    def chosen(self) -> Price:
-        return self.gram if self.use_gram else self.jacobian
-
-    @property
-    def flops(self) -> float:
-        """FLOPs of the chosen route."""
-        return self.chosen.flops
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,238 @@
+"""The one route decision: for each parameter and problem, which route, at what price, and why.
+
+A ruled parameter's kernel term ``Σ (∂f₁/∂θ)(∂f₂/∂θ)ᵀ`` has three exact routes:
+
+- :data:`GRAM` (``"gram"``): one contraction of both sides' factors (cotangents and the rule's
+  operands, :func:`~ntkfunc._engines.structured.plan.gram_equation`), e.g.
+  ``Σ (c₁c₂ᵀ) ⊙ (x₁x₂ᵀ)`` for a linear layer;
+- :data:`FORMED` (``"formed"``): each side's ``∂f/∂θ`` formed from the rule, then ``J₁ J₂ᵀ``;
+- :data:`REVERSE_MODE` (``"reverse-mode"``): ``∂f/∂θ`` from reverse mode in the cotangent pass,
+  then ``J₁ J₂ᵀ`` (implementation 1's route, and the only one of a parameter without a rule).
+
+Every caller reads its decision from here, priced by :mod:`~ntkfunc._engines.structured.plan`
+(what opt_einsum's ``contract_path`` and its ``PathInfo`` are to ``contract``):
+
+- :func:`decide`: once per input signature and sizes, which ruled parameters take
+  :data:`REVERSE_MODE` and which are probed (:data:`PROBED`), as a :class:`RoutePlan`, under
+  a policy: :data:`STRUCTURED` (implementation 3) or :data:`AUTO` (``"auto"``, which adds
+  :data:`MIN_SAVING`);
+- :func:`on_tile`: for a probed parameter, :data:`GRAM` or :data:`FORMED` on one tile of the
+  kernel (side Jacobians already formed for the tile's row are free);
+- :func:`for_rows`: :data:`GRAM` or :data:`FORMED` rows for ``kernel_matrix``'s per-sample rows
+  (Gram route only where its factors also take less memory than the row).
+
+``explain`` reports these same decisions, so it shows the route that runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+from ntkfunc._engines.structured import plan
+from ntkfunc._engines.structured.capture import Capture
+
+GRAM = "gram"
+FORMED = "formed"
+REVERSE_MODE = "reverse-mode"
+PROBED = "probed"
+"""In a :class:`RoutePlan`: the parameter's primitive is probed and each tile takes :data:`GRAM` or :data:`FORMED` (:func:`on_tile`)."""
+
+STRUCTURED = "structured"
+"""Implementation 3's policy: probe a group of primitives only when its rules save more than its
+cotangents cost, and nothing when all rules together save less than :data:`PROBE_FLOPS`."""
+
+AUTO = "auto"
+"""``"auto"``'s policy: :data:`STRUCTURED`, and nothing probed either when the rules save less
+than :data:`MIN_SAVING` of Jacobian contraction's cost."""
+
+POLICIES = (STRUCTURED, AUTO)
+
+PROBE_FLOPS = 2e8
+"""What probing ``f`` at all costs per call, in :class:`~ntkfunc._engines.structured.plan.Price`'s
+cost units (FLOPs): the capture mode sees every torch call of the cotangent pass and returns each
+probed primitive's operands (measured: 1-2 ms on the bench_vs_nt models, one thread). Rules that
+save less than this do not pay for it."""
+
+MIN_SAVING = 0.25
+"""``"auto"``: the rules must save this fraction of Jacobian contraction's cost to pay for the capture."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """What each route costs for the whole kernel, priced from one sample.
+
+    Attributes:
+      costs: ruled parameter index -> its :class:`~ntkfunc._engines.structured.plan.RouteCost`
+        for the whole ``N1 x N2`` kernel. Empty when not calibrated (one whole-batch block).
+      cotangents: event -> what probing it costs: its cotangents for every output component
+        and sample, written by the cotangent pass (paid once for all its roles).
+    """
+
+    costs: dict[int, plan.RouteCost]
+    cotangents: dict[int, plan.Price]
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One parameter's route, what it costs and why.
+
+    Attributes:
+      route: :data:`GRAM`, :data:`FORMED`, :data:`REVERSE_MODE` or (in a :class:`RoutePlan`) :data:`PROBED`.
+      cost: both routes' prices: for the whole kernel in a plan, for one tile from
+        :func:`on_tile`; None where not priced (no rule, or not calibrated).
+      why: the reason, where it is more than the comparison of ``cost``.
+      ruled: the parameter has a rule (False: no rule, reverse mode is its only route).
+    """
+
+    route: str
+    cost: plan.RouteCost | None = None
+    why: str = ""
+    ruled: bool = True
+
+    @property
+    def price(self) -> plan.Price | None:
+        """The price of the route taken (:data:`PROBED`: the cheaper one; :data:`REVERSE_MODE`: the Jacobian route's)."""
+        if self.cost is None:
+            return None
+        if self.route == GRAM or (self.route == PROBED and self.cost.use_gram):
+            return self.cost.gram
+        return self.cost.jacobian
+
+    @property
+    def reason(self) -> str:
+        """Why this route."""
+        if self.why or self.cost is None:
+            return self.why
+        g, j = self.cost.gram, self.cost.jacobian
+        return (f"Gram route {g.flops:.2e} FLOPs, {g.traffic:.2e} elements written; Jacobian route {j.flops:.2e} FLOPs, "
+                f"{j.traffic:.2e} elements written")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutePlan:
+    """Per parameter, the route an engine takes for one problem (decided by :func:`decide`).
+
+    Attributes:
+      policy: :data:`STRUCTURED` or :data:`AUTO` (``"forced"`` inside ``rules.forced()``).
+      routes: every differentiated parameter that the capture saw -> its :class:`Route`: ruled
+        parameters :data:`PROBED` or :data:`REVERSE_MODE`, the others :data:`REVERSE_MODE`.
+      saving: what the probed rules save in all, in cost units (``inf``: not calibrated).
+    """
+
+    policy: str
+    routes: Mapping[int, Route]
+    saving: float = math.inf
+
+    @property
+    def moved(self) -> dict[int, str]:
+        """Ruled parameter index -> why it takes :data:`REVERSE_MODE` (sent to the capture's fallback)."""
+        return {k: r.reason for k, r in self.routes.items() if r.ruled and r.route == REVERSE_MODE}
+
+    @property
+    def outright(self) -> bool:
+        """No parameter is probed: implementation 1's path, without the capture."""
+        return not any(r.route == PROBED for r in self.routes.values())
+
+
+def probe_groups(cap: Capture) -> list[tuple[set[int], list[int]]]:
+    """The ruled parameters in groups that share probed primitives: ``(events, parameter indices)``.
+
+    A primitive's cotangents serve all its roles, and a tied parameter's all its uses, so a
+    group's primitives are probed, or not, together.
+    """
+    groups: list[tuple[set[int], list[int]]] = []
+    for k in cap.ruled:
+        events = {e for e, _ in cap.tied[k]} if k in cap.tied else {cap.covered[k][0]}
+        joined = [g for g in groups if g[0] & events]
+        for g in joined:
+            groups.remove(g)
+        groups.append((events.union(*(g[0] for g in joined)), sorted([k, *(j for g in joined for j in g[1])])))
+    return groups
+
+
+def _unruled(cap: Capture) -> dict[int, Route]:
+    return {k: Route(REVERSE_MODE, None, why, ruled=False) for k, why in cap.fallback.items()}
+
+
+def forced(cap: Capture) -> RoutePlan:
+    """Inside ``ntkfunc.rules.forced()``: every ruled parameter probed."""
+    return RoutePlan("forced", {**_unruled(cap), **{k: Route(PROBED, None, "rules forced") for k in cap.ruled}})
+
+
+def decide(cal: Calibration, cap: Capture, policy: str = STRUCTURED) -> RoutePlan:
+    """The :class:`RoutePlan` of a problem: which ruled parameters take :data:`REVERSE_MODE`, and why.
+
+    Per group of primitives (:func:`probe_groups`): probing them (their cotangents, then each
+    parameter's cheaper route) or not (every parameter's Jacobian from reverse mode), whichever
+    is cheaper. A parameter whose Jacobian route is cheaper takes its Jacobian from reverse
+    mode too: forming it from the rule would repeat what the cotangent pass computes anyway (a
+    linear layer's ``Σ_t c_t x_tᵀ`` is its weight gradient). So a bias whose weight is better
+    contracted as a Jacobian does not keep a probe whose cotangents (all positions, all
+    outputs) cost more than its whole kernel term. When all rules together save less than
+    probing costs (:data:`PROBE_FLOPS`), every parameter is moved and the kernel is Jacobian
+    contraction without the capture. :data:`AUTO` also moves every parameter when the rules
+    save less than :data:`MIN_SAVING` of Jacobian contraction's cost (a Transformer block,
+    whose rules win only on biases). Not calibrated (one whole-batch block): every rule is kept.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"routes.decide(policy={policy!r}): expected one of {list(POLICIES)}")
+    moved: dict[int, str] = {}
+    saving = 0.0
+    for events, ks in probe_groups(cap):
+        if any(k not in cal.costs for k in ks):
+            saving = math.inf  # not calibrated (one whole-batch block): keep the rules
+            continue
+        drop = sum((cal.costs[k].jacobian for k in ks), plan.FREE)
+        keep = sum((cal.costs[k].gram if cal.costs[k].use_gram else cal.costs[k].jacobian for k in ks),
+                   sum((cal.cotangents[e] for e in events), plan.FREE))
+        saving += max(drop.cost - keep.cost, 0.0)
+        for k in ks:
+            c = cal.costs[k]
+            if drop.cost < keep.cost:
+                moved[k] = (f"Jacobian contraction: probing its primitive ({keep.cost:.2e} with its cotangents) costs more "
+                            f"than reverse-mode Jacobians for all its roles ({drop.cost:.2e})")
+            elif not c.use_gram:
+                moved[k] = (f"Jacobian contraction ({c.jacobian.flops:.2e} FLOPs) is cheaper than the rule's Gram route "
+                            f"({c.gram.flops:.2e} FLOPs, {c.gram.traffic:.2e} elements written)")
+    if saving < PROBE_FLOPS:  # the rules save less than the capture costs: Jacobian contraction throughout
+        why = f"Jacobian contraction: the rules would save {saving:.2e} in all, less than probing costs ({PROBE_FLOPS:.0e})"
+        moved = {k: moved.get(k, why) for k in cap.ruled}
+    if policy == AUTO:
+        moved = {k: "auto: " + why for k, why in moved.items()}
+        if cal.costs:
+            all_jacobian = sum(c.jacobian.cost for c in cal.costs.values())
+            probed = {e for events, ks in probe_groups(cap) if any(k not in moved for k in ks) for e in events}
+            saving = sum(c.jacobian.cost - c.gram.cost for k, c in cal.costs.items() if k not in moved)
+            saving -= sum(cal.cotangents[e].cost for e in probed)
+            if saving < MIN_SAVING * all_jacobian:
+                why = f"auto: the rules would save {saving:.2e} of {all_jacobian:.2e} (FLOPs and traffic), not worth the capture"
+                moved = {k: moved.get(k, why) for k in cap.ruled}
+    chosen = {k: Route(REVERSE_MODE, cal.costs.get(k), moved[k]) if k in moved else Route(PROBED, cal.costs.get(k))
+              for k in cap.ruled}
+    return RoutePlan(policy, {**_unruled(cap), **chosen}, saving)
+
+
+def on_tile(prices: plan.Prices, formed1: bool, formed2: bool) -> Route:
+    """A probed parameter's route on one tile: :data:`GRAM` or :data:`FORMED`, whichever costs less.
+
+    ``formed1``/``formed2``: each side's ``∂f/∂θ`` is already formed (kept for its row), so
+    forming it again costs nothing.
+    """
+    cost = prices.at_tile(formed1, formed2)
+    return Route(GRAM if cost.use_gram else FORMED, cost)
+
+
+def for_rows(prices: plan.Prices, n1: int, n2: int, kept_bytes: int, row_bytes: int) -> Route:
+    """A covered parameter's route in per-sample rows for an ``n1 x n2`` kernel: :data:`GRAM` or :data:`FORMED`.
+
+    :data:`GRAM` (its factors kept, no slot in the rows) when that is cheaper for the whole
+    kernel and its factors take less memory than its row (``kept_bytes < row_bytes``).
+    """
+    cost = prices.scaled(n1, n2, n1 + n2)
+    if not cost.use_gram:
+        return Route(FORMED, cost)
+    if kept_bytes >= row_bytes:
+        return Route(FORMED, cost, f"rows: its factors ({kept_bytes} bytes) take no less memory than its row ({row_bytes} bytes)")
+    return Route(GRAM, cost)
