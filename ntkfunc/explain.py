@@ -15,11 +15,11 @@ shows where the contraction time goes, which route each parameter takes and why.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from ntkfunc._core.checks import as_axes_tuple
 from ntkfunc._core.ops import transform_friendly_attention
 from ntkfunc._core.problem import Problem, make_problem
+from ntkfunc._core.pytree import display_name as pretty
 from ntkfunc._core.types import ApplyFn, Axes, PyTree, VMapAxes
 from ntkfunc._engines import Implementation, get_engine
 from ntkfunc._engines.structured import capture, plan, routes
@@ -198,10 +198,3 @@ def _tile_route(problem: Problem, cap: capture.Capture, k: int, leaf: int, sd: s
         return structured.tied_route(problem, leaf, cap.tied[k], sd, sd)[0]
     e, role = cap.covered[k]
     return structured.route(problem, leaf, e, role, sd, sd)[0]
-
-
-def pretty(name: str) -> str:
-    """``"['enc']['w']"`` -> ``"enc.w"``, ``"[0][1]"`` -> ``"0.1"``."""
-    parts = re.findall(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)", name)
-    joined = ".".join(a or b or c for a, b, c in parts)
-    return joined or name

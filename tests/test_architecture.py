@@ -177,6 +177,92 @@ def test_routes_are_decided_only_by_the_route_planner():
     assert asks == {"ntkfunc._engines.auto", "ntkfunc.explain"}, asks
 
 
+# --- issue 20: per-layer maths in the rules ---
+
+
+def _family_classes() -> set[str]:
+    """Classes of the rule families (rules and their metadata; ``rules/base.py``'s are the shared interface)."""
+    return {node.name for path in (PACKAGE / "rules").glob("*.py") if path.name not in ("base.py", "__init__.py")
+            for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ClassDef)}
+
+
+def _names_in(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+
+
+def _outside_rules():
+    for module, path in _modules():
+        if module != "ntkfunc.rules" and not module.startswith("ntkfunc.rules."):
+            yield module, ast.parse(path.read_text())
+
+
+def test_no_caller_dispatches_on_a_rule_class():
+    """A primitive's per-sample maths is its rule's method (``write_gradient``, ``factors``, ...): nothing outside
+    ``ntkfunc/rules/`` asks ``isinstance(rule, Conv2d)``."""
+    classes = _family_classes()
+    assert {"Conv2d", "Linear", "ConvMeta", "LinearMeta"} <= classes
+    offences = [
+        f"{module}:{node.lineno}: {ast.unparse(node)}"
+        for module, tree in _outside_rules() for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("isinstance", "issubclass")
+        and len(node.args) == 2 and _names_in(node.args[1]) & classes
+    ]
+    assert not offences, offences
+
+
+def test_capture_metadata_is_read_by_attribute_not_string_key():
+    """A rule's settings are its frozen dataclass: no ``meta["kernel"]`` / ``meta.get("kernel")`` outside the rules."""
+
+    def is_meta(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "meta") or (isinstance(node, ast.Attribute) and node.attr == "meta")
+
+    offences = []
+    for module, tree in _outside_rules():
+        for node in ast.walk(tree):
+            keyed = isinstance(node, ast.Subscript) and is_meta(node.value) and isinstance(node.slice, ast.Constant)
+            got = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" and is_meta(node.func.value)
+            if keyed or got:
+                offences.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+    assert not offences, offences
+
+
+def test_every_rule_of_the_zoo_captures_a_frozen_dataclass():
+    """Typed capture metadata: each rule of the architecture zoo returns its own frozen dataclass."""
+    from ntkfunc._core.problem import make_problem
+    from ntkfunc._engines.structured import capture
+    from tests.zoo import CASES
+
+    seen = set()
+    for case in CASES:
+        f, params, x1, x2, vmap_axes = case.build(torch.float64)
+        problem = make_problem(f, x1, x2, params, vmap_axes, (), ())
+        for ev in capture.discover(problem).events:
+            assert dataclasses.is_dataclass(ev.meta) and ev.meta.__dataclass_params__.frozen, (case.name, ev.rule.name, ev.meta)
+            seen.add(ev.rule.name)
+    assert {"linear", "conv2d", "conv1d", "layer_norm", "group_norm", "embedding", "matmul"} <= seen
+
+
+def test_one_im2col():
+    """Patches are gathered in ``rules/conv.py`` alone (``patches`` views; ``im2col``, the strided copy into reused buffers)."""
+    offences = []
+    for module, path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if module != "ntkfunc.rules.conv" and isinstance(node, ast.Attribute) and node.attr in ("unfold", "im2col", "col2im"):
+                offences.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+            named = isinstance(node, ast.FunctionDef) and ("im2col" in node.name or node.name.strip("_") == "patches")
+            if named and module != "ntkfunc.rules.conv":
+                offences.append(f"{module}:{node.lineno}: def {node.name}")
+    assert not offences, offences
+
+
+def test_one_work_buffer_class():
+    """Reused work buffers come from ``_core.buffers.Buffers``: no second class, no hand-rolled ``workspace`` dict."""
+    defs = [m for m, p in _modules() for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.ClassDef) and node.name == "Buffers"]
+    assert defs == ["ntkfunc._core.buffers"]
+    text = {m: p.read_text() for m, p in _modules()}
+    assert not [m for m, t in text.items() if "workspace: dict" in t or "def _workspace(" in t]
+
+
 # --- issue 20: one writer ---
 
 

@@ -94,6 +94,48 @@ def test_jacobian_rows_equal_structured_rows(case):
     assert max_rel_err(out, _jacobian_rows(f, params, x1)) <= 1e-12
 
 
+def _convs(p, x):  # uneven 'same' padding (an even kernel), then stride, dilation and groups
+    h = torch.tanh(torch.nn.functional.conv2d(x, p["a"], p["ab"], padding="same"))
+    h = torch.tanh(torch.nn.functional.conv2d(h, p["b"], None, stride=2, padding=1, dilation=2, groups=2))
+    return h.flatten(1) @ p["v"]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+def test_convolution_rows_come_from_the_rule_also_with_uneven_same_padding(monkeypatch):
+    """Regression: an even kernel with padding='same' (one more zero on the right) crashed the im2col path.
+    Every convolution weight's rows are written by ``Conv2d.write_gradient`` and equal vmap(jacrev)."""
+    from ntkfunc.rules.conv import Conv2d
+
+    written = []
+    original = Conv2d.write_gradient
+    monkeypatch.setattr(Conv2d, "write_gradient", lambda self, role, *a: written.append((role, original(self, role, *a))) or written[-1][1])
+    torch.manual_seed(0)
+    shapes = {"a": (4, 2, 2, 2), "ab": (4,), "b": (6, 2, 3, 3), "v": (54, 3)}
+    params = {k: 0.5 * torch.randn(*s, dtype=torch.float64) for k, s in shapes.items()}
+    x = torch.randn(5, 2, 7, 7, dtype=torch.float64)
+    problem = make_problem(_convs, x[:1], None, params, 0, (), (), api="kernel_matrix")
+    rows = persample.per_sample_gradients(problem, [x], chunk=2)
+    assert max_rel_err(rows, _jacobian_rows(_convs, params, x)) <= 1e-12
+    assert sorted(set(written)) == [("bias", True), ("weight", True)] and len(written) == 3 * 3  # 3 parameters, 3 chunks
+
+
+def test_projected_rows_are_a_row_source():
+    """The sketch's rows: one slot of width dim, SampleBytes and Flops, no Gram route; ``compute`` gives ``features_fn``'s features."""
+    case = next(c for c in ROW_CASES if c.name == "cnn")
+    f, params, x1, _, problem = _problem(case)
+    source = persample.ProjectedRows(problem, "countsketch", 64, 0, True)
+    assert source.slots.width == 64 and source.out_shape == (3,)
+    sample = source.sample_bytes()
+    assert isinstance(sample, persample.SampleBytes) and sample.rows == 3 * 64 * 8 and sample.kept == 0
+    assert sample.transient > sample.rows and 1 <= source.chunk_for(1e9) <= 32
+    flops = source.flops()
+    assert isinstance(flops, persample.Flops) and flops.row > 0 and flops.product > 0 and flops.gram == 0
+    out = torch.empty((x1.shape[0], *source.out_shape, source.slots.width), dtype=torch.float64)
+    assert source.compute([x1], out, 2) is None and source.gram(persample.Factors([]), persample.Factors([])) is None
+    expected = ntkfunc.features_fn(f, ntkfunc.Sketch(64, seed=0, kind="countsketch"))(x1, params)
+    assert max_rel_err(out, expected) <= 1e-12
+
+
 def _source_kernel(source, problem, x1, x2):
     """The kernel block of two sample blocks from a row source: row product plus Gram terms, trace-averaged."""
     lay = problem.layouts[0]

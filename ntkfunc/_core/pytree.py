@@ -1,7 +1,8 @@
-"""Pytree helpers: torch's ``_pytree`` under stable names, and prefix broadcasting of axes."""
+"""Pytree helpers: torch's ``_pytree`` under stable names, prefix broadcasting of axes, and leaf paths as printed."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch.utils import _pytree as pytree
@@ -35,3 +36,13 @@ def broadcast_prefix(prefix: PyTree, tree: PyTree, *, api: str = "ntk_fn", what:
             f"{tree_structure(tree)}; expected an int, None, or a pytree prefix of it"
         )
     return result
+
+
+def display_name(path: str) -> str:
+    """A pytree path as ``explain`` and sketch plans print it: ``"['enc']['w']"`` -> ``"enc.w"``, ``"[0][1]"`` -> ``"0.1"``.
+
+    >>> display_name("['enc']['w']"), display_name("[0][1]"), display_name("w")
+    ('enc.w', '0.1', 'w')
+    """
+    parts = re.findall(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)", path)
+    return ".".join(a or b or c for a, b, c in parts) or path

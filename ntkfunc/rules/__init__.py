@@ -20,7 +20,10 @@ from ntkfunc.rules.base import (
     LETTERS,
     RULES,
     Bound,
+    Factorable,
     IsParam,
+    Meta,
+    PaddedFactors,
     Rule,
     Structure,
     Tensor,
@@ -41,6 +44,6 @@ from ntkfunc.rules.base import (
 from ntkfunc.rules import attention, concat, conv, elementwise, embedding, linear, norm  # noqa: E402,F401  isort: skip
 
 __all__ = [
-    "EXPANSIONS", "LETTERS", "RULES", "Bound", "IsParam", "Rule", "Structure", "Tensor", "bind", "check_structure",
-    "disabled", "einsum_structure", "enabled", "expand", "expansion", "forced", "is_forced", "lookup", "register",
+    "EXPANSIONS", "LETTERS", "RULES", "Bound", "Factorable", "IsParam", "Meta", "PaddedFactors", "Rule", "Structure",
+    "Tensor", "bind", "check_structure", "disabled", "einsum_structure", "enabled", "expand", "expansion", "forced", "is_forced", "lookup", "register",
 ]

@@ -16,8 +16,34 @@ scale, an embedding table). The capture binds the primitive's arguments once
   ``Σ_θ (c₁ ∂y₁/∂θ)(c₂ ∂y₂/∂θ)`` with ``c = ∂f/∂y`` the output cotangents, which the
   structured engine contracts with ``opt_einsum`` in one expression per parameter.
 
+``meta`` is the rule's own frozen dataclass (:class:`~ntkfunc.rules.conv.ConvMeta`,
+:class:`~ntkfunc.rules.linear.LinearMeta`, ...: typed settings, never string keys); only the rule
+reads its fields. (A rule defined elsewhere may return any object: ntkfunc only hands it back.)
+
 Every structure a rule returns goes through :func:`check_structure` (letters, operand
 ranks, axis sizes and the parameter's size), in one place, before it is contracted.
+
+Optional jobs: the per-sample maths of a role, kept once in the rule and reused wherever
+per-sample gradients are formed or projected (as BackPACK keeps each layer's derivatives once
+for all its extensions). Each has a default that declines, so that the generic path (the
+rule's einsum) runs; a rule overrides them where it has a faster way:
+
+- ``write_gradient(role, operands, cot, meta, y_shape, out, buffers)``: the role's per-sample
+  gradient ``∂f_j/∂θ`` (C order) of every output entry ``j`` into ``out`` ``(g, O, numel)``
+  from the cotangents ``cot`` ``(g, *out, *y)`` and the operands (batch-first, ``g`` samples);
+  True if written, False where the call is outside the fast path (a convolution: im2col into
+  reused :class:`~ntkfunc._core.buffers.Buffers` and one ``bmm`` per output entry; a linear layer:
+  one ``bmm``);
+- ``gradient_workspace(role, meta, y_shape)``: the elements per sample of each work buffer
+  that ``write_gradient`` takes (by buffer name), for memory plans;
+- ``factorable(role, meta, y_shape)``: whether the role's per-sample gradient factors as
+  ``G = Σ_s c_s x_sᵀ`` (a :class:`Factorable`: rows ``R``, columns ``D``, positions ``S``), and
+  ``factors(role, operands, cot, meta, y_shape, buffers)`` those factors, ``c`` ``(g, O, R, S)``
+  and ``x`` ``(g, S, D)``, from which the sketches project ``G`` without forming it;
+  ``padded_factors(...)`` the same before im2col (:class:`PaddedFactors`: ``c`` and the
+  zero-padded input with its window), for a sketch that gathers patches itself;
+- ``window_size(meta)``: input elements each output element reads (a convolution's kernel
+  volume, 1 by default), for memory estimates of the operands a structure materialises.
 Families live in their own modules (``linear``, ``conv``, ``norm``, ``elementwise``,
 ``embedding``, ``attention``) and add themselves with :func:`register`; :func:`disabled`
 switches every rule off for a block (everything then falls back: for debugging, and for
@@ -36,11 +62,15 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from ntkfunc._core.buffers import Buffers
+
 Tensor = torch.Tensor
 IsParam = Callable[[object], bool]
 """``is_param(t)``: whether ``t`` is one of the parameters being differentiated."""
 Bound = dict[str, Any]
 """A primitive's arguments by name (:meth:`Rule.bind`)."""
+Meta = Any
+"""A call's static settings, as :meth:`Rule.capture` returns them: the rule's frozen dataclass."""
 
 LETTERS = string.ascii_letters
 
@@ -65,12 +95,39 @@ class Structure:
     scale: complex | float = 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Factorable:
+    """A role whose per-sample gradient is ``G = Σ_s c_s x_sᵀ``: ``rows`` R (of ``c``), ``cols`` D (of ``x``), ``positions`` S.
+
+    A linear layer's weight ``(out, in)`` over the input's positions; a 2-D convolution's kernel
+    ``(C_out, C_in kh kw)`` over the output positions (``x`` its im2col patches).
+    """
+
+    rows: int
+    cols: int
+    positions: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedFactors:
+    """A 2-D convolution's gradient factors before im2col: ``c`` ``(g, O, R, S)`` and the zero-padded input
+    ``x`` ``(g, C, Hp, Wp)``, whose patches under the window (``kernel``, ``stride``, ``dilation``) are ``G``'s ``x``."""
+
+    c: Tensor
+    x: Tensor
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+
 class Rule:
     """Base class of a rule; subclasses set ``name`` and define ``match``, ``capture`` and ``structure``.
 
     ``names``/``defaults`` describe the op's signature for the default :meth:`bind`
     (positional order, then keywords); a rule whose op takes its arguments otherwise
-    (``einsum(eq, *operands)``) overrides :meth:`bind`.
+    (``einsum(eq, *operands)``) overrides :meth:`bind`. The optional per-sample jobs
+    (``write_gradient``, ``gradient_workspace``, ``factorable``, ``factors``, ``padded_factors``,
+    ``window_size``: module docstring) decline by default.
     """
 
     name: ClassVar[str] = "rule"
@@ -88,11 +145,40 @@ class Rule:
     def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
         raise NotImplementedError(f"Subclass {type(self).__name__} must define match()")
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], Meta]:
         raise NotImplementedError(f"Subclass {type(self).__name__} must define capture()")
 
-    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: Meta, y_shape: tuple[int, ...]) -> Structure:
         raise NotImplementedError(f"Subclass {type(self).__name__} must define structure()")
+
+    # --- optional: the per-sample maths of a role (module docstring); the defaults decline ------
+
+    def write_gradient(self, role: str, operands: Sequence[Tensor | None], cot: Tensor, meta: Meta, y_shape: tuple[int, ...],
+                       out: Tensor, buffers: Buffers) -> bool:
+        """Write the role's per-sample gradient into ``out`` ``(g, O, numel)``; False: not handled (the einsum runs)."""
+        return False
+
+    def gradient_workspace(self, role: str, meta: Meta, y_shape: tuple[int, ...]) -> dict[str, int]:
+        """Elements per sample of each buffer (by name) that :meth:`write_gradient` takes."""
+        return {}
+
+    def factorable(self, role: str, meta: Meta, y_shape: tuple[int, ...]) -> Factorable | None:
+        """The sizes of ``G = Σ_s c_s x_sᵀ`` if the role's per-sample gradient factors so, else None."""
+        return None
+
+    def factors(self, role: str, operands: Sequence[Tensor | None], cot: Tensor, meta: Meta, y_shape: tuple[int, ...],
+                buffers: Buffers) -> tuple[Tensor, Tensor] | None:
+        """``(c (g, O, R, S), x (g, S, D))`` of a :meth:`factorable` role; None where this call is outside it."""
+        return None
+
+    def padded_factors(self, role: str, operands: Sequence[Tensor | None], cot: Tensor, meta: Meta,
+                       y_shape: tuple[int, ...]) -> PaddedFactors | None:
+        """The factors of a convolution's kernel before im2col; None for anything else."""
+        return None
+
+    def window_size(self, meta: Meta) -> int:
+        """Input elements each output element reads (a convolution's kernel volume); 1 by default."""
+        return 1
 
 
 RULES: dict[Any, Rule] = {}

@@ -22,12 +22,22 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor, einsum_structure, register
+
+
+@dataclasses.dataclass(frozen=True)
+class CatMeta:
+    """A concatenation along ``dim`` (non-negative): each tensor's ``offsets`` along it and ``shapes``, and the ``device``."""
+
+    dim: int
+    offsets: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    device: torch.device
 
 
 @register(torch.cat, torch.concat, torch.concatenate)
@@ -52,21 +62,20 @@ class Cat(Rule):
     def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
         return {f"tensor{i}": t for i, t in enumerate(a["tensors"]) if is_param(t)} or None
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], CatMeta]:
         tensors = a["tensors"]
         dim = a["dim"] % tensors[0].ndim
         lengths = [int(t.shape[dim]) for t in tensors]
-        offsets = [sum(lengths[:i]) for i in range(len(tensors))]
-        meta = {"dim": dim, "offsets": offsets, "shapes": [tuple(t.shape) for t in tensors], "device": tensors[0].device}
-        return [], meta
+        offsets = tuple(sum(lengths[:i]) for i in range(len(tensors)))
+        return [], CatMeta(dim, offsets, tuple(tuple(t.shape) for t in tensors), tensors[0].device)
 
-    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: CatMeta, y_shape: tuple[int, ...]) -> Structure:
         i = int(role[len("tensor") :])
-        shape, dim, offset = meta["shapes"][i], meta["dim"], meta["offsets"][i]
+        shape, dim, offset = meta.shapes[i], meta.dim, meta.offsets[i]
         ny = len(y_shape)
         out = LETTERS[:ny]
         new = LETTERS[ny]
         theta = out[:dim] + new + out[dim + 1 :]
-        select = torch.zeros(1, y_shape[dim], shape[dim], device=meta["device"])
+        select = torch.zeros(1, y_shape[dim], shape[dim], device=meta.device)
         select[0, offset + torch.arange(shape[dim]), torch.arange(shape[dim])] = 1
         return einsum_structure([theta, out[dim] + new], out, 0, [None, select], shape, y_shape)

@@ -7,6 +7,10 @@ patches of both samples and nothing of size ``numel(W)``. A transposed convoluti
 is the convolution (stride 1) of the zero-upsampled, re-padded input with the
 flipped kernel, so the same patches serve after flipping the window axes.
 
+A 2-D convolution also forms its kernel's per-sample gradient directly (:meth:`Conv2d.write_gradient`:
+:func:`im2col` into reused buffers, one ``bmm`` per output entry and group) and gives its factors
+(cotangents and patches) to the sketches.
+
 Example:
   >>> import torch
   >>> from ntkfunc.rules import lookup
@@ -20,13 +24,16 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ntkfunc.rules.base import Bound, IsParam, Rule, Structure, Tensor, register
+from ntkfunc._core.buffers import Buffers
+from ntkfunc.rules.base import Bound, Factorable, IsParam, PaddedFactors, Rule, Structure, Tensor, register
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -54,6 +61,47 @@ def patches(x: Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: S
     return x
 
 
+PADDED, PATCHES, GRADIENT = "conv-padded", "conv-patches", "conv-gradient"
+"""The work buffers of :func:`im2col` and :meth:`Conv2d.write_gradient` (names in a :class:`Buffers`)."""
+
+
+def im2col(x: Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], pads: Sequence[tuple[int, int]],
+           buffers: Buffers, positions_first: bool = False) -> Tensor:
+    """im2col of 2-D images ``x`` ``(g, C, H, W)`` into a reused buffer: ``(g, C kh kw, S)``, or ``(g, S, C kh kw)``
+    with ``positions_first`` (``S = H' W'`` output positions; ``C kh kw`` in the kernel's C order).
+
+    One strided copy from :func:`patches` views of the zero-padded input, several times faster
+    than ``aten::im2col`` on CPU. The padded input and the patches live in ``buffers``
+    (:data:`PADDED`, :data:`PATCHES`), reused from call to call (a fresh allocation of this size
+    page-faults on every use). ``pads`` are ``(left, right)`` per axis, not negative.
+
+    >>> x = torch.randn(2, 3, 5, 5)
+    >>> cols = im2col(x, (3, 3), (2, 2), (1, 1), [(1, 1), (1, 1)], Buffers())
+    >>> ref = torch.nn.functional.unfold(x, 3, padding=1, stride=2)   # aten::im2col
+    >>> tuple(cols.shape), bool(torch.equal(cols, ref))
+    ((2, 27, 9), True)
+    """
+    g, c, h, w = x.shape
+    (t, b), (left, right) = pads
+    padded = buffers.get(PADDED, (g, c, h + t + b, w + left + right), x)
+    if t or b:  # the border is zero; the buffer is shared with other shapes, so it is zeroed on every use
+        padded[:, :, :t].zero_()
+        padded[:, :, t + h :].zero_()
+    if left or right:
+        padded[:, :, t : t + h, :left].zero_()
+        padded[:, :, t : t + h, left + w :].zero_()
+    padded[:, :, t : t + h, left : left + w].copy_(x)
+    u = patches(padded, kernel, stride, dilation, [(0, 0), (0, 0)])  # (g, C, H', W', kh, kw)
+    (ho, wo), (k0, k1) = u.shape[2:4], u.shape[4:]
+    if positions_first:
+        out = buffers.get(PATCHES, (g, ho * wo, c * k0 * k1), x)
+        out.view(g, ho, wo, c, k0, k1).copy_(u.permute(0, 2, 3, 1, 4, 5))
+    else:
+        out = buffers.get(PATCHES, (g, c * k0 * k1, ho * wo), x)
+        out.view(g, c, k0, k1, ho, wo).copy_(u.permute(0, 1, 4, 5, 2, 3))
+    return out
+
+
 def upsample(x: Tensor, stride: Sequence[int]) -> Tensor:
     """Insert ``stride - 1`` zeros between input positions (out of place, transform-friendly)."""
     for i, s in enumerate(stride):
@@ -64,6 +112,23 @@ def upsample(x: Tensor, stride: Sequence[int]) -> Tensor:
         x = torch.cat([x.unsqueeze(ax + 1), z], ax + 1).flatten(ax, ax + 1)
         x = x.narrow(ax, 0, x.shape[ax] - (s - 1))
     return x
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvMeta:
+    """A convolution call's settings: per spatial axis ``kernel``, ``stride``, ``dilation``, ``pads`` ``(left, right)``
+    and ``output_padding`` (transposed); ``groups``; the weight's and the (per-sample) input's shapes; ``unbatched``
+    (an input without its batch axis)."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    groups: int
+    weight_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    unbatched: bool
+    output_padding: tuple[int, ...]
 
 
 class _Conv(Rule):
@@ -82,29 +147,30 @@ class _Conv(Rule):
         roles = {r: a[r] for r in ("weight", "bias") if is_param(a[r])}
         return roles or None
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], ConvMeta]:
         w, d = a["weight"], a["weight"].ndim - 2
-        kernel = tuple(w.shape[2:])
+        kernel = tuple(int(k) for k in w.shape[2:])
         stride, dilation = _tuple(a["stride"], d), _tuple(a["dilation"], d)
+        pads: tuple[tuple[int, int], ...]
         if isinstance(a["padding"], str):
             if a["padding"] == "valid":
-                pads = [(0, 0)] * d
+                pads = ((0, 0),) * d
             else:  # 'same': as PyTorch, the extra element goes to the right
                 totals = [v * (k - 1) for v, k in zip(dilation, kernel)]
-                pads = [(t // 2, t - t // 2) for t in totals]
+                pads = tuple((t // 2, t - t // 2) for t in totals)
         else:
-            pads = [(p, p) for p in _tuple(a["padding"], d)]
-        meta = {
-            "kernel": kernel, "stride": stride, "dilation": dilation, "pads": pads, "groups": int(a["groups"]),
-            "weight_shape": tuple(w.shape), "unbatched": a["input"].ndim == d + 1,
-            "output_padding": _tuple(a.get("output_padding", 0), d),
-        }
+            pads = tuple((p, p) for p in _tuple(a["padding"], d))
+        meta = ConvMeta(
+            kernel=kernel, stride=stride, dilation=dilation, pads=pads, groups=int(a["groups"]),
+            weight_shape=tuple(w.shape), input_shape=tuple(a["input"].shape), unbatched=a["input"].ndim == d + 1,
+            output_padding=_tuple(a.get("output_padding", 0), d),
+        )
         return [a["input"]], meta
 
-    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
-        kernel = meta["kernel"]
-        d, g = len(kernel), meta["groups"]
-        y_shape = (1,) + tuple(y_shape) if meta["unbatched"] else tuple(y_shape)
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: ConvMeta, y_shape: tuple[int, ...]) -> Structure:
+        kernel = meta.kernel
+        d, g = len(kernel), meta.groups
+        y_shape = (1,) + tuple(y_shape) if meta.unbatched else tuple(y_shape)
         m, co, out_sp = y_shape[0], y_shape[1], y_shape[2:]
         sp = "stuvw"[:d]
         ks = "klmno"[:d]
@@ -113,23 +179,26 @@ class _Conv(Rule):
         (x,) = operands
         assert x is not None
         n = x.shape[0]
-        if meta["unbatched"]:
+        if meta.unbatched:
             x = x.unsqueeze(1)
         x = x.reshape(n * m, *x.shape[2:])
         ci = x.shape[1]
         if self.transposed:
-            stride, dil, pads, opad = meta["stride"], meta["dilation"], meta["pads"], meta["output_padding"]
+            stride, dil, pads, opad = meta.stride, meta.dilation, meta.pads, meta.output_padding
             x = upsample(x, stride)
             full = [(v * (k - 1) - p, v * (k - 1) - p + op) for v, k, (p, _), op in zip(dil, kernel, pads, opad)]
             x = patches(x, kernel, (1,) * d, dil, full).flip(list(range(-d, 0)))
             theta = "gir" + ks  # W: (in, out/groups, *k) = (g, in/g, out/g, *k)
         else:
-            x = patches(x, kernel, meta["stride"], meta["dilation"], meta["pads"])
+            x = patches(x, kernel, meta.stride, meta.dilation, meta.pads)
             theta = "gri" + ks  # W: (out, in/groups, *k) = (g, out/g, in/g, *k)
         if tuple(x.shape[2 : 2 + d]) != tuple(out_sp):
             raise RuntimeError(f"conv rule: patches of spatial shape {tuple(x.shape[2:2 + d])}, expected {tuple(out_sp)}")
         x = x.reshape(n, m, g, ci // g, *x.shape[2:])
         return Structure((m, g, co // g, *out_sp), "pgr" + sp, theta, [("pgi" + sp + ks, x)])
+
+    def window_size(self, meta: ConvMeta) -> int:
+        return math.prod(meta.kernel)
 
 
 class _ConvTranspose(_Conv):
@@ -144,7 +213,94 @@ class Conv1d(_Conv):
 
 @register(F.conv2d)
 class Conv2d(_Conv):
+    """``conv2d``; its kernel's per-sample gradient and factors come from :func:`im2col` patches."""
+
     name = "conv2d"
+
+    @staticmethod
+    def _images(meta: ConvMeta, y_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The output's per-sample shape ``(1, C_out, H', W')``, or None when a sample is not one image."""
+        y = (1, *y_shape) if meta.unbatched else tuple(y_shape)
+        return y if len(meta.kernel) == 2 and y[0] == 1 else None
+
+    def write_gradient(self, role: str, operands: Sequence[Tensor | None], cot: Tensor, meta: ConvMeta,
+                       y_shape: tuple[int, ...], out: Tensor, buffers: Buffers) -> bool:
+        """The bias: the cotangents summed over positions. The kernel: :func:`im2col` and one ``bmm`` per
+        output entry and group, into a contiguous buffer, then one copy (``bmm`` writing a strided
+        slot directly takes a per-sample path, many times slower when the cores are shared)."""
+        y = self._images(meta, y_shape)
+        if y is None:
+            return False  # several images per sample: the einsum
+        g, o = out.shape[:2]
+        co, s = y[1], math.prod(y[2:])
+        c = cot.reshape(g, o, co, s)
+        if role == "bias":
+            out.copy_(c.sum(-1))
+            return True
+        (xin,) = operands
+        if xin is None or xin.shape[0] != g or min(p for lr in meta.pads for p in lr) < 0:
+            return False  # an input shared by all samples: the einsum
+        xin = xin.reshape(g, *xin.shape[-3:])
+        cols = im2col(xin, meta.kernel, meta.stride, meta.dilation, meta.pads, buffers)  # (g, C kh kw, S)
+        if cols.shape[-1] != s:
+            return False
+        groups = meta.groups
+        cg, ig = co // groups, cols.shape[1] // groups
+        tmp = buffers.get(GRADIENT, (g, cg, ig), xin)
+        for j in range(o):
+            target = out[:, j].view(g, co, ig)
+            for q in range(groups):
+                torch.bmm(c[:, j, q * cg : (q + 1) * cg], cols[:, q * ig : (q + 1) * ig].transpose(1, 2), out=tmp)
+                target[:, q * cg : (q + 1) * cg].copy_(tmp)
+        return True
+
+    def gradient_workspace(self, role: str, meta: ConvMeta, y_shape: tuple[int, ...]) -> dict[str, int]:
+        y = self._images(meta, y_shape)
+        if role != "weight" or y is None:
+            return {}
+        c, h, w = meta.input_shape[-3:]
+        (t, b), (left, right) = meta.pads
+        kernel_numel = math.prod(meta.weight_shape[1:])  # C_in / groups kh kw
+        return {PADDED: c * (h + t + b) * (w + left + right), PATCHES: kernel_numel * meta.groups * math.prod(y[2:]),
+                GRADIENT: meta.weight_shape[0] // meta.groups * kernel_numel}
+
+    def factorable(self, role: str, meta: ConvMeta, y_shape: tuple[int, ...]) -> Factorable | None:
+        """The kernel ``(C_out, C_in kh kw)`` over the output positions, for one group and one image per sample."""
+        if role != "weight" or meta.groups != 1 or meta.unbatched or self._images(meta, y_shape) is None:
+            return None
+        w = meta.weight_shape
+        return Factorable(w[0], math.prod(w[1:]), math.prod(y_shape[2:]))
+
+    def factors(self, role: str, operands: Sequence[Tensor | None], cot: Tensor, meta: ConvMeta, y_shape: tuple[int, ...],
+                buffers: Buffers) -> tuple[Tensor, Tensor] | None:
+        """``c`` ``(g, O, C_out, S)`` and the :func:`im2col` patches ``(g, S, C_in kh kw)``."""
+        fac = self.factorable(role, meta, y_shape)
+        (xin,) = operands
+        g = cot.shape[0]
+        if fac is None or xin is None or xin.shape[0] != g or min(p for lr in meta.pads for p in lr) < 0:
+            return None
+        x = im2col(xin.reshape(g, *xin.shape[-3:]), meta.kernel, meta.stride, meta.dilation, meta.pads, buffers,
+                   positions_first=True)
+        if x.shape[1] != fac.positions:
+            return None
+        return cot.reshape(g, -1, fac.rows, fac.positions), x
+
+    def padded_factors(self, role: str, operands: Sequence[Tensor | None], cot: Tensor, meta: ConvMeta,
+                       y_shape: tuple[int, ...]) -> PaddedFactors | None:
+        """``c`` ``(g, O, C_out, S)`` and the zero-padded input ``(g, C_in, Hp, Wp)``."""
+        fac = self.factorable(role, meta, y_shape)
+        (xin,) = operands
+        g = cot.shape[0]
+        if fac is None or xin is None or xin.shape[0] != g:
+            return None
+        xi = xin.reshape(g, *xin.shape[-3:])
+        flat = [p for lr in reversed(meta.pads) for p in lr]
+        xpad = F.pad(xi, flat) if any(flat) else xi
+        (kh, kw), (sh, sw), (dh, dw) = meta.kernel, meta.stride, meta.dilation
+        ho, wo = (xpad.shape[-2] - dh * (kh - 1) - 1) // sh + 1, (xpad.shape[-1] - dw * (kw - 1) - 1) // sw + 1
+        if ho * wo != fac.positions:
+            return None
+        return PaddedFactors(cot.reshape(g, -1, fac.rows, fac.positions), xpad, meta.kernel, meta.stride, meta.dilation)
 
 
 @register(F.conv3d)

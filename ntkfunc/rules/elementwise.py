@@ -21,9 +21,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -33,6 +34,26 @@ from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor,
 def trailing(ndim: int, y_ndim: int) -> str:
     """Letters of a tensor of ``ndim`` axes broadcast against an output of ``y_ndim`` axes."""
     return LETTERS[y_ndim - ndim : y_ndim]
+
+
+@dataclasses.dataclass(frozen=True)
+class BinaryMeta:
+    """``op(input, other[, alpha])``: each operand's shape if it is a tensor, its value if it is a number, and ``alpha``."""
+
+    alpha: float
+    input_shape: tuple[int, ...] | None = None
+    other_shape: tuple[int, ...] | None = None
+    input_scalar: complex | float | None = None
+    other_scalar: complex | float | None = None
+
+    def shape(self, role: str) -> tuple[int, ...]:
+        shape = self.input_shape if role == "input" else self.other_shape
+        assert shape is not None, f"{role} is a number"
+        return shape
+
+    def scalar(self, role: str) -> complex | float | None:
+        """The operand's value if it is a number (None for a tensor)."""
+        return self.input_scalar if role == "input" else self.other_scalar
 
 
 class _Binary(Rule):
@@ -59,18 +80,17 @@ class _Binary(Rule):
         roles = {r: a[r] for r in ("input", "other") if is_param(a[r])}
         return roles or None
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
-        meta: dict[str, Any] = {"alpha": float(a.get("alpha", 1))}
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], BinaryMeta]:
         ops: list[Tensor | None] = []
+        shapes: list[tuple[int, ...] | None] = []
+        scalars: list[complex | float | None] = []
         for r in ("input", "other"):
             t = a[r]
-            if isinstance(t, torch.Tensor):
-                meta[r + "_shape"] = tuple(t.shape)
-                ops.append(None if is_param(t) else t)
-            else:
-                meta[r + "_scalar"] = complex(t) if isinstance(t, complex) else float(t)
-                ops.append(None)
-        return ops, meta
+            tensor = isinstance(t, torch.Tensor)
+            ops.append(None if not tensor or is_param(t) else t)
+            shapes.append(tuple(t.shape) if tensor else None)
+            scalars.append(None if tensor else complex(t) if isinstance(t, complex) else float(t))
+        return ops, BinaryMeta(float(a.get("alpha", 1)), shapes[0], shapes[1], scalars[0], scalars[1])
 
 
 @register(torch.add, torch.Tensor.add)
@@ -82,9 +102,9 @@ class Add(_Binary):
     defaults = {"alpha": 1}
     _sign = 1.0
 
-    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
-        shape = meta[role + "_shape"]
-        scale = 1.0 if role == "input" else self._sign * meta["alpha"]
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: BinaryMeta, y_shape: tuple[int, ...]) -> Structure:
+        shape = meta.shape(role)
+        scale = 1.0 if role == "input" else self._sign * meta.alpha
         sub = trailing(len(shape), len(y_shape))
         return einsum_structure([sub], LETTERS[: len(y_shape)], 0, [None], shape, y_shape, scale)
 
@@ -104,13 +124,14 @@ class Mul(_Binary):
     name = "mul"
     names = ("input", "other", "out")
 
-    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: BinaryMeta, y_shape: tuple[int, ...]) -> Structure:
         other = "other" if role == "input" else "input"
-        shape = meta[role + "_shape"]
+        shape = meta.shape(role)
         ny = len(y_shape)
         out = LETTERS[:ny]
-        if other + "_scalar" in meta:
-            return einsum_structure([trailing(len(shape), ny)], out, 0, [None], shape, y_shape, meta[other + "_scalar"])
+        factor = meta.scalar(other)
+        if factor is not None:
+            return einsum_structure([trailing(len(shape), ny)], out, 0, [None], shape, y_shape, factor)
         t = operands[0 if other == "input" else 1]
         assert t is not None
         subs = [trailing(len(shape), ny), trailing(t.ndim - 1, ny)]

@@ -21,8 +21,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,14 @@ from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor,
 
 _NAMES = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 _DEFAULTS = {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingMeta:
+    """An embedding's ``vocab`` (rows of the table) and ``padding_idx`` (non-negative, or None)."""
+
+    vocab: int
+    padding_idx: int | None
 
 
 @register(F.embedding)
@@ -47,19 +55,19 @@ class Embedding(Rule):
             return None
         return {"weight": a["weight"]}
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
-        vocab = a["weight"].shape[0]
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], EmbeddingMeta]:
+        vocab = int(a["weight"].shape[0])
         pad = a["padding_idx"]
         if pad is not None and pad < 0:
             pad += vocab
-        return [a["input"]], {"vocab": vocab, "padding_idx": pad}
+        return [a["input"]], EmbeddingMeta(vocab, pad)
 
-    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: EmbeddingMeta, y_shape: tuple[int, ...]) -> Structure:
         (ids,) = operands
         assert ids is not None
-        onehot = F.one_hot(ids.long(), meta["vocab"])
-        if meta["padding_idx"] is not None:
-            keep = torch.ones(meta["vocab"], dtype=onehot.dtype, device=onehot.device)
-            onehot = onehot * keep.index_fill(0, torch.tensor([meta["padding_idx"]], device=onehot.device), 0)
+        onehot = F.one_hot(ids.long(), meta.vocab)
+        if meta.padding_idx is not None:
+            keep = torch.ones(meta.vocab, dtype=onehot.dtype, device=onehot.device)
+            onehot = onehot * keep.index_fill(0, torch.tensor([meta.padding_idx], device=onehot.device), 0)
         pos = LETTERS[: len(y_shape) - 1]
         return Structure(y_shape, pos + "z", "yz", [(pos + "y", onehot)])

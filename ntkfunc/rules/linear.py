@@ -4,7 +4,9 @@
 Every op here is an einsum ``y = einsum(a, θ)``, so ``∂y/∂θ`` is the einsum with θ
 removed; for ``y = x Wᵀ + b`` the NTK contribution of ``W`` is
 ``Σ_{p,q} (c₁[p]·c₂[q]) (x₁[p]·x₂[q])`` over positions ``p, q``, and opt_einsum picks
-that Gram path or the Jacobian path, whichever is cheaper.
+that Gram path or the Jacobian path, whichever is cheaper. ``F.linear`` also forms its weight's
+per-sample gradient directly (:meth:`Linear.write_gradient`: one ``bmm`` per output entry) and
+gives its factors ``c`` and ``x`` to the sketches.
 
 Example:
   >>> import torch
@@ -13,13 +15,18 @@ Example:
   >>> x, w = torch.randn(1, 3, 4), torch.randn(5, 4)
   >>> rule.match(rule.bind((x, w), {}), lambda t: t is w)
   {'weight': ...}
-  >>> s = rule.structure("weight", [x.unsqueeze(0)], {}, (1, 3, 5))
+  >>> ops, meta = rule.capture(rule.bind((x, w), {}), lambda t: t is w)
+  >>> meta
+  LinearMeta(weight_shape=(5, 4))
+  >>> s = rule.structure("weight", [x.unsqueeze(0)], meta, (1, 3, 5))
   >>> (s.y, s.theta, [letters for letters, _ in s.operands])
   ('abz', 'zy', ['aby'])
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -27,11 +34,24 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor, bind, einsum_structure, register
+from ntkfunc._core.buffers import Buffers
+from ntkfunc.rules.base import LETTERS, Bound, Factorable, IsParam, Rule, Structure, Tensor, bind, einsum_structure, register
+
+Shape = tuple[int, ...]
+
+GRADIENT = "linear-gradient"
+"""The work buffer of :meth:`Linear.write_gradient` (its name in a :class:`Buffers`)."""
 
 
 def _is_tensor(t: Any) -> bool:
     return isinstance(t, torch.Tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearMeta:
+    """An ``F.linear`` call's settings: the weight's shape ``(out, in)``."""
+
+    weight_shape: Shape
 
 
 @register(F.linear)
@@ -48,10 +68,10 @@ class Linear(Rule):
             return None
         return {r: a[r] for r in ("weight", "bias") if is_param(a[r])} or None
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
-        return [a["input"]], {}
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], LinearMeta]:
+        return [a["input"]], LinearMeta(tuple(a["weight"].shape))
 
-    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: LinearMeta, y_shape: tuple[int, ...]) -> Structure:
         k = len(y_shape) - 1
         lead = LETTERS[:k]
         if role == "bias":
@@ -59,6 +79,50 @@ class Linear(Rule):
         (x,) = operands
         assert x is not None
         return einsum_structure([lead + "y", "zy"], lead + "z", 1, [x, None], (y_shape[-1], x.shape[-1]), y_shape)
+
+    def write_gradient(self, role: str, operands: Sequence[Tensor | None], cot: Tensor, meta: LinearMeta,
+                       y_shape: tuple[int, ...], out: Tensor, buffers: Buffers) -> bool:
+        """The bias: the cotangents summed over positions. The weight: one ``bmm`` of cotangents and inputs over
+        positions per output entry, into a contiguous buffer, then one copy."""
+        g, o = out.shape[:2]
+        z = y_shape[-1]
+        c = cot.reshape(g, o, -1, z)  # (g, O, positions, out features)
+        if role == "bias":
+            out.copy_(c.sum(2))
+            return True
+        (xin,) = operands
+        if xin is None or xin.shape[0] != g:
+            return False  # an input shared by all samples: the einsum
+        xi = xin.reshape(g, -1, xin.shape[-1])  # (g, positions, in features)
+        if xi.shape[1] != c.shape[2]:
+            return False  # a broadcast input: the einsum
+        tmp = buffers.get(GRADIENT, (g, z, xi.shape[-1]), xi)
+        for j in range(o):
+            torch.bmm(c[:, j].transpose(1, 2), xi, out=tmp)
+            out[:, j].view(g, z, xi.shape[-1]).copy_(tmp)
+        return True
+
+    def gradient_workspace(self, role: str, meta: LinearMeta, y_shape: tuple[int, ...]) -> dict[str, int]:
+        return {GRADIENT: math.prod(meta.weight_shape)} if role == "weight" else {}
+
+    def factorable(self, role: str, meta: LinearMeta, y_shape: tuple[int, ...]) -> Factorable | None:
+        """The weight ``(out, in)`` over the input's positions."""
+        if role != "weight":
+            return None
+        return Factorable(meta.weight_shape[0], meta.weight_shape[1], math.prod(y_shape[:-1]))
+
+    def factors(self, role: str, operands: Sequence[Tensor | None], cot: Tensor, meta: LinearMeta, y_shape: tuple[int, ...],
+                buffers: Buffers) -> tuple[Tensor, Tensor] | None:
+        """``c`` ``(g, O, out, S)`` (a transposed view of the cotangents) and the inputs ``(g, S, in)``."""
+        fac = self.factorable(role, meta, y_shape)
+        (xin,) = operands
+        g = cot.shape[0]
+        if fac is None or xin is None or xin.shape[0] != g:
+            return None
+        x = xin.reshape(g, -1, xin.shape[-1])
+        if x.shape[1] != fac.positions:
+            return None  # a broadcast input
+        return cot.reshape(g, -1, fac.positions, fac.rows).transpose(2, 3), x
 
 
 def matmul_subscripts(nda: int, ndb: int) -> tuple[str, str, str]:
@@ -74,6 +138,14 @@ def matmul_subscripts(nda: int, ndb: int) -> tuple[str, str, str]:
     nb = max(nda, ndb) - 2
     batch = LETTERS[:nb]
     return batch[nb - (nda - 2) :] + "xy", batch[nb - (ndb - 2) :] + "yz", batch + "xz"
+
+
+@dataclasses.dataclass(frozen=True)
+class MatMulMeta:
+    """A matrix product's einsum ``subscripts`` (``a``, ``b``, output) and its two operands' ``shapes``."""
+
+    subscripts: tuple[str, str, str]
+    shapes: tuple[Shape, Shape]
 
 
 @register(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm)
@@ -101,16 +173,16 @@ class MatMul(Rule):
             return None
         return {"lhs": x} if is_param(x) else {"rhs": y}
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], MatMulMeta]:
         x, y = a["input"], a["other"]
-        meta = {"subscripts": self.subscripts(x, y), "shapes": (tuple(x.shape), tuple(y.shape))}
+        meta = MatMulMeta(self.subscripts(x, y), (tuple(x.shape), tuple(y.shape)))
         return [None if is_param(t) else t for t in (x, y)], meta
 
-    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
-        sa, sb, out = meta["subscripts"]
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: MatMulMeta, y_shape: tuple[int, ...]) -> Structure:
+        sa, sb, out = meta.subscripts
         idx = 0 if role == "lhs" else 1
         tensors = [None, operands[1]] if idx == 0 else [operands[0], None]
-        return einsum_structure([sa, sb], out, idx, tensors, meta["shapes"][idx], y_shape)
+        return einsum_structure([sa, sb], out, idx, tensors, meta.shapes[idx], y_shape)
 
 
 @register(torch.Tensor.__rmatmul__)
@@ -163,6 +235,15 @@ def parse_einsum(equation: str, ndims: Sequence[int]) -> tuple[list[str], str] |
     return expanded, out
 
 
+@dataclasses.dataclass(frozen=True)
+class EinsumMeta:
+    """An einsum's operand ``inputs`` letters (``...`` expanded), its ``output`` letters and its operands' ``shapes``."""
+
+    inputs: tuple[str, ...]
+    output: str
+    shapes: tuple[Shape, ...]
+
+
 @register(torch.einsum)
 class Einsum(Rule):
     """``torch.einsum(eq, *operands)`` where exactly one operand is a parameter, used once."""
@@ -188,15 +269,25 @@ class Einsum(Rule):
             return None
         return {f"operand{which[0]}": a["operands"][which[0]]}
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], EinsumMeta]:
         ops = a["operands"]
-        return [None if is_param(t) else t for t in ops], {"subscripts": a["subscripts"], "shapes": [tuple(t.shape) for t in ops]}
+        inputs, output = a["subscripts"]
+        return [None if is_param(t) else t for t in ops], EinsumMeta(tuple(inputs), output, tuple(tuple(t.shape) for t in ops))
 
-    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
-        inputs, out = meta["subscripts"]
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: EinsumMeta, y_shape: tuple[int, ...]) -> Structure:
         idx = int(role[len("operand") :])
         tensors = [None if k == idx else t for k, t in enumerate(operands)]
-        return einsum_structure(inputs, out, idx, tensors, meta["shapes"][idx], y_shape)
+        return einsum_structure(meta.inputs, meta.output, idx, tensors, meta.shapes[idx], y_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class AddMatMulMeta:
+    """``beta * input + alpha * (mat1 @ mat2)``: the shapes of ``input`` and the two matrix operands, ``beta`` and ``alpha``."""
+
+    input_shape: Shape
+    mat_shapes: tuple[Shape, Shape]
+    beta: complex | float
+    alpha: complex | float
 
 
 class _AddMatMul(Rule):
@@ -226,24 +317,25 @@ class _AddMatMul(Rule):
             return None
         return {r: a[r] for r in ("input", *self.mats) if is_param(a[r])} or None
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
-        meta = {
-            "shapes": {r: tuple(a[r].shape) for r in ("input", *self.mats)},
-            "beta": complex(a["beta"]) if isinstance(a["beta"], complex) else float(a["beta"]),
-            "alpha": complex(a["alpha"]) if isinstance(a["alpha"], complex) else float(a["alpha"]),
-        }
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], AddMatMulMeta]:
+        m1, m2 = (tuple(a[r].shape) for r in self.mats)
+        meta = AddMatMulMeta(
+            tuple(a["input"].shape), (m1, m2),
+            complex(a["beta"]) if isinstance(a["beta"], complex) else float(a["beta"]),
+            complex(a["alpha"]) if isinstance(a["alpha"], complex) else float(a["alpha"]),
+        )
         return [None if is_param(a[r]) else a[r] for r in self.mats], meta
 
-    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
-        shape = meta["shapes"][role]
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: AddMatMulMeta, y_shape: tuple[int, ...]) -> Structure:
         out = LETTERS[: len(y_shape)]
         if role == "input":  # broadcast against the output's trailing axes, as in add
+            shape = meta.input_shape
             sub = LETTERS[len(y_shape) - len(shape) : len(y_shape)]
-            return einsum_structure([sub], out, 0, [None], shape, y_shape, meta["beta"])
+            return einsum_structure([sub], out, 0, [None], shape, y_shape, meta.beta)
         idx = self.mats.index(role)
         tensors = [None, operands[1]] if idx == 0 else [operands[0], None]
         sa, sb, so = self.subscripts
-        return einsum_structure([sa, sb], so, idx, tensors, shape, y_shape, meta["alpha"])
+        return einsum_structure([sa, sb], so, idx, tensors, meta.mat_shapes[idx], y_shape, meta.alpha)
 
 
 @register(torch.addmm, torch.Tensor.addmm)

@@ -20,13 +20,26 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor, einsum_structure, register
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineMeta:
+    """A norm's affine: the shapes of its ``weight`` and ``bias`` (None where absent)."""
+
+    weight_shape: tuple[int, ...] | None = None
+    bias_shape: tuple[int, ...] | None = None
+
+    def shape(self, role: str) -> tuple[int, ...]:
+        shape = self.weight_shape if role == "weight" else self.bias_shape
+        assert shape is not None, f"no {role}"
+        return shape
 
 
 class _Affine(Rule):
@@ -46,13 +59,14 @@ class _Affine(Rule):
         roles: dict[str, Tensor] = {r: a[r] for r in ("weight", "bias") if r in a and is_param(a[r])}
         return roles or None
 
-    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], dict[str, Any]]:
-        shapes = {r: tuple(a[r].shape) for r in ("weight", "bias") if isinstance(a.get(r), torch.Tensor)}
-        return [self.normalise(a)], {"shapes": shapes}
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], AffineMeta]:
+        w, b = (a.get(r) for r in ("weight", "bias"))
+        meta = AffineMeta(tuple(w.shape) if isinstance(w, torch.Tensor) else None, tuple(b.shape) if isinstance(b, torch.Tensor) else None)
+        return [self.normalise(a)], meta
 
-    def structure(self, role: str, operands: Sequence[Tensor | None], meta: dict[str, Any], y_shape: tuple[int, ...]) -> Structure:
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: AffineMeta, y_shape: tuple[int, ...]) -> Structure:
         ny = len(y_shape)
-        shape = meta["shapes"][role]
+        shape = meta.shape(role)
         out = LETTERS[:ny]
         if self.channel_axis is None:
             sub = LETTERS[ny - len(shape) : ny]

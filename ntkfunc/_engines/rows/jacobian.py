@@ -11,13 +11,13 @@ from torch.func import jacrev, vmap
 from ntkfunc._core.memory import backward_transient, itemsize
 from ntkfunc._core.ops import transform_friendly_attention
 from ntkfunc._core.problem import Problem
-from ntkfunc._engines.rows.source import Factors, Flops, SampleBytes, Slots, block_size, chunks, forward_flops, out_shape, pair_flops
+from ntkfunc._engines.rows.source import Factors, Flops, SampleBytes, Slots, block_size, chunks, out_shape, pair_flops, row_flops
 
 
 class JacobianRows:
     """Implementation 1's rows: ``vmap(jacrev(f))`` per chunk, concatenated into the buffer."""
 
-    def __init__(self, problem: Problem, n1: int = 1, n2: int = 1, budget: int = 1 << 30) -> None:
+    def __init__(self, problem: Problem) -> None:
         self.problem = problem
         self.out_shape = out_shape(problem)
         self.slots = Slots.of(problem, range(len(problem.params.diff_leaves)))
@@ -45,6 +45,5 @@ class JacobianRows:
 
     def flops(self) -> Flops:
         if self._flops is None:
-            o = math.prod(self.out_shape)
-            self._flops = Flops((1 + 2 * o) * forward_flops(self.problem), pair_flops(self.problem, self.out_shape, self.slots.width), 0.0)
+            self._flops = Flops(row_flops(self.problem, self.out_shape), pair_flops(self.problem, self.out_shape, self.slots.width), 0.0)
         return self._flops

@@ -5,15 +5,19 @@ for exact rows (implementations 3 and ``"auto"``: the structured capture's cotan
 operands; implementation 1: ``vmap(jacrev(f))`` rows), then each parameter's part of ``Π``
 (:mod:`~ntkfunc._engines.sketch.plan`) is applied by its route:
 
-- ``"factors"`` / ``"fft"``: from the captured cotangents ``c`` and inputs ``x`` of a 2-D
-  convolution (im2col patches) or linear layer, never forming the gradient;
+- ``"factors"`` / ``"fft"``: from the factors ``G = Σ_s c_s x_sᵀ`` of the parameter's rule
+  (:meth:`~ntkfunc.rules.Rule.factors`: a 2-D convolution's cotangents and im2col patches, a
+  linear layer's cotangents and inputs; the count sketch of a convolution gathers the patches
+  itself from :meth:`~ntkfunc.rules.Rule.padded_factors`), never forming the gradient;
 - ``"formed"``: the parameter's per-sample gradient formed into a reused buffer (a few samples
   at a time, at most :data:`WORK_BYTES`), by the same code as the exact rows
   (:meth:`~ntkfunc._engines.rows.structured.StructuredRows.write`), then projected.
 
 No full row (``P`` numbers per output) is ever held: memory is the gradient pass's plus
 one parameter's work buffers. The features of a sample do not depend on the chunk or block it
-is computed in, nor on the route (up to float rounding).
+is computed in, nor on the route (up to float rounding). As a
+:class:`~ntkfunc._engines.rows.source.RowSource`, a :class:`ProjectedRows` has one slot of
+width ``dim`` and no Gram route.
 """
 
 from __future__ import annotations
@@ -26,41 +30,46 @@ from typing import Any, Union
 import torch
 from torch.func import jacrev
 
+from ntkfunc._core.buffers import Buffers
 from ntkfunc._core.memory import backward_transient, itemsize
 from ntkfunc._core.problem import Problem
 from ntkfunc._engines.rows.jacobian import JacobianRows
+from ntkfunc._engines.rows.source import (
+    CHUNK,
+    Factors,
+    Flops,
+    SampleBytes,
+    Slots,
+    block_size,
+    chunk_size,
+    chunks,
+    pair_flops,
+    row_flops,
+)
 from ntkfunc._engines.rows.structured import StructuredRows
 from ntkfunc._engines.sketch import countsketch, gaussian, tensorsketch
-from ntkfunc._engines.sketch.buffers import Buffers
-from ntkfunc._engines.sketch.plan import Factorable, SketchPlan, resolve
+from ntkfunc._engines.sketch.plan import SketchPlan, resolve
 from ntkfunc._engines.structured import capture as capture_mod
 from ntkfunc._engines.structured import kernel as structured
-from ntkfunc.rules.conv import Conv2d, patches
-from ntkfunc.rules.linear import Linear
+from ntkfunc.rules import Factorable
 
 WORK_BYTES = 64 << 20
 """Most bytes of one parameter's work buffers (formed gradients, patches, FFT inputs) at a time."""
 
-CHUNK = 32
-"""Samples per batched gradient pass at most."""
-
 Block = Union[countsketch.CountSketchBlock, tensorsketch.TensorSketchBlock, gaussian.GaussianBlock]
 
 
-def factorable(problem: Problem, cap: capture_mod.Capture) -> dict[int, Factorable]:
-    """Parameters whose per-sample gradient is ``Σ_s c_s x_sᵀ``: weights of ``F.linear`` and 2-D convolutions (``groups=1``)."""
+def factorable(cap: capture_mod.Capture) -> dict[int, Factorable]:
+    """Parameters whose per-sample gradient is ``Σ_s c_s x_sᵀ`` (:meth:`~ntkfunc.rules.Rule.factorable`), used as they are."""
     out: dict[int, Factorable] = {}
     for k, (e, role) in cap.covered.items():
         ev = cap.events[e]
         vm = ev.views.get(role)
-        if role != "weight" or (vm is not None and not vm.trivial):
+        if vm is not None and not vm.trivial:
             continue  # a weight used through a view (w.T, a slice) is formed by its view-aware rule
-        w = tuple(problem.params.diff_leaves[k].shape)
-        if isinstance(ev.rule, Conv2d) and len(ev.meta["kernel"]) == 2 and ev.meta["groups"] == 1 and not ev.meta["unbatched"] \
-                and ev.y_shape[0] == 1:
-            out[k] = Factorable(w[0], math.prod(w[1:]), math.prod(ev.y_shape[2:]))
-        elif isinstance(ev.rule, Linear) and len(w) == 2:
-            out[k] = Factorable(w[0], w[1], math.prod(ev.y_shape[:-1]))
+        fac = ev.rule.factorable(role, ev.meta, ev.y_shape)
+        if fac is not None:
+            out[k] = fac
     return out
 
 
@@ -77,7 +86,8 @@ def blocks_of(plan: SketchPlan) -> dict[int, Block]:
 
 
 class ProjectedRows:
-    """Features of blocks of samples of a probed one-sample ``problem`` (batch axis 0 after wrapping).
+    """Features of blocks of samples of a probed one-sample ``problem`` (batch axis 0 after wrapping): a
+    :class:`~ntkfunc._engines.rows.source.RowSource` whose rows are ``J(x) Π`` (one slot of width ``dim``).
 
     ``structured_rows``: gradients from the structured capture (implementations 3 / ``"auto"``), else
     ``vmap(jacrev)`` rows (implementation 1). ``plan``: the resolved sketch. ``out_shape``: the
@@ -98,8 +108,9 @@ class ProjectedRows:
             self.out_shape = self.src.out_shape
         else:
             self.out_shape = tuple(problem.out_shapes1[0])
+        self.slots = Slots((0,), (0,), (dim,))
         leaves = problem.params.diff_leaves
-        self.factorable = factorable(problem, cap) if cap is not None else {}
+        self.factorable = factorable(cap) if cap is not None else {}
         self.plan = resolve(kind, dim, seed, problem.params.diff_names, [tuple(t.shape) for t in leaves],
                             math.prod(self.out_shape) if self.vmapped else 1, self.factorable,
                             fast_routes=isinstance(self.src, StructuredRows))
@@ -109,22 +120,35 @@ class ProjectedRows:
         if key not in tables:
             tables[key] = blocks_of(self.plan)
         self.blocks = tables[key]
-        self.ws = Buffers()
+        self.buffers = Buffers()
         self.outputs = math.prod(self.out_shape)
         self.offsets = [0]
         for t in leaves:
             self.offsets.append(self.offsets[-1] + t.numel())
+        self._flops: Flops | None = None
 
     # --- sizes -----------------------------------------------------------------------------
-    def sample_bytes(self) -> int:
-        """Bytes per sample while a chunk is computed: the gradient pass's transient (rows for implementation 1)."""
+    def sample_bytes(self) -> SampleBytes:
+        """Per sample: a row of ``dim`` features per output; while a chunk is computed, the gradient pass's
+        transient, the features accumulated and (implementation 1) the gradient rows."""
         size = itemsize(self.problem.out_dtype)
-        rows = self.outputs * self.offsets[-1] * size if isinstance(self.src, JacobianRows) else 0
-        return backward_transient(self.problem) + rows + self.outputs * self.dim * size
+        row = self.outputs * self.dim * size
+        grads = self.outputs * self.offsets[-1] * size if isinstance(self.src, JacobianRows) else 0
+        return SampleBytes(row, 0, backward_transient(self.problem) + grads + row)
 
     def chunk_for(self, budget: float) -> int:
-        """Samples per gradient pass within ``budget`` bytes (a quarter of it for the pass)."""
-        return max(1, min(CHUNK, int(0.25 * budget // max(self.sample_bytes(), 1))))
+        """Samples per gradient pass within ``budget`` bytes (:func:`~ntkfunc._engines.rows.source.chunk_size`)."""
+        return chunk_size(budget, self.sample_bytes())
+
+    def flops(self) -> Flops:
+        """A row costs the gradient pass (its projection is not counted); a pair the product of two feature rows."""
+        if self._flops is None:
+            self._flops = Flops(row_flops(self.problem, self.out_shape), pair_flops(self.problem, self.out_shape, self.dim), 0.0)
+        return self._flops
+
+    def gram(self, f1: Factors, f2: Factors) -> None:
+        """No Gram route: every parameter is in the features."""
+        return None
 
     # --- features ----------------------------------------------------------------------------
     def compute(self, x: list[Any], out: torch.Tensor, chunk: int = CHUNK) -> None:
@@ -133,10 +157,7 @@ class ProjectedRows:
             out.copy_(self.whole_batch(x))
             return
         axes = self.problem.x_axes or []
-        b = next(t.shape[a] for t, a in zip(x, axes) if a is not None)
-        for s in range(0, b, chunk):
-            e = min(s + chunk, b)
-            xc = [t if a is None else t.narrow(a, s, e - s) for t, a in zip(x, axes)]
+        for s, e, xc in chunks(x, axes, block_size(x, axes), chunk):
             target = out[s:e].view(e - s, self.outputs, self.dim)
             target.zero_()
             if isinstance(self.src, StructuredRows):
@@ -155,85 +176,50 @@ class ProjectedRows:
             numel = blk.numel
             for a, z in self._spans(g, self.outputs * numel):
                 part = sd if (a, z) == (0, g) else _narrow(sd, a, z, g)
-                rows = self.ws.get("formed", (z - a, *self.out_shape, numel), target)
+                rows = self.buffers.get("formed", (z - a, *self.out_shape, numel), target)
                 self.src.write(pb, part, p.leaf, rows)
-                blk.formed(rows.view((z - a) * self.outputs, numel), target[a:z].reshape((z - a) * self.outputs, self.dim), self.ws)
+                blk.formed(rows.view((z - a) * self.outputs, numel), target[a:z].reshape((z - a) * self.outputs, self.dim), self.buffers)
 
     def _from_factors(self, route: str, leaf: int, blk: Block, sd: structured.Side, g: int, target: torch.Tensor) -> bool:
-        """The ``factors`` / ``fft`` route for one parameter; False when this call is outside it (then: formed)."""
+        """The ``factors`` / ``fft`` route for one parameter, from its rule's factors; False when this call is
+        outside it (then: formed)."""
         assert self.cap is not None
-        e, _ = self.cap.covered[leaf]
+        e, role = self.cap.covered[leaf]
         ev = self.cap.events[e]
-        (xin,) = sd.operands[e][:1]
-        if xin is None or xin.shape[0] != g:
-            return False  # an input shared by all samples
+        if any(t is not None and t.shape[0] != g for t in sd.operands[e]):
+            return False  # an operand shared by all samples
         fac = self.factorable[leaf]
         per_sample = self.outputs * fac.rows * max(fac.positions, 1) + fac.positions * fac.cols
         per_sample += self.outputs * fac.positions * self.dim if route == "fft" else self.outputs * fac.rows * fac.cols
         cot = sd.cot[0][e]
         for a, z in self._spans(g, per_sample):
-            if route == "factors" and isinstance(ev.rule, Conv2d):
+            operands = [None if t is None else t[a:z] for t in sd.operands[e]]
+            if route == "factors":
                 assert isinstance(blk, countsketch.CountSketchBlock)
-                if not self._conv_countsketch(ev, cot[a:z], xin[a:z], z - a, fac, blk, target[a:z]):
-                    return False
-                continue
-            factors = self._factors(ev, cot[a:z], xin[a:z], z - a, fac)
+                padded = ev.rule.padded_factors(role, operands, cot[a:z], ev.meta, ev.y_shape)
+                if padded is not None:  # the patches gathered straight into bucket order
+                    blk.conv_factors(padded.c, padded.x, padded.kernel, padded.stride, padded.dilation, target[a:z], self.buffers)
+                    continue
+            factors = ev.rule.factors(role, operands, cot[a:z], ev.meta, ev.y_shape, self.buffers)
             if factors is None:
                 return False
             c, x = factors
             if route == "fft":
                 assert isinstance(blk, tensorsketch.TensorSketchBlock)
-                blk.fft(c, x, target[a:z], self.ws)
+                blk.fft(c, x, target[a:z], self.buffers)
             else:
                 assert isinstance(blk, countsketch.CountSketchBlock)
-                blk.factors(c, x, target[a:z], self.ws)
+                blk.factors(c, x, target[a:z], self.buffers)
         return True
-
-    def _conv_countsketch(self, ev: capture_mod.Event, cot: torch.Tensor, xin: torch.Tensor, m: int, fac: Factorable,
-                          blk: countsketch.CountSketchBlock, target: torch.Tensor) -> bool:
-        """The count sketch of a convolution's gradient from its padded input (patches gathered in bucket order)."""
-        meta = ev.meta
-        if len(meta["kernel"]) != 2:
-            return False
-        xi = xin.reshape(m, *xin.shape[-3:])
-        flat = [p for lr in reversed(meta["pads"]) for p in lr]
-        xpad = torch.nn.functional.pad(xi, flat) if any(flat) else xi
-        (kh, kw), (sh, sw), (dh, dw) = meta["kernel"], meta["stride"], meta["dilation"]
-        ho, wo = (xpad.shape[-2] - dh * (kh - 1) - 1) // sh + 1, (xpad.shape[-1] - dw * (kw - 1) - 1) // sw + 1
-        if ho * wo != fac.positions:
-            return False
-        c = cot.reshape(m, self.outputs, fac.rows, fac.positions)
-        blk.conv_factors(c, xpad, meta["kernel"], meta["stride"], meta["dilation"], target, self.ws)
-        return True
-
-    def _factors(self, ev: capture_mod.Event, cot: torch.Tensor, xin: torch.Tensor, m: int,
-                 fac: Factorable) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(c (m, O, R, S), x (m, S, D))`` of a convolution (im2col patches) or linear layer."""
-        o = self.outputs
-        if isinstance(ev.rule, Conv2d):
-            meta = ev.meta
-            c = cot.reshape(m, o, fac.rows, fac.positions)
-            xi = xin.reshape(m, *xin.shape[-3:])
-            view = patches(xi, meta["kernel"], meta["stride"], meta["dilation"], meta["pads"])  # (m, C, H', W', kh, kw)
-            if math.prod(view.shape[2:4]) != fac.positions:
-                return None
-            x = self.ws.get("patches", (m, *view.shape[2:4], view.shape[1], *view.shape[4:]), xi)
-            x.copy_(view.permute(0, 2, 3, 1, 4, 5))
-            return c, x.view(m, fac.positions, fac.cols)
-        c = cot.reshape(m, o, fac.positions, fac.rows).transpose(2, 3)
-        x = xin.reshape(m, -1, xin.shape[-1])
-        if x.shape[1] != fac.positions:
-            return None  # a broadcast input
-        return c, x
 
     def _jacobian(self, xc: list[Any], g: int, target: torch.Tensor) -> None:
         assert isinstance(self.src, JacobianRows)
-        rows = self.ws.get("rows", (g, *self.out_shape, self.offsets[-1]), target)
+        rows = self.buffers.get("rows", (g, *self.out_shape, self.offsets[-1]), target)
         self.src.compute(xc, rows, g)
         flat = rows.view(g * self.outputs, -1)
         for p in self.plan.params:
             a, z = self.offsets[p.leaf], self.offsets[p.leaf + 1]
-            self.blocks[p.leaf].formed(flat[:, a:z], target.view(g * self.outputs, self.dim), self.ws)
+            self.blocks[p.leaf].formed(flat[:, a:z], target.view(g * self.outputs, self.dim), self.buffers)
 
     def whole_batch(self, x: list[Any]) -> torch.Tensor:
         """``vmap_axes=None``: the features of the batch as one unit, ``(*out, dim)`` (reverse-mode Jacobian)."""
@@ -243,7 +229,7 @@ class ProjectedRows:
         m = self.outputs
         out = torch.zeros(m, self.dim, dtype=self.problem.out_dtype, device=self.problem.device)
         for p in self.plan.params:
-            self.blocks[p.leaf].formed(jac[p.leaf].reshape(m, -1), out, self.ws)
+            self.blocks[p.leaf].formed(jac[p.leaf].reshape(m, -1), out, self.buffers)
         return out.view(*self.out_shape, self.dim)
 
     def _spans(self, g: int, per_sample_elements: int) -> Iterator[tuple[int, int]]:

@@ -18,6 +18,7 @@ width ``dim``) or stored features (:class:`~ntkfunc._engines.rows.stored.StoredR
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -147,6 +148,24 @@ class RowSource(Protocol):
 RowsFactory = Callable[[Problem, int, int, int], RowSource]
 """``rows(problem, n1, n2, budget) -> RowSource`` for a probed one-sample ``problem`` of a kernel of
 ``n1 x n2`` samples, whose contractions keep their intermediates within ``budget`` bytes."""
+
+
+CHUNK = 32
+"""Samples per batched gradient pass at most."""
+
+
+def chunk_size(budget: float, sample: SampleBytes) -> int:
+    """Samples per gradient pass: a quarter of ``budget`` bytes for the pass's transient memory, at most :data:`CHUNK`.
+
+    >>> chunk_size(4e6, SampleBytes(rows=0, kept=0, transient=100_000)), chunk_size(1e9, SampleBytes(0, 0, 1000))
+    (10, 32)
+    """
+    return max(1, min(CHUNK, int(0.25 * budget // max(sample.transient, 1))))
+
+
+def row_flops(problem: Problem, out_shape: tuple[int, ...]) -> float:
+    """FLOPs of one sample's rows: a forward pass and one backward (twice a forward) per output entry."""
+    return (1 + 2 * math.prod(out_shape)) * forward_flops(problem)
 
 
 def forward_flops(problem: Problem) -> float:

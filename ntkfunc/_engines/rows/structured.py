@@ -4,9 +4,9 @@ The structured engine's capture gives, from one batched pass (``vmap`` over the 
 ``jacrev`` with respect to zero probes at every parameter-consuming primitive, which batches
 like a plain backward because no weight gradient is asked of torch), the cotangents at every
 such primitive and its operands; each parameter's rule then forms its per-sample gradient in
-its slot of the buffer (convolutions: ``im2col`` into a reused workspace and one ``bmm`` per
-output component; linear layers: one ``bmm``; others: the rule's einsum, copied in; products
-go through a contiguous buffer, since ``bmm`` into a strided slot takes a far slower path). A
+its slot of the buffer (:meth:`~ntkfunc.rules.Rule.write_gradient`: convolutions by ``im2col``
+into reused buffers and one ``bmm`` per output component, linear layers by one ``bmm``; other
+rules decline and their einsum is copied in). A
 parameter consumed through a view (``W.T``, ``cls.expand(n, -1, -1)``) gets its rule's einsum
 composed with the view, in the parameter's own order; a tied one (used by several primitives)
 the sum of its uses'. Parameters without a rule, and views whose rows cannot be put in the
@@ -43,17 +43,16 @@ from typing import Any
 
 import torch
 
+from ntkfunc._core.buffers import Buffers
 from ntkfunc._core.memory import backward_transient, itemsize
 from ntkfunc._core.ops import transform_friendly_attention
 from ntkfunc._core.problem import Problem
 from ntkfunc._engines.rows.jacobian import JacobianRows
-from ntkfunc._engines.rows.source import Factors, Flops, RowSource, SampleBytes, Slots, block_size, chunks, forward_flops, out_shape, pair_flops
+from ntkfunc._engines.rows.source import Factors, Flops, RowSource, SampleBytes, Slots, block_size, chunks, out_shape, pair_flops, row_flops
 from ntkfunc._engines.structured import capture as capture_mod
 from ntkfunc._engines.structured import kernel as structured
 from ntkfunc._engines.structured import plan, routes, views
 from ntkfunc.rules import Structure
-from ntkfunc.rules.conv import Conv2d
-from ntkfunc.rules.linear import Linear
 
 
 class StructuredRows:
@@ -82,7 +81,7 @@ class StructuredRows:
         self.slots = Slots.of(problem, [k for k in range(len(problem.params.diff_leaves)) if k not in self.gram_params])
         self.fallback = sorted(self.cap.fallback)
         self.limit = structured.memory_limit(problem, budget)
-        self.workspace: dict[tuple, torch.Tensor] = {}  # im2col buffers, one per layer shape
+        self.buffers = Buffers()  # the rules' work buffers (im2col patches, products), reused from chunk to chunk
         self._flops: Flops | None = None
 
     def _gram_params(self, n1: int, n2: int, every: bool = False) -> dict[int, tuple[int, str]]:
@@ -105,7 +104,7 @@ class StructuredRows:
         size = itemsize(self.problem.out_dtype)
         o = math.prod(self.out_shape)
         kept = self._factors(self.problem, self._one_sample()).nbytes() if self.gram_params else 0
-        work = sum(self._workspace_numel().values()) * size
+        work = self._workspace_elements() * size
         fb = sum(self.problem.params.diff_leaves[k].numel() for k in self.fallback) * o * size
         return SampleBytes(o * self.slots.width * size, kept, backward_transient(self.problem) + work + fb)
 
@@ -141,22 +140,20 @@ class StructuredRows:
                 self._one = structured.side(self.problem, self.cap, 1, 0, 1)
         return self._one
 
-    def _workspace_numel(self) -> dict[tuple, int]:
-        """Per distinct convolution shape, the elements per sample of its padded input and patches."""
-        out: dict[tuple, int] = {}
+    def _workspace_elements(self) -> int:
+        """Elements per sample of the rules' work buffers (each buffer as large as its largest use)."""
+        need: dict[str, int] = {}
         for k in self.slots.leaves:
             if k not in self.cap.covered:
                 continue
-            ev = self.cap.events[self.cap.covered[k][0]]
-            if isinstance(ev.rule, Conv2d) and len(ev.meta["kernel"]) == 2:
-                w, y = ev.meta["weight_shape"], ev.y_shape[-3:]
-                (p0, _), (p1, _) = ev.meta["pads"]
-                c = w[1] * ev.meta["groups"]
-                out[("patches", c * math.prod(w[2:]), math.prod(y[1:]))] = c * math.prod(w[2:]) * math.prod(y[1:])
-                out[("grad", w[0] // ev.meta["groups"], math.prod(w[1:]))] = w[0] // ev.meta["groups"] * math.prod(w[1:])
-                (s0, s1) = ev.meta["stride"]
-                out[("padded", c, p0, p1, s0, s1, y[1:])] = c * (y[1] * s0 + 2 * p0 + 2) * (y[2] * s1 + 2 * p1 + 2)
-        return out
+            e, role = self.cap.covered[k]
+            ev = self.cap.events[e]
+            vm = ev.views.get(role)
+            if vm is not None and not vm.trivial:
+                continue  # formed by the einsum composed with its view
+            for name, n in ev.rule.gradient_workspace(role, ev.meta, ev.y_shape).items():
+                need[name] = max(need.get(name, 0), n)
+        return sum(need.values())
 
     def compute(self, x: list[Any], out: torch.Tensor, chunk: int) -> Factors | None:
         axes = self.problem.x_axes or []
@@ -195,99 +192,14 @@ class StructuredRows:
             view.copy_(jac) if i == 0 else view.add_(jac)
 
     def _fast(self, sd: structured.Side, e: int, role: str, view: torch.Tensor) -> bool:
-        """The bmm paths of convolutions and linear layers, for a parameter consumed as it is (no view)."""
+        """The rule's own per-sample gradient (:meth:`~ntkfunc.rules.Rule.write_gradient`), for a parameter consumed
+        as it is (no view); False where the rule declines."""
         ev = self.cap.events[e]
         vm = ev.views.get(role)
         if vm is not None and not vm.trivial:
             return False
-        if isinstance(ev.rule, Conv2d):
-            return self._conv2d(ev, role, sd.operands[e], sd.cot[0][e], view)
-        if isinstance(ev.rule, Linear):
-            return self._linear(role, sd.operands[e], sd.cot[0][e], view, ev.y_shape)
-        return False
-
-    def _conv2d(self, ev: capture_mod.Event, role: str, operands: list, cot: torch.Tensor, view: torch.Tensor) -> bool:
-        """``∂f/∂W`` of a 2-D convolution: ``im2col`` into a reused workspace, one ``bmm`` per output entry and group.
-
-        False when the call is outside this fast path (several images per sample, uneven padding).
-        """
-        meta = ev.meta
-        g, o = cot.shape[0], math.prod(self.out_shape)
-        y = ev.y_shape if not meta["unbatched"] else (1, *ev.y_shape)
-        if y[0] != 1:
-            return False
-        co, s = y[1], math.prod(y[2:])
-        c = cot.reshape(g, o, co, s)
-        v = view.view(g, o, view.shape[-1])
-        if role == "bias":
-            v.copy_(c.sum(-1))
-            return True
-        (xin,) = operands
-        if xin is None or xin.shape[0] != g:
-            return False  # an input shared by all samples: the rule's einsum
-        xin = xin.reshape(g, *xin.shape[-3:])
-        groups = meta["groups"]
-        ik = math.prod(meta["weight_shape"][1:]) * groups
-        ws = self._patches(xin, meta, y[2:])
-        cg, ig = co // groups, ik // groups
-        tmp = self._workspace("grad", (g, cg, ig), xin)
-        for j in range(o):
-            target = v[:, j].view(g, co, ig)
-            for q in range(groups):
-                # into a contiguous buffer, then one copy: bmm writing a strided slot directly takes a
-                # per-sample path, many times slower when the cores are shared
-                torch.bmm(c[:, j, q * cg : (q + 1) * cg], ws[:, q * ig : (q + 1) * ig].transpose(1, 2), out=tmp)
-                target[:, q * cg : (q + 1) * cg].copy_(tmp)
-        return True
-
-    def _patches(self, x: torch.Tensor, meta: dict[str, Any], out_hw: tuple[int, ...]) -> torch.Tensor:
-        """im2col of ``x`` ``(g, C, H, W)``: ``(g, C * kh * kw, H' * W')``, in reused buffers.
-
-        A strided copy from ``unfold`` views of the zero-padded input (several times faster than
-        ``aten::im2col`` on CPU); the padded input and the patches live in buffers reused from
-        call to call (a fresh allocation of this size page-faults on every use).
-        """
-        g, c, h, w = x.shape
-        (k0, k1), (s0, s1), (d0, d1) = meta["kernel"], meta["stride"], meta["dilation"]
-        (p0, _), (p1, _) = meta["pads"]
-        padded = self._workspace("padded", (g, c, h + 2 * p0, w + 2 * p1), x, zero=True)
-        padded[:, :, p0 : p0 + h, p1 : p1 + w].copy_(x)  # the border stays zero from the first use
-        u = padded.unfold(2, d0 * (k0 - 1) + 1, s0).unfold(3, d1 * (k1 - 1) + 1, s1)  # (g, C, H', W', span0, span1)
-        if d0 != 1 or d1 != 1:
-            u = u[..., ::d0, ::d1]
-        ws = self._workspace("patches", (g, c * k0 * k1, math.prod(out_hw)), x)
-        ws.view(g, c, k0, k1, *out_hw).copy_(u.permute(0, 1, 4, 5, 2, 3))
-        return ws
-
-    def _workspace(self, name: str, shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
-        """``shape[0]`` rows of a buffer kept per ``name`` and per-sample shape, reused from call to call."""
-        key = (name, shape[1:], like.dtype, like.device)
-        held = self.workspace.get(key)
-        if held is None or held.shape[0] < shape[0]:
-            held = torch.zeros(shape, dtype=like.dtype, device=like.device) if zero else torch.empty(shape, dtype=like.dtype, device=like.device)
-            self.workspace[key] = held
-        return held[: shape[0]]
-
-    def _linear(self, role: str, operands: list, cot: torch.Tensor, view: torch.Tensor, y_shape: tuple[int, ...]) -> bool:
-        """``∂f/∂W`` of ``x Wᵀ + b``: one ``bmm`` of cotangents and inputs over positions per output entry."""
-        g, o = cot.shape[0], math.prod(self.out_shape)
-        z = y_shape[-1]
-        c = cot.reshape(g, o, -1, z)  # (g, o, positions, out features)
-        v = view.view(g, o, view.shape[-1])
-        if role == "bias":
-            v.copy_(c.sum(2))
-            return True
-        (xin,) = operands
-        if xin is None or xin.shape[0] != g:
-            return False
-        xi = xin.reshape(g, -1, xin.shape[-1])  # (g, positions, in features)
-        if xi.shape[1] != c.shape[2]:
-            return False  # a broadcast input: the rule's einsum
-        tmp = self._workspace("grad", (g, z, xi.shape[-1]), xi)
-        for j in range(o):
-            torch.bmm(c[:, j].transpose(1, 2), xi, out=tmp)
-            v[:, j].view(g, z, xi.shape[-1]).copy_(tmp)
-        return True
+        out = view.view(view.shape[0], math.prod(self.out_shape), view.shape[-1])
+        return ev.rule.write_gradient(role, sd.operands[e], sd.cot[0][e], ev.meta, ev.y_shape, out, self.buffers)
 
     def _factors(self, pb: Problem, sd: structured.Side, params: dict[int, tuple[int, str]] | None = None) -> Factors:
         terms = []
@@ -298,9 +210,8 @@ class StructuredRows:
 
     def flops(self) -> Flops:
         if self._flops is None:
-            o = math.prod(self.out_shape)
             product = pair_flops(self.problem, self.out_shape, self.slots.width)
-            self._flops = Flops((1 + 2 * o) * forward_flops(self.problem), product, self.gram_flops)
+            self._flops = Flops(row_flops(self.problem, self.out_shape), product, self.gram_flops)
         return self._flops
 
     def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None:
@@ -324,7 +235,7 @@ def _packed(st: Structure) -> Structure:
 
 def jacobian_rows(problem: Problem, n1: int, n2: int, budget: int) -> RowSource:
     """Implementation 1's :data:`RowsFactory`."""
-    return JacobianRows(problem, n1, n2, budget)
+    return JacobianRows(problem)
 
 
 def structured_rows(problem: Problem, n1: int, n2: int, budget: int) -> RowSource:

@@ -49,8 +49,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ntkfunc._core.buffers import Buffers
 from ntkfunc._engines.sketch import seeds
-from ntkfunc._engines.sketch.buffers import Buffers
 
 
 def matrix_view(shape: Sequence[int]) -> tuple[int, int]:

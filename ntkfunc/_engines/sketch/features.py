@@ -43,7 +43,6 @@ class Featurizer:
         self.cache = KernelCache()
         self.cat_cache = KernelCache()
         self.tables: dict = {}
-        self.last_plan: Any = None
 
     def problem(self, x1: PyTree, x2: PyTree | None, params: PyTree, trace_axes: Any = (), diagonal_axes: Any = ()) -> Problem:
         """The checked problem of ``f`` (layouts, output structure) for these inputs."""
@@ -60,9 +59,7 @@ class Featurizer:
             fn = _concatenated(self.f, axes)
             vm: VMapAxes = None if axes is None else (x_axis, 0, {})
             rows_problem = make_problem(fn, x, None, params, vm, (), (), self.cat_cache, api=self.api)
-        src = ProjectedRows(rows_problem, self.kind, self.dim, self.seed, self.structured, self.tables)
-        self.last_plan = src.plan
-        return src
+        return ProjectedRows(rows_problem, self.kind, self.dim, self.seed, self.structured, self.tables)
 
     def features(self, p0: Problem, x: PyTree, params: PyTree) -> list[torch.Tensor]:
         """Features of ``x`` per output leaf of ``f`` (``p0`` gives the leaves' shapes)."""

@@ -26,8 +26,8 @@ import math
 
 import torch
 
+from ntkfunc._core.buffers import Buffers
 from ntkfunc._engines.sketch import seeds
-from ntkfunc._engines.sketch.buffers import Buffers
 
 BLOCK_ELEMENTS = 1 << 21
 """Numbers of ``Π`` per generated block (16 MiB in float64)."""

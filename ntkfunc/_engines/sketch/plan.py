@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Sequence
 
+from ntkfunc._core.pytree import display_name
 from ntkfunc._engines.sketch import countsketch
+from ntkfunc.rules import Factorable
 
 KINDS = ("countsketch", "tensorsketch", "gaussian")
 """The sketches a parameter can get (``Sketch(kind=...)`` also takes ``"auto"``)."""
@@ -46,15 +47,6 @@ Measured with ``python benchmarks/bench_sketch.py rates`` on the development mac
 cores): float32 GEMMs at ~150 GFLOP/s inside the per-layer products, ~2 GB/s of scattered
 element traffic, a length-8192 real FFT in ~14 us. Only their ratios matter to ``auto``.
 """
-
-
-@dataclasses.dataclass(frozen=True)
-class Factorable:
-    """A parameter whose per-sample gradient is ``Σ_s c_s x_sᵀ`` (rows ``R``, columns ``D``, ``S`` positions)."""
-
-    rows: int
-    cols: int
-    positions: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,12 +137,6 @@ def fft_seconds(fac: Factorable, outputs: int, dim: int) -> float:
 
 
 # --- resolution ----------------------------------------------------------------------------------
-
-
-def display_name(path: str) -> str:
-    """A pytree path as ``explain`` prints it: ``"['enc']['w']"`` -> ``"enc.w"``, ``"[0][1]"`` -> ``"0.1"``."""
-    parts = re.findall(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)", path)
-    return ".".join(a or b or c for a, b, c in parts) or path
 
 
 def resolve(kind: str, dim: int, seed: int, names: Sequence[str], shapes: Sequence[tuple[int, ...]], outputs: int,

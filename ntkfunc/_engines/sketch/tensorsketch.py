@@ -32,8 +32,8 @@ import dataclasses
 
 import torch
 
+from ntkfunc._core.buffers import Buffers
 from ntkfunc._engines.sketch import seeds
-from ntkfunc._engines.sketch.buffers import Buffers
 
 
 @dataclasses.dataclass

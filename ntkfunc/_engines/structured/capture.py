@@ -63,13 +63,14 @@ def op_name(func: Any) -> str:
 class Event:
     """One captured primitive call: ``roles`` maps a rule role to a parameter index.
 
+    ``meta``: the rule's settings of this call (its own dataclass, read only by the rule).
     ``views``: for the roles whose tensor is a view of the parameter, how it addresses it.
     """
 
     func: Any
     rule: rules.Rule
     roles: dict[str, int]
-    meta: dict[str, Any]
+    meta: rules.Meta
     y_shape: tuple[int, ...]
     y_dtype: torch.dtype
     views: dict[str, views.ViewMap] = dataclasses.field(default_factory=dict)

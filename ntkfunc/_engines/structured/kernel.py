@@ -336,7 +336,7 @@ def block_size(problem: Problem, cap: Capture, budget: int) -> int:
         return 1
     o = outputs_per_sample(problem)
     ys = sum(math.prod(e.y_shape) for e in cap.events)
-    kvol = sum(math.prod(e.meta.get("kernel", (1,))) * math.prod(e.y_shape) for e in cap.events)
+    kvol = sum(e.rule.window_size(e.meta) * math.prod(e.y_shape) for e in cap.events)
     fb = sum(problem.params.diff_leaves[k].numel() for k in cap.fallback)
     per_sample = itemsize(problem.out_dtype) * (o * (ys + fb) + 2 * kvol)
     n_max = max(problem.n1, problem.n2)

@@ -247,7 +247,7 @@ def relabel(s: Structure, theta: str) -> Structure:
     )
 
 
-def use_structure(rule: rules.Rule, role: str, operands: Sequence[torch.Tensor | None], meta: dict[str, Any],
+def use_structure(rule: rules.Rule, role: str, operands: Sequence[torch.Tensor | None], meta: rules.Meta,
                   y_shape: tuple[int, ...], vm: ViewMap | None, tied: bool, theta_shape: Sequence[int]) -> Structure:
     """One use's checked structure of ``∂y/∂θ``: the rule's, composed with its view (:func:`compose`)."""
     st = compose(rule.structure(role, operands, meta, y_shape), vm, tied=tied)

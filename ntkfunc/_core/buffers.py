@@ -1,12 +1,23 @@
-"""Work buffers kept from call to call (a fresh allocation of tens of MB page-faults on every use)."""
+"""Work buffers kept from call to call (a fresh allocation of tens of MB page-faults on every use).
+
+One class for every reused buffer: the rules' per-sample gradient paths (im2col patches, the
+padded input, the product's contiguous target), the sketches' permuted factors and FFT inputs,
+and the formed gradients a sketch projects.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Hashable
 
 import torch
 
 
 class Buffers:
     """Named buffers, grown on demand and reused: ``get(name, shape, like)`` is a view of the first elements.
+
+    One flat buffer per name (and dtype and device), as large as the largest request so far:
+    layers of different shapes share it, and its views are contiguous (``out=`` targets of
+    ``bmm``). Two views in use at once need two names.
 
     >>> b = Buffers()
     >>> x = b.get("u", (2, 3), torch.ones(1))
@@ -18,7 +29,7 @@ class Buffers:
     def __init__(self) -> None:
         self._held: dict[tuple, torch.Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
+    def get(self, name: Hashable, shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
         """A ``shape`` view of buffer ``name`` (dtype and device of ``like``); zero-filled if ``zero``."""
         n = 1
         for d in shape:
