@@ -46,14 +46,14 @@ def main() -> None:
     torch.set_num_threads(1)
     f, params, x = build(args.scale)
     computed = []
-    original = runner.Runner._commit
+    original = runner.Runner.commit
 
     def commit(self, tile, block, bar, seconds):  # count tiles (and slow them down, to be killed mid-run)
         original(self, tile, block, bar, seconds)
         computed.append(tile.key)
         time.sleep(args.sleep)
 
-    runner.Runner._commit = commit
+    runner.Runner.commit = commit
     ntkfunc.kernel_matrix(f, params, x, trace_axes=(), out=args.out, batch_size=args.batch_size, progress=False)
     rank = int(os.environ.get("RANK", "0"))
     if args.result:  # also the in-memory result, saved by rank 0

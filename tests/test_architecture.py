@@ -261,3 +261,75 @@ def test_one_work_buffer_class():
     assert defs == ["ntkfunc._core.buffers"]
     text = {m: p.read_text() for m, p in _modules()}
     assert not [m for m, t in text.items() if "workspace: dict" in t or "def _workspace(" in t]
+
+
+# --- issue 20: one writer ---
+
+
+def _dataset_modules() -> dict[str, str]:
+    return {m: p.read_text() for m, p in _modules() if m.startswith("ntkfunc._dataset")}
+
+
+def _where(pattern: str) -> list[str]:
+    import re
+
+    return sorted(m for m, t in _dataset_modules().items() if re.search(pattern, t, re.MULTILINE))
+
+
+def test_one_implementation_of_each_piece_of_the_writer():
+    """Kernel outputs and features files share one file format, one lock, one rank-0 open and one runner."""
+    assert _where(r"^def atomic_write\(") == ["ntkfunc._dataset.fileformat"]
+    assert _where(r"^def _checksum\(") == ["ntkfunc._dataset.fileformat"]  # the manifest's checksum
+    assert _where(r"\bFORMAT = ") == ["ntkfunc._dataset.fileformat"]
+    assert _where(r"^def numpy_dtype\(|_NUMPY = ") == ["ntkfunc._dataset.fileformat"]
+    assert _where(r"os\.fsync\(") == ["ntkfunc._dataset.fileformat", "ntkfunc._dataset.npyfile", "ntkfunc._dataset.store"]
+    assert _where(r"^(?!\s*>>>).*OutputLock\.acquire\(") == ["ntkfunc._dataset.store"]  # one lock, taken by the one writer (doctests aside)
+    assert _where(r"broadcast_int\(0\)") == ["ntkfunc._dataset.distributed"]  # one rank-0 open (Ranks.rank0_first)
+    assert _where(r"rank0_first\(") == ["ntkfunc._dataset.distributed", "ntkfunc._dataset.store"]
+    assert _where(r"threading\.Thread\(") == ["ntkfunc._dataset.runner"]  # one thread pool, one background committer
+    assert _where(r"queue\.Queue\b") == ["ntkfunc._dataset.runner"]
+    assert _where(r"np\.memmap\(|open_memmap\(") == ["ntkfunc._dataset.fileformat", "ntkfunc._dataset.npyfile", "ntkfunc._dataset.store"]
+    from ntkfunc._dataset import features
+
+    assert not [n for n in ("FeatureStore", "_run", "_open") if hasattr(features, n)]
+
+
+def test_the_runner_calls_declared_capabilities_only():
+    """No capability probing in the runner; the background committer calls the runner's public commit."""
+    from ntkfunc._dataset import panels, runner
+
+    text = (PACKAGE / "_dataset" / "runner.py").read_text()
+    assert "hasattr(" not in text and "getattr(" not in text
+    private = [n.attr for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Attribute)
+               and isinstance(n.value, ast.Attribute) and n.value.attr == "runner" and n.attr.startswith("_")]
+    assert not private, private
+    declared = {"tile", "tiles", "release"}
+    assert declared <= set(vars(panels.TileKernel))
+    for kernel in (panels.RowPanels, panels.PerTileKernel):
+        assert all(callable(getattr(kernel, n, None)) for n in declared), kernel
+    assert callable(runner.Runner.commit)
+
+
+def test_the_pipeline_plans_rows_instead_of_faking_an_engine():
+    """No engine record is copied with another ``rows`` (or any field): a sketch plans a row source."""
+    from ntkfunc._engines import Engine
+
+    engine_fields = {f.name for f in dataclasses.fields(Engine)}
+    offences = []
+    for module, path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("dataclasses.replace", "replace") and node.args:
+                target = ast.unparse(node.args[0]).lower()
+                if "engine" in target or engine_fields & {k.arg for k in node.keywords if k.arg} - {"kernel"}:
+                    offences.append(f"{module}: {ast.unparse(node)}")
+    assert not offences, offences
+    pipeline_text = (PACKAGE / "_dataset" / "pipeline.py").read_text()
+    assert ".manifest[" not in pipeline_text  # the store records what the run found (finish(record=...))
+
+
+def test_a_job_has_one_field_per_fact():
+    from ntkfunc._dataset.job import Job
+
+    names = {f.name for f in dataclasses.fields(Job)}
+    assert not names & {"fn", "sketch_record", "rows_data"}, names
+    assert len(names) <= 11

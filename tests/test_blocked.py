@@ -414,7 +414,7 @@ def test_devices_split_tiles_over_workers(monkeypatch, impl):
 
     def work(self, engine, jobs, dev, bar, commits, stop):
         taken = list(jobs)
-        panels_seen.append(sorted({self.plan.panel_of(t.i0) for job in taken for t in job}))
+        panels_seen.append(sorted({self.work.plan.panel_of(t.i0) for job in taken for t in job}))
         return original(self, engine, iter(taken), dev, bar, commits, stop)
 
     monkeypatch.setattr(runner.Runner, "_work", work)
@@ -433,20 +433,20 @@ def test_devices_split_tiles_over_workers(monkeypatch, impl):
 def test_memory_budget_decides_the_tiles():
     f, params, x1, _ = _mlp(n1=40)
     seen = []
-    original = runner.Runner._commit
+    original = runner.Runner.commit
 
     def commit(self, t, block, bar, seconds):
         seen.append(t)
         return original(self, t, block, bar, seconds)
 
     try:
-        runner.Runner._commit = commit
+        runner.Runner.commit = commit
         big = kernel_matrix(f, params, x1, implementation=1, memory_budget="1GB", progress=False)
         n_big = len(seen)
         seen.clear()
         small = kernel_matrix(f, params, x1, implementation=1, memory_budget=150_000, progress=False)
     finally:
-        runner.Runner._commit = original
+        runner.Runner.commit = original
     assert n_big == 1 and len(seen) > 3
     assert max_rel_err(small, big) <= 1e-12
 

@@ -35,7 +35,7 @@ class _Stop(Exception):
 
 
 def _stopped_after(monkeypatch, n, *args, **kwargs):
-    original, done = runner.Runner._commit, []
+    original, done = runner.Runner.commit, []
 
     def commit(self, *a):
         if len(done) == n:
@@ -43,10 +43,10 @@ def _stopped_after(monkeypatch, n, *args, **kwargs):
         original(self, *a)
         done.append(1)
 
-    monkeypatch.setattr(runner.Runner, "_commit", commit)
+    monkeypatch.setattr(runner.Runner, "commit", commit)
     with pytest.raises(_Stop):
         kernel_matrix(*args, progress=False, **kwargs)
-    monkeypatch.setattr(runner.Runner, "_commit", original)
+    monkeypatch.setattr(runner.Runner, "commit", original)
 
 
 def test_another_activation_with_the_same_params_is_refused(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ class _Interrupt(Exception):
 
 def _interrupted(monkeypatch, after, *args, **kwargs):
     """kernel_matrix(*args, **kwargs) stopped after ``after`` committed tiles, as a kill would."""
-    original, count = runner.Runner._commit, []
+    original, count = runner.Runner.commit, []
 
     def commit(self, *a):
         if len(count) == after:
@@ -47,10 +47,10 @@ def _interrupted(monkeypatch, after, *args, **kwargs):
         original(self, *a)
         count.append(1)
 
-    monkeypatch.setattr(runner.Runner, "_commit", commit)
+    monkeypatch.setattr(runner.Runner, "commit", commit)
     with pytest.raises(_Interrupt):
         kernel_matrix(*args, progress=False, **kwargs)
-    monkeypatch.setattr(runner.Runner, "_commit", original)
+    monkeypatch.setattr(runner.Runner, "commit", original)
 
 
 def _files(out):

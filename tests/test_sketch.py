@@ -420,7 +420,7 @@ def test_features_are_written_once_reused_and_checked(tmp_path, monkeypatch):
     from ntkfunc._dataset import features as featuring
 
     calls = []
-    real = featuring.FeatureStore.commit
+    real = featuring.Chunks.writes  # what the runner commits of each chunk
 
     def counting(self, c, block):
         calls.append(c)
@@ -428,7 +428,7 @@ def test_features_are_written_once_reused_and_checked(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(self, c, block)
 
-    monkeypatch.setattr(featuring.FeatureStore, "commit", counting)
+    monkeypatch.setattr(featuring.Chunks, "writes", counting)
     monkeypatch.setenv("_FAIL_ONCE", "1")
     with pytest.raises(KeyboardInterrupt):
         ntkfunc.kernel_matrix(f, params, x, sketch=sketch, out=out, batch_size=10, progress=False)
@@ -455,17 +455,61 @@ def test_features_are_written_once_reused_and_checked(tmp_path, monkeypatch):
     mm.flush()
     del mm
     calls.clear()
-    with pytest.warns(RuntimeWarning, match=r"chunks \[1\] do not match their recorded hashes"):
+    with pytest.warns(RuntimeWarning, match=r"1 committed chunk\(s\) \['1'\] of features-.*\.npy do not match their markers"):
         ntkfunc.kernel_matrix(f, params, x, sketch=sketch, features=out.parent / "K.npy.features", progress=False)
     assert calls == [1]
 
-    # a foreign features file (other fingerprint under the same name) is refused, with what changed
+    # an edited manifest is refused; a foreign features file (other fingerprint under the same name) too, with what changed
+    from ntkfunc._dataset.fileformat import FEATURES, OutputFiles, write_manifest
+
     mpath = Path(str(path) + ".manifest.json")
     man = json.loads(mpath.read_text())
     man["fingerprint"]["data"] = "0" * 64
     mpath.write_text(json.dumps(man))
+    with pytest.raises(ValueError, match=r"features-.*\.npy\.manifest\.json does not match its checksum"):
+        ntkfunc.kernel_matrix(f, params, x, sketch=sketch, features=out.parent / "K.npy.features", progress=False)
+    write_manifest(OutputFiles(path, FEATURES), {k: v for k, v in man.items() if k != "checksum"})
     with pytest.raises(ValueError, match=r"features file .* was computed with different data"):
         ntkfunc.kernel_matrix(f, params, x, sketch=sketch, features=out.parent / "K.npy.features", progress=False)
+
+
+def test_features_files_of_an_earlier_format_are_refused(tmp_path):
+    """Features files written before they shared the kernel's format (format 1: no checksum, other markers) are never reused."""
+    f, params, x1, _ = _cnn(torch.float32)
+    sketch = ntkfunc.Sketch(64, seed=0)
+    folder = tmp_path / "feats"
+    k = ntkfunc.kernel_matrix(f, params, x1, sketch=sketch, features=folder, progress=False)
+    (path,) = folder.glob("features-*.npy")
+    mpath = Path(str(path) + ".manifest.json")
+    man = json.loads(mpath.read_text())
+    old = {"format": 1, "shape": man["shape"], "dtype": man["dtype"], "chunk": 256, "fingerprint": man["fingerprint"], "complete": True}
+    mpath.write_text(json.dumps(old))  # as the features stage wrote it before
+    with pytest.raises(ValueError, match=r"^kernel_matrix\(features='.*feats'\): features-.*\.npy\.manifest\.json has format 1; "
+                                         r"expected format 2 \(written by an earlier ntkfunc: start over with resume=False"):
+        ntkfunc.kernel_matrix(f, params, x1, sketch=sketch, features=folder, progress=False)
+    torch.testing.assert_close(ntkfunc.kernel_matrix(f, params, x1, sketch=sketch, features=folder, resume=False, progress=False), k)
+    assert json.loads(mpath.read_text())["format"] == 2
+
+
+def test_features_on_several_devices_are_the_same_file(tmp_path, monkeypatch):
+    """Chunks taken by two workers (the kernel's runner), each with its own source on a problem built as the pipeline's
+    (problem_on); two workers on one device never share a source's workspaces."""
+    from ntkfunc._dataset import features as featuring
+
+    f, params, x1, _ = _cnn(torch.float32)
+    x = torch.cat([x1] * 4)  # 28 samples
+    sketch = ntkfunc.Sketch(64, seed=2)
+    monkeypatch.setattr(featuring, "CHUNK_SAMPLES", 4)
+    built, real = [], featuring.problem_on
+    monkeypatch.setattr(featuring, "problem_on", lambda job, dev, p: built.append(dev) or real(job, dev, p))
+    one = ntkfunc.kernel_matrix(f, params, x, sketch=sketch, features=tmp_path / "one", progress=False)
+    assert built == []  # one device: the probed problem
+    two = ntkfunc.kernel_matrix(f, params, x, sketch=sketch, features=tmp_path / "two", devices=["cpu", "cpu"], progress=False)
+    assert built == [torch.device("cpu")] * 2
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+    (a,), (b,) = (tmp_path / "one").glob("features-*.npy"), (tmp_path / "two").glob("features-*.npy")
+    torch.testing.assert_close(torch.from_numpy(np.load(b)), torch.from_numpy(np.load(a)), rtol=1e-6, atol=1e-6)
+    assert len(list(Path(str(b) + ".chunks").iterdir())) == 7
 
 
 def test_kernel_output_of_another_sketch_is_not_resumed(tmp_path):
@@ -519,7 +563,7 @@ def test_features_of_another_function_are_not_reused(tmp_path):
 
     ntkfunc.kernel_matrix(g, w, x, sketch=sketch, features=folder, progress=False)
     scale[0] = 2.0
-    with pytest.raises(ValueError, match=r"computed by a function that gives other outputs on the same samples"):
+    with pytest.raises(ValueError, match=r"features file features-.*\.npy was computed with different f \(its outputs or gradients"):
         ntkfunc.kernel_matrix(g, w, x, sketch=sketch, features=folder, progress=False)
     k = ntkfunc.kernel_matrix(g, w, x, sketch=sketch, features=folder, resume=False, progress=False)
     torch.testing.assert_close(k, ntkfunc.sketched_ntk_fn(g, sketch)(x, None, w), rtol=1e-5, atol=1e-5)

@@ -17,8 +17,8 @@ import dataclasses
 import datetime
 import gc
 import os
-from collections.abc import Sequence
-from typing import Union
+from collections.abc import Callable, Sequence
+from typing import TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from ntkfunc._core.pytree import tree_leaves, tree_map
 from ntkfunc._core.types import PyTree
 
 Devices = Union[None, str, torch.device, Sequence[str | torch.device]]
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,24 @@ class Ranks:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return int(box[0])
+
+    def rank0_first(self, first: Callable[[], T], then: Callable[[], T], failed: str) -> T:
+        """``first()`` on rank 0; the other ranks wait for it, then call ``then()``.
+
+        If rank 0 fails, the others raise ``RuntimeError(failed)`` instead of waiting forever
+        (rank 0 raises its own error). How every file is opened: rank 0 creates or reopens it
+        under its lock, the others reopen what it made.
+        """
+        result = None
+        if self.rank == 0:
+            try:
+                result = first()
+            except BaseException:
+                self.broadcast_int(0)  # let the other ranks stop instead of waiting
+                raise
+        if not self.broadcast_int(1):
+            raise RuntimeError(failed)
+        return then() if result is None else result
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -27,8 +27,9 @@ import torch
 from ntkfunc._core.checks import FINGERPRINT_ATTR
 from ntkfunc._core.hashing import tensor_digest
 from ntkfunc._core.problem import Problem
-from ntkfunc._core.types import ApplyFn, PyTree
+from ntkfunc._core.types import ApplyFn
 from ntkfunc._dataset.data import Samples
+from ntkfunc._dataset.job import Job, Shape
 from ntkfunc._engines import Engine, Implementation
 
 PROBE_KEY = "probe"
@@ -36,23 +37,29 @@ _FREQUENCIES = (0.7548776662466927, 0.5698402909980532, 0.9362712478923217, 0.32
 _CHUNK = 1 << 20
 
 
-def job_fingerprint(
-    fn: ApplyFn, params: PyTree, problem: Problem, s1: Samples, s2: Samples | None, trace: tuple, diag: tuple,
-    pntk: bool, engine: Engine, kshape: tuple,
-) -> dict[str, Any]:
-    """The function, params, data, settings and kernel shape, as recorded in the manifest."""
-    return {
-        **function_identity(fn, problem),
-        PROBE_KEY: probe_fingerprint(problem, s1),
-        "x1": s1.fingerprint(),
-        "x2": None if s2 is None else s2.fingerprint(),
-        "trace_axes": list(trace),
-        "diagonal_axes": list(diag),
-        "pntk": bool(pntk),
-        "implementation": _implementation_name(engine),
-        "kernel_shape": list(kshape),
+def job_fingerprint(job: Job, shape: Shape, sketch: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The function, params, data, settings and kernel shape, as recorded in the manifest.
+
+    ``sketch``: the resolved sketch of ``sketch=`` (kind, dim, seed and the kind of every parameter).
+    """
+    problem = shape.problem
+    fingerprint = {
+        **function_identity(job.f, problem),
+        PROBE_KEY: probe_fingerprint(problem, job.s1),
+        "x1": job.s1.fingerprint(),
+        "x2": None if job.symmetric else job.s2.fingerprint(),
+        "trace_axes": list(job.trace),
+        "diagonal_axes": list(job.diag),
+        "pntk": bool(job.pntk),
+        "implementation": _implementation_name(job.engine),
+        "kernel_shape": list(shape.kshape),
         "dtype": str(problem.out_dtype),
     }
+    if job.precision != "highest":  # reduced-precision products differ from IEEE ones: never mixed in one file
+        fingerprint["precision"] = job.precision
+    if sketch is not None:
+        fingerprint["sketch"] = sketch
+    return fingerprint
 
 
 def function_identity(fn: ApplyFn, problem: Problem) -> dict[str, Any]:

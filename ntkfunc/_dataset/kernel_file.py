@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ntkfunc._dataset import npyfile
-from ntkfunc._dataset.store import OutputFiles, entries_covered, marker_matches, open_values, read_manifest, read_marker
+from ntkfunc._dataset.fileformat import OutputFiles, entries_covered, marker_matches, open_values, read_manifest, read_marker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,17 +70,17 @@ def verify_kernel(path: str | os.PathLike[str], *, data: bool = True, api: str =
     shape, dtype = tuple(manifest["shape"]), np.dtype(manifest["dtype"])
     file_id = str(manifest["file"])
     if not manifest.get("complete"):
-        done = sum(1 for p in files.tiles.iterdir() if read_marker(p, file_id, shape) is not None) if files.tiles.exists() else 0
+        done = sum(1 for p in files.markers.iterdir() if read_marker(p, file_id, shape) is not None) if files.markers.exists() else 0
         raise ValueError(
             f"{what}: the kernel is incomplete ({done} tiles committed to {files.partial.name} so far); expected a "
             "finished kernel: run the same kernel_matrix call (or ntkfunc compute) again to resume it"
         )
     header = npyfile.check(files.out, shape, dtype, what)
     keys = list(manifest.get("tiles", []))
-    markers = [read_marker(files.tiles / k, file_id, shape) for k in keys]
+    markers = [read_marker(files.markers / k, file_id, shape) for k in keys]
     missing = [k for k, m in zip(keys, markers) if m is None]
     if missing:
-        raise ValueError(f"{what}: {len(missing)} of {len(keys)} tiles have no valid marker in {files.tiles.name}/ "
+        raise ValueError(f"{what}: {len(missing)} of {len(keys)} tiles have no valid marker in {files.markers.name}/ "
                          f"({missing[:5]}); expected one per tile (the markers were removed or edited)")
     covered = entries_covered(m for m in markers if m is not None)
     if covered != math.prod(shape):

@@ -1,8 +1,8 @@
-"""One writer per output: an advisory lock on ``<out>.lock`` that dies with its process.
+"""One writer per file: an advisory lock on ``<out>.lock`` that dies with its process.
 
-The process that creates or resumes an output (rank 0 of a ``torchrun`` job, whose other
-ranks write under its lock) holds an exclusive ``flock`` on ``<out>.lock`` until its
-``kernel_matrix`` call returns. A second writer, in another process or another thread, is
+The process that creates or resumes a file (a kernel output or a features file; rank 0 of a
+``torchrun`` job, whose other ranks write under its lock) holds an exclusive ``flock`` on
+``<out>.lock`` until it is done with it (a kernel output: until its ``kernel_matrix`` call returns). A second writer, in another process or another thread, is
 refused at once with the holder's pid. The operating system drops the lock when the
 holder dies, SIGKILL included, so a killed run never blocks its resume. The lock file
 stays on disk (deleting it would let two writers lock two different files); it holds the
@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+
+from ntkfunc._dataset.fileformat import KERNEL, Content
 
 try:
     import fcntl
@@ -44,8 +46,8 @@ class OutputLock:
         return Path(str(out) + ".lock")
 
     @classmethod
-    def acquire(cls, out: str | os.PathLike[str], api: str) -> OutputLock:
-        """Take the lock of ``out`` or raise a RuntimeError naming the process that holds it."""
+    def acquire(cls, out: str | os.PathLike[str], api: str, content: Content = KERNEL) -> OutputLock:
+        """Take the lock of ``out`` (a file holding ``content``) or raise a RuntimeError naming the process that holds it."""
         path = cls.path_for(out)
         if fcntl is None:  # pragma: no cover - not POSIX
             return cls(None, path)
@@ -56,8 +58,8 @@ class OutputLock:
             holder = _read_holder(fd)
             os.close(fd)
             raise RuntimeError(
-                f"{api}(out={str(out)!r}): another writer ({holder}) holds {path.name}; expected one writer per "
-                "output: wait until it finishes (then resume), or choose another out"
+                f"{content.what(out, api)}: another writer ({holder}) holds {path.name}; expected one writer per "
+                f"{content.noun}: wait until it finishes (then resume), or {content.elsewhere}"
             ) from None
         except BaseException:
             os.close(fd)

@@ -1,4 +1,4 @@
-"""The ``.npy`` file a kernel is written into: created with its blocks reserved, checked before reuse.
+"""The ``.npy`` file a kernel (or features file) is written into: created with its blocks reserved, checked before reuse.
 
 - :func:`create` writes the header and reserves the data's disk blocks (``posix_fallocate``),
   so that a full disk is an ``OSError`` naming the size needed when the run starts, not a
@@ -39,8 +39,10 @@ class Header:
         return self.offset + math.prod(self.shape) * self.dtype.itemsize
 
 
-def create(path: Path, shape: tuple[int, ...], dtype: Any, api: str) -> Header:
+def create(path: Path, shape: tuple[int, ...], dtype: Any, api: str, arg: str = "out", noun: str = "kernel file") -> Header:
     """A new ``.npy`` of zeros at ``path``, its data blocks reserved on disk.
+
+    A full disk is an OSError starting ``api(arg=...): no room for the <noun> <name>``.
 
     >>> import tempfile
     >>> p = Path(tempfile.mkdtemp()) / "K.npy.partial"
@@ -64,9 +66,10 @@ def create(path: Path, shape: tuple[int, ...], dtype: Any, api: str) -> Header:
             free = shutil.disk_usage(path.parent).free
             raise OSError(
                 err.errno,
-                f"{api}(out=...): no room for the kernel file {path.name}: it needs {fmt_bytes(header.size)} "
+                f"{api}({arg}=...): no room for the {noun} {path.name}: it needs {fmt_bytes(header.size)} "
                 f"({header.size:,} bytes) and {path.parent} has {fmt_bytes(free)} free ({os.strerror(err.errno)}); "
-                "expected enough free space (free some, or choose an out on another filesystem)",
+                f"expected enough free space (free some, or choose {'an out' if arg == 'out' else f'a {arg}= folder'} "
+                "on another filesystem)",
             ) from err
         if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # cannot reserve here: stay sparse
             raise

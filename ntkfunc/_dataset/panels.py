@@ -1,15 +1,17 @@
-"""How one tile of a whole-dataset kernel is computed.
+"""How one tile of a whole-dataset kernel is computed: the :class:`TileKernel` the runner calls.
 
-- :class:`RowPanels` (engines with per-sample rows, :class:`ntkfunc._engines.rows.source.RowSource`):
-  rows of the current panel's x1 blocks live in ONE preallocated buffer
-  ``(panel * block, *out, P)``, reused for every panel (fresh allocations of this size would
-  page-fault on every use); x2 blocks are computed into a second reused buffer. All tiles of
-  one x2 block within a panel are ONE matrix product of the panel rows with that block (at
-  the ``precision`` of the run); Gram-route parameters add their factor contractions per tile.
+- :class:`RowPanels` (per-sample rows, :class:`ntkfunc._engines.rows.source.RowSource`: an
+  engine's gradients, or the stored features of ``sketch=``): rows of the current panel's x1
+  blocks live in ONE preallocated buffer ``(panel * block, *out, P)``, reused for every panel
+  (fresh allocations of this size would page-fault on every use); x2 blocks are computed into a
+  second reused buffer. All tiles of one x2 block within a panel are ONE matrix product of the
+  panel rows with that block (at the ``precision`` of the run); Gram-route parameters add their
+  factor contractions per tile.
 - :class:`PerTileKernel` (any engine): ``ntk_fn`` on the tile's samples.
 
-Both expose ``tile(t) -> kernel block`` (already divided by the trace size); the panels also
-``tiles(ts)`` for a run of tiles that share one x2 block.
+Both give ``tile(t) -> kernel block`` (already divided by the trace size), ``tiles(ts)`` for a
+run of tiles that share one x2 block, and ``release()`` of their buffers after a CUDA
+out-of-memory error.
 """
 
 from __future__ import annotations
@@ -19,21 +21,30 @@ from typing import Protocol
 
 import torch
 
-from ntkfunc._core.layout import Layout
 from ntkfunc._core.tiles import Tile
-from ntkfunc._core.types import ApplyFn, PyTree
+from ntkfunc._core.types import PyTree
 from ntkfunc._dataset.data import Samples
+from ntkfunc._dataset.job import Job, Shape
 from ntkfunc._dataset.plan import DatasetPlan
 from ntkfunc._dataset.precision import product
-from ntkfunc._engines import Engine
 from ntkfunc._engines.rows.source import Factors, RowSource
 from ntkfunc.ntk import ntk_fn
 
 
 class TileKernel(Protocol):
-    """What the runner asks for: one tile's kernel block."""
+    """What the runner calls (:class:`ntkfunc._dataset.runner.Tiles`)."""
 
-    def tile(self, t: Tile) -> torch.Tensor: ...
+    def tile(self, t: Tile) -> torch.Tensor:
+        """One tile's kernel block (any tile: a CUDA out-of-memory split gives sub-tiles)."""
+        ...
+
+    def tiles(self, ts: Sequence[Tile]) -> list[torch.Tensor]:
+        """The blocks of consecutive tiles of one x2 block (a group of the runner)."""
+        ...
+
+    def release(self) -> None:
+        """Drop what is held across tiles (after a CUDA out-of-memory error)."""
+        ...
 
 
 class RowPanels:
@@ -45,11 +56,11 @@ class RowPanels:
     """
 
     def __init__(self, source: RowSource, sources: tuple[Samples, Samples], plan: DatasetPlan, device: torch.device,
-                 symmetric: bool, n1: int, layout: Layout, trace_size: int, dtype: torch.dtype, storage: torch.dtype) -> None:
+                 shape: Shape, symmetric: bool, storage: torch.dtype) -> None:
         self.source, self.sources, self.plan, self.device = source, sources, plan, device
-        self.symmetric, self.n1, self.layout, self.trace_size = symmetric, n1, layout, trace_size
-        self.dtype, self.storage = dtype, storage
-        self.pos = layout.batch_positions()
+        self.symmetric, self.n1, self.layout, self.trace_size = symmetric, shape.n1, shape.layout, shape.trace_size
+        self.dtype, self.storage = shape.dtype, storage
+        self.pos = self.layout.batch_positions()
         self.row_shape = (*source.out_shape, source.slots.width)
         self.buf: torch.Tensor | None = None  # the panel's rows
         self.col: torch.Tensor | None = None  # the streamed block's rows
@@ -59,7 +70,7 @@ class RowPanels:
         self.stream_key: tuple[int, int] | None = None
         self.stream_factors: Factors | None = None
         self.rows_computed = 0
-        b = plan.block
+        b, n1 = plan.block, shape.n1
         self.n_blocks = -(-n1 // b)
         n_panels = plan.panel_of((self.n_blocks - 1) * b) + 1 if plan.panel else 0
         spans = [plan.panel_blocks(p, self.n_blocks) for p in range(n_panels)]
@@ -180,10 +191,10 @@ class RowPanels:
 class PerTileKernel:
     """Any engine: ``ntk_fn`` on the tile's samples (the engine tiles further if needed)."""
 
-    def __init__(self, f: ApplyFn, params: PyTree, sources: tuple[Samples, Samples], engine: Engine, trace: tuple, diag: tuple,
-                 budget: int, device: torch.device, symmetric: bool) -> None:
-        self.kernel = ntk_fn(f, trace, diag, 0, engine.implementation, memory_budget=budget, nonfinite="ignore")  # the runner checks
-        self.params, self.sources, self.device, self.symmetric = params, sources, device, symmetric
+    def __init__(self, job: Job, params: PyTree, budget: int, device: torch.device) -> None:
+        self.kernel = ntk_fn(job.fn, job.trace, job.diag, 0, job.engine.implementation, memory_budget=budget,
+                             nonfinite="ignore")  # the runner checks
+        self.params, self.sources, self.device, self.symmetric = params, (job.s1, job.s2), device, job.symmetric
 
     def tile(self, t: Tile) -> torch.Tensor:
         x1 = self.sources[0].get(t.i0, t.i1).to(self.device)
@@ -191,3 +202,9 @@ class PerTileKernel:
             return self.kernel(x1, None, self.params)
         src = self.sources[0] if self.symmetric else self.sources[1]
         return self.kernel(x1, src.get(t.j0, t.j1).to(self.device), self.params)
+
+    def tiles(self, ts: Sequence[Tile]) -> list[torch.Tensor]:
+        return [self.tile(t) for t in ts]
+
+    def release(self) -> None:
+        """Nothing is held across tiles."""

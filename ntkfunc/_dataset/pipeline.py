@@ -8,9 +8,26 @@ mirror images. Only the samples of a tile are loaded (tensors, numpy memmaps, Da
 Tiles are split over devices (``devices``) and over ``torchrun`` ranks.
 
 :func:`kernel_matrix` is a pipeline of named steps: :func:`validate` the arguments,
-:func:`probe` the function on one sample, :func:`plan` the tiles under the budget,
-:func:`open_output` (memory or a resumable file, agreed by all ranks, locked for this run), :func:`run`
-the pending tiles, and :func:`finish` (check that every tile is committed, record it, return the kernel).
+:func:`probe` the function on one sample, with ``sketch=`` compute the features
+(:func:`ntkfunc._dataset.features.compute`), :func:`plan` the tiles and the rows' source under the
+budget, :func:`open_output` (memory or a resumable file, agreed by all ranks, locked for this
+run), :func:`run` the pending tiles, and :func:`finish` (check that every tile is committed,
+record it, return the kernel). Steps pass small frozen records (:mod:`ntkfunc._dataset.job`:
+:class:`Job`, :class:`Output`, :class:`Workers`, :class:`Shape`; here :class:`Planned`).
+
+The data path of ``kernel_matrix(f, params, x, sketch=Sketch(k), out="K.npy")``, from the call to
+a tile on disk (25 hops, 21 functions in 8 modules: the features stage and the kernel stage share
+the runner and the writer; the set-up steps :func:`validate`, :func:`probe` and :func:`open_output`
+/ :func:`~ntkfunc._dataset.store.open_store` are off the path):
+
+1. :func:`kernel_matrix` -> :func:`ntkfunc._dataset.features.compute` (a ``ProjectedRows`` source; each side's features file)
+2. ``Runner.run`` -> ``Runner._work`` -> ``features.Chunks.compute`` -> ``ProjectedRows.compute``: a chunk's features
+3. ``Runner.commit`` (the background thread) -> ``Chunks.writes`` -> ``NpyStore.commit``: entries, ``fsync``, the chunk's marker
+4. :func:`~ntkfunc._dataset.store.settle` -> ``NpyStore.finish``: ``features-<key>.npy`` complete, its samples handed back
+5. :func:`rows_of` (``StoredRows`` over the features) -> :func:`plan` -> :func:`run`
+6. ``Runner.run`` -> ``Runner._work`` -> :func:`tile_kernel` (a ``RowPanels``) -> ``Tiles.compute`` -> ``RowPanels.tiles``
+7. ``RowPanels._fill`` -> ``StoredRows.compute`` (feature rows into the panel) -> ``precision.product``: the tiles' blocks
+8. ``Runner.commit`` -> ``Tiles.writes`` -> ``NpyStore.commit``: the tile and its mirror in ``K.npy.partial``, then its marker
 """
 
 from __future__ import annotations
@@ -24,85 +41,44 @@ import torch
 
 from ntkfunc._core.checks import as_axes_tuple, check_bool, check_positive_int, explained_f_errors, refuse_batch_coupled
 from ntkfunc._core.finite import NonFinite, check_mode
-from ntkfunc._core.layout import Layout
 from ntkfunc._core.memory import SAFETY, fmt_bytes, itemsize, parse_budget
-from ntkfunc._core.ops import transform_friendly_attention
-from ntkfunc._core.problem import Problem, make_problem
+from ntkfunc._core.problem import Problem
 from ntkfunc._core.tiles import Tile, grid
 from ntkfunc._core.types import ApplyFn, Axes, MemoryBudget, PyTree
 from ntkfunc._dataset import features as featuring
 from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import Devices, Ranks, ranks, resolve_devices, to_device
 from ntkfunc._dataset.fingerprint import job_fingerprint
+from ntkfunc._dataset.job import API, WITHOUT_VMAP, Job, Output, Shape, Workers, problem_on
 from ntkfunc._dataset.kernel_file import verify_kernel
 from ntkfunc._dataset.panels import PerTileKernel, RowPanels, TileKernel
 from ntkfunc._dataset.plan import MEASURE_FLOPS, Costs, DatasetPlan, Sizes, assign, choose_block, measured_rates, panel_cost, partition, plan_tiles
 from ntkfunc._dataset.precision import Precision, check_precision, matmul_precision, storage_dtype
 from ntkfunc._dataset.progress import make_progress
-from ntkfunc._dataset.runner import Runner
-from ntkfunc._dataset.store import MemoryStore, NpyStore, Store, open_store
-from ntkfunc._engines import Engine, Implementation, get_engine, refuse_without_rows
-from ntkfunc._engines.rows.source import RowSource
-from ntkfunc._engines.rows.stored import feature_rows
-from ntkfunc.pntk import sum_of_logits
+from ntkfunc._dataset.runner import Runner, Tiles
+from ntkfunc._dataset.store import MemoryStore, NpyStore, Store, open_store, settle
+from ntkfunc._engines import Implementation, get_engine, refuse_without_rows
+from ntkfunc._engines.rows.source import RowsFactory, RowSource
+from ntkfunc._engines.rows.stored import StoredRows
 from ntkfunc.sketch import Sketch
 
-API = "kernel_matrix"
-
 
 @dataclasses.dataclass(frozen=True)
-class Job:
-    """A validated request: the function whose kernel is computed, the engine, the data and the settings."""
+class Rows:
+    """Where the panels' rows come from: a row source per device (``make(problem, n1, n2, budget)``) over ``data``."""
 
-    f: ApplyFn  # the user's function (named in the fingerprint)
-    fn: ApplyFn  # the function differentiated (the sum of logits with pntk=True)
-    params: PyTree
-    engine: Engine
-    s1: Samples
-    s2: Samples
-    trace: tuple
-    diag: tuple
-    pntk: bool
-    nonfinite: str
-    precision: str = "highest"
-    sketch: Sketch | None = None
-    sketch_record: dict | None = None  # the resolved sketch (kind per parameter), for the fingerprint
-    rows_data: tuple[Samples, Samples] | None = None  # what the panels' rows come from (the features, with a sketch)
-
-    @property
-    def symmetric(self) -> bool:
-        return self.s2 is self.s1
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """The probed kernel: its layout, shape, dtype and bytes per sample pair."""
-
-    problem: Problem
-    layout: Layout
-    kshape: tuple[int, ...]
-    n1: int
-    n2: int
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.problem.out_dtype
-
-    @property
-    def pair_bytes(self) -> int:
-        pairs = max(1, self.n1 * (1 if self.layout.batch_paired else self.n2))
-        return math.prod(self.kshape) // pairs * itemsize(self.dtype)
-
-    def sizes(self, symmetric: bool) -> Sizes:
-        return Sizes(self.n1, self.n2, symmetric, self.layout.batch_paired)
+    make: RowsFactory
+    data: tuple[Samples, Samples]
 
 
 @dataclasses.dataclass(frozen=True)
 class Planned:
-    """What :func:`plan` decided: the bytes left for the work, the tiles, and the rows' source and storage dtype."""
+    """What :func:`plan` decided: the bytes left for the work, the tiles, the rows (None: ``ntk_fn`` per tile),
+    their source on the first device and their storage dtype."""
 
     usable: float
     tiles: DatasetPlan
+    rows: Rows | None
     source: RowSource | None
     storage: torch.dtype
 
@@ -200,24 +176,18 @@ def kernel_matrix(
       torch.Size([10, 4, 3, 3])
     """
     job = validate(f, params, x1, x2, trace_axes, diagonal_axes, implementation, pntk, batch_size, nonfinite, precision, sketch)
-    check_verify(verify, out)
-    rk = ranks()
-    device = resolve_devices(devices, params, rk, API)
-    shape = probe(job, device[0])
-    budget = parse_budget(memory_budget, device[0])
-    featured = None
-    if job.sketch is not None:
-        featured = featuring.compute(job, shape.problem, job.sketch, budget, out, features, resume, device, rk, progress_bar_wanted(progress, rk))
-        job = sketched(job, featured)
-    planned = plan(job, shape, budget, batch_size, in_memory=out is None, device=device[0])
-    store, grid_block = open_output(job, shape, out, planned.tiles, resume, rk)
+    output = Output(out, features, resume, check_verify(verify, out))
+    workers = place(devices, params, progress)
+    shape = probe(job, workers.devices[0])
+    budget = parse_budget(memory_budget, workers.devices[0])
+    featured = featuring.compute(job, shape.problem, budget, output, workers) if job.sketch is not None else None
+    planned = plan(job, shape, rows_of(job, featured), budget, batch_size, in_memory=out is None, device=workers.devices[0])
+    store, grid_block = open_output(job, shape, planned, output, workers.rk, featured)
     try:  # the store holds the output's lock until the kernel is returned (or the run fails)
         tiles = list(grid(shape.n1, shape.n2, grid_block, grid_block, symmetric=job.symmetric, paired=shape.layout.batch_paired))
-        with explained_f_errors(API, job.params, {}, without_vmap=_WITHOUT_VMAP):
-            run(job, shape, store, planned, grid_block, tiles, device, progress_bar=progress_bar_wanted(progress, rk), rk=rk)
-        if featured is not None and isinstance(store, NpyStore):
-            store.manifest["sketch_run"] = {"error_estimate": featured.error, "features": list(featured.paths)}
-        return finish(store, tiles, rk, verify=verify)
+        with explained_f_errors(API, job.params, {}, without_vmap=WITHOUT_VMAP):
+            run(job, shape, store, planned, grid_block, tiles, workers)
+        return finish(store, tiles, workers.rk, verify=output.verify, record=featured.run_record() if featured is not None else None)
     finally:
         store.close()
 
@@ -235,29 +205,28 @@ def validate(f: ApplyFn, params: PyTree, x1: Any, x2: Any, trace_axes: Axes, dia
     if sketch is not None:
         refuse_without_rows(engine, API, "sketch=..., ")
     refuse_batch_coupled(f, 0, API)
-    fn = sum_of_logits(f, 0, api=f"{API}(pntk=True)", keepdim=True) if pntk else f
     s1 = Samples(x1, "x1")
     s2 = s1 if x2 is None else Samples(x2, "x2")
-    return Job(f, fn, params, engine, s1, s2, as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes), bool(pntk), nonfinite, precision,
+    return Job(f, params, engine, s1, s2, as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes), bool(pntk), nonfinite, precision,
                sketch)
 
 
-def sketched(job: Job, featured: featuring.Featured) -> Job:
-    """The job of the kernel stage: rows are the stored features (width ``dim``), multiplied as per-sample rows are."""
-    assert job.sketch is not None
-    engine = dataclasses.replace(job.engine, rows=feature_rows(job.sketch.dim))
-    return dataclasses.replace(job, engine=engine, rows_data=(featured.s1, featured.s2), sketch_record=featured.record)
-
-
-def check_verify(verify: bool, out: None | str | os.PathLike[str]) -> None:
+def check_verify(verify: bool, out: None | str | os.PathLike[str]) -> bool:
     """``verify=True`` checks an output file: it needs ``out``."""
     if check_bool(verify, "verify", API) and out is None:
         raise ValueError(f"{API}(verify=True, out=None): verify reads the kernel file back; expected out='K.npy'")
+    return bool(verify)
+
+
+def place(devices: Devices, params: PyTree, progress: bool) -> Workers:
+    """This process's devices and rank; a progress bar on rank 0 only."""
+    rk = ranks()
+    return Workers(resolve_devices(devices, params, rk, API), rk, bool(progress) and rk.rank == 0)
 
 
 def probe(job: Job, device: torch.device) -> Shape:
     """``f`` on the first sample of each side: the kernel's layout and shape, checked for a matrix."""
-    problem = _problem(job, device, job.params)
+    problem = problem_on(job, device, job.params)
     if len(problem.layouts) != 1 or problem.fx_axes != [0]:
         raise ValueError(
             f"{API}: f returned {len(problem.layouts)} output tensors with batch axes {problem.fx_axes}; "
@@ -280,21 +249,22 @@ def probe(job: Job, device: torch.device) -> Shape:
     return Shape(problem, layout, layout.kernel_shape(shape1, shape2), n1, n2)
 
 
-_WITHOUT_VMAP = "use ntk_fn(f, vmap_axes=None) for the kernel of a whole batch without vmap (kernel_matrix needs per-sample outputs)"
+def rows_of(job: Job, featured: featuring.Featured | None) -> Rows | None:
+    """The rows the panels multiply: the stored features (``sketch=``), the engine's per-sample gradients, or none."""
+    if featured is not None:
+        assert job.sketch is not None
+        dim = job.sketch.dim
+
+        def stored(problem: Problem, n1: int, n2: int, budget: int) -> RowSource:
+            return StoredRows(problem, dim)
+
+        return Rows(stored, featured.samples)
+    return Rows(job.engine.rows, (job.s1, job.s2)) if job.engine.rows is not None else None
 
 
-def _problem(job: Job, device: torch.device, params: PyTree) -> Problem:
-    """The problem on the first sample of each side, copied out of its source (a view of a dataset
-    tensor would make every tensor saved for backward count the whole dataset's storage)."""
-    with transform_friendly_attention():
-        x1 = job.s1.get(0, 1).to(device).clone()
-        x2 = None if job.symmetric else job.s2.get(0, 1).to(device).clone()
-        with explained_f_errors(API, params, {"x1": x1, "x2": x2}, without_vmap=_WITHOUT_VMAP):
-            return make_problem(job.fn, x1, x2, params, 0, job.trace, job.diag, api=API)
-
-
-def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memory: bool, device: torch.device) -> Planned:
-    """The budget left for the work once an in-memory kernel is held, the tiles, and the engine's row source."""
+def plan(job: Job, shape: Shape, rows: Rows | None, budget: int, batch_size: int | None, *, in_memory: bool,
+         device: torch.device) -> Planned:
+    """The budget left for the work once an in-memory kernel is held, the tiles, and the rows' source."""
     kernel_bytes = math.prod(shape.kshape) * itemsize(shape.dtype) if in_memory else 0
     usable = budget * SAFETY - kernel_bytes
     if usable <= 0:
@@ -304,7 +274,7 @@ def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memo
         )
     sizes = shape.sizes(job.symmetric)
     storage = storage_dtype(job.precision, shape.dtype, device)
-    source = job.engine.rows(shape.problem, shape.n1, shape.n2, int(usable)) if job.engine.rows is not None else None
+    source = rows.make(shape.problem, shape.n1, shape.n2, int(usable)) if rows is not None else None
     ratio = itemsize(storage) / itemsize(shape.dtype)
     sample = source.sample_bytes() if source is not None else None
     hint = None
@@ -314,58 +284,52 @@ def plan(job: Job, shape: Shape, budget: int, batch_size: int | None, *, in_memo
             rates = measured_rates(device, storage if storage != torch.bfloat16 else shape.dtype, min(1024, shape.n1))
             hint = choose_block(sample, ratio, usable, sizes, shape.pair_bytes, rates, source.flops())
     tiles = plan_tiles(sample, ratio, usable, sizes, shape.pair_bytes, batch_size, hint)
-    if job.rows_data is not None and not tiles.panel:
+    if job.sketch is not None and not tiles.panel:
         raise MemoryError(f"{API}(sketch=...): memory_budget={fmt_bytes(budget)} holds not even one block of features and "
                           "its kernel tile; raise memory_budget or pass a smaller batch_size")
-    return Planned(usable, tiles, source, storage)
+    return Planned(usable, tiles, rows, source, storage)
 
 
-def open_output(job: Job, shape: Shape, out: None | str | os.PathLike[str], dataset_plan: DatasetPlan,
-                resume: bool, rk: Ranks) -> tuple[Store, int]:
+def open_output(job: Job, shape: Shape, planned: Planned, output: Output, rk: Ranks,
+                featured: featuring.Featured | None = None) -> tuple[Store, int]:
     """``(store, tile side)``: every rank's store, and the tile grid of the run being resumed (or this plan's)."""
-    if out is None:
-        return MemoryStore(shape.kshape, shape.dtype), rk.broadcast_int(dataset_plan.block)  # every rank cuts the same tiles
-    fingerprint = job_fingerprint(
-        job.f, job.params, shape.problem, job.s1, None if job.symmetric else job.s2, job.trace, job.diag, job.pntk,
-        job.engine, shape.kshape,
-    )
-    if job.precision != "highest":  # reduced-precision products differ from IEEE ones: never mixed in one file
-        fingerprint["precision"] = job.precision
-    if job.sketch_record is not None:  # kind, dim, seed and the resolved kind of every parameter
-        fingerprint["sketch"] = job.sketch_record
-    store = open_store(out, shape.kshape, shape.dtype, fingerprint, {"block": dataset_plan.block}, resume, rk)
-    assert isinstance(store, NpyStore)
+    if output.out is None:
+        return MemoryStore(shape.kshape, shape.dtype), rk.broadcast_int(planned.tiles.block)  # every rank cuts the same tiles
+    fingerprint = job_fingerprint(job, shape, None if featured is None else featured.record)
+    store = open_store(output.out, shape.kshape, shape.dtype, fingerprint, {"block": planned.tiles.block}, output.resume, rk)
     return store, int(store.grid["block"])
 
 
-def run(job: Job, shape: Shape, store: Store, planned: Planned, grid_block: int, tiles: list[Tile],
-        devices: list[torch.device], *, progress_bar: bool, rk: Ranks) -> None:
-    """Compute and commit this rank's pending tiles, panel by panel, on ``devices``."""
-    limit = planned.tiles.block  # the largest block planned to fit; a resumed grid may be larger
-    on_grid, mine = schedule(planned, shape.sizes(job.symmetric), grid_block, rk, len(devices))
+def run(job: Job, shape: Shape, store: Store, planned: Planned, grid_block: int, tiles: list[Tile], workers: Workers) -> None:
+    """Compute and commit this rank's pending tiles, panel by panel, on the workers' devices."""
+    devices = workers.devices
+    on_grid, mine = schedule(planned, shape.sizes(job.symmetric), grid_block, workers.rk, len(devices))
     done = store.done_keys()
     todo = sorted((t for t in tiles if on_grid.panel_of(t.i0) in mine and t.key not in done), key=on_grid.ordering(shape.n1, job.symmetric))
-    runner = Runner(shape.layout, job.symmetric, store, limit, job.nonfinite, shape.kshape, on_grid,
-                    serial=not job.engine.thread_safe, background=isinstance(store, NpyStore))
-    jobs = sorted(runner.jobs(todo), key=lambda ts: mine.index(on_grid.panel_of(ts[0].i0)))
-
-    def make_engine(dev: torch.device) -> TileKernel:
-        p = job.params if dev == devices[0] and len(devices) == 1 else to_device(job.params, dev)
-        if on_grid.panel and job.engine.rows is not None:
-            problem = shape.problem if p is job.params else _problem(job, dev, p)
-            source = planned.source if p is job.params and planned.source is not None else (
-                job.engine.rows(problem, shape.n1, shape.n2, int(planned.usable)))  # one per device: workspaces
-            layout = problem.layouts[0]
-            return RowPanels(source, job.rows_data or (job.s1, job.s2), on_grid, dev, job.symmetric, shape.n1, layout,
-                             layout.trace_size(problem.out_shapes1[0]), shape.dtype, planned.storage)
-        return PerTileKernel(job.fn, p, (job.s1, job.s2), job.engine, job.trace, job.diag, int(planned.usable), dev, job.symmetric)
-
-    bar = make_progress(progress_bar, len(tiles), len(done & {t.key for t in tiles}))
+    # the limit: the largest block planned to fit; a resumed grid may be larger
+    work = Tiles(shape.layout, job.symmetric, len(shape.kshape), planned.tiles.block, job.nonfinite, on_grid)
+    runner = Runner(work, store, serial=not job.engine.thread_safe, background=isinstance(store, NpyStore))
+    jobs = sorted(work.jobs(todo), key=lambda ts: mine.index(on_grid.panel_of(ts[0].i0)))
+    bar = make_progress(workers.progress, len(tiles), len(done & {t.key for t in tiles}))
     try:
         with matmul_precision(job.precision, devices):
-            runner.run(jobs, devices, make_engine, bar)
+            runner.run(jobs, devices, lambda dev: tile_kernel(job, shape, planned, on_grid, dev, alone=len(devices) == 1), bar)
     finally:
         bar.close()
+
+
+def tile_kernel(job: Job, shape: Shape, planned: Planned, on_grid: DatasetPlan, dev: torch.device, *, alone: bool) -> TileKernel:
+    """What computes tiles on ``dev``: panels of rows when the plan keeps them, else ``ntk_fn`` per tile.
+
+    ``alone``: the only device, which uses the probed problem and the planned row source; each
+    device of several gets its own params, problem and source (their workspaces are per device).
+    """
+    params = job.params if alone else to_device(job.params, dev)
+    if on_grid.panel and planned.rows is not None:
+        problem = shape.problem if alone else problem_on(job, dev, params)
+        source = planned.source if alone and planned.source is not None else planned.rows.make(problem, shape.n1, shape.n2, int(planned.usable))
+        return RowPanels(source, planned.rows.data, on_grid, dev, shape, job.symmetric, planned.storage)
+    return PerTileKernel(job, params, int(planned.usable), dev)
 
 
 def schedule(planned: Planned, sizes: Sizes, grid_block: int, rk: Ranks, n_devices: int) -> tuple[DatasetPlan, list[int]]:
@@ -394,23 +358,14 @@ def schedule(planned: Planned, sizes: Sizes, grid_block: int, rk: Ranks, n_devic
     return on_grid, mine
 
 
-def finish(store: Store, tiles: list[Tile], rk: Ranks, *, verify: bool = False) -> torch.Tensor:
-    """Wait for every rank, check that every tile is committed, record completion (and ``verify``), return the kernel."""
-    rk.barrier()
+def finish(store: Store, tiles: list[Tile], rk: Ranks, *, verify: bool = False, record: dict[str, Any] | None = None) -> torch.Tensor:
+    """Wait for every rank, check that every tile is committed, record completion (and ``record``: what the run found),
+    ``verify`` the file, return the kernel."""
     if isinstance(store, MemoryStore):
+        rk.barrier()
         return rk.all_reduce_sum(store.result())
-    if rk.rank == 0:
-        missing = [t.key for t in tiles if t.key not in store.done_keys()]
-        if missing:  # pragma: no cover - an invariant: every rank committed its tiles
-            raise RuntimeError(f"{API}: tiles {missing[:5]} were not committed")
-        store.finish([t.key for t in tiles])
-        if verify:
-            assert isinstance(store, NpyStore)
-            verify_kernel(store.path, api=f"{API}(verify=True)")
-    rk.barrier()
+    settle(store, [t.key for t in tiles], rk, record)
+    if verify and rk.rank == 0:
+        assert isinstance(store, NpyStore)
+        verify_kernel(store.path, api=f"{API}(verify=True)")
     return store.result()
-
-
-def progress_bar_wanted(progress: bool, rk: Ranks) -> bool:
-    """A progress bar on rank 0 only."""
-    return bool(progress) and rk.rank == 0

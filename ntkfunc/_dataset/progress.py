@@ -1,4 +1,4 @@
-"""The progress bar of a whole-dataset kernel: tiles done, ETA, and kernel entries per second."""
+"""The progress bar of a run: units done (tiles, feature chunks), ETA, and entries (or samples) per second."""
 
 from __future__ import annotations
 
@@ -8,23 +8,25 @@ from typing import Any
 
 
 class Progress:
-    """tqdm bar on stderr (when ``enabled``): tiles done of ``total``, ETA, entries/s."""
+    """tqdm bar on stderr (when ``enabled``): ``unit``\\ s done of ``total``, ETA, ``counted``/s."""
 
-    def __init__(self, enabled: bool, total: int, initial: int) -> None:
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str = "kernel_matrix", unit: str = "tile",
+                 counted: str = "entries") -> None:
         self.bar: Any = None
         self.entries = 0
+        self.counted = counted
         self.start = time.perf_counter()
         if enabled and total:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="tile", desc="kernel_matrix", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
     def advance(self, entries: int, seconds: float) -> None:
-        """One more tile of ``entries`` kernel entries, computed in ``seconds``."""
+        """One more unit of ``entries`` kernel entries (or samples), computed in ``seconds``."""
         self.entries += entries
         if self.bar is not None:
             rate = self.entries / max(time.perf_counter() - self.start, 1e-9)
-            self.bar.set_postfix_str(f"{rate:.3g} entries/s", refresh=False)
+            self.bar.set_postfix_str(f"{rate:.3g} {self.counted}/s", refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:
@@ -32,6 +34,7 @@ class Progress:
             self.bar.close()
 
 
-def make_progress(enabled: bool, total: int, initial: int) -> Progress:
+def make_progress(enabled: bool, total: int, initial: int, desc: str = "kernel_matrix", unit: str = "tile",
+                  counted: str = "entries") -> Progress:
     """A bar when asked for and stderr is a terminal; a silent counter otherwise."""
-    return Progress(enabled and sys.stderr.isatty(), total, initial)
+    return Progress(enabled and sys.stderr.isatty(), total, initial, desc, unit, counted)

@@ -1,0 +1,250 @@
+"""The file format of everything ``kernel_matrix`` writes: kernel outputs and features files alike.
+
+A file ``F`` (``K.npy``, or ``<dir>/features-<key>.npy`` for the features of ``sketch=``) is
+
+- ``F.partial`` while units are missing, renamed to ``F`` once every unit is in: an unfinished
+  file cannot be opened as ``F`` (``np.load`` fails). A standard ``.npy`` (:mod:`.npyfile`);
+  its disk blocks are reserved when it is created;
+- ``F.manifest.json``: :data:`FORMAT`, what the file holds (:class:`Content`), the fingerprint
+  of what computed it (``fingerprint.py``), shape and dtype, the grid of its units, a random id
+  of this file, whether it is complete (and then the list of its units), and a checksum of all
+  that (an edited manifest is refused);
+- ``F.tiles/`` (kernels) or ``F.chunks/`` (features): one marker per committed unit, written
+  only after the unit's entries are flushed and ``fsync``-ed: the file id, the regions written
+  and a checksum of each (:func:`marker`);
+- ``F.lock``: one writer at a time (:mod:`.lock`).
+
+Every file here is replaced atomically (:func:`atomic_write`). :mod:`.store` writes these files;
+:mod:`.kernel_file` reads finished kernels back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ntkfunc._dataset import npyfile
+
+Index = tuple[slice, ...]
+FORMAT = 2
+"""Manifest format; a manifest of another format is refused (features files were format 1: no checksum, other markers)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Content:
+    """What a file holds, as its manifest records it and its messages name it.
+
+    Attributes:
+      name: recorded in the manifest (``"kernel"`` when absent: kernels written before features had one).
+      arg: the argument of ``kernel_matrix`` that places the file: messages start ``kernel_matrix(out='K.npy')``,
+        or ``kernel_matrix(features='DIR')`` for a features file ``DIR/features-<key>.npy`` (a folder holds several).
+      noun: the file in messages (``"output"``, ``"features file"``).
+      unit: what one marker covers (``"tile"``, ``"chunk"``); the markers' folder is ``F.<unit>s``.
+      same: what reusing the file needs.
+      elsewhere: the way around a file that cannot be reused.
+    """
+
+    name: str
+    arg: str
+    noun: str
+    unit: str
+    same: str
+    elsewhere: str
+
+    def what(self, path: str | os.PathLike[str], api: str = "kernel_matrix") -> str:
+        """The start of every message about the file at ``path``: the call and the argument that placed it."""
+        place = path if self is KERNEL else Path(path).parent
+        return f"{api}({self.arg}={str(place)!r})"
+
+    def named(self, path: str | os.PathLike[str]) -> str:
+        """`` <file name>`` where messages must say which file of a folder (features), else nothing."""
+        return "" if self is KERNEL else f" {Path(path).name}"
+
+
+KERNEL = Content("kernel", "out", "output", "tile", "the same params, data and settings to resume", "choose another out")
+FEATURES = Content("features", "features", "features file", "chunk", "the same model, params, data and sketch to reuse it",
+                   "pass another features= folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFiles:
+    """The paths that make up the file ``out`` holding ``content``."""
+
+    out: Path
+    content: Content = KERNEL
+
+    @property
+    def partial(self) -> Path:
+        return Path(str(self.out) + ".partial")
+
+    @property
+    def manifest(self) -> Path:
+        return Path(str(self.out) + ".manifest.json")
+
+    @property
+    def markers(self) -> Path:
+        return Path(f"{self.out}.{self.content.unit}s")
+
+    def data(self, manifest: dict[str, Any]) -> Path | None:
+        """The data file of ``manifest``: ``out`` when complete, else the partial file (or whichever exists)."""
+        order = (self.out, self.partial) if manifest.get("complete") else (self.partial, self.out)
+        return next((p for p in order if p.exists()), None)
+
+
+# --- generic I/O -----------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file, fsync-ed then renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+_NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+def numpy_dtype(dtype: torch.dtype, content: Content = KERNEL) -> Any:
+    """The numpy dtype a file of ``content`` stores ``dtype`` as; TypeError for what a ``.npy`` cannot hold here."""
+    if dtype not in _NUMPY:
+        raise TypeError(
+            f"kernel_matrix({content.arg}=...): {'kernels' if content is KERNEL else content.name} of dtype {dtype} cannot be "
+            "stored in a .npy file; expected float16, float32 or float64 outputs of f (or out=None"
+            f"{', features=None' if content is FEATURES else ''})"
+        )
+    return _NUMPY[dtype]
+
+
+# --- the manifest ----------------------------------------------------------------------------
+
+
+def _checksum(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def new_manifest(files: OutputFiles, file_id: str, shape: tuple[int, ...], np_dtype: Any, fingerprint: dict[str, Any],
+                 grid: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a file just created (not complete)."""
+    manifest = {"format": FORMAT, "file": file_id, "shape": list(shape), "dtype": np.dtype(np_dtype).name,
+                "fingerprint": fingerprint, "grid": grid, "complete": False}
+    if files.content is not KERNEL:  # kernel manifests stay as they were (absent means a kernel)
+        manifest["content"] = files.content.name
+    return manifest
+
+
+def write_manifest(files: OutputFiles, manifest: dict[str, Any]) -> None:
+    manifest = dict(manifest, checksum=_checksum(manifest))
+    atomic_write(files.manifest, json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def read_manifest(files: OutputFiles, what: str) -> dict[str, Any]:
+    """The manifest of ``files``, checked for format, content and integrity; ValueError naming ``what``."""
+    try:
+        manifest = json.loads(files.manifest.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{what}: cannot read its manifest {files.manifest.name} ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ValueError(
+            f"{what}: {files.manifest.name} has format {got!r}; expected format {FORMAT} (written by an earlier "
+            "ntkfunc: start over with resume=False / --no-resume)"
+        )
+    if manifest.get("checksum") != _checksum(manifest):
+        raise ValueError(
+            f"{what}: {files.manifest.name} does not match its checksum (it was edited or damaged); expected the "
+            "manifest as ntkfunc wrote it: start over with resume=False / --no-resume"
+        )
+    holds = manifest.get("content", KERNEL.name)
+    if holds != files.content.name:
+        raise ValueError(f"{what}: {files.manifest.name} describes a {holds} file; expected a {files.content.name} file")
+    return manifest
+
+
+def manifest_file_id(files: OutputFiles) -> str | None:
+    """The file id the manifest on disk records now (None if it cannot be read): is it still ours?"""
+    try:
+        return json.loads(files.manifest.read_text()).get("file")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# --- markers -----------------------------------------------------------------------------------
+
+
+def _full(index: Index, ndim: int) -> tuple[slice, ...]:
+    return tuple(index) + (slice(None),) * (ndim - len(index))
+
+
+def region_index(region: list[list[int]]) -> Index:
+    return tuple(slice(a, b) for a, b in region)
+
+
+def marker(file_id: str, writes: list[tuple[Index, Any]], digests: list[str], shape: tuple[int, ...]) -> str:
+    """The marker of a committed unit: the file id, the regions written and the checksum of each."""
+    regions = [[list(s.indices(n)[:2]) for s, n in zip(_full(index, len(shape)), shape)] for index, _ in writes]
+    return json.dumps({"file": file_id, "regions": regions, "digests": digests})
+
+
+def read_marker(path: Path, file_id: str, shape: tuple[int, ...]) -> dict[str, Any] | None:
+    """The marker at ``path`` if it is a well-formed marker of the file ``file_id`` within ``shape``, else None."""
+    try:
+        m = json.loads(path.read_text())
+        regions, digests = m["regions"], m["digests"]
+        ok = (
+            m.get("file") == file_id and isinstance(regions, list) and len(regions) == len(digests)
+            and all(len(r) == len(shape) and all(0 <= a <= b <= n for (a, b), n in zip(r, shape)) for r in regions)
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return m if ok else None
+
+
+def marker_keys(files: OutputFiles, file_id: str, shape: tuple[int, ...]) -> set[str]:
+    """The units with a well-formed marker of the file ``file_id``."""
+    if not files.markers.exists():
+        return set()
+    return {p.name for p in files.markers.iterdir() if not p.name.startswith(".") and read_marker(p, file_id, shape) is not None}
+
+
+def marker_matches(values: np.ndarray, m: dict[str, Any]) -> bool:
+    """Whether the entries of ``values`` (the data, memory-mapped) in the marker's regions have its checksums."""
+    return all(npyfile.digest(values[region_index(r)]) == d for r, d in zip(m["regions"], m["digests"]))
+
+
+def open_values(path: Path, header: npyfile.Header) -> np.memmap:
+    """The entries of the ``.npy`` at ``path``, memory-mapped read-only."""
+    return np.memmap(path, dtype=header.dtype, mode="r", offset=header.offset, shape=header.shape)
+
+
+def entries_covered(markers: Iterable[dict[str, Any]]) -> int:
+    """Entries the markers' regions cover (units are disjoint: the sum)."""
+    return sum(math.prod(b - a for a, b in r) for m in markers for r in m["regions"])

@@ -1,0 +1,123 @@
+"""What a ``kernel_matrix`` run is given and what it knows after probing ``f``, as small frozen records.
+
+- :class:`Job`: the validated request (the function, params, engine, data and settings), one field per fact;
+- :class:`Output`: where results go (``out``, the features folder, ``resume``, ``verify``);
+- :class:`Workers`: who computes (this process's devices, the ``torchrun`` ranks, a progress bar or not);
+- :class:`Shape`: the probed kernel (its problem on one sample, layout, shape);
+- :func:`problem_on`: the probed problem on a device, as every stage builds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import torch
+
+from ntkfunc._core.checks import explained_f_errors
+from ntkfunc._core.layout import Layout
+from ntkfunc._core.memory import itemsize
+from ntkfunc._core.ops import transform_friendly_attention
+from ntkfunc._core.problem import Problem, make_problem
+from ntkfunc._core.types import ApplyFn, PyTree
+from ntkfunc._dataset.data import Samples
+from ntkfunc._dataset.distributed import Ranks
+from ntkfunc._dataset.plan import Sizes
+from ntkfunc._engines import Engine
+from ntkfunc.pntk import sum_of_logits
+from ntkfunc.sketch import Sketch
+
+API = "kernel_matrix"
+WITHOUT_VMAP = "use ntk_fn(f, vmap_axes=None) for the kernel of a whole batch without vmap (kernel_matrix needs per-sample outputs)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A validated request: the function whose kernel is computed, the engine, the data and the settings."""
+
+    f: ApplyFn  # the user's function (named in the fingerprint)
+    params: PyTree
+    engine: Engine
+    s1: Samples
+    s2: Samples  # s1 itself with x2=None
+    trace: tuple
+    diag: tuple
+    pntk: bool
+    nonfinite: str
+    precision: str = "highest"
+    sketch: Sketch | None = None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.s2 is self.s1
+
+    @functools.cached_property
+    def fn(self) -> ApplyFn:
+        """The function differentiated: ``f``, or the sum of its logits with ``pntk=True``."""
+        return sum_of_logits(self.f, 0, api=f"{API}(pntk=True)", keepdim=True) if self.pntk else self.f
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """Where the results go: ``out`` (None: memory), the features folder, and whether to resume and verify."""
+
+    out: None | str | os.PathLike[str]
+    features: None | str | os.PathLike[str]
+    resume: bool
+    verify: bool
+
+    @property
+    def features_folder(self) -> None | str | os.PathLike[str]:
+        """``features=``, or ``<out>.features`` with ``out``; None: the features stay in memory."""
+        if self.features is None and self.out is not None:
+            return str(self.out) + ".features"
+        return self.features
+
+
+@dataclasses.dataclass(frozen=True)
+class Workers:
+    """Who computes: this process's devices, the ``torchrun`` ranks, and whether this process shows a progress bar."""
+
+    devices: list[torch.device]
+    rk: Ranks
+    progress: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The probed kernel: its problem on one sample, layout, shape, dtype and bytes per sample pair."""
+
+    problem: Problem
+    layout: Layout
+    kshape: tuple[int, ...]
+    n1: int
+    n2: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.problem.out_dtype
+
+    @property
+    def trace_size(self) -> int:
+        """What a kernel block is divided by (traces are averaged)."""
+        return self.layout.trace_size(self.problem.out_shapes1[0])
+
+    @property
+    def pair_bytes(self) -> int:
+        pairs = max(1, self.n1 * (1 if self.layout.batch_paired else self.n2))
+        return math.prod(self.kshape) // pairs * itemsize(self.dtype)
+
+    def sizes(self, symmetric: bool) -> Sizes:
+        return Sizes(self.n1, self.n2, symmetric, self.layout.batch_paired)
+
+
+def problem_on(job: Job, device: torch.device, params: PyTree) -> Problem:
+    """The problem on the first sample of each side on ``device``, copied out of its source (a view of a
+    dataset tensor would make every tensor saved for backward count the whole dataset's storage)."""
+    with transform_friendly_attention():
+        x1 = job.s1.get(0, 1).to(device).clone()
+        x2 = None if job.symmetric else job.s2.get(0, 1).to(device).clone()
+        with explained_f_errors(API, params, {"x1": x1, "x2": x2}, without_vmap=WITHOUT_VMAP):
+            return make_problem(job.fn, x1, x2, params, 0, job.trace, job.diag, api=API)
