@@ -149,6 +149,14 @@ def test_planner_terms_exist_once():
     assert text.count("(2 * o + 1)") + text.count("2 * outputs_per_sample(problem) + 1") == 1
 
 
+
+def test_row_chunks_are_sized_in_one_place():
+    """Issue 20: the samples-per-pass cap and the quarter-of-the-budget rule were written in two modules."""
+    text = {m: p.read_text() for m, p in _modules()}
+    assert [m for m, t in text.items() if "\nCHUNK = " in t] == ["ntkfunc._engines.rows.source"]
+    assert [m for m, t in text.items() if "0.25 * " in t and "// max(" in t] == ["ntkfunc._engines.rows.source"]
+    assert sum(t.count("(1 + 2 * ") for t in text.values()) == 1
+
 # --- issue 20: one route decision ---
 
 

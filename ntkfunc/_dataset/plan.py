@@ -25,16 +25,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ntkfunc._core.tiles import Tile
-from ntkfunc._engines.rows.source import Flops, SampleBytes
+from ntkfunc._engines.rows.source import CHUNK, Flops, SampleBytes, chunk_size
 
 DEFAULT_BLOCK = 256
 """Tile side for engines that plan their own memory."""
 
 TARGET_BLOCK = 128
 """Samples per block when the GEMM rates are not measured: wide enough for matmul speed on a CPU."""
-
-CHUNK = 32
-"""Samples per batched gradient pass at most (activations grow with it; rates do not beyond ~32)."""
 
 MEASURE_FLOPS = 5e11
 """Gram products of at least this many FLOPs are worth measuring GEMM rates to pick the block."""
@@ -128,7 +125,7 @@ def plan_tiles(sample: SampleBytes | None, storage_ratio: float, usable: float, 
     if sample is None:
         return per_tile
     row = sample.rows * storage_ratio + sample.kept
-    chunk = max(1, min(CHUNK, int(0.25 * usable // max(sample.transient, 1))))
+    chunk = chunk_size(usable, sample)
     room = usable - chunk * (sample.transient + sample.rows)  # a chunk being computed (and its rows before storage)
     block = max(1, min(batch_size or block_hint or TARGET_BLOCK, n_max))
     while True:

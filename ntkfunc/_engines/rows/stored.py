@@ -42,12 +42,3 @@ class StoredRows:
         o = math.prod(self.out_shape)
         return Flops(float(o * self.slots.width),
                      float(jacobian_contraction_flops(self.problem.layouts[0], 1, self.out_shape, (self.slots.width,))), 0.0)
-
-
-def feature_rows(dim: int) -> Any:
-    """The engine ``rows`` factory of the kernel stage (``rows(problem, n1, n2, budget)``)."""
-
-    def rows(problem: Problem, n1: int, n2: int, budget: int) -> StoredRows:
-        return StoredRows(problem, dim)
-
-    return rows
