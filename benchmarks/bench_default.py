@@ -26,6 +26,7 @@ is not a measured slowdown.
     python benchmarks/bench_default.py --threads 1 --reps 9           # both zoos
     python benchmarks/bench_default.py --zoo test --reps 15           # the test zoo only
     python benchmarks/bench_default.py --quick                        # seconds: a smoke test
+    python benchmarks/bench_default.py --baseline ../before           # also the code before a change, model by model
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def bench_zoo(quick: bool) -> list[dict[str, Any]]:
     for model in ("mlp256", "mlp1024", "mlp2048", "cnn", "attention"):  # bench_core's grid
         for kernel in ("full", "traced"):
             n = 16 if model.startswith("mlp") else 8
-            if model == "mlp2048" and kernel == "full":
-                n = 8  # implementation 1: 10 s a call at N = 16
+            if model == "mlp2048":
+                n = 8  # implementation 1: 10-30 s a call at N = 16
             out.append({"zoo": "core", "model": model, "kernel": kernel, "n": n})
     for width, o in ((256, 1), (256, 10), (256, 100), (1024, 1), (1024, 10)):  # bench_impls' MLPs that impl 1 finishes
         out.append({"zoo": "impls", "model": "mlp", "width": width, "out": o, "kernel": "full", "n": 32})
@@ -143,10 +144,11 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     return {"times": {m: {str(i): v for i, v in t.items()} for m, t in times.items()}, "max_rel_diff": err, "n_params": n_params}
 
 
-def measure(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec)]
+def measure(spec: dict[str, Any], timeout: float, root: str = ROOT) -> dict[str, Any]:
+    """One model in a fresh process, with the ntkfunc of ``root`` (a checkout that has this script)."""
+    cmd = [sys.executable, os.path.join(root, "benchmarks", os.path.basename(__file__)), "--one", json.dumps(spec)]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout > {timeout:.0f} s"}
     if res.returncode != 0:
@@ -177,21 +179,25 @@ def fmt_s(s: float) -> str:
     return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def table(rows: list[tuple[dict[str, Any], dict[str, Any]]], modes: list[str]) -> list[str]:
+def table(rows: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]], modes: list[str]) -> list[str]:
+    """One line per model: per mode, both medians, their ratio and noise (and the baseline's ratio, if run)."""
+    baseline = any(b is not None for _, _, b in rows)
     head = ["zoo", "model", "N", "kernel"]
     for m in modes:
-        head += [f"{m}: impl 1", f"{m}: auto", f"{m}: ratio", f"{m}: noise"]
+        head += [f"{m}: impl 1", f"{m}: auto", f"{m}: auto / 1"] + ([f"{m}: before"] if baseline else []) + [f"{m}: noise"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for spec, r in rows:
+    for spec, r, b in rows:
         cells = [spec["zoo"], label(spec), str(spec["n"]), spec["kernel"]]
         for m in modes:
             s = summarise(r, m)
+            before = None if b is None else summarise(b, m)
+            was = [] if not baseline else ["-" if before is None else f"{before[2]:.2f}"]
             if s is None:
-                cells += [r.get("error", "-"), "", "", ""]
+                cells += [r.get("error", "-"), "", "", *was, ""]
                 continue
             m1, ma, ratio, noise = s
             flag = " **slower**" if ratio > 1 + max(noise, 0.05) else ""
-            cells += [fmt_s(m1), fmt_s(ma), f"{ratio:.2f}{flag}", f"{noise:.2f}"]
+            cells += [fmt_s(m1), fmt_s(ma), f"{ratio:.2f}{flag}", *was, f"{noise:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -208,6 +214,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None, help="write the raw times here")
+    ap.add_argument("--baseline", default=None, help="a checkout of the code before the change (with this script in its "
+                    "benchmarks/): each model runs there too, right before, and the table adds its ratio")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
@@ -223,21 +231,22 @@ def main() -> None:
     if args.only:
         wanted = set(args.only.split(","))
         specs = [s for s in specs if s["model"] in wanted or label(s) in wanted]
-    rows = []
+    rows: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]] = []
     for spec in specs:
         full = dict(spec, threads=args.threads, reps=args.reps, seconds=args.seconds, modes=modes)
+        b = None if args.baseline is None else measure(full, args.timeout, os.path.abspath(args.baseline))
         r = measure(full, args.timeout)
-        rows.append((spec, r))
-        print(" | ".join(table([(spec, r)], modes)[-1:]), flush=True)
+        rows.append((spec, r, b))
+        print(table([(spec, r, b)], modes)[-1], flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump([{"spec": s, "result": r} for s, r in rows], fh, indent=1)
+            json.dump([{"spec": s, "result": r, "baseline": b} for s, r, b in rows], fh, indent=1)
     import torch
 
-    cmd = "python benchmarks/bench_default.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--json"))
+    cmd = "python benchmarks/bench_default.py " + " ".join(sys.argv[1:])
     print(f"\nCommand: `{cmd.strip()}` (torch {torch.__version__}, {args.threads} thread(s), float32, CPU)\n")
     print("\n".join(table(rows, modes)))
-    worst = [summarise(r, m) for _, r in rows for m in modes]
+    worst = [summarise(r, m) for _, r, _ in rows for m in modes]
     ratios = [w[2] for w in worst if w is not None]
     if ratios:
         print(f"\nmedian ratio {statistics.median(ratios):.2f}, max {max(ratios):.2f}")

@@ -320,12 +320,10 @@ def implementation1_price(problem: Problem) -> plan.Price | None:
     call that consumes a parameter (twice its forward FLOPs, which :func:`~ntkfunc._engines.structured.plan.parameter_calls_price`
     counts on x1's first sample, and the elements it returns as traffic), the ``O x P`` Jacobian entries
     written, then ``J₁ J₂ᵀ`` for every pair of samples. What both routes pay alike (the forward pass,
-    cotangents through the other ops) is left out. None under an outer transform (``f`` is not run again there).
+    cotangents through the other ops) is left out. Under an outer transform (``vmap`` over an ensemble of
+    parameters, ``grad`` of the kernel) it prices one member of the ensemble. None if ``f`` fails to run so.
     """
     leaves = problem.params.diff_leaves
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in [*leaves, *problem.x1_leaves, *(problem.x2_leaves or [])]
-           if isinstance(t, torch.Tensor)):
-        return None
     if problem.vmapped:
         x = problem.x_block(1, 0, 1)
         x = [a if ax is None else a.squeeze(ax) for a, ax in zip(x, problem.x_axes)]  # type: ignore[arg-type]
