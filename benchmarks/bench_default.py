@@ -140,7 +140,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 (kernels[i] if mode == "repeat" else fresh(i))(x1, x2, params)
                 times[mode][i].append(time.perf_counter() - t0)
-    n_params = sum(t.numel() for t in params.values()) if isinstance(params, dict) else None
+    n_params = sum(t.numel() for t in torch.utils._pytree.tree_leaves(params) if t.is_floating_point())
     return {"times": {m: {str(i): v for i, v in t.items()} for m, t in times.items()}, "max_rel_diff": err, "n_params": n_params}
 
 
