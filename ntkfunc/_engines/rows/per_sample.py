@@ -4,7 +4,8 @@ Three paths, one result (``(N, *out_leaf, P)`` per output leaf, parameters in th
 row order of :mod:`.source`; ``(*out_leaf, P)`` with ``vmap_axes=None``):
 
 - **rows** (nothing will differentiate the result): the row engine of the implementation, in
-  chunks of :func:`~.source.chunk_size` samples into one buffer: :class:`~.structured.StructuredRows`
+  chunks of :func:`~.source.chunk_size` samples into one buffer (as many as the budget allows, not
+  capped at ``kernel_matrix``'s :data:`~.source.CHUNK`: every pass has a fixed cost): :class:`~.structured.StructuredRows`
   (every parameter in a slot: gradients formed by the rules from one batched pass) for
   implementations 3 and ``"auto"``, except that ``"auto"`` takes :class:`~.jacobian.JacobianRows`
   (``vmap(jacrev)``, implementation 1) where implementation 1's whole work costs less than the
@@ -39,10 +40,11 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def source(rp: Problem, captures: bool, auto: bool) -> RowSource:
-    """The row source of every parameter for ``rp`` (see the module docstring)."""
+    """The row source of every parameter for ``rp`` (see the module docstring); auto's choice is made once per
+    input signature and number of samples."""
     if not captures:
         return JacobianRows(rp)
-    if auto and routes.unprobed(None, structured.implementation1_price(rp)) is not None:
+    if auto and rp.remember("rows_unprobed", lambda: routes.unprobed(None, structured.implementation1_price(rp)) is not None, rp.n1):
         return JacobianRows(rp)
     return StructuredRows(rp, routes="rows")
 
@@ -64,7 +66,7 @@ def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, budge
     else:
         src = source(rp, captures, auto)
         rows = torch.empty((rp.n1, *src.out_shape, src.slots.width), dtype=rp.out_dtype, device=rp.device)
-        src.compute(rp.x1_leaves, rows, chunk_size(budget, src.sample_bytes()))
+        src.compute(rp.x1_leaves, rows, chunk_size(budget, src.sample_bytes(), cap=rp.n1))
     return outputs.split(rows, p0, rp)
 
 
@@ -75,7 +77,7 @@ def differentiable(rp: Problem, budget: float) -> torch.Tensor:
     n = block_size(rp.x1_leaves, axes)
     leaves = rp.params.diff_leaves
     parts = []
-    for s, e, xc in chunks(rp.x1_leaves, axes, n, chunk_size(budget, src.sample_bytes())):
+    for s, e, xc in chunks(rp.x1_leaves, axes, n, chunk_size(budget, src.sample_bytes(), cap=n)):
         jac = src.fn(leaves, xc)[0]
         parts.append(torch.cat([j.reshape(e - s, *src.out_shape, -1) for j in jac], -1))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
