@@ -66,7 +66,8 @@ def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, budge
     else:
         src = source(rp, captures, auto)
         rows = torch.empty((rp.n1, *src.out_shape, src.slots.width), dtype=rp.out_dtype, device=rp.device)
-        src.compute(rp.x1_leaves, rows, chunk_size(budget, src.sample_bytes(), cap=rp.n1))
+        sample = rp.remember("rows_sample_bytes", src.sample_bytes, type(src).__name__)  # per sample: shapes alone
+        src.compute(rp.x1_leaves, rows, chunk_size(budget, sample, cap=rp.n1))
     return outputs.split(rows, p0, rp)
 
 
