@@ -384,3 +384,48 @@ class AddMV(_AddMatMul):
     name = "addmv"
     mats = ("mat", "vec")
     subscripts = ("xy", "y", "x")
+
+
+@dataclasses.dataclass(frozen=True)
+class BilinearMeta:
+    """An ``F.bilinear`` call's settings: the weight's shape ``(out, in1, in2)``."""
+
+    weight_shape: Shape
+
+
+@register(torch.bilinear)
+class Bilinear(Rule):
+    """``F.bilinear(x1, x2, W, b)`` (``nn.Bilinear``): ``y[..., k] = Σ_ij x1[..., i] W[k, i, j] x2[..., j] + b[k]``.
+
+    ``∂y/∂W`` is the outer product of the two inputs, so the NTK contribution of ``W`` is
+    ``Σ_{p,q} (c₁[p]·c₂[q]) (x1₁[p]·x1₂[q]) (x2₁[p]·x2₂[q])`` over positions ``p, q``.
+
+    >>> from ntkfunc.rules import lookup
+    >>> rule = lookup(torch.nn.functional.bilinear)
+    >>> x1, x2, w = torch.randn(3, 4), torch.randn(3, 2), torch.randn(5, 4, 2)
+    >>> ops, meta = rule.capture(rule.bind((x1, x2, w), {}), lambda t: t is w)
+    >>> s = rule.structure("weight", [o.unsqueeze(0) for o in ops], meta, (3, 5))
+    >>> (s.y, s.theta, [letters for letters, _ in s.operands])
+    ('az', 'zxy', ['ax', 'ay'])
+    """
+
+    static_meta = True
+    name = "bilinear"
+    names = ("input1", "input2", "weight", "bias")
+    defaults = {"bias": None}
+
+    def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
+        x1, x2, w = a["input1"], a["input2"], a["weight"]
+        if not (_is_tensor(x1) and _is_tensor(x2) and _is_tensor(w)) or is_param(x1) or is_param(x2) or w.ndim != 3:
+            return None
+        return {r: a[r] for r in ("weight", "bias") if is_param(a[r])} or None
+
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], BilinearMeta]:
+        return [a["input1"], a["input2"]], BilinearMeta(tuple(a["weight"].shape))
+
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: BilinearMeta, y_shape: tuple[int, ...]) -> Structure:
+        lead = LETTERS[: len(y_shape) - 1]
+        if role == "bias":
+            return Structure(y_shape, lead + "z", "z", [])
+        x1, x2 = operands
+        return einsum_structure([lead + "x", "zxy", lead + "y"], lead + "z", 1, [x1, None, x2], meta.weight_shape, y_shape)
