@@ -107,7 +107,7 @@ class BagNet(nn.Module):
         self.weighted = weighted
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        w = torch.linspace(0.5, 1.5, ids.shape[-1]).expand(ids.shape) if self.weighted else None
+        w = torch.linspace(0.5, 1.5, ids.shape[-1], dtype=self.bag.weight.dtype).expand(ids.shape) if self.weighted else None
         return self.bag(ids, per_sample_weights=w)
 
 

@@ -159,10 +159,10 @@ class _ParamMode(TorchFunctionMode):
         touched = [t for t in _tensors((args, kwargs)) if id(t) in self.ids]
         if not touched:
             return func(*args, **kwargs)
-        out = self._follow(func, args, kwargs)
+        out = _expanded(self, func, args, kwargs)  # first: an expansion may take over a view function (W[ids])
         if out is not NotImplemented:
             return out
-        out = _expanded(self, func, args, kwargs)
+        out = self._follow(func, args, kwargs)
         if out is not NotImplemented:
             return out
         rule = rules.lookup(func)
