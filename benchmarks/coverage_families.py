@@ -238,13 +238,14 @@ FAMILIES: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
 }
 
 
-def build(name: str) -> tuple[Callable, dict, Any]:
-    """``(f, params, x)`` of one family (seeded)."""
+def build(name: str, dtype: torch.dtype = torch.float32) -> tuple[Callable, dict, Any]:
+    """``(f, params, x)`` of one family (seeded), its parameters, buffers and floating inputs in ``dtype``."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated
         model, x = FAMILIES[name]()
-    model.eval()
+    model.to(dtype).eval()
+    x = x.to(dtype) if x.is_floating_point() else x
     try:
         f, params = ntkfunc.from_module(model)
         f(params, x)

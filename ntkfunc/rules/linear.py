@@ -206,6 +206,16 @@ class BMM(MatMul):
         return "axy", "ayz", "axz"
 
 
+@register(torch.mv, torch.Tensor.mv)
+class MV(MatMul):
+    """``mv(mat, vec)``: ``(n, k) @ (k,)`` (spectral norm's ``σ = uᵀ W v``)."""
+
+    name = "mv"
+
+    def subscripts(self, a: Tensor, b: Tensor) -> tuple[str, str, str]:
+        return "xy", "y", "x"
+
+
 def parse_einsum(equation: str, ndims: Sequence[int]) -> tuple[list[str], str] | None:
     """``(inputs, output)`` letters of an einsum equation with ``...`` expanded; None if unsupported."""
     eq = equation.replace(" ", "")

@@ -198,7 +198,9 @@ class _Recorder(_ParamMode):
 
     def unmatched(self, func: Any, args: tuple, kwargs: dict, touched: list[torch.Tensor]) -> Any:
         out = func(*args, **kwargs)
-        if _tensors(out):  # metadata queries (.shape, .dtype) return no tensor
+        # metadata queries (.shape, .dtype) return no tensor; integer or boolean results (``W.diagonal().int()``,
+        # ``W > 0``) carry no derivative (the autograd check below still sees any path they hide)
+        if any(t.is_floating_point() or t.is_complex() for t in _tensors(out)):
             for t in touched:
                 k = self.ids[id(t)]
                 self.plain.setdefault(k, []).append(op_name(func))
