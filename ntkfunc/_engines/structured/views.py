@@ -293,7 +293,7 @@ def use_structure(rule: rules.Rule, role: str, operands: Sequence[torch.Tensor |
                   y_shape: tuple[int, ...], vm: ViewMap | None, tied: bool, theta_shape: Sequence[int]) -> Structure:
     """One use's checked structure of ``∂y/∂θ``: the rule's, composed with its view (:func:`compose`).
 
-    A use of a tied parameter is :func:`refine`\ d to the parameter's own axes, so that its uses pair up.
+    The use of a tied parameter is refined (:func:`refine`) to the parameter's own axes, so that its uses pair up.
     """
     st = compose(rule.structure(role, operands, meta, y_shape), vm, tied=tied)
     numel = theta_numel(vm, math.prod(theta_shape))
