@@ -297,7 +297,7 @@ def measure(name: str, timing: bool, reps: int) -> dict:
         for impl in (1, 3):
             kernel = ntkfunc.ntk_fn(f, implementation=impl)
             try:
-                row[f"impl{impl}_s"] = _median_time(lambda: kernel(x, None, params), reps)
+                row[f"impl{impl}_s"] = _median_time(lambda kernel=kernel: kernel(x, None, params), reps)
             except Exception as err:  # noqa: BLE001
                 row[f"impl{impl}_s"] = f"{type(err).__name__}"
     return row

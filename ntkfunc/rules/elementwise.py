@@ -123,7 +123,7 @@ class Mul(_Binary):
     """``input * other``: ``∂y/∂θ`` is the other factor (a tensor or a number), summed over broadcast axes."""
 
     name = "mul"
-    names = ("input", "other", "out")
+    names: ClassVar[tuple[str, ...]] = ("input", "other", "out")
 
     def structure(self, role: str, operands: Sequence[Tensor | None], meta: BinaryMeta, y_shape: tuple[int, ...]) -> Structure:
         other = "other" if role == "input" else "input"

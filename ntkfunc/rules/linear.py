@@ -323,7 +323,8 @@ class Einsum(Rule):
 
     def structure(self, role: str, operands: Sequence[Tensor | None], meta: EinsumMeta, y_shape: tuple[int, ...]) -> Structure:
         idx = int(role[len("operand") :])
-        inputs, tensors = [], []
+        inputs: list[str] = []
+        tensors: list[Tensor | None] = []
         for k, (letters, t) in enumerate(zip(meta.inputs, operands)):
             if k == idx:
                 inputs.append(_distinct(letters, meta.shapes[k])[0])
