@@ -87,7 +87,7 @@ _BAG_NAMES = ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad
               "per_sample_weights", "include_last_offset", "padding_idx")
 _BAG_DEFAULTS = {"offsets": None, "max_norm": None, "norm_type": 2, "scale_grad_by_freq": False, "mode": "mean", "sparse": False,
                  "per_sample_weights": None, "include_last_offset": False, "padding_idx": None}
-_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+_BAG_MODES = ("sum", "mean", "max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,15 +136,27 @@ def bag_matrix(a: Bound, dtype: torch.dtype) -> Tensor:
 
 
 def bag_argmax(a: Bound) -> Tensor:
-    """``mode="max"``: the one-hot ``(bags, D, vocab)`` of the row each output entry is taken from (empty bags: none)."""
-    ids, w = a["input"], a["weight"]
-    offsets = a["offsets"]
-    if ids.dim() == 2:  # as F.embedding_bag calls the kernel for a 2-D input
-        offsets = torch.arange(0, ids.numel(), ids.shape[1], device=ids.device)
-        ids = ids.reshape(-1)
-    _, _, size, rows = torch.embedding_bag(w.detach(), ids, offsets, False, _BAG_MODES["max"], False, None,
-                                           a["include_last_offset"], a["padding_idx"])
-    return _one_hot(rows.long(), int(w.shape[0]), w.dtype) * (size > 0).to(w.dtype)[:, None, None]
+    """``mode="max"``: the one-hot ``(bags, D, vocab)`` of the row each output entry is taken from (empty bags: none).
+
+    The first of equal maxima in the bag's order, as torch's kernels take it; padding entries never.
+    """
+    w = a["weight"].detach()
+    vocab = int(w.shape[0])
+    ids, starts = _bags(a["input"].long(), a["offsets"], a["include_last_offset"])
+    keep = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    if a["padding_idx"] is not None:
+        keep = ids != a["padding_idx"] % vocab
+    if starts is None:  # (bags, length)
+        member, flat = keep, ids
+    else:
+        pos = torch.arange(ids.shape[0], device=ids.device)
+        ends = torch.cat([starts[1:], torch.full_like(starts[:1], ids.shape[0])])
+        member, flat = (pos >= starts.unsqueeze(-1)) & (pos < ends.unsqueeze(-1)) & keep, ids.expand(starts.shape[0], -1)
+    rows = w[flat]  # (bags, length, D)
+    scores = torch.where(member.unsqueeze(-1), rows, torch.full_like(rows, float("-inf")))
+    first = scores.argmax(1)  # (bags, D): the position of the first maximum
+    chosen = flat.gather(1, first)
+    return _one_hot(chosen, vocab, w.dtype) * member.any(-1).to(w.dtype)[:, None, None]
 
 
 @register(F.embedding_bag)

@@ -86,7 +86,7 @@ class WeightNorm(Rule):
         """``u = v / ‖v‖`` and ``s = g / ‖v‖`` (the norm's shape: size 1 on every axis but ``dim``)."""
         v, g, dim = a["v"], a["g"], a["dim"]
         axes = [d for d in range(v.dim()) if d != dim]
-        norm = v.norm(dim=axes, keepdim=True)
+        norm = v.norm(dim=axes, keepdim=True) if axes else v.abs()  # a vector normed per entry: its magnitude
         return [v / norm, g.reshape(norm.shape) / norm], WeightNormMeta(dim, tuple(v.shape), tuple(g.shape))
 
     def structure(self, role: str, operands: Sequence[Tensor | None], meta: WeightNormMeta, y_shape: tuple[int, ...]) -> Structure:
