@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 import ntkfunc
 from ntkfunc import rules
-from ntkfunc.rules.embedding import _BAG_DEFAULTS, bag_argmax, bag_matrix
+from ntkfunc.rules.embedding import BAG_DEFAULTS, bag_argmax, bag_matrix
 from ntkfunc.testing import check_rule
 from tests.reference import max_rel_err, reference_kernel
 
@@ -459,7 +459,7 @@ def test_bag_matrices_reproduce_embedding_bag():
         ids, offsets = (flat.reshape(2, 5), None) if two_d else (flat, torch.tensor([0, 4, 4, 7, 8]))
         psw = torch.rand(ids.shape, dtype=D) if weighted else None
         want = F.embedding_bag(ids, w, offsets, mode=mode, per_sample_weights=psw, include_last_offset=last, padding_idx=pad)
-        a = {**_BAG_DEFAULTS, "input": ids, "weight": w, "offsets": offsets, "mode": mode, "per_sample_weights": psw,
+        a = {**BAG_DEFAULTS, "input": ids, "weight": w, "offsets": offsets, "mode": mode, "per_sample_weights": psw,
              "include_last_offset": last, "padding_idx": pad}
         got = torch.einsum("bdv,vd->bd", bag_argmax(a), w) if mode == "max" else bag_matrix(a, D) @ w
         assert torch.allclose(got, want, rtol=0, atol=1e-12), (mode, last, pad, weighted, two_d)

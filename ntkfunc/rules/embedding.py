@@ -85,7 +85,7 @@ class Embedding(Rule):
 
 _BAG_NAMES = ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
               "per_sample_weights", "include_last_offset", "padding_idx")
-_BAG_DEFAULTS = {"offsets": None, "max_norm": None, "norm_type": 2, "scale_grad_by_freq": False, "mode": "mean", "sparse": False,
+BAG_DEFAULTS = {"offsets": None, "max_norm": None, "norm_type": 2, "scale_grad_by_freq": False, "mode": "mean", "sparse": False,
                  "per_sample_weights": None, "include_last_offset": False, "padding_idx": None}
 _BAG_MODES = ("sum", "mean", "max")
 
@@ -114,7 +114,7 @@ def bag_matrix(a: Bound, dtype: torch.dtype) -> Tensor:
     """``M`` ``(bags, vocab)`` with ``embedding_bag(input, W) = M W`` for ``mode`` ``"sum"`` / ``"mean"``.
 
     >>> ids, w = torch.tensor([[1, 3, 3], [0, 2, 2]]), torch.randn(4, 2)
-    >>> a = {**_BAG_DEFAULTS, "input": ids, "weight": w, "mode": "mean", "padding_idx": 0}
+    >>> a = {**BAG_DEFAULTS, "input": ids, "weight": w, "mode": "mean", "padding_idx": 0}
     >>> torch.allclose(bag_matrix(a, w.dtype) @ w, F.embedding_bag(ids, w, mode="mean", padding_idx=0))
     True
     """
@@ -166,7 +166,7 @@ class EmbeddingBag(Rule):
     static_meta = True
     name = "embedding_bag"
     names = _BAG_NAMES
-    defaults = _BAG_DEFAULTS
+    defaults = BAG_DEFAULTS
 
     def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
         w, ids = a["weight"], a["input"]
