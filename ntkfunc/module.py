@@ -170,7 +170,11 @@ class _PerThreadModules:
         for t in list(module.parameters()) + list(module.buffers()):
             meta = torch.empty_like(t, device="meta")
             memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-        self.template = copy.deepcopy(module, memo)  # no tensor data copied
+        for m in module.modules():  # tensors computed from parameters and kept as attributes (the hook-based
+            for value in vars(m).values():  # torch.nn.utils.weight_norm's `weight`): recomputed at every call
+                if isinstance(value, torch.Tensor) and id(value) not in memo and value.grad_fn is not None:
+                    memo[id(value)] = value.detach()  # deepcopy refuses non-leaf tensors; no data is copied
+        self.template = copy.deepcopy(module, memo)  # no parameter or buffer data copied
         self.lock = threading.Lock()
         self.local = threading.local()
 
