@@ -38,10 +38,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.func import vjp
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_ft = torch._C._functorch
+_is_wrapped = _ft.is_functorch_wrapped_tensor
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -104,7 +106,13 @@ def _recurrent(func: Callable[..., Any], state_at: Callable[[tuple], int]) -> Ca
             state = _batched_like(state, others)
         else:
             state = type(state)(_batched_like(s, others) for s in state)
-        return func(*args[:k], state, *args[k + 1:], **kwargs)
+        args = (*args[:k], state, *args[k + 1:])
+        first = args[0]
+        if isinstance(first, torch.Tensor) and first.is_floating_point() and _ft.is_batchedtensor(first):
+            # vmap innermost (no derivative level): torch has no batching rule for the fused op, but under a
+            # grad level it is decomposed into ops that have one. The primal output of a vjp is that.
+            return vjp(lambda x: func(x, *args[1:], **kwargs), first)[0]
+        return func(*args, **kwargs)
 
     return call
 

@@ -151,7 +151,7 @@ def _at(op: str | None, error: BaseException) -> str:
     """`` in torch.lstm (aten::...; torch says: ...)``: where a transform failed, and torch's first line."""
     text = str(error).strip()
     first = text.splitlines()[0] if text else type(error).__name__
-    aten = sorted(set(re.findall(r"aten::[\w.]+", text)))
+    aten = sorted(set(re.findall(r"aten::\w+(?:\.\w+)?", text)))
     where = f" in {op}" if op else ""
     return f"{where} ({', '.join(aten + [f'torch says: {first}'])})"
 
