@@ -32,7 +32,6 @@ torch's op computes (the same numbers for ``prelu``, ``rrelu`` and the recurrent
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -184,10 +183,9 @@ def embedding_bag(input: torch.Tensor, weight: torch.Tensor, offsets: torch.Tens
 
 def _plain_bag(args: tuple, kwargs: dict) -> bool:
     """Whether :func:`embedding_bag` computes this call (else torch's op runs: its own checks and errors)."""
-    try:
-        bound = _EMBEDDING_BAG_SIGNATURE.bind(*args, **kwargs).arguments
-    except TypeError:
+    if len(args) > len(_EMBEDDING_BAG_ARGS) or any(k not in _EMBEDDING_BAG_ARGS for k in kwargs):
         return False
+    bound = {**dict(zip(_EMBEDDING_BAG_ARGS, args)), **kwargs}
     input, weight = bound.get("input"), bound.get("weight")
     offsets, psw = bound.get("offsets"), bound.get("per_sample_weights")
     mode = bound.get("mode", "mean")
@@ -202,7 +200,8 @@ def _plain_bag(args: tuple, kwargs: dict) -> bool:
     return input.ndim == 1 and isinstance(offsets, torch.Tensor) and offsets.ndim == 1
 
 
-_EMBEDDING_BAG_SIGNATURE = inspect.signature(embedding_bag)
+_EMBEDDING_BAG_ARGS = ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
+                       "per_sample_weights", "include_last_offset", "padding_idx")  # F.embedding_bag's, in order
 
 
 # --- the mode --------------------------------------------------------------------------------
