@@ -174,6 +174,11 @@ _DATA_DEPENDENT = (
 )
 
 
+def _transformed(t: torch.Tensor) -> bool:
+    """A tensor a torch.func transform wrapped (e.g. an attribute a hook set while a kernel was computed)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 class _PerThreadModules:
     """The module for the main thread; structural copies (meta tensors) for other threads."""
 
@@ -184,8 +189,8 @@ class _PerThreadModules:
             meta = torch.empty_like(t, device="meta")
             memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
         for m in module.modules():  # tensors computed from parameters and kept as attributes (the hook-based
-            for value in vars(m).values():  # torch.nn.utils.weight_norm's `weight`): recomputed at every call
-                if isinstance(value, torch.Tensor) and id(value) not in memo and value.grad_fn is not None:
+            for value in vars(m).values():  # torch.nn.utils.weight_norm's `weight`, recomputed at every call)
+                if isinstance(value, torch.Tensor) and id(value) not in memo and (value.grad_fn is not None or _transformed(value)):
                     memo[id(value)] = value.detach()  # deepcopy refuses non-leaf tensors; no data is copied
         self.template = copy.deepcopy(module, memo)  # no parameter or buffer data copied
         self.lock = threading.Lock()

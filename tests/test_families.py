@@ -136,6 +136,26 @@ def test_recurrent_without_initial_state(name, implementation):
     assert max_rel_err(_impl_kernel(f, params, x1, x2, implementation), reference_kernel(f, params, x1, x2, (), ())) <= TOL
 
 
+class LearnedState(nn.Module):
+    """A GRU whose initial state is a parameter (not batched over samples, as the zero state was not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru, self.h0, self.head = nn.GRU(3, 4, batch_first=True), nn.Parameter(torch.randn(1, 1, 4)), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.gru(x, self.h0.expand(1, x.shape[0], 4).contiguous())[0][:, -1])
+
+
+def test_recurrent_with_a_learned_initial_state():
+    torch.manual_seed(0)
+    f, params = ntkfunc.from_module(LearnedState().to(D))
+    x = torch.randn(3, 5, 3, dtype=D)
+    ref = reference_kernel(f, params, x, None, (), ())
+    for impl in (1, 2, 3, "auto"):
+        assert max_rel_err(_impl_kernel(f, params, x, None, impl), ref) <= TOL, impl
+
+
 def test_recurrent_float32_and_pntk_kernel_matrix():
     """float32 (CPU: oneDNN's LSTM path) and the dataset path."""
     torch.manual_seed(0)
