@@ -61,8 +61,10 @@ def prelu(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     if weight.numel() == 1:
         w = weight.reshape(())
-    else:
-        w = weight.reshape((-1,) + (1,) * max(input.ndim - 2, 0))
+    elif input.ndim >= 2 and input.shape[1] == weight.numel():
+        w = weight.reshape((-1,) + (1,) * (input.ndim - 2))
+    else:  # channels that do not match: torch's op says so
+        return torch.prelu(input, weight)
     return torch.where(input > 0, input, w * input)
 
 
