@@ -146,7 +146,7 @@ class PaddedEncoder(nn.Module):
         super().__init__()
         self.inp = nn.Linear(D, H)
         layer = nn.TransformerEncoderLayer(H, 2, 2 * H, dropout=0.0, batch_first=True)
-        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.enc = nn.TransformerEncoder(layer, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad = torch.zeros(x.shape[:2], dtype=torch.bool)

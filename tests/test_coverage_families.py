@@ -3,8 +3,8 @@
 Per family: a small model whose every parameter ``explain`` reports on a rule (the rules named),
 and whose implementation-3 kernel with every rule in use equals the float64 reference and the
 kernel with rules disabled (:func:`ntkfunc.testing.check_rule`). The expansions (recurrent layers,
-attention, ``W[ids]``) and the bag matrices are checked to reproduce torch's own results, and
-never to run outside implementation 3's capture.
+attention, ``W[ids]``) are checked to reproduce torch's own results, and never to run outside
+implementation 3's capture.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from torch.func import functional_call
 
 import ntkfunc
 from ntkfunc import rules
-from ntkfunc.rules.embedding import BAG_DEFAULTS, bag_argmax, bag_matrix
 from ntkfunc.testing import check_rule
 from tests.reference import max_rel_err, reference_kernel
 
@@ -220,8 +219,7 @@ class PaddedEncoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.inp = nn.Linear(IN, 4)
-        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True), 1,
-                                         enable_nested_tensor=False)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True), 1)
 
     def forward(self, x):
         pad = torch.zeros(x.shape[:2], dtype=torch.bool)
@@ -441,28 +439,12 @@ class Bag(nn.Module):
     ("sum", True, None, False), ("mean", False, 3, False), ("max", False, None, False), ("mean", False, None, True),
     ("max", False, 2, True),
 ])
-def test_embedding_bag_rule(mode, weighted, padding_idx, offsets):
+def test_embedding_bag_on_the_embedding_rule(mode, weighted, padding_idx, offsets):
+    """Inside kernels F.embedding_bag is computed as F.embedding and the bags' reductions (ntkfunc._core.batchable)."""
     torch.manual_seed(15)
     ids = torch.randint(0, 12, (5, 6))
     ids[:, 0] = 3  # a padding entry in some bags
-    _check(Readout(Bag(mode, weighted, padding_idx, offsets), 4), ids, {"body.bag.weight": "embedding_bag:weight"})
-
-
-def test_bag_matrices_reproduce_embedding_bag():
-    torch.manual_seed(16)
-    w = torch.randn(10, 3, dtype=D)
-    flat = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9, 4, 4])
-    for mode, last, pad, weighted, two_d in itertools.product(["sum", "mean", "max"], [False, True], [None, 4, -6],
-                                                              [False, True], [False, True]):
-        if (weighted and mode != "sum") or (two_d and last):
-            continue
-        ids, offsets = (flat.reshape(2, 5), None) if two_d else (flat, torch.tensor([0, 4, 4, 7, 8]))
-        psw = torch.rand(ids.shape, dtype=D) if weighted else None
-        want = F.embedding_bag(ids, w, offsets, mode=mode, per_sample_weights=psw, include_last_offset=last, padding_idx=pad)
-        a = {**BAG_DEFAULTS, "input": ids, "weight": w, "offsets": offsets, "mode": mode, "per_sample_weights": psw,
-             "include_last_offset": last, "padding_idx": pad}
-        got = torch.einsum("bdv,vd->bd", bag_argmax(a), w) if mode == "max" else bag_matrix(a, D) @ w
-        assert torch.allclose(got, want, rtol=0, atol=1e-12), (mode, last, pad, weighted, two_d)
+    _check(Readout(Bag(mode, weighted, padding_idx, offsets), 4), ids, {"body.bag.weight": "embedding:weight"})
 
 
 class Positions(nn.Module):
