@@ -7,6 +7,10 @@ whose kernel term the engine then takes *by its rule* (route ``gram`` or ``forme
 ``reverse-mode``) does, so both are reported: with the default routes (implementation 3's
 planner) and inside ``ntkfunc.rules.forced()`` (every matching rule used).
 
+``--speed`` times, on wider recurrent models and a Transformer decoder where the rules pay, the full
+``N x N x 10 x 10`` kernel with implementation 1 and with implementation 3 (default routes), one thread,
+thread CPU time of the second call (the first plans the routes).
+
 ``--time`` also times ``ntk_fn`` (the traced ``N x N`` kernel of ``--time-n`` samples, one thread, median
 thread CPU time of ``--reps`` calls after a warm-up: robust on a shared machine) with implementation 1
 and with implementation 3 (default routes), to show that what the rules change leaves
@@ -239,6 +243,67 @@ FAMILIES: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
 }
 
 
+class WideRecurrent(nn.Module):
+    """A recurrent layer of width ``width`` over ``steps`` steps of 16 features, 10 logits from the last step."""
+
+    def __init__(self, kind: str, width: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.rnn: nn.Module = {"gru": nn.GRU, "lstm": nn.LSTM}[kind](16, width, batch_first=True) if kind != "lstm_cell" \
+            else nn.LSTMCell(16, width)
+        self.head, self.width = nn.Linear(width, 10), width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = zeros_like_batch(x, (self.width,))
+        if self.kind == "lstm_cell":
+            state = (h, h)
+            for t in range(x.shape[1]):
+                state = self.rnn(x[:, t], state)
+            return self.head(state[0])
+        state: Any = (h.unsqueeze(0), h.unsqueeze(0)) if self.kind == "lstm" else h.unsqueeze(0)
+        return self.head(self.rnn(x, state)[0][:, -1])
+
+
+class WideDecoder(nn.Module):
+    """``nn.TransformerDecoder`` of width 128 (causal self-attention, cross-attention), 10 logits from the mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tgt, self.mem = nn.Linear(16, 128), nn.Linear(16, 128)
+        self.dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(128, 4, 256, dropout=0.0, batch_first=True), 2)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        return self.head(self.dec(self.tgt(x), self.mem(x), tgt_mask=mask, tgt_is_causal=True).mean(1))
+
+
+SPEED: dict[str, Callable[[], nn.Module]] = {
+    "nn.GRU, width 256, 8 steps": lambda: WideRecurrent("gru", 256),
+    "nn.LSTM, width 256, 8 steps": lambda: WideRecurrent("lstm", 256),
+    "LSTMCell loop, width 256, 8 steps": lambda: WideRecurrent("lstm_cell", 256),
+    "nn.TransformerDecoder, width 128, 8 tokens": WideDecoder,
+}
+
+
+def speed(name: str, n: int = 16) -> dict:
+    """CPU seconds of the second call of the full kernel on ``n`` sequences of 8 steps, implementations 1 and 3."""
+    torch.manual_seed(0)
+    model = SPEED[name]().eval()
+    f, params = ntkfunc.from_module(model)
+    x = torch.randn(n, 8, 16)
+    row: dict[str, Any] = {"family": name, "params": sum(p.numel() for p in params.values())}
+    for impl in (1, 3):
+        kernel = ntkfunc.ntk_fn(f, trace_axes=(), implementation=impl)
+        kernel(x, None, params)
+        t0 = time.thread_time()
+        kernel(x, None, params)
+        row[f"impl{impl}_s"] = time.thread_time() - t0
+    report = ntkfunc.explain(f, params, x, trace_axes=())
+    row["routed"] = sum(math.prod(r.shape) for r in report.params if r.method == "rule" and r.route != "reverse-mode")
+    return row
+
+
 def build(name: str, dtype: torch.dtype = torch.float32) -> tuple[Callable, dict, Any]:
     """``(f, params, x)`` of one family (seeded), its parameters, buffers and floating inputs in ``dtype``."""
     torch.manual_seed(0)
@@ -328,9 +393,18 @@ def main() -> None:
     ap.add_argument("--time", action="store_true", help="also time ntk_fn with implementations 1 and 3")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--time-n", type=int, default=16, help="samples of the timed kernels")
+    ap.add_argument("--speed", action="store_true", help="only time the wider models of SPEED")
     ap.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.speed:
+        print("| model | parameters | on a rule's route (default) | impl 1 (CPU) | impl 3 (CPU) |\n|---|---:|---:|---:|---:|", flush=True)
+        rows = [speed(name) for name in SPEED]
+        for r in rows:
+            print(f"| {r['family']} | {r['params']:,} | {100 * r['routed'] / r['params']:.1f}% | {r['impl1_s']:.2f} s | {r['impl3_s']:.2f} s |")
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        return
     head = "| family | parameters | on a rule | rule's route (default) | rule's route (forced) | fallback tensors | why they fall back |"
     sep = "|---|---:|---:|---:|---:|---:|---|"
     if args.time:
