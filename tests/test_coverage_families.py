@@ -528,3 +528,18 @@ def test_expansions_run_only_in_the_capture(monkeypatch):
     with rules.forced():
         k3 = ntkfunc.ntk_fn(f, implementation=3)(x, None, params)
     assert "multi_head_attention" in calls and torch.allclose(k3, k1)
+
+
+def test_a_recurrent_weight_takes_its_rule_where_it_pays():
+    """Each step's use of W_hh is one contraction call: many small ones cost more than reverse mode (CALL_FLOPS),
+    a wide layer's few large ones less."""
+    torch.manual_seed(21)
+
+    def w_hh_route(width: int, n: int, **kw) -> str:
+        model = Readout(Recurrent(nn.GRU(8, width, 2, batch_first=True)), width).eval()
+        f, params = ntkfunc.from_module(model)
+        report = ntkfunc.explain(f, params, torch.randn(n, 6, 8), **kw)
+        return next(r.route for r in report.params if r.name.endswith("weight_hh_l0"))
+
+    assert w_hh_route(16, 64) == "reverse-mode"  # 36 small Gram equations: "gram" by FLOPs alone, and 2x slower
+    assert w_hh_route(128, 8, trace_axes=()) in ("gram", "formed")
