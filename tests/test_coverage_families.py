@@ -21,7 +21,6 @@ from torch.func import functional_call
 import ntkfunc
 from ntkfunc import rules
 from ntkfunc.testing import check_rule
-from tests.reference import max_rel_err, reference_kernel
 
 D = torch.float64
 T, IN, H = 4, 3, 5  # steps, input features, hidden width
@@ -193,12 +192,7 @@ def test_lstm_without_initial_state_is_exact_by_its_rules():
         def forward(self, x):
             return self.lstm(x)[0]
 
-    f, params = _fn(Readout(Net(), H))
-    x1, x2 = torch.randn(3, T, IN, dtype=D), torch.randn(2, T, IN, dtype=D)
-    assert not ntkfunc.explain(f, params, x1).fallbacks
-    with rules.forced():
-        k = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)(x1, x2, params)
-    assert max_rel_err(k, reference_kernel(f, params, x1, x2, ())) <= 1e-10
+    _check(Readout(Net(), H), torch.randn(5, T, IN))
 
 
 # --- attention: masks and cross-attention ------------------------------------------------------
