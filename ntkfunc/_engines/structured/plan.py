@@ -504,7 +504,7 @@ def parameter_calls_price(fn: Any, params: Sequence[torch.Tensor], *args: Any) -
 
     >>> w, b = torch.randn(8, 4), torch.randn(4)
     >>> parameter_calls_price(lambda p, x: torch.tanh(x @ p[0].T.T + p[1]), [w, b], torch.randn(3, 8))  # 2*3*8*4 FLOPs
-    Price(flops=192.0, traffic=24.0)
+    Price(flops=192.0, traffic=24.0, calls=0.0)
     """
     counter = _ParameterCalls(params)
     with torch.no_grad(), counter:
