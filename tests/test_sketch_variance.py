@@ -60,15 +60,17 @@ def _cnn(last: int) -> nn.Module:
 
 @pytest.mark.parametrize("last", [128, 512])
 def test_auto_error_at_most_a_gaussian_projections(last):
-    """A CNN with 10 logits, traced (the default kernel), dim = 256, the mean relative error over 8 fixed seeds: auto's
-    is at most 1.1 times a Gaussian projection's (with a last layer 128 wide, TensorSketch's was 2-3 times)."""
+    """A CNN with 10 logits, traced (the default kernel), dim = 256, the mean relative error over 6 fixed seeds: auto's
+    is at most 1.1 times a Gaussian projection's (it was 1.7 and 2.7 times: TensorSketch of the last layer)."""
     f, params = ntkfunc.from_module(_cnn(last))
-    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     exact = reference_kernel(f, params, x, None)
 
     def mean_error(kind: str) -> float:
-        errs = [float((ntkfunc.sketched_ntk_fn(f, ntkfunc.Sketch(256, s, kind))(x, None, params) - exact).norm() / exact.norm())
-                for s in range(8)]
+        errs = []
+        for seed in range(6):
+            phi = ntkfunc.features_fn(f, ntkfunc.Sketch(256, seed, kind))(x, params)
+            errs.append(float((torch.einsum("aod,bod->ab", phi, phi) / 10 - exact).norm() / exact.norm()))
         return sum(errs) / len(errs)
 
     plan = ntkfunc.Sketch(256).explain(f, params, x[:2])
