@@ -164,22 +164,22 @@ def forced(cap: Capture) -> RoutePlan:
 
 
 def unprobed(cap: Capture | None, implementation1: plan.Price | None) -> RoutePlan | None:
-    """``"auto"`` before any capture: implementation 1 outright when its whole kernel costs less than probing.
+    """``"auto"`` before any capture: implementation 1 outright when its work on the parameters costs less than probing.
 
-    The rules can save at most what implementation 1 spends on the kernel (``implementation1``,
+    The rules can save at most what implementation 1 spends on the parameters (``implementation1``,
     an upper estimate from one forward pass: :func:`~ntkfunc._engines.structured.kernel.implementation1_price`);
     when that is less than :data:`PROBE_FLOPS` no probe can pay, and neither the capture nor the
     calibration runs (small models on few samples: the test zoo). The plan probes nothing; given
     ``cap`` (``explain``), it says so for every ruled parameter. None: decide from the capture
-    (:func:`decide`), also when there is no estimate (under an outer transform).
+    (:func:`decide`), also when there is no estimate (``f`` failed to run for it).
 
     >>> unprobed(None, plan.Price(1e6, 1e3)).outright, unprobed(None, plan.Price(1e9)) is None
     (True, True)
     """
     if implementation1 is None or implementation1.cost >= PROBE_FLOPS:
         return None
-    why = (f"auto: implementation 1's whole kernel costs about {implementation1.cost:.2e}, less than probing "
-           f"({PROBE_FLOPS:.0e}): no capture")
+    why = (f"auto: implementation 1's work on the parameters (about {implementation1.cost:.2e}) costs less than "
+           f"probing ({PROBE_FLOPS:.0e}): no capture")
     chosen = {} if cap is None else {**_unruled(cap), **{k: Route(REVERSE_MODE, None, why) for k in cap.ruled}}
     return RoutePlan(AUTO, chosen, 0.0)
 
