@@ -43,8 +43,10 @@ class Sketch:
         matrix shape; exact when ``dim`` holds every parameter), ``"tensorsketch"``
         (TensorSketch of linear and convolution weights from their cotangents and inputs, by
         FFTs: no per-sample gradient formed), ``"gaussian"`` (dense i.i.d. ``N(0, 1/dim)``, the
-        reference: ``2 P dim`` FLOPs per gradient row), or ``"auto"`` (per parameter, the
-        predicted cheaper of TensorSketch and the count sketch; see :meth:`explain`).
+        reference: ``2 P dim`` FLOPs per gradient row; drawn in float32 and kept while it fits
+        half the memory budget), or ``"auto"`` (per parameter, the predicted cheaper of
+        TensorSketch and the count sketch among those whose error is no worse than a Gaussian
+        projection's: no TensorSketch for rows wider than ``dim``; see :meth:`explain`).
 
     Every kind satisfies ``E[Π Πᵀ] = I``: the sketched kernel is unbiased.
 
@@ -100,14 +102,12 @@ class Sketch:
         bound for the count sketch (whose variance is the Gaussian's minus a diagonal term;
         zero for an exact ``dim >= P`` count sketch, whose estimate is still positive)
         when ``dim`` is at least every parameter's row width (``numel / shape[0]``).
-        Not a bound for TensorSketch (``"auto"``'s wide layers) with traced outputs: a
-        layer whose cotangents are one-hot per output (a last linear layer) gets the same
-        error in every output, which the trace then does not average away, so the actual
-        error can exceed the estimate by up to ``sqrt(O)`` (3x measured with ``O = 10`` on
-        a small CNN; within 2x on the digits CNN of ``examples/sketch_accuracy.py``,
-        whose figure shows both). The same holds for the count sketch of a parameter whose
-        rows are wider than ``dim``. Computed on at most ``samples`` evenly spaced rows and
-        columns, deterministically from the sketch's seed.
+        Not a bound for ``kind="tensorsketch"`` on a layer whose rows (``numel / shape[0]``)
+        are wider than ``dim``, with traced outputs: its columns collide alike in every row,
+        so every output gets the same error, which the trace then does not average away, and
+        the actual error can exceed the estimate by up to ``sqrt(O)`` (``"auto"`` gives such
+        layers the count sketch, whose folds are signed row by row). Computed on at most
+        ``samples`` evenly spaced rows and columns, deterministically from the sketch's seed.
 
         Args:
           features1, features2: ``(N, *out, dim)`` from :func:`features_fn` (or a features

@@ -10,10 +10,10 @@ the sum of the variances at ``dim``, i.e. ``E‖K̂ - K‖²`` of a Gaussian ske
 gradients. For the Gaussian kind this is the expected error (up to the ``O(1/dim)`` bias of
 the plugged-in inner products); the count sketch's variance is the Gaussian's minus
 ``2 Σ_i u_i² v_i²`` when ``dim`` holds every parameter's row (the estimate is conservative).
-The hashed kinds' errors are the same in every traced output for a layer with one-hot
-cotangents (TensorSketch of a last linear layer; the count sketch of rows wider than
-``dim``), which the Gaussian's are not: there the actual error can exceed the estimate by up
-to ``sqrt(O)`` (see :meth:`ntkfunc.Sketch.error_estimate`).
+TensorSketch's errors are the same in every traced output for a layer whose rows are wider
+than ``dim`` (its columns collide alike in every row), which the Gaussian's are not: there the
+actual error can exceed the estimate by up to ``sqrt(O)`` (see :meth:`ntkfunc.Sketch.error_estimate`;
+``"auto"`` takes the count sketch for such layers).
 
 (Splitting the features into two halves is not an estimate for the hashed kinds: a
 coordinate lands in one half, which adds ``Σ_i u_i² v_i²`` to the halves' difference, and
