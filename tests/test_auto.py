@@ -60,6 +60,20 @@ def test_auto_on_small_problems_is_implementation_1_without_the_capture(monkeypa
     assert discoveries == [] and sides == [] and len(jacobians) == len(CASES)
 
 
+def test_auto_prices_f_once_per_signature_across_kernel_functions(monkeypatch):
+    """A fresh kernel function of the same f (ntk_fn(f)(...) in a loop) does not run f again to decide; a new f does."""
+    from ntkfunc._engines.structured import plan
+
+    runs = _spy(monkeypatch, plan, "parameter_calls_price")
+    f, params, x1, x2, _ = next(c for c in CASES if c.name == "mlp").build(torch.float64)
+    for _ in range(3):
+        ntkfunc.ntk_fn(f)(x1, x2, params)
+    assert len(runs) == 1
+    ntkfunc.ntk_fn(f)(x1[:2], None, params)  # another input signature (x2=None): priced again
+    ntkfunc.ntk_fn(lambda p, x: f(p, x))(x1, x2, params)  # another function
+    assert len(runs) == 3
+
+
 def test_auto_estimate_bounds_what_the_rules_save():
     """Whenever the capture's calibration would probe a primitive, the estimate of implementation 1's
     work is larger than what the rules save, and at least the probing threshold (so the shortcut

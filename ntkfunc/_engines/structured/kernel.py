@@ -33,6 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.func import jacrev, vmap
@@ -316,12 +320,40 @@ def one_sample_prices(problem: Problem, cap: Capture, k: int, leaf: int, one: Si
     return block_prices(problem, leaf, e, role, one, one)[0]
 
 
+_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""``f -> {input signature: plan.Price of its parameter-consuming calls on one sample}``, kept with the function
+object: a fresh kernel function of the same ``f`` (``ntk_fn(f)(x1, x2, params)`` in a training loop) does not
+run ``f`` again for :func:`implementation1_price`. Shapes decide the price, never values; an estimate only."""
+_CALLS_LOCK = threading.Lock()
+
+
+def _calls_price(problem: Problem, fn: Callable[..., Any], leaves: Sequence[torch.Tensor], x: Sequence[Any]) -> plan.Price:
+    """:func:`~ntkfunc._engines.structured.plan.parameter_calls_price` of ``f`` on ``x``, remembered per ``f`` and input signature."""
+    key = problem.signature
+    if key is not None:
+        with _CALLS_LOCK:
+            try:
+                known = _CALLS.get(problem.f, {}).get(key)
+            except TypeError:  # f cannot be weakly referenced (or hashed): not remembered
+                known = None
+        if known is not None:
+            return known
+    price = plan.parameter_calls_price(fn, leaves, x)
+    if key is not None:
+        with _CALLS_LOCK:
+            try:
+                _CALLS.setdefault(problem.f, {})[key] = price
+            except TypeError:
+                pass
+    return price
+
+
 def implementation1_price(problem: Problem) -> plan.Price | None:
     """An upper estimate of what the rules could save at most: implementation 1's work on the parameters.
 
     For every sample (the whole batch when not vmapped) and output entry, a backward pass through each
     call that consumes a parameter (twice its forward FLOPs, which :func:`~ntkfunc._engines.structured.plan.parameter_calls_price`
-    counts on x1's first sample, and the elements it returns as traffic), the ``O x P`` Jacobian entries
+    counts on x1's first sample, once per ``f`` and input signature, and the elements it returns as traffic), the ``O x P`` Jacobian entries
     written, then ``J₁ J₂ᵀ`` for every pair of samples. What both routes pay alike (the forward pass,
     cotangents through the other ops) is left out. Under an outer transform (``vmap`` over an ensemble of
     parameters, ``grad`` of the kernel) it prices one member of the ensemble. None if ``f`` fails to run so.
@@ -334,7 +366,7 @@ def implementation1_price(problem: Problem) -> plan.Price | None:
     else:
         x, fn, n_jacobians, pairs = problem.x1_leaves, problem.batch_fn(), 1 if problem.symmetric else 2, 1
     try:
-        calls = plan.parameter_calls_price(fn, leaves, x)
+        calls = _calls_price(problem, fn, leaves, x)
     except Exception:  # an estimate only: f's own errors surface where the kernel runs it
         return None
     o = outputs_per_sample(problem)
