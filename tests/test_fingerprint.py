@@ -107,7 +107,8 @@ def test_another_output_selection_is_refused(tmp_path):
 
 
 def test_a_function_that_computes_something_else_is_refused(tmp_path):
-    """A plain f whose captured constant changed: same name and params, other outputs (the probe of f)."""
+    """A plain f whose captured constant changed (named: captured.scale), or whose outputs differ through something it
+    does not capture (an object's attribute: the probe of f)."""
     x = torch.randn(8, 4, dtype=torch.float64)
     p = {"w": torch.randn(4, 3, dtype=torch.float64)}
     out = str(tmp_path / "K.npy")
@@ -120,8 +121,21 @@ def test_a_function_that_computes_something_else_is_refused(tmp_path):
 
     kernel_matrix(make(1.0), p, x, out=out, progress=False)
     kernel_matrix(make(1.0), p, x, out=out, progress=False)  # the same function: resumed (nothing to do)
-    with pytest.raises(ValueError, match=r"computed with different f \(its outputs or gradients on x1's probe samples"):
+    with pytest.raises(ValueError, match=r"computed with different captured.scale \(recorded"):
         kernel_matrix(make(1.5), p, x, out=out, progress=False)
+
+    class Settings:
+        scale = 1.0
+
+    settings = Settings()
+
+    def g(params, x):
+        return torch.tanh(x @ params["w"]) * settings.scale
+
+    kernel_matrix(g, p, x, out=out, resume=False, progress=False)
+    settings.scale = 1.5
+    with pytest.raises(ValueError, match=r"computed with different f \(its outputs or gradients on the probe samples of x1 and x2"):
+        kernel_matrix(g, p, x, out=out, progress=False)
 
 
 def test_probes_tolerate_round_off_only():

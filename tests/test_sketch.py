@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import ntkfunc
+from ntkfunc._dataset.fileformat import FORMAT
 from ntkfunc._engines.sketch import countsketch, gaussian, tensorsketch
 from tests import zoo
 from tests.reference import reference_kernel
@@ -485,10 +486,10 @@ def test_features_files_of_an_earlier_format_are_refused(tmp_path):
     old = {"format": 1, "shape": man["shape"], "dtype": man["dtype"], "chunk": 256, "fingerprint": man["fingerprint"], "complete": True}
     mpath.write_text(json.dumps(old))  # as the features stage wrote it before
     with pytest.raises(ValueError, match=r"^kernel_matrix\(features='.*feats'\): features-.*\.npy\.manifest\.json has format 1; "
-                                         r"expected format 2 \(written by an earlier ntkfunc: start over with resume=False"):
+                                         rf"expected format {FORMAT} \(written by an earlier ntkfunc: start over with resume=False"):
         ntkfunc.kernel_matrix(f, params, x1, sketch=sketch, features=folder, progress=False)
     torch.testing.assert_close(ntkfunc.kernel_matrix(f, params, x1, sketch=sketch, features=folder, resume=False, progress=False), k)
-    assert json.loads(mpath.read_text())["format"] == 2
+    assert json.loads(mpath.read_text())["format"] == FORMAT
 
 
 def test_features_on_several_devices_are_the_same_file(tmp_path, monkeypatch):
@@ -558,15 +559,29 @@ def test_features_of_another_function_are_not_reused(tmp_path):
     w = {"w": torch.randn(6, 2)}
     scale = [1.0]
 
-    def g(p, x):  # a plain f whose closure changes what it computes: caught by the probe
+    def g(p, x):  # a plain f whose closure changes what it computes: what it captures is part of the file's key
         return torch.tanh(x @ p["w"]) * scale[0]
 
     ntkfunc.kernel_matrix(g, w, x, sketch=sketch, features=folder, progress=False)
     scale[0] = 2.0
-    with pytest.raises(ValueError, match=r"features file features-.*\.npy was computed with different f \(its outputs or gradients"):
-        ntkfunc.kernel_matrix(g, w, x, sketch=sketch, features=folder, progress=False)
-    k = ntkfunc.kernel_matrix(g, w, x, sketch=sketch, features=folder, resume=False, progress=False)
+    k = ntkfunc.kernel_matrix(g, w, x, sketch=sketch, features=folder, progress=False)  # another file: the right kernel
     torch.testing.assert_close(k, ntkfunc.sketched_ntk_fn(g, sketch)(x, None, w), rtol=1e-5, atol=1e-5)
+    assert len(list(folder.glob("features-*.npy"))) == 4
+
+    class Settings:  # an object f reads through: not among what is captured, but its outputs differ (the probe)
+        scale = 1.0
+
+    settings = Settings()
+
+    def h(p, x):
+        return torch.tanh(x @ p["w"]) * settings.scale
+
+    ntkfunc.kernel_matrix(h, w, x, sketch=sketch, features=folder, progress=False)
+    settings.scale = 2.0
+    with pytest.raises(ValueError, match=r"features file features-.*\.npy was computed with different f \(its outputs or gradients"):
+        ntkfunc.kernel_matrix(h, w, x, sketch=sketch, features=folder, progress=False)
+    k = ntkfunc.kernel_matrix(h, w, x, sketch=sketch, features=folder, resume=False, progress=False)
+    torch.testing.assert_close(k, ntkfunc.sketched_ntk_fn(h, sketch)(x, None, w), rtol=1e-5, atol=1e-5)
 
 
 def test_a_features_file_has_one_writer(tmp_path):
