@@ -244,8 +244,9 @@ def check_budget(memory_budget: MemoryBudget, device: torch.device) -> int:
     """The budget in bytes, refused when it leaves nothing for the work (before anything runs or is written)."""
     budget = parse_budget(memory_budget, device)
     if int(budget * SAFETY) < 1:
-        raise MemoryError(f"{API}(memory_budget={memory_budget!r}): {budget} bytes leave {int(budget * SAFETY)} for the work once "
-                          f"the safety margin ({1 - SAFETY:.0%}) is kept; expected a budget of at least 2 bytes (e.g. '4GB')")
+        raise MemoryError(f"{API}(memory_budget={memory_budget!r}): {fmt_bytes(budget)} leaves {fmt_bytes(int(budget * SAFETY))} "
+                          f"for the work once the safety margin ({1 - SAFETY:.0%}) is kept; expected a budget of at least 2 bytes "
+                          "(e.g. '4GB')")
     return budget
 
 
