@@ -131,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             features=args.features, overwrite=args.overwrite, **_KERNELS[args.kernel],
         )
     except (ValueError, TypeError, MemoryError, FloatingPointError, RuntimeError, OSError) as err:
-        print(f"ntkfunc compute: error: {err}", file=sys.stderr)  # e.g. another writer, a changed job, a full disk
+        # e.g. another writer, a changed job, a full disk (whose OSError's text is the message, without "[Errno 28]")
+        text = err.strerror if isinstance(err, OSError) and err.strerror and err.filename is None else str(err)
+        print(f"ntkfunc compute: error: {text}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
     print(

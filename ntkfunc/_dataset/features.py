@@ -42,7 +42,7 @@ from ntkfunc._core.problem import Problem
 from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import to_device
 from ntkfunc._dataset.fileformat import FEATURES, features_grid
-from ntkfunc._dataset.fingerprint import PROBE_KEY, RESULTS_FORMAT, RESULTS_KEY, function_identity, probe_fingerprint
+from ntkfunc._dataset.fingerprint import PROBE_KEY, function_identity, probe_fingerprint, results_format
 from ntkfunc._dataset.job import API, Job, Output, Workers, problem_on
 from ntkfunc._dataset.progress import make_progress
 from ntkfunc._dataset.runner import Runner, Writes
@@ -72,7 +72,7 @@ def fingerprint(job: Job, problem: Problem, samples: Samples, record: dict[str, 
     """What a features file must match to be reused: exactly (its file name hashes it), and ``f``'s
     probe outputs within round-off (as in the kernel's own fingerprint, :mod:`ntkfunc._dataset.fingerprint`)."""
     return {
-        RESULTS_KEY: RESULTS_FORMAT,  # in the key too: a features file of another results format is never found
+        **results_format(),  # in the file's key too: a features file of another results format is never found
         **function_identity(job.f, problem),
         PROBE_KEY: probe_fingerprint(problem, samples),
         "data": samples.fingerprint(),

@@ -73,7 +73,7 @@ def job_fingerprint(job: Job, shape: Shape, sketch: dict[str, Any] | None = None
     """
     problem = shape.problem
     fingerprint = {
-        RESULTS_KEY: RESULTS_FORMAT,
+        **results_format(),
         **function_identity(job.f, problem),
         PROBE_KEY: probe_fingerprint(problem, job.s1, None if job.symmetric else job.s2),
         "x1": job.s1.fingerprint(),
@@ -92,6 +92,11 @@ def job_fingerprint(job: Job, shape: Shape, sketch: dict[str, Any] | None = None
     elif job.sketch is not None:
         fingerprint["sketch"] = {"dim": job.sketch.dim, "seed": job.sketch.seed, "kind": job.sketch.kind}
     return fingerprint
+
+
+def results_format() -> dict[str, int]:
+    """The results format, as every fingerprint (kernel outputs, features files) records it."""
+    return {RESULTS_KEY: RESULTS_FORMAT}
 
 
 def function_identity(fn: ApplyFn, problem: Problem) -> dict[str, Any]:
@@ -260,8 +265,11 @@ def probe_fingerprint(problem: Problem, s1: Samples, s2: Samples | None = None) 
 
 
 def _close(a: Sequence[float], b: Sequence[float], rtol: float) -> bool:
+    """Within ``rtol`` of the norm; a non-finite summary (NaN outputs on a probe sample) only matches the same one."""
     if len(a) != len(b) or not a:
         return False
+    if not all(math.isfinite(v) for v in (*a, *b)):
+        return all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b))
     scale = math.sqrt(max(a[-1], b[-1], 0.0))
     tol = rtol * scale + 1e-300
     return all(abs(x - y) <= tol for x, y in zip(a[:-1], b[:-1])) and abs(math.sqrt(max(a[-1], 0.0)) - math.sqrt(max(b[-1], 0.0))) <= tol

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import io
 import itertools
 import math
 import os
@@ -55,11 +56,20 @@ def create(path: Path, shape: tuple[int, ...], dtype: Any, api: str, arg: str = 
     >>> h.shape, os.path.getsize(p) == h.size, float(np.load(p, allow_pickle=False).sum())
     ((3, 2), True, 0.0)
     """
-    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
-    del mm  # a sparse file so far
-    header = read_header(path)
-    fd = os.open(path, os.O_RDWR)
+    dtype = np.dtype(dtype)
+    described = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    text = io.BytesIO()
     try:
+        np.lib.format.write_array_header_1_0(text, described)
+    except ValueError:  # pragma: no cover - a header over 64 KiB (a shape of thousands of axes)
+        text = io.BytesIO()
+        np.lib.format.write_array_header_2_0(text, described)
+    raw = text.getvalue()  # magic, version, header: what np.save writes before the entries
+    header = Header(dtype, tuple(shape), False, len(raw))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        os.write(fd, raw)
+        os.ftruncate(fd, header.size)  # a sparse file so far: may be refused beyond a file size limit
         try:
             if not hasattr(os, "posix_fallocate"):  # pragma: no cover - macOS, Windows
                 raise OSError(errno.EOPNOTSUPP, "posix_fallocate does not exist here")
