@@ -172,6 +172,7 @@ def features_fn(f: ApplyFn, sketch: Sketch, vmap_axes: VMapAxes = 0, *,
 
     Shapes: an output leaf ``(N, d1, ..., dk)`` (batch axis anywhere) gives ``(N, d1, ..., dk, dim)``
     without its batch axis moved: batch first, then the other axes in order, then ``dim``.
+    The features are not differentiable: params and inputs that require grad are taken as values.
 
     Example:
       >>> import torch, ntkfunc
@@ -202,7 +203,8 @@ def sketched_ntk_fn(f: ApplyFn, sketch: Sketch, trace_axes: Axes = (-1,), diagon
     scaled so that ``E[kernel] = ntk_fn(...)`` over the sketch's randomness. Its error falls like
     ``1 / sqrt(sketch.dim)``; :meth:`Sketch.error_estimate` estimates it from the features alone.
 
-    Args: as :func:`features_fn`, plus ``trace_axes`` and ``diagonal_axes`` as for ``ntk_fn``.
+    Args: as :func:`features_fn`, plus ``trace_axes`` and ``diagonal_axes`` as for ``ntk_fn``. Unlike ``ntk_fn``'s, the
+    sketched kernel is not differentiable: params and inputs that require grad are taken as values.
 
     Example:
       >>> import torch, ntkfunc

@@ -125,6 +125,33 @@ def test_exact_count_sketch_through_implementation_1_and_kernel_matrix():
     torch.testing.assert_close(km, expected, rtol=1e-9, atol=1e-10)
 
 
+def test_params_and_inputs_that_require_grad_are_taken_as_values():
+    """Regression: every sketch API failed with torch's "bmm(): functions with out=... arguments don't support automatic
+    differentiation" on dict(model.named_parameters()) (or inputs that require grad), which ntk_fn accepts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    params = dict(model.named_parameters())
+
+    def f(p, x):
+        return torch.func.functional_call(model, p, (x,))
+
+    x1 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(4, 5, dtype=torch.float64)
+    plain = {k: v.detach() for k, v in params.items()}
+    dim = 1 << (2 * _n_params(plain) - 1).bit_length()  # the exact count sketch
+    sketch = ntkfunc.Sketch(dim, kind="countsketch")
+    expected = reference_kernel(f, plain, x1.detach(), x2, (), ())
+    feats = ntkfunc.features_fn(f, sketch)(x1, params)
+    assert not feats.requires_grad
+    torch.testing.assert_close(feats, ntkfunc.features_fn(f, sketch)(x1.detach(), plain))
+    k = ntkfunc.sketched_ntk_fn(f, sketch, trace_axes=())(x1, x2, params)
+    km = ntkfunc.kernel_matrix(f, params, x1, x2, trace_axes=(), sketch=sketch, progress=False)
+    for got in (k, km):
+        assert not got.requires_grad
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    assert sketch.explain(f, params, x1).exact
+
+
 def test_dense_sketches_are_not_exact_but_countsketch_layout_says_when_it_is():
     assert countsketch.is_exact([(0, (3, 5)), (1, (3,))], 18)
     assert not countsketch.is_exact([(0, (3, 5)), (1, (3,))], 17)
