@@ -13,11 +13,13 @@ None; ``computed``: tiles and feature chunks it committed; ``sum``: of the kerne
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,6 +40,8 @@ def main() -> None:
     torch.set_num_threads(1)
     folder = sys.argv[1]
     rank = int(os.environ.get("RANK", "0"))
+    # the script's own group (kernel_matrix joins it), with a short timeout: a rank left waiting fails instead of hanging
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
     computed = []
     original = runner.Runner.commit
 
@@ -63,6 +67,7 @@ def main() -> None:
         # one write per line: the ranks share stdout
         sys.stdout.write(json.dumps({"rank": rank, "scenario": name, "error": error, "computed": len(computed), "sum": total}) + "\n")
         sys.stdout.flush()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -350,7 +350,7 @@ def test_torchrun_ranks_that_disagree_are_refused_before_any_work(tmp_path):
 
     job = ROOT / "tests" / "ranks_job.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(job), str(tmp_path)]
-    res = _run_torchrun(cmd, [tmp_path / "K.npy"])
+    res = _run_torchrun(cmd, [tmp_path / "K.npy"], timeout=120)  # a rank left waiting fails after 30 s (the job's group)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     by = {(r["scenario"], r["rank"]): r for r in lines}
