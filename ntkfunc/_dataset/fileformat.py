@@ -321,11 +321,12 @@ def read_marker(path: Path, file_id: str, shape: tuple[int, ...], grid: dict[str
     return m if ok else None
 
 
-def marker_keys(files: OutputFiles, file_id: str, shape: tuple[int, ...], grid: dict[str, Any]) -> set[str]:
-    """The units with a well-formed marker of the file ``file_id`` (see :func:`read_marker`)."""
+def committed_units(files: OutputFiles, file_id: str, shape: tuple[int, ...], grid: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{key: marker}`` of the units with a well-formed marker of the file ``file_id`` (see :func:`read_marker`)."""
     if not files.markers.exists():
-        return set()
-    return {p.name for p in files.markers.iterdir() if not p.name.startswith(".") and read_marker(p, file_id, shape, grid) is not None}
+        return {}
+    found = {p.name: read_marker(p, file_id, shape, grid) for p in files.markers.iterdir() if not p.name.startswith(".")}
+    return {k: m for k, m in found.items() if m is not None}
 
 
 def marker_matches(values: np.ndarray, m: dict[str, Any]) -> bool:

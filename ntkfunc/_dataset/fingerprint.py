@@ -244,15 +244,13 @@ def probe_samples(n: int, count: int = PROBE_SAMPLES) -> list[int]:
 
 def probe_fingerprint(problem: Problem, s1: Samples, s2: Samples | None = None) -> dict[str, Any]:
     """Summaries of ``f``'s outputs and of one gradient of them on spread samples of x1 (and x2), a few at a time."""
-    picks = {"x1": probe_samples(len(s1))}
-    sources = [(s1, i) for i in picks["x1"]]
-    if s2 is not None:
-        picks["x2"] = probe_samples(len(s2))
-        sources += [(s2, i) for i in picks["x2"]]
+    sides = [("x1", s1)] + ([("x2", s2)] if s2 is not None else [])
+    picks = {name: probe_samples(len(s)) for name, s in sides}
+    passes = [(s, picks[name][a : a + PROBE_CHUNK]) for name, s in sides for a in range(0, len(picks[name]), PROBE_CHUNK)]
     leaves = [t.detach().requires_grad_(True) for t in problem.params.diff_leaves]
     outputs, gradients = [], []
-    for start in range(0, len(sources), PROBE_CHUNK):
-        x = torch.cat([s.get(i, i + 1) for s, i in sources[start : start + PROBE_CHUNK]]).to(problem.device)
+    for s, indices in passes:  # one side per pass: x1 and x2 may differ in their other axes (sequence lengths)
+        x = torch.cat([s.get(i, i + 1) for i in indices]).to(problem.device)
         with torch.enable_grad():
             out = problem.f(problem.params.rebuild(leaves), x)
             outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]

@@ -197,9 +197,10 @@ def kernel_matrix(
     store, grid_block = open_output(job, shape, planned, output, workers.rk, fingerprint, featured)
     try:  # the store holds the output's lock until the kernel is returned (or the run fails)
         tiles = list(grid(shape.n1, shape.n2, grid_block, grid_block, symmetric=job.symmetric, paired=shape.layout.batch_paired))
-        recheck_committed(job, shape, store, tiles)
+        committed = store.committed()  # by earlier runs: every marker read once
+        recheck_committed(job, shape, store, tiles, committed)
         with explained_f_errors(API, job.params, {}, without_vmap=WITHOUT_VMAP):
-            run(job, shape, store, planned, grid_block, tiles, workers)
+            run(job, shape, store, planned, grid_block, tiles, workers, set(committed))
         return finish(store, tiles, workers.rk, verify=output.verify, record=featured.run_record() if featured is not None else None)
     finally:
         store.close()
@@ -360,25 +361,25 @@ def open_output(job: Job, shape: Shape, planned: Planned, output: Output, rk: Ra
     return store, int(store.grid["block"])
 
 
-def recheck_committed(job: Job, shape: Shape, store: Store, tiles: list[Tile]) -> None:
-    """Committed tiles whose entries are not all finite (an earlier run with ``nonfinite="warn"`` or ``"ignore"``) are
-    reported as this run's ``nonfinite`` says, as if computed now: with ``"raise"`` nothing is returned."""
+def recheck_committed(job: Job, shape: Shape, store: Store, tiles: list[Tile], committed: dict[str, int]) -> None:
+    """Committed tiles whose entries are not all finite (``committed``: ``{tile: non-finite entries}``, by an earlier run
+    with ``nonfinite="warn"`` or ``"ignore"``) are reported as this run's ``nonfinite`` says, as if computed now: with
+    ``"raise"`` nothing is returned."""
     if job.nonfinite == "ignore":
         return
-    flagged = store.nonfinite_keys()
     for t in tiles:
-        if t.key in flagged:
+        if committed.get(t.key):
             assert isinstance(store, NpyStore)
             where = f" in the tile x1[{t.i0}:{t.i1}] x x2[{t.j0}:{t.j1}] committed to {store.data.name} by an earlier run"
             message = nonfinite_message(torch.from_numpy(store.read(t.key)), shape.layout.batch_positions(), API, where, offsets=(t.i0, t.j0))
             report(message, job.nonfinite, stacklevel=3, raised=" (pass resume=False to compute the kernel again)")
 
 
-def run(job: Job, shape: Shape, store: Store, planned: Planned, grid_block: int, tiles: list[Tile], workers: Workers) -> None:
-    """Compute and commit this rank's pending tiles, panel by panel, on the workers' devices."""
+def run(job: Job, shape: Shape, store: Store, planned: Planned, grid_block: int, tiles: list[Tile], workers: Workers,
+        done: set[str]) -> None:
+    """Compute and commit this rank's pending tiles (those not ``done``), panel by panel, on the workers' devices."""
     devices = workers.devices
     on_grid, mine = schedule(planned, shape.sizes(job.symmetric), grid_block, workers.rk, len(devices))
-    done = store.done_keys()
     todo = sorted((t for t in tiles if on_grid.panel_of(t.i0) in mine and t.key not in done), key=on_grid.ordering(shape.n1, job.symmetric))
     # the limit: the largest block planned to fit; a resumed grid may be larger
     work = Tiles(shape.layout, job.symmetric, len(shape.kshape), planned.tiles.block, job.nonfinite, on_grid)

@@ -38,11 +38,11 @@ from ntkfunc._dataset.fileformat import (
     Index,
     OutputFiles,
     atomic_write,
+    committed_units,
     fsync_dir,
     full_index,
     manifest_file_id,
     marker,
-    marker_keys,
     marker_matches,
     new_manifest,
     numpy_dtype,
@@ -61,7 +61,7 @@ class Store(Protocol):
 
     def done_keys(self) -> set[str]: ...
 
-    def nonfinite_keys(self) -> set[str]: ...
+    def committed(self) -> dict[str, int]: ...
 
     def commit(self, key: str, writes: Iterable[tuple[Index, torch.Tensor]]) -> None: ...
 
@@ -82,9 +82,9 @@ class MemoryStore:
     def done_keys(self) -> set[str]:
         return set(self.done)
 
-    def nonfinite_keys(self) -> set[str]:
-        """Nothing was committed before this run."""
-        return set()
+    def committed(self) -> dict[str, int]:
+        """``{unit: non-finite entries}``: none counted (an in-memory result is this run's own)."""
+        return dict.fromkeys(self.done, 0)
 
     def commit(self, key: str, writes: Iterable[tuple[Index, torch.Tensor]]) -> None:
         for index, block in writes:
@@ -254,14 +254,12 @@ class NpyStore:
 
     def done_keys(self) -> set[str]:
         """Units with a well-formed marker of this file (their checksums were checked when the store was opened)."""
-        return marker_keys(self.files, self.file_id, self.shape, self.grid)
+        return set(self.committed())
 
-    def nonfinite_keys(self) -> set[str]:
-        """Committed units whose marker counts NaN or infinite entries (committed with ``nonfinite="warn"`` or ``"ignore"``)."""
-        if not self.files.markers.exists():
-            return set()
-        found = {p.name: read_marker(p, self.file_id, self.shape, self.grid) for p in self.files.markers.iterdir() if not p.name.startswith(".")}
-        return {k for k, m in found.items() if m is not None and m["nonfinite"]}
+    def committed(self) -> dict[str, int]:
+        """``{unit: non-finite entries}`` of the units with a well-formed marker (the count is the marker's: units
+        committed with ``nonfinite="warn"`` or ``"ignore"`` may hold NaN or infinite entries)."""
+        return {k: int(m["nonfinite"]) for k, m in committed_units(self.files, self.file_id, self.shape, self.grid).items()}
 
     def read(self, key: str) -> np.ndarray:
         """The entries of unit ``key``'s first region (the unit itself, not its mirror image), as stored."""
