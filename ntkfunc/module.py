@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import re
@@ -14,7 +15,8 @@ from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_
 
 from ntkfunc._core.calls import Convention, Inputs, Output
-from ntkfunc._core.checks import BATCH_COUPLED_ATTR, FINGERPRINT_ATTR
+from ntkfunc._core.casts import SkipDowncasts
+from ntkfunc._core.checks import BATCH_COUPLED_ATTR, FINGERPRINT_ATTR, check_bool
 from ntkfunc._core.hashing import module_attributes, tensor_digest
 from ntkfunc._core.types import ApplyFn, PyTree
 
@@ -22,7 +24,7 @@ _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 
 
 def from_module(
-    module: nn.Module, *, vmap_axes: Any = 0, output: Output = None, inputs: Inputs = "auto"
+    module: nn.Module, *, vmap_axes: Any = 0, output: Output = None, inputs: Inputs = "auto", skip_downcasts: bool = False
 ) -> tuple[ApplyFn, dict[str, torch.Tensor]]:
     """Returns ``(f, params)`` with ``f(params, x) = module(x)`` computed by ``functional_call``.
 
@@ -54,6 +56,14 @@ def from_module(
       HuggingFace ``ModelOutput`` holding one tensor gives that tensor, one holding several is
       refused with an error that lists them. timm and torchvision models return tensors and
       need none of this.
+    - ``skip_downcasts=True``: inside ``f``, casts of floating tensors to a dtype of fewer bits
+      (``.to(torch.float32)``, ``.float()``, ``softmax(..., dtype=torch.float32)``) keep the
+      tensor's dtype (:mod:`ntkfunc._core.casts`). For a float64 model whose layers compute in
+      float32 (HuggingFace's RMSNorm in Llama / T5 / Mistral / Qwen2, eager attention's softmax),
+      ``f`` is then the model in float64 throughout, and every implementation agrees with the
+      float64 reference to float64 rounding (forward and reverse mode round the float32 parts
+      differently, about 1e-9 apart, without it). ``f``'s outputs then differ from the
+      module's by that float32 rounding.
 
     Example:
       >>> import torch, ntkfunc
@@ -66,6 +76,7 @@ def from_module(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"from_module: expected a torch.nn.Module, got {type(module).__name__}")
+    check_bool(skip_downcasts, "skip_downcasts", "from_module")
     params = {k: v.detach() for k, v in module.named_parameters() if v.requires_grad}
     if not params:
         raise ValueError(f"from_module: {type(module).__name__} has no trainable parameter (requires_grad=True)")
@@ -90,6 +101,7 @@ def from_module(
         module = copy.deepcopy(module)
         replace_all_batch_norm_modules_(module)
 
+    casts = SkipDowncasts if skip_downcasts else contextlib.nullcontext
     consts: dict[str, torch.Tensor] = {k: v.detach() for k, v in module.named_parameters() if not v.requires_grad}
     consts.update({k: v.detach() for k, v in module.named_buffers()})
 
@@ -102,7 +114,8 @@ def from_module(
         _check_call(p, params, known, modes, cls)
         args, kwargs = call.arguments(x)
         try:
-            out = functional_call(per_thread.get(), (p, consts), args, kwargs, strict=False)
+            with casts():
+                out = functional_call(per_thread.get(), (p, consts), args, kwargs, strict=False)
         except RuntimeError as err:
             if "data-dependent control flow" in str(err):
                 raise RuntimeError(_DATA_DEPENDENT.format(name=cls)) from err
@@ -117,7 +130,7 @@ def from_module(
             _ADDRESS.sub("0x?", repr(module)),
             list(module.state_dict(keep_vars=True)),
             [m.training for m in module.modules()],
-            [inputs, repr(selected)],
+            [inputs, repr(selected)] + (["skip_downcasts"] if skip_downcasts else []),
         ]
         return {"structure": hashlib.sha256(repr(structure).encode()).hexdigest(),
                 "attributes": module_attributes(module),  # hyper-parameters kept as plain attributes (Clip(3.0) vs Clip(1.0))
@@ -162,6 +175,11 @@ _DATA_DEPENDENT = (
 )
 
 
+def _transformed(t: torch.Tensor) -> bool:
+    """A tensor a torch.func transform wrapped (e.g. an attribute a hook set while a kernel was computed)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 class _PerThreadModules:
     """The module for the main thread; structural copies (meta tensors) for other threads."""
 
@@ -171,7 +189,11 @@ class _PerThreadModules:
         for t in list(module.parameters()) + list(module.buffers()):
             meta = torch.empty_like(t, device="meta")
             memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-        self.template = copy.deepcopy(module, memo)  # no tensor data copied
+        for m in module.modules():  # tensors computed from parameters and kept as attributes (the hook-based
+            for value in vars(m).values():  # torch.nn.utils.weight_norm's `weight`, recomputed at every call)
+                if isinstance(value, torch.Tensor) and id(value) not in memo and (value.grad_fn is not None or _transformed(value)):
+                    memo[id(value)] = value.detach()  # deepcopy refuses non-leaf tensors; no data is copied
+        self.template = copy.deepcopy(module, memo)  # no parameter or buffer data copied
         self.lock = threading.Lock()
         self.local = threading.local()
 

@@ -23,6 +23,7 @@ import torch
 from torch.func import jvp, vjp
 from torch.utils import _pytree as pytree
 
+from ntkfunc._core.batchable import BatchableOps
 from ntkfunc._core.ops import load_forward_ad_decompositions, transform_friendly_attention
 from ntkfunc._core.problem import Params
 from ntkfunc._core.types import ApplyFn, PyTree
@@ -57,7 +58,7 @@ class NtkVp:
 
         self._f1 = at(x1)
         self._diff = diff
-        with transform_friendly_attention():
+        with transform_friendly_attention(), BatchableOps():
             try:
                 out2, self._vjp2 = vjp(at(x1 if x2 is None else x2), diff)[:2]
             except RuntimeError:  # say so if f returns integers (no derivative), else re-raise
@@ -94,7 +95,7 @@ class NtkVp:
         """``Θ(x1, x2) v``: ``v`` shaped like ``f(params, x2)``, result like ``f(params, x1)``."""
         self._check(v)
         load_forward_ad_decompositions()
-        with transform_friendly_attention():
+        with transform_friendly_attention(), BatchableOps():
             (tangents,) = self._vjp2(v)  # J(x2)ᵀ v: a list, one tensor per differentiated parameter
             try:
                 _, out = self._push(self._f1, (self._diff,), (tangents,))

@@ -18,6 +18,7 @@ import torch
 from torch.func import jvp
 from torch.utils import _pytree as pytree
 
+from ntkfunc._core.batchable import BatchableOps
 from ntkfunc._core.ops import exact_higher_order, load_forward_ad_decompositions, transform_friendly_attention
 from ntkfunc._core.types import ApplyFn, PyTree
 
@@ -110,7 +111,7 @@ def taylor_expand(f: ApplyFn, params0: PyTree, degree: int) -> ApplyFn:
     def f_taylor(params: PyTree, x: PyTree) -> PyTree:
         _check_like(params, params0, f"taylor_expand(degree={degree})")
         load_forward_ad_decompositions()
-        with transform_friendly_attention(), exact_higher_order():
+        with transform_friendly_attention(), exact_higher_order(), BatchableOps():
             terms, spec = _taylor_terms(f, params0, params, x, degree)
         total = list(terms[0])
         for k in range(1, degree + 1):

@@ -17,7 +17,8 @@ SDPA_FLAGS = ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enable
 
 
 def _flags():
-    return {name: getattr(torch.backends.cuda, name)() for name in SDPA_FLAGS}
+    """The process-wide attention flags a kernel computation sets: SDPA backends and the MHA fast path."""
+    return {**{name: getattr(torch.backends.cuda, name)() for name in SDPA_FLAGS}, "mha_fastpath": torch.backends.mha.get_fastpath_enabled()}
 
 
 def _mlp(dtype=torch.float64):
@@ -48,7 +49,7 @@ def test_overlapping_attention_blocks_restore_the_global_sdpa_flags():
 
     in_threads(a, b)
     assert inside == [dict(before, flash_sdp_enabled=False, mem_efficient_sdp_enabled=False, math_sdp_enabled=True,
-                           cudnn_sdp_enabled=False)]
+                           cudnn_sdp_enabled=False, mha_fastpath=False)]
     assert _flags() == before
 
 

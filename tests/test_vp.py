@@ -129,3 +129,13 @@ def test_threads_compute_different_kernels_at_once():
 
     in_threads(*[lambda job=job: work(job) for job in jobs])  # raises the first error of any thread
     assert len(worst) == 20 * len(jobs) and max(worst) <= 1e-10
+
+
+def test_zero_size_parameter():
+    """Regression: a parameter with no elements (a Linear to 0 features) crashed the tangents' reshape."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 0), torch.nn.Linear(0, 2)).double()
+    f, params = ntkfunc.from_module(model)
+    x = torch.randn(3, 3, dtype=torch.float64)
+    k = ntkfunc.ntk_fn(f, trace_axes=(), implementation=2)(x, None, params)
+    assert max_rel_err(k, reference_kernel(f, params, x, None, (), ())) <= 1e-12

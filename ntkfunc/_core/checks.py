@@ -7,6 +7,7 @@ that was called, then says what was given and what was expected.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -129,6 +130,30 @@ def input_mismatch(params: PyTree, inputs: dict[str, PyTree]) -> tuple[type[Exce
 
 
 _VMAP_CONTROL_FLOW = "use a Tensor in some data-dependent control flow"  # torch.func.vmap's error
+_OWN_MESSAGE = "from_module:"  # errors ntkfunc's own f raises already say what to do
+
+
+class VmapFailure(RuntimeError):
+    """``f`` runs on one sample without ``vmap`` but fails under it (raised by the probe of ``make_problem``).
+
+    Attributes:
+      op: the torch function (as ``f`` called it) that raised, or None if none did.
+      error: torch's exception.
+    """
+
+    def __init__(self, op: str | None, error: BaseException) -> None:
+        self.op = op
+        self.error = error
+        super().__init__(f"f(params, x) runs on one sample without vmap but fails under torch.func.vmap over samples{_at(op, error)}")
+
+
+def _at(op: str | None, error: BaseException) -> str:
+    """`` in torch.lstm (aten::...; torch says: ...)``: where a transform failed, and torch's first line."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    aten = sorted(set(re.findall(r"aten::\w+(?:\.\w+)?", text)))
+    where = f" in {op}" if op else ""
+    return f"{where} ({', '.join(aten + [f'torch says: {first}'])})"
 
 
 @contextlib.contextmanager
@@ -139,18 +164,31 @@ def explained_f_errors(api: str, params: PyTree, inputs: dict[str, PyTree], vmap
     - inputs whose floating dtype or device differ from params' (torch says e.g. ``mat1 and mat2
       must have the same dtype``): a TypeError / ValueError naming both;
     - a tensor's value used in Python control flow (or ``.item()``) under ``vmap``: a ValueError
-      that says so, and what computes the kernel without ``vmap`` (``without_vmap``).
+      that says so, and what computes the kernel without ``vmap`` (``without_vmap``);
+    - any other op that fails under ``vmap`` although ``f`` runs on one sample without it
+      (:class:`VmapFailure`: boolean-mask indexing, ops without a batching rule, in-place
+      writes into tensors that are not batched): a ValueError naming the op, with torch's
+      message, and ``without_vmap``.
     """
     try:
         yield
     except RuntimeError as err:
+        cause = err.error if isinstance(err, VmapFailure) else err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if _VMAP_CONTROL_FLOW in str(err):
+        if _VMAP_CONTROL_FLOW in str(cause):
             raise ValueError(
                 f"{api}(vmap_axes={vmap_axes!r}): f uses a tensor's value in Python control flow (an if/while on a "
                 "tensor, .item(), bool(...)), which torch.func.vmap cannot batch over samples; expected f built from "
                 f"tensor ops (e.g. torch.where instead of if), or {without_vmap}"
-            ) from err
+            ) from cause
+        if isinstance(err, VmapFailure):
+            if str(cause).startswith(_OWN_MESSAGE):
+                raise cause from cause.__cause__
+            raise ValueError(
+                f"{api}(vmap_axes={vmap_axes!r}): {err}; expected f built from ops that vmap can batch (torch.where or a "
+                "product with the mask instead of boolean indexing x[mask]; out-of-place ops on tensors created inside f), "
+                f"or {without_vmap}"
+            ) from cause
         mismatch = input_mismatch(params, inputs)
         if mismatch is None:
             raise

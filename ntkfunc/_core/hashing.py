@@ -41,7 +41,8 @@ _MAX_ITEMS = 10_000  # container items described one by one; a larger container 
 def value_text(value: Any, depth: int = 0) -> str:
     """A text that changes when ``value`` does, as far as it can change what a function computes.
 
-    Scalars, strings, dtypes and devices by ``repr``; tensors and arrays by a digest of every byte;
+    Scalars, strings, dtypes and devices by ``repr``; tensors and arrays by a digest of every byte
+    (a tensor computed from parameters at each call, such as weight_norm's ``weight``, by shape and dtype);
     lists, tuples, sets and dicts item by item (up to 10,000 items, 4 levels deep); functions and
     classes by qualified name; other objects by their type only.
 
@@ -51,6 +52,8 @@ def value_text(value: Any, depth: int = 0) -> str:
     if isinstance(value, _PLAIN):
         return repr(value)
     if isinstance(value, torch.Tensor):
+        if torch._C._functorch.is_functorch_wrapped_tensor(value) or value.grad_fn is not None:
+            return f"derived tensor:{tuple(value.shape)}:{value.dtype}"  # computed from parameters at each call (weight_norm)
         return f"tensor:{tensor_digest([value], [''])}"
     if isinstance(value, np.ndarray):
         data = np.ascontiguousarray(value)

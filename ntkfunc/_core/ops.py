@@ -23,19 +23,24 @@ _ft = torch._C._functorch
 
 
 class _MathAttention:
-    """torch's process-wide SDPA backend flags, set to the math backend while any thread is in a block.
+    """torch's process-wide attention flags, set for transforms while any thread is in a block.
 
+    Two sets of flags: the SDPA backends (the math backend is selected) and the fast path
+    of ``nn.MultiheadAttention`` / ``nn.TransformerEncoder`` (``torch.backends.mha``, switched
+    off: it calls fused kernels and converts padded batches to nested tensors, neither of which
+    ``vmap`` can batch; ``TransformerEncoder`` checks it before it checks grad mode).
     ``torch.nn.attention.sdpa_kernel`` saves the flags on entry and restores them on exit, so
     two threads whose blocks overlap restore each other's saved state, and the last one out
     can leave flash and memory-efficient attention disabled for the rest of the process.
-    Here the first block in (in any thread) saves the flags and selects the math backend,
-    and the last block out restores them. The flags themselves are global, which is why
-    this count is too: it is the one piece of state that mirrors them.
+    Here the first block in (in any thread) saves the flags and sets them, and the last block
+    out restores them. The flags themselves are global, which is why this count is too: it is
+    the one piece of state that mirrors them.
     """
 
     lock = threading.Lock()
     depth = 0
     active: Any = None  # the sdpa_kernel context entered by the first block
+    fastpath: bool | None = None  # torch.backends.mha's flag as the first block found it
 
     @classmethod
     def enter(cls) -> None:
@@ -45,6 +50,10 @@ class _MathAttention:
             if cls.depth == 0:
                 cls.active = sdpa_kernel([SDPBackend.MATH])
                 cls.active.__enter__()
+                mha = getattr(torch.backends, "mha", None)
+                if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+                    cls.fastpath = mha.get_fastpath_enabled()
+                    mha.set_fastpath_enabled(False)
             cls.depth += 1
 
     @classmethod
@@ -54,26 +63,33 @@ class _MathAttention:
             if cls.depth == 0:
                 active, cls.active = cls.active, None
                 active.__exit__(None, None, None)
+                if cls.fastpath is not None:
+                    torch.backends.mha.set_fastpath_enabled(cls.fastpath)
+                    cls.fastpath = None
 
 
 @contextlib.contextmanager
 def transform_friendly_attention() -> Iterator[None]:
-    """Route ``scaled_dot_product_attention`` to its math decomposition for this block.
+    """Route attention to forms every ``torch.func`` transform supports, for this block.
 
-    The fused CPU/CUDA attention kernels have neither batching rules (vmap falls back to
-    a slow per-sample loop) nor forward-mode derivatives; the math backend is plain
-    matmul + softmax, which every transform supports. torch selects backends by
-    process-wide flags: they are set while any thread is inside such a block and restored
-    when the last one leaves (see :class:`_MathAttention`), also when blocks of several
-    threads overlap.
+    - ``scaled_dot_product_attention`` runs its math backend: the fused CPU/CUDA attention
+      kernels have neither batching rules (vmap falls back to a slow per-sample loop) nor
+      forward-mode derivatives; the math backend is plain matmul + softmax.
+    - The fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoder``
+      (``torch.backends.mha``) is off: it calls fused kernels and turns a padding mask into
+      nested tensors, which ``vmap`` cannot batch.
+
+    torch selects both by process-wide flags: they are set while any thread is inside such a
+    block and restored when the last one leaves (see :class:`_MathAttention`), also when
+    blocks of several threads overlap.
 
     Example:
       >>> import torch
-      >>> before = torch.backends.cuda.flash_sdp_enabled()
+      >>> before = torch.backends.cuda.flash_sdp_enabled(), torch.backends.mha.get_fastpath_enabled()
       >>> with transform_friendly_attention():
-      ...     torch.backends.cuda.flash_sdp_enabled()
-      False
-      >>> torch.backends.cuda.flash_sdp_enabled() == before
+      ...     torch.backends.cuda.flash_sdp_enabled(), torch.backends.mha.get_fastpath_enabled()
+      (False, False)
+      >>> (torch.backends.cuda.flash_sdp_enabled(), torch.backends.mha.get_fastpath_enabled()) == before
       True
     """
     try:

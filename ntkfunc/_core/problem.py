@@ -3,7 +3,8 @@
 Every implementation starts from a :class:`Problem`: it validates ``x1``/``x2``,
 ``vmap_axes`` and the output axes, runs ``f`` once on one sample to learn the
 output shapes (and to catch in-place mutation, integer outputs and parameters the
-output does not depend on), and exposes ``f`` in the two forms the implementations
+output does not depend on), then once under ``vmap`` (to name an op that ``vmap`` cannot
+batch), and exposes ``f`` in the two forms the implementations
 differentiate:
 
 - ``sample_fn(param_leaves, x_leaves)``: one sample in (its batch axis removed),
@@ -20,10 +21,13 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 import torch
+from torch.func import vjp, vmap
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from ntkfunc._core.batchable import BatchableOps
 from ntkfunc._core.cache import KernelCache, ProbeResult, Signature
-from ntkfunc._core.checks import split_vmap_axes
+from ntkfunc._core.checks import VmapFailure, split_vmap_axes
 from ntkfunc._core.layout import Layout
 from ntkfunc._core.pytree import broadcast_prefix, tree_flatten, tree_unflatten
 from ntkfunc._core.types import ApplyFn, Axes, PyTree, VMapAxes
@@ -135,7 +139,9 @@ class Problem:
 
     # --- the function in differentiable forms ---------------------------------------
     def _call(self, param_leaves: Sequence[torch.Tensor], x_leaves: Sequence[Any], subset: Sequence[int] | None) -> list[torch.Tensor]:
-        out = self.f(self.params.rebuild(param_leaves, subset), tree_unflatten(list(x_leaves), self.x_spec))
+        """``f``'s output leaves; with the ops torch cannot batch computed another way (:class:`BatchableOps`)."""
+        with BatchableOps():
+            out = self.f(self.params.rebuild(param_leaves, subset), tree_unflatten(list(x_leaves), self.x_spec))
         leaves, spec = tree_flatten(out)
         if spec != self.out_spec:
             raise ValueError(f"{self.api}: f returned outputs of structure {spec}; expected {self.out_spec} as on the first sample")
@@ -292,6 +298,57 @@ def _probe(
     return [o.detach() for o in out_leaves], out_spec
 
 
+class _FailingOp(TorchFunctionMode):
+    """Remembers the outermost torch function (as ``f`` called it) that raised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.op: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        try:
+            return func(*args, **(kwargs or {}))
+        except Exception:
+            if self.op is None:
+                self.op = _op_name(func)
+            raise
+
+
+def _op_name(func: Any) -> str:
+    """``torch.lstm``, ``Tensor.__getitem__``, ``torch.nn.functional.embedding_bag``."""
+    name = getattr(func, "__name__", None) or repr(func)
+    owner = getattr(func, "__objclass__", None) or getattr(func, "__self__", None)
+    if isinstance(owner, type) and issubclass(owner, torch._C.TensorBase):
+        return f"Tensor.{name}"
+    module = getattr(func, "__module__", None)
+    if module in (None, "torch._C._VariableFunctions", "torch._C") or (module or "").startswith("torch._C"):
+        return f"torch.{name}"
+    return f"{module}.{name}"
+
+
+def _probe_vmap(f: ApplyFn, params: Params, x_leaves: list[Any], x_spec: Any, x_axes: list[int | None]) -> None:
+    """Run ``f`` on the first sample under ``vmap`` (and a grad level, as the kernels do): a :class:`VmapFailure` if it fails.
+
+    Called once per input signature after ``f`` ran on that sample without ``vmap``, so a
+    failure here is one of ``vmap`` (boolean-mask indexing, an op without a batching rule, an
+    in-place write into a tensor that is not batched), and its message names the op.
+    """
+    first = [x if a is None else x.narrow(a, 0, 1) for x, a in zip(x_leaves, x_axes)]
+
+    def one(xs: list[Any]) -> torch.Tensor:
+        xs = [x if a is None else x.unsqueeze(a) for x, a in zip(xs, x_axes)]
+        with BatchableOps():  # as Problem._call runs f
+            vjp(lambda diff: f(params.rebuild(diff), tree_unflatten(xs, x_spec)), params.diff_leaves)
+        return torch.zeros(())
+
+    recorder = _FailingOp()
+    try:
+        with recorder:
+            vmap(one, in_dims=(x_axes,))(first)
+    except Exception as err:
+        raise VmapFailure(recorder.op, err) from err
+
+
 def make_problem(
     f: ApplyFn,
     x1: PyTree,
@@ -327,6 +384,8 @@ def make_problem(
     probe = None if key is None or cache is None else cache.probes.get(key)
     if probe is None:
         out1, out_spec = _probe(f, p, x1_leaves, spec1, x_axes, not wrapped, api)
+        if x_axes is not None and not wrapped:
+            _probe_vmap(f, p, x1_leaves, spec1, x_axes)
         out2 = out1 if x2_leaves is None else _probe(f, p, x2_leaves, spec2, x_axes, False, api)[0]
         probe = ProbeResult(out1, out2, out_spec)
         if key is not None and cache is not None:

@@ -239,7 +239,7 @@ def _tangents(problem: Problem, group: Sequence[int], cot: list[list[torch.Tenso
     shapes2 = [tuple(c[0].shape[: c[0].ndim - leaves[group[0]].ndim]) for c in cot]  # (b2, *out2) per output leaf
     tangents = []
     for j, k in enumerate(group):
-        parts = [c[j].reshape(-1, *leaves[k].shape) for c in cot]
+        parts = [c[j].reshape(math.prod(c[j].shape[: c[j].ndim - leaves[k].ndim]), *leaves[k].shape) for c in cot]  # -1 fails for 0 elements
         tangents.append(parts[0] if len(parts) == 1 else torch.cat(parts))
     return tangents, shapes2
 
