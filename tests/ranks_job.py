@@ -14,6 +14,7 @@ None; ``computed``: tiles and feature chunks it committed; ``sum``: of the kerne
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import sys
@@ -67,7 +68,10 @@ def main() -> None:
         # one write per line: the ranks share stdout
         sys.stdout.write(json.dumps({"rank": rank, "scenario": name, "error": error, "computed": len(computed), "sum": total}) + "\n")
         sys.stdout.flush()
+    # leave the group and collect it while Python is alive, as kernel_matrix's own group does at exit (else a gloo thread
+    # still releasing the last collective's tensors can abort the process during finalisation)
     dist.destroy_process_group()
+    gc.collect()
 
 
 if __name__ == "__main__":
