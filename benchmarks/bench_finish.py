@@ -65,6 +65,7 @@ for name, fn in phases.items():
         fn()
         times.append(time.perf_counter() - start)
     result[name] = statistics.median(times)
+result["package"] = os.path.dirname(os.path.dirname(os.path.abspath(ntkfunc.__file__)))
 print(json.dumps(result))
 """
 
@@ -74,11 +75,15 @@ PHASES = ["run", "finish", "resume", "verify", "verify --quick", "load_kernel"]
 def measure(tree: Path, blocks: int, block: int, reps: int) -> dict:
     with tempfile.TemporaryDirectory(dir=ROOT / "out" if (ROOT / "out").is_dir() else None) as folder:
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-        res = subprocess.run([sys.executable, "-c", _CHILD, str(blocks), str(block), str(reps), folder], env=env,
+        # run in the empty folder: with -c, Python puts the working directory first on sys.path, before PYTHONPATH
+        res = subprocess.run([sys.executable, "-c", _CHILD, str(blocks), str(block), str(reps), folder], env=env, cwd=folder,
                              capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"{tree}: {res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    if Path(got["package"]) != tree:
+        raise SystemExit(f"{tree}: measured the package in {got['package']} instead")
+    return got
 
 
 def commit_of(tree: Path) -> str:
