@@ -312,7 +312,7 @@ def test_multihead_self_attention_is_expanded_into_linear_rules(need_weights, ba
     check(f, params, _r(3, 4, 6), _r(2, 4, 6), expected)
 
 
-def test_cross_attention_falls_back_and_stays_exact():
+def test_attention_with_distinct_key_and_value_is_expanded_and_exact():
     torch.manual_seed(16)
     att = torch.nn.MultiheadAttention(4, 2, batch_first=True).double().eval()
 
@@ -322,8 +322,9 @@ def test_cross_attention_falls_back_and_stays_exact():
     params = {k: v.detach() for k, v in att.named_parameters()}
     x1 = _r(3, 3, 4)
     report = ntkfunc.explain(f, params, x1, trace_axes=())
-    assert {r.name for r in report.fallbacks} == {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
-    k = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)(x1, None, params)
+    assert not report.fallbacks and {r.rule for r in report.params} == {"linear:weight", "linear:bias"}
+    with ntkfunc.rules.forced():
+        k = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)(x1, None, params)
     assert max_rel_err(k, _reference(f, params, x1, None, [((), ())])[0]) <= 1e-10
 
 

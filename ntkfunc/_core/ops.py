@@ -189,11 +189,18 @@ def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     return _affine(out, weight, bias)
 
 
+def _weight_norm(v, g, dim=0):
+    """``torch._weight_norm``: its fused second derivative is wrong too (torch 2.13: gradgradcheck fails)."""
+    axes = [d for d in range(v.dim()) if d != dim]
+    return v * (g / (v.norm(dim=axes, keepdim=True) if axes else v.abs()))
+
+
 NORM_DECOMPOSITIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.layer_norm: _layer_norm,
     F.batch_norm: _batch_norm,
     F.instance_norm: _instance_norm,
     F.group_norm: _group_norm,
+    torch._weight_norm: _weight_norm,
 }
 if hasattr(F, "rms_norm"):
     NORM_DECOMPOSITIONS[F.rms_norm] = _rms_norm

@@ -41,7 +41,7 @@ from ntkfunc.rules.base import (
 )
 
 # Families register themselves on import.
-from ntkfunc.rules import attention, concat, conv, elementwise, embedding, linear, norm  # noqa: E402,F401  isort: skip
+from ntkfunc.rules import attention, concat, conv, elementwise, embedding, linear, norm, parametrize, recurrent  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "EXPANSIONS", "LETTERS", "RULES", "Bound", "Factorable", "IsParam", "Meta", "PaddedFactors", "Rule", "Structure",

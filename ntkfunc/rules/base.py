@@ -45,7 +45,9 @@ rule's einsum) runs; a rule overrides them where it has a faster way:
 - ``window_size(meta)``: input elements each output element reads (a convolution's kernel
   volume, 1 by default), for memory estimates of the operands a structure materialises.
 Families live in their own modules (``linear``, ``conv``, ``norm``, ``elementwise``,
-``embedding``, ``attention``) and add themselves with :func:`register`; :func:`disabled`
+``embedding``, ``concat``, ``parametrize``) and add themselves with :func:`register`; fused ops
+that consume several parameters at once are re-run in ruled primitives by expansions
+(:func:`expand`: ``attention``, ``recurrent``, ``W[ids]`` in ``embedding``); :func:`disabled`
 switches every rule off for a block (everything then falls back: for debugging, and for
 tests that prove a rule changed nothing).
 """

@@ -1,7 +1,8 @@
-"""Elementwise family: a parameter added to, subtracted from or multiplied with a tensor.
+"""Elementwise family: a parameter added to, subtracted from, multiplied with or divided by a tensor.
 
 Biases, scales and learned positional embeddings: ``y = a + θ``, ``a - θ``, ``θ - a``,
-``a * θ`` with broadcasting (θ aligned to the trailing axes of ``y``). ``∂y/∂θ`` sums
+``a * θ``, ``θ / a`` with broadcasting (θ aligned to the trailing axes of ``y``; ``a / θ`` is not
+linear in θ and falls back). ``∂y/∂θ`` sums
 the cotangent (times ``a`` for a product) over the axes θ is broadcast along, so a
 bias costs ``O(positions)`` per pair of samples, whatever its size.
 
@@ -122,7 +123,7 @@ class Mul(_Binary):
     """``input * other``: ``∂y/∂θ`` is the other factor (a tensor or a number), summed over broadcast axes."""
 
     name = "mul"
-    names = ("input", "other", "out")
+    names: ClassVar[tuple[str, ...]] = ("input", "other", "out")
 
     def structure(self, role: str, operands: Sequence[Tensor | None], meta: BinaryMeta, y_shape: tuple[int, ...]) -> Structure:
         other = "other" if role == "input" else "input"
@@ -136,3 +137,27 @@ class Mul(_Binary):
         assert t is not None
         subs = [trailing(len(shape), ny), trailing(t.ndim - 1, ny)]
         return einsum_structure(subs, out, 0, [None, t], shape, y_shape)
+
+
+@register(torch.div, torch.Tensor.div, torch.true_divide, torch.Tensor.true_divide)
+class Div(Mul):
+    """``θ / a`` (true division): ``θ * (1 / a)``, the reciprocal kept as the other factor (spectral norm's ``W / σ``)."""
+
+    name = "div"
+    names = ("input", "other", "rounding_mode", "out")
+    defaults = {"rounding_mode": None}
+
+    def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
+        if a.get("rounding_mode") is not None or is_param(a["other"]) or not is_param(a["input"]):
+            return None
+        if isinstance(a["other"], numbers.Number) and a["other"] == 0:
+            return None
+        return super().match(a, is_param)
+
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], BinaryMeta]:
+        ops, meta = super().capture(a, is_param)
+        other = ops[1]
+        if other is not None:
+            return [ops[0], torch.reciprocal(other)], meta
+        scalar = meta.other_scalar
+        return ops, meta if scalar is None else dataclasses.replace(meta, other_scalar=1 / scalar)

@@ -1,9 +1,17 @@
-"""Embedding family: ``F.embedding(ids, W)``, ``y[..., d] = W[ids[...], d]``.
+"""Embedding family: ``F.embedding(ids, W)``, ``y[..., d] = W[ids[...], d]``; ``W[ids]``.
 
 ``∂y/∂W`` is a one-hot of the ids, so the NTK contribution counts coinciding tokens
 weighted by cotangent products: ``Σ_{p,q} [ids₁[p] = ids₂[q]] (c₁[p]·c₂[q])``. Rows at
 ``padding_idx`` get no gradient in PyTorch, hence no kernel contribution here either.
 ``max_norm`` (which rewrites W in place) and ``scale_grad_by_freq`` fall back.
+
+``F.embedding_bag`` (``nn.EmbeddingBag``) reaches the capture as ``F.embedding`` followed by the
+bags' reductions (:mod:`ntkfunc._core.batchable` computes it so inside every kernel), so its
+table is on this rule.
+
+Indexing a parameter with an integer tensor, ``W[ids]`` (learned positions indexed by position
+ids, as in Whisper), is expanded into ``F.embedding(ids, W)`` during capture; other indexing is a
+view of the parameter (followed into its consumer as any view).
 
 Example:
   >>> import torch
@@ -23,11 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor, register
+from ntkfunc.rules.base import LETTERS, Bound, IsParam, Rule, Structure, Tensor, expand, register
 
 _NAMES = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 _DEFAULTS = {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False}
@@ -71,3 +80,18 @@ class Embedding(Rule):
             onehot = onehot * keep.index_fill(0, torch.tensor([meta.padding_idx], device=onehot.device), 0)
         pos = LETTERS[: len(y_shape) - 1]
         return Structure(y_shape, pos + "z", "yz", [(pos + "y", onehot)])
+
+
+@expand(torch.Tensor.__getitem__)
+def index_rows(self: Tensor, index: Any) -> Any:
+    """``W[ids]`` (``ids`` an integer tensor, optionally followed by full slices) as ``F.embedding(ids, W)``; else NotImplemented."""
+    first = index[0] if isinstance(index, tuple) and index else index
+    rest = index[1:] if isinstance(index, tuple) else ()
+    whole = all(r is Ellipsis or (isinstance(r, slice) and r == slice(None)) for r in rest)
+    if not (isinstance(first, torch.Tensor) and whole and self.dim() >= 1) or first.dtype not in (torch.int32, torch.int64):
+        return NotImplemented
+    rows = self.shape[0]
+    ids = torch.where(first < 0, first + rows, first)
+    table = self if self.dim() == 2 else self.reshape(rows, -1)
+    out = F.embedding(ids, table)
+    return out if self.dim() == 2 else out.reshape(*ids.shape, *self.shape[1:])

@@ -206,6 +206,16 @@ class BMM(MatMul):
         return "axy", "ayz", "axz"
 
 
+@register(torch.mv, torch.Tensor.mv)
+class MV(MatMul):
+    """``mv(mat, vec)``: ``(n, k) @ (k,)`` (spectral norm's ``σ = uᵀ W v``)."""
+
+    name = "mv"
+
+    def subscripts(self, a: Tensor, b: Tensor) -> tuple[str, str, str]:
+        return "xy", "y", "x"
+
+
 def parse_einsum(equation: str, ndims: Sequence[int]) -> tuple[list[str], str] | None:
     """``(inputs, output)`` letters of an einsum equation with ``...`` expanded; None if unsupported."""
     eq = equation.replace(" ", "")
@@ -237,16 +247,53 @@ def parse_einsum(equation: str, ndims: Sequence[int]) -> tuple[list[str], str] |
 
 @dataclasses.dataclass(frozen=True)
 class EinsumMeta:
-    """An einsum's operand ``inputs`` letters (``...`` expanded), its ``output`` letters and its operands' ``shapes``."""
+    """An einsum's operand ``inputs`` letters (``...`` expanded), its ``output`` letters, its operands' ``shapes`` and ``device``."""
 
     inputs: tuple[str, ...]
     output: str
     shapes: tuple[Shape, ...]
+    device: torch.device = torch.device("cpu")
+
+
+def _diagonals(letters: str, t: Tensor) -> tuple[str, Tensor]:
+    """A batch-first operand whose subscripts repeat a letter (``"bii"``) as its diagonal (``"bi"``): what einsum reads of it."""
+    while len(set(letters)) < len(letters):
+        ch = next(c for c in letters if letters.count(c) > 1)
+        i = letters.index(ch)
+        j = letters.index(ch, i + 1)
+        t = torch.diagonal(t, dim1=1 + i, dim2=1 + j)
+        letters = letters[:i] + letters[i + 1 : j] + letters[j + 1 :] + ch
+    return letters, t
+
+
+def _distinct(letters: str, shape: Shape) -> tuple[str, Shape]:
+    """Subscripts with each letter once (first occurrences) and their sizes."""
+    seen: dict[str, int] = {}
+    for ch, d in zip(letters, shape):
+        seen.setdefault(ch, d)
+    return "".join(seen), tuple(seen.values())
 
 
 @register(torch.einsum)
 class Einsum(Rule):
-    """``torch.einsum(eq, *operands)`` where exactly one operand is a parameter, used once."""
+    """``torch.einsum(eq, *operands)`` with one or several parameter operands, subscripts possibly repeated.
+
+    Each parameter operand is a role; its ``∂y/∂θ`` is the einsum with θ removed, the other
+    operands (parameters included) as they are, so a product of parameters gets the sum over
+    its factors (the product rule: the same parameter twice is tied to itself). A subscript
+    repeated within a non-parameter operand reads its diagonal; repeated within the parameter
+    (``einsum("bk,kk->bk", x, D)`` reads ``D``'s diagonal), each repetition gets a new letter
+    and an identity operand: ``∂y/∂D[k, l] = δ_kl ∂y/∂D[k, k]``.
+
+    >>> from ntkfunc.rules import lookup
+    >>> rule = lookup(torch.einsum)
+    >>> x, d = torch.randn(3, 4), torch.randn(4, 4)
+    >>> bound = rule.bind(("bk,kk->bk", x, d), {})
+    >>> ops, meta = rule.capture(bound, lambda t: t is d)
+    >>> s = rule.structure("operand1", [o if o is None else o.unsqueeze(0) for o in ops], meta, (3, 4))
+    >>> (s.y, s.theta, [letters for letters, _ in s.operands])
+    ('bk', 'kZ', ['bk', 'kZ'])
+    """
 
     static_meta = True
     name = "einsum"
@@ -259,25 +306,56 @@ class Einsum(Rule):
         if not all(_is_tensor(t) for t in ops):
             return None
         subs = parse_einsum(args[0], [t.ndim for t in ops])
-        if subs is None or any(len(set(s)) != len(s) for s in subs[0]):
+        if subs is None:
             return None
         return {"equation": args[0], "operands": ops, "subscripts": subs}
 
     def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
-        which = [k for k, t in enumerate(a["operands"]) if is_param(t)]
-        if len(which) != 1:
-            return None
-        return {f"operand{which[0]}": a["operands"][which[0]]}
+        return {f"operand{k}": t for k, t in enumerate(a["operands"]) if is_param(t)} or None
 
     def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], EinsumMeta]:
+        """The operands, parameters left out when there is one (with several, each is an operand of the others' roles)."""
         ops = a["operands"]
         inputs, output = a["subscripts"]
-        return [None if is_param(t) else t for t in ops], EinsumMeta(tuple(inputs), output, tuple(tuple(t.shape) for t in ops))
+        several = sum(map(is_param, ops)) > 1
+        kept = [t if several or not is_param(t) else None for t in ops]
+        return kept, EinsumMeta(tuple(inputs), output, tuple(tuple(t.shape) for t in ops), ops[0].device)
 
     def structure(self, role: str, operands: Sequence[Tensor | None], meta: EinsumMeta, y_shape: tuple[int, ...]) -> Structure:
         idx = int(role[len("operand") :])
-        tensors = [None if k == idx else t for k, t in enumerate(operands)]
-        return einsum_structure(meta.inputs, meta.output, idx, tensors, meta.shapes[idx], y_shape)
+        inputs: list[str] = []
+        tensors: list[Tensor | None] = []
+        for k, (letters, t) in enumerate(zip(meta.inputs, operands)):
+            if k == idx:
+                inputs.append(_distinct(letters, meta.shapes[k])[0])
+                tensors.append(None)
+            else:
+                assert t is not None
+                letters, t = _diagonals(letters, t)
+                inputs.append(letters)
+                tensors.append(t)
+        theta, shape = _distinct(meta.inputs[idx], meta.shapes[idx])
+        s = einsum_structure(inputs, meta.output, idx, tensors, shape, y_shape)
+        return _repeated_theta(s, meta.inputs[idx], meta.shapes[idx], meta.device)
+
+
+def _repeated_theta(s: Structure, letters: str, shape: Shape, device: torch.device) -> Structure:
+    """``s`` (θ's distinct subscripts) for θ subscripted ``letters``: each repeated axis a new letter tied by an identity."""
+    if len(set(letters)) == len(letters):
+        return s
+    used = set(s.y).union(s.theta, *[set(sub) for sub, _ in s.operands])
+    fresh = iter(c for c in LETTERS[::-1] if c not in used and c not in letters)
+    theta, operands, seen = "", list(s.operands), set()
+    for ch, d in zip(letters, shape):
+        if ch not in s.theta:  # a size-1 axis broadcast against a larger one: not part of θ's letters
+            continue
+        if ch in seen:
+            new = next(fresh)
+            operands.append((ch + new, torch.eye(d, device=device).unsqueeze(0)))
+            ch = new
+        seen.add(ch)
+        theta += ch
+    return dataclasses.replace(s, theta=theta, operands=operands)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,3 +462,48 @@ class AddMV(_AddMatMul):
     name = "addmv"
     mats = ("mat", "vec")
     subscripts = ("xy", "y", "x")
+
+
+@dataclasses.dataclass(frozen=True)
+class BilinearMeta:
+    """An ``F.bilinear`` call's settings: the weight's shape ``(out, in1, in2)``."""
+
+    weight_shape: Shape
+
+
+@register(torch.bilinear)
+class Bilinear(Rule):
+    """``F.bilinear(x1, x2, W, b)`` (``nn.Bilinear``): ``y[..., k] = Σ_ij x1[..., i] W[k, i, j] x2[..., j] + b[k]``.
+
+    ``∂y/∂W`` is the outer product of the two inputs, so the NTK contribution of ``W`` is
+    ``Σ_{p,q} (c₁[p]·c₂[q]) (x1₁[p]·x1₂[q]) (x2₁[p]·x2₂[q])`` over positions ``p, q``.
+
+    >>> from ntkfunc.rules import lookup
+    >>> rule = lookup(torch.nn.functional.bilinear)
+    >>> x1, x2, w = torch.randn(3, 4), torch.randn(3, 2), torch.randn(5, 4, 2)
+    >>> ops, meta = rule.capture(rule.bind((x1, x2, w), {}), lambda t: t is w)
+    >>> s = rule.structure("weight", [o.unsqueeze(0) for o in ops], meta, (3, 5))
+    >>> (s.y, s.theta, [letters for letters, _ in s.operands])
+    ('az', 'zxy', ['ax', 'ay'])
+    """
+
+    static_meta = True
+    name = "bilinear"
+    names = ("input1", "input2", "weight", "bias")
+    defaults = {"bias": None}
+
+    def match(self, a: Bound, is_param: IsParam) -> dict[str, Tensor] | None:
+        x1, x2, w = a["input1"], a["input2"], a["weight"]
+        if not (_is_tensor(x1) and _is_tensor(x2) and _is_tensor(w)) or is_param(x1) or is_param(x2) or w.ndim != 3:
+            return None
+        return {r: a[r] for r in ("weight", "bias") if is_param(a[r])} or None
+
+    def capture(self, a: Bound, is_param: IsParam) -> tuple[list[Tensor | None], BilinearMeta]:
+        return [a["input1"], a["input2"]], BilinearMeta(tuple(a["weight"].shape))
+
+    def structure(self, role: str, operands: Sequence[Tensor | None], meta: BilinearMeta, y_shape: tuple[int, ...]) -> Structure:
+        lead = LETTERS[: len(y_shape) - 1]
+        if role == "bias":
+            return Structure(y_shape, lead + "z", "z", [])
+        x1, x2 = operands
+        return einsum_structure([lead + "x", "zxy", lead + "y"], lead + "z", 1, [x1, None, x2], meta.weight_shape, y_shape)

@@ -1,9 +1,11 @@
-"""Norm family: the affine weight and bias of ``layer_norm``, ``group_norm``, ``batch_norm``, ``rms_norm``.
+"""Norm family: the affine weight and bias of ``layer_norm``, ``group_norm``, ``batch_norm``, ``instance_norm``, ``rms_norm``.
 
 ``y = x̂ ⊙ w + b`` where ``x̂`` is the normalised input, which does not depend on ``w``
 or ``b``; the capture step recomputes ``x̂`` (the same op with no affine) and the
 rules are elementwise products. ``batch_norm`` in eval mode uses its running
 statistics as constants; in training mode (``vmap_axes=None``) the batch statistics.
+``instance_norm`` normalises each sample and channel over its spatial axes (or by its running
+statistics when ``use_input_stats`` is off: ``track_running_stats`` in eval mode).
 
 Example:
   >>> import torch
@@ -121,3 +123,19 @@ class BatchNorm(_Affine):
         if a["training"]:  # batch statistics; never touch the running buffers a second time
             return F.batch_norm(a["input"], None, None, None, None, True, 0.0, a["eps"])
         return F.batch_norm(a["input"], a["running_mean"], a["running_var"], None, None, False, 0.0, a["eps"])
+
+
+@register(F.instance_norm)
+class InstanceNorm(_Affine):
+    """``nn.InstanceNorm1d/2d/3d`` with ``affine=True``: per-channel weight and bias on each sample's normalised input."""
+
+    name = "instance_norm"
+    names = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
+    defaults = {"running_mean": None, "running_var": None, "weight": None, "bias": None, "use_input_stats": True,
+                "momentum": 0.1, "eps": 1e-5}
+    channel_axis = 1
+
+    def normalise(self, a: Bound) -> Tensor:
+        if a["use_input_stats"]:  # the sample's statistics; never touch the running buffers a second time
+            return F.instance_norm(a["input"], None, None, None, None, True, 0.0, a["eps"])
+        return F.instance_norm(a["input"], a["running_mean"], a["running_var"], None, None, False, 0.0, a["eps"])

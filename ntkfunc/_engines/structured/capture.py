@@ -159,10 +159,10 @@ class _ParamMode(TorchFunctionMode):
         touched = [t for t in _tensors((args, kwargs)) if id(t) in self.ids]
         if not touched:
             return func(*args, **kwargs)
-        out = self._follow(func, args, kwargs)
+        out = _expanded(self, func, args, kwargs)  # first: an expansion may take over a view function (W[ids])
         if out is not NotImplemented:
             return out
-        out = _expanded(self, func, args, kwargs)
+        out = self._follow(func, args, kwargs)
         if out is not NotImplemented:
             return out
         rule = rules.lookup(func)
@@ -198,7 +198,9 @@ class _Recorder(_ParamMode):
 
     def unmatched(self, func: Any, args: tuple, kwargs: dict, touched: list[torch.Tensor]) -> Any:
         out = func(*args, **kwargs)
-        if _tensors(out):  # metadata queries (.shape, .dtype) return no tensor
+        # metadata queries (.shape, .dtype) return no tensor; integer or boolean results (``W.diagonal().int()``,
+        # ``W > 0``) carry no derivative (the autograd check below still sees any path they hide)
+        if any(t.is_floating_point() or t.is_complex() for t in _tensors(out)):
             for t in touched:
                 k = self.ids[id(t)]
                 self.plain.setdefault(k, []).append(op_name(func))

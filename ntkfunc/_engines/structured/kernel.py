@@ -174,13 +174,16 @@ def tied_prices(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Si
         plan.gram_equation(lay, problem.vmapped, a, views.relabel(b, a.theta), s1.cot[leaf][e1], s2.cot[leaf][e2])
         for (e1, _), a in zip(uses, st1) for (e2, _), b in zip(uses, st2)
     ]
-    gram = sum((g.price for g in grams), plan.FREE)
+    extra = len(uses) - 1  # contraction calls beyond a parameter used once: uses² Gram equations, uses formations a side
+    gram = sum((g.price for g in grams), plan.Price(0.0, calls=len(grams) - 1))
     if len({views.theta_sizes(st) for st in st1 + st2}) > 1:
         return plan.Prices(gram, plan.NONE, plan.NONE, plan.NONE), grams
     forms1 = [side_form(problem, s1, e, r, leaf) for e, r in uses]
     forms2 = [side_form(problem, s2, e, r, leaf) for e, r in uses]
     pair = plan.price(plan.pair_equation(lay, len(st1[0].theta)), (forms1[0].out_shape, forms2[0].out_shape))
-    return plan.Prices(gram, sum((f.price for f in forms1), plan.FREE), sum((f.price for f in forms2), plan.FREE), pair), grams
+    form1 = sum((f.price for f in forms1), plan.Price(0.0, calls=extra))
+    form2 = sum((f.price for f in forms2), plan.Price(0.0, calls=extra))
+    return plan.Prices(gram, form1, form2, pair), grams
 
 
 def tied_route(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Side, s2: Side) -> tuple[routes.Route, list[plan.Equation]]:

@@ -48,12 +48,12 @@ _T = torch.Tensor
 VIEW_FUNCS: frozenset[Any] = frozenset({
     _T.view, _T.view_as, _T.reshape, _T.reshape_as, _T.expand, _T.expand_as, _T.broadcast_to,
     _T.unsqueeze, _T.squeeze, _T.flatten, _T.unflatten, _T.transpose, _T.swapaxes, _T.swapdims,
-    _T.permute, _T.t, _T.movedim, _T.moveaxis, _T.narrow, _T.select, _T.__getitem__,
+    _T.permute, _T.t, _T.movedim, _T.moveaxis, _T.narrow, _T.select, _T.__getitem__, _T.diagonal,
     _T.to, _T.type_as, _T.contiguous,
     vars(torch._C.TensorBase)["T"].__get__, vars(torch._C.TensorBase)["mT"].__get__,  # the attribute views W.T, W.mT
     torch.reshape, torch.broadcast_to, torch.unsqueeze, torch.squeeze, torch.flatten, torch.unflatten,
     torch.transpose, torch.swapaxes, torch.swapdims, torch.permute, torch.t, torch.movedim, torch.moveaxis,
-    torch.narrow, torch.select,
+    torch.narrow, torch.select, torch.diagonal,
 })
 """Torch functions whose result, when it shares the parameter's storage and dtype, is a view the capture follows.
 
@@ -247,12 +247,59 @@ def relabel(s: Structure, theta: str) -> Structure:
     )
 
 
+def refine(s: Structure, shape: Sequence[int]) -> Structure:
+    """``s`` (canonical) with θ letters split to enumerate the axes of ``shape`` (those of size > 1), where they align.
+
+    A use through ``W.flatten(1)`` names a convolution kernel ``(o, i, kh, kw)`` by two letters of
+    sizes ``(o, i kh kw)``, a use of ``W`` itself by four: split, both factor θ the same way and
+    pair up. A letter of size ``n₁ n₂`` becomes two letters wherever it occurs; ``y`` (a view of the
+    output) and the operands are reshaped row-major, as θ's entries are enumerated. ``s`` comes back
+    unchanged where its letters are not runs of ``shape``'s axes.
+
+    >>> s = Structure((5,), "x", "xy", [("y", torch.zeros(1, 12))])
+    >>> r = refine(s, (5, 3, 4))
+    >>> (r.theta, [(sub, tuple(t.shape)) for sub, t in r.operands])
+    ('xya', [('ya', (1, 3, 4))])
+    """
+    target = [int(d) for d in shape if d > 1]
+    sizes = letter_sizes(s)
+    runs, i = [], 0
+    for ch in s.theta:
+        run, prod = [], 1
+        while prod < sizes[ch] and i < len(target):
+            run.append(target[i])
+            prod *= target[i]
+            i += 1
+        if prod != sizes[ch]:
+            return s
+        runs.append(run)
+    if i != len(target) or all(len(r) <= 1 for r in runs):
+        return s
+    used = set(s.y + s.theta + "".join(sub for sub, _ in s.operands))
+    fresh = iter(ch for ch in LETTERS if ch not in used)
+    split = {ch: (ch + "".join(next(fresh) for _ in run[1:]), run) for ch, run in zip(s.theta, runs) if len(run) > 1}
+
+    def letters(sub: str) -> str:
+        return "".join(split[ch][0] if ch in split else ch for ch in sub)
+
+    def dims(sub: str, shape: Sequence[int]) -> list[int]:
+        return [d for ch, n in zip(sub, shape) for d in (split[ch][1] if ch in split else [int(n)])]
+
+    operands = [(letters(sub), t.reshape(t.shape[0], *dims(sub, t.shape[1:]))) for sub, t in s.operands]
+    return Structure(tuple(dims(s.y, s.y_shape)), letters(s.y), letters(s.theta), operands, s.scale)
+
+
 def use_structure(rule: rules.Rule, role: str, operands: Sequence[torch.Tensor | None], meta: rules.Meta,
                   y_shape: tuple[int, ...], vm: ViewMap | None, tied: bool, theta_shape: Sequence[int]) -> Structure:
-    """One use's checked structure of ``∂y/∂θ``: the rule's, composed with its view (:func:`compose`)."""
+    """One use's checked structure of ``∂y/∂θ``: the rule's, composed with its view (:func:`compose`).
+
+    The use of a tied parameter is refined (:func:`refine`) to the parameter's own axes, so that its uses pair up.
+    """
     st = compose(rule.structure(role, operands, meta, y_shape), vm, tied=tied)
     numel = theta_numel(vm, math.prod(theta_shape))
     shape = tuple(theta_shape) if numel == math.prod(theta_shape) else (numel,)
+    if tied:
+        st = refine(st, shape)
     return rules.check_structure(st, rule=rule.name, role=role, theta_shape=shape)
 
 
