@@ -99,22 +99,26 @@ def test_a_foreign_features_file_is_refused_and_kept(tmp_path):
     torch.testing.assert_close(k, ntkfunc.sketched_ntk_fn(f, sketch)(x, None, params))
 
 
-def test_cli_out_equal_to_the_data_is_refused_before_anything_is_written(tmp_path):
+def test_cli_out_equal_to_the_data_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     """Regression: ntkfunc compute --data x.npy --out x.npy exited 0 and replaced the data set by the kernel."""
+    from ntkfunc import _cli as cli
+
+    monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     x = torch.rand(6, 1, 8, 8).numpy()
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "t.npy", x[:2])
     for args, flag in [(["--data", "x.npy", "--out", "x.npy"], "--data"), (["--data", "x.npy", "--out", "./x.npy"], "--data"),
                        (["--data", "x.npy", "--test", "t.npy", "--out", "t.npy"], "--test")]:
-        res = _cli("compute", *args, "--no-progress", cwd=tmp_path)
-        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
-        assert f"is the {flag} file; expected another path for the kernel" in res.stderr
+        assert cli.main(["compute", *args, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is the {flag} file; expected another path for the kernel" in err, err
     assert np.array_equal(np.load(tmp_path / "x.npy"), x) and sorted(p.name for p in tmp_path.iterdir()) == ["t.npy", "x.npy"]
-    res = _cli("compute", "--data", "x.npy", "--out", "t.npy", "--no-progress", cwd=tmp_path)  # t.npy is not an input now
-    assert res.returncode == 1 and "t.npy exists and is not a kernel file written by kernel_matrix" in res.stderr, res.stderr
+    assert cli.main(["compute", "--data", "x.npy", "--out", "t.npy", "--no-progress"]) == 1  # t.npy is not an input now
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "t.npy exists and is not a kernel file written by kernel_matrix" in err, err
     assert np.array_equal(np.load(tmp_path / "t.npy"), x[:2])
-    assert _cli("compute", "--data", "x.npy", "--out", "t.npy", "--overwrite", "--no-progress", cwd=tmp_path).returncode == 0
+    assert cli.main(["compute", "--data", "x.npy", "--out", "t.npy", "--overwrite", "--no-progress"]) == 0
     assert np.load(tmp_path / "t.npy").shape == (6, 6)
 
 
