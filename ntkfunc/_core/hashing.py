@@ -54,6 +54,8 @@ def value_text(value: Any, depth: int = 0) -> str:
     if isinstance(value, torch.Tensor):
         if torch._C._functorch.is_functorch_wrapped_tensor(value) or value.grad_fn is not None:
             return f"derived tensor:{tuple(value.shape)}:{value.dtype}"  # computed from parameters at each call (weight_norm)
+        if value.layout != torch.strided or value.device.type == "meta":
+            return f"tensor:{tuple(value.shape)}:{value.dtype}:{value.layout}:{value.device.type}"  # no bytes to read as they are
         return f"tensor:{tensor_digest([value], [''])}"
     if isinstance(value, np.ndarray):
         data = np.ascontiguousarray(value)

@@ -159,7 +159,12 @@ def captured(fn: Any) -> dict[str, str]:
             for k, a in obj.keywords.items():
                 value(f"{prefix}{k}", a, depth)
         elif isinstance(obj, types.MethodType):
-            value(f"{prefix}self", obj.__self__, depth)
+            owner = obj.__self__
+            if isinstance(owner, torch.nn.Module) or not hasattr(owner, "__dict__"):
+                value(f"{prefix}self", owner, depth)
+            else:  # what the method reads of its object
+                for k, a in sorted(vars(owner).items()):
+                    value(f"{prefix}self.{k}", a, depth)
             visit(obj.__func__, prefix, depth + 1)
         elif isinstance(obj, types.FunctionType):
             code = obj.__code__
