@@ -22,12 +22,18 @@ Modes (each prints a markdown table and, with ``--write``, appends JSON rows):
   relative Frobenius error, top-10 eigenvalue errors, the error estimate
   (``Sketch.error_estimate``), and for the digits the test accuracy of kernel regression
   (``predict.gradient_descent_mse``, ``t = ∞``) with either kernel.
+- ``kinds``: every ``Sketch`` kind at the same ``k`` on small CNNs (traced outputs, the default
+  kernel): the relative Frobenius error against the exact float64 kernel, mean and spread over
+  ``--seeds`` sketches, its ratio to the Gaussian projection's, and the features' time per sample.
+  CNNs: the digits CNN, a CIFAR-like CNN whose last layer reads ``k`` features, one whose last
+  layer reads ``2 k`` (rows wider than ``k``).
 
     python benchmarks/bench_sketch.py rates
     python benchmarks/bench_sketch.py phases --n 10000 50000
     python benchmarks/bench_sketch.py speed --n 10000
     python benchmarks/bench_sketch.py accuracy --model digits --n 1000
     python benchmarks/bench_sketch.py accuracy --model resnet --n 500
+    python benchmarks/bench_sketch.py kinds --dim 2048 --n 64 --seeds 6
     python benchmarks/bench_sketch.py phases --small --chunk 8 --n 100    # seconds: a smoke run
 """
 
@@ -254,6 +260,66 @@ def accuracy(model_name: str, n: int, dim: int, kind: str, seeds: int) -> dict:
     return row
 
 
+def kind_models(dim: int) -> dict:
+    """``name -> (model, inputs)`` for ``kinds``: small CNNs with 10 logits."""
+    from torch import nn
+
+    from ntkfunc.datasets import load_digits
+
+    images = load_digits(torch.float32)[0]
+    digits = (images - images.mean()) / images.std()
+
+    def cifar(channels: int) -> nn.Module:  # 3x16x16 inputs; the last layer reads channels * 64 features
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, channels, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(channels * 64, 10))
+
+    torch.manual_seed(0)
+    return {"digits CNN": (digits_cnn().eval(), digits), f"CNN, last layer {dim} wide": (cifar(dim // 64).eval(), None),
+            f"CNN, last layer {2 * dim} wide": (cifar(2 * dim // 64).eval(), None)}
+
+
+def kinds(n: int, dim: int, names: list[str], seeds: int) -> list[dict]:
+    """Each kind's error at ``dim`` against the exact kernel (float64), traced over the 10 logits."""
+    rows = []
+    for model_name, (model, data) in kind_models(dim).items():
+        x = data[:n] if data is not None else torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        f, params = ntkfunc.from_module(model)
+        f64, p64 = ntkfunc.from_module(model.double())
+        exact = ntkfunc.ntk_fn(f64)(x.double(), None, p64)
+        model.float()
+        plan = str(ntkfunc.Sketch(dim).explain(f, params, x[:2]))
+        for kind in names:
+            errs, times = [], []
+            for seed in range(seeds):
+                feats = ntkfunc.features_fn(f, ntkfunc.Sketch(dim, seed=seed, kind=kind))
+                feats(x[:2], params)  # tables drawn (and kept) outside the timing, as a second call finds them
+                t0 = time.perf_counter()
+                phi = feats(x, params).double()
+                times.append(time.perf_counter() - t0)
+                k_hat = torch.einsum("aod,bod->ab", phi, phi) / phi.shape[1]
+                errs.append(float((k_hat - exact).norm() / exact.norm()))
+            mean = sum(errs) / len(errs)
+            std = (sum((e - mean) ** 2 for e in errs) / max(len(errs) - 1, 1)) ** 0.5
+            rows.append({"mode": "kinds", "model": model_name, "P": sum(v.numel() for v in params.values()), "n": n, "dim": dim,
+                         "kind": kind, "errors": errs, "error": mean, "error_std": std, "features_ms_per_sample": 1e3 * min(times) / n,
+                         "plan": plan})
+        gauss = next((r["error"] for r in rows if r["model"] == model_name and r["kind"] == "gaussian"), None)
+        for r in rows:
+            if r["model"] == model_name and gauss:
+                r["vs_gaussian"] = r["error"] / gauss
+    return rows
+
+
+def kinds_markdown(rows: list[dict]) -> str:
+    lines = ["| model | parameters | kind | relative error (mean ± std over seeds) | / Gaussian's | features ms/sample |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['vs_gaussian']:.2f}" if "vs_gaussian" in r else "-"
+        lines.append(f"| {r['model']} | {r['P']:,} | {r['kind']} | {r['error']:.4f} ± {r['error_std']:.4f} | {ratio} | "
+                     f"{r['features_ms_per_sample']:.3f} |")
+    return "\n".join(lines)
+
+
 def _regression(k_tr: torch.Tensor, k_te: torch.Tensor, y_tr: torch.Tensor, y_te: torch.Tensor) -> float:
     t = torch.nn.functional.one_hot(y_tr, 10).double() - 0.1
     fx = predict.gradient_descent_mse(k_tr, t, diag_reg=1e-4)(None, None, torch.zeros(len(y_te), 10, dtype=torch.float64), k_te)
@@ -304,10 +370,10 @@ def markdown(row: dict, estimates: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["rates", "phases", "speed", "accuracy"])
+    p.add_argument("mode", choices=["rates", "phases", "speed", "accuracy", "kinds"])
     p.add_argument("--n", type=int, nargs="+", default=[10000], help="N (phases: the N x N kernels to estimate)")
     p.add_argument("--dim", type=int, default=8192)
-    p.add_argument("--kind", default="auto")
+    p.add_argument("--kind", default="auto", help="the sketch's kind (kinds: a comma-separated list; default all)")
     p.add_argument("--chunk", type=int, default=32, help="phases: samples per measured chunk")
     p.add_argument("--model", choices=["digits", "resnet"], default="digits")
     p.add_argument("--seeds", type=int, default=2, help="accuracy: sketches per model")
@@ -337,6 +403,12 @@ def main() -> None:
                 r["estimated_s"] = estimate(ph, n)["total_s"]
                 rows.append(r)
                 print(markdown(r, []) + f"; estimated {_s(r['estimated_s'])}", flush=True)
+    elif a.mode == "kinds":
+        names = ["auto", "countsketch", "tensorsketch", "gaussian"] if a.kind == "auto" else a.kind.split(",")
+        rows = kinds(a.n[0], a.dim, names, a.seeds)
+        for plan in dict.fromkeys(r["plan"] for r in rows):
+            print(plan)
+        print(kinds_markdown(rows))
     else:
         for n in a.n:
             rows.append(accuracy(a.model, n, a.dim, a.kind, a.seeds))

@@ -12,6 +12,7 @@ from ntkfunc.monte_carlo import monte_carlo_kernel_fn
 from ntkfunc.nngp import nngp_fn
 from ntkfunc.ntk import ntk_fn
 from ntkfunc.ntk_vp import ntk_vp_fn
+from ntkfunc.per_sample import jacobian_fn
 from ntkfunc.pntk import pntk_fn
 from ntkfunc.sketch import Sketch, features_fn, sketched_ntk_fn
 from ntkfunc.taylor import linearize, taylor_expand
@@ -27,6 +28,7 @@ __all__ = [
     "features_fn",
     "from_module",
     "group_kernels",
+    "jacobian_fn",
     "kernel_fn",
     "kernel_matrix",
     "linalg",

@@ -46,7 +46,7 @@ def kernel_fn(
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
     vmap_axes: VMapAxes = 0,
-    implementation: int | str | Implementation = Implementation.JACOBIAN_CONTRACTION,
+    implementation: int | str | Implementation = Implementation.AUTO,
     *,
     memory_budget: MemoryBudget = None,
     nonfinite: NonFinite = "raise",
@@ -55,7 +55,8 @@ def kernel_fn(
 
     ``get`` is ``"ntk"`` or ``"nngp"`` (the kernel itself is returned), or a tuple of them
     (a namedtuple ``Kernel`` with those fields, in that order). The arguments are those of
-    :func:`ntkfunc.ntk_fn` and :func:`ntkfunc.nngp_fn`, and so are the shapes. The op context
+    :func:`ntkfunc.ntk_fn` (``implementation="auto"`` by default, where neural-tangents uses 1)
+    and :func:`ntkfunc.nngp_fn`, and so are the shapes. The op context
     is entered once for both kernels; the NNGP
     costs one forward pass per input batch, the NTK is computed by ``implementation`` (its
     Jacobian pass runs its own forward). Both are differentiable in ``x1``, ``x2``, ``params``.
@@ -96,5 +97,6 @@ def kernel_fn(
             return out[fields[0]]
         return kernel_tuple(fields)(*(out[g] for g in fields))
 
-    k.__doc__ = f"Empirical kernels of {getattr(f, '__name__', 'f')} (implementation {int(engine.implementation)}): k(x1, x2, get, params)."
+    name = engine.name if engine.implementation == Implementation.AUTO else int(engine.implementation)
+    k.__doc__ = f"Empirical kernels of {getattr(f, '__name__', 'f')} (implementation {name}): k(x1, x2, get, params)."
     return k

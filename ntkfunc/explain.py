@@ -135,8 +135,9 @@ def explain(
     Runs ``f`` on ``x`` with the same arguments as ``ntk_fn``; the routes and costs are those
     of ``K(x, x)`` computed as one block, as the kernel does for inputs that fit its memory
     budget (a small batch is enough: the routes depend on N). ``implementation``: 3 (structured
-    derivatives) or ``"auto"``, which may route differently (it also takes every parameter
-    from reverse mode when the rules save too little).
+    derivatives, the default here: the report is about the rules) or ``"auto"`` (``ntk_fn``'s
+    default), which may route differently (it also takes every parameter from reverse mode when
+    the rules save too little, and then does not probe ``f`` at all).
 
     Example (the rules of this small MLP do not pay for probing its layers on 8 inputs, so
     implementation 3 takes every parameter from reverse mode, as implementation 1 would):

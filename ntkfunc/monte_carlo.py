@@ -51,7 +51,7 @@ def monte_carlo_kernel_fn(
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
     vmap_axes: VMapAxes = 0,
-    implementation: int | str | Implementation = Implementation.JACOBIAN_CONTRACTION,
+    implementation: int | str | Implementation = Implementation.AUTO,
     get: Get | None = None,
     seed: int = 0,
     batch_size: int | None = None,
@@ -62,7 +62,7 @@ def monte_carlo_kernel_fn(
     Args:
       f: ``f(params, x)``; init_fn: ``init_fn(generator) -> params`` (draw every random number
         from ``generator``); n_samples: number of initialisations.
-      trace_axes, diagonal_axes, vmap_axes, implementation: as :func:`ntkfunc.kernel_fn`.
+      trace_axes, diagonal_axes, vmap_axes, implementation: as :func:`ntkfunc.kernel_fn` (``"auto"`` by default).
       get: ``"ntk"``, ``"nngp"``, or a tuple of them (namedtuple result); ``None`` means
         ``("nngp", "ntk")``. Can be overridden per call.
       seed: the draws are reproducible for a given seed (see :func:`sample_seeds`).

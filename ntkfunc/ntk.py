@@ -20,7 +20,7 @@ def ntk_fn(
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
     vmap_axes: VMapAxes = 0,
-    implementation: int | str | Implementation = Implementation.JACOBIAN_CONTRACTION,
+    implementation: int | str | Implementation = Implementation.AUTO,
     *,
     memory_budget: MemoryBudget = None,
     per_param: bool = False,
@@ -37,10 +37,15 @@ def ntk_fn(
       vmap_axes: batch axis of inputs and outputs (int, or a pytree of ints matching ``x``,
         or ``(x_axes, fx_axes, {})``); ``None`` when samples interact (BatchNorm with batch
         statistics): the kernel is then computed on the whole batch at once.
-      implementation: 1 Jacobian contraction, 2 NTK-vector products, 3 structured derivatives
-        (per-primitive rules of ``ntkfunc.rules``; see ``Implementation`` and ``ntkfunc.explain``).
-        Every implementation may be called from several threads at once (implementation 2's
-        forward-mode sections, whose AD levels torch keeps per process, take turns on one lock).
+      implementation: ``"auto"`` (the default), 1 Jacobian contraction, 2 NTK-vector products,
+        3 structured derivatives (per-primitive rules of ``ntkfunc.rules``; see ``Implementation``
+        and ``ntkfunc.explain``). ``"auto"`` takes, per parameter, the cheaper of a rule and
+        Jacobian contraction, and is implementation 1 outright (without probing ``f``'s
+        primitives) when no rule pays; the kernel is the same up to float rounding.
+        **Unlike neural-tangents**, whose default is 1 (``NtkImplementation.JACOBIAN_CONTRACTION``):
+        pass ``implementation=1`` for its exact code path. Every implementation may be called
+        from several threads at once (implementation 2's forward-mode sections, whose AD levels
+        torch keeps per process, take turns on one lock).
       memory_budget: bytes (or ``"2GB"``) the Jacobians may occupy; default 80% of free
         CUDA memory, or half of the available RAM on CPU. Work is tiled to fit.
       per_param: return the kernel split by parameter tensor (the "layerwise components"
@@ -97,7 +102,7 @@ def ntk_fn(
         return result
 
     split = ", split by parameter" if per_param else ""
-    name = int(engine.implementation)
+    name = engine.name if engine.implementation == Implementation.AUTO else int(engine.implementation)
     kernel.__doc__ = f"Empirical NTK of {getattr(f, '__name__', 'f')} (implementation {name}{split}): kernel(x1, x2, params)."
     return kernel
 

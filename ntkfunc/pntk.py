@@ -5,7 +5,7 @@ leaves), the pNTK is the eNTK of the scalar function ``g(x) = Σ_o f_o(x) / √O
 
     pNTK(x1, x2) = ∇g(x1) ∇g(x2)ᵀ = (1/O) Σ_{o,o'} Θ_{oo'}(x1, x2)
 
-It costs one output instead of ``O``: one VJP per sample (implementation 1), against
+It costs one output instead of ``O``: one VJP per sample (implementation 1's path), against
 ``O`` for the full eNTK. Mohamadi, Bae & Sutherland (2023, "A fast, well-founded
 approximation to the empirical neural tangent kernel") prove that at standard
 initialisation ``pNTK ⊗ I_O`` converges to the full eNTK as the width ``n`` grows, with
@@ -66,7 +66,7 @@ def sum_of_logits(f: ApplyFn, fx_axis: Any, *, api: str = "pntk_fn", keepdim: bo
 def pntk_fn(
     f: ApplyFn,
     vmap_axes: VMapAxes = 0,
-    implementation: int | str | Implementation = Implementation.JACOBIAN_CONTRACTION,
+    implementation: int | str | Implementation = Implementation.AUTO,
     *,
     memory_budget: MemoryBudget = None,
     nonfinite: NonFinite = "raise",
@@ -82,8 +82,8 @@ def pntk_fn(
     Args:
       f: ``f(params, x)`` as for :func:`ntkfunc.ntk_fn`.
       vmap_axes: as for ``ntk_fn``; its output axis (or axis 0 when ``None``) is the batch axis.
-      implementation, memory_budget, nonfinite: passed to ``ntk_fn`` (``nonfinite="raise"``: a
-        ``FloatingPointError`` naming the samples of NaN or infinite entries).
+      implementation, memory_budget, nonfinite: passed to ``ntk_fn`` (``implementation="auto"`` by
+        default; ``nonfinite="raise"``: a ``FloatingPointError`` naming the samples of NaN or infinite entries).
 
     Example:
       >>> import torch, ntkfunc

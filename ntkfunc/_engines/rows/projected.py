@@ -137,8 +137,14 @@ class ProjectedRows:
         return SampleBytes(row, 0, backward_transient(self.problem) + grads + row)
 
     def chunk_for(self, budget: float) -> int:
-        """Samples per gradient pass within ``budget`` bytes (:func:`~ntkfunc._engines.rows.source.chunk_size`)."""
-        return chunk_size(budget, self.sample_bytes())
+        """Samples per gradient pass within ``budget`` bytes (:func:`~ntkfunc._engines.rows.source.chunk_size`).
+
+        A Gaussian ``Π`` is kept (:func:`~ntkfunc._engines.sketch.gaussian.keep`) in up to half of
+        ``budget``, so that it is drawn once, not for every chunk; the passes get the rest.
+        """
+        gauss = [b for b in self.blocks.values() if isinstance(b, gaussian.GaussianBlock)]
+        kept = gaussian.keep(gauss, budget / 2, self.problem.out_dtype) if gauss else 0
+        return chunk_size(budget - kept, self.sample_bytes())
 
     def flops(self) -> Flops:
         """A row costs the gradient pass (its projection is not counted); a pair the product of two feature rows."""

@@ -154,13 +154,15 @@ CHUNK = 32
 """Samples per batched gradient pass at most."""
 
 
-def chunk_size(budget: float, sample: SampleBytes) -> int:
-    """Samples per gradient pass: a quarter of ``budget`` bytes for the pass's transient memory, at most :data:`CHUNK`.
+def chunk_size(budget: float, sample: SampleBytes, cap: int = CHUNK) -> int:
+    """Samples per gradient pass: a quarter of ``budget`` bytes for the pass's transient memory, at most ``cap``.
 
     >>> chunk_size(4e6, SampleBytes(rows=0, kept=0, transient=100_000)), chunk_size(1e9, SampleBytes(0, 0, 1000))
     (10, 32)
+    >>> chunk_size(1e9, SampleBytes(0, 0, 1000), cap=500)   # jacobian_fn: its whole batch, where it fits
+    500
     """
-    return max(1, min(CHUNK, int(0.25 * budget // max(sample.transient, 1))))
+    return max(1, min(cap, int(0.25 * budget // max(sample.transient, 1))))
 
 
 def row_flops(problem: Problem, out_shape: tuple[int, ...]) -> float:

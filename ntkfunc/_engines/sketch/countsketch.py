@@ -22,7 +22,14 @@ parameter wraps around the ``dim`` buckets), and ``base`` the parameter's offset
   every bucket receives the same number of coordinates. The error terms' signs are products
   ``s_r s_c``, whose only extra 4-wise correlations (rectangles of coordinates) need two
   collisions at once, which a coprime stride rules out for ``R <= dim / 2``: the variance of
-  ``<Πa, Πb>`` is that of a count sketch, ``≈ (|a|²|b|² + <a, b>²) / dim``.
+  ``<Πa, Πb>`` is that of a count sketch, ``≈ (|a|²|b|² + <a, b>²) / dim``;
+- **rows wider than ``dim``** (``D > dim``) collide with themselves, and by the hash alone the
+  same pairs of columns would collide, with the same signs, in every row: a last layer's
+  gradients for different outputs (one row each) would then share one error, which a trace
+  over the outputs does not average away. So the ``dim``-long pieces of such a parameter's
+  window (what :func:`fold` adds up) get independent random signs ``t``, drawn from
+  ``(seed, "countsketch", leaf, "folds")``: the collisions of each row have their own signs.
+  Parameters whose rows fit in ``dim`` have ``t = 1`` (their hash is unchanged).
 
 Why this hash: applied to a per-sample weight gradient ``G = Σ_s c_s x_sᵀ`` it needs no
 per-coordinate gather. Permuting and flipping the *factors* (``c``'s rows, ``x``'s columns,
@@ -118,10 +125,13 @@ class CountSketchBlock:
         return self._tables["cpu"]
 
     def tables(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """``inv_r``/``inv_c`` (bucket-order position -> index) and the signs in that order, on ``device``."""
+        """``inv_r``/``inv_c`` (bucket-order position -> index) and the signs in that order, on ``device``
+        (and ``folds``, the signs of the window's ``dim``-long pieces, for rows wider than ``dim``)."""
         key = (str(device), dtype)
         if key not in self._tables:
-            cpu = self._cpu()
+            cpu = dict(self._cpu())
+            if self.cols > self.dim:  # rows that collide with themselves
+                cpu["folds"] = seeds.signs(-(-self.window // self.dim), seeds.generator(self.seed, "countsketch", self.leaf, "folds"))
             self._tables[key] = {k: v.to(device) if k.startswith("inv") else v.to(device=device, dtype=dtype) for k, v in cpu.items()}
         return self._tables[key]
 
@@ -134,7 +144,7 @@ class CountSketchBlock:
         padded = ws.get("cs-formed", (m, self.rows, self.stride), g)
         _select_columns(v, t["inv_c"], padded)
         padded[..., : self.cols].mul_(t["s_r"][:, None]).mul_(t["s_c"])
-        fold(padded.view(m, self.window), self.base, out)
+        fold(padded.view(m, self.window), self.base, out, t.get("folds"))
 
     def factors(self, c: torch.Tensor, x: torch.Tensor, out: torch.Tensor, ws: Buffers | None = None) -> None:
         """``out += vec(c x) Π`` for ``G = c x`` with ``c`` ``(m, O, R, S)``, ``x`` ``(m, S, D)``; ``out`` ``(m, O, dim)``.
@@ -160,7 +170,7 @@ class CountSketchBlock:
             _select_columns(x, t["inv_c"], xp)
             xp[..., : self.cols].mul_(t["s_c"])
             torch.bmm(cp, xp, out=g)  # (m, O R, D'): rows and columns already in bucket order
-        fold(g.view(m * o, self.window), self.base, out.view(m * o, self.dim))
+        fold(g.view(m * o, self.window), self.base, out.view(m * o, self.dim), t.get("folds"))
 
 
     def conv_factors(self, c: torch.Tensor, xpad: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
@@ -188,7 +198,7 @@ class CountSketchBlock:
         cp = c.index_select(2, t["inv_r"]).mul_(t["s_r"][:, None]).reshape(m, o * r, s)
         g = ws.get("cs-g", (m, o * r, self.stride), xpad)
         torch.bmm(cp, xp.view(m, s, self.stride), out=g)
-        fold(g.view(m * o, self.window), self.base, out.view(m * o, self.dim))
+        fold(g.view(m * o, self.window), self.base, out.view(m * o, self.dim), t.get("folds"))
 
     def _patch_index(self, shape: tuple[int, int, int], kernel: tuple[int, ...], stride: tuple[int, ...],
                      dilation: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -221,23 +231,32 @@ def _select_columns(v: torch.Tensor, index: torch.Tensor, target: torch.Tensor) 
         target[..., n:].zero_()
 
 
-def fold(v: torch.Tensor, start: int, out: torch.Tensor) -> None:
-    """``out[:, (start + p) % dim] += v[:, p]`` for ``v`` ``(M, W)``: a reshape-and-sum, then one rotation.
+def fold(v: torch.Tensor, start: int, out: torch.Tensor, signs: torch.Tensor | None = None) -> None:
+    """``out[:, (start + p) % dim] += t[p // dim] v[:, p]`` for ``v`` ``(M, W)``: a reshape-and-sum, then one rotation.
+
+    ``signs``: ``t``, one per ``dim``-long piece of ``v`` (``ceil(W / dim)``); None: all 1.
 
     >>> out = torch.zeros(1, 4)
     >>> fold(torch.arange(6.0)[None], 3, out); out.tolist()   # positions 3,0,1,2,3,0
     [[6.0, 2.0, 3.0, 4.0]]
+    >>> out = torch.zeros(1, 4)
+    >>> fold(torch.arange(6.0)[None], 0, out, torch.tensor([1.0, -1.0])); out.tolist()   # 0-4, 1-5, 2, 3
+    [[-4.0, -4.0, 2.0, 3.0]]
     """
     m, w = v.shape
     dim = out.shape[-1]
     full, rest = divmod(w, dim)
-    if full:
-        acc = v[:, : full * dim].reshape(m, full, dim).sum(1) if full > 1 else v[:, :dim].clone()
-        if rest:
-            acc[:, :rest] += v[:, full * dim :]
-        _add_cyclic(out, acc, start)
+    if not full:
+        _add_cyclic(out, v if signs is None else v * signs[0], start)
+        return
+    pieces = v[:, : full * dim].reshape(m, full, dim)
+    if signs is None:
+        acc = pieces.sum(1) if full > 1 else v[:, :dim].clone()
     else:
-        _add_cyclic(out, v, start)
+        acc = torch.matmul(signs[:full].to(v.dtype), pieces)  # (m, dim): the signed sum of the pieces
+    if rest:
+        acc[:, :rest] += v[:, full * dim :] if signs is None else signs[full] * v[:, full * dim :]
+    _add_cyclic(out, acc, start)
 
 
 def _add_cyclic(out: torch.Tensor, v: torch.Tensor, start: int) -> None:

@@ -1,9 +1,8 @@
 """Features of any ``f``: pytree outputs, any batch axes, ``vmap_axes=None``; what ``features_fn`` and ``sketched_ntk_fn`` call.
 
 The gradient machinery (:class:`~ntkfunc._engines.rows.projected.ProjectedRows`) wants one output
-tensor with the batch axis first. A function with several output leaves, or a batch axis
-elsewhere, is wrapped as ``f_cat(params, x) = cat([leaf moved to batch-first, flattened])``,
-whose features are split back into the leaves: leaf ``(N, *out_leaf)`` gets features
+tensor with the batch axis first: :mod:`ntkfunc._engines.rows.outputs` wraps any other ``f`` and
+cuts the features back into its output leaves: leaf ``(N, *out_leaf)`` gets features
 ``(N, *out_leaf, dim)`` (batch first, the leaf's other axes in order), which is the
 batch-first layout :meth:`~ntkfunc._core.layout.Layout.contract` takes. With
 ``vmap_axes=None`` the whole batch is one unit and leaf ``out`` gets ``(*out, dim)``.
@@ -14,17 +13,15 @@ the sketch's tables are kept per parameter structure in the closure's cache.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from ntkfunc._core.cache import KernelCache
-from ntkfunc._core.checks import split_vmap_axes
 from ntkfunc._core.memory import SAFETY, parse_budget
 from ntkfunc._core.problem import Problem, make_problem
-from ntkfunc._core.pytree import tree_flatten
 from ntkfunc._core.types import ApplyFn, MemoryBudget, PyTree, VMapAxes
+from ntkfunc._engines.rows import outputs
 from ntkfunc._engines.rows.projected import ProjectedRows
 
 
@@ -50,16 +47,8 @@ class Featurizer:
 
     def source(self, p0: Problem, x: PyTree, params: PyTree) -> ProjectedRows:
         """The sketched-rows source for ``x`` under ``p0``'s output structure (``f`` wrapped if needed)."""
-        direct = len(p0.layouts) == 1 and (p0.fx_axes is None or p0.fx_axes == [0])
-        if direct:
-            rows_problem = make_problem(self.f, x, None, params, self.vmap_axes, (), (), self.cache, api=self.api)
-        else:
-            x_axis, _ = split_vmap_axes(self.vmap_axes, self.api)
-            axes = None if p0.fx_axes is None else list(p0.fx_axes)
-            fn = _concatenated(self.f, axes)
-            vm: VMapAxes = None if axes is None else (x_axis, 0, {})
-            rows_problem = make_problem(fn, x, None, params, vm, (), (), self.cat_cache, api=self.api)
-        return ProjectedRows(rows_problem, self.kind, self.dim, self.seed, self.structured, self.tables)
+        rp = outputs.rows_problem(p0, x, params, self.vmap_axes, self.cache, self.cat_cache)
+        return ProjectedRows(rp, self.kind, self.dim, self.seed, self.structured, self.tables)
 
     def features(self, p0: Problem, x: PyTree, params: PyTree) -> list[torch.Tensor]:
         """Features of ``x`` per output leaf of ``f`` (``p0`` gives the leaves' shapes)."""
@@ -71,32 +60,4 @@ class Featurizer:
             src.compute(rp.x1_leaves, out, src.chunk_for(budget))
         else:
             out = src.whole_batch(rp.x1_leaves)
-        return _split(out, p0, rp)
-
-
-def _concatenated(f: ApplyFn, fx_axes: list[int] | None) -> ApplyFn:
-    """``f`` with its output leaves moved batch-first, flattened and concatenated: ``(N, Σ numel)`` (or ``(Σ numel,)``)."""
-
-    def f_cat(params: PyTree, x: PyTree) -> torch.Tensor:
-        leaves, _ = tree_flatten(f(params, x))
-        if fx_axes is None:
-            return torch.cat([leaf.reshape(-1) for leaf in leaves])
-        parts = [leaf.movedim(a, 0) for leaf, a in zip(leaves, fx_axes)]
-        return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
-
-    f_cat.__qualname__ = f"{getattr(f, '__qualname__', 'f')}[concatenated outputs]"
-    return f_cat
-
-
-def _split(out: torch.Tensor, p0: Problem, rp: Problem) -> list[torch.Tensor]:
-    """Features of ``rp`` (possibly the concatenated outputs) cut into ``p0``'s output leaves, batch first."""
-    dim = out.shape[-1]
-    if len(p0.layouts) == 1 and (p0.fx_axes is None or p0.fx_axes == [0]):
-        return [out]
-    shapes = p0.sample_out_shapes(1) if p0.vmapped else p0.out_shapes1
-    sizes = [math.prod(s) for s in shapes]
-    if p0.vmapped:
-        flat = out.reshape(out.shape[0], -1, dim)
-        return [part.reshape(out.shape[0], *s, dim) for part, s in zip(flat.split(sizes, dim=1), shapes)]
-    flat = out.reshape(-1, dim)
-    return [part.reshape(*s, dim) for part, s in zip(flat.split(sizes, dim=0), shapes)]
+        return outputs.split(out, p0, rp)

@@ -7,9 +7,11 @@ Kinds (what ``Π`` is; the features depend on it):
 - ``"tensorsketch"``: :mod:`~ntkfunc._engines.sketch.tensorsketch` (hashes of rows and columns
   combined; from a layer's cotangents and inputs by FFTs);
 - ``"gaussian"``: :mod:`~ntkfunc._engines.sketch.gaussian` (dense, i.i.d. ``N(0, 1/dim)``);
-- ``"auto"``: per parameter, TensorSketch where its FFTs are predicted cheaper than forming and
-  count-sketching the gradient, the count sketch elsewhere, and the count sketch everywhere
-  when that makes the sketch exact.
+- ``"auto"``: per parameter, the cheapest kind whose predicted error is no worse than a
+  Gaussian projection's at the same ``dim`` (:func:`variance_factor` at most
+  :data:`VARIANCE_TOLERANCE`): TensorSketch where its FFTs are predicted cheaper than forming and
+  count-sketching the gradient and the parameter's rows fit in ``dim``, the count sketch
+  elsewhere, and the count sketch everywhere when that makes the sketch exact.
 
 Routes (how the features are computed; they never change the features): ``"factors"`` (the
 count sketch of ``G = c x`` from permuted factors, one ``bmm``), ``"fft"`` (TensorSketch from
@@ -39,6 +41,14 @@ KINDS = ("countsketch", "tensorsketch", "gaussian")
 """The sketches a parameter can get (``Sketch(kind=...)`` also takes ``"auto"``)."""
 
 ROUTES = ("factors", "fft", "formed")
+
+TABLES = {"countsketch": "signed folds of wide rows", "tensorsketch": "columns without collisions", "gaussian": "float32 draws"}
+"""How each kind draws ``Π`` from the seed, recorded with the features (:meth:`SketchPlan.record`): a new
+entry whenever the drawn values change, so that features files of another version are not reused."""
+
+VARIANCE_TOLERANCE = 1.1
+"""``auto`` takes a kind for a parameter only if its predicted error variance is at most this times a
+Gaussian projection's at the same ``dim`` (:func:`variance_factor`)."""
 
 RATES = {"gemm_flop": 1 / 150e9, "element": 0.5e-9, "fft_unit": 1.3e-10}
 """Seconds per matrix-product FLOP, per element read or written, per ``n log2 n`` unit of an FFT.
@@ -82,11 +92,16 @@ class SketchPlan:
         return "+".join(kinds)
 
     def record(self) -> dict:
-        """``{"kind", "dim", "seed", "resolved", "per_parameter"}`` for a manifest (JSON)."""
-        return {
+        """``{"kind", "dim", "seed", "resolved", "exact", "per_parameter", "tables"}`` for a manifest (JSON);
+        ``tables``: the :data:`TABLES` version of each kind used (features files drawn otherwise have
+        another fingerprint)."""
+        rec = {
             "kind": self.requested, "dim": self.dim, "seed": self.seed, "resolved": self.kind, "exact": self.exact,
             "per_parameter": {p.name: p.kind for p in self.params},
         }
+        used = {p.kind for p in self.params}
+        rec["tables"] = {k: v for k, v in TABLES.items() if k in used}
+        return rec
 
     @property
     def seconds(self) -> float:
@@ -102,6 +117,32 @@ class SketchPlan:
         rows.append(("total", "", self.kind, exact, f"{1e3 * self.seconds:.3g}", f"dim={self.dim}, seed={self.seed}, kind={self.requested!r}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+# --- variance -----------------------------------------------------------------------------------
+
+
+def variance_factor(kind: str, shape: Sequence[int], dim: int, outputs: int) -> float:
+    """The error variance of ``kind`` on a parameter of ``shape``, relative to a Gaussian projection's at ``dim``,
+    where the kernel is traced over ``outputs`` output entries per sample (the default of ``ntk_fn``).
+
+    The count sketch's is a count sketch's (at most the Gaussian's: its hash has no collisions within
+    a row of the parameter's matrix view, and rows wider than ``dim`` sign their folds independently,
+    :mod:`~ntkfunc._engines.sketch.countsketch`), and so is TensorSketch's when the rows fit in
+    ``dim`` (its column hash has no collisions then). TensorSketch of rows wider than ``dim``
+    collides columns within a row, the same columns with the same signs in every row: the rows
+    share the layer's input, so every output gets the same error, which a trace does not average
+    (``outputs`` times a Gaussian's variance, when the outputs' errors would otherwise be
+    independent: a last layer's, whose outputs are its rows).
+
+    >>> variance_factor("tensorsketch", (10, 4096), 2048, 10), variance_factor("tensorsketch", (256, 1024), 2048, 10)
+    (10.0, 1.0)
+    >>> variance_factor("countsketch", (10, 4096), 2048, 10)
+    1.0
+    """
+    if kind == "tensorsketch" and countsketch.matrix_view(shape)[1] > dim:
+        return float(max(outputs, 2))  # one output: still collisions a Gaussian does not have
+    return 1.0
 
 
 # --- costs --------------------------------------------------------------------------------------
@@ -173,6 +214,8 @@ def resolve(kind: str, dim: int, seed: int, names: Sequence[str], shapes: Sequen
             pick = kind
         elif cs_exact or fac is None:
             pick = "countsketch"
+        elif variance_factor("tensorsketch", shape, dim, outputs) > VARIANCE_TOLERANCE:
+            pick = "countsketch"  # TensorSketch would be faster but less accurate than a Gaussian projection
         else:  # the decision is on the structured routes' costs, whatever this run's implementation
             pick = "tensorsketch" if fft_seconds(fac, outputs, dim) < factors_seconds(fac, outputs, dim) else "countsketch"
         alt = tuple((n, s) for n, (_, s) in costs.items() if n != pick and n != "gaussian")

@@ -3,8 +3,9 @@
 The per-sample gradient of a linear layer or convolution is a sum of outer products,
 ``G = Σ_s c_s x_sᵀ`` (``c_s``: cotangent of output unit rows at position ``s``, ``x_s``: the
 input, or im2col patch, at ``s``). TensorSketch hashes coordinate ``(i, j)`` of ``G`` to bucket
-``(h_r(i) + h_c(j)) mod dim`` with sign ``s_r(i) s_c(j)`` (independent uniform hashes and
-Rademacher signs per parameter), so that the sketch of an outer product is the circular
+``(h_r(i) + h_c(j)) mod dim`` with sign ``s_r(i) s_c(j)`` (per parameter: ``h_r`` uniform,
+``h_c`` without collisions, i.e. distinct buckets for the ``D <= dim`` columns and balanced ones
+for wider rows, and Rademacher signs), so that the sketch of an outer product is the circular
 convolution of the count sketches of its factors:
 
     TS(G) = irfft( Σ_s rfft(CS_r(c_s)) ⊙ rfft(CS_c(x_s)) ),
@@ -12,7 +13,12 @@ convolution of the count sketches of its factors:
 which costs ``(O + 1) S`` FFTs of length ``dim`` per sample and never forms ``G`` (``R D``
 numbers): the win for wide layers with few positions (MLPs, attention projections, the deep
 stages of a CNN). It is unbiased (``E[Π Πᵀ] = I``) with variance within a small factor of a
-count sketch's (Pham & Pagh; Avron, Nguyen & Woodruff 2014). Parameters are viewed as
+count sketch's (Pham & Pagh; Avron, Nguyen & Woodruff 2014). Columns that collided within a
+row (a uniform ``h_c``, as until this version) would collide in every row with the same signs:
+the rows of a layer share one input ``x``, so every output's gradient would carry the same error
+``|c|² ε(x)``, which a trace over the outputs does not average away (twice, and up to
+``sqrt(O)`` times, a Gaussian projection's error on a CNN's last layer). Rows wider than ``dim``
+cannot avoid it: ``Sketch(kind="auto")`` gives them the count sketch (:mod:`~ntkfunc._engines.sketch.plan`). Parameters are viewed as
 matrices as in :func:`~ntkfunc._engines.sketch.countsketch.matrix_view`; a formed gradient
 (biases, other rules, implementation 1) takes the same hash with one scatter
 (:meth:`TensorSketchBlock.formed`), so both routes give the same features.
@@ -57,7 +63,8 @@ class TensorSketchBlock:
         if "cpu" not in self._tables:
             gen = seeds.generator(self.seed, "tensorsketch", self.leaf)
             h_r = torch.randint(0, self.dim, (self.rows,), generator=gen)
-            h_c = torch.randint(0, self.dim, (self.cols,), generator=gen)
+            h_c = torch.randperm(max(self.cols, self.dim), generator=gen)[: self.cols] % self.dim  # no two columns collide
+            h_c = h_c.contiguous()
             self._tables["cpu"] = {"h_r": h_r, "h_c": h_c, "s_r": seeds.signs(self.rows, gen), "s_c": seeds.signs(self.cols, gen)}
         return self._tables["cpu"]
 

@@ -316,6 +316,38 @@ def one_sample_prices(problem: Problem, cap: Capture, k: int, leaf: int, one: Si
     return block_prices(problem, leaf, e, role, one, one)[0]
 
 
+def implementation1_price(problem: Problem) -> plan.Price | None:
+    """An upper estimate of what the rules could save at most: implementation 1's work on the parameters.
+
+    For every sample (the whole batch when not vmapped) and output entry, a backward pass through each
+    call that consumes a parameter (twice its forward FLOPs, which :func:`~ntkfunc._engines.structured.plan.parameter_calls_price`
+    counts on x1's first sample, and the elements it returns as traffic), the ``O x P`` Jacobian entries
+    written, then ``J₁ J₂ᵀ`` for every pair of samples. What both routes pay alike (the forward pass,
+    cotangents through the other ops) is left out. Under an outer transform (``vmap`` over an ensemble of
+    parameters, ``grad`` of the kernel) it prices one member of the ensemble. None if ``f`` fails to run so.
+    """
+    leaves = problem.params.diff_leaves
+    if problem.vmapped:
+        x = problem.x_block(1, 0, 1)
+        x = [a if ax is None else a.squeeze(ax) for a, ax in zip(x, problem.x_axes)]  # type: ignore[arg-type]
+        fn, n_jacobians, pairs = problem.sample_fn(), problem.n1 + (0 if problem.symmetric else problem.n2), problem.n1 * problem.n2
+    else:
+        x, fn, n_jacobians, pairs = problem.x1_leaves, problem.batch_fn(), 1 if problem.symmetric else 2, 1
+    try:
+        calls = plan.parameter_calls_price(fn, leaves, x)
+    except Exception:  # an estimate only: f's own errors surface where the kernel runs it
+        return None
+    o = outputs_per_sample(problem)
+    n_params = sum(t.numel() for t in leaves)
+    n = 1 if problem.vmapped else None
+    contraction = sum(
+        plan.jacobian_contraction_flops(lay, n, tuple(map(max, s1, s2)), (n_params,))
+        for lay, s1, s2 in zip(problem.layouts, problem.sample_out_shapes(1), problem.sample_out_shapes(2))
+    )
+    per_sample = plan.Price(2 * calls.flops, calls.traffic + n_params) * o
+    return per_sample * n_jacobians + plan.Price(pairs * contraction)
+
+
 def route_plan(problem: Problem, policy: str = routes.STRUCTURED, cap: Capture | None = None) -> routes.RoutePlan:
     """The planner's routes for this problem (:func:`~ntkfunc._engines.structured.routes.decide`), once per input signature and sizes.
 
@@ -327,6 +359,10 @@ def route_plan(problem: Problem, policy: str = routes.STRUCTURED, cap: Capture |
         return routes.forced(cap or captured(problem))
 
     def decide() -> routes.RoutePlan:
+        if policy == routes.AUTO:  # implementation 1 outright, without the capture, when it costs less than probing
+            skip = routes.unprobed(cap, implementation1_price(problem))
+            if skip is not None:
+                return skip
         found = cap or captured(problem)
         return routes.decide(calibrate(problem, found), found, policy)
 

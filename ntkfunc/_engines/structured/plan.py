@@ -29,9 +29,10 @@ from typing import Any
 
 import opt_einsum
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ntkfunc._core.layout import Layout
-from ntkfunc.rules import Structure
+from ntkfunc.rules import Structure, expansion
 
 Shapes = tuple[tuple[int, ...], ...]
 
@@ -390,6 +391,125 @@ def prices(lay: Layout, vmapped: bool, s1: Structure, s2: Structure, c1: torch.T
     f2 = forms[1] or jacobian_equation(lay, vmapped, s2, c2)
     pair = price(pair_equation(lay, len(s1.theta)), (f1.out_shape, f2.out_shape))
     return Prices(gram.price, f1.price, f2.price, pair)
+
+
+def _arg(args: tuple, kwargs: dict, i: int, names: tuple[str, ...]) -> Any:
+    """Argument ``i`` of a call, passed by position or by one of its ``names``."""
+    if len(args) > i:
+        return args[i]
+    return next((kwargs[n] for n in names if n in kwargs), None)
+
+
+def _einsum_flops(y: torch.Tensor, args: tuple, kwargs: dict) -> float:
+    """Twice the product of every letter's size (one pass over all index combinations: an upper estimate)."""
+    ops = args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = tuple(ops[0])
+    if not args or not isinstance(args[0], str):
+        return 0.0
+    sizes = {ch: d for term, t in zip(args[0].split("->")[0].split(","), ops) for ch, d in zip(term.strip(), getattr(t, "shape", ()))}
+    return 2.0 * math.prod(sizes.values())
+
+
+def _inner(i: int, *names: str, batched: bool = False) -> Any:
+    """FLOPs of a product whose argument ``i``'s last axis is contracted (and first, if ``batched``): ``2 numel(y) k``."""
+    def count(y: torch.Tensor, args: tuple, kwargs: dict) -> float:
+        a = _arg(args, kwargs, i, names)
+        if not isinstance(a, torch.Tensor) or not a.ndim:
+            return 0.0
+        return 2.0 * y.numel() * a.shape[-1] * (a.shape[0] if batched else 1)
+    return count
+
+
+def _conv(transposed: bool) -> Any:
+    """A convolution reads ``numel(weight[0])`` inputs per output element (a transposed one writes as many outputs per input)."""
+    def count(y: torch.Tensor, args: tuple, kwargs: dict) -> float:
+        x, w = _arg(args, kwargs, 0, ("input",)), _arg(args, kwargs, 1, ("weight",))
+        if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+            return 0.0
+        return 2.0 * (x if transposed else y).numel() * w[0].numel()
+    return count
+
+
+_F = torch.nn.functional
+PRODUCT_FLOPS: dict[Any, Any] = {
+    _F.linear: _inner(1, "weight"),  # weight (out, in)
+    **{fn: _inner(0, "input", "self") for fn in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
+                                                 torch.Tensor.mm, torch.bmm, torch.Tensor.bmm)},
+    torch.Tensor.__rmatmul__: _inner(1, "other"),  # other @ self
+    **{fn: _inner(1, "mat1", "batch1", "mat") for fn in (torch.addmm, torch.Tensor.addmm, torch.baddbmm, torch.Tensor.baddbmm,
+                                                         torch.addmv, torch.Tensor.addmv)},
+    **{fn: _inner(1, "batch1", batched=True) for fn in (torch.addbmm, torch.Tensor.addbmm)},
+    torch.einsum: _einsum_flops,
+    **{fn: _conv(False) for fn in (_F.conv1d, _F.conv2d, _F.conv3d)},
+    **{fn: _conv(True) for fn in (_F.conv_transpose1d, _F.conv_transpose2d, _F.conv_transpose3d)},
+}
+"""``func -> flops(y, args, kwargs)``: the FLOPs of the products the rules handle. The other calls that
+consume a parameter are elementwise (their output is counted as traffic), or have no rule and so
+nothing for a rule to save."""
+
+
+def _tensor_args(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among a call's arguments and in their lists and tuples (one level: what torch functions take)."""
+    out = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+class _ParameterCalls(TorchFunctionMode):
+    """Prices the calls of ``f`` that consume a parameter (or a tensor computed from parameters alone:
+    ``W.T``, ``W.to(dtype)``, ``torch.cat([W1, W2])``) together with anything else; other calls run untouched."""
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.derived = {id(t) for t in params}
+        self.keep: list[torch.Tensor] = []  # the derived tensors, alive so that their ids stay theirs
+        self.flops = 0.0
+        self.elements = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = _tensor_args(args, kwargs)
+        n_derived = sum(id(t) in self.derived for t in tensors)
+        if not n_derived:
+            return func(*args, **kwargs)
+        if n_derived == len(tensors):  # parameters alone: a view, a cast, a concatenation of parameters
+            out = func(*args, **kwargs)
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.derived.add(id(t))
+                    self.keep.append(t)
+            return out
+        fused = expansion(func)
+        if fused is not None:  # a fused op (attention): its expansion into the ruled ops, seen by this mode
+            with self:
+                return fused(*args, **kwargs)
+        out = func(*args, **kwargs)
+        formula = PRODUCT_FLOPS.get(func)
+        if formula is not None and isinstance(out, torch.Tensor):
+            self.flops += formula(out, args, kwargs)
+        self.elements += sum(t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
+def parameter_calls_price(fn: Any, params: Sequence[torch.Tensor], *args: Any) -> Price:
+    """The :class:`Price` of the calls in ``fn(params, *args)`` (run without gradients) that consume a
+    parameter: the FLOPs of the products among them (:data:`PRODUCT_FLOPS`; fused ops that the rules expand,
+    such as attention, through their expansion) and the elements they return as traffic. A call that
+    torch's function mode cannot see (a custom autograd function) is not counted: it has no rule either.
+
+    >>> w, b = torch.randn(8, 4), torch.randn(4)
+    >>> parameter_calls_price(lambda p, x: torch.tanh(x @ p[0].T.T + p[1]), [w, b], torch.randn(3, 8))  # 2*3*8*4 FLOPs
+    Price(flops=192.0, traffic=24.0, calls=0.0)
+    """
+    counter = _ParameterCalls(params)
+    with torch.no_grad(), counter:
+        fn(params, *args)
+    return Price(float(counter.flops), float(counter.elements))
 
 
 def jacobian_contraction_flops(lay: Layout, n: int | None, out_shape: Sequence[int], param_shape: Sequence[int]) -> int:

@@ -12,6 +12,8 @@ A ruled parameter's kernel term ``Σ (∂f₁/∂θ)(∂f₂/∂θ)ᵀ`` has thr
 Every caller reads its decision from here, priced by :mod:`~ntkfunc._engines.structured.plan`
 (what opt_einsum's ``contract_path`` and its ``PathInfo`` are to ``contract``):
 
+- :func:`unprobed`: under :data:`AUTO`, before any capture, implementation 1 outright when its
+  whole kernel costs less than probing (nothing is captured or calibrated);
 - :func:`decide`: once per input signature and sizes, which ruled parameters take
   :data:`REVERSE_MODE` and which are probed (:data:`PROBED`), as a :class:`RoutePlan`, under
   a policy: :data:`STRUCTURED` (implementation 3) or :data:`AUTO` (``"auto"``, which adds
@@ -159,6 +161,27 @@ def _unruled(cap: Capture) -> dict[int, Route]:
 def forced(cap: Capture) -> RoutePlan:
     """Inside ``ntkfunc.rules.forced()``: every ruled parameter probed."""
     return RoutePlan("forced", {**_unruled(cap), **{k: Route(PROBED, None, "rules forced") for k in cap.ruled}})
+
+
+def unprobed(cap: Capture | None, implementation1: plan.Price | None) -> RoutePlan | None:
+    """``"auto"`` before any capture: implementation 1 outright when its work on the parameters costs less than probing.
+
+    The rules can save at most what implementation 1 spends on the parameters (``implementation1``,
+    an upper estimate from one forward pass: :func:`~ntkfunc._engines.structured.kernel.implementation1_price`);
+    when that is less than :data:`PROBE_FLOPS` no probe can pay, and neither the capture nor the
+    calibration runs (small models on few samples: the test zoo). The plan probes nothing; given
+    ``cap`` (``explain``), it says so for every ruled parameter. None: decide from the capture
+    (:func:`decide`), also when there is no estimate (``f`` failed to run for it).
+
+    >>> unprobed(None, plan.Price(1e6, 1e3)).outright, unprobed(None, plan.Price(1e9)) is None
+    (True, True)
+    """
+    if implementation1 is None or implementation1.cost >= PROBE_FLOPS:
+        return None
+    why = (f"auto: implementation 1's work on the parameters (about {implementation1.cost:.2e}) costs less than "
+           f"probing ({PROBE_FLOPS:.0e}): no capture")
+    chosen = {} if cap is None else {**_unruled(cap), **{k: Route(REVERSE_MODE, None, why) for k in cap.ruled}}
+    return RoutePlan(AUTO, chosen, 0.0)
 
 
 def decide(cal: Calibration, cap: Capture, policy: str = STRUCTURED) -> RoutePlan:

@@ -1,0 +1,227 @@
+"""jacobian_fn: per-sample Jacobians against the float64 reference (the whole batch's Jacobian by autograd, cut per sample)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+import ntkfunc
+from tests.reference import full_jacobians, max_rel_err
+from tests.zoo import CASES
+
+IMPLEMENTATIONS = [None, 1, 3]
+
+
+def _reference(f, params, x, vmap_axes):
+    """Per output leaf ``(N, *out, P)`` (``(*out, P)`` for ``vmap_axes=None``) from the whole batch's Jacobian.
+
+    Samples do not interact when ``vmap_axes`` is set, so the Jacobian of sample ``n``'s outputs is the
+    rows of the batch Jacobian that belong to them: no per-sample machinery involved.
+    """
+    leaves, _ = full_jacobians(f, params, x)
+    out = []
+    for shape, jac in leaves:
+        j = jac.reshape(*shape, jac.shape[-1])
+        if vmap_axes is not None:
+            axis = vmap_axes if isinstance(vmap_axes, int) else 0
+            j = j.movedim(axis, 0)
+        out.append(j)
+    return out
+
+
+def _flat_leaves(result):
+    return pytree.tree_leaves(result)
+
+
+def _as_flat(result, params, n_lead):
+    """A pytree-like-params result (per output leaf) back to ``(..., P)`` in the documented order."""
+    diff = [t for t in pytree.tree_leaves(params) if t.is_floating_point()]
+    leaves = [t for t in pytree.tree_leaves(result) if t is not None]
+    per_output = len(leaves) // len(diff)
+    out = []
+    for k in range(per_output):
+        group = leaves[k * len(diff):(k + 1) * len(diff)]
+        lead = group[0].shape[: group[0].ndim - diff[0].ndim]
+        out.append(torch.cat([j.reshape(*lead, -1) for j in group], -1))
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_zoo_matches_the_reference_flat_and_like_params(case, impl):
+    f, params, x1, _, vmap_axes = case.build(torch.float64)
+    ref = _reference(f, params, x1, vmap_axes)
+    flat = ntkfunc.jacobian_fn(f, vmap_axes, implementation=impl, flat=True)(x1, params)
+    got = _flat_leaves(flat)
+    assert [tuple(g.shape) for g in got] == [tuple(r.shape) for r in ref]
+    assert all(g.dtype == torch.float64 for g in got)
+    assert max_rel_err(got, ref) <= 1e-12
+    tree = ntkfunc.jacobian_fn(f, vmap_axes, implementation=impl)(x1, params)
+    assert max_rel_err(_as_flat(tree, params, 1), ref) <= 1e-12
+    if isinstance(params, dict) and all(isinstance(v, torch.Tensor) for v in params.values()):
+        assert list(tree) == list(params)  # the structure of params (one output tensor)
+        for name, theta in params.items():
+            assert tree[name].shape[-theta.ndim:] == theta.shape if theta.ndim else True
+
+
+def test_pytree_params_and_outputs_keep_their_structure():
+    f, params, x1, _, _ = next(c for c in CASES if c.name == "pytree").build(torch.float64)
+    jac = ntkfunc.jacobian_fn(f)(x1, params)
+    assert set(jac) == {"logits", "aux"} and isinstance(jac["aux"], tuple)
+    logits = jac["logits"]
+    assert logits["step"] is None  # an integer leaf: a constant, no derivative
+    assert logits["enc"]["w"].shape == (5, 2, 3, 5) and logits["heads"][1][0].shape == (5, 2, 5, 4)
+    assert jac["aux"][0]["enc"]["b"].shape == (5, 4, 5)
+    flat = ntkfunc.jacobian_fn(f, flat=True)(x1, params)
+    assert flat["logits"].shape == (5, 2, 3 * 5 + 5 + 7 * 2 + 5 * 4) and flat["aux"][0].shape == (5, 4, 54)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=str)
+def test_output_shapes_and_per_sample_loss_gradients(impl):
+    """Scalar outputs (a per-sample loss with integer labels in the inputs), (N, C, H, W) and (N, T, D) outputs."""
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(3, 2, 3, stride=2)).double()
+    f, params = ntkfunc.from_module(conv)
+    x = torch.randn(4, 2, 7, 7, dtype=torch.float64)
+    got = ntkfunc.jacobian_fn(f, implementation=impl, flat=True)(x, params)
+    assert got.shape == (4, 2, 3, 3, sum(p.numel() for p in params.values()))
+    assert max_rel_err(got, _reference(f, params, x, 0)[0]) <= 1e-12
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 4)).double()
+    g, gp = ntkfunc.from_module(mlp)
+    tokens = torch.randn(3, 5, 6, dtype=torch.float64)  # (N, T, D) outputs
+    seq = ntkfunc.jacobian_fn(g, implementation=impl)(tokens, gp)
+    assert seq["0.weight"].shape == (3, 5, 4, 8, 6)
+    assert max_rel_err(_as_flat(seq, gp, 3), _reference(g, gp, tokens, 0)) <= 1e-12
+
+    labels = torch.tensor([1, 0, 3])
+    xs = torch.randn(3, 6, dtype=torch.float64)
+
+    def loss(p, batch):
+        inputs, y = batch
+        return torch.nn.functional.cross_entropy(g(p, inputs), y, reduction="none")  # (N,)
+
+    grads = ntkfunc.jacobian_fn(loss, implementation=impl)((xs, labels), gp)
+    assert grads["2.weight"].shape == (3, 4, 8)
+    for n in range(3):  # each sample's gradient of its own loss, by plain autograd
+        p = {k: v.clone().requires_grad_(True) for k, v in gp.items()}
+        torch.nn.functional.cross_entropy(g(p, xs[n:n + 1]), labels[n:n + 1]).backward()
+        for k in gp:
+            assert torch.allclose(grads[k][n], p[k].grad, rtol=1e-12, atol=1e-14), (n, k)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=str)
+def test_float32_and_bfloat16(impl):
+    case = next(c for c in CASES if c.name == "cnn")
+    f, params, x1, _, _ = case.build(torch.float32)
+    got = ntkfunc.jacobian_fn(f, implementation=impl, flat=True)(x1, params)
+    f64, p64, x64, _, _ = case.build(torch.float64)
+    assert got.dtype == torch.float32 and max_rel_err(got, _reference(f64, p64, x64, 0)[0]) <= 1e-5
+    fb, pb, xb, _, _ = next(c for c in CASES if c.name == "mlp").build(torch.bfloat16)
+    low = ntkfunc.jacobian_fn(fb, implementation=impl, flat=True)(xb, pb)
+    assert low.dtype == torch.bfloat16
+    ref = _reference(fb, {k: v.double() for k, v in pb.items()}, xb.double(), 0)[0]
+    assert max_rel_err(low.double(), ref) <= 3e-2
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=str)
+def test_memory_budget_chunks_and_stays_exact(impl, monkeypatch):
+    from ntkfunc._engines.rows import source
+
+    chunks = []
+    original = source.chunks
+
+    def spy(x, axes, b, chunk):
+        chunks.append(chunk)
+        return original(x, axes, b, chunk)
+
+    monkeypatch.setattr(source, "chunks", spy)
+    for module in ("ntkfunc._engines.rows.jacobian", "ntkfunc._engines.rows.structured", "ntkfunc._engines.rows.per_sample"):
+        monkeypatch.setattr(f"{module}.chunks", spy)
+    f, params, x1, _, _ = next(c for c in CASES if c.name == "resblock_groupnorm").build(torch.float64)
+    got = ntkfunc.jacobian_fn(f, implementation=impl, flat=True, memory_budget=20_000)(x1, params)
+    assert chunks and max(chunks) < x1.shape[0]  # several passes
+    assert max_rel_err(got, _reference(f, params, x1, 0)[0]) <= 1e-12
+
+
+def test_auto_uses_the_rules_where_they_pay_and_vmap_jacrev_on_small_problems(monkeypatch):
+    from ntkfunc._engines.rows import per_sample
+
+    made = []
+    original = per_sample.source
+
+    def spy(rp, captures, auto):
+        src = original(rp, captures, auto)
+        made.append(type(src).__name__)
+        return src
+
+    monkeypatch.setattr(per_sample, "source", spy)
+    f, params, x1, _, _ = next(c for c in CASES if c.name == "mlp").build(torch.float64)
+    ntkfunc.jacobian_fn(f)(x1, params)
+    torch.manual_seed(0)
+    wide = torch.nn.Sequential(torch.nn.Linear(32, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).double()
+    g, gp = ntkfunc.from_module(wide)
+    x = torch.randn(16, 32, dtype=torch.float64)
+    got = ntkfunc.jacobian_fn(g, flat=True)(x, gp)
+    assert made == ["JacobianRows", "StructuredRows"]
+    assert max_rel_err(got, _reference(g, gp, x, 0)[0]) <= 1e-12
+
+
+def _central_difference(fun, t: torch.Tensor, direction: torch.Tensor, eps: float = 1e-6) -> float:
+    return float((fun(t + eps * direction) - fun(t - eps * direction)) / (2 * eps))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=str)
+@pytest.mark.parametrize("name", ["cnn", "layernorm_mlp", "attention_matmul"])
+def test_differentiable_in_inputs_and_params_against_finite_differences(name, impl):
+    """d/dx and d/dθ of a scalar of the Jacobians (torch.autograd and torch.func.grad) against central differences."""
+    f, params, x1, _, _ = next(c for c in CASES if c.name == name).build(torch.float64)
+    jac = ntkfunc.jacobian_fn(f, implementation=impl, flat=True)
+    torch.manual_seed(1)
+    weights = torch.randn_like(jac(x1, params))
+
+    def scalar_of_x(x):
+        return (jac(x, params) * weights).sum()
+
+    x = x1.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(scalar_of_x(x), x)
+    direction = torch.randn_like(x1)
+    with torch.no_grad():
+        fd = _central_difference(scalar_of_x, x1, direction)
+    assert math.isclose(float((gx * direction).sum()), fd, rel_tol=1e-6, abs_tol=1e-8)
+
+    def scalar_of_params(p):
+        return (jac(x1, p) * weights).sum()
+
+    gp = torch.func.grad(scalar_of_params)(params)
+    name0 = next(iter(params))
+    d = torch.randn_like(params[name0])
+
+    def along(t):
+        return scalar_of_params({**params, name0: t})
+
+    fd = _central_difference(along, params[name0], d)
+    assert math.isclose(float((gp[name0] * d).sum()), fd, rel_tol=1e-6, abs_tol=1e-8)
+
+
+def test_vmap_over_an_ensemble_of_params():
+    f, params, x1, _, _ = next(c for c in CASES if c.name == "mlp").build(torch.float64)
+    ensemble = {k: torch.stack([v, 0.5 * v]) for k, v in params.items()}
+    jac = ntkfunc.jacobian_fn(f, flat=True)
+    both = torch.func.vmap(jac, in_dims=(None, 0))(x1, ensemble)
+    assert torch.allclose(both[1], jac(x1, {k: v[1] for k, v in ensemble.items()}), rtol=1e-12, atol=1e-14)
+
+
+def test_bad_arguments_say_what_was_given_and_expected():
+    f, params, x1, _, _ = next(c for c in CASES if c.name == "mlp").build(torch.float64)
+    with pytest.raises(ValueError, match=r"jacobian_fn\(f, implementation=2\).*no per-sample gradients.*expected one of"):
+        ntkfunc.jacobian_fn(f, implementation=2)
+    with pytest.raises(ValueError, match=r"jacobian_fn: implementation=7"):
+        ntkfunc.jacobian_fn(f, implementation=7)
+    with pytest.raises(TypeError, match="flat"):
+        ntkfunc.jacobian_fn(f, flat="yes")
+    with pytest.raises(ValueError, match="jacobian_fn"):
+        ntkfunc.jacobian_fn(f, vmap_axes=3)(x1, params)
