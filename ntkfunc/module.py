@@ -17,7 +17,7 @@ from torch.func import functional_call, replace_all_batch_norm_modules_
 from ntkfunc._core.calls import Convention, Inputs, Output
 from ntkfunc._core.casts import SkipDowncasts
 from ntkfunc._core.checks import BATCH_COUPLED_ATTR, FINGERPRINT_ATTR, check_bool
-from ntkfunc._core.hashing import tensor_digest
+from ntkfunc._core.hashing import module_attributes, tensor_digest
 from ntkfunc._core.types import ApplyFn, PyTree
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
@@ -133,6 +133,7 @@ def from_module(
             [inputs, repr(selected)] + (["skip_downcasts"] if skip_downcasts else []),
         ]
         return {"structure": hashlib.sha256(repr(structure).encode()).hexdigest(),
+                "attributes": module_attributes(module),  # hyper-parameters kept as plain attributes (Clip(3.0) vs Clip(1.0))
                 "constants": tensor_digest(list(consts.values()), list(consts))}
 
     f.__name__ = f"{cls}_apply"

@@ -19,7 +19,7 @@ import torch
 from ntkfunc._core.checks import as_axes_tuple, refuse_batch_coupled
 from ntkfunc._core.layout import Layout
 from ntkfunc._core.ops import kernel_context
-from ntkfunc._core.pytree import tree_unflatten
+from ntkfunc._core.pytree import tree_map, tree_unflatten
 from ntkfunc._core.types import ApplyFn, Axes, KernelFn, MemoryBudget, PyTree, VMapAxes
 from ntkfunc._engines import Implementation, get_engine, refuse_without_rows
 from ntkfunc._engines.sketch.error import SketchError, resketch, spread
@@ -86,6 +86,7 @@ class Sketch:
         0.weight   2048x512  tensorsketch  fft      ...
         """
         fz = _featurizer(f, self, vmap_axes, implementation, None, "Sketch.explain")
+        x, params = _detached(x), _detached(params)
         with kernel_context(x, None, params):
             p0 = fz.problem(x, None, params)
             return fz.source(p0, x, params).plan
@@ -134,6 +135,12 @@ class Sketch:
         return resketch(a1, a2, lay, self.dim, self.seed)
 
 
+def _detached(tree: PyTree) -> PyTree:
+    """``tree`` with its tensors detached: sketched features and kernels are not differentiable (their products
+    write into preallocated buffers), so params or inputs that require grad are taken as values."""
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+
+
 def _featurizer(f: ApplyFn, sketch: Any, vmap_axes: VMapAxes, implementation: Any, memory_budget: MemoryBudget, api: str) -> Featurizer:
     """Check the arguments shared by the sketch functions (the caller's name in errors) and build the featurizer."""
     if not isinstance(sketch, Sketch):
@@ -165,6 +172,7 @@ def features_fn(f: ApplyFn, sketch: Sketch, vmap_axes: VMapAxes = 0, *,
 
     Shapes: an output leaf ``(N, d1, ..., dk)`` (batch axis anywhere) gives ``(N, d1, ..., dk, dim)``
     without its batch axis moved: batch first, then the other axes in order, then ``dim``.
+    The features are not differentiable: params and inputs that require grad are taken as values.
 
     Example:
       >>> import torch, ntkfunc
@@ -177,6 +185,7 @@ def features_fn(f: ApplyFn, sketch: Sketch, vmap_axes: VMapAxes = 0, *,
     fz = _featurizer(f, sketch, vmap_axes, implementation, memory_budget, "features_fn")
 
     def features(x: PyTree, params: PyTree) -> PyTree:
+        x, params = _detached(x), _detached(params)
         with kernel_context(x, None, params):
             p0 = fz.problem(x, None, params)
             return tree_unflatten(fz.features(p0, x, params), p0.out_spec)
@@ -194,7 +203,8 @@ def sketched_ntk_fn(f: ApplyFn, sketch: Sketch, trace_axes: Axes = (-1,), diagon
     scaled so that ``E[kernel] = ntk_fn(...)`` over the sketch's randomness. Its error falls like
     ``1 / sqrt(sketch.dim)``; :meth:`Sketch.error_estimate` estimates it from the features alone.
 
-    Args: as :func:`features_fn`, plus ``trace_axes`` and ``diagonal_axes`` as for ``ntk_fn``.
+    Args: as :func:`features_fn`, plus ``trace_axes`` and ``diagonal_axes`` as for ``ntk_fn``. Unlike ``ntk_fn``'s, the
+    sketched kernel is not differentiable: params and inputs that require grad are taken as values.
 
     Example:
       >>> import torch, ntkfunc
@@ -213,6 +223,7 @@ def sketched_ntk_fn(f: ApplyFn, sketch: Sketch, trace_axes: Axes = (-1,), diagon
     trace, diag = as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes)
 
     def kernel(x1: PyTree, x2: PyTree | None, params: PyTree) -> PyTree:
+        x1, x2, params = _detached(x1), _detached(x2), _detached(params)
         with kernel_context(x1, x2, params):
             problem = fz.problem(x1, x2, params, trace, diag)
             f1 = fz.features(problem, x1, params)

@@ -342,6 +342,34 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path):
     assert torch.equal(torch.from_numpy(np.load(result)), expected)  # in memory: gathered on every rank
 
 
+def test_torchrun_ranks_that_disagree_are_refused_before_any_work(tmp_path):
+    """Regression (issue 24): with out=None ranks holding other params (a script without torch.manual_seed) or other data
+    summed their tiles into a kernel of neither model and exited 0; a sketch's in-memory features mixed the same way; with
+    a file output rank 1 advised resume=False while rank 0 died of a gloo error. Now every rank refuses with one message."""
+    from tests.ranks_job import build as build_ranks_job
+
+    job = ROOT / "tests" / "ranks_job.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(job), str(tmp_path)]
+    res = _run_torchrun(cmd, [tmp_path / "K.npy"], timeout=120)  # a rank left waiting fails after 30 s (the job's group)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    by = {(r["scenario"], r["rank"]): r for r in lines}
+    assert len(by) == len(lines) == 10, res.stdout
+    differs = {"unseeded": "params", "data": "x1", "sketch": "params", "file": "params"}
+    for scenario, what in differs.items():
+        first, second = by[(scenario, 0)], by[(scenario, 1)]
+        assert first["error"] == second["error"], (scenario, first, second)  # one message, on every rank
+        assert first["error"] and first["error"].startswith(
+            f"kernel_matrix: the 2 torchrun ranks would not compute one kernel: rank 1 has different {what} than rank 0; "
+            "expected every rank to hold the same f, params, buffers, data and settings"), first["error"]
+        assert first["computed"] == second["computed"] == 0  # refused before any work
+    assert not any(p.name.startswith("K.npy") for p in tmp_path.iterdir())  # nothing written for the file scenario
+    f, params, x = build_ranks_job(seed=0)
+    expected = float(kernel_matrix(f, params, x, batch_size=3, progress=False).sum())
+    assert by[("same", 0)]["error"] is None and by[("same", 0)]["sum"] == pytest.approx(expected, rel=1e-12)
+    assert by[("same", 1)]["sum"] == by[("same", 0)]["sum"]
+
+
 _RSS_SCRIPT = r"""
 import resource, sys, json, torch, ntkfunc
 from ntkfunc import kernel_matrix

@@ -190,3 +190,69 @@ def test_verify_command(tmp_path, capsys):
     assert cli.main(["verify", str(out), str(tmp_path / "missing.npy")]) == 1
     err = capsys.readouterr().err.splitlines()
     assert "do not match the checksums" in err[0] and "no kernel there" in err[1]
+
+
+def test_top_level_help_lists_the_verbs(capsys):
+    """Regression: ntkfunc --help answered "unknown command '--help'"."""
+    for flag in ("--help", "-h"):
+        assert cli.main([flag]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: ntkfunc [-h] {demo,compute,verify} ...")
+        assert all(f"    {verb} " in out for verb in ("demo", "compute", "verify"))
+
+
+class _Payload:
+    """A pickle whose loading would create a file: torch.load(weights_only=True) must not run it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("case", ["weights of another model", "a device this machine lacks", "a pickle in a data folder",
+                                  "--features that is a file", "--features without --sketch-dim", "--out inside the data folder"])
+def test_more_bad_arguments_one_line_exit_2_nothing_written(case, tmp_path, monkeypatch, capsys):
+    """Regression: tracebacks of 18, 29 and 37 lines; "[Errno 17] File exists"; --features silently ignored."""
+    import pickle
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    torch.save(tiny_mlp().state_dict(), inputs / "w.pt")
+    (inputs / "notes").write_text("a file")
+    folder = inputs / "samples"
+    folder.mkdir()
+    with open(folder / "000.pt", "wb") as fh:
+        pickle.dump(_Payload(tmp_path / "payload-ran"), fh)
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    args, message = {
+        "weights of another model": (["--weights", "inputs/w.pt"], r"--weights inputs/w.pt: not the weights of --model "
+                                     r"ntkfunc.models:small_cnn \(Error\(s\) in loading state_dict for Sequential: Missing key\(s\)"),
+        "a device this machine lacks": (["--device", f"cuda:{devices}"], r"--device 'cuda:\d+': this machine has "),
+        "a pickle in a data folder": (["--data", "inputs/samples"], r"--data: inputs/samples/000.pt: holds Python objects \(a pickle\) "
+                                      r"that torch.load\(weights_only=True\) does not run; expected a .npy array or a .pt tensor"),
+        "--features that is a file": (["--sketch-dim", "8", "--features", "inputs/notes"], r"--features inputs/notes: is a file; "
+                                      r"expected a folder"),
+        "--features without --sketch-dim": (["--features", "feats"], r"--features feats: is the folder of the sketch's features; "
+                                            r"expected --sketch-dim with it"),
+        "--out inside the data folder": (["--data", "inputs/samples", "--out", "inputs/samples/K.npy"], r"--out inputs/samples/K.npy: "
+                                         r"is inside the --data folder inputs/samples, whose .npy files are the samples"),
+    }[case]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    argv = ["compute", *args] + ([] if "--out" in args else ["--out", "K.npy"])
+    assert cli.main(argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ntkfunc compute: error: "), err
+    assert re.search(message, err), err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written, the payload did not run
+
+
+def test_a_budget_that_leaves_nothing_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """Regression: --memory-budget 1 reported memory_budget=0 (the share ntk_fn got) and left K.npy.partial behind."""
+    assert cli.main(["compute", "--data", "digits_0_10", "--memory-budget", "1", "--out", str(tmp_path / "K.npy"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "kernel_matrix(memory_budget='1'): 1 B leaves 0 B for the work" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -107,7 +107,8 @@ def test_another_output_selection_is_refused(tmp_path):
 
 
 def test_a_function_that_computes_something_else_is_refused(tmp_path):
-    """A plain f whose captured constant changed: same name and params, other outputs (the probe of f)."""
+    """A plain f whose captured constant changed (named: captured.scale), or whose outputs differ through something it
+    does not capture (an object's attribute: the probe of f)."""
     x = torch.randn(8, 4, dtype=torch.float64)
     p = {"w": torch.randn(4, 3, dtype=torch.float64)}
     out = str(tmp_path / "K.npy")
@@ -120,8 +121,21 @@ def test_a_function_that_computes_something_else_is_refused(tmp_path):
 
     kernel_matrix(make(1.0), p, x, out=out, progress=False)
     kernel_matrix(make(1.0), p, x, out=out, progress=False)  # the same function: resumed (nothing to do)
-    with pytest.raises(ValueError, match=r"computed with different f \(its outputs or gradients on x1's probe samples"):
+    with pytest.raises(ValueError, match=r"computed with different captured.scale \(recorded"):
         kernel_matrix(make(1.5), p, x, out=out, progress=False)
+
+    class Settings:
+        scale = 1.0
+
+    settings = Settings()
+
+    def g(params, x):
+        return torch.tanh(x @ params["w"]) * settings.scale
+
+    kernel_matrix(g, p, x, out=out, resume=False, progress=False)
+    settings.scale = 1.5
+    with pytest.raises(ValueError, match=r"computed with different f \(its outputs or gradients on the probe samples of x1 and x2"):
+        kernel_matrix(g, p, x, out=out, progress=False)
 
 
 def test_probes_tolerate_round_off_only():
@@ -192,3 +206,48 @@ def test_cli_model_and_files_are_compared(tmp_path, capsys):
     f, params = ntkfunc.from_module(cnn_relu().eval())
     expected = kernel_matrix(f, params, torch.cat([x[:12], changed]), x[:12], progress=False)
     np.testing.assert_allclose(np.load(out), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+SCALE = 2.0
+_LIBRARY = torch.nn.functional.linear  # a library function: not followed
+
+
+def _helper(x):
+    return x * SCALE
+
+
+class _Scaled:
+    def __init__(self, s):
+        self.s = s
+
+    def __call__(self, p, x):
+        return _helper(x @ p["w"]) * self.s
+
+    def apply(self, p, x):
+        return x @ p["w"] * self.s
+
+
+def test_what_a_hand_written_f_captures():
+    """Closure cells, the globals it reads (and those of the functions of its module it calls), defaults, a partial's
+    arguments, a bound method's and a callable object's attributes; imports and library functions are not data."""
+    import functools
+    import math as _math
+
+    from ntkfunc._dataset.fingerprint import captured
+
+    table = torch.ones(3)
+    model = torch.nn.Linear(2, 2)
+
+    def f(p, x, offset=1.5):
+        return _LIBRARY(torch.tanh(_helper(x) @ p["w"]) * table.sum() + offset + _math.pi, model.weight)
+
+    got = captured(f)
+    assert sorted(got) == ["_helper.SCALE", "defaults[0]", "model", "table"], got
+    assert got["defaults[0]"] == "1.5" and got["_helper.SCALE"] == "2.0" and got["model"].startswith("module:")
+    with torch.no_grad():
+        model.weight[0, 0] += 1.0
+    assert captured(f)["model"] != got["model"]  # its state, byte by byte
+    assert sorted(captured(_Scaled(3.0))) == ["_helper.SCALE", "s"]
+    assert captured(_Scaled(3.0).apply) == {"self.s": "3.0"}
+    assert captured(functools.partial(lambda p, x, k: x * k, k=torch.zeros(2)))["k"].startswith("tensor:")
+    assert captured(lambda p, x: x @ p["w"]) == {}

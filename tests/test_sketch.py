@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import ntkfunc
+from ntkfunc._dataset.fileformat import FORMAT
 from ntkfunc._engines.sketch import countsketch, gaussian, tensorsketch
 from tests import zoo
 from tests.reference import reference_kernel
@@ -122,6 +123,33 @@ def test_exact_count_sketch_through_implementation_1_and_kernel_matrix():
         torch.testing.assert_close(k, expected, rtol=1e-9, atol=1e-10)
     km = ntkfunc.kernel_matrix(f, params, x1, x2, trace_axes=(), sketch=ntkfunc.Sketch(dim), batch_size=3, progress=False)
     torch.testing.assert_close(km, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_params_and_inputs_that_require_grad_are_taken_as_values():
+    """Regression: every sketch API failed with torch's "bmm(): functions with out=... arguments don't support automatic
+    differentiation" on dict(model.named_parameters()) (or inputs that require grad), which ntk_fn accepts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    params = dict(model.named_parameters())
+
+    def f(p, x):
+        return torch.func.functional_call(model, p, (x,))
+
+    x1 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(4, 5, dtype=torch.float64)
+    plain = {k: v.detach() for k, v in params.items()}
+    dim = 1 << (2 * _n_params(plain) - 1).bit_length()  # the exact count sketch
+    sketch = ntkfunc.Sketch(dim, kind="countsketch")
+    expected = reference_kernel(f, plain, x1.detach(), x2, (), ())
+    feats = ntkfunc.features_fn(f, sketch)(x1, params)
+    assert not feats.requires_grad
+    torch.testing.assert_close(feats, ntkfunc.features_fn(f, sketch)(x1.detach(), plain))
+    k = ntkfunc.sketched_ntk_fn(f, sketch, trace_axes=())(x1, x2, params)
+    km = ntkfunc.kernel_matrix(f, params, x1, x2, trace_axes=(), sketch=sketch, progress=False)
+    for got in (k, km):
+        assert not got.requires_grad
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    assert sketch.explain(f, params, x1).exact
 
 
 def test_dense_sketches_are_not_exact_but_countsketch_layout_says_when_it_is():
@@ -485,10 +513,10 @@ def test_features_files_of_an_earlier_format_are_refused(tmp_path):
     old = {"format": 1, "shape": man["shape"], "dtype": man["dtype"], "chunk": 256, "fingerprint": man["fingerprint"], "complete": True}
     mpath.write_text(json.dumps(old))  # as the features stage wrote it before
     with pytest.raises(ValueError, match=r"^kernel_matrix\(features='.*feats'\): features-.*\.npy\.manifest\.json has format 1; "
-                                         r"expected format 2 \(written by an earlier ntkfunc: start over with resume=False"):
+                                         rf"expected format {FORMAT} \(written by an earlier ntkfunc: start over with resume=False"):
         ntkfunc.kernel_matrix(f, params, x1, sketch=sketch, features=folder, progress=False)
     torch.testing.assert_close(ntkfunc.kernel_matrix(f, params, x1, sketch=sketch, features=folder, resume=False, progress=False), k)
-    assert json.loads(mpath.read_text())["format"] == 2
+    assert json.loads(mpath.read_text())["format"] == FORMAT
 
 
 def test_features_on_several_devices_are_the_same_file(tmp_path, monkeypatch):
@@ -558,15 +586,29 @@ def test_features_of_another_function_are_not_reused(tmp_path):
     w = {"w": torch.randn(6, 2)}
     scale = [1.0]
 
-    def g(p, x):  # a plain f whose closure changes what it computes: caught by the probe
+    def g(p, x):  # a plain f whose closure changes what it computes: what it captures is part of the file's key
         return torch.tanh(x @ p["w"]) * scale[0]
 
     ntkfunc.kernel_matrix(g, w, x, sketch=sketch, features=folder, progress=False)
     scale[0] = 2.0
-    with pytest.raises(ValueError, match=r"features file features-.*\.npy was computed with different f \(its outputs or gradients"):
-        ntkfunc.kernel_matrix(g, w, x, sketch=sketch, features=folder, progress=False)
-    k = ntkfunc.kernel_matrix(g, w, x, sketch=sketch, features=folder, resume=False, progress=False)
+    k = ntkfunc.kernel_matrix(g, w, x, sketch=sketch, features=folder, progress=False)  # another file: the right kernel
     torch.testing.assert_close(k, ntkfunc.sketched_ntk_fn(g, sketch)(x, None, w), rtol=1e-5, atol=1e-5)
+    assert len(list(folder.glob("features-*.npy"))) == 4
+
+    class Settings:  # an object f reads through: not among what is captured, but its outputs differ (the probe)
+        scale = 1.0
+
+    settings = Settings()
+
+    def h(p, x):
+        return torch.tanh(x @ p["w"]) * settings.scale
+
+    ntkfunc.kernel_matrix(h, w, x, sketch=sketch, features=folder, progress=False)
+    settings.scale = 2.0
+    with pytest.raises(ValueError, match=r"features file features-.*\.npy was computed with different f \(its outputs or gradients"):
+        ntkfunc.kernel_matrix(h, w, x, sketch=sketch, features=folder, progress=False)
+    k = ntkfunc.kernel_matrix(h, w, x, sketch=sketch, features=folder, resume=False, progress=False)
+    torch.testing.assert_close(k, ntkfunc.sketched_ntk_fn(h, sketch)(x, None, w), rtol=1e-5, atol=1e-5)
 
 
 def test_a_features_file_has_one_writer(tmp_path):

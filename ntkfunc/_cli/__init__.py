@@ -4,14 +4,33 @@ whole-dataset kernel (:mod:`ntkfunc._cli.compute`); ``ntkfunc verify`` checks ke
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
 from ntkfunc._cli import demo
 
+COMMANDS = {
+    "demo": "the full eNTK of a small CNN on shipped digits with every implementation (the default)",
+    "compute": "a whole-dataset kernel written to a resumable .npy (ntkfunc compute --help)",
+    "verify": "check kernel files written by compute or kernel_matrix(out=...) (ntkfunc verify --help)",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The top-level parser, for ``ntkfunc --help``: each verb parses its own arguments."""
+    p = argparse.ArgumentParser(prog="ntkfunc", description="Empirical neural tangent kernels of PyTorch models.")
+    verbs = p.add_subparsers(title="commands", metavar="{" + ",".join(COMMANDS) + "}")
+    for name, text in COMMANDS.items():
+        verbs.add_parser(name, help=text, add_help=False)
+    return p
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        parser().print_help()
+        return 0
     if not argv or argv[0] == "demo":
         return demo.main(argv[1:])
     if argv[0] == "compute":
@@ -22,5 +41,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ntkfunc._cli import verify
 
         return verify.main(argv[1:])
-    print(f"ntkfunc: unknown command {argv[0]!r}; expected 'demo', 'compute' or 'verify'", file=sys.stderr)
+    print(f"ntkfunc: unknown command {argv[0]!r}; expected 'demo', 'compute' or 'verify' (ntkfunc --help lists them)", file=sys.stderr)
     return 2

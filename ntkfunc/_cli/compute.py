@@ -15,7 +15,10 @@ Data sources (``--data`` and, for files, ``--test``):
 
 Sample ranges: ``NAME_a_b`` or ``NAME_a_b_c_d`` for built-ins, ``--range a_b[_c_d]`` for any
 source: rows are ``train[a:b]`` then ``test[c:d]``, columns ``train[a:b]``.
-Bad arguments print one line and exit with status 2 before anything is written.
+Bad arguments print one line and exit with status 2 before anything is written (an ``--out``
+that is one of the inputs or inside a data folder, weights of another model, a device this
+machine does not have, a data file torch.load refuses, ``--features`` that is a file or comes
+without ``--sketch-dim``); a run that is refused prints one line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import pickle
 import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -45,8 +49,8 @@ _BUILTIN_TRAIN = {"digits": 1297}
 _KERNELS: dict[str, dict[str, Any]] = {"trace": dict(trace_axes=(-1,)), "pntk": dict(trace_axes=(-1,), pntk=True), "full": dict(trace_axes=())}
 
 
-class UsageError(Exception):
-    """A bad argument: reported on one line, exit status 2."""
+class UsageError(ValueError):
+    """A bad argument: reported on one line, exit status 2 (found while the kernel runs, a data file: status 1)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", help="bytes or e.g. 4GB (default: half the available RAM, 80%% of free GPU memory)")
     p.add_argument("--out", type=Path, default=Path("out/ntk.npy"), help="output .npy (default out/ntk.npy)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="continue an interrupted run (default) or start over")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a file at --out that is not an output of ntkfunc (by default it is refused and left as it is)")
     p.add_argument("--devices", help="'all' or a comma-separated list such as cuda:0,cuda:1 (default: the model's device)")
     p.add_argument("--device", default="cpu", help="device the model is moved to (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -88,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
         dtype = getattr(torch, args.dtype)
+        _check_paths(args)
         model = _model(args.model, args.weights, args.seed, dtype, args.device)
         x1, x2, desc = _data(args.data, args.test, args.ranges, dtype)
         impl = _implementation(args.implementation)
@@ -121,10 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         k = kernel_matrix(
             f, params, x1, x2, implementation=impl, batch_size=args.batch_size, memory_budget=args.memory_budget,
             out=str(args.out), resume=args.resume, progress=not args.no_progress, devices=devices, sketch=sketch,
-            features=args.features, **_KERNELS[args.kernel],
+            features=args.features, overwrite=args.overwrite, **_KERNELS[args.kernel],
         )
     except (ValueError, TypeError, MemoryError, FloatingPointError, RuntimeError, OSError) as err:
-        print(f"ntkfunc compute: error: {err}", file=sys.stderr)  # e.g. another writer, a changed job, a full disk
+        # e.g. another writer, a changed job, a full disk (whose OSError's text is the message, without "[Errno 28]")
+        text = err.strerror if isinstance(err, OSError) and err.strerror and err.filename is None else str(err)
+        print(f"ntkfunc compute: error: {text}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
     print(
@@ -134,6 +143,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sketch is not None:
         _report_sketch(args.out)
     return 0
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """``--out`` is none of the inputs (nor inside a data folder); ``--features`` is a folder and comes with ``--sketch-dim``."""
+    out = args.out.resolve()
+    for flag, value in (("--data", args.data), ("--test", args.test), ("--weights", args.weights)):
+        if value is None or (flag == "--data" and not Path(value).exists()):
+            continue  # a built-in dataset name (or a missing file, reported with the data)
+        source = Path(value).resolve()
+        if out == source or (args.out.exists() and Path(value).exists() and args.out.samefile(value)):
+            raise UsageError(f"--out {args.out}: is the {flag} file; expected another path for the kernel (it would replace "
+                             "the input it is computed from)")
+        if source.is_dir() and source in out.parents:
+            raise UsageError(f"--out {args.out}: is inside the {flag} folder {value}, whose .npy files are the samples; "
+                             "expected a path outside it")
+    if args.features is not None and args.sketch_dim is None:
+        raise UsageError(f"--features {args.features}: is the folder of the sketch's features; expected --sketch-dim with it "
+                         "(or no --features for the exact kernel)")
+    if args.features is not None and args.features.exists() and not args.features.is_dir():
+        raise UsageError(f"--features {args.features}: is a file; expected a folder for the features files (or a path where "
+                         "one can be made)")
 
 
 def _sketch(dim: int | None, seed: int, kind: str) -> Any:
@@ -173,22 +203,43 @@ def _model(spec: str, weights: Path | None, seed: int, dtype: torch.dtype, devic
     factory = getattr(module, m.group(2), None)
     if not callable(factory):
         raise UsageError(f"--model {spec!r}: {m.group(1)} has no callable {m.group(2)}")
+    target = _device(device, "--device")
     torch.manual_seed(seed)
     model = factory()
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"--model {spec!r}: the factory returned a {type(model).__name__}; expected a torch.nn.Module")
     if weights is not None:
-        model.load_state_dict(_state_dict(weights))
+        try:
+            model.load_state_dict(_state_dict(weights))
+        except RuntimeError as err:  # keys or shapes of another model
+            detail = " ".join(str(err).split())
+            raise UsageError(f"--weights {weights}: not the weights of --model {spec} ({detail[:300]}{'...' if len(detail) > 300 else ''}); "
+                             "expected a state_dict saved from the same model") from None
     try:
-        return model.to(device=torch.device(device), dtype=dtype)
-    except RuntimeError as err:
-        raise UsageError(f"--device {device!r}: {str(err).splitlines()[0]}") from err
+        return model.to(device=target, dtype=dtype)
+    except (RuntimeError, AssertionError) as err:
+        raise UsageError(f"--device {device!r}: {str(err).splitlines()[0]}") from None
+
+
+def _device(text: str, flag: str) -> torch.device:
+    """The device ``text`` names, refused when it is not one or this machine does not have it."""
+    try:
+        device = torch.device(text.strip())
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag} {text!r}: is not a device; expected e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"{flag} {text!r}: this machine has no CUDA device (torch {torch.__version__}); expected cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"{flag} {text!r}: this machine has {count} CUDA device(s); expected cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def _state_dict(weights: Path) -> dict[str, Any]:
     """The state_dict in ``weights``, loaded with ``weights_only=True`` (no code in the file runs)."""
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = _load(weights)
     except pickle.UnpicklingError as err:  # weights_only=True refused something that is not tensors and containers
         raise UsageError(
             f"--weights {weights}: not a state_dict saved with torch.save(model.state_dict(), path): it holds objects that "
@@ -273,7 +324,14 @@ class _Folder(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor | np.ndarray:
         p = self.files[i]
-        return torch.from_numpy(np.load(p)) if p.suffix == ".npy" else _tensor_of(torch.load(p, weights_only=True), p)
+        try:
+            return torch.from_numpy(np.load(p)) if p.suffix == ".npy" else _tensor_of(_load(p), p)
+        except pickle.UnpicklingError:  # weights_only=True refused to run what the pickle holds: nothing in the file ran
+            raise ValueError(f"{p}: holds Python objects (a pickle) that torch.load(weights_only=True) does not run; expected a "
+                             ".npy array or a .pt tensor saved with torch.save") from None
+        except (OSError, RuntimeError, EOFError, ValueError) as err:
+            detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{p}: cannot read it ({detail}); expected a .npy array or a .pt tensor saved with torch.save") from None
 
     def __ntkfunc_fingerprint__(self) -> str:
         return self.digest(0, len(self.files))
@@ -287,6 +345,14 @@ class _Folder(Dataset):
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
         return h.hexdigest()
+
+
+def _load(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and containers only, no code in the file runs (quietly: torch
+    warns about pickle protocols on the way)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _tensor_of(obj: Any, where: Any) -> torch.Tensor:
@@ -323,10 +389,10 @@ def _source(spec: str, dtype: torch.dtype, what: str) -> Any:
                 return _Cast(arr, dtype)
             return arr
         if path.suffix == ".pt":
-            t = _tensor_of(torch.load(path, map_location="cpu", weights_only=True), path)
+            t = _tensor_of(_load(path), path)
             return t.to(dtype) if t.is_floating_point() else t
-    except (OSError, ValueError, RuntimeError, EOFError) as err:
-        raise UsageError(f"{what} {spec}: cannot read it ({str(err).splitlines()[0]})") from err
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise UsageError(f"{what} {spec}: cannot read it ({str(err).strip().splitlines()[0][:160]})") from None
     raise UsageError(f"{what} {spec}: unknown file type {path.suffix!r}; expected .npy or .pt")
 
 
@@ -393,9 +459,10 @@ def _devices(text: str | None) -> Any:
     out = []
     for d in text.split(","):
         try:
-            out.append(torch.device(d.strip()))
+            torch.device(d.strip())
         except RuntimeError as err:
             raise UsageError(f"--devices {text!r}: {d!r} is not a device; expected 'all' or e.g. cuda:0,cuda:1") from err
+        out.append(_device(d, "--devices"))
     return out
 
 

@@ -1,8 +1,9 @@
 """``ntkfunc verify K.npy [...]``: check kernel files written by ``kernel_matrix(out=...)`` / ``ntkfunc compute``.
 
 For each file: its manifest is intact and complete, the ``.npy`` has the recorded header,
-shape and size, every tile's marker is there and the markers cover every entry, and (unless
-``--quick``) every tile's entries match the checksum written with them. Prints one line per
+shape and size, the manifest lists every tile of its grid, every tile's marker is there and
+describes exactly that tile (so every entry is covered once), and (unless ``--quick``) every
+tile's entries match the checksum written with them. Prints one line per
 file; exit status 0 when all pass, 1 otherwise. argparse -> :func:`ntkfunc.verify_kernel`.
 """
 

@@ -36,7 +36,7 @@ class Samples:
         if isinstance(data, DataLoader):
             data = data.dataset
         if isinstance(data, torch.Tensor):
-            kind = "tensor"
+            kind, data = "tensor", data.detach()  # inputs that require grad: the whole-dataset kernel is not differentiable
         elif isinstance(data, np.ndarray):
             kind = "array"
         elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (list, tuple, dict, str))):

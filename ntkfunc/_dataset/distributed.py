@@ -18,7 +18,7 @@ import datetime
 import gc
 import os
 from collections.abc import Callable, Sequence
-from typing import TypeVar, Union
+from typing import Any, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,22 @@ class Ranks:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return int(box[0])
+
+    def broadcast_object(self, value: T) -> T:
+        """Rank 0's ``value`` (any picklable object) on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_objects(self, value: T) -> list[T]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
 
     def rank0_first(self, first: Callable[[], T], then: Callable[[], T], failed: str) -> T:
         """``first()`` on rank 0; the other ranks wait for it, then call ``then()``.

@@ -41,8 +41,8 @@ from ntkfunc._core.memory import SAFETY, fmt_bytes, itemsize
 from ntkfunc._core.problem import Problem
 from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import to_device
-from ntkfunc._dataset.fileformat import FEATURES
-from ntkfunc._dataset.fingerprint import PROBE_KEY, function_identity, probe_fingerprint
+from ntkfunc._dataset.fileformat import FEATURES, features_grid
+from ntkfunc._dataset.fingerprint import PROBE_KEY, function_identity, probe_fingerprint, results_format
 from ntkfunc._dataset.job import API, Job, Output, Workers, problem_on
 from ntkfunc._dataset.progress import make_progress
 from ntkfunc._dataset.runner import Runner, Writes
@@ -72,6 +72,7 @@ def fingerprint(job: Job, problem: Problem, samples: Samples, record: dict[str, 
     """What a features file must match to be reused: exactly (its file name hashes it), and ``f``'s
     probe outputs within round-off (as in the kernel's own fingerprint, :mod:`ntkfunc._dataset.fingerprint`)."""
     return {
+        **results_format(),  # in the file's key too: a features file of another results format is never found
         **function_identity(job.f, problem),
         PROBE_KEY: probe_fingerprint(problem, samples),
         "data": samples.fingerprint(),
@@ -153,7 +154,8 @@ def compute(job: Job, problem: Problem, budget: int, output: Output, workers: Wo
         else:
             fp = fingerprint(job, problem, samples, record, shape)
             path = feature_path(folder, fp)
-            store = open_store(path, shape, problem.out_dtype, fp, {"chunk": CHUNK_SAMPLES}, output.resume, workers.rk, FEATURES)
+            store = open_store(path, shape, problem.out_dtype, fp, features_grid(CHUNK_SAMPLES), output.resume, workers.rk, FEATURES,
+                               output.overwrite)
             size = int(store.grid["chunk"])
         try:
             chunks = Chunks(samples, size, shape, problem.out_dtype)

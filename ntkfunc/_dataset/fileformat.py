@@ -6,16 +6,19 @@ A file ``F`` (``K.npy``, or ``<dir>/features-<key>.npy`` for the features of ``s
   file cannot be opened as ``F`` (``np.load`` fails). A standard ``.npy`` (:mod:`.npyfile`);
   its disk blocks are reserved when it is created;
 - ``F.manifest.json``: :data:`FORMAT`, what the file holds (:class:`Content`), the fingerprint
-  of what computed it (``fingerprint.py``), shape and dtype, the grid of its units, a random id
-  of this file, whether it is complete (and then the list of its units), and a checksum of all
-  that (an edited manifest is refused);
-- ``F.tiles/`` (kernels) or ``F.chunks/`` (features): one marker per committed unit, written
-  only after the unit's entries are flushed and ``fsync``-ed: the file id, the regions written
-  and a checksum of each (:func:`marker`);
+  of what computed it (``fingerprint.py``, with its results format), the ntkfunc version that
+  wrote it, shape and dtype, the grid of its units (:func:`unit_regions`), a random id of this
+  file, whether it is complete (and then the list of its units), and a checksum of all that (an
+  edited manifest is refused);
+- ``F.tiles/`` (kernels) or ``F.chunks/`` (features): one marker per committed unit, named by the
+  unit's key and written only after the unit's entries are written and ``fsync``-ed: the file id,
+  the regions written (exactly the unit's: :func:`unit_regions`), a checksum of each and the
+  number of non-finite entries of the unit (:func:`marker`);
 - ``F.lock``: one writer at a time (:mod:`.lock`).
 
-Every file here is replaced atomically (:func:`atomic_write`). :mod:`.store` writes these files;
-:mod:`.kernel_file` reads finished kernels back.
+Every file here is replaced atomically (:func:`atomic_write`) and made readable as the data file
+is (its permission bits: another user who can read the kernel can verify it). :mod:`.store`
+writes these files; :mod:`.kernel_file` reads finished kernels back.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ntkfunc._core.tiles import grid as tiles_grid
 from ntkfunc._dataset import npyfile
 
 Index = tuple[slice, ...]
-FORMAT = 2
-"""Manifest format; a manifest of another format is refused (features files were format 1: no checksum, other markers)."""
+FORMAT = 3
+"""Manifest format; a manifest of another format is refused (features files were format 1: no checksum, other markers;
+format 2 had no unit grid in its markers' checks, no non-finite counts and no results format)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +109,16 @@ class OutputFiles:
 # --- generic I/O -----------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """``text`` into ``path`` through a temporary file, fsync-ed then renamed over it."""
+def atomic_write(path: Path, text: str, mode: int | None = None) -> None:
+    """``text`` into ``path`` through a temporary file, fsync-ed then renamed over it.
+
+    ``mode``: its permission bits (those of the data file it describes); None: the temporary
+    file's (readable by its owner only).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
@@ -155,15 +166,22 @@ def new_manifest(files: OutputFiles, file_id: str, shape: tuple[int, ...], np_dt
                  grid: dict[str, Any]) -> dict[str, Any]:
     """The manifest of a file just created (not complete)."""
     manifest = {"format": FORMAT, "file": file_id, "shape": list(shape), "dtype": np.dtype(np_dtype).name,
-                "fingerprint": fingerprint, "grid": grid, "complete": False}
+                "fingerprint": fingerprint, "grid": grid, "complete": False, "written_by": f"ntkfunc {_version()}"}
     if files.content is not KERNEL:  # kernel manifests stay as they were (absent means a kernel)
         manifest["content"] = files.content.name
     return manifest
 
 
-def write_manifest(files: OutputFiles, manifest: dict[str, Any]) -> None:
+def _version() -> str:
+    from ntkfunc import __version__  # the package, once imported (this module is imported by it)
+
+    return __version__
+
+
+def write_manifest(files: OutputFiles, manifest: dict[str, Any], mode: int | None = None) -> None:
+    """``manifest`` with its checksum, written atomically (``mode``: the data file's permission bits)."""
     manifest = dict(manifest, checksum=_checksum(manifest))
-    atomic_write(files.manifest, json.dumps(manifest, indent=1, sort_keys=True))
+    atomic_write(files.manifest, json.dumps(manifest, indent=1, sort_keys=True), mode)
 
 
 def read_manifest(files: OutputFiles, what: str) -> dict[str, Any]:
@@ -197,10 +215,14 @@ def manifest_file_id(files: OutputFiles) -> str | None:
         return None
 
 
-# --- markers -----------------------------------------------------------------------------------
+# --- units and their markers ------------------------------------------------------------------
 
 
-def _full(index: Index, ndim: int) -> tuple[slice, ...]:
+Regions = list[list[list[int]]]
+
+
+def full_index(index: Index, ndim: int) -> tuple[slice, ...]:
+    """``index`` with a full slice for every axis it leaves out."""
     return tuple(index) + (slice(None),) * (ndim - len(index))
 
 
@@ -208,31 +230,103 @@ def region_index(region: list[list[int]]) -> Index:
     return tuple(slice(a, b) for a, b in region)
 
 
-def marker(file_id: str, writes: list[tuple[Index, Any]], digests: list[str], shape: tuple[int, ...]) -> str:
-    """The marker of a committed unit: the file id, the regions written and the checksum of each."""
-    regions = [[list(s.indices(n)[:2]) for s, n in zip(_full(index, len(shape)), shape)] for index, _ in writes]
-    return json.dumps({"file": file_id, "regions": regions, "digests": digests})
+def kernel_grid(block: int, axes: Iterable[int], symmetric: bool) -> dict[str, Any]:
+    """The grid of a kernel file: tiles of ``block`` samples along the batch ``axes`` (x1's, x2's; one when paired);
+    ``symmetric``: only tiles on and above the diagonal are units, each written with its mirror image."""
+    return {"block": int(block), "axes": [int(a) for a in axes], "symmetric": bool(symmetric)}
 
 
-def read_marker(path: Path, file_id: str, shape: tuple[int, ...]) -> dict[str, Any] | None:
-    """The marker at ``path`` if it is a well-formed marker of the file ``file_id`` within ``shape``, else None."""
+def features_grid(chunk: int) -> dict[str, Any]:
+    """The grid of a features file: chunks of ``chunk`` samples along axis 0."""
+    return {"chunk": int(chunk)}
+
+
+def _tile_bounds(grid: dict[str, Any], shape: tuple[int, ...]) -> tuple[int, list[int], int, int, bool]:
+    block, axes = int(grid["block"]), [int(a) for a in grid["axes"]]
+    return block, axes, shape[axes[0]], shape[axes[-1]], bool(grid.get("symmetric"))
+
+
+def unit_regions(grid: dict[str, Any], key: str, shape: tuple[int, ...]) -> Regions | None:
+    """The regions unit ``key`` of a file cut by ``grid`` covers, in the order its marker lists them; None: no such unit.
+
+    Features (:func:`features_grid`): chunk ``"c"`` is samples ``[c S, (c + 1) S)`` along axis 0.
+    Kernels (:func:`kernel_grid`): tile ``"i0_j0"`` is x1 samples ``[i0, i0 + B)`` against x2 samples
+    ``[j0, j0 + B)`` along the batch axes (one shared axis when the batch axis is diagonal: then
+    ``i0 == j0``), then, for a symmetric kernel off the diagonal, its mirror image.
+
+    >>> unit_regions(features_grid(4), "1", (6, 2))
+    [[[4, 6], [0, 2]]]
+    >>> unit_regions(kernel_grid(2, (0, 1), symmetric=True), "0_2", (3, 3))
+    [[[0, 2], [2, 3]], [[2, 3], [0, 2]]]
+    >>> unit_regions(kernel_grid(2, (0, 1), symmetric=True), "2_0", (3, 3)) is None  # below the diagonal: a mirror
+    True
+    """
+    full = [[0, n] for n in shape]
+    try:
+        if "chunk" in grid:
+            size, c = int(grid["chunk"]), int(key)
+            if str(c) != key or not 0 <= c * size < shape[0]:
+                return None
+            return [[[c * size, min((c + 1) * size, shape[0])], *full[1:]]]
+        block, axes, n1, n2, symmetric = _tile_bounds(grid, shape)
+        i0, j0 = (int(v) for v in key.split("_"))
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    paired = len(axes) == 1
+    if (f"{i0}_{j0}" != key or i0 % block or j0 % block or not 0 <= i0 < n1 or not 0 <= j0 < n2
+            or (paired and i0 != j0) or (symmetric and j0 < i0)):
+        return None
+    rows, cols = [i0, min(i0 + block, n1)], [j0, min(j0 + block, n2)]
+    regions = []
+    for a, b in [(rows, cols)] + ([(cols, rows)] if symmetric and not paired and i0 != j0 else []):
+        region = [list(r) for r in full]
+        region[axes[0]] = a
+        if not paired:
+            region[axes[1]] = b
+        regions.append(region)
+    return regions
+
+
+def unit_keys(grid: dict[str, Any], shape: tuple[int, ...]) -> list[str]:
+    """The keys of every unit of a file cut by ``grid``: together their regions cover every entry exactly once.
+
+    >>> unit_keys(kernel_grid(2, (0, 1), symmetric=True), (3, 3, 4)), unit_keys(features_grid(4), (6, 2))
+    (['0_0', '0_2', '2_2'], ['0', '1'])
+    """
+    if "chunk" in grid:
+        return [str(c) for c in range(-(-shape[0] // int(grid["chunk"])))]
+    block, axes, n1, n2, symmetric = _tile_bounds(grid, shape)
+    return [t.key for t in tiles_grid(n1, n2, block, block, symmetric=symmetric, paired=len(axes) == 1)]
+
+
+def marker(file_id: str, writes: list[tuple[Index, Any]], digests: list[str], shape: tuple[int, ...], nonfinite: int = 0) -> str:
+    """The marker of a committed unit: the file id, the regions written, the checksum of each, and how many of the
+    unit's entries (its first region) are NaN or infinite."""
+    regions = [[list(s.indices(n)[:2]) for s, n in zip(full_index(index, len(shape)), shape)] for index, _ in writes]
+    return json.dumps({"file": file_id, "regions": regions, "digests": digests, "nonfinite": int(nonfinite)})
+
+
+def read_marker(path: Path, file_id: str, shape: tuple[int, ...], grid: dict[str, Any]) -> dict[str, Any] | None:
+    """The marker at ``path`` if it is a well-formed marker of the file ``file_id`` whose regions are exactly those of
+    the unit it is named after (:func:`unit_regions`), else None."""
     try:
         m = json.loads(path.read_text())
         regions, digests = m["regions"], m["digests"]
         ok = (
-            m.get("file") == file_id and isinstance(regions, list) and len(regions) == len(digests)
-            and all(len(r) == len(shape) and all(0 <= a <= b <= n for (a, b), n in zip(r, shape)) for r in regions)
+            m.get("file") == file_id and isinstance(regions, list) and isinstance(digests, list) and len(regions) == len(digests)
+            and isinstance(m.get("nonfinite"), int) and m["nonfinite"] >= 0 and regions == unit_regions(grid, path.name, shape)
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return m if ok else None
 
 
-def marker_keys(files: OutputFiles, file_id: str, shape: tuple[int, ...]) -> set[str]:
-    """The units with a well-formed marker of the file ``file_id``."""
+def committed_units(files: OutputFiles, file_id: str, shape: tuple[int, ...], grid: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{key: marker}`` of the units with a well-formed marker of the file ``file_id`` (see :func:`read_marker`)."""
     if not files.markers.exists():
-        return set()
-    return {p.name for p in files.markers.iterdir() if not p.name.startswith(".") and read_marker(p, file_id, shape) is not None}
+        return {}
+    found = {p.name: read_marker(p, file_id, shape, grid) for p in files.markers.iterdir() if not p.name.startswith(".")}
+    return {k: m for k, m in found.items() if m is not None}
 
 
 def marker_matches(values: np.ndarray, m: dict[str, Any]) -> bool:

@@ -61,12 +61,14 @@ class Job:
 
 @dataclasses.dataclass(frozen=True)
 class Output:
-    """Where the results go: ``out`` (None: memory), the features folder, and whether to resume and verify."""
+    """Where the results go: ``out`` (None: memory), the features folder, whether to resume and verify, and whether a
+    file at ``out`` that no manifest describes may be replaced (``overwrite``)."""
 
     out: None | str | os.PathLike[str]
     features: None | str | os.PathLike[str]
     resume: bool
     verify: bool
+    overwrite: bool = False
 
     @property
     def features_folder(self) -> None | str | os.PathLike[str]:

@@ -1,9 +1,10 @@
 """Reading a kernel file written by ``kernel_matrix(out=...)`` or ``ntkfunc compute``, checked first.
 
 :func:`verify_kernel` checks everything a finished output promises: its manifest is intact
-and complete, the ``.npy`` has the manifest's header, shape and size, every tile has its
-marker and the markers cover every kernel entry exactly once, and (``data=True``) every
-tile's entries still have the checksum written with them. :func:`load_kernel` returns
+and complete, the ``.npy`` has the manifest's header, shape and size, the manifest lists every
+tile of its grid (so the tiles cover every kernel entry exactly once), every tile has its marker
+and each marker describes exactly its own tile's regions (a marker copied over another tile's is
+refused), and (``data=True``) every tile's entries still have the checksum written with them. :func:`load_kernel` returns
 the kernel after those checks and refuses an incomplete, damaged or foreign file with a
 message that says which. ``np.load("K.npy")`` still opens any finished kernel (an unfinished
 one is ``K.npy.partial`` and cannot be mistaken for it).
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from ntkfunc._dataset import npyfile
-from ntkfunc._dataset.fileformat import OutputFiles, entries_covered, marker_matches, open_values, read_manifest, read_marker
+from ntkfunc._dataset.fileformat import OutputFiles, entries_covered, marker_matches, open_values, read_manifest, read_marker, unit_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,20 +69,25 @@ def verify_kernel(path: str | os.PathLike[str], *, data: bool = True, api: str =
         raise FileNotFoundError(f"{what}: no kernel there ({files.out.name} and {files.manifest.name} do not exist)")
     manifest = read_manifest(files, what)
     shape, dtype = tuple(manifest["shape"]), np.dtype(manifest["dtype"])
-    file_id = str(manifest["file"])
+    file_id, grid = str(manifest["file"]), dict(manifest["grid"])
     if not manifest.get("complete"):
-        done = sum(1 for p in files.markers.iterdir() if read_marker(p, file_id, shape) is not None) if files.markers.exists() else 0
+        done = sum(1 for p in files.markers.iterdir() if read_marker(p, file_id, shape, grid) is not None) if files.markers.exists() else 0
         raise ValueError(
             f"{what}: the kernel is incomplete ({done} tiles committed to {files.partial.name} so far); expected a "
             "finished kernel: run the same kernel_matrix call (or ntkfunc compute) again to resume it"
         )
     header = npyfile.check(files.out, shape, dtype, what)
     keys = list(manifest.get("tiles", []))
-    markers = [read_marker(files.markers / k, file_id, shape) for k in keys]
+    expected = unit_keys(grid, shape)
+    if sorted(keys) != sorted(expected):
+        raise ValueError(f"{what}: its manifest lists {len(keys)} tiles; expected the {len(expected)} tiles of its grid "
+                         f"(block {grid.get('block')}), each once (the manifest was edited)")
+    markers = [read_marker(files.markers / k, file_id, shape, grid) for k in keys]
     missing = [k for k, m in zip(keys, markers) if m is None]
     if missing:
         raise ValueError(f"{what}: {len(missing)} of {len(keys)} tiles have no valid marker in {files.markers.name}/ "
-                         f"({missing[:5]}); expected one per tile (the markers were removed or edited)")
+                         f"({missing[:5]}); expected one per tile, describing that tile (the markers were removed, edited "
+                         "or copied over one another)")
     covered = entries_covered(m for m in markers if m is not None)
     if covered != math.prod(shape):
         raise ValueError(f"{what}: the tiles cover {covered:,} of the kernel's {math.prod(shape):,} entries; expected every entry "

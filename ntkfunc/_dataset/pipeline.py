@@ -40,15 +40,17 @@ from typing import Any
 import torch
 
 from ntkfunc._core.checks import as_axes_tuple, check_bool, check_positive_int, explained_f_errors, refuse_batch_coupled
-from ntkfunc._core.finite import NonFinite, check_mode
+from ntkfunc._core.finite import NonFinite, check_mode, nonfinite_message, report
 from ntkfunc._core.memory import SAFETY, fmt_bytes, itemsize, parse_budget
 from ntkfunc._core.problem import Problem
+from ntkfunc._core.pytree import tree_map
 from ntkfunc._core.tiles import Tile, grid
 from ntkfunc._core.types import ApplyFn, Axes, MemoryBudget, PyTree
 from ntkfunc._dataset import features as featuring
 from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import Devices, Ranks, ranks, resolve_devices, to_device
-from ntkfunc._dataset.fingerprint import job_fingerprint
+from ntkfunc._dataset.fileformat import kernel_grid
+from ntkfunc._dataset.fingerprint import differences, job_fingerprint
 from ntkfunc._dataset.job import API, WITHOUT_VMAP, Job, Output, Shape, Workers, problem_on
 from ntkfunc._dataset.kernel_file import verify_kernel
 from ntkfunc._dataset.panels import PerTileKernel, RowPanels, TileKernel
@@ -104,6 +106,7 @@ def kernel_matrix(
     verify: bool = False,
     sketch: Sketch | None = None,
     features: None | str | os.PathLike[str] = None,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """The empirical NTK of ``f`` over whole datasets ``x1`` (rows) and ``x2`` (columns).
 
@@ -132,10 +135,11 @@ def kernel_matrix(
         and returns a tensor over a copy-on-write memory map of it. One writer per output: a
         second run on the same ``out`` is refused while the first is alive.
       resume: continue an interrupted run with the same ``out`` (refused, with the reason, if
-        f, params, buffers, data or settings changed, or if the files were damaged); False
-        starts over. A resumed run keeps the recorded tile grid (a smaller budget then computes
-        each tile in smaller pieces) and checks every committed tile's checksum first. See
-        :mod:`ntkfunc._dataset.fingerprint` for what is compared.
+        f, params, buffers, data or settings changed, if the file is of another results format,
+        or if the files were damaged); False starts over. A resumed run keeps the recorded tile
+        grid (a smaller budget then computes each tile in smaller pieces), checks every committed
+        tile's marker and checksum first, and reports the committed tiles that hold non-finite
+        entries as ``nonfinite`` says. See :mod:`ntkfunc._dataset.fingerprint` for what is compared.
       progress: a tqdm bar (tiles, ETA, kernel entries/s) on stderr when it is a terminal.
       devices: None (params' device; ``cuda:LOCAL_RANK`` under torchrun with CUDA), ``"all"``
         (every CUDA device, one worker thread each), or a list of devices.
@@ -156,11 +160,17 @@ def kernel_matrix(
         ``features-<key>.npy`` (``np.load`` opens them; ``<key>`` hashes model, params, data and
         sketch, so another kernel of the same data reuses them). Default: ``<out>.features``
         with ``out``, memory without. The output's manifest records the sketch, its resolved
-        plan and an error estimate (:meth:`ntkfunc.Sketch.error_estimate`).
+        plan and an error estimate (:meth:`ntkfunc.Sketch.error_estimate`). Needs ``sketch``.
+      overwrite: replace a file at ``out`` (or a features file) that no manifest describes; by
+        default such a file (an array of yours) is refused and left as it is. (``resume=False``
+        starts over on kernel_matrix's own outputs, with or without it.)
 
     Shapes: an ``(N, O)`` output gives ``(N1, N2)`` with the default trace; the layout is
     ``ntk_fn``'s. CUDA out-of-memory errors halve the computed block and retry.
-    Under ``torchrun`` each rank computes its share of the tiles; every rank returns the kernel.
+    Under ``torchrun`` the ranks first compare the fingerprint of their f, params, buffers, data
+    and settings with rank 0's (all refuse, naming what differs, before any work); then each rank
+    computes its share of the tiles, and every rank returns the kernel. The kernel is not
+    differentiable: params and inputs are detached.
 
     Example:
       >>> import torch, ntkfunc
@@ -176,17 +186,21 @@ def kernel_matrix(
       torch.Size([10, 4, 3, 3])
     """
     job = validate(f, params, x1, x2, trace_axes, diagonal_axes, implementation, pntk, batch_size, nonfinite, precision, sketch)
-    output = Output(out, features, resume, check_verify(verify, out))
-    workers = place(devices, params, progress)
+    output = check_output(out, features, sketch, resume, verify, overwrite)
+    workers = place(devices, job.params, progress)
     shape = probe(job, workers.devices[0])
-    budget = parse_budget(memory_budget, workers.devices[0])
+    budget = check_budget(memory_budget, workers.devices[0])
+    fingerprint = job_fingerprint(job, shape) if out is not None or workers.rk.world > 1 else None
+    agree(fingerprint, workers.rk)
     featured = featuring.compute(job, shape.problem, budget, output, workers) if job.sketch is not None else None
     planned = plan(job, shape, rows_of(job, featured), budget, batch_size, in_memory=out is None, device=workers.devices[0])
-    store, grid_block = open_output(job, shape, planned, output, workers.rk, featured)
+    store, grid_block = open_output(job, shape, planned, output, workers.rk, fingerprint, featured)
     try:  # the store holds the output's lock until the kernel is returned (or the run fails)
         tiles = list(grid(shape.n1, shape.n2, grid_block, grid_block, symmetric=job.symmetric, paired=shape.layout.batch_paired))
+        committed = store.committed()  # by earlier runs: every marker read once
+        recheck_committed(job, shape, store, tiles, committed)
         with explained_f_errors(API, job.params, {}, without_vmap=WITHOUT_VMAP):
-            run(job, shape, store, planned, grid_block, tiles, workers)
+            run(job, shape, store, planned, grid_block, tiles, workers, set(committed))
         return finish(store, tiles, workers.rk, verify=output.verify, record=featured.run_record() if featured is not None else None)
     finally:
         store.close()
@@ -207,16 +221,57 @@ def validate(f: ApplyFn, params: PyTree, x1: Any, x2: Any, trace_axes: Axes, dia
     refuse_batch_coupled(f, 0, API)
     s1 = Samples(x1, "x1")
     s2 = s1 if x2 is None else Samples(x2, "x2")
-    return Job(f, params, engine, s1, s2, as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes), bool(pntk), nonfinite, precision,
+    detached = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, params)  # the kernel is not differentiable
+    return Job(f, detached, engine, s1, s2, as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes), bool(pntk), nonfinite, precision,
                sketch)
 
 
-def check_verify(verify: bool, out: None | str | os.PathLike[str]) -> bool:
-    """``verify=True`` checks an output file: it needs ``out``."""
+def check_output(out: None | str | os.PathLike[str], features: None | str | os.PathLike[str], sketch: Sketch | None,
+                 resume: bool, verify: bool, overwrite: bool) -> Output:
+    """Where the results go, checked before anything runs: ``verify`` needs ``out``, ``features`` a sketch and a folder."""
     if check_bool(verify, "verify", API) and out is None:
         raise ValueError(f"{API}(verify=True, out=None): verify reads the kernel file back; expected out='K.npy'")
-    return bool(verify)
+    check_bool(overwrite, "overwrite", API)
+    if features is not None and sketch is None:
+        raise ValueError(f"{API}(features={str(features)!r}): features= is where the features of sketch= are written, and there "
+                         "is no sketch; expected sketch=ntkfunc.Sketch(dim) with it (or no features=)")
+    if features is not None and os.path.exists(features) and not os.path.isdir(features):
+        raise ValueError(f"{API}(features={str(features)!r}): {features} is a file; expected a folder (features-<key>.npy files "
+                         "are written into it) or a path where one can be made")
+    return Output(out, features, resume, bool(verify), bool(overwrite))
 
+
+def check_budget(memory_budget: MemoryBudget, device: torch.device) -> int:
+    """The budget in bytes, refused when it leaves nothing for the work (before anything runs or is written)."""
+    budget = parse_budget(memory_budget, device)
+    if int(budget * SAFETY) < 1:
+        raise MemoryError(f"{API}(memory_budget={memory_budget!r}): {fmt_bytes(budget)} leaves {fmt_bytes(int(budget * SAFETY))} "
+                          f"for the work once the safety margin ({1 - SAFETY:.0%}) is kept; expected a budget of at least 2 bytes "
+                          "(e.g. '4GB')")
+    return budget
+
+
+def agree(fingerprint: dict[str, Any] | None, rk: Ranks) -> None:
+    """Under ``torchrun``: refuse on every rank, before any work, when a rank's fingerprint is not rank 0's.
+
+    Rank 0 broadcasts its fingerprint (f, params, buffers, data and settings: see
+    :mod:`ntkfunc._dataset.fingerprint`), every rank compares its own with it, and all ranks
+    raise the same ``ValueError`` naming, per rank, what differs: the tiles of ranks that
+    disagree would otherwise be summed (or written) into a kernel of neither.
+    """
+    if rk.world == 1:
+        return
+    assert fingerprint is not None
+    reference = rk.broadcast_object(fingerprint)
+    everyone = rk.gather_objects(differences(reference, fingerprint) if rk.rank else [])
+    bad = [(r, d) for r, d in enumerate(everyone) if d]
+    if bad:
+        detail = "; ".join(f"rank {r} has different {', '.join(d)}" for r, d in bad)
+        raise ValueError(
+            f"{API}: the {rk.world} torchrun ranks would not compute one kernel: {detail} than rank 0; expected every rank to "
+            "hold the same f, params, buffers, data and settings (build the model after the same torch.manual_seed, or load "
+            "the same weights, and give every rank the same x1 and x2). Nothing was computed"
+        )
 
 def place(devices: Devices, params: PyTree, progress: bool) -> Workers:
     """This process's devices and rank; a progress bar on rank 0 only."""
@@ -290,21 +345,41 @@ def plan(job: Job, shape: Shape, rows: Rows | None, budget: int, batch_size: int
     return Planned(usable, tiles, rows, source, storage)
 
 
-def open_output(job: Job, shape: Shape, planned: Planned, output: Output, rk: Ranks,
+def open_output(job: Job, shape: Shape, planned: Planned, output: Output, rk: Ranks, fingerprint: dict[str, Any] | None = None,
                 featured: featuring.Featured | None = None) -> tuple[Store, int]:
-    """``(store, tile side)``: every rank's store, and the tile grid of the run being resumed (or this plan's)."""
+    """``(store, tile side)``: every rank's store, and the tile grid of the run being resumed (or this plan's).
+
+    ``fingerprint``: the job's (:func:`job_fingerprint`, computed once), with the resolved sketch of ``featured``.
+    """
     if output.out is None:
         return MemoryStore(shape.kshape, shape.dtype), rk.broadcast_int(planned.tiles.block)  # every rank cuts the same tiles
-    fingerprint = job_fingerprint(job, shape, None if featured is None else featured.record)
-    store = open_store(output.out, shape.kshape, shape.dtype, fingerprint, {"block": planned.tiles.block}, output.resume, rk)
+    fingerprint = job_fingerprint(job, shape) if fingerprint is None else fingerprint
+    if featured is not None:
+        fingerprint = {**fingerprint, "sketch": featured.record}
+    grid_record = kernel_grid(planned.tiles.block, shape.layout.batch_positions(), job.symmetric)
+    store = open_store(output.out, shape.kshape, shape.dtype, fingerprint, grid_record, output.resume, rk, overwrite=output.overwrite)
     return store, int(store.grid["block"])
 
 
-def run(job: Job, shape: Shape, store: Store, planned: Planned, grid_block: int, tiles: list[Tile], workers: Workers) -> None:
-    """Compute and commit this rank's pending tiles, panel by panel, on the workers' devices."""
+def recheck_committed(job: Job, shape: Shape, store: Store, tiles: list[Tile], committed: dict[str, int]) -> None:
+    """Committed tiles whose entries are not all finite (``committed``: ``{tile: non-finite entries}``, by an earlier run
+    with ``nonfinite="warn"`` or ``"ignore"``) are reported as this run's ``nonfinite`` says, as if computed now: with
+    ``"raise"`` nothing is returned."""
+    if job.nonfinite == "ignore":
+        return
+    for t in tiles:
+        if committed.get(t.key):
+            assert isinstance(store, NpyStore)
+            where = f" in the tile x1[{t.i0}:{t.i1}] x x2[{t.j0}:{t.j1}] committed to {store.data.name} by an earlier run"
+            message = nonfinite_message(torch.from_numpy(store.read(t.key)), shape.layout.batch_positions(), API, where, offsets=(t.i0, t.j0))
+            report(message, job.nonfinite, stacklevel=3, raised=" (pass resume=False to compute the kernel again)")
+
+
+def run(job: Job, shape: Shape, store: Store, planned: Planned, grid_block: int, tiles: list[Tile], workers: Workers,
+        done: set[str]) -> None:
+    """Compute and commit this rank's pending tiles (those not ``done``), panel by panel, on the workers' devices."""
     devices = workers.devices
     on_grid, mine = schedule(planned, shape.sizes(job.symmetric), grid_block, workers.rk, len(devices))
-    done = store.done_keys()
     todo = sorted((t for t in tiles if on_grid.panel_of(t.i0) in mine and t.key not in done), key=on_grid.ordering(shape.n1, job.symmetric))
     # the limit: the largest block planned to fit; a resumed grid may be larger
     work = Tiles(shape.layout, job.symmetric, len(shape.kshape), planned.tiles.block, job.nonfinite, on_grid)

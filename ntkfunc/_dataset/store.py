@@ -4,12 +4,14 @@
 output (``out="K.npy"``, units = tiles) or a features file of ``sketch=`` (units = chunks of
 samples). A process killed at any moment (SIGKILL included) never leaves a unit marked done
 that is not on disk, and a restart recomputes exactly the units without a valid marker. Before
-a resume (or a reuse of features) relies on the file, it checks that the manifest is intact and
-describes the same job (else refused, naming what changed), that the file's header, shape and
-size are the manifest's (else refused), and every marker's file id and checksum against the
-file (a unit that fails is computed again, with a warning). Before every commit a writer checks
-that its file and manifest are still the ones it opened (else it stops), so two runs can never
-mix their results in one file. :func:`open_store` opens a file for every rank of a ``torchrun``
+a resume (or a reuse of features) relies on the file, it checks that the manifest is intact, of
+this ntkfunc's results format, and describes the same job (else refused, naming what changed),
+that the file's header, shape and size are the manifest's (else refused), and every marker's file
+id, regions (exactly its unit's) and checksums against the file (a unit that fails is computed
+again, with a warning). Before every commit a writer checks that its file and manifest are still
+the ones it opened (else it stops), so two runs can never mix their results in one file. A file
+at the path that no manifest describes (an array of the user's) is never deleted without
+``overwrite=True``. :func:`open_store` opens a file for every rank of a ``torchrun``
 job: rank 0 under the file's lock, the others after it; they commit their own units.
 
 :class:`MemoryStore` keeps the result as a tensor (``out=None``; features that fit in memory).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,19 +38,21 @@ from ntkfunc._dataset.fileformat import (
     Index,
     OutputFiles,
     atomic_write,
+    committed_units,
     fsync_dir,
+    full_index,
     manifest_file_id,
     marker,
-    marker_keys,
     marker_matches,
     new_manifest,
     numpy_dtype,
     open_values,
     read_manifest,
     read_marker,
+    region_index,
     write_manifest,
 )
-from ntkfunc._dataset.fingerprint import differences
+from ntkfunc._dataset.fingerprint import RESULTS_KEY, differences
 from ntkfunc._dataset.lock import OutputLock
 
 
@@ -55,6 +60,8 @@ class Store(Protocol):
     """Where committed units go; ``result()`` is the finished tensor."""
 
     def done_keys(self) -> set[str]: ...
+
+    def committed(self) -> dict[str, int]: ...
 
     def commit(self, key: str, writes: Iterable[tuple[Index, torch.Tensor]]) -> None: ...
 
@@ -74,6 +81,10 @@ class MemoryStore:
 
     def done_keys(self) -> set[str]:
         return set(self.done)
+
+    def committed(self) -> dict[str, int]:
+        """``{unit: non-finite entries}``: none counted (an in-memory result is this run's own)."""
+        return dict.fromkeys(self.done, 0)
 
     def commit(self, key: str, writes: Iterable[tuple[Index, torch.Tensor]]) -> None:
         for index, block in writes:
@@ -95,12 +106,12 @@ class NpyStore:
 
     >>> import tempfile, os
     >>> out = os.path.join(tempfile.mkdtemp(), "K.npy")
-    >>> s = NpyStore.open(out, (2, 2), torch.float32, {"seed": 0}, {"block": 1}, resume=True)
-    >>> s.commit("0_0", [((slice(0, 1), slice(0, 2)), torch.ones(1, 2))])
+    >>> from ntkfunc._dataset.fileformat import kernel_grid
+    >>> s = NpyStore.open(out, (2, 2), torch.float32, {"seed": 0}, kernel_grid(2, (0,), symmetric=False), resume=True)
+    >>> s.commit("0_0", [((slice(0, 2),), torch.tensor([[1.0, 1.0], [2.0, 2.0]]))])  # one tile: a paired batch axis
     >>> s.done_keys(), os.path.exists(out)  # still K.npy.partial
     ({'0_0'}, False)
-    >>> s.commit("1_0", [((slice(1, 2), slice(0, 2)), torch.full((1, 2), 2.0))])
-    >>> s.finish(["0_0", "1_0"]); s.close()
+    >>> s.finish(["0_0"]); s.close()
     >>> np.load(out).tolist()
     [[1.0, 1.0], [2.0, 2.0]]
     """
@@ -110,6 +121,7 @@ class NpyStore:
         self.files, self.shape, self.manifest, self.data, self.header, self.lock = files, shape, manifest, data, header, lock
         self.what = files.content.what(files.out)
         self.fd: int | None = os.open(data, os.O_RDWR)
+        self.mode = stat.S_IMODE(os.fstat(self.fd).st_mode)  # the manifest and markers are as readable as the data
 
     @property
     def path(self) -> Path:
@@ -134,12 +146,14 @@ class NpyStore:
         resume: bool,
         create: bool = True,
         content: Content = KERNEL,
+        overwrite: bool = False,
     ) -> NpyStore:
         """Create the file (or reopen it to resume), holding its lock; ``create=False``: only reopen (other ranks).
 
         Refuses to resume when the manifest's fingerprint differs from ``fingerprint``, or when the
         manifest or the data file are not what ntkfunc wrote. ``grid``: how the file is cut into
-        units, recorded when it is created (a reopened file keeps its own).
+        units (:func:`~.fileformat.unit_regions`), recorded when it is created (a reopened file
+        keeps its own). A file at ``path`` that no manifest describes is refused unless ``overwrite``.
         """
         files = OutputFiles(Path(path), content)
         np_dtype = numpy_dtype(dtype, content)
@@ -148,9 +162,11 @@ class NpyStore:
             raise ValueError(f"{what}: {files.out} is a directory; expected the path of a .npy file to write")
         if not create:
             return cls._reopen(files, shape, np_dtype, fingerprint, None, check=False)
+        refuse_foreign(files, overwrite)  # before anything is written
         files.out.parent.mkdir(parents=True, exist_ok=True)
         lock = OutputLock.acquire(files.out, "kernel_matrix", content)
         try:
+            refuse_foreign(files, overwrite)  # again, under the lock
             if resume and files.manifest.exists():
                 manifest = read_manifest(files, what)
                 if files.data(manifest) is not None:
@@ -172,7 +188,7 @@ class NpyStore:
         content = files.content
         header = npyfile.create(files.partial, shape, np_dtype, "kernel_matrix", content.arg, f"{content.name} file")
         manifest = new_manifest(files, secrets.token_hex(8), shape, np_dtype, fingerprint, grid)
-        write_manifest(files, manifest)
+        write_manifest(files, manifest, stat.S_IMODE(os.stat(files.partial).st_mode))
         return cls(files, shape, manifest, files.partial, header, lock)
 
     @classmethod
@@ -181,7 +197,16 @@ class NpyStore:
         content = files.content
         what = f"{content.what(files.out)[:-1]}, resume=True)"
         manifest = read_manifest(files, what) if manifest is None else manifest
-        changed = differences(manifest.get("fingerprint", {}), fingerprint)
+        recorded = manifest.get("fingerprint", {})
+        if recorded.get(RESULTS_KEY) != fingerprint.get(RESULTS_KEY):
+            raise ValueError(
+                f"{what}: the existing {content.noun}{content.named(files.out)} was written by "
+                f"{manifest.get('written_by', 'an earlier ntkfunc')} in results format {recorded.get(RESULTS_KEY)}; this ntkfunc "
+                f"computes results format {fingerprint.get(RESULTS_KEY)} (a fix changed what it computes since), so the file "
+                f"is not reused; expected a file of results format {fingerprint.get(RESULTS_KEY)}. Pass resume=False "
+                f"(or --no-resume) to compute it again, or {content.elsewhere}"
+            )
+        changed = differences(recorded, fingerprint)
         if changed:
             existing = f"the existing {content.noun}{content.named(files.out)}"
             raise ValueError(
@@ -212,7 +237,7 @@ class NpyStore:
             for m in sorted(self.files.markers.iterdir()):
                 if m.name.startswith("."):
                     continue
-                found = read_marker(m, self.file_id, self.shape)
+                found = read_marker(m, self.file_id, self.shape, self.grid)
                 if found is None or not marker_matches(values, found):
                     bad.append(m.name)
                     m.unlink()
@@ -223,13 +248,28 @@ class NpyStore:
             of = f" of{content.named(self.files.out)}" if content is not KERNEL else ""
             warnings.warn(
                 f"{self.what}: {len(bad)} committed {content.unit}(s) {bad[:5]}{of} do not match their markers (the data or the "
-                "markers changed after they were written); computing them again",
+                f"markers changed after they were written, or a marker describes another {content.unit}); computing them again",
                 RuntimeWarning, stacklevel=5,
             )
 
     def done_keys(self) -> set[str]:
         """Units with a well-formed marker of this file (their checksums were checked when the store was opened)."""
-        return marker_keys(self.files, self.file_id, self.shape)
+        return set(self.committed())
+
+    def committed(self) -> dict[str, int]:
+        """``{unit: non-finite entries}`` of the units with a well-formed marker (the count is the marker's: units
+        committed with ``nonfinite="warn"`` or ``"ignore"`` may hold NaN or infinite entries)."""
+        return {k: int(m["nonfinite"]) for k, m in committed_units(self.files, self.file_id, self.shape, self.grid).items()}
+
+    def read(self, key: str) -> np.ndarray:
+        """The entries of unit ``key``'s first region (the unit itself, not its mirror image), as stored."""
+        m = read_marker(self.files.markers / key, self.file_id, self.shape, self.grid)
+        assert m is not None, key
+        values = open_values(self.data, self.header)
+        try:
+            return np.array(values[region_index(m["regions"][0])])
+        finally:
+            del values
 
     def _check_still_ours(self) -> None:
         """Stop before writing if the data file or the manifest at our paths are no longer the ones we opened."""
@@ -251,20 +291,17 @@ class NpyStore:
     def commit(self, key: str, writes: Iterable[tuple[Index, torch.Tensor]]) -> None:
         """Write the unit's blocks, make them durable, then mark the unit done with their checksums (atomically)."""
         self._check_still_ours()
-        writes = list(writes)
         assert self.fd is not None
-        with open(self.fd, "r+b", closefd=False) as fh:
-            values = np.memmap(fh, dtype=self.header.dtype, mode="r+", offset=self.header.offset, shape=self.shape)
-            try:
-                digests = []
-                for index, block in writes:
-                    values[index] = block.detach().cpu().numpy()
-                    digests.append(npyfile.digest(values[index]))
-                values.flush()
-            finally:
-                del values
+        ndim = len(self.shape)
+        arrays = [(full_index(index, ndim), np.ascontiguousarray(block.detach().cpu().numpy(), dtype=self.header.dtype))
+                  for index, block in writes]
+        digests = []
+        for index, values in arrays:
+            npyfile.write(self.fd, self.header, index, values, f"{self.what} ({self.data.name}, {self.files.content.unit} {key})")
+            digests.append(npyfile.digest(values))
         os.fsync(self.fd)
-        atomic_write(self.files.markers / key, marker(self.file_id, writes, digests, self.shape))
+        nonfinite = int(np.count_nonzero(~np.isfinite(arrays[0][1]))) if arrays else 0
+        atomic_write(self.files.markers / key, marker(self.file_id, arrays, digests, self.shape, nonfinite), self.mode)
 
     def finish(self, keys: list[str], record: dict[str, Any] | None = None) -> None:
         """Move the data file to ``out`` and record completion, the units and ``record`` (what the run found) in the manifest."""
@@ -277,7 +314,7 @@ class NpyStore:
             self.data = self.files.out
         units = f"{self.files.content.unit}s"  # "tiles" of a kernel, "chunks" of features
         self.manifest = {**self.manifest, **(record or {}), "complete": True, units: sorted(keys)}
-        write_manifest(self.files, self.manifest)
+        write_manifest(self.files, self.manifest, self.mode)
 
     def result(self) -> torch.Tensor:
         """The file as a tensor over a copy-on-write memory map: pages load on access, the file never changes."""
@@ -294,11 +331,23 @@ class NpyStore:
             self.lock = None
 
 
+def refuse_foreign(files: OutputFiles, overwrite: bool) -> None:
+    """Refuse (unless ``overwrite``) a file at ``files.out`` that no manifest describes: it is not ours to delete."""
+    if overwrite or files.manifest.exists() or not (files.out.exists() or files.out.is_symlink()):
+        return
+    content = files.content
+    raise ValueError(
+        f"{content.what(files.out)}: {files.out} exists and is not a {content.name} file written by kernel_matrix (no "
+        f"{files.manifest.name} describes it), so it is left as it is; expected a new path or an earlier output of "
+        f"kernel_matrix: pass overwrite=True (ntkfunc compute --overwrite) to replace it, or {content.elsewhere}"
+    )
+
+
 def open_store(path: str | os.PathLike[str], shape: tuple[int, ...], dtype: torch.dtype, fingerprint: dict[str, Any],
-               grid: dict[str, Any], resume: bool, rk: Ranks, content: Content = KERNEL) -> NpyStore:
+               grid: dict[str, Any], resume: bool, rk: Ranks, content: Content = KERNEL, overwrite: bool = False) -> NpyStore:
     """The file ``path`` opened for every rank: rank 0 creates (or reopens) it under its lock, the others then reopen it."""
     return rk.rank0_first(
-        lambda: NpyStore.open(path, shape, dtype, fingerprint, grid, resume, content=content),
+        lambda: NpyStore.open(path, shape, dtype, fingerprint, grid, resume, content=content, overwrite=overwrite),
         lambda: NpyStore.open(path, shape, dtype, fingerprint, grid, resume=True, create=False, content=content),
         f"{content.what(path)}: rank 0 could not open the {content.noun}{content.named(path)} (see its error)",
     )
