@@ -71,7 +71,7 @@ class Samples:
     (6, [[2.0, 3.0], [4.0, 5.0]])
     >>> d = Samples({"x": torch.zeros(5, 3), "mask": torch.ones(2, 5)}, "x1", {"x": 0, "mask": 1})
     >>> {k: tuple(v.shape) for k, v in d.get(1, 4).items()}, d.paths
-    ({'mask': (2, 3), 'x': (3, 3)}, ["x1['mask']", "x1['x']"])
+    ({'x': (3, 3), 'mask': (2, 3)}, ["x1['x']", "x1['mask']"])
     """
 
     def __init__(self, data: Any, name: str, vmap_axes: VMapAxes = 0) -> None:
@@ -133,7 +133,7 @@ class Samples:
             if not isinstance(x, (torch.Tensor, np.ndarray)):
                 what = "the input of a Dataset's item" if of_item else self.name
                 raise TypeError(
-                    f"{API}: {p} is a {type(x).__name__}; expected {what} to be a torch.Tensor, a numpy array (memory-mapped "
+                    f"{API}: {p} is {_a(type(x).__name__)}; expected {what} to be a torch.Tensor, a numpy array (memory-mapped "
                     "ones too) or a pytree (dict, tuple, list) of them, or x a torch.utils.data.Dataset / DataLoader"
                 )
             if x.ndim == 0 and not of_item:
@@ -188,7 +188,7 @@ class Samples:
                 if len(leaves) != len(self.axes):
                     raise ValueError(f"{API}: {self.name}[{i}] has {len(leaves)} input leaves; expected {len(self.axes)} as "
                                      f"{self.name}[0] has ({self.spec})")
-            return [torch.stack([_tensor(it[k]) for it in items], dim=a) for k, a in enumerate(self.axes)]
+            return [torch.stack([_tensor(it[k]) for it in items], dim=a or 0) for k, a in enumerate(self.axes)]  # all batched
         out = []
         for x, a in zip(self.leaf_data, self.axes):
             if a is not None:
@@ -251,6 +251,11 @@ def narrow(leaves: Sequence[torch.Tensor], axes: Sequence[int | None], start: in
     return [t if a is None else t.narrow(a, start, stop - start) for t, a in zip(leaves, axes)]
 
 
+def _a(noun: str) -> str:
+    """``"an int"``, ``"a float"``."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def _dtype(x: Any) -> torch.dtype:
     """The torch dtype of a tensor or array (as the array's rows read as tensors have)."""
     return x.dtype if isinstance(x, torch.Tensor) else torch.from_numpy(np.empty(0, dtype=x.dtype)).dtype
@@ -270,7 +275,7 @@ def _input_of(item: Any, name: str, i: int) -> PyTree:
             leaf = torch.from_numpy(leaf)
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
-                f"{API}: {path} gives a {type(leaf).__name__} as input; expected a tensor or numpy array, a pytree of them "
+                f"{API}: {path} gives {_a(type(leaf).__name__)} as input; expected a tensor or numpy array, a pytree of them "
                 "(dict, tuple, list), or a tuple/list whose first element is one"
             )
         converted.append(leaf)

@@ -87,7 +87,7 @@ def job_fingerprint(job: Job, shape: Shape, sketch: dict[str, Any] | None = None
         "kernel_shape": list(shape.kshape),
         "dtype": str(problem.out_dtype),
     }
-    if not job.default_axes:  # the inputs' axes are in x1's and x2's fingerprints; the output's here
+    if _output_axes(job) != "=0":  # the inputs' axes are in x1's and x2's fingerprints; the output's here
         fingerprint["output_batch_axis"] = _output_axes(job)
     if job.precision != "highest":  # reduced-precision products differ from IEEE ones: never mixed in one file
         fingerprint["precision"] = job.precision

@@ -51,11 +51,6 @@ class Job:
     sketch: Sketch | None = None
     vmap_axes: VMapAxes = 0  # as ntk_fn's: the inputs' batch axes (the Samples slice by them) and the output's
 
-    @property
-    def default_axes(self) -> bool:
-        """Every input leaf and the output batched along axis 0 (what earlier fingerprints assumed)."""
-        return self.vmap_axes == 0
-
     @functools.cached_property
     def fn_axes(self) -> VMapAxes:
         """The ``vmap_axes`` of :attr:`fn`: the sum of the logits has its batch axis first."""
