@@ -519,7 +519,7 @@ def test_errors_say_what_was_given_and_expected(tmp_path):
         kernel_matrix(f, params, x1, trace_axes=(0,))
     with pytest.raises(ValueError, match=r"expected x1 and x2 of equal lengths, got 9 and 5"):
         kernel_matrix(f, params, x1, x2, trace_axes=(), diagonal_axes=(0,))
-    with pytest.raises(TypeError, match=r"x1\[0\] is a int; expected x1 to be a torch.Tensor, a numpy array"):
+    with pytest.raises(TypeError, match=r"x1\[0\] is an int; expected x1 to be a torch.Tensor, a numpy array"):
         kernel_matrix(f, params, [1, 2])  # a list is a pytree of inputs, as for ntk_fn: its leaves must be tensors
     with pytest.raises(ValueError, match=r"x2 has no samples"):
         kernel_matrix(f, params, x1, x1[:0])
