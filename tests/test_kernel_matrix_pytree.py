@@ -97,13 +97,13 @@ def test_batch_axis_1_on_a_leaf_and_on_the_output(impl):
     assert max_rel_err(k, reference_kernel(g, params, x_t, None, (), ())) < 1e-12
     # a sequence-first GRU: batch on axis 1 of its input (T, N, F) and of its output (T, N, H); kernel (T, T, N, N)
     torch.manual_seed(0)
-    gru, gp = ntkfunc.from_module(torch.nn.GRU(3, 4).double(), output=0)
-    seqs = torch.randn(4, 6, 3, dtype=torch.float64)
-    k = kernel_matrix(gru, gp, seqs, seqs[:, 2:] + 0.5, vmap_axes=1, implementation=impl, batch_size=4, progress=False)
-    assert k.shape == (4, 4, 6, 4) and max_rel_err(k, reference_kernel(gru, gp, seqs, seqs[:, 2:] + 0.5)) < 1e-12
-    k = kernel_matrix(gru, gp, seqs, vmap_axes=1, diagonal_axes=(0,), trace_axes=(-1,), implementation=impl, batch_size=4,
+    gru, gp = ntkfunc.from_module(torch.nn.GRU(2, 3).double(), output=0)
+    seqs = torch.randn(3, 5, 2, dtype=torch.float64)
+    k = kernel_matrix(gru, gp, seqs, seqs[:, 2:] + 0.5, vmap_axes=1, implementation=impl, batch_size=2, progress=False)
+    assert k.shape == (3, 3, 5, 3) and max_rel_err(k, reference_kernel(gru, gp, seqs, seqs[:, 2:] + 0.5)) < 1e-12
+    k = kernel_matrix(gru, gp, seqs, vmap_axes=1, diagonal_axes=(0,), trace_axes=(-1,), implementation=impl, batch_size=2,
                       progress=False)
-    assert k.shape == (4, 6, 6) and max_rel_err(k, reference_kernel(gru, gp, seqs, None, (-1,), (0,))) < 1e-12
+    assert k.shape == (3, 5, 5) and max_rel_err(k, reference_kernel(gru, gp, seqs, None, (-1,), (0,))) < 1e-12
 
 
 def test_numpy_leaves_datasets_of_pytrees_and_shared_leaves(tmp_path):
@@ -386,3 +386,75 @@ def test_hf_keyword_inputs_with_attention_mask_at_dataset_scale():
     data = {"input_ids": ids, "attention_mask": mask}
     k = kernel_matrix(f, params, data, batch_size=2, progress=False)
     assert max_rel_err(k, reference_kernel(f, params, data, None)) < 1e-12
+
+
+class Pooled(torch.nn.Module):
+    """``forward(input_ids, attention_mask)``: token embeddings pooled under the mask, as a HuggingFace encoder's head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(20, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.embed(input_ids)) * attention_mask.unsqueeze(-1)
+        return self.head(h.sum(1) / attention_mask.sum(1, keepdim=True))
+
+
+def pooled() -> torch.nn.Module:
+    """A factory for ``--model tests.test_kernel_matrix_pytree:pooled``."""
+    return Pooled()
+
+
+def _token_data(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(0, 20, (n, 5)), "attention_mask": (np.arange(5) < rng.integers(1, 6, (n, 1))).astype(np.float32)}
+
+
+def test_cli_named_inputs_from_npz_safetensors_and_pt(tmp_path):
+    from ntkfunc import _cli as cli
+
+    train, test = _token_data(9, 0), _token_data(4, 1)
+    np.savez(tmp_path / "train.npz", **train)
+    torch.save({k: torch.from_numpy(v) for k, v in test.items()}, tmp_path / "test.pt")
+    out = tmp_path / "K.npy"
+    argv = ["compute", "--model", "tests.test_kernel_matrix_pytree:pooled", "--dtype", "float64", "--kernel", "full",
+            "--batch-size", "4", "--out", str(out), "--no-progress"]
+    torch.manual_seed(0)  # as the CLI builds the model (--seed 0)
+    f, params = ntkfunc.from_module(pooled().double().eval())
+
+    def as_torch(d, a=0, b=None):
+        return {k: torch.from_numpy(v[a:b]).double() if v.dtype.kind == "f" else torch.from_numpy(v[a:b]) for k, v in d.items()}
+
+    assert cli.main(argv + ["--data", str(tmp_path / "train.npz")]) == 0
+    assert max_rel_err(torch.from_numpy(np.load(out)), reference_kernel(f, params, as_torch(train), None, (), ())) < 1e-12
+    # train rows 2:8 and test rows 1:3 against train rows 2:8; the test split from a .pt dict of tensors
+    assert cli.main(argv + ["--data", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.pt"), "--range", "2_8_1_3",
+                            "--no-resume"]) == 0
+    x1 = {k: torch.cat([as_torch(train, 2, 8)[k], as_torch(test, 1, 3)[k]]) for k in train}
+    expected = reference_kernel(f, params, x1, as_torch(train, 2, 8), (), ())
+    assert np.load(out).shape == (8, 6, 2, 2) and max_rel_err(torch.from_numpy(np.load(out)), expected) < 1e-12
+    safetensors = pytest.importorskip("safetensors.numpy")
+    safetensors.save_file(train, str(tmp_path / "train.safetensors"))  # memory-mapped by ntkfunc's own reader
+    assert cli.main(argv + ["--data", str(tmp_path / "train.safetensors"), "--no-resume"]) == 0
+    assert max_rel_err(torch.from_numpy(np.load(out)), reference_kernel(f, params, as_torch(train), None, (), ())) < 1e-12
+
+
+def test_cli_named_inputs_that_do_not_fit_are_usage_errors(tmp_path, capsys):
+    from ntkfunc import _cli as cli
+
+    train = _token_data(6, 0)
+    np.savez(tmp_path / "short.npz", input_ids=train["input_ids"], attention_mask=train["attention_mask"][:4])
+    np.savez(tmp_path / "train.npz", **train)
+    np.savez(tmp_path / "other.npz", input_ids=train["input_ids"])
+    argv = ["compute", "--model", "tests.test_kernel_matrix_pytree:pooled", "--out", str(tmp_path / "K.npy"), "--no-progress"]
+    cases = {
+        "short.npz": (["--data", str(tmp_path / "short.npz")],
+                      r"its arrays hold different numbers of samples \(input_ids: 6, attention_mask: 4\)"),
+        "other keys": (["--data", str(tmp_path / "train.npz"), "--test", str(tmp_path / "other.npz")],
+                       r"holds input_ids; expected the inputs of --data \(input_ids, attention_mask\)"),
+    }
+    for name, (extra, message) in cases.items():
+        assert cli.main(argv + extra) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("ntkfunc compute: error: ") and __import__("re").search(message, err), (name, err)
+    assert not (tmp_path / "K.npy").exists()
