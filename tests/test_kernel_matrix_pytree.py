@@ -227,7 +227,8 @@ class _ThreadRanks(Ranks):
 
 
 def _two_ranks(monkeypatch, call):
-    """``call()`` on two ranks at once (threads), each rank's kernel_matrix with its own Ranks; their results and commits."""
+    """``call(rank)`` on two ranks at once (threads), each rank's kernel_matrix with its own Ranks: ``(results, errors,
+    commits)`` by rank."""
     board, barrier, local = {}, threading.Barrier(2, timeout=60), threading.local()
     monkeypatch.setattr(pipeline, "ranks", lambda: _ThreadRanks(local.rank, 2, board, barrier))
     commits: dict[int, list] = {0: [], 1: []}
@@ -247,18 +248,16 @@ def _two_ranks(monkeypatch, call):
     def work(rank):
         local.rank = rank
         try:
-            results[rank] = call()
-        except BaseException as err:  # noqa: BLE001 - reported below
+            results[rank] = call(rank)
+        except Exception as err:  # noqa: BLE001 - returned to the test
             errors[rank] = err
-            barrier.abort()
 
     threads = [threading.Thread(target=work, args=(r,)) for r in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert not errors, errors
-    return results, commits
+    return results, errors, commits
 
 
 def test_ranks_split_pytree_work(tmp_path, monkeypatch):
@@ -266,37 +265,20 @@ def test_ranks_split_pytree_work(tmp_path, monkeypatch):
     ref = reference_kernel(f, params, x, None, (), ())
     out = str(tmp_path / "K.npy")
     for target in (None, out):
-        results, commits = _two_ranks(monkeypatch, lambda target=target: kernel_matrix(
+        results, errors, commits = _two_ranks(monkeypatch, lambda rank, target=target: kernel_matrix(
             f, params, x, trace_axes=(), batch_size=3, out=target, progress=False))
+        assert not errors, errors
         assert commits[0] and commits[1] and len(commits[0]) + len(commits[1]) == 6, commits  # each rank a share, once
         for rank in (0, 1):
             assert max_rel_err(results[rank], ref) < 1e-12, (target, rank)
     assert max_rel_err(torch.from_numpy(np.load(out)), ref) < 1e-12
     mask = x["mask"].clone()
     mask[0, 0] = 1 - mask[0, 0]
-
-    def disagree():  # rank 1 holds another mask: every rank refuses before any work
-        data = x if threading.current_thread().name == "rank0" else {**x, "mask": mask}
-        return kernel_matrix(f, params, data, batch_size=3, progress=False)
-
-    board, barrier, local = {}, threading.Barrier(2, timeout=60), threading.local()
-    monkeypatch.setattr(pipeline, "ranks", lambda: _ThreadRanks(local.rank, 2, board, barrier))
-    errors = {}
-
-    def work(rank):
-        local.rank = rank
-        threading.current_thread().name = f"rank{rank}"
-        try:
-            disagree()
-        except ValueError as err:
-            errors[rank] = str(err)
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert errors.keys() == {0, 1} and errors[0] == errors[1] and "rank 1 has different x1 than rank 0" in errors[0], errors
+    # rank 1 holds another mask: every rank refuses, with one message, before any work
+    _, errors, commits = _two_ranks(monkeypatch, lambda rank: kernel_matrix(
+        f, params, x if rank == 0 else {**x, "mask": mask}, batch_size=3, progress=False))
+    assert errors.keys() == {0, 1} and str(errors[0]) == str(errors[1]), errors
+    assert "rank 1 has different x1 than rank 0" in str(errors[0]) and commits == {0: [], 1: []}
 
 
 def test_sketch_path_with_pytree_inputs(tmp_path):
