@@ -241,17 +241,17 @@ def check_output(out: None | str | os.PathLike[str], features: None | str | os.P
     return Output(out, features, resume, bool(verify), bool(overwrite))
 
 
-def check_budget(memory_budget: MemoryBudget, device: torch.device) -> int:
+def check_budget(memory_budget: MemoryBudget, device: torch.device, api: str = API) -> int:
     """The budget in bytes, refused when it leaves nothing for the work (before anything runs or is written)."""
     budget = parse_budget(memory_budget, device)
     if int(budget * SAFETY) < 1:
-        raise MemoryError(f"{API}(memory_budget={memory_budget!r}): {fmt_bytes(budget)} leaves {fmt_bytes(int(budget * SAFETY))} "
+        raise MemoryError(f"{api}(memory_budget={memory_budget!r}): {fmt_bytes(budget)} leaves {fmt_bytes(int(budget * SAFETY))} "
                           f"for the work once the safety margin ({1 - SAFETY:.0%}) is kept; expected a budget of at least 2 bytes "
                           "(e.g. '4GB')")
     return budget
 
 
-def agree(fingerprint: dict[str, Any] | None, rk: Ranks) -> None:
+def agree(fingerprint: dict[str, Any] | None, rk: Ranks, api: str = API, result: str = "one kernel") -> None:
     """Under ``torchrun``: refuse on every rank, before any work, when a rank's fingerprint is not rank 0's.
 
     Rank 0 broadcasts its fingerprint (f, params, buffers, data and settings: see
@@ -268,7 +268,7 @@ def agree(fingerprint: dict[str, Any] | None, rk: Ranks) -> None:
     if bad:
         detail = "; ".join(f"rank {r} has different {', '.join(d)}" for r, d in bad)
         raise ValueError(
-            f"{API}: the {rk.world} torchrun ranks would not compute one kernel: {detail} than rank 0; expected every rank to "
+            f"{api}: the {rk.world} torchrun ranks would not compute {result}: {detail} than rank 0; expected every rank to "
             "hold the same f, params, buffers, data and settings (build the model after the same torch.manual_seed, or load "
             "the same weights, and give every rank the same x1 and x2). Nothing was computed"
         )
