@@ -299,3 +299,4 @@ def test_cli_features_refused_run_is_one_line_status_1(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "exists and is not a features file" in err and "ntkfunc features --overwrite" in err, err
     assert cli.main([*argv, "--overwrite"]) == 0
+
