@@ -192,12 +192,36 @@ def test_foreign_changed_and_damaged_files_are_refused_or_recomputed(tmp_path, m
     torch.testing.assert_close(replaced.tensor, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_verify_checks_every_chunk_of_a_features_file_and_load_kernel_refuses_one(tmp_path, monkeypatch, capsys):
+    from ntkfunc import _cli as cli
+
+    f, params, x = _cnn(n=10)
+    monkeypatch.setattr(featuring, "CHUNK_SAMPLES", 4)
+    feats = ntkfunc.feature_matrix(f, params, x, ntkfunc.Sketch(16), out=tmp_path, verify=True, progress=False)
+    path = feats.path
+    assert path is not None
+    assert str(ntkfunc.verify_kernel(path)).split(": ", 1)[1] == "complete float32[10, 3, 16] features file, 3 chunks, entries match their checksums"
+    assert cli.main(["verify", str(path)]) == 0 and "features file, 3 chunks" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"^load_kernel\('.*'\): features-.*\.npy\.manifest\.json describes a features file; expected a kernel"):
+        ntkfunc.load_kernel(path)
+    mm = np.load(path, mmap_mode="r+")
+    mm[9] += 1.0
+    mm.flush()
+    del mm
+    with pytest.raises(ValueError, match=r"^verify_kernel\('.*'\): the entries of 1 chunks \(\['2'\]\) do not match the checksums"):
+        ntkfunc.verify_kernel(path)
+    Path(str(path) + ".chunks", "1").unlink()
+    with pytest.raises(ValueError, match=r"1 of 3 chunks have no valid marker in features-.*\.npy\.chunks/ \(\['1'\]\)"):
+        ntkfunc.verify_kernel(path, data=False)
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(sketch=8), TypeError, r"^feature_matrix\(sketch=8\): expected ntkfunc.Sketch\(dim, seed=0, kind='auto'\)"),
     (dict(implementation=2), ValueError, r"^feature_matrix\(sketch=..., implementation=2\): implementation 2 .* has no per-sample"),
     (dict(out="F.npy"), ValueError, r"^feature_matrix\(out='F.npy'\): expected a folder, not a .npy path"),
     (dict(out=3), TypeError, r"^feature_matrix\(out=3\): expected None \(memory\) or the path of a folder"),
     (dict(pntk=1), TypeError, r"^feature_matrix\(pntk=1\)"),
+    (dict(verify=True), ValueError, r"^feature_matrix\(verify=True, out=None\): verify reads the features file back; expected out='DIR'"),
     (dict(memory_budget=20_000), MemoryError, r"^feature_matrix: the features \(9, 3, 4096\) of x need .* pass out='DIR'"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(kwargs, error, match, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ COMMANDS = {
     "demo": "the full eNTK of a small CNN on shipped digits with every implementation (the default)",
     "compute": "a whole-dataset kernel written to a resumable .npy (ntkfunc compute --help)",
     "features": "sketched per-sample gradients of a dataset written to resumable .npy files (ntkfunc features --help)",
-    "verify": "check kernel files written by compute or kernel_matrix(out=...) (ntkfunc verify --help)",
+    "verify": "check kernel and features files written by compute, features or kernel_matrix (ntkfunc verify --help)",
 }
 
 

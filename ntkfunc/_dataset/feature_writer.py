@@ -26,6 +26,7 @@ from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import Devices, ranks, resolve_devices
 from ntkfunc._dataset.fileformat import FEATURE_FILE
 from ntkfunc._dataset.job import WITHOUT_VMAP, Job, Output, Workers, problem_on
+from ntkfunc._dataset.kernel_file import verify_kernel
 from ntkfunc._dataset.pipeline import agree, check_budget
 from ntkfunc._engines import Implementation, get_engine, refuse_without_rows
 from ntkfunc._engines.rows.projected import ProjectedRows
@@ -91,6 +92,7 @@ def feature_matrix(
     progress: bool = True,
     devices: Devices = None,
     overwrite: bool = False,
+    verify: bool = False,
 ) -> Features:
     """The sketched per-sample gradients ``J(x) Π`` of a whole dataset (TRAK's projected gradients), written once.
 
@@ -123,6 +125,8 @@ def feature_matrix(
         ``world``-th chunk of the file (with ``out=None`` every rank computes all of them).
       overwrite: replace a file at the features file's path that no manifest describes (an array of
         yours, refused by default).
+      verify: with ``out``, read the finished file back and check every chunk against its checksum
+        (:func:`ntkfunc.verify_kernel`, which checks features files too; ``ntkfunc verify F.npy``) before returning.
 
     Returns:
       :class:`Features`: ``tensor`` ``(N, *out, dim)`` in ``f``'s output dtype (float16/32/64: nothing
@@ -145,7 +149,7 @@ def feature_matrix(
       >>> torch.allclose(k, F.kernel(), atol=1e-6)                             # the file was reused
       True
     """
-    sketch_ok = validate(f, sketch, implementation, pntk, resume, progress, overwrite, out)
+    sketch_ok = validate(f, sketch, implementation, pntk, resume, progress, overwrite, out, verify)
     engine = get_engine("auto" if implementation is None else implementation, api=API)
     samples = Samples(x, "x")
     detached = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, params)
@@ -167,17 +171,21 @@ def feature_matrix(
             featuring.check_fits(source, [("x", len(samples))], usable, budget, API, "pass out='DIR' to write them to a file")
         output = Output(None, out, bool(resume), False, bool(overwrite))
         tensor, path = featuring.write(job, problem, source, samples, "x", usable, out, output, workers, FEATURE_FILE, API)
+    if verify and path is not None and rk.rank == 0:
+        verify_kernel(path, api=f"{API}(verify=True)")
     return Features(tensor, path, sketch_ok, source.plan.record())
 
 
 def validate(f: ApplyFn, sketch: Any, implementation: Any, pntk: Any, resume: Any, progress: Any, overwrite: Any,
-             out: Any) -> Sketch:
+             out: Any, verify: Any = False) -> Sketch:
     """Check the arguments before anything runs; the sketch."""
     if not isinstance(sketch, Sketch):
         raise TypeError(f"{API}(sketch={sketch!r}): expected ntkfunc.Sketch(dim, seed=0, kind='auto')")
     refuse_without_rows(get_engine("auto" if implementation is None else implementation, api=API), API, "sketch=..., ")
-    for name, value in (("pntk", pntk), ("resume", resume), ("progress", progress), ("overwrite", overwrite)):
+    for name, value in (("pntk", pntk), ("resume", resume), ("progress", progress), ("overwrite", overwrite), ("verify", verify)):
         check_bool(value, name, API)
+    if verify and out is None:
+        raise ValueError(f"{API}(verify=True, out=None): verify reads the features file back; expected out='DIR'")
     refuse_batch_coupled(f, 0, API)
     if out is not None:
         if not isinstance(out, (str, os.PathLike)):
