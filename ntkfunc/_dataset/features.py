@@ -20,6 +20,10 @@ what changed (``resume=False`` starts over); a chunk whose entries no longer mat
 checksum is recomputed with a warning. Chunks are run by the kernel's own runner
 (:mod:`.runner`: devices, background commits, progress); ranks take every ``world``-th chunk.
 
+:func:`write` computes (or reuses, or resumes) the features of one side; :func:`ntkfunc.feature_matrix`
+(:mod:`.feature_writer`) calls it on its own, with the same fingerprint and file name, so that its files
+and ``kernel_matrix``'s are the same files.
+
 Stage 2 is the exact kernel's pipeline on the features: :class:`~ntkfunc._engines.rows.stored.StoredRows` is a row
 source whose rows are the stored features (width ``dim`` instead of ``P``), so tiling,
 panels, the out-of-core output, resume and progress are ``kernel_matrix``'s own.

@@ -158,7 +158,8 @@ def kernel_matrix(
         gradients: implementation 1, 3 or ``"auto"``.
       features: with ``sketch``: a folder where the features are written as
         ``features-<key>.npy`` (``np.load`` opens them; ``<key>`` hashes model, params, data and
-        sketch, so another kernel of the same data reuses them). Default: ``<out>.features``
+        sketch, so another kernel of the same data reuses them, as it reuses those of
+        :func:`ntkfunc.feature_matrix` with ``out=`` this folder). Default: ``<out>.features``
         with ``out``, memory without. The output's manifest records the sketch, its resolved
         plan and an error estimate (:meth:`ntkfunc.Sketch.error_estimate`). Needs ``sketch``.
       overwrite: replace a file at ``out`` (or a features file) that no manifest describes; by
