@@ -90,6 +90,25 @@ def test_exact_count_sketch_features_give_the_float64_reference_kernel(tmp_path)
     assert max_rel_err(pntk.tensor[:, 0] @ pntk.tensor[:, 0].T, reference_kernel(logits, params, x, None)) < 1e-12
 
 
+def test_a_hand_written_f_with_one_output_per_sample(tmp_path, monkeypatch):
+    """``f(params, x) -> (N,)`` with dict params: features ``(N, dim)``, ``F Fᵀ`` the reference kernel (exact count sketch),
+    and the file reused by kernel_matrix(trace_axes=()) (the only kernel of a 1-D output)."""
+    torch.manual_seed(0)
+    params = {"w": torch.randn(4, 3, dtype=torch.float64), "v": torch.randn(3, dtype=torch.float64)}
+
+    def f(p, x):
+        return torch.tanh(x @ p["w"]) @ p["v"]
+
+    x = torch.randn(6, 4, dtype=torch.float64)
+    sketch = ntkfunc.Sketch(64, kind="countsketch")
+    feats = ntkfunc.feature_matrix(f, params, x, sketch, out=tmp_path, progress=False)
+    assert feats.tensor.shape == (6, 64) and feats.outputs == 1 and feats.plan["exact"]
+    assert max_rel_err(feats.kernel(), reference_kernel(f, params, x, None, trace_axes=())) < 1e-12
+    calls = _counting(monkeypatch)
+    k = ntkfunc.kernel_matrix(f, params, x, trace_axes=(), sketch=sketch, features=tmp_path, progress=False)
+    assert calls == [] and max_rel_err(k, feats.kernel()) < 1e-12
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gaussian_features_with_large_dim_estimate_the_float64_reference_kernel(seed):
     """F Fᵀ / O of a Gaussian sketch is unbiased with relative error ~ sqrt(2 / dim): within 10% at dim 4096."""
@@ -151,6 +170,13 @@ def test_kernel_matrix_reuses_the_files_and_feature_matrix_reuses_kernel_matrix_
     c = ntkfunc.feature_matrix(f, params, test, sketch, out=tmp_path / "K2.npy.features", progress=False)
     assert calls == [] and c.path is not None and c.path.parent == tmp_path / "K2.npy.features"
     torch.testing.assert_close(c.tensor, b.tensor, rtol=0, atol=0)
+    # pNTK features are found by kernel_matrix(pntk=True), whatever its output axes
+    p = ntkfunc.feature_matrix(f, params, train, sketch, pntk=True, out=tmp_path / "feats", progress=False)
+    calls.clear()
+    k_pntk = ntkfunc.kernel_matrix(f, params, train, sketch=sketch, pntk=True, trace_axes=(), features=tmp_path / "feats",
+                                   progress=False)
+    assert calls == [] and k_pntk.shape == (8, 8, 1, 1)
+    torch.testing.assert_close(k_pntk[..., 0, 0], p.tensor[:, 0] @ p.tensor[:, 0].T, rtol=1e-5, atol=1e-6)
 
 
 def test_foreign_changed_and_damaged_files_are_refused_or_recomputed(tmp_path, monkeypatch):
