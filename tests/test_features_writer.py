@@ -109,6 +109,25 @@ def test_a_hand_written_f_with_one_output_per_sample(tmp_path, monkeypatch):
     assert calls == [] and max_rel_err(k, feats.kernel()) < 1e-12
 
 
+def test_half_precision_features_keep_their_dtype(tmp_path):
+    """Nothing is upcast: bfloat16 features in memory, float16 in a file; a bfloat16 file (no .npy dtype) is refused first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    for dtype in (torch.bfloat16, torch.float16):
+        f, params = ntkfunc.from_module(model.to(dtype))
+        x = torch.randn(5, 4, dtype=dtype)
+        expected = ntkfunc.features_fn(f, ntkfunc.Sketch(16))(x, params)
+        mem = ntkfunc.feature_matrix(f, params, x, ntkfunc.Sketch(16), progress=False)
+        assert mem.tensor.dtype == dtype and torch.equal(mem.tensor, expected)
+        if dtype == torch.bfloat16:
+            with pytest.raises(TypeError, match=r"^feature_matrix\(out=...\): features of dtype torch.bfloat16 cannot be stored"):
+                ntkfunc.feature_matrix(f, params, x, ntkfunc.Sketch(16), out=tmp_path / "bf16", progress=False)
+            assert not (tmp_path / "bf16").exists() or not list((tmp_path / "bf16").glob("*.npy*"))
+        else:
+            disk = ntkfunc.feature_matrix(f, params, x, ntkfunc.Sketch(16), out=tmp_path / "f16", progress=False)
+            assert disk.tensor.dtype == dtype and torch.equal(disk.tensor, expected)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gaussian_features_with_large_dim_estimate_the_float64_reference_kernel(seed):
     """F Fᵀ / O of a Gaussian sketch is unbiased with relative error ~ sqrt(2 / dim): within 10% at dim 4096."""

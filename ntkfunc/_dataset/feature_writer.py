@@ -129,8 +129,9 @@ def feature_matrix(
         (:func:`ntkfunc.verify_kernel`, which checks features files too; ``ntkfunc verify F.npy``) before returning.
 
     Returns:
-      :class:`Features`: ``tensor`` ``(N, *out, dim)`` in ``f``'s output dtype (float16/32/64: nothing
-      is upcast), ``path``, ``sketch`` and the resolved ``plan``. Scale: ``E[Π Πᵀ] = I``, so
+      :class:`Features`: ``tensor`` ``(N, *out, dim)`` in ``f``'s output dtype (float16/32/64 in a file, bfloat16
+      too in memory: nothing is upcast; ``kernel_matrix``'s ``precision=`` is for the kernel's products, not
+      these), ``path``, ``sketch`` and the resolved ``plan``. Scale: ``E[Π Πᵀ] = I``, so
       ``einsum("n...k,m...k->nm", F1, F2) / outputs`` (:meth:`Features.kernel`) is an unbiased estimate of
       ``kernel_matrix``'s default kernel (traced outputs averaged), and ``F1[:, 0] @ F2[:, 0].T`` of the
       kernel with one output (``pntk=True``). :meth:`ntkfunc.Sketch.error_estimate` estimates its error
@@ -170,7 +171,7 @@ def feature_matrix(
         if out is None:
             featuring.check_fits(source, [("x", len(samples))], usable, budget, API, "pass out='DIR' to write them to a file")
         output = Output(None, out, bool(resume), False, bool(overwrite))
-        tensor, path = featuring.write(job, problem, source, samples, "x", usable, out, output, workers, FEATURE_FILE, API)
+        tensor, path = featuring.write(job, problem, source, samples, "x", usable, out, output, workers, FEATURE_FILE)
     if verify and path is not None and rk.rank == 0:
         verify_kernel(path, api=f"{API}(verify=True)")
     return Features(tensor, path, sketch_ok, source.plan.record())

@@ -170,11 +170,11 @@ def check_fits(source: ProjectedRows, sides: list[tuple[str, int]], usable: floa
 
 
 def write(job: Job, problem: Problem, source: ProjectedRows, samples: Samples, name: str, usable: float,
-          folder: None | str | os.PathLike[str], output: Output, workers: Workers, content: Content,
-          api: str = API) -> tuple[torch.Tensor, Path | None]:
+          folder: None | str | os.PathLike[str], output: Output, workers: Workers, content: Content) -> tuple[torch.Tensor, Path | None]:
     """The features ``(N, *out, dim)`` of ``samples``: in memory (``folder=None``), or in ``<folder>/features-<key>.npy``,
     reused when complete, resumed when not (this rank's pending chunks computed and committed), returned as a tensor
-    over a copy-on-write memory map of it. ``content``: which public function's argument placed the file, for messages."""
+    over a copy-on-write memory map of it. ``content``: the public function (and its argument) that placed the file,
+    named in messages."""
     sketch = job.sketch
     assert sketch is not None
     shape = (len(samples), *source.out_shape, sketch.dim)
@@ -194,7 +194,7 @@ def write(job: Job, problem: Problem, source: ProjectedRows, samples: Samples, n
         mine = [c for c in range(chunks.count) if path is None or workers.rk.mine(c)]
         todo = [c for c in mine if str(c) not in done]
         if todo:
-            run(job, chunks, store, todo, source, usable, workers, name, len(mine), api)
+            run(job, chunks, store, todo, source, usable, workers, name, len(mine), content.api)
         if path is not None:
             settle(store, [str(c) for c in range(chunks.count)], workers.rk)
         return store.result(), path
