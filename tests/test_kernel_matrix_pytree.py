@@ -293,6 +293,11 @@ def test_sketch_path_with_pytree_inputs(tmp_path):
     k = kernel_matrix(f, params, x, x2, sketch=sketch, features=str(folder), batch_size=3, progress=False)
     assert max_rel_err(k, ntkfunc.sketched_ntk_fn(f, sketch)(x, x2, params)) < 1e-10
     assert len(list(folder.glob("features-*.npy"))) == 2
+    # the other way round, and x alone: both sides' files are found again (a pytree's data hashes alike as x1 and x2)
+    k21 = kernel_matrix(f, params, x2, x, sketch=sketch, features=str(folder), batch_size=3, progress=False)
+    assert max_rel_err(k21, k.T) < 1e-12 and len(list(folder.glob("features-*.npy"))) == 2
+    kernel_matrix(f, params, x, sketch=sketch, features=str(folder), batch_size=3, progress=False)
+    assert len(list(folder.glob("features-*.npy"))) == 2
     axes = ({"x": 0, "mask": 1}, 0, {})
     x_t = {"x": x["x"], "mask": x["mask"].T.contiguous()}
 

@@ -211,8 +211,8 @@ class Samples:
             h.update(f"tree:{self.spec}:axes:{self.axes}:".encode())
         if self.kind != "dataset":
             for p, x, a in zip(self.paths, self.leaf_data, self.axes):
-                if not self.single:
-                    h.update(f"{p}:".encode())
+                if not self.single:  # the leaf's path within the input, not the side's name: x1's data hashes as x2's
+                    h.update(f"{p[len(self.name):]}:".encode())
                 h.update(f"{'array' if isinstance(x, np.ndarray) else 'tensor'}:{_shape(x)}:{_dtype(x)}".encode())
                 if a is None:  # not batched: one piece
                     h.update(tensor_bytes(_tensor(x)))
