@@ -335,7 +335,7 @@ def test_bad_structures_are_refused_with_what_was_given():
         kernel_matrix(f, params, {}, progress=False)
     with pytest.raises(ValueError, match="x1 and x2 have different structures"):
         kernel_matrix(f, params, x, {"x": x["x"]}, progress=False)
-    with pytest.raises(ValueError, match=r"vmap_axes=None\): kernel_matrix cuts the kernel into tiles of samples"):
+    with pytest.raises(ValueError, match=r"vmap_axes=None\): kernel_matrix cuts the data into blocks of samples"):
         kernel_matrix(f, params, x, vmap_axes=None, progress=False)
     with pytest.raises(ValueError, match=r"axis 2 does not exist in x1\['mask'\], which has 2 axes"):
         kernel_matrix(f, params, x, vmap_axes=({"x": 0, "mask": 2}, 0, {}), progress=False)

@@ -74,15 +74,15 @@ class Samples:
     ({'x': (3, 3), 'mask': (2, 3)}, ["x1['x']", "x1['mask']"])
     """
 
-    def __init__(self, data: Any, name: str, vmap_axes: VMapAxes = 0) -> None:
-        self.name = name
+    def __init__(self, data: Any, name: str, vmap_axes: VMapAxes = 0, api: str = API) -> None:
+        self.name, self.api = name, api
         if isinstance(data, DataLoader):
             data = data.dataset
-        x_axis, _ = split_vmap_axes(vmap_axes, API)
+        x_axis, _ = split_vmap_axes(vmap_axes, api)
         if x_axis is None:
             raise ValueError(
-                f"{API}(vmap_axes=None): kernel_matrix cuts the kernel into tiles of samples, and with vmap_axes=None the "
-                "samples of a batch interact, so no tile can be computed without the whole batch; expected the batch axis "
+                f"{self.api}(vmap_axes=None): {self.api} cuts the data into blocks of samples, and with vmap_axes=None the "
+                "samples of a batch interact, so no block can be computed without the whole batch; expected the batch axis "
                 "of the inputs (an int, a pytree of them matching x, or (x_axes, fx_axes, {})). For the kernel of one "
                 "batch whose samples interact use ntk_fn(f, vmap_axes=None) (it plans its memory under memory_budget)"
             )
@@ -90,8 +90,8 @@ class Samples:
             self.kind, self.data = "dataset", data
             self.n = len(data)
             if self.n == 0:
-                raise ValueError(f"{API}: {name} has no samples; expected at least one")
-            first = _input_of(data[0], name, 0)
+                raise ValueError(f"{self.api}: {name} has no samples; expected at least one")
+            first = _input_of(data[0], name, 0, api)
             leaves, self.spec = tree_flatten(first)
             self.paths = _paths(self.spec, f"{name}[0]")
             self._check_leaves(leaves, of_item=True)
@@ -99,7 +99,7 @@ class Samples:
             if any(a is None for a in self.axes):
                 bad = [p for p, a in zip(self.paths, self.axes) if a is None]
                 raise ValueError(
-                    f"{API}(vmap_axes={vmap_axes!r}): {', '.join(bad)} of a Dataset's item is mapped to None (not batched); "
+                    f"{self.api}(vmap_axes={vmap_axes!r}): {', '.join(bad)} of a Dataset's item is mapped to None (not batched); "
                     "expected every leaf of a Dataset's items to be batched (each item is one sample); pass a leaf shared "
                     "by all samples inside f instead"
                 )
@@ -109,7 +109,7 @@ class Samples:
         leaves, self.spec = tree_flatten(detached)
         self.paths = _paths(self.spec, name)
         if not leaves:
-            raise ValueError(f"{API}: {name} is an empty {type(data).__name__}; expected a tensor, a numpy array, a pytree of "
+            raise ValueError(f"{self.api}: {name} is an empty {type(data).__name__}; expected a tensor, a numpy array, a pytree of "
                              "them (dict, tuple, list) or a torch.utils.data.Dataset / DataLoader")
         self._check_leaves(leaves, of_item=False)
         self.kind = "array" if isinstance(data, np.ndarray) else "tensor"
@@ -117,27 +117,27 @@ class Samples:
         self.axes = self._resolve(x_axis, detached, [x.ndim for x in leaves])
         sizes = {p: _shape(x)[a] for p, x, a in zip(self.paths, leaves, self.axes) if a is not None}
         if not sizes:
-            raise ValueError(f"{API}(vmap_axes={vmap_axes!r}): maps no leaf of {name}; expected at least one batched input leaf")
+            raise ValueError(f"{self.api}(vmap_axes={vmap_axes!r}): maps no leaf of {name}; expected at least one batched input leaf")
         if len(set(sizes.values())) > 1:
             detail = ", ".join(f"{p} has {n}" for p, n in sizes.items())
             raise ValueError(
-                f"{API}: the leaves of {name} hold different numbers of samples along their batch axes ({detail}; "
+                f"{self.api}: the leaves of {name} hold different numbers of samples along their batch axes ({detail}; "
                 f"vmap_axes={vmap_axes!r}); expected every batched leaf to hold the same samples"
             )
         self.n = next(iter(sizes.values()))
         if self.n == 0:
-            raise ValueError(f"{API}: {name} has no samples; expected at least one")
+            raise ValueError(f"{self.api}: {name} has no samples; expected at least one")
 
     def _check_leaves(self, leaves: list[Any], *, of_item: bool) -> None:
         for p, x in zip(self.paths, leaves):
             if not isinstance(x, (torch.Tensor, np.ndarray)):
                 what = "the input of a Dataset's item" if of_item else self.name
                 raise TypeError(
-                    f"{API}: {p} is {_a(type(x).__name__)}; expected {what} to be a torch.Tensor, a numpy array (memory-mapped "
+                    f"{self.api}: {p} is {_a(type(x).__name__)}; expected {what} to be a torch.Tensor, a numpy array (memory-mapped "
                     "ones too) or a pytree (dict, tuple, list) of them, or x a torch.utils.data.Dataset / DataLoader"
                 )
             if x.ndim == 0 and not of_item:
-                raise ValueError(f"{API}: {p} is a 0-d {type(x).__name__}; expected samples along its batch axis")
+                raise ValueError(f"{self.api}: {p} is a 0-d {type(x).__name__}; expected samples along its batch axis")
 
     def _resolve(self, x_axis: Any, tree: PyTree, ndims: Sequence[int]) -> list[int | None]:
         """Each leaf's batch axis, non-negative, as ``ntk_fn`` reads ``vmap_axes`` (checked against the leaf)."""
@@ -146,7 +146,7 @@ class Samples:
         for p, a, nd in zip(self.paths, axes, ndims):
             if a is not None and not -nd <= a < nd:
                 raise ValueError(
-                    f"{API}(vmap_axes): axis {a} does not exist in {p}, which has {nd} axes with its batch axis; expected "
+                    f"{self.api}(vmap_axes): axis {a} does not exist in {p}, which has {nd} axes with its batch axis; expected "
                     "the batch axis of every input leaf"
                 )
             out.append(None if a is None else a % nd)
@@ -183,10 +183,10 @@ class Samples:
 
     def _leaves(self, start: int, stop: int) -> list[torch.Tensor]:
         if self.kind == "dataset":
-            items = [tree_flatten(_input_of(self.data[i], self.name, i))[0] for i in range(start, stop)]
+            items = [tree_flatten(_input_of(self.data[i], self.name, i, self.api))[0] for i in range(start, stop)]
             for i, leaves in zip(range(start, stop), items):
                 if len(leaves) != len(self.axes):
-                    raise ValueError(f"{API}: {self.name}[{i}] has {len(leaves)} input leaves; expected {len(self.axes)} as "
+                    raise ValueError(f"{self.api}: {self.name}[{i}] has {len(leaves)} input leaves; expected {len(self.axes)} as "
                                      f"{self.name}[0] has ({self.spec})")
             return [torch.stack([_tensor(it[k]) for it in items], dim=a or 0) for k, a in enumerate(self.axes)]  # all batched
         out = []
@@ -229,13 +229,13 @@ class Samples:
             h.update(str(own()).encode())
             return h.hexdigest()
         for i in self.hashed_items():
-            for leaf in tree_flatten(_input_of(self.data[i], self.name, i))[0]:
+            for leaf in tree_flatten(_input_of(self.data[i], self.name, i, self.api))[0]:
                 h.update(tensor_bytes(_tensor(leaf).unsqueeze(0)))
         return h.hexdigest()
 
     def hashed_items(self) -> list[int]:
         """The Dataset items :meth:`fingerprint` hashes: all of them, or evenly spread ones within the budget."""
-        first = [_tensor(t) for t in tree_flatten(_input_of(self.data[0], self.name, 0))[0]]
+        first = [_tensor(t) for t in tree_flatten(_input_of(self.data[0], self.name, 0, self.api))[0]]
         count = max(_DATASET_PROBES, _DATASET_HASH_BYTES // max(1, sum(t.numel() * t.element_size() for t in first)))
         if count >= self.n:
             return list(range(self.n))
@@ -265,7 +265,7 @@ def _tensor(x: Any) -> torch.Tensor:
     return torch.from_numpy(np.array(x, copy=True)) if isinstance(x, np.ndarray) else x
 
 
-def _input_of(item: Any, name: str, i: int) -> PyTree:
+def _input_of(item: Any, name: str, i: int, api: str = API) -> PyTree:
     """An item's input (``item[0]`` of a tuple or list), its numpy leaves as tensors; refused unless every leaf is one."""
     x = item[0] if isinstance(item, (tuple, list)) else item
     leaves, spec = tree_flatten(x)
@@ -275,10 +275,10 @@ def _input_of(item: Any, name: str, i: int) -> PyTree:
             leaf = torch.from_numpy(leaf)
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
-                f"{API}: {path} gives {_a(type(leaf).__name__)} as input; expected a tensor or numpy array, a pytree of them "
+                f"{api}: {path} gives {_a(type(leaf).__name__)} as input; expected a tensor or numpy array, a pytree of them "
                 "(dict, tuple, list), or a tuple/list whose first element is one"
             )
         converted.append(leaf)
     if not converted:
-        raise ValueError(f"{API}: {name}[{i}] gives an empty {type(x).__name__} as input; expected at least one tensor")
+        raise ValueError(f"{api}: {name}[{i}] gives an empty {type(x).__name__} as input; expected at least one tensor")
     return tree_unflatten(converted, spec)
