@@ -174,3 +174,14 @@ def test_zero_size_parameter():
     x = torch.randn(3, 3, dtype=torch.float64)
     k = ntkfunc.ntk_fn(f, trace_axes=(), implementation=2)(x, None, params)
     assert max_rel_err(k, reference_kernel(f, params, x, None, (), ())) <= 1e-12
+
+
+def test_balanced_parts_never_exceed_the_planned_push() -> None:
+    """Rows and tangent chunks are split into equal parts no larger than the plan's (the memory cap holds)."""
+    for total in range(1, 200):
+        for most in range(1, 80):
+            size = vp.balanced(total, most)
+            parts = -(-total // size)
+            assert 1 <= size <= most
+            assert parts == -(-total // most)  # no more pushes than fixed-size chunks
+            assert (parts - 1) * size < total <= parts * size
