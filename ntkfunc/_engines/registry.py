@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ntkfunc._core.heap import settle_heap
 from ntkfunc._core.memory import parse_budget
 from ntkfunc._core.problem import Problem
 from ntkfunc._core.pytree import tree_unflatten
@@ -181,6 +182,7 @@ def refuse_per_param(engine: Engine, api: str) -> None:
 def compute(problem: Problem, engine: Engine, memory_budget: MemoryBudget = None, per_param: bool = False) -> PyTree:
     """The kernel of a checked :class:`Problem` with ``engine`` (split by parameter if asked), as a pytree."""
     budget = parse_budget(memory_budget, problem.device)
+    settle_heap()  # freed temporaries reused across calls instead of faulted in again (CPU tensors)
     if per_param:
         per_leaf = engine.kernel(problem, budget, per_param=True)
         leaves: list = [None] * len(problem.params.leaves)
