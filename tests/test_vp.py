@@ -185,3 +185,15 @@ def test_balanced_parts_never_exceed_the_planned_push() -> None:
             assert 1 <= size <= most
             assert parts == -(-total // most)  # no more pushes than fixed-size chunks
             assert (parts - 1) * size < total <= parts * size
+
+
+def test_push_shape_fills_calls_within_the_working_set() -> None:
+    """Per column block: every call within ``pairs`` (or one pair), no more calls than the block needs at that cap."""
+    for pairs in (1, 7, 64, 768, 5000):
+        for n_rows in range(1, 40, 3):
+            for n_tangents in range(1, 150, 7):
+                rows, chunk = vp.push_shape(pairs, n_rows, n_tangents)
+                assert 1 <= rows <= n_rows and 1 <= chunk <= n_tangents
+                assert rows * chunk <= max(pairs, 1)
+                if n_rows * n_tangents <= pairs:  # the whole block fits: one call
+                    assert (rows, chunk) == (n_rows, n_tangents)

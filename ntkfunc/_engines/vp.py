@@ -81,8 +81,9 @@ class Plan:
     Attributes:
       groups: parameter groups (indices into the differentiated leaves); one JVP pass each.
       b1 / b2: x1 rows and x2 columns per tile (equal with ``x2=None``).
-      rows: x1 samples per JVP call.
-      chunk: tangents per JVP call (``vmap(chunk_size=...)``).
+      rows: x1 samples per JVP call (for a full column block; see :func:`push_shape`).
+      chunk: tangents per JVP call (``vmap(chunk_size=...)``; the same).
+      pairs: (x1 sample, tangent) pairs one JVP call may push (:data:`WORKING_SET` over their activation tangents).
     """
 
     groups: list[list[int]]
@@ -90,6 +91,7 @@ class Plan:
     b2: int
     rows: int
     chunk: int
+    pairs: int = 1
 
 
 def plan(problem: Problem, budget: int, per_param: bool = False) -> Plan:
@@ -105,7 +107,8 @@ def plan(problem: Problem, budget: int, per_param: bool = False) -> Plan:
     if not problem.vmapped:  # one whole-batch unit: nothing to tile, only the tangents to chunk
         groups = [[k] for k in everything] if per_param else [everything]
         act = problem.remember("activation_bytes", lambda: per_sample_activation_bytes(problem)) + o1 * size
-        return Plan(groups, 1, 1, 1, max(1, min(o2, WORKING_SET // max(act, 1))))
+        pairs = max(1, WORKING_SET // max(act, 1))
+        return Plan(groups, 1, 1, 1, min(o2, pairs), pairs)
     transient = problem.remember("backward_transient", lambda: backward_transient(problem))
     sizes = [o2 * t.numel() * size for t in leaves]  # one x2 sample's cotangents, per parameter
     capacity = usable / 2  # the cotangents of a column block; the other half for computing and pushing them
@@ -130,10 +133,21 @@ def plan(problem: Problem, budget: int, per_param: bool = False) -> Plan:
     b1 = problem.n1 if not problem.symmetric else b2
     act = problem.remember("activation_bytes", lambda: per_sample_activation_bytes(problem)) + o1 * size
     pairs = max(1, WORKING_SET // max(act, 1))  # (x1 sample, tangent) pairs per push
-    tangents = b2 * o2
-    rows = max(1, min(problem.n1, pairs // min(tangents, MIN_TANGENTS)))
-    chunk = max(1, min(tangents, pairs // rows))
-    return Plan(groups, b1, b2, rows, chunk)
+    rows, chunk = push_shape(pairs, problem.n1, b2 * o2)
+    return Plan(groups, b1, b2, rows, chunk, pairs)
+
+
+def push_shape(pairs: int, n_rows: int, n_tangents: int) -> tuple[int, int]:
+    """``(rows, chunk)`` of the JVP calls that push ``n_tangents`` through ``n_rows`` x1 samples, at most ``pairs``
+    (x1 sample, tangent) pairs per call: rows for at least ``min(n_tangents, MIN_TANGENTS)`` tangents each, in
+    equal parts, then as many tangents as fit. Planned per column block, so that a short block (the last column,
+    the first rows of the triangle) fills its calls instead of taking the full block's shape.
+
+    >>> push_shape(768, 7, 70), push_shape(768, 14, 70), push_shape(768, 16, 20), push_shape(1, 5, 9)
+    ((7, 70), (7, 70), (16, 20), (1, 1))
+    """
+    rows = balanced(n_rows, max(1, min(n_rows, pairs // max(1, min(n_tangents, MIN_TANGENTS)))))
+    return rows, max(1, min(n_tangents, pairs // rows))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,16 +232,16 @@ def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
             tangent_pieces, shapes2 = _tangent_pieces(problem, group, j0, j1)
             i0, i1 = min(t.i0 for t in column), max(t.i1 for t in column)
             pieces: list[list[torch.Tensor]] = []  # per push, per output leaf: full blocks of its rows
-            rows = balanced(i1 - i0, p.rows)
+            rows, chunk = push_shape(p.pairs, i1 - i0, max(piece[0].shape[0] for piece in tangent_pieces))
             for r0 in range(i0, i1, rows):
                 r1 = min(r0 + rows, i1)
                 try:
-                    outs = _push_pieces(problem, group, r0, r1, tangent_pieces, shapes2, p.chunk, push)
+                    outs = _push_pieces(problem, group, r0, r1, tangent_pieces, shapes2, chunk, push)
                 except NotImplementedError as err:  # an op without a forward-mode derivative
                     if "forward AD" not in str(err) or push is jvp_by_double_vjp:
                         raise
                     push = jvp_by_double_vjp
-                    outs = _push_pieces(problem, group, r0, r1, tangent_pieces, shapes2, p.chunk, push)
+                    outs = _push_pieces(problem, group, r0, r1, tangent_pieces, shapes2, chunk, push)
                 pieces.append(_full_blocks(problem, outs, shapes2))
             for leaf in range(len(problem.layouts)):
                 full = pieces[0][leaf] if len(pieces) == 1 else torch.cat([piece[leaf] for piece in pieces])
