@@ -20,6 +20,9 @@ block's cotangents (``b2 x O x P``, split into parameter groups with one JVP pas
 one sample's do not fit) and, while they are pushed, the activation tangents of
 ``rows x chunk`` (x1 sample, tangent) pairs, held to :data:`WORKING_SET` so that they stay
 in cache (on CPU this is 2-3x faster than pushing all tangents through all rows at once).
+The shape of those calls is planned per column block (:func:`push_shape`), in equal parts
+(:func:`balanced`): each call has a fixed cost (the primal forward, the ops' dispatch through
+``vmap`` and forward mode), so a short column fills its calls rather than copying the full block's.
 
 Per-parameter kernels (``per_param=True``) come from the same algorithm with one parameter
 per group: each group's JVP carries only that parameter's tangents, so its output is that
