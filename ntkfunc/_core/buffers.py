@@ -28,6 +28,9 @@ class Buffers:
 
     def __init__(self) -> None:
         self._held: dict[tuple, torch.Tensor] = {}
+        self.seconds: dict[Hashable, dict[str, float]] = {}
+        """Measured seconds per sample of each way of doing one job, by the job's key (a rule times its ways once per
+        key on the first samples and takes the fastest from then on: the rate table lives with the buffers it fills)."""
 
     def get(self, name: Hashable, shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
         """A ``shape`` view of buffer ``name`` (dtype and device of ``like``); zero-filled if ``zero``."""
@@ -45,4 +48,4 @@ class Buffers:
         return view
 
     def clear(self) -> None:
-        self._held.clear()
+        self._held.clear()  # the memory; the measured seconds stay

@@ -5,8 +5,9 @@ The structured engine's capture gives, from one batched pass (``vmap`` over the 
 like a plain backward because no weight gradient is asked of torch), the cotangents at every
 such primitive and its operands; each parameter's rule then forms its per-sample gradient in
 its slot of the buffer (:meth:`~ntkfunc.rules.Rule.write_gradient`: convolutions by ``im2col``
-into reused buffers and one ``bmm`` per output component, linear layers by one ``bmm``; other
-rules decline and their einsum is copied in). A
+and ``bmm`` or by a grouped convolution's weight backward, whichever the rule measured faster for
+the layer's shape on the first samples (the table in :attr:`StructuredRows.buffers`), linear layers
+by one ``bmm``; other rules decline and their einsum is copied in). A
 parameter consumed through a view (``W.T``, ``cls.expand(n, -1, -1)``) gets its rule's einsum
 composed with the view, in the parameter's own order; a tied one (used by several primitives)
 the sum of its uses'. Parameters without a rule, and views whose rows cannot be put in the
