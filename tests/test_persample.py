@@ -179,6 +179,40 @@ def test_choose_way_times_each_way_once_per_key_then_runs_the_fastest():
     assert choose_way(buffers, "k", ways, 3) == "fast" and calls == [("fast", 0, 3)]
 
 
+def test_rows_take_vmap_jacrev_where_it_was_measured_faster():
+    """Chunk 1 by the rules (warm-up), chunk 2 by the rules (timed), chunk 3 by vmap(jacrev) (timed, a small model),
+    then the faster; every chunk's rows exact. With Gram-route parameters (factors kept) vmap(jacrev) is never tried."""
+    from ntkfunc._engines.rows import structured as rows_mod
+
+    case = next(c for c in ROW_CASES if c.name == "cnn")
+    f, params, x1, _, problem = _problem(case)
+    expected = _jacobian_rows(f, params, x1)
+    source = persample.StructuredRows(problem, routes="rows")
+    out = torch.full((x1.shape[0], *source.out_shape, source.slots.width), float("nan"), dtype=torch.float64)
+    seen = []
+    for _ in range(4):
+        out.fill_(float("nan"))
+        source.compute([x1], out, 1)  # chunks of one sample
+        assert max_rel_err(out, expected) <= 1e-12
+        seen.append(dict(source.buffers.seconds[("rows", 1)]))
+    assert list(seen[0]) == [rows_mod.WARM, rows_mod.RULES, rows_mod.VMAP]  # 5 chunks: all three met in the first call
+    table = seen[-1]
+    assert set(table) == {rows_mod.WARM, rows_mod.RULES, rows_mod.VMAP} and all(math.isfinite(v) for v in table.values())
+    for faster in (rows_mod.VMAP, rows_mod.RULES):  # the table filled: the faster way forms every chunk, exactly
+        source.buffers.seconds[("rows", 1)] = {rows_mod.WARM: 0.0, rows_mod.RULES: 1.0, rows_mod.VMAP: 1.0}
+        source.buffers.seconds[("rows", 1)][faster] = 0.5
+        source._vmap = None
+        out.fill_(float("nan"))
+        source.compute([x1], out, 1)
+        assert max_rel_err(out, expected) <= 1e-12 and (source._vmap is not None) == (faster == rows_mod.VMAP)
+    gram = persample.StructuredRows(problem, x1.shape[0], x1.shape[0], routes="gram")
+    assert gram.gram_params
+    out = torch.empty((x1.shape[0], *gram.out_shape, gram.slots.width), dtype=torch.float64)
+    for _ in range(2):
+        gram.compute([x1], out, 1)
+    assert gram.buffers.seconds[("rows", 1)][rows_mod.VMAP] == math.inf and gram._vmap is None
+
+
 def test_projected_rows_are_a_row_source():
     """The sketch's rows: one slot of width dim, SampleBytes and Flops, no Gram route; ``compute`` gives ``features_fn``'s features."""
     case = next(c for c in ROW_CASES if c.name == "cnn")

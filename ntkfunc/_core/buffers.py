@@ -7,9 +7,17 @@ and the formed gradients a sketch projects.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable
 
 import torch
+
+
+def clock(device: torch.device) -> float:
+    """Seconds now, after ``device``'s queued work (for the measured rates of ``Buffers.seconds``)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class Buffers:

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ntkfunc._core.buffers import Buffers
+from ntkfunc._core.buffers import Buffers, clock
 from ntkfunc.rules.base import Bound, Factorable, IsParam, PaddedFactors, Rule, Structure, Tensor, register
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -75,6 +74,8 @@ CACHE_BYTES = 4 << 20
 PROBE = 4
 """Samples on which :func:`choose_way` times each way (once per key; the rows they write are kept)."""
 
+CPU = torch.device("cpu")
+
 
 def im2col(x: Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], pads: Sequence[tuple[int, int]],
            buffers: Buffers, positions_first: bool = False) -> Tensor:
@@ -113,9 +114,10 @@ def im2col(x: Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Se
     return out
 
 
-def choose_way(buffers: Buffers, key: Hashable, ways: dict[str, Callable[[int, int], None]], g: int) -> str:
-    """Run the fastest of ``ways`` (each ``way(a, b)`` does the job for samples ``a:b``, all ways with one result) on
-    samples ``0:g``; the way's name.
+def choose_way(buffers: Buffers, key: Hashable, ways: dict[str, Callable[[int, int], None]], g: int,
+               device: torch.device | None = None) -> str:
+    """Run the fastest of ``ways`` (each ``way(a, b)`` does the job for samples ``a:b`` on ``device``, all ways with
+    one result) on samples ``0:g``; the way's name.
 
     The first call for ``key`` times every way on the first :data:`PROBE` samples (each written twice, the
     second run timed: the first pays for allocations) and keeps the seconds per sample in
@@ -134,9 +136,9 @@ def choose_way(buffers: Buffers, key: Hashable, ways: dict[str, Callable[[int, i
         seconds = {}
         for name, way in ways.items():
             way(0, probe)
-            t0 = _clock(key)
+            t0 = clock(device or CPU)
             way(0, probe)
-            seconds[name] = (_clock(key) - t0) / probe
+            seconds[name] = (clock(device or CPU) - t0) / probe
         buffers.seconds[key] = seconds
         start = probe
     table = buffers.seconds[key]
@@ -144,14 +146,6 @@ def choose_way(buffers: Buffers, key: Hashable, ways: dict[str, Callable[[int, i
     if start < g:
         ways[best](start, g)
     return best
-
-
-def _clock(key: Hashable) -> float:
-    """Seconds now, after the device's queued work (``key[-1]``: the device of the job's tensors)."""
-    device = key[-1] if isinstance(key, tuple) and isinstance(key[-1], torch.device) else None
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def gradient_by_im2col(x: Tensor, c: Tensor, meta: ConvMeta, out: Tensor, buffers: Buffers) -> None:
@@ -343,7 +337,7 @@ class Conv2d(_Conv):
         def way(fn: Callable[[Tensor, Tensor, ConvMeta, Tensor, Buffers], None]) -> Callable[[int, int], None]:
             return lambda a, b: fn(xin[a:b], c[a:b], meta, out[a:b], buffers)
 
-        choose_way(buffers, key, {IM2COL: way(gradient_by_im2col), GROUPED: way(gradient_by_grouped_convolution)}, g)
+        choose_way(buffers, key, {IM2COL: way(gradient_by_im2col), GROUPED: way(gradient_by_grouped_convolution)}, g, xin.device)
         return True
 
     def gradient_workspace(self, role: str, meta: ConvMeta, y_shape: tuple[int, ...]) -> dict[str, int]:
