@@ -1,6 +1,7 @@
 """ntkfunc: empirical neural tangent kernels of PyTorch models, as functional transforms."""
 
 from ntkfunc import datasets, linalg, models, predict, rules, testing
+from ntkfunc._dataset.feature_writer import Features, feature_matrix
 from ntkfunc._dataset.kernel_file import load_kernel, verify_kernel
 from ntkfunc._dataset.pipeline import kernel_matrix
 from ntkfunc._engines import Implementation
@@ -21,10 +22,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Explanation",
+    "Features",
     "Implementation",
     "Sketch",
     "datasets",
     "explain",
+    "feature_matrix",
     "features_fn",
     "from_module",
     "group_kernels",

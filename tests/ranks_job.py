@@ -1,4 +1,4 @@
-"""torchrun ranks that disagree, run by tests/test_blocked.py under ``torch.distributed.run --nproc_per_node=2``.
+"""torchrun ranks that disagree (and ``feature_matrix`` under ranks), run by tests/test_blocked.py under ``torch.distributed.run --nproc_per_node=2``.
 
 ``python tests/ranks_job.py OUT_DIR``: per scenario every rank calls ``kernel_matrix`` and prints one
 JSON line ``{"rank", "scenario", "error", "computed", "sum"}`` (``error``: the message it raised, or
@@ -8,7 +8,10 @@ None; ``computed``: tiles and feature chunks it committed; ``sum``: of the kerne
 - ``data``: the data depend on the rank;
 - ``sketch``: unseeded, with a sketch whose features stay in memory;
 - ``file``: unseeded, with a file output;
-- ``same``: every rank alike: computed, the same kernel on every rank.
+- ``same``: every rank alike: computed, the same kernel on every rank;
+- ``features-file``, ``features-memory``: ``feature_matrix`` (chunks of 3 samples) with every rank alike, into
+  ``OUT_DIR/feats`` (the ranks share the chunks) or in memory (every rank computes all); ``sum``: of the features;
+- ``features-unseeded``: ``feature_matrix`` with each rank's own random model, into ``OUT_DIR/other``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ntkfunc  # noqa: E402
+from ntkfunc._dataset import features as featuring  # noqa: E402
 from ntkfunc._dataset import runner  # noqa: E402
 
 
@@ -58,11 +62,20 @@ def main() -> None:
         "file": (build(seed=rank), {"out": os.path.join(folder, "K.npy")}),
         "same": (build(seed=0), {}),
     }
+    featuring.CHUNK_SAMPLES = 3  # feature_matrix: 4 chunks of the 10 samples
+    scenarios.update({
+        "features-file": (build(seed=0), {"out": os.path.join(folder, "feats")}),
+        "features-memory": (build(seed=0), {}),
+        "features-unseeded": (build(seed=rank), {"out": os.path.join(folder, "other")}),
+    })
     for name, ((f, params, x), kwargs) in scenarios.items():
         computed.clear()
         error, total = None, None
         try:
-            total = float(ntkfunc.kernel_matrix(f, params, x, batch_size=3, progress=False, **kwargs).sum())
+            if name.startswith("features-"):
+                total = float(ntkfunc.feature_matrix(f, params, x, ntkfunc.Sketch(16, seed=1), progress=False, **kwargs).tensor.sum())
+            else:
+                total = float(ntkfunc.kernel_matrix(f, params, x, batch_size=3, progress=False, **kwargs).sum())
         except ValueError as err:
             error = str(err)
         # one write per line: the ranks share stdout

@@ -39,6 +39,7 @@ BAD_IMPLEMENTATION = [
     ("pntk_fn", lambda f, p, x1, x2: ntkfunc.pntk_fn(f, implementation=7)),
     ("monte_carlo_kernel_fn", lambda f, p, x1, x2: ntkfunc.monte_carlo_kernel_fn(_g, _init, 2, implementation=7)),
     ("kernel_matrix", lambda f, p, x1, x2: ntkfunc.kernel_matrix(f, p, x1, implementation=7)),
+    ("feature_matrix", lambda f, p, x1, x2: ntkfunc.feature_matrix(f, p, x1, ntkfunc.Sketch(8), implementation=7)),
 ]
 
 

@@ -354,7 +354,7 @@ def test_torchrun_ranks_that_disagree_are_refused_before_any_work(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     by = {(r["scenario"], r["rank"]): r for r in lines}
-    assert len(by) == len(lines) == 10, res.stdout
+    assert len(by) == len(lines) == 16, res.stdout
     differs = {"unseeded": "params", "data": "x1", "sketch": "params", "file": "params"}
     for scenario, what in differs.items():
         first, second = by[(scenario, 0)], by[(scenario, 1)]
@@ -368,6 +368,18 @@ def test_torchrun_ranks_that_disagree_are_refused_before_any_work(tmp_path):
     expected = float(kernel_matrix(f, params, x, batch_size=3, progress=False).sum())
     assert by[("same", 0)]["error"] is None and by[("same", 0)]["sum"] == pytest.approx(expected, rel=1e-12)
     assert by[("same", 1)]["sum"] == by[("same", 0)]["sum"]
+    # feature_matrix: the ranks share the chunks of one file (the one-process features), in memory each computes all,
+    # and ranks holding different models refuse, every one with the same message, before any work
+    features = ntkfunc.feature_matrix(f, params, x, ntkfunc.Sketch(16, seed=1), progress=False).tensor
+    (path,) = (tmp_path / "feats").glob("features-*.npy")
+    torch.testing.assert_close(torch.from_numpy(np.load(path)), features, rtol=1e-12, atol=1e-12)
+    assert (by[("features-file", 0)]["computed"], by[("features-file", 1)]["computed"]) == (2, 2)  # chunks 0, 2 and 1, 3
+    assert by[("features-file", 0)]["sum"] == by[("features-file", 1)]["sum"] == pytest.approx(float(features.sum()), rel=1e-12)
+    assert by[("features-memory", 0)]["computed"] == by[("features-memory", 1)]["computed"] == 4
+    first, second = by[("features-unseeded", 0)], by[("features-unseeded", 1)]
+    assert first["error"] == second["error"] and first["error"].startswith(
+        "feature_matrix: the 2 torchrun ranks would not compute the same features: rank 1 has different params than rank 0"), first
+    assert first["computed"] == second["computed"] == 0 and not (tmp_path / "other").exists()
 
 
 _RSS_SCRIPT = r"""

@@ -124,7 +124,7 @@ def test_bad_arguments_one_line_exit_2_nothing_written(args, message, tmp_path, 
 
 def test_unknown_command_lists_compute(capsys):
     assert cli.main(["frobnicate"]) == 2
-    assert "expected 'demo', 'compute' or 'verify'" in capsys.readouterr().err
+    assert "expected 'demo', 'compute', 'features' or 'verify'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("choice", ["auto", "AUTO", "0", "1", "2", "3"])
@@ -197,8 +197,8 @@ def test_top_level_help_lists_the_verbs(capsys):
     for flag in ("--help", "-h"):
         assert cli.main([flag]) == 0
         out = capsys.readouterr().out
-        assert out.startswith("usage: ntkfunc [-h] {demo,compute,verify} ...")
-        assert all(f"    {verb} " in out for verb in ("demo", "compute", "verify"))
+        assert out.startswith("usage: ntkfunc [-h] {demo,compute,features,verify} ...")
+        assert all(f"    {verb} " in out for verb in ("demo", "compute", "features", "verify"))
 
 
 class _Payload:

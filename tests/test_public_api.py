@@ -5,7 +5,7 @@ import ntkfunc
 
 def test_all_is_pinned():
     assert sorted(ntkfunc.__all__) == [
-        "Explanation", "Implementation", "Sketch", "datasets", "explain", "features_fn", "from_module", "group_kernels",
+        "Explanation", "Features", "Implementation", "Sketch", "datasets", "explain", "feature_matrix", "features_fn", "from_module", "group_kernels",
         "jacobian_fn", "kernel_fn", "kernel_matrix", "linalg", "linearize", "load_kernel", "models", "monte_carlo_kernel_fn", "nngp_fn", "ntk_fn",
         "ntk_vp_fn", "pntk_fn", "predict", "rules", "sketched_ntk_fn", "taylor_expand", "testing", "verify_kernel",
     ]

@@ -529,7 +529,7 @@ def test_features_on_several_devices_are_the_same_file(tmp_path, monkeypatch):
     sketch = ntkfunc.Sketch(64, seed=2)
     monkeypatch.setattr(featuring, "CHUNK_SAMPLES", 4)
     built, real = [], featuring.problem_on
-    monkeypatch.setattr(featuring, "problem_on", lambda job, dev, p: built.append(dev) or real(job, dev, p))
+    monkeypatch.setattr(featuring, "problem_on", lambda job, dev, p, *api: built.append(dev) or real(job, dev, p, *api))
     one = ntkfunc.kernel_matrix(f, params, x, sketch=sketch, features=tmp_path / "one", progress=False)
     assert built == []  # one device: the probed problem
     two = ntkfunc.kernel_matrix(f, params, x, sketch=sketch, features=tmp_path / "two", devices=["cpu", "cpu"], progress=False)

@@ -1,5 +1,6 @@
 """Command line: ``ntkfunc [demo]`` runs the embedded default job; ``ntkfunc compute`` a
-whole-dataset kernel (:mod:`ntkfunc._cli.compute`); ``ntkfunc verify`` checks kernel files
+whole-dataset kernel (:mod:`ntkfunc._cli.compute`); ``ntkfunc features`` a dataset's sketched
+per-sample gradients (:mod:`ntkfunc._cli.features`); ``ntkfunc verify`` checks kernel files
 (:mod:`ntkfunc._cli.verify`). argparse -> public API, no maths."""
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from ntkfunc._cli import demo
 COMMANDS = {
     "demo": "the full eNTK of a small CNN on shipped digits with every implementation (the default)",
     "compute": "a whole-dataset kernel written to a resumable .npy (ntkfunc compute --help)",
-    "verify": "check kernel files written by compute or kernel_matrix(out=...) (ntkfunc verify --help)",
+    "features": "sketched per-sample gradients of a dataset written to resumable .npy files (ntkfunc features --help)",
+    "verify": "check kernel and features files written by compute, features or kernel_matrix (ntkfunc verify --help)",
 }
 
 
@@ -37,9 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ntkfunc._cli import compute
 
         return compute.main(argv[1:])
+    if argv[0] == "features":
+        from ntkfunc._cli import features
+
+        return features.main(argv[1:])
     if argv[0] == "verify":
         from ntkfunc._cli import verify
 
         return verify.main(argv[1:])
-    print(f"ntkfunc: unknown command {argv[0]!r}; expected 'demo', 'compute' or 'verify' (ntkfunc --help lists them)", file=sys.stderr)
+    print(f"ntkfunc: unknown command {argv[0]!r}; expected 'demo', 'compute', 'features' or 'verify' (ntkfunc --help lists them)", file=sys.stderr)
     return 2

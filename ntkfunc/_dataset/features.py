@@ -20,6 +20,10 @@ what changed (``resume=False`` starts over); a chunk whose entries no longer mat
 checksum is recomputed with a warning. Chunks are run by the kernel's own runner
 (:mod:`.runner`: devices, background commits, progress); ranks take every ``world``-th chunk.
 
+:func:`write` computes (or reuses, or resumes) the features of one side; :func:`ntkfunc.feature_matrix`
+(:mod:`.feature_writer`) calls it on its own, with the same fingerprint and file name, so that its files
+and ``kernel_matrix``'s are the same files.
+
 Stage 2 is the exact kernel's pipeline on the features: :class:`~ntkfunc._engines.rows.stored.StoredRows` is a row
 source whose rows are the stored features (width ``dim`` instead of ``P``), so tiling,
 panels, the out-of-core output, resume and progress are ``kernel_matrix``'s own.
@@ -41,7 +45,7 @@ from ntkfunc._core.memory import SAFETY, fmt_bytes, itemsize
 from ntkfunc._core.problem import Problem
 from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import to_device
-from ntkfunc._dataset.fileformat import FEATURES, features_grid
+from ntkfunc._dataset.fileformat import FEATURES, Content, features_grid
 from ntkfunc._dataset.fingerprint import PROBE_KEY, function_identity, probe_fingerprint, results_format
 from ntkfunc._dataset.job import API, Job, Output, Workers, problem_on
 from ntkfunc._dataset.progress import make_progress
@@ -137,59 +141,81 @@ def compute(job: Job, problem: Problem, budget: int, output: Output, workers: Wo
     assert sketch is not None
     usable = budget * SAFETY
     source = ProjectedRows(problem, sketch.kind, sketch.dim, sketch.seed, job.engine.captures)
-    record = source.plan.record()
     folder = output.features_folder
     sides = [("x1", job.s1)] + ([] if job.symmetric else [("x2", job.s2)])
+    if folder is None:
+        check_fits(source, [(name, len(s)) for name, s in sides], usable, budget, f"{API}(sketch=...)",
+                   "pass features='DIR' (or out='K.npy') to keep them on disk")
     results: list[Samples] = []
     paths: list[str | None] = []
     for name, samples in sides:
-        shape = (len(samples), *source.out_shape, sketch.dim)
-        store: Store
-        if folder is None:
-            need = math.prod(shape) * itemsize(problem.out_dtype) * len(sides)
-            if need > usable:
-                raise MemoryError(f"{API}(sketch=...): the features {shape} of {name} need {fmt_bytes(need)} in memory and "
-                                  f"memory_budget allows {fmt_bytes(budget)}; pass features='DIR' (or out='K.npy') to keep them on disk")
-            store, size, path = MemoryStore(shape, problem.out_dtype), CHUNK_SAMPLES, None
-        else:
-            fp = fingerprint(job, problem, samples, record, shape)
-            path = feature_path(folder, fp)
-            store = open_store(path, shape, problem.out_dtype, fp, features_grid(CHUNK_SAMPLES), output.resume, workers.rk, FEATURES,
-                               output.overwrite)
-            size = int(store.grid["chunk"])
-        try:
-            chunks = Chunks(samples, size, shape, problem.out_dtype)
-            done = store.done_keys()
-            # a file is shared by the ranks (each takes every world-th chunk); memory is each rank's own
-            todo = [c for c in range(chunks.count) if str(c) not in done and (path is None or workers.rk.mine(c))]
-            if todo:
-                run(job, chunks, store, todo, source, usable, workers, name)
-            if path is not None:
-                settle(store, [str(c) for c in range(chunks.count)], workers.rk)
-            results.append(Samples(store.result(), name))
-        finally:
-            store.close()
+        features, path = write(job, problem, source, samples, name, usable, folder, output, workers, FEATURES)
+        results.append(Samples(features, name))
         paths.append(None if path is None else str(path))
     s1 = results[0]
     s2 = s1 if job.symmetric else results[1]
     error = estimate(s1, s2, problem, sketch.dim, sketch.seed, job.symmetric)
-    return Featured((s1, s2), record, error, (paths[0], paths[1] if len(paths) > 1 else None))
+    return Featured((s1, s2), source.plan.record(), error, (paths[0], paths[1] if len(paths) > 1 else None))
+
+
+def check_fits(source: ProjectedRows, sides: list[tuple[str, int]], usable: float, budget: int, api: str, hint: str) -> None:
+    """Refuse (MemoryError, before anything runs) features of ``sides`` (``(name, samples)``) that do not fit in memory together."""
+    size = itemsize(source.problem.out_dtype)
+    shapes = [(name, (n, *source.out_shape, source.dim)) for name, n in sides]
+    need = sum(math.prod(shape) for _, shape in shapes) * size
+    if need > usable:
+        what = " and ".join(f"{shape} of {name}" for name, shape in shapes)
+        raise MemoryError(f"{api}: the features {what} need {fmt_bytes(need)} in memory and memory_budget allows "
+                          f"{fmt_bytes(budget)}; {hint}")
+
+
+def write(job: Job, problem: Problem, source: ProjectedRows, samples: Samples, name: str, usable: float,
+          folder: None | str | os.PathLike[str], output: Output, workers: Workers, content: Content) -> tuple[torch.Tensor, Path | None]:
+    """The features ``(N, *out, dim)`` of ``samples``: in memory (``folder=None``), or in ``<folder>/features-<key>.npy``,
+    reused when complete, resumed when not (this rank's pending chunks computed and committed), returned as a tensor
+    over a copy-on-write memory map of it. ``content``: the public function (and its argument) that placed the file,
+    named in messages."""
+    sketch = job.sketch
+    assert sketch is not None
+    shape = (len(samples), *source.out_shape, sketch.dim)
+    store: Store
+    if folder is None:
+        store, size, path = MemoryStore(shape, problem.out_dtype), CHUNK_SAMPLES, None
+    else:
+        fp = fingerprint(job, problem, samples, source.plan.record(), shape)
+        path = feature_path(folder, fp)
+        store = open_store(path, shape, problem.out_dtype, fp, features_grid(CHUNK_SAMPLES), output.resume, workers.rk, content,
+                           output.overwrite)
+        size = int(store.grid["chunk"])
+    try:
+        chunks = Chunks(samples, size, shape, problem.out_dtype)
+        done = store.done_keys()
+        # a file is shared by the ranks (each takes every world-th chunk); memory is each rank's own
+        mine = [c for c in range(chunks.count) if path is None or workers.rk.mine(c)]
+        todo = [c for c in mine if str(c) not in done]
+        if todo:
+            run(job, chunks, store, todo, source, usable, workers, name, len(mine), content.api)
+        if path is not None:
+            settle(store, [str(c) for c in range(chunks.count)], workers.rk)
+        return store.result(), path
+    finally:
+        store.close()
 
 
 def run(job: Job, chunks: Chunks, store: Store, todo: list[int], source: ProjectedRows, usable: float, workers: Workers,
-        name: str) -> None:
-    """The ``todo`` chunks on every device of ``workers``, each committed to ``store`` as it is done."""
+        name: str, total: int, api: str = API) -> None:
+    """The ``todo`` chunks (of this rank's ``total``) on every device of ``workers``, each committed to ``store`` as it is done."""
     devices = workers.devices
     sketch = job.sketch
     assert sketch is not None
 
     def make_engine(dev: torch.device) -> Pass:  # one device: the probed source; several: one each (their workspaces)
         src = source if len(devices) == 1 else ProjectedRows(
-            problem_on(job, dev, to_device(job.params, dev)), sketch.kind, sketch.dim, sketch.seed, job.engine.captures)
+            problem_on(job, dev, to_device(job.params, dev), api), sketch.kind, sketch.dim, sketch.seed, job.engine.captures)
         return Pass(src, src.chunk_for(usable / len(devices)))
 
     runner = Runner(chunks, store, serial=not job.engine.thread_safe, background=not isinstance(store, MemoryStore))
-    bar = make_progress(workers.progress, len(todo), 0, f"features {name}", "chunk", "samples")
+    bar = make_progress(workers.progress, total, total - len(todo), f"features {name}", "chunk", "samples")
     try:
         runner.run([[c] for c in todo], devices, make_engine, bar)
     finally:

@@ -57,6 +57,9 @@ class Content:
       unit: what one marker covers (``"tile"``, ``"chunk"``); the markers' folder is ``F.<unit>s``.
       same: what reusing the file needs.
       elsewhere: the way around a file that cannot be reused.
+      api: the public function whose argument ``arg`` placed the file (``kernel_matrix``; ``feature_matrix``, whose
+        ``out=`` folder holds the same features files).
+      verb: the ``ntkfunc`` command that writes it (``compute``, ``features``).
     """
 
     name: str
@@ -65,11 +68,13 @@ class Content:
     unit: str
     same: str
     elsewhere: str
+    api: str = "kernel_matrix"
+    verb: str = "compute"
 
-    def what(self, path: str | os.PathLike[str], api: str = "kernel_matrix") -> str:
+    def what(self, path: str | os.PathLike[str], api: str | None = None) -> str:
         """The start of every message about the file at ``path``: the call and the argument that placed it."""
         place = path if self is KERNEL else Path(path).parent
-        return f"{api}({self.arg}={str(place)!r})"
+        return f"{api or self.api}({self.arg}={str(place)!r})"
 
     def named(self, path: str | os.PathLike[str]) -> str:
         """`` <file name>`` where messages must say which file of a folder (features), else nothing."""
@@ -79,6 +84,9 @@ class Content:
 KERNEL = Content("kernel", "out", "output", "tile", "the same params, data and settings to resume", "choose another out")
 FEATURES = Content("features", "features", "features file", "chunk", "the same model, params, data and sketch to reuse it",
                    "pass another features= folder")
+FEATURE_FILE = dataclasses.replace(FEATURES, arg="out", elsewhere="pass another out= folder", api="feature_matrix",
+                                   verb="features")
+"""The same features files, written by :func:`ntkfunc.feature_matrix` (only its messages differ)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +155,7 @@ def numpy_dtype(dtype: torch.dtype, content: Content = KERNEL) -> Any:
     """The numpy dtype a file of ``content`` stores ``dtype`` as; TypeError for what a ``.npy`` cannot hold here."""
     if dtype not in _NUMPY:
         raise TypeError(
-            f"kernel_matrix({content.arg}=...): {'kernels' if content is KERNEL else content.name} of dtype {dtype} cannot be "
+            f"{content.api}({content.arg}=...): {'kernels' if content is KERNEL else content.name} of dtype {dtype} cannot be "
             "stored in a .npy file; expected float16, float32 or float64 outputs of f (or out=None"
             f"{', features=None' if content is FEATURES else ''})"
         )

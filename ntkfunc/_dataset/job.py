@@ -115,11 +115,12 @@ class Shape:
         return Sizes(self.n1, self.n2, symmetric, self.layout.batch_paired)
 
 
-def problem_on(job: Job, device: torch.device, params: PyTree) -> Problem:
+def problem_on(job: Job, device: torch.device, params: PyTree, api: str = API) -> Problem:
     """The problem on the first sample of each side on ``device``, copied out of its source (a view of a
-    dataset tensor would make every tensor saved for backward count the whole dataset's storage)."""
+    dataset tensor would make every tensor saved for backward count the whole dataset's storage); ``api``
+    names the public function in errors."""
     with transform_friendly_attention():
         x1 = job.s1.get(0, 1).to(device).clone()
         x2 = None if job.symmetric else job.s2.get(0, 1).to(device).clone()
-        with explained_f_errors(API, params, {"x1": x1, "x2": x2}, without_vmap=WITHOUT_VMAP):
-            return make_problem(job.fn, x1, x2, params, 0, job.trace, job.diag, api=API)
+        with explained_f_errors(api, params, {"x1": x1, "x2": x2}, without_vmap=WITHOUT_VMAP):
+            return make_problem(job.fn, x1, x2, params, 0, job.trace, job.diag, api=api)

@@ -158,7 +158,8 @@ def kernel_matrix(
         gradients: implementation 1, 3 or ``"auto"``.
       features: with ``sketch``: a folder where the features are written as
         ``features-<key>.npy`` (``np.load`` opens them; ``<key>`` hashes model, params, data and
-        sketch, so another kernel of the same data reuses them). Default: ``<out>.features``
+        sketch, so another kernel of the same data reuses them, as it reuses those of
+        :func:`ntkfunc.feature_matrix` with ``out=`` this folder). Default: ``<out>.features``
         with ``out``, memory without. The output's manifest records the sketch, its resolved
         plan and an error estimate (:meth:`ntkfunc.Sketch.error_estimate`). Needs ``sketch``.
       overwrite: replace a file at ``out`` (or a features file) that no manifest describes; by
@@ -241,17 +242,17 @@ def check_output(out: None | str | os.PathLike[str], features: None | str | os.P
     return Output(out, features, resume, bool(verify), bool(overwrite))
 
 
-def check_budget(memory_budget: MemoryBudget, device: torch.device) -> int:
+def check_budget(memory_budget: MemoryBudget, device: torch.device, api: str = API) -> int:
     """The budget in bytes, refused when it leaves nothing for the work (before anything runs or is written)."""
     budget = parse_budget(memory_budget, device)
     if int(budget * SAFETY) < 1:
-        raise MemoryError(f"{API}(memory_budget={memory_budget!r}): {fmt_bytes(budget)} leaves {fmt_bytes(int(budget * SAFETY))} "
+        raise MemoryError(f"{api}(memory_budget={memory_budget!r}): {fmt_bytes(budget)} leaves {fmt_bytes(int(budget * SAFETY))} "
                           f"for the work once the safety margin ({1 - SAFETY:.0%}) is kept; expected a budget of at least 2 bytes "
                           "(e.g. '4GB')")
     return budget
 
 
-def agree(fingerprint: dict[str, Any] | None, rk: Ranks) -> None:
+def agree(fingerprint: dict[str, Any] | None, rk: Ranks, api: str = API, result: str = "one kernel") -> None:
     """Under ``torchrun``: refuse on every rank, before any work, when a rank's fingerprint is not rank 0's.
 
     Rank 0 broadcasts its fingerprint (f, params, buffers, data and settings: see
@@ -268,7 +269,7 @@ def agree(fingerprint: dict[str, Any] | None, rk: Ranks) -> None:
     if bad:
         detail = "; ".join(f"rank {r} has different {', '.join(d)}" for r, d in bad)
         raise ValueError(
-            f"{API}: the {rk.world} torchrun ranks would not compute one kernel: {detail} than rank 0; expected every rank to "
+            f"{api}: the {rk.world} torchrun ranks would not compute {result}: {detail} than rank 0; expected every rank to "
             "hold the same f, params, buffers, data and settings (build the model after the same torch.manual_seed, or load "
             "the same weights, and give every rank the same x1 and x2). Nothing was computed"
         )

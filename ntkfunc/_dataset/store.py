@@ -164,7 +164,7 @@ class NpyStore:
             return cls._reopen(files, shape, np_dtype, fingerprint, None, check=False)
         refuse_foreign(files, overwrite)  # before anything is written
         files.out.parent.mkdir(parents=True, exist_ok=True)
-        lock = OutputLock.acquire(files.out, "kernel_matrix", content)
+        lock = OutputLock.acquire(files.out, content.api, content)
         try:
             refuse_foreign(files, overwrite)  # again, under the lock
             if resume and files.manifest.exists():
@@ -186,7 +186,7 @@ class NpyStore:
         for old in (files.partial, files.out):  # a new inode: earlier results mapping the old file stay intact
             old.unlink(missing_ok=True)
         content = files.content
-        header = npyfile.create(files.partial, shape, np_dtype, "kernel_matrix", content.arg, f"{content.name} file")
+        header = npyfile.create(files.partial, shape, np_dtype, content.api, content.arg, f"{content.name} file")
         manifest = new_manifest(files, secrets.token_hex(8), shape, np_dtype, fingerprint, grid)
         write_manifest(files, manifest, stat.S_IMODE(os.stat(files.partial).st_mode))
         return cls(files, shape, manifest, files.partial, header, lock)
@@ -337,9 +337,9 @@ def refuse_foreign(files: OutputFiles, overwrite: bool) -> None:
         return
     content = files.content
     raise ValueError(
-        f"{content.what(files.out)}: {files.out} exists and is not a {content.name} file written by kernel_matrix (no "
+        f"{content.what(files.out)}: {files.out} exists and is not a {content.name} file written by {content.api} (no "
         f"{files.manifest.name} describes it), so it is left as it is; expected a new path or an earlier output of "
-        f"kernel_matrix: pass overwrite=True (ntkfunc compute --overwrite) to replace it, or {content.elsewhere}"
+        f"{content.api}: pass overwrite=True (ntkfunc {content.verb} --overwrite) to replace it, or {content.elsewhere}"
     )
 
 
