@@ -164,8 +164,8 @@ def test_both_ways_of_a_convolutions_gradient_equal_the_float64_reference(shape)
 
 
 def test_choose_way_times_each_way_once_per_key_then_runs_the_fastest():
-    """The probe's samples are done by every way (the last one's result kept: all ways give one result), the rest by the
-    fastest; a second call of the key does not time again."""
+    """The probe's samples are done three times by every way (the last one's result kept: all ways give one result), the
+    rest by the fastest; a second call of the key does not time again."""
     from ntkfunc._core.buffers import Buffers
     from ntkfunc.rules.conv import PROBE, choose_way
 
@@ -173,7 +173,7 @@ def test_choose_way_times_each_way_once_per_key_then_runs_the_fastest():
     ways = {"slow": lambda a, b: calls.append(("slow", a, b)) or sum(range(200_000)), "fast": lambda a, b: calls.append(("fast", a, b))}
     buffers = Buffers()
     assert choose_way(buffers, "k", ways, 10) == "fast"
-    assert calls == [("slow", 0, PROBE)] * 2 + [("fast", 0, PROBE)] * 2 + [("fast", PROBE, 10)]
+    assert calls == [("slow", 0, PROBE), ("fast", 0, PROBE)] * 3 + [("fast", PROBE, 10)]
     assert set(buffers.seconds["k"]) == {"slow", "fast"} and buffers.seconds["k"]["slow"] > buffers.seconds["k"]["fast"]
     calls.clear()
     assert choose_way(buffers, "k", ways, 3) == "fast" and calls == [("fast", 0, 3)]

@@ -14,10 +14,12 @@ import torch
 
 
 def clock(device: torch.device) -> float:
-    """Seconds now, after ``device``'s queued work (for the measured rates of ``Buffers.seconds``)."""
+    """Seconds now for the measured rates of ``Buffers.seconds``: on a GPU the wall clock after the device's queued
+    work; on the CPU this process's CPU time (all its threads), which other jobs sharing the cores do not move."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter()
+        return time.perf_counter()
+    return time.process_time()
 
 
 class Buffers:

@@ -119,9 +119,10 @@ def choose_way(buffers: Buffers, key: Hashable, ways: dict[str, Callable[[int, i
     """Run the fastest of ``ways`` (each ``way(a, b)`` does the job for samples ``a:b`` on ``device``, all ways with
     one result) on samples ``0:g``; the way's name.
 
-    The first call for ``key`` times every way on the first :data:`PROBE` samples (each written twice, the
-    second run timed: the first pays for allocations) and keeps the seconds per sample in
-    ``buffers.seconds[key]``; every call then runs the fastest on the samples left. ``buffers.seconds``
+    The first call for ``key`` times every way on the first :data:`PROBE` samples (each written three
+    times: once untimed, which pays for allocations, then twice, the ways alternating, the faster
+    kept; :func:`~ntkfunc._core.buffers.clock`: CPU time on the CPU) and keeps the seconds per sample
+    in ``buffers.seconds[key]``; every call then runs the fastest on the samples left. ``buffers.seconds``
     is the one rate table: a caller may fill it in advance (a way's entry alone forces that way).
 
     >>> buffers, calls = Buffers(), []
@@ -133,12 +134,14 @@ def choose_way(buffers: Buffers, key: Hashable, ways: dict[str, Callable[[int, i
     start = 0
     if key not in buffers.seconds:
         probe = min(g, PROBE)
-        seconds = {}
-        for name, way in ways.items():
+        seconds = {name: math.inf for name in ways}
+        for way in ways.values():
             way(0, probe)
-            t0 = clock(device or CPU)
-            way(0, probe)
-            seconds[name] = (clock(device or CPU) - t0) / probe
+        for _ in range(2):  # the faster of two timed runs per way, the ways alternating
+            for name, way in ways.items():
+                t0 = clock(device or CPU)
+                way(0, probe)
+                seconds[name] = min(seconds[name], (clock(device or CPU) - t0) / probe)
         buffers.seconds[key] = seconds
         start = probe
     table = buffers.seconds[key]
