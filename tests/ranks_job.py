@@ -1,4 +1,5 @@
-"""torchrun ranks that disagree (and ``feature_matrix`` under ranks), run by tests/test_blocked.py under ``torch.distributed.run --nproc_per_node=2``.
+"""torchrun ranks that disagree (and ``feature_matrix`` and pytree inputs under ranks), run by tests/test_blocked.py
+under ``torch.distributed.run --nproc_per_node=2``.
 
 ``python tests/ranks_job.py OUT_DIR``: per scenario every rank calls ``kernel_matrix`` and prints one
 JSON line ``{"rank", "scenario", "error", "computed", "sum"}`` (``error``: the message it raised, or
@@ -11,7 +12,9 @@ None; ``computed``: tiles and feature chunks it committed; ``sum``: of the kerne
 - ``same``: every rank alike: computed, the same kernel on every rank;
 - ``features-file``, ``features-memory``: ``feature_matrix`` (chunks of 3 samples) with every rank alike, into
   ``OUT_DIR/feats`` (the ranks share the chunks) or in memory (every rank computes all); ``sum``: of the features;
-- ``features-unseeded``: ``feature_matrix`` with each rank's own random model, into ``OUT_DIR/other``.
+- ``features-unseeded``: ``feature_matrix`` with each rank's own random model, into ``OUT_DIR/other``;
+- ``pytree-file``: a dict input (``{"x", "mask"}``, :func:`build_dict`) with every rank alike, into ``OUT_DIR/Kd.npy``;
+- ``pytree-data``: the same with a mask that depends on the rank (one leaf of the input differs).
 """
 
 from __future__ import annotations
@@ -41,6 +44,17 @@ def build(seed: int, data_seed: int = 0):
     return f, params, x
 
 
+def build_dict(seed: int, mask_seed: int = 0):
+    """``(g, params, inputs)``: :func:`build`'s MLP reading ``inputs["x"] * inputs["mask"]`` (a pytree input of 10 samples)."""
+    f, params, x = build(seed)
+    mask = (torch.rand(10, 5, generator=torch.Generator().manual_seed(100 + mask_seed)) > 0.3).double()
+
+    def g(p, inputs):
+        return f(p, inputs["x"] * inputs["mask"])
+
+    return g, params, {"x": x, "mask": mask}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     folder = sys.argv[1]
@@ -67,6 +81,8 @@ def main() -> None:
         "features-file": (build(seed=0), {"out": os.path.join(folder, "feats")}),
         "features-memory": (build(seed=0), {}),
         "features-unseeded": (build(seed=rank), {"out": os.path.join(folder, "other")}),
+        "pytree-file": (build_dict(seed=0), {"out": os.path.join(folder, "Kd.npy")}),
+        "pytree-data": (build_dict(seed=0, mask_seed=rank), {}),
     })
     for name, ((f, params, x), kwargs) in scenarios.items():
         computed.clear()

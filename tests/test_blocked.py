@@ -347,15 +347,16 @@ def test_torchrun_ranks_that_disagree_are_refused_before_any_work(tmp_path):
     summed their tiles into a kernel of neither model and exited 0; a sketch's in-memory features mixed the same way; with
     a file output rank 1 advised resume=False while rank 0 died of a gloo error. Now every rank refuses with one message."""
     from tests.ranks_job import build as build_ranks_job
+    from tests.ranks_job import build_dict as build_dict_job
 
     job = ROOT / "tests" / "ranks_job.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(job), str(tmp_path)]
-    res = _run_torchrun(cmd, [tmp_path / "K.npy"], timeout=120)  # a rank left waiting fails after 30 s (the job's group)
+    res = _run_torchrun(cmd, [tmp_path / "K.npy", tmp_path / "Kd.npy"], timeout=120)  # a rank left waiting fails after 30 s (the job's group)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     by = {(r["scenario"], r["rank"]): r for r in lines}
-    assert len(by) == len(lines) == 16, res.stdout
-    differs = {"unseeded": "params", "data": "x1", "sketch": "params", "file": "params"}
+    assert len(by) == len(lines) == 20, res.stdout
+    differs = {"unseeded": "params", "data": "x1", "sketch": "params", "file": "params", "pytree-data": "x1"}
     for scenario, what in differs.items():
         first, second = by[(scenario, 0)], by[(scenario, 1)]
         assert first["error"] == second["error"], (scenario, first, second)  # one message, on every rank
@@ -380,6 +381,15 @@ def test_torchrun_ranks_that_disagree_are_refused_before_any_work(tmp_path):
     assert first["error"] == second["error"] and first["error"].startswith(
         "feature_matrix: the 2 torchrun ranks would not compute the same features: rank 1 has different params than rank 0"), first
     assert first["computed"] == second["computed"] == 0 and not (tmp_path / "other").exists()
+    # a pytree input (dict of leaves sharing the batch axis): the ranks share the tiles of one file, which holds the
+    # one-process kernel
+    g, params, inputs = build_dict_job(seed=0)
+    expected_dict = kernel_matrix(g, params, inputs, batch_size=3, progress=False)
+    first, second = by[("pytree-file", 0)], by[("pytree-file", 1)]
+    assert first["error"] is None and second["error"] is None, (first, second)
+    assert first["computed"] > 0 and second["computed"] > 0  # both ranks did a share
+    assert first["sum"] == second["sum"] == pytest.approx(float(expected_dict.sum()), rel=1e-12)
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "Kd.npy")), expected_dict, rtol=1e-12, atol=1e-12)
 
 
 _RSS_SCRIPT = r"""
@@ -531,13 +541,13 @@ def test_errors_say_what_was_given_and_expected(tmp_path):
         kernel_matrix(f, params, x1, trace_axes=(0,))
     with pytest.raises(ValueError, match=r"expected x1 and x2 of equal lengths, got 9 and 5"):
         kernel_matrix(f, params, x1, x2, trace_axes=(), diagonal_axes=(0,))
-    with pytest.raises(TypeError, match=r"x1 is a list; expected a torch.Tensor, a numpy array"):
-        kernel_matrix(f, params, [1, 2])
+    with pytest.raises(TypeError, match=r"x1\[0\] is an int; expected x1 to be a torch.Tensor, a numpy array"):
+        kernel_matrix(f, params, [1, 2])  # a list is a pytree of inputs, as for ntk_fn: its leaves must be tensors
     with pytest.raises(ValueError, match=r"x2 has no samples"):
         kernel_matrix(f, params, x1, x1[:0])
     with pytest.raises(ValueError, match=r"nonfinite='nope'\): expected 'raise', 'warn' or 'ignore'"):
         kernel_matrix(f, params, x1, nonfinite="nope")
-    with pytest.raises(ValueError, match=r"returned 2 output tensors .* expected one tensor with the batch axis first"):
+    with pytest.raises(ValueError, match=r"returned 2 output tensors; expected one tensor with a batch axis"):
         kernel_matrix(lambda p, x: (f(p, x), f(p, x)), params, x1)
     with pytest.raises(ValueError, match=r"devices='gpu0'\).*expected None, 'all' or a list of devices"):
         kernel_matrix(f, params, x1, devices="gpu0")

@@ -90,6 +90,32 @@ def test_exact_count_sketch_features_give_the_float64_reference_kernel(tmp_path)
     assert max_rel_err(pntk.tensor[:, 0] @ pntk.tensor[:, 0].T, reference_kernel(logits, params, x, None)) < 1e-12
 
 
+def test_pytree_inputs_with_a_leaf_batched_on_axis_1(tmp_path):
+    """A dict input whose sequence leaf has its samples on axis 1 (``vmap_axes``): exact count-sketch features give the
+    float64 reference kernel; the file is found again only with the same axes."""
+    f0, params, _ = _mlp()
+    gen = torch.Generator().manual_seed(3)
+    inputs = {"seq": torch.randn(5, 9, 4, dtype=torch.float64, generator=gen), "scale": torch.rand(9, dtype=torch.float64, generator=gen)}
+
+    def f(p, inp):  # (T, N, 4) and (N,) -> (N, 3)
+        return f0(p, inp["seq"].mean(0) * inp["scale"][:, None])
+
+    axes = ({"seq": 1, "scale": 0}, 0, {})
+    sketch = ntkfunc.Sketch(256, seed=1, kind="countsketch")
+    feats = ntkfunc.feature_matrix(f, params, inputs, sketch, out=tmp_path, vmap_axes=axes, progress=False)
+    assert feats.tensor.shape == (9, 3, 256)
+    assert max_rel_err(feats.kernel(), reference_kernel(f, params, inputs, None)) < 1e-12
+    k = ntkfunc.kernel_matrix(f, params, inputs, sketch=sketch, features=tmp_path, vmap_axes=axes, progress=False)
+    assert max_rel_err(k, feats.kernel()) < 1e-12
+    assert len(list(Path(tmp_path).glob("features-*.npy"))) == 1  # kernel_matrix read the same file
+    with pytest.raises(ValueError, match=r"feature_matrix\(vmap_axes=1\): the output's batch axis is 1; expected 0"):
+        ntkfunc.feature_matrix(f, params, inputs, sketch, vmap_axes=1, progress=False)
+    with pytest.raises(ValueError, match=r"feature_matrix\(vmap_axes=None\): feature_matrix cuts the data into blocks"):
+        ntkfunc.feature_matrix(f, params, inputs, sketch, vmap_axes=None, progress=False)
+    with pytest.raises(ValueError, match=r"feature_matrix: the leaves of x hold different numbers of samples"):
+        ntkfunc.feature_matrix(f, params, inputs, sketch, progress=False)  # axis 0 everywhere: 5 sequences, 9 scales
+
+
 def test_a_hand_written_f_with_one_output_per_sample(tmp_path, monkeypatch):
     """``f(params, x) -> (N,)`` with dict params: features ``(N, dim)``, ``F Fᵀ`` the reference kernel (exact count sketch),
     and the file reused by kernel_matrix(trace_axes=()) (the only kernel of a 1-D output)."""

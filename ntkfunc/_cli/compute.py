@@ -10,6 +10,12 @@ Data sources (``--data`` and, for files, ``--test``):
 - ``digits``: the shipped 8x8 digits (1,797 images): train = the first 1,297, test = the last 500;
 - ``file.npy`` (memory-mapped, never loaded whole) or ``file.pt`` (a tensor, a tuple/list whose
   first element is the inputs, or a dict with key ``"x"``), samples along axis 0;
+- several named inputs (keyword inputs such as ``input_ids`` and ``attention_mask``, passed to the
+  model's ``forward`` by name, every array with its samples along axis 0): a ``.npz`` of several
+  arrays (read into memory: a zip cannot be memory-mapped), a ``.safetensors`` file (parsed here,
+  no code runs, memory-mapped when its floating arrays are of ``--dtype`` already), or a ``.pt``
+  dict of tensors without an ``"x"`` key (``torch.load(weights_only=True)``). A file of these
+  with an ``"x"`` key gives that array alone (the others, labels for instance, are left out);
 - a folder of per-sample ``.npy`` / ``.pt`` files (sorted by path, subfolders included: an
   ImageFolder-style ``root/<class>/<sample>.npy`` layout works), loaded one tile at a time.
 
@@ -62,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ntkfunc compute", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"package.module:factory returning an nn.Module (default {DEFAULT_MODEL})")
     p.add_argument("--weights", type=Path, help="state_dict file (.pt) loaded with torch.load(weights_only=True)")
-    p.add_argument("--data", default=DEFAULT_DATA, help=f"digits[_a_b[_c_d]], a .npy/.pt file or a folder (default {DEFAULT_DATA})")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help=f"digits[_a_b[_c_d]], a .npy/.pt file, a .npz/.safetensors of named inputs, or a folder (default {DEFAULT_DATA})")
     p.add_argument("--test", help="test split for file/folder data (rows after the training rows)")
     p.add_argument("--range", dest="ranges", help="a_b or a_b_c_d: train[a:b] (and test[c:d])")
     p.add_argument(
@@ -114,12 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ntkfunc.module import from_module
 
         f, params = from_module(model.eval())
-        _check_model_runs(model, x1, args.model, desc)
+        _check_model_runs(f, params, x1, x2, args.model, desc)
     except UsageError as err:
         print(f"ntkfunc compute: error: {err}", file=sys.stderr)
         return 2
 
-    n1, n2 = len(x1), len(x1) if x2 is None else len(x2)
+    n1, n2 = _count(x1), _count(x1) if x2 is None else _count(x2)
     n_params = sum(p.numel() for p in params.values())
     how = "" if sketch is None else f" sketched (dim={sketch.dim}, seed={sketch.seed}, kind={sketch.kind})"
     print(f"ntkfunc compute: {args.kernel} eNTK{how} of {args.model} ({n_params:,} parameters) on {desc}: {n1} x {n2} -> {args.out}")
@@ -256,7 +263,7 @@ def _state_dict(weights: Path) -> dict[str, Any]:
 
 def _digest_rows(data: Any, start: int, stop: int) -> str:
     """sha256 of rows ``start:stop`` of a source: every byte of an array's rows, of a folder's files."""
-    if isinstance(data, (_Cast, _Folder)):
+    if isinstance(data, (_Cast, _Folder, _Named)):
         return data.digest(start, stop)
     h = hashlib.sha256(f"{type(data).__name__}:{start}:{stop}".encode())
     step = 256
@@ -347,6 +354,111 @@ class _Folder(Dataset):
         return h.hexdigest()
 
 
+class _Named:
+    """Named inputs (a model's keyword inputs), one array or tensor per name, samples along axis 0.
+
+    ``rows(a, b)`` is the dict of rows ``a:b`` that ``kernel_matrix`` takes (memory maps stay memory maps); an item is one
+    sample's dict, as a Dataset gives it (the training rows then the test rows).
+    """
+
+    def __init__(self, arrays: dict[str, Any], where: Any, dtype: torch.dtype) -> None:
+        if not arrays:
+            raise UsageError(f"{where}: holds no arrays; expected named inputs, samples along axis 0")
+        self.arrays: dict[str, Any] = {}
+        for name, a in arrays.items():
+            if not isinstance(a, (np.ndarray, torch.Tensor)) or a.ndim == 0:
+                got = f"a 0-d {type(a).__name__}" if isinstance(a, (np.ndarray, torch.Tensor)) else f"a {type(a).__name__}"
+                raise UsageError(f"{where}: {name!r} is {got}; expected every named input to be an array with its samples along "
+                                 "axis 0")
+            self.arrays[name] = _as_dtype(a, dtype)
+        sizes = {name: len(a) for name, a in self.arrays.items()}
+        if len(set(sizes.values())) > 1:
+            raise UsageError(f"{where}: its arrays hold different numbers of samples ({', '.join(f'{k}: {n}' for k, n in sizes.items())}); "
+                             "expected every named input to hold the same samples along axis 0")
+        self.n = next(iter(sizes.values()))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rows(self, start: int, stop: int) -> dict[str, Any]:
+        return {name: a[start:stop] for name, a in self.arrays.items()}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(np.array(a[i])) if isinstance(a, np.ndarray) else a[i] for name, a in self.arrays.items()}
+
+    def keys(self) -> list[str]:
+        return list(self.arrays)
+
+    def digest(self, start: int, stop: int) -> str:
+        h = hashlib.sha256(f"named:{start}:{stop}".encode())
+        for name, a in self.arrays.items():
+            h.update(f"{name}:{tuple(a.shape)}:{a.dtype};".encode())
+            for i in range(start, stop, 256):
+                part = a[i : min(i + 256, stop)]
+                h.update(part.contiguous().numpy().tobytes() if isinstance(part, torch.Tensor) else np.ascontiguousarray(part).tobytes())
+        return h.hexdigest()
+
+
+def _as_dtype(a: Any, dtype: torch.dtype) -> Any:
+    """Floating arrays in ``dtype`` (a memory map of another float dtype is read and cast); others as they are."""
+    if isinstance(a, torch.Tensor):
+        return a.to(dtype) if a.is_floating_point() else a
+    if a.dtype.kind == "f" and a.dtype != np.dtype(str(dtype).replace("torch.", "")):
+        return np.asarray(a, dtype=str(dtype).replace("torch.", ""))
+    return a
+
+
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1",
+                       "BOOL": "?"}
+
+
+def _safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a ``.safetensors`` file, memory-mapped: its JSON header is parsed here, no code in the file runs."""
+    import json
+    import struct
+
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (size,) = struct.unpack("<Q", head)
+        if size > 100 << 20:
+            raise ValueError(f"a header of {size} bytes")
+        header = json.loads(fh.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        kind = _SAFETENSORS_DTYPES.get(str(info.get("dtype")))
+        if kind is None:
+            raise ValueError(f"{name!r} has dtype {info.get('dtype')}, which numpy cannot map; expected one of "
+                             f"{', '.join(_SAFETENSORS_DTYPES)}")
+        begin, end = (int(v) for v in info["data_offsets"])
+        shape = tuple(int(d) for d in info["shape"])
+        if end - begin != int(np.prod(shape)) * np.dtype(kind).itemsize:
+            raise ValueError(f"{name!r}: its data offsets do not match its shape {shape}")
+        out[name] = np.memmap(path, dtype=kind, mode="r", offset=8 + size + begin, shape=shape) if shape and shape[0] else np.zeros(shape, kind)
+    return out
+
+
+def _named_or_inputs(obj: dict[str, Any], where: Any, dtype: torch.dtype) -> Any:
+    """A file's dict: the ``"x"`` entry as the inputs, else every entry as named inputs."""
+    if "x" in obj:
+        x = obj["x"]
+        x = torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) and not isinstance(x, np.memmap) else x
+        if not isinstance(x, (torch.Tensor, np.ndarray)):
+            raise UsageError(f"{where}: its 'x' is a {type(x).__name__}; expected a tensor of inputs, samples along axis 0")
+        return _as_dtype(x, dtype)
+    return _Named(obj, where, dtype)
+
+
+def _count(x: Any) -> int:
+    """Samples in a ``kernel_matrix`` input: a tensor's, an array's or a Dataset's length, the first leaf's of a dict."""
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
 def _load(path: Path) -> Any:
     """``torch.load(path, weights_only=True)``: tensors and containers only, no code in the file runs (quietly: torch
     warns about pickle protocols on the way)."""
@@ -389,11 +501,20 @@ def _source(spec: str, dtype: torch.dtype, what: str) -> Any:
                 return _Cast(arr, dtype)
             return arr
         if path.suffix == ".pt":
-            t = _tensor_of(_load(path), path)
+            obj = _load(path)
+            if isinstance(obj, dict) and "x" not in obj:
+                return _Named(obj, f"{what} {spec}", dtype)
+            t = _tensor_of(obj, path)
             return t.to(dtype) if t.is_floating_point() else t
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+            return _named_or_inputs(arrays, f"{what} {spec}", dtype)
+        if path.suffix == ".safetensors":
+            return _named_or_inputs(_safetensors(path), f"{what} {spec}", dtype)
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as err:
         raise UsageError(f"{what} {spec}: cannot read it ({str(err).strip().splitlines()[0][:160]})") from None
-    raise UsageError(f"{what} {spec}: unknown file type {path.suffix!r}; expected .npy or .pt")
+    raise UsageError(f"{what} {spec}: unknown file type {path.suffix!r}; expected .npy, .pt, .npz or .safetensors")
 
 
 def _parse_ranges(text: str, what: str) -> list[int]:
@@ -422,6 +543,11 @@ def _data(spec: str, test: str | None, ranges: str | None, dtype: torch.dtype) -
     else:
         train = data
         test_data = None if test is None else _source(test, dtype, "--test")
+        if isinstance(train, _Named) != isinstance(test_data, _Named) and test_data is not None or (
+                isinstance(train, _Named) and isinstance(test_data, _Named) and train.keys() != test_data.keys()):
+            keys = ", ".join(train.keys()) if isinstance(train, _Named) else "one array"
+            got = ", ".join(test_data.keys()) if isinstance(test_data, _Named) else "one array"
+            raise UsageError(f"--test {test}: holds {got}; expected the inputs of --data ({keys})")
     a, b = (0, len(train)) if bounds is None else bounds[:2]
     if not 0 <= a < b <= len(train):
         raise UsageError(f"sample range {a}_{b}: expected 0 <= a < b <= {len(train)} (training samples of {name})")
@@ -435,11 +561,16 @@ def _data(spec: str, test: str | None, ranges: str | None, dtype: torch.dtype) -
         rows.append((test_data, c, d))
     desc = f"{name} train[{a}:{b}]" + (f" + test[{rows[1][1]}:{rows[1][2]}]" if len(rows) > 1 else "")
     if len(rows) == 1:
-        x = train[a:b] if isinstance(train, (torch.Tensor, np.ndarray)) else _Rows(train, a, b)
-        return x, None, desc
+        return _slice(train, a, b), None, desc
     x1: Any = _Concat([_Rows(src, lo, hi) for src, lo, hi in rows])
-    x2 = train[a:b] if isinstance(train, (torch.Tensor, np.ndarray)) else _Rows(train, a, b)
-    return x1, x2, desc
+    return x1, _slice(train, a, b), desc
+
+
+def _slice(data: Any, a: int, b: int) -> Any:
+    """Rows ``a:b`` as ``kernel_matrix`` reads them: a tensor, an array or a dict of them (sliced, not copied), else a Dataset."""
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        return data[a:b]
+    return data.rows(a, b) if isinstance(data, _Named) else _Rows(data, a, b)
 
 
 def _implementation(text: str | None) -> Any:
@@ -466,19 +597,25 @@ def _devices(text: str | None) -> Any:
     return out
 
 
-def _check_model_runs(model: torch.nn.Module, x1: Any, spec: str, desc: str) -> None:
+def _check_model_runs(f: Any, params: Any, x1: Any, x2: Any, spec: str, desc: str) -> None:
+    """The model runs on the first sample of ``x1`` (and of ``x2``) and returns ``(N, outputs)``, else a usage error."""
     from ntkfunc._dataset.data import Samples
 
     try:
-        x = Samples(x1, "--data").get(0, 1)
+        s1 = Samples(x1, "--data")
+        if x2 is not None and Samples(x2, "--data").spec != s1.spec:  # a train split of other inputs than the test split's
+            raise UsageError(f"--test: holds other inputs than --data ({Samples(x2, '--data').spec} vs {s1.spec})")
+        x = s1.get(0, 1)
     except (TypeError, ValueError, UsageError) as err:
         raise UsageError(f"--data: {err}") from err
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = next((t.device for t in params.values()), torch.device("cpu"))
+    x = torch.utils._pytree.tree_map(lambda t: t.to(device), x)
+    shapes = {k: tuple(v.shape[1:]) for k, v in x.items()} if isinstance(x, dict) else tuple(x.shape[1:])
     try:
         with torch.no_grad():
-            y = model(x.to(device))
+            y = f(params, x)
     except Exception as err:  # any failure of the user's model on the data is a usage error
-        raise UsageError(f"--model {spec} fails on {desc} (sample shape {tuple(x.shape[1:])}): {str(err).splitlines()[0]}") from err
+        raise UsageError(f"--model {spec} fails on {desc} (sample shape {shapes}): {str(err).splitlines()[0]}") from err
     if not isinstance(y, torch.Tensor) or y.ndim < 2:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise UsageError(f"--model {spec} returns {got} on {desc}; expected a tensor of shape (N, outputs)")

@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--memory-budget: {err}") from err
         devices = _devices(args.devices)
         f, params = from_module(model.eval())
-        _check_model_runs(model, x1, args.model, desc)
+        _check_model_runs(f, params, x1, x2, args.model, desc)
     except UsageError as err:
         print(f"ntkfunc features: error: {err}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@
 - :mod:`.store`: the one writer (memory, or a resumable ``.npy``; rank-0 opening), :mod:`.fileformat`: its files
   (manifest with checksum, markers, atomic writes), :mod:`.npyfile`: the ``.npy`` header, :mod:`.lock`: one writer per file;
 - :mod:`.kernel_file`: reading finished kernels back (``verify_kernel``, ``load_kernel``);
-- :mod:`.data`, :mod:`.fingerprint`: sample sources and what a resume must match;
+- :mod:`.data`, :mod:`.fingerprint`: sample sources (any pytree of inputs, sliced along ``vmap_axes``) and what a resume
+  must match;
 - :mod:`.distributed`: devices and ``torchrun`` ranks; :mod:`.progress`: the progress bar.
 """

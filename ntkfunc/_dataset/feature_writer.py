@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from ntkfunc._core.checks import check_bool, explained_f_errors, refuse_batch_coupled
+from ntkfunc._core.checks import check_bool, explained_f_errors, refuse_batch_coupled, split_vmap_axes
 from ntkfunc._core.memory import SAFETY
 from ntkfunc._core.pytree import tree_map
-from ntkfunc._core.types import ApplyFn, MemoryBudget, PyTree
+from ntkfunc._core.types import ApplyFn, MemoryBudget, PyTree, VMapAxes
 from ntkfunc._dataset import features as featuring
 from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import Devices, ranks, resolve_devices
@@ -93,6 +93,7 @@ def feature_matrix(
     devices: Devices = None,
     overwrite: bool = False,
     verify: bool = False,
+    vmap_axes: VMapAxes = 0,
 ) -> Features:
     """The sketched per-sample gradients ``J(x) Π`` of a whole dataset (TRAK's projected gradients), written once.
 
@@ -103,8 +104,9 @@ def feature_matrix(
     Args:
       f: ``f(params, x) -> (N, ...)``, one output tensor with the batch axis first.
       params: a pytree of tensors (detached: the features are not differentiable).
-      x: a tensor, numpy array (memory maps too), or a ``Dataset`` / ``DataLoader`` of inputs or
-        ``(input, ...)`` tuples; only a chunk's samples are loaded at a time.
+      x: as ``kernel_matrix``'s: a tensor, numpy array (memory maps too), a pytree of them whose leaves
+        share the batch axis (a dict of keyword inputs, a tuple), or a ``Dataset`` / ``DataLoader`` of
+        inputs or ``(input, ...)`` tuples; only a chunk's samples are loaded at a time.
       sketch: the :class:`ntkfunc.Sketch` (``dim`` features per output, ``seed``, ``kind``).
       out: None keeps the features in memory (refused with a MemoryError when they exceed the budget);
         a folder writes them to ``<out>/features-<key>.npy`` (``<key>`` hashes f, params, data, sketch,
@@ -127,6 +129,9 @@ def feature_matrix(
         yours, refused by default).
       verify: with ``out``, read the finished file back and check every chunk against its checksum
         (:func:`ntkfunc.verify_kernel`, which checks features files too; ``ntkfunc verify F.npy``) before returning.
+      vmap_axes: as ``kernel_matrix``'s: the batch axis of each input leaf (an int, a pytree of ints
+        matching ``x``, None for a leaf every sample shares) or ``(x_axes, 0, {})``; the output's
+        batch axis must be 0 (the features are ``(N, *out, dim)``).
 
     Returns:
       :class:`Features`: ``tensor`` ``(N, *out, dim)`` in ``f``'s output dtype (float16/32/64 in a file, bfloat16
@@ -150,11 +155,11 @@ def feature_matrix(
       >>> torch.allclose(k, F.kernel(), atol=1e-6)                             # the file was reused
       True
     """
-    sketch_ok = validate(f, sketch, implementation, pntk, resume, progress, overwrite, out, verify)
+    sketch_ok = validate(f, sketch, implementation, pntk, resume, progress, overwrite, out, verify, vmap_axes)
     engine = get_engine("auto" if implementation is None else implementation, api=API)
-    samples = Samples(x, "x")
+    samples = Samples(x, "x", vmap_axes, API)
     detached = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, params)
-    job = Job(f, detached, engine, samples, samples, (), (), bool(pntk), "raise", "highest", sketch_ok)
+    job = Job(f, detached, engine, samples, samples, (), (), bool(pntk), "raise", "highest", sketch_ok, vmap_axes)
     rk = ranks()
     workers = Workers(resolve_devices(devices, detached, rk, API), rk, bool(progress) and rk.rank == 0)
     budget = check_budget(memory_budget, workers.devices[0], API)
@@ -178,7 +183,7 @@ def feature_matrix(
 
 
 def validate(f: ApplyFn, sketch: Any, implementation: Any, pntk: Any, resume: Any, progress: Any, overwrite: Any,
-             out: Any, verify: Any = False) -> Sketch:
+             out: Any, verify: Any = False, vmap_axes: Any = 0) -> Sketch:
     """Check the arguments before anything runs; the sketch."""
     if not isinstance(sketch, Sketch):
         raise TypeError(f"{API}(sketch={sketch!r}): expected ntkfunc.Sketch(dim, seed=0, kind='auto')")
@@ -187,7 +192,11 @@ def validate(f: ApplyFn, sketch: Any, implementation: Any, pntk: Any, resume: An
         check_bool(value, name, API)
     if verify and out is None:
         raise ValueError(f"{API}(verify=True, out=None): verify reads the features file back; expected out='DIR'")
-    refuse_batch_coupled(f, 0, API)
+    _, fx_axes = split_vmap_axes(vmap_axes, API)  # refuses None (samples that interact) with its message
+    if fx_axes not in (0, None) and not pntk:
+        raise ValueError(f"{API}(vmap_axes={vmap_axes!r}): the output's batch axis is {fx_axes!r}; expected 0 (the features "
+                         "are (N, *out, dim)): move the batch axis of f's output first")
+    refuse_batch_coupled(f, vmap_axes, API)
     if out is not None:
         if not isinstance(out, (str, os.PathLike)):
             raise TypeError(f"{API}(out={out!r}): expected None (memory) or the path of a folder")

@@ -123,7 +123,7 @@ class Chunks:
         for c in cs:
             a, b = self.span(c)
             block = torch.empty((b - a, *self.shape[1:]), dtype=self.dtype, device=dev)  # its own: committed after the next is computed
-            engine.source.compute([self.samples.get(a, b).to(dev)], block, engine.chunk)
+            engine.source.compute(self.samples.leaves(a, b, dev), block, engine.chunk)
             out.append(block)
         return out
 

@@ -22,7 +22,9 @@ A run's fingerprint records everything that determines its kernel:
   each: at most 8 passes of 4 samples). Compared with a tolerance (``sqrt(eps)`` of the output
   dtype, relative), so that another device or thread count still resumes, while a changed
   function or constant that shows on those samples does not;
-- the data (``Samples.fingerprint``) and the settings (axes, pNTK, implementation, shape, dtype).
+- the data (``Samples.fingerprint``: every leaf of a pytree input, its structure and each leaf's batch axis) and
+  the settings (trace and diagonal axes, the output's batch axis when ``vmap_axes`` is not 0, pNTK,
+  implementation, shape, dtype).
 
 Not detected: a change that shows on none of the probe samples and is in nothing ``f`` captures
 as listed above (state reached through other objects, files ``f`` reads, a random generator).
@@ -42,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ntkfunc._core.checks import FINGERPRINT_ATTR
+from ntkfunc._core.checks import FINGERPRINT_ATTR, split_vmap_axes
 from ntkfunc._core.hashing import module_attributes, tensor_digest, value_text
 from ntkfunc._core.problem import Problem
 from ntkfunc._core.types import ApplyFn
@@ -85,6 +87,8 @@ def job_fingerprint(job: Job, shape: Shape, sketch: dict[str, Any] | None = None
         "kernel_shape": list(shape.kshape),
         "dtype": str(problem.out_dtype),
     }
+    if _output_axes(job) != "=0":  # the inputs' axes are in x1's and x2's fingerprints; the output's here
+        fingerprint["output_batch_axis"] = _output_axes(job)
     if job.precision != "highest":  # reduced-precision products differ from IEEE ones: never mixed in one file
         fingerprint["precision"] = job.precision
     if sketch is not None:
@@ -92,6 +96,13 @@ def job_fingerprint(job: Job, shape: Shape, sketch: dict[str, Any] | None = None
     elif job.sketch is not None:
         fingerprint["sketch"] = {"dim": job.sketch.dim, "seed": job.sketch.seed, "kind": job.sketch.kind}
     return fingerprint
+
+
+def _output_axes(job: Job) -> str:
+    """The output batch axes of ``vmap_axes`` (a pytree prefix of the outputs), as text independent of dict order."""
+    _, fx_axis = split_vmap_axes(job.vmap_axes, "kernel_matrix")
+    with_path, _ = torch.utils._pytree.tree_flatten_with_path(fx_axis)
+    return ",".join(sorted(f"{torch.utils._pytree.keystr(p)}={a}" for p, a in with_path))
 
 
 def results_format() -> dict[str, int]:
@@ -255,7 +266,7 @@ def probe_fingerprint(problem: Problem, s1: Samples, s2: Samples | None = None) 
     leaves = [t.detach().requires_grad_(True) for t in problem.params.diff_leaves]
     outputs, gradients = [], []
     for s, indices in passes:  # one side per pass: x1 and x2 may differ in their other axes (sequence lengths)
-        x = torch.cat([s.get(i, i + 1) for i in indices]).to(problem.device)
+        x = torch.utils._pytree.tree_map(lambda t: t.to(problem.device), s.take(indices))
         with torch.enable_grad():
             out = problem.f(problem.params.rebuild(leaves), x)
             outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]

@@ -16,12 +16,13 @@ import os
 
 import torch
 
-from ntkfunc._core.checks import explained_f_errors
+from ntkfunc._core.checks import explained_f_errors, split_vmap_axes
 from ntkfunc._core.layout import Layout
 from ntkfunc._core.memory import itemsize
 from ntkfunc._core.ops import transform_friendly_attention
 from ntkfunc._core.problem import Problem, make_problem
-from ntkfunc._core.types import ApplyFn, PyTree
+from ntkfunc._core.pytree import tree_map
+from ntkfunc._core.types import ApplyFn, PyTree, VMapAxes
 from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import Ranks
 from ntkfunc._dataset.plan import Sizes
@@ -48,6 +49,15 @@ class Job:
     nonfinite: str
     precision: str = "highest"
     sketch: Sketch | None = None
+    vmap_axes: VMapAxes = 0  # as ntk_fn's: the inputs' batch axes (the Samples slice by them) and the output's
+
+    @functools.cached_property
+    def fn_axes(self) -> VMapAxes:
+        """The ``vmap_axes`` of :attr:`fn`: the sum of the logits has its batch axis first."""
+        if not self.pntk:
+            return self.vmap_axes
+        x_axis, _ = split_vmap_axes(self.vmap_axes, API)
+        return (x_axis, 0, {})
 
     @property
     def symmetric(self) -> bool:
@@ -56,7 +66,10 @@ class Job:
     @functools.cached_property
     def fn(self) -> ApplyFn:
         """The function differentiated: ``f``, or the sum of its logits with ``pntk=True``."""
-        return sum_of_logits(self.f, 0, api=f"{API}(pntk=True)", keepdim=True) if self.pntk else self.f
+        if not self.pntk:
+            return self.f
+        _, fx_axis = split_vmap_axes(self.vmap_axes, API)
+        return sum_of_logits(self.f, fx_axis, api=f"{API}(pntk=True)", keepdim=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +133,7 @@ def problem_on(job: Job, device: torch.device, params: PyTree, api: str = API) -
     dataset tensor would make every tensor saved for backward count the whole dataset's storage); ``api``
     names the public function in errors."""
     with transform_friendly_attention():
-        x1 = job.s1.get(0, 1).to(device).clone()
-        x2 = None if job.symmetric else job.s2.get(0, 1).to(device).clone()
-        with explained_f_errors(api, params, {"x1": x1, "x2": x2}, without_vmap=WITHOUT_VMAP):
-            return make_problem(job.fn, x1, x2, params, 0, job.trace, job.diag, api=api)
+        x1 = tree_map(lambda t: t.to(device).clone(), job.s1.get(0, 1))
+        x2 = None if job.symmetric else tree_map(lambda t: t.to(device).clone(), job.s2.get(0, 1))
+        with explained_f_errors(api, params, {"x1": x1, "x2": x2}, job.vmap_axes, without_vmap=WITHOUT_VMAP):
+            return make_problem(job.fn, x1, x2, params, job.fn_axes, job.trace, job.diag, api=api)

@@ -21,9 +21,10 @@ from typing import Protocol
 
 import torch
 
+from ntkfunc._core.pytree import tree_unflatten
 from ntkfunc._core.tiles import Tile
 from ntkfunc._core.types import PyTree
-from ntkfunc._dataset.data import Samples
+from ntkfunc._dataset.data import Samples, narrow
 from ntkfunc._dataset.job import Job, Shape
 from ntkfunc._dataset.plan import DatasetPlan
 from ntkfunc._dataset.precision import product
@@ -79,11 +80,8 @@ class RowPanels:
     # --- rows ------------------------------------------------------------------------------
     def _fill(self, src: int, i0: int, i1: int, target: torch.Tensor) -> Factors | None:
         """Rows of samples ``i0:i1`` of x1 (``src=1``) or x2 into ``target``; their Gram factors."""
-        data = self.sources[src - 1].get(i0, i1)
-        if self.device.type == "cuda" and data.device.type == "cpu":  # pinned, asynchronous: no wait for queued work
-            x = [data.pin_memory().to(self.device, non_blocking=True)]
-        else:
-            x = [data.to(self.device)]
+        samples = self.sources[src - 1]
+        x = samples.leaves(i0, i1, self.device, pin=True)  # pinned, asynchronous on CUDA: no wait for queued work
         self.rows_computed += i1 - i0
         if target.dtype == self.dtype:
             return self.source.compute(x, target, self.plan.chunk)
@@ -92,7 +90,7 @@ class RowPanels:
             e = min(s + self.plan.chunk, i1 - i0)
             if self.staging is None or self.staging.shape[0] < e - s:
                 self.staging = torch.empty((self.plan.chunk, *self.row_shape), dtype=self.dtype, device=self.device)
-            part = self.source.compute([x[0][s:e]], self.staging[: e - s], self.plan.chunk)
+            part = self.source.compute(narrow(x, samples.axes, s, e), self.staging[: e - s], self.plan.chunk)
             target[s:e].copy_(self.staging[: e - s])
             if part is not None:
                 factors.append(part)
@@ -192,16 +190,19 @@ class PerTileKernel:
     """Any engine: ``ntk_fn`` on the tile's samples (the engine tiles further if needed)."""
 
     def __init__(self, job: Job, params: PyTree, budget: int, device: torch.device) -> None:
-        self.kernel = ntk_fn(job.fn, job.trace, job.diag, 0, job.engine.implementation, memory_budget=budget,
+        self.kernel = ntk_fn(job.fn, job.trace, job.diag, job.fn_axes, job.engine.implementation, memory_budget=budget,
                              nonfinite="ignore")  # the runner checks
         self.params, self.sources, self.device, self.symmetric = params, (job.s1, job.s2), device, job.symmetric
 
+    def _x(self, samples: Samples, start: int, stop: int) -> PyTree:
+        return tree_unflatten(samples.leaves(start, stop, self.device), samples.spec)
+
     def tile(self, t: Tile) -> torch.Tensor:
-        x1 = self.sources[0].get(t.i0, t.i1).to(self.device)
+        x1 = self._x(self.sources[0], t.i0, t.i1)
         if self.symmetric and (t.i0, t.i1) == (t.j0, t.j1):
             return self.kernel(x1, None, self.params)
         src = self.sources[0] if self.symmetric else self.sources[1]
-        return self.kernel(x1, src.get(t.j0, t.j1).to(self.device), self.params)
+        return self.kernel(x1, self._x(src, t.j0, t.j1), self.params)
 
     def tiles(self, ts: Sequence[Tile]) -> list[torch.Tensor]:
         return [self.tile(t) for t in ts]

@@ -39,13 +39,13 @@ from typing import Any
 
 import torch
 
-from ntkfunc._core.checks import as_axes_tuple, check_bool, check_positive_int, explained_f_errors, refuse_batch_coupled
+from ntkfunc._core.checks import as_axes_tuple, check_bool, check_positive_int, explained_f_errors, refuse_batch_coupled, split_vmap_axes
 from ntkfunc._core.finite import NonFinite, check_mode, nonfinite_message, report
 from ntkfunc._core.memory import SAFETY, fmt_bytes, itemsize, parse_budget
 from ntkfunc._core.problem import Problem
 from ntkfunc._core.pytree import tree_map
 from ntkfunc._core.tiles import Tile, grid
-from ntkfunc._core.types import ApplyFn, Axes, MemoryBudget, PyTree
+from ntkfunc._core.types import ApplyFn, Axes, MemoryBudget, PyTree, VMapAxes
 from ntkfunc._dataset import features as featuring
 from ntkfunc._dataset.data import Samples
 from ntkfunc._dataset.distributed import Devices, Ranks, ranks, resolve_devices, to_device
@@ -107,17 +107,22 @@ def kernel_matrix(
     sketch: Sketch | None = None,
     features: None | str | os.PathLike[str] = None,
     overwrite: bool = False,
+    vmap_axes: VMapAxes = 0,
 ) -> torch.Tensor:
     """The empirical NTK of ``f`` over whole datasets ``x1`` (rows) and ``x2`` (columns).
 
-    Same kernel as ``ntk_fn(f, trace_axes, diagonal_axes)(x1, x2, params)`` (batch axis 0),
+    Same kernel as ``ntk_fn(f, trace_axes, diagonal_axes, vmap_axes)(x1, x2, params)``,
     computed in tiles so that it scales to datasets that do not fit in memory.
 
     Args:
-      f: ``f(params, x) -> (N, ...)``, one output tensor with the batch axis first.
-      x1, x2: tensors, numpy arrays (``np.memmap`` / ``np.load(mmap_mode="r")`` too), or a
-        ``Dataset`` / ``DataLoader`` whose items are inputs or ``(input, ...)`` tuples; only a
-        tile's samples are loaded. ``x2=None``: ``K(x1, x1)``, upper tiles computed and mirrored.
+      f: ``f(params, x)``, one output tensor with a batch axis (given by ``vmap_axes``; ``pntk=True``
+        also takes a pytree of outputs).
+      x1, x2: what ``ntk_fn`` takes at dataset scale: a tensor, a numpy array (``np.memmap`` /
+        ``np.load(mmap_mode="r")`` too) or any pytree of them (a dict of keyword inputs with an
+        attention mask, a tuple for several inputs, nested) whose leaves share the batch axis;
+        or a ``Dataset`` / ``DataLoader`` whose items are inputs (a tensor, an array or a pytree of
+        them, one sample each) or ``(input, ...)`` tuples. Only a tile's samples are loaded.
+        ``x2=None``: ``K(x1, x1)``, upper tiles computed and mirrored. x2 has x1's structure.
       trace_axes, diagonal_axes: as in ``ntk_fn`` (traces are averaged); the batch axis may be
         diagonal (then only diagonal tiles are computed) but not traced.
       implementation: an ``ntk_fn`` implementation; None picks ``"auto"``. Implementations 1, 3 and
@@ -165,6 +170,11 @@ def kernel_matrix(
       overwrite: replace a file at ``out`` (or a features file) that no manifest describes; by
         default such a file (an array of yours) is refused and left as it is. (``resume=False``
         starts over on kernel_matrix's own outputs, with or without it.)
+      vmap_axes: as ``ntk_fn``'s: the batch axis of the inputs and the output, an int, a pytree of
+        ints (or None for a leaf shared by every sample) matching x, or ``(x_axes, fx_axes, {})``.
+        Every block of samples is sliced along these axes. ``vmap_axes=None`` (samples that interact)
+        is refused: no tile of such a kernel can be computed without the whole batch; use
+        ``ntk_fn(f, vmap_axes=None)`` for one batch.
 
     Shapes: an ``(N, O)`` output gives ``(N1, N2)`` with the default trace; the layout is
     ``ntk_fn``'s. CUDA out-of-memory errors halve the computed block and retry.
@@ -186,7 +196,8 @@ def kernel_matrix(
       >>> ntkfunc.kernel_matrix(f, params, x, x[:4], trace_axes=(), progress=False).shape
       torch.Size([10, 4, 3, 3])
     """
-    job = validate(f, params, x1, x2, trace_axes, diagonal_axes, implementation, pntk, batch_size, nonfinite, precision, sketch)
+    job = validate(f, params, x1, x2, trace_axes, diagonal_axes, implementation, pntk, batch_size, nonfinite, precision, sketch,
+                   vmap_axes)
     output = check_output(out, features, sketch, resume, verify, overwrite)
     workers = place(devices, job.params, progress)
     shape = probe(job, workers.devices[0])
@@ -200,7 +211,7 @@ def kernel_matrix(
         tiles = list(grid(shape.n1, shape.n2, grid_block, grid_block, symmetric=job.symmetric, paired=shape.layout.batch_paired))
         committed = store.committed()  # by earlier runs: every marker read once
         recheck_committed(job, shape, store, tiles, committed)
-        with explained_f_errors(API, job.params, {}, without_vmap=WITHOUT_VMAP):
+        with explained_f_errors(API, job.params, {}, job.vmap_axes, without_vmap=WITHOUT_VMAP):
             run(job, shape, store, planned, grid_block, tiles, workers, set(committed))
         return finish(store, tiles, workers.rk, verify=output.verify, record=featured.run_record() if featured is not None else None)
     finally:
@@ -209,8 +220,8 @@ def kernel_matrix(
 
 def validate(f: ApplyFn, params: PyTree, x1: Any, x2: Any, trace_axes: Axes, diagonal_axes: Axes,
              implementation: None | int | str | Implementation, pntk: bool, batch_size: int | None, nonfinite: str,
-             precision: str = "highest", sketch: Sketch | None = None) -> Job:
-    """Check the arguments (before anything runs) and wrap the data as :class:`Samples`."""
+             precision: str = "highest", sketch: Sketch | None = None, vmap_axes: VMapAxes = 0) -> Job:
+    """Check the arguments (before anything runs) and wrap the data as :class:`Samples` (sliced along ``vmap_axes``)."""
     check_mode(nonfinite, API)
     check_precision(precision, API)
     check_positive_int(batch_size, "batch_size", API, allow_none=True)
@@ -219,12 +230,16 @@ def validate(f: ApplyFn, params: PyTree, x1: Any, x2: Any, trace_axes: Axes, dia
         raise TypeError(f"{API}(sketch={sketch!r}): expected None or ntkfunc.Sketch(dim, seed=0, kind='auto')")
     if sketch is not None:
         refuse_without_rows(engine, API, "sketch=..., ")
-    refuse_batch_coupled(f, 0, API)
-    s1 = Samples(x1, "x1")
-    s2 = s1 if x2 is None else Samples(x2, "x2")
+    split_vmap_axes(vmap_axes, API)  # its leaves are axes
+    refuse_batch_coupled(f, vmap_axes, API)
+    s1 = Samples(x1, "x1", vmap_axes)
+    s2 = s1 if x2 is None else Samples(x2, "x2", vmap_axes)
+    if s2.spec != s1.spec:
+        raise ValueError(f"{API}: x1 and x2 have different structures: {s1.spec} vs {s2.spec}; expected x2 to hold the same "
+                         "inputs as x1 (the same keys and leaves)")
     detached = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, params)  # the kernel is not differentiable
     return Job(f, detached, engine, s1, s2, as_axes_tuple(trace_axes), as_axes_tuple(diagonal_axes), bool(pntk), nonfinite, precision,
-               sketch)
+               sketch, vmap_axes)
 
 
 def check_output(out: None | str | os.PathLike[str], features: None | str | os.PathLike[str], sketch: Sketch | None,
@@ -283,16 +298,17 @@ def place(devices: Devices, params: PyTree, progress: bool) -> Workers:
 def probe(job: Job, device: torch.device) -> Shape:
     """``f`` on the first sample of each side: the kernel's layout and shape, checked for a matrix."""
     problem = problem_on(job, device, job.params)
-    if len(problem.layouts) != 1 or problem.fx_axes != [0]:
+    if len(problem.layouts) != 1 or problem.fx_axes is None:
         raise ValueError(
-            f"{API}: f returned {len(problem.layouts)} output tensors with batch axes {problem.fx_axes}; "
-            "expected one tensor with the batch axis first (use ntk_fn for pytree outputs)"
+            f"{API}: f returned {len(problem.layouts)} output tensors; expected one tensor with a batch axis (use ntk_fn for "
+            "pytree outputs, or pntk=True for the kernel of the sum of all of them)"
         )
     layout = problem.layouts[0]
-    if layout.batch_axis in layout.trace:
+    batch = problem.fx_axes[0]
+    if batch in layout.trace:
         raise ValueError(
-            f"{API}(trace_axes={job.trace}): the batch axis 0 is traced, which sums the kernel over samples "
-            "instead of forming a sample-by-sample matrix; expected trace_axes without axis 0 (use ntk_fn for that sum)"
+            f"{API}(trace_axes={job.trace}): the batch axis {batch} is traced, which sums the kernel over samples "
+            f"instead of forming a sample-by-sample matrix; expected trace_axes without axis {batch} (use ntk_fn for that sum)"
         )
     n1, n2 = len(job.s1), len(job.s2)
     if layout.batch_paired and n1 != n2:
@@ -300,8 +316,8 @@ def probe(job: Job, device: torch.device) -> Shape:
             f"{API}(diagonal_axes={job.diag}): the batch axis is diagonal, which pairs x1[n] with x2[n]; "
             f"expected x1 and x2 of equal lengths, got {n1} and {n2}"
         )
-    shape1 = (n1,) + tuple(problem.out_shapes1[0][1:])
-    shape2 = (n2,) + tuple(problem.out_shapes2[0][1:])
+    shape1 = tuple(problem.out_shapes1[0][:batch]) + (n1,) + tuple(problem.out_shapes1[0][batch + 1:])
+    shape2 = tuple(problem.out_shapes2[0][:batch]) + (n2,) + tuple(problem.out_shapes2[0][batch + 1:])
     return Shape(problem, layout, layout.kernel_shape(shape1, shape2), n1, n2)
 
 
