@@ -50,6 +50,41 @@ def test_many_columns_rows_and_chunks_are_exact(case, x2_given, monkeypatch):
         assert len(pushes) == n * (n + 1) // 2
 
 
+@pytest.mark.parametrize("x2_given", [True, False], ids=["x2", "x2None"])
+@pytest.mark.parametrize("case", VMAPPED, ids=str)
+def test_cotangents_sample_by_sample_are_exact(case, x2_given, monkeypatch):
+    """Column blocks of several samples whose cotangents are formed one sample per call (as for large models)."""
+    monkeypatch.setattr(vp, "SAMPLE_BY_SAMPLE", 1)
+    calls = []
+    original = vp.jacobian.jacobians
+
+    def spy(problem, group, which, start, stop):
+        calls.append(stop - start)
+        return original(problem, group, which, start, stop)
+
+    monkeypatch.setattr(vp.jacobian, "jacobians", spy)
+    f, params, x1, x2, vmap_axes = case.build(torch.float64)
+    tr, dg = _setting(case)
+    x2 = x2 if x2_given else None
+    k = ntkfunc.ntk_fn(f, tr, dg, vmap_axes, implementation=2)(x1, x2, params)
+    assert max_rel_err(k, reference_kernel(f, params, x1, x2, tr, dg)) <= 1e-10
+    n2 = pytree.tree_leaves(x1 if x2 is None else x2)[0].shape[1 if vmap_axes == 1 else 0]
+    assert calls and set(calls) == {1} and len(calls) == n2  # every x2 sample once, one per call
+
+
+def test_cotangents_batched_below_the_threshold(monkeypatch):
+    """Small models keep one batched call per column block."""
+    calls = []
+    original = vp.jacobian.jacobians
+    monkeypatch.setattr(vp.jacobian, "jacobians", lambda p, g, w, a, b: calls.append(b - a) or original(p, g, w, a, b))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    f, params = ntkfunc.from_module(model)
+    x1, x2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    k = ntkfunc.ntk_fn(f, (), implementation=2)(x1, x2, params)
+    assert max_rel_err(k, reference_kernel(f, params, x1, x2, ())) <= 1e-10
+    assert calls == [5]
+
+
 def test_symmetric_kernel_uses_the_triangle():
     """With x2=None, fewer (x1 sample, tangent) pairs are pushed than N1 x N2 x O."""
     torch.manual_seed(0)

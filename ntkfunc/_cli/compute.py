@@ -107,11 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         impl = _implementation(args.implementation)
         if args.batch_size is not None and args.batch_size < 1:
             raise UsageError(f"--batch-size {args.batch_size}: expected a positive number of samples")
-        if args.memory_budget is not None:
-            try:
-                parse_budget(args.memory_budget, torch.device("cpu"))
-            except (TypeError, ValueError) as err:
-                raise UsageError(f"--memory-budget: {err}") from err
+        _check_budget(args.memory_budget)
         devices = _devices(args.devices)
         if args.out.is_dir():
             raise UsageError(f"--out {args.out}: is a directory; expected the path of a .npy file to write, e.g. {args.out / 'ntk.npy'}")
@@ -582,6 +578,16 @@ def _implementation(text: str | None) -> Any:
         return get_engine(value, api="--implementation").implementation
     except ValueError:
         raise UsageError(f"--implementation {text}: expected {choices()}") from None
+
+
+def _check_budget(text: str | None) -> None:
+    """``--memory-budget``: a UsageError unless it parses (``"2GB"``, bytes)."""
+    if text is None:
+        return
+    try:
+        parse_budget(text, torch.device("cpu"))
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--memory-budget: {err}") from err
 
 
 def _devices(text: str | None) -> Any:

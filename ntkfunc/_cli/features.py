@@ -21,8 +21,8 @@ from typing import Any, NoReturn
 
 import torch
 
-from ntkfunc._cli.compute import DEFAULT_DATA, DEFAULT_MODEL, UsageError, _check_model_runs, _data, _devices, _implementation, _model, _sketch
-from ntkfunc._core.memory import fmt_bytes, parse_budget
+from ntkfunc._cli.compute import DEFAULT_DATA, DEFAULT_MODEL, UsageError, _check_budget, _check_model_runs, _data, _devices, _implementation, _model, _sketch
+from ntkfunc._core.memory import fmt_bytes
 
 DEFAULT_OUT = Path("out/features")
 
@@ -68,11 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = _model(args.model, args.weights, args.seed, dtype, args.device)
         x1, x2, desc = _data(args.data, args.test, args.ranges, dtype)
         impl = _implementation(args.implementation)
-        if args.memory_budget is not None:
-            try:
-                parse_budget(args.memory_budget, torch.device("cpu"))
-            except (TypeError, ValueError) as err:
-                raise UsageError(f"--memory-budget: {err}") from err
+        _check_budget(args.memory_budget)
         devices = _devices(args.devices)
         f, params = from_module(model.eval())
         _check_model_runs(f, params, x1, x2, args.model, desc)

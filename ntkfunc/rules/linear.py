@@ -82,8 +82,10 @@ class Linear(Rule):
 
     def write_gradient(self, role: str, operands: Sequence[Tensor | None], cot: Tensor, meta: LinearMeta,
                        y_shape: tuple[int, ...], out: Tensor, buffers: Buffers) -> bool:
-        """The bias: the cotangents summed over positions. The weight: one ``bmm`` of cotangents and inputs over
-        positions per output entry, into a contiguous buffer, then one copy."""
+        """The bias: the cotangents summed over positions. The weight: with one position (an MLP's layer) the outer
+        product of cotangent and input written straight into ``out``; else one ``bmm`` of cotangents and inputs over
+        positions per output entry, into a contiguous buffer, then one copy (``bmm`` into the strided slot takes a
+        slower path)."""
         g, o = out.shape[:2]
         z = y_shape[-1]
         c = cot.reshape(g, o, -1, z)  # (g, O, positions, out features)
@@ -96,6 +98,10 @@ class Linear(Rule):
         xi = xin.reshape(g, -1, xin.shape[-1])  # (g, positions, in features)
         if xi.shape[1] != c.shape[2]:
             return False  # a broadcast input: the einsum
+        if xi.shape[1] == 1:  # (g, z) x (g, in): one multiplication per entry, no sum, nothing to stage
+            for j in range(o):
+                torch.mul(c[:, j, 0, :, None], xi[:, 0, None, :], out=out[:, j].view(g, z, xi.shape[-1]))
+            return True
         tmp = buffers.get(GRADIENT, (g, z, xi.shape[-1]), xi)
         for j in range(o):
             torch.bmm(c[:, j].transpose(1, 2), xi, out=tmp)
