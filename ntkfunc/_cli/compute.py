@@ -65,7 +65,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ntkfunc compute", description=__doc__.splitlines()[0])
+    p = _Parser(prog="ntkfunc compute", description="A whole-dataset eNTK (ntkfunc.kernel_matrix) from the command line: tiled, "
+                "out of core, resumable, verified.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"package.module:factory returning an nn.Module (default {DEFAULT_MODEL})")
     p.add_argument("--weights", type=Path, help="state_dict file (.pt) loaded with torch.load(weights_only=True)")
     p.add_argument("--data", default=DEFAULT_DATA,

@@ -33,7 +33,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ntkfunc features", description=__doc__.splitlines()[0])
+    p = _Parser(prog="ntkfunc features", description="Sketched per-sample gradients of a dataset (ntkfunc.feature_matrix), written "
+                "to resumable, checksummed .npy files that ntkfunc compute --features reuses.")
     p.add_argument("--sketch-dim", type=int, required=True, help="features per output (ntkfunc.Sketch's dim; required)")
     p.add_argument("--sketch-seed", type=int, default=0, help="seed of the projection (default 0)")
     p.add_argument("--sketch-kind", default="auto", help="auto (default), countsketch, tensorsketch or gaussian")
