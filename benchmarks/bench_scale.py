@@ -23,6 +23,14 @@ count implies. ``--baseline DIR`` runs the same measurement with the ``ntkfunc``
     python benchmarks/bench_scale.py --n 256 512 2048 --impls auto 1 --baseline /tmp/base --write out.json
     python benchmarks/bench_scale.py --n 16 --small   # seconds: a smoke run on a small CNN
     python benchmarks/bench_scale.py errors 64        # float32 at each precision= against float64
+    python benchmarks/bench_scale.py rows --baseline /tmp/base --rounds 3   # per-sample rows, CPU time
+
+``rows``: per-sample rows on each benchmark model (CIFAR ResNet-18 with one logit, the small CNN of
+``--small``, the digits CNN with 10 logits), ONE thread, milliseconds of thread CPU time per sample
+(median of 3 after a warm-up) of one batched forward+backward (one cotangent), of ``vmap(jacrev(f))``
+over the samples (implementation 1's rows; ``vmap(grad)`` for one output) and of the rows
+``kernel_matrix`` forms (``StructuredRows(routes="rows")``), one fresh process per package,
+packages alternating ``--rounds`` times (medians over rounds), with checksums that must agree.
 """
 
 from __future__ import annotations
@@ -215,6 +223,90 @@ def precision_errors(n: int, threads: int, small: bool) -> list[dict]:
     return rows
 
 
+def rows_models() -> dict:
+    """``rows``' models: name -> (model, inputs of one chunk)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_blocked import digits_cnn
+
+    g = torch.Generator().manual_seed(3)
+    return {"resnet18 (1 logit)": (_model(False), torch.randn(32, 3, 32, 32, generator=g)),
+            "small CNN (1 logit)": (_model(True), torch.randn(64, 3, 32, 32, generator=g)),
+            "digits CNN (10 logits)": (digits_cnn().eval(), torch.randn(64, 1, 8, 8, generator=g))}
+
+
+def rows_measure() -> dict:
+    """``rows`` in this process (one thread): ms of thread CPU time per sample and checksums, per model."""
+    import torch
+
+    torch.set_num_threads(1)
+    import ntkfunc
+    from ntkfunc._core.problem import make_problem
+    from ntkfunc._engines.rows.jacobian import JacobianRows
+    from ntkfunc._engines.rows.structured import StructuredRows
+
+    def cpu_ms(fn, n: int) -> float:  # type: ignore[no-untyped-def]
+        fn()  # warm-up: buffers, caches, measured choices
+        times = []
+        for _ in range(3):
+            t0 = time.thread_time()
+            fn()
+            times.append(time.thread_time() - t0)
+        return 1000 * sorted(times)[1] / n
+
+    out = {}
+    for name, (model, x) in rows_models().items():
+        f, params = ntkfunc.from_module(model)
+        n = x.shape[0]
+        problem = make_problem(f, x[:1], None, params, 0, (), ())
+
+        def fwd_bwd(model=model, x=x) -> None:  # type: ignore[no-untyped-def]
+            model.zero_grad(set_to_none=True)
+            model(x).sum().backward()
+
+        res = {"fwd_bwd": cpu_ms(fwd_bwd, n)}
+        model.zero_grad(set_to_none=True)
+        for key, src in (("vmap", JacobianRows(problem)), ("rows", StructuredRows(problem, routes="rows"))):
+            buf = torch.empty(n, *src.out_shape, src.slots.width)
+            res[key] = cpu_ms(lambda src=src, buf=buf, x=x, n=n: src.compute([x], buf, n), n)
+            res[key + "_sum"] = float(buf.double().abs().sum())
+            del buf
+        out[name] = res
+    return out
+
+
+def rows_table(runs: dict[str, list[dict]]) -> str:
+    """Medians over rounds, per package and model."""
+    import statistics
+
+    lines = ["| model | package | fwd+bwd (ms/sample) | vmap(jacrev) (ms/sample) | rows (ms/sample) | rows / fwd+bwd | rows / vmap | checksums (vmap, rows) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model in runs[next(iter(runs))][0]:
+        for package, rs in runs.items():
+            med = {k: statistics.median(r[model][k] for r in rs) for k in ("fwd_bwd", "vmap", "rows")}
+            r0 = rs[0][model]
+            lines.append(f"| {model} | {package} | {med['fwd_bwd']:.2f} | {med['vmap']:.2f} | {med['rows']:.2f} | "
+                         f"{med['rows'] / med['fwd_bwd']:.2f} | {med['rows'] / med['vmap']:.2f} | {r0['vmap_sum']:.6g}, {r0['rows_sum']:.6g} |")
+    return "\n".join(lines)
+
+
+def rows_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description="per-sample rows against a batched forward+backward and vmap(jacrev)")
+    ap.add_argument("--baseline", type=Path, help="a directory holding an earlier ntkfunc package: before figures")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    packages = [("this", ROOT)] + ([("baseline", args.baseline)] if args.baseline else [])
+    runs: dict[str, list[dict]] = {name: [] for name, _ in packages}
+    for _ in range(args.rounds):
+        for name, root in packages:
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+            res = subprocess.run([sys.executable, __file__, "_rows"], capture_output=True, text=True, env=env, cwd=str(root), check=True)
+            runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(name, json.dumps(runs[name][-1]), flush=True)
+    print(rows_table(runs))
+
+
 def run_one(n: int, impl: str, threads: int, budget: str | None, small: bool, precision: str, package: Path | None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(package or ROOT))
     cmd = [sys.executable, __file__, "_measure", str(n), impl, str(threads), budget or "", "1" if small else "0", precision]
@@ -255,6 +347,12 @@ def main() -> None:
         print("| model | impl | precision | N | max error / max entry | median relative error |\n|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['model']} | {r['impl']} | {r['precision']} | {r['n']} | {r['max_rel']:.1e} | {r['median_rel']:.1e} |")
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "rows":
+        rows_main(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_rows":
+        print(json.dumps(rows_measure()))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_measure":
         n, impl, threads, budget, small, precision = sys.argv[2:8]

@@ -19,6 +19,10 @@ steps are skipped, and say so, once the time is spent):
    and once per panel for x2 (panels as large as the default budget holds), plus 3e9 pairs
    at the measured seconds per pair.
 4. ``devices="all"`` on the 32x32 model when the machine has more than one GPU.
+5. **Sketched kernel** (the CIFAR ResNet-18 with one logit, TF32, ``Sketch(8192)``): the features of
+   N = 4096 samples (``features_fn``) and ``kernel_matrix(..., sketch=)`` end to end, and the
+   estimate for a 60,000 x 50,000 sketched kernel: 110,000 samples' features at the measured
+   seconds per sample plus the ``60,000 x 50,000 x k`` product at the measured TF32 GEMM rate.
 
 It prints a markdown report and writes ``gpu_check.json`` (and ``gpu_check.md``) to ``--out``
 (default ``$OUT`` if set, else the working directory). ``--device cpu --small`` runs every
@@ -297,6 +301,43 @@ def _measured_run(f, params, x, p: int, device: torch.device, devices: object, m
     }
 
 
+def sketched(device: torch.device, clock: Clock, small: bool, rates: dict) -> dict:
+    """Step 5: sketched features and kernel of the CIFAR ResNet-18 (TF32), with the 60,000 x 50,000 estimate."""
+    n, k = (64, 256) if small else (4096, 8192)
+    row: dict = {"model": "resnet18-32", "mode": "tf32", "N": n, "k": k}
+    if clock.left() < (20 if small else 90):
+        return {**row, "status": "skipped (time)"}
+    torch.manual_seed(0)
+    model = ResNet18(False, width=8 if small else 64).eval().to(device)
+    f, params = ntkfunc.from_module(model)
+    x = torch.randn(n, 3, 32, 32, device=device)
+    _flags("tf32")
+    try:
+        sketch = ntkfunc.Sketch(k, seed=0)
+        feats = ntkfunc.features_fn(f, sketch)
+        feats(x[:8], params)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        phi = feats(x, params)
+        _sync(device)
+        feature_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        kern = ntkfunc.kernel_matrix(f, params, x, None, sketch=sketch, precision="tf32", progress=False)
+        _sync(device)
+        kernel_s = time.perf_counter() - t0
+        assert bool(torch.isfinite(kern).all()) and phi.shape[0] == n
+        per_sample = feature_s / n
+        gemm = 2.0 * 60000 * 50000 * k / rates.get("tf32", float("nan"))
+        row.update({"status": "ok", "features_s": feature_s, "features_ms_per_sample": 1e3 * per_sample, "kernel_s": kernel_s,
+                    "estimate_60000x50000_s": 110000 * per_sample + gemm, "estimate_gemm_s": gemm})
+    except Exception as err:
+        row["status"] = f"ERROR {type(err).__name__}: {str(err)[:200]}"
+        row["trace"] = traceback.format_exc()[-2000:]
+    finally:
+        _flags("float32")
+    return row
+
+
 def report(result: dict) -> str:
     lines = [f"# GPU check: {result['device_name']}", "", f"torch {result['torch']}, {result['seconds']:.0f} s", ""]
     lines += ["## Correctness (max relative error vs float64 CPU reference)", "",
@@ -324,6 +365,16 @@ def report(result: dict) -> str:
             f"{r['fraction_of_gemm']:.0%} | {r['rows_computed']} | {r['panel_rows']} | {r['peak_gpu_bytes'] / 1e9:.1f} | "
             f"{r['extrapolated_60000x50000_s'] / 60:.1f} |"
         )
+    sk = result.get("sketched")
+    if sk is not None:
+        lines += ["", f"## Sketched kernel (ResNet-18 CIFAR, one logit, TF32, k = {sk['k']})", "",
+                  "| N | features (s) | features (ms/sample) | kernel_matrix(sketch=) (s) | 60k x 50k estimate (min) | of which the product (min) | status |",
+                  "|---|---|---|---|---|---|---|"]
+        if sk.get("status") == "ok":
+            lines.append(f"| {sk['N']} | {sk['features_s']:.1f} | {sk['features_ms_per_sample']:.3f} | {sk['kernel_s']:.1f} | "
+                         f"{sk['estimate_60000x50000_s'] / 60:.1f} | {sk['estimate_gemm_s'] / 60:.1f} | ok |")
+        else:
+            lines.append(f"| {sk['N']} | | | | | | {sk.get('status')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -347,13 +398,14 @@ def main() -> None:
     result["throughput"] = throughput(device, clock, args.small, result["gemm"])
     if device.type == "cuda" and torch.cuda.device_count() > 1 and clock.left() > 60:
         result["throughput"] += throughput(device, clock, args.small, result["gemm"], devices="all")[:1]
+    result["sketched"] = sketched(device, clock, args.small, result["gemm"])
     result["seconds"] = time.perf_counter() - start
     text = report(result)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
     (args.out / "gpu_check.md").write_text(text)
-    bad = [r for r in result["correctness"] if r["status"] not in ("ok",) and not r["status"].startswith("skipped")]
+    bad = [r for r in result["correctness"] + [result["sketched"]] if r["status"] not in ("ok",) and not r["status"].startswith("skipped")]
     if bad:
         print(f"gpu_check: {len(bad)} correctness rows failed", file=sys.stderr)
         sys.exit(1)

@@ -225,3 +225,29 @@ def test_bad_arguments_say_what_was_given_and_expected():
         ntkfunc.jacobian_fn(f, flat="yes")
     with pytest.raises(ValueError, match="jacobian_fn"):
         ntkfunc.jacobian_fn(f, vmap_axes=3)(x1, params)
+
+
+def test_a_kernel_function_measures_its_ways_once_per_shape(monkeypatch):
+    """The rules time their ways of forming a convolution's gradient on the first samples of a shape; a jacobian
+    function called again with the same shapes reuses those measurements (one way per layer, nothing probed)."""
+    from ntkfunc.rules import conv
+
+    calls = []
+    for name in ("gradient_by_im2col", "gradient_by_grouped_convolution"):
+        original = getattr(conv, name)
+        monkeypatch.setattr(conv, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(4, 6, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(6 * 4 * 4, 3)).double()
+    f, params = ntkfunc.from_module(model)
+    x = torch.randn(9, 2, 6, 6, dtype=torch.float64)
+    jac = ntkfunc.jacobian_fn(f, implementation=3)
+    first = jac(x, params)
+    probed = len(calls)
+    assert probed > 2  # both ways timed on each of the two convolutions
+    calls.clear()
+    again = jac(x, params)
+    assert len(calls) == 2, calls  # one way per convolution: the measurements were kept
+    ref = torch.func.vmap(torch.func.jacrev(lambda p, xi: f(p, xi[None])[0]), in_dims=(None, 0))(params, x)
+    for k in params:
+        assert max_rel_err(first[k], ref[k]) < 1e-12 and max_rel_err(again[k], ref[k]) < 1e-12

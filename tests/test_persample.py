@@ -119,6 +119,100 @@ def test_convolution_rows_come_from_the_rule_also_with_uneven_same_padding(monke
     assert sorted(set(written)) == [("bias", True), ("weight", True)] and len(written) == 3 * 3  # 3 parameters, 3 chunks
 
 
+CONV_WAYS = [  # (C_in, C_out, H, kernel, stride, padding, dilation, groups, outputs per sample)
+    (3, 4, 8, 3, 1, 1, 1, 1, 1), (4, 6, 9, 3, 2, 1, 1, 2, 2), (2, 3, 7, 2, 1, "same", 1, 1, 3),
+    (4, 4, 10, 3, 2, 2, 2, 4, 1), (3, 5, 6, 1, 1, 0, 1, 1, 2), (2, 4, 9, 3, 1, "same", 2, 2, 1),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("shape", CONV_WAYS, ids=str)
+def test_both_ways_of_a_convolutions_gradient_equal_the_float64_reference(shape):
+    """``gradient_by_im2col`` and ``gradient_by_grouped_convolution`` (and ``write_gradient``'s measured choice between
+    them, also when the table is filled in advance) write each sample's ``∂(c·y)/∂W`` into strided rows."""
+    from ntkfunc._core.buffers import Buffers
+    from ntkfunc.rules import conv
+
+    ci, co, h, k, stride, pad, dil, groups, o = shape
+    torch.manual_seed(0)
+    g = 6
+    x = torch.randn(g, ci, h, h, dtype=torch.float64)
+    w = torch.randn(co, ci // groups, k, k, dtype=torch.float64)
+    kw = {"stride": stride, "padding": pad, "dilation": dil, "groups": groups}
+    rule = ntkfunc.rules.lookup(torch.nn.functional.conv2d)
+    _, meta = rule.capture(rule.bind((x[:1], w), kw), lambda t: t is w)
+    y = torch.nn.functional.conv2d(x, w, **kw)
+    cot = torch.randn(g, o, *y.shape[1:], dtype=torch.float64)
+    per_sample = vmap(lambda xi, ci_: torch.func.jacrev(lambda ww: torch.nn.functional.conv2d(xi[None], ww, **kw)[0])(w)
+                      .reshape(-1, w.numel()).T @ ci_.reshape(o, -1).T)  # (numel, O)
+    expected = per_sample(x, cot).transpose(1, 2)  # (g, O, numel)
+    for way in (conv.gradient_by_im2col, conv.gradient_by_grouped_convolution):
+        rows = torch.full((g, o, w.numel() + 3), float("nan"), dtype=torch.float64)
+        way(x, cot, meta, rows[..., 1:-2], Buffers())
+        assert max_rel_err(rows[..., 1:-2], expected) <= 1e-12, way.__name__
+        assert rows[..., 0].isnan().all() and rows[..., -2:].isnan().all()  # nothing written outside the slot
+    buffers = Buffers()
+    rows = torch.full((g, o, w.numel()), float("nan"), dtype=torch.float64)
+    assert rule.write_gradient("weight", [x], cot, meta, (1, *y.shape[1:]), rows, buffers)
+    assert max_rel_err(rows, expected) <= 1e-12
+    assert len(buffers.seconds) == 1 and set(next(iter(buffers.seconds.values()))) == {conv.IM2COL, conv.GROUPED}
+    for way in (conv.IM2COL, conv.GROUPED):  # the table filled in advance: that way alone
+        buffers.seconds[next(iter(buffers.seconds))] = {way: 1.0}
+        rows.fill_(float("nan"))
+        assert rule.write_gradient("weight", [x], cot, meta, (1, *y.shape[1:]), rows, buffers)
+        assert max_rel_err(rows, expected) <= 1e-12
+
+
+def test_choose_way_times_each_way_once_per_key_then_runs_the_fastest():
+    """The probe's samples are done three times by every way (the last one's result kept: all ways give one result), the
+    rest by the fastest; a second call of the key does not time again."""
+    from ntkfunc._core.buffers import Buffers
+    from ntkfunc.rules.conv import PROBE, choose_way
+
+    calls: list = []
+    ways = {"slow": lambda a, b: calls.append(("slow", a, b)) or sum(range(200_000)), "fast": lambda a, b: calls.append(("fast", a, b))}
+    buffers = Buffers()
+    assert choose_way(buffers, "k", ways, 10) == "fast"
+    assert calls == [("slow", 0, PROBE), ("fast", 0, PROBE)] * 3 + [("fast", PROBE, 10)]
+    assert set(buffers.seconds["k"]) == {"slow", "fast"} and buffers.seconds["k"]["slow"] > buffers.seconds["k"]["fast"]
+    calls.clear()
+    assert choose_way(buffers, "k", ways, 3) == "fast" and calls == [("fast", 0, 3)]
+
+
+def test_rows_take_vmap_jacrev_where_it_was_measured_faster():
+    """Chunk 1 by the rules (warm-up), chunk 2 by the rules (timed), chunk 3 by vmap(jacrev) (timed, a small model),
+    then the faster; every chunk's rows exact. With Gram-route parameters (factors kept) vmap(jacrev) is never tried."""
+    from ntkfunc._engines.rows import structured as rows_mod
+
+    case = next(c for c in ROW_CASES if c.name == "cnn")
+    f, params, x1, _, problem = _problem(case)
+    expected = _jacobian_rows(f, params, x1)
+    source = persample.StructuredRows(problem, routes="rows")
+    out = torch.full((x1.shape[0], *source.out_shape, source.slots.width), float("nan"), dtype=torch.float64)
+    seen = []
+    for _ in range(4):
+        out.fill_(float("nan"))
+        source.compute([x1], out, 1)  # chunks of one sample
+        assert max_rel_err(out, expected) <= 1e-12
+        seen.append(dict(source.buffers.seconds[("rows", 1)]))
+    assert list(seen[0]) == [rows_mod.WARM, rows_mod.RULES, rows_mod.VMAP]  # 5 chunks: all three met in the first call
+    table = seen[-1]
+    assert set(table) == {rows_mod.WARM, rows_mod.RULES, rows_mod.VMAP} and all(math.isfinite(v) for v in table.values())
+    for faster in (rows_mod.VMAP, rows_mod.RULES):  # the table filled: the faster way forms every chunk, exactly
+        source.buffers.seconds[("rows", 1)] = {rows_mod.WARM: 0.0, rows_mod.RULES: 1.0, rows_mod.VMAP: 1.0}
+        source.buffers.seconds[("rows", 1)][faster] = 0.5
+        source._vmap = None
+        out.fill_(float("nan"))
+        source.compute([x1], out, 1)
+        assert max_rel_err(out, expected) <= 1e-12 and (source._vmap is not None) == (faster == rows_mod.VMAP)
+    gram = persample.StructuredRows(problem, x1.shape[0], x1.shape[0], routes="gram")
+    assert gram.gram_params
+    out = torch.empty((x1.shape[0], *gram.out_shape, gram.slots.width), dtype=torch.float64)
+    for _ in range(2):
+        gram.compute([x1], out, 1)
+    assert gram.buffers.seconds[("rows", 1)][rows_mod.VMAP] == math.inf and gram._vmap is None
+
+
 def test_projected_rows_are_a_row_source():
     """The sketch's rows: one slot of width dim, SampleBytes and Flops, no Gram route; ``compute`` gives ``features_fn``'s features."""
     case = next(c for c in ROW_CASES if c.name == "cnn")

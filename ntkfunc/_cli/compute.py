@@ -65,7 +65,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ntkfunc compute", description=__doc__.splitlines()[0])
+    p = _Parser(prog="ntkfunc compute", description="A whole-dataset eNTK (ntkfunc.kernel_matrix) from the command line: tiled, "
+                "out of core, resumable, verified.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"package.module:factory returning an nn.Module (default {DEFAULT_MODEL})")
     p.add_argument("--weights", type=Path, help="state_dict file (.pt) loaded with torch.load(weights_only=True)")
     p.add_argument("--data", default=DEFAULT_DATA,
@@ -107,11 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         impl = _implementation(args.implementation)
         if args.batch_size is not None and args.batch_size < 1:
             raise UsageError(f"--batch-size {args.batch_size}: expected a positive number of samples")
-        if args.memory_budget is not None:
-            try:
-                parse_budget(args.memory_budget, torch.device("cpu"))
-            except (TypeError, ValueError) as err:
-                raise UsageError(f"--memory-budget: {err}") from err
+        _check_budget(args.memory_budget)
         devices = _devices(args.devices)
         if args.out.is_dir():
             raise UsageError(f"--out {args.out}: is a directory; expected the path of a .npy file to write, e.g. {args.out / 'ntk.npy'}")
@@ -582,6 +579,16 @@ def _implementation(text: str | None) -> Any:
         return get_engine(value, api="--implementation").implementation
     except ValueError:
         raise UsageError(f"--implementation {text}: expected {choices()}") from None
+
+
+def _check_budget(text: str | None) -> None:
+    """``--memory-budget``: a UsageError unless it parses (``"2GB"``, bytes)."""
+    if text is None:
+        return
+    try:
+        parse_budget(text, torch.device("cpu"))
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--memory-budget: {err}") from err
 
 
 def _devices(text: str | None) -> Any:

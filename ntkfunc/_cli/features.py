@@ -21,8 +21,8 @@ from typing import Any, NoReturn
 
 import torch
 
-from ntkfunc._cli.compute import DEFAULT_DATA, DEFAULT_MODEL, UsageError, _check_model_runs, _data, _devices, _implementation, _model, _sketch
-from ntkfunc._core.memory import fmt_bytes, parse_budget
+from ntkfunc._cli.compute import DEFAULT_DATA, DEFAULT_MODEL, UsageError, _check_budget, _check_model_runs, _data, _devices, _implementation, _model, _sketch
+from ntkfunc._core.memory import fmt_bytes
 
 DEFAULT_OUT = Path("out/features")
 
@@ -33,7 +33,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ntkfunc features", description=__doc__.splitlines()[0])
+    p = _Parser(prog="ntkfunc features", description="Sketched per-sample gradients of a dataset (ntkfunc.feature_matrix), written "
+                "to resumable, checksummed .npy files that ntkfunc compute --features reuses.")
     p.add_argument("--sketch-dim", type=int, required=True, help="features per output (ntkfunc.Sketch's dim; required)")
     p.add_argument("--sketch-seed", type=int, default=0, help="seed of the projection (default 0)")
     p.add_argument("--sketch-kind", default="auto", help="auto (default), countsketch, tensorsketch or gaussian")
@@ -68,11 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = _model(args.model, args.weights, args.seed, dtype, args.device)
         x1, x2, desc = _data(args.data, args.test, args.ranges, dtype)
         impl = _implementation(args.implementation)
-        if args.memory_budget is not None:
-            try:
-                parse_budget(args.memory_budget, torch.device("cpu"))
-            except (TypeError, ValueError) as err:
-                raise UsageError(f"--memory-budget: {err}") from err
+        _check_budget(args.memory_budget)
         devices = _devices(args.devices)
         f, params = from_module(model.eval())
         _check_model_runs(f, params, x1, x2, args.model, desc)

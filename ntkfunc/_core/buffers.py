@@ -7,9 +7,19 @@ and the formed gradients a sketch projects.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable
 
 import torch
+
+
+def clock(device: torch.device) -> float:
+    """Seconds now for the measured rates of ``Buffers.seconds``: on a GPU the wall clock after the device's queued
+    work; on the CPU this process's CPU time (all its threads), which other jobs sharing the cores do not move."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.process_time()
 
 
 class Buffers:
@@ -28,6 +38,9 @@ class Buffers:
 
     def __init__(self) -> None:
         self._held: dict[tuple, torch.Tensor] = {}
+        self.seconds: dict[Hashable, dict[str, float]] = {}
+        """Measured seconds per sample of each way of doing one job, by the job's key (a rule times its ways once per
+        key on the first samples and takes the fastest from then on: the rate table lives with the buffers it fills)."""
 
     def get(self, name: Hashable, shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
         """A ``shape`` view of buffer ``name`` (dtype and device of ``like``); zero-filled if ``zero``."""
@@ -45,4 +58,4 @@ class Buffers:
         return view
 
     def clear(self) -> None:
-        self._held.clear()
+        self._held.clear()  # the memory; the measured seconds stay

@@ -8,8 +8,9 @@ is the convolution (stride 1) of the zero-upsampled, re-padded input with the
 flipped kernel, so the same patches serve after flipping the window axes.
 
 A 2-D convolution also forms its kernel's per-sample gradient directly (:meth:`Conv2d.write_gradient`:
-:func:`im2col` into reused buffers, one ``bmm`` per output entry and group) and gives its factors
-(cotangents and patches) to the sketches.
+:func:`im2col` into reused buffers and ``bmm``, or the weight-gradient half of a convolution backward
+with the samples folded into the groups, whichever :func:`choose_way` measured faster for the layer's
+shape) and gives its factors (cotangents and patches) to the sketches.
 
 Example:
   >>> import torch
@@ -26,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ntkfunc._core.buffers import Buffers
+from ntkfunc._core.buffers import Buffers, clock
 from ntkfunc.rules.base import Bound, Factorable, IsParam, PaddedFactors, Rule, Structure, Tensor, register
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -63,6 +64,17 @@ def patches(x: Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: S
 
 PADDED, PATCHES, GRADIENT = "conv-padded", "conv-patches", "conv-gradient"
 """The work buffers of :func:`im2col` and :meth:`Conv2d.write_gradient` (names in a :class:`Buffers`)."""
+
+IM2COL, GROUPED = "im2col", "grouped convolution"
+"""The two ways of :meth:`Conv2d.write_gradient` (:func:`gradient_by_im2col`, :func:`gradient_by_grouped_convolution`)."""
+
+CACHE_BYTES = 4 << 20
+"""The im2col way's product target per sub-batch: small enough to stay in cache until it is copied into the rows."""
+
+PROBE = 4
+"""Samples on which :func:`choose_way` times each way (once per key; the rows they write are kept)."""
+
+CPU = torch.device("cpu")
 
 
 def im2col(x: Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], pads: Sequence[tuple[int, int]],
@@ -100,6 +112,88 @@ def im2col(x: Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Se
         out = buffers.get(PATCHES, (g, c * k0 * k1, ho * wo), x)
         out.view(g, c, k0, k1, ho, wo).copy_(u.permute(0, 1, 4, 5, 2, 3))
     return out
+
+
+def choose_way(buffers: Buffers, key: Hashable, ways: dict[str, Callable[[int, int], None]], g: int,
+               device: torch.device | None = None) -> str:
+    """Run the fastest of ``ways`` (each ``way(a, b)`` does the job for samples ``a:b`` on ``device``, all ways with
+    one result) on samples ``0:g``; the way's name.
+
+    The first call for ``key`` times every way on the first :data:`PROBE` samples (each written three
+    times: once untimed, which pays for allocations, then twice, the ways alternating, the faster
+    kept; :func:`~ntkfunc._core.buffers.clock`: CPU time on the CPU) and keeps the seconds per sample
+    in ``buffers.seconds[key]``; every call then runs the fastest on the samples left. ``buffers.seconds``
+    is the one rate table: a caller may fill it in advance (a way's entry alone forces that way).
+
+    >>> buffers, calls = Buffers(), []
+    >>> ways = {"a": lambda a, b: calls.append(("a", a, b)), "b": lambda a, b: calls.append(("b", a, b))}
+    >>> buffers.seconds["job"] = {"b": 1.0}
+    >>> choose_way(buffers, "job", ways, 10), calls
+    ('b', [('b', 0, 10)])
+    """
+    start = 0
+    if key not in buffers.seconds:
+        probe = min(g, PROBE)
+        seconds = {name: math.inf for name in ways}
+        for way in ways.values():
+            way(0, probe)
+        for _ in range(2):  # the faster of two timed runs per way, the ways alternating
+            for name, way in ways.items():
+                t0 = clock(device or CPU)
+                way(0, probe)
+                seconds[name] = min(seconds[name], (clock(device or CPU) - t0) / probe)
+        buffers.seconds[key] = seconds
+        start = probe
+    table = buffers.seconds[key]
+    best = min(table, key=table.__getitem__)
+    if start < g:
+        ways[best](start, g)
+    return best
+
+
+def gradient_by_im2col(x: Tensor, c: Tensor, meta: ConvMeta, out: Tensor, buffers: Buffers) -> None:
+    """A 2-D kernel's per-sample gradient by :func:`im2col` and ``bmm``: ``out`` ``(g, O, numel)`` from the inputs
+    ``x`` ``(g, C_in, H, W)`` and cotangents ``c`` ``(g, O, C_out, H', W')``.
+
+    One ``bmm`` per output entry, group and sub-batch of samples whose product fits in
+    :data:`CACHE_BYTES` (a contiguous target in ``buffers``, then one copy into the strided rows: a
+    ``bmm`` writing the rows directly takes a per-sample path, and a large target leaves the cache
+    before its copy).
+    """
+    g, o, co = c.shape[:3]
+    c = c.reshape(g, o, co, -1)
+    cols = im2col(x, meta.kernel, meta.stride, meta.dilation, meta.pads, buffers)  # (g, C kh kw, S)
+    groups = meta.groups
+    cg, ig = co // groups, cols.shape[1] // groups
+    step = max(1, min(g, CACHE_BYTES // max(1, cg * ig * x.element_size())))
+    tmp = buffers.get(GRADIENT, (step, cg, ig), x)
+    for a in range(0, g, step):
+        b = min(g, a + step)
+        for j in range(o):
+            target = out[a:b, j].view(b - a, co, ig)
+            for q in range(groups):
+                t = tmp[: b - a]
+                torch.bmm(c[a:b, j, q * cg : (q + 1) * cg], cols[a:b, q * ig : (q + 1) * ig].transpose(1, 2), out=t)
+                target[:, q * cg : (q + 1) * cg].copy_(t)
+
+
+def gradient_by_grouped_convolution(x: Tensor, c: Tensor, meta: ConvMeta, out: Tensor, buffers: Buffers) -> None:
+    """The same as :func:`gradient_by_im2col`, by the weight-gradient half of a convolution's backward with the
+    samples folded into the groups (``g x groups`` groups: what ``vmap(grad)`` runs); one call per output entry."""
+    g, o, co, ho, wo = c.shape
+    ci = x.shape[1]
+    (t, b), (left, right) = meta.pads
+    symmetric = t == b and left == right
+    xs = x if symmetric else F.pad(x, [left, right, t, b])  # convolutions pad both sides alike
+    xs = xs.reshape(1, g * ci, *xs.shape[-2:])
+    weight = x.new_empty(1).expand(g * co, ci // meta.groups, *meta.kernel)  # its shape is all the backward reads
+    padding = [t, left] if symmetric else [0, 0]
+    groups = g * meta.groups
+    for j in range(o):
+        gy = c[:, j].reshape(1, g * co, ho, wo)
+        gw = torch.ops.aten.convolution_backward(gy, xs, weight, None, list(meta.stride), padding, list(meta.dilation),
+                                                 False, [0, 0], groups, [False, True, False])[1]
+        out[:, j].copy_(gw.view(g, -1))
 
 
 def upsample(x: Tensor, stride: Sequence[int]) -> Tensor:
@@ -225,33 +319,28 @@ class Conv2d(_Conv):
 
     def write_gradient(self, role: str, operands: Sequence[Tensor | None], cot: Tensor, meta: ConvMeta,
                        y_shape: tuple[int, ...], out: Tensor, buffers: Buffers) -> bool:
-        """The bias: the cotangents summed over positions. The kernel: :func:`im2col` and one ``bmm`` per
-        output entry and group, into a contiguous buffer, then one copy (``bmm`` writing a strided
-        slot directly takes a per-sample path, many times slower when the cores are shared)."""
+        """The bias: the cotangents summed over positions. The kernel: by :func:`gradient_by_im2col` or
+        :func:`gradient_by_grouped_convolution`, whichever :func:`choose_way` measured faster for this layer's
+        shape (timed once per shape on the first samples, the table kept in ``buffers.seconds``)."""
         y = self._images(meta, y_shape)
         if y is None:
             return False  # several images per sample: the einsum
         g, o = out.shape[:2]
-        co, s = y[1], math.prod(y[2:])
-        c = cot.reshape(g, o, co, s)
+        c = cot.reshape(g, o, *y[1:])
         if role == "bias":
-            out.copy_(c.sum(-1))
+            out.copy_(c.sum((-2, -1)))
             return True
         (xin,) = operands
         if xin is None or xin.shape[0] != g or min(p for lr in meta.pads for p in lr) < 0:
             return False  # an input shared by all samples: the einsum
         xin = xin.reshape(g, *xin.shape[-3:])
-        cols = im2col(xin, meta.kernel, meta.stride, meta.dilation, meta.pads, buffers)  # (g, C kh kw, S)
-        if cols.shape[-1] != s:
-            return False
-        groups = meta.groups
-        cg, ig = co // groups, cols.shape[1] // groups
-        tmp = buffers.get(GRADIENT, (g, cg, ig), xin)
-        for j in range(o):
-            target = out[:, j].view(g, co, ig)
-            for q in range(groups):
-                torch.bmm(c[:, j, q * cg : (q + 1) * cg], cols[:, q * ig : (q + 1) * ig].transpose(1, 2), out=tmp)
-                target[:, q * cg : (q + 1) * cg].copy_(tmp)
+        key = ("conv2d-gradient", tuple(xin.shape[1:]), tuple(y[1:]), meta.kernel, meta.stride, meta.dilation, meta.pads,
+               meta.groups, o, xin.dtype, xin.device)
+
+        def way(fn: Callable[[Tensor, Tensor, ConvMeta, Tensor, Buffers], None]) -> Callable[[int, int], None]:
+            return lambda a, b: fn(xin[a:b], c[a:b], meta, out[a:b], buffers)
+
+        choose_way(buffers, key, {IM2COL: way(gradient_by_im2col), GROUPED: way(gradient_by_grouped_convolution)}, g, xin.device)
         return True
 
     def gradient_workspace(self, role: str, meta: ConvMeta, y_shape: tuple[int, ...]) -> dict[str, int]:
@@ -261,8 +350,9 @@ class Conv2d(_Conv):
         c, h, w = meta.input_shape[-3:]
         (t, b), (left, right) = meta.pads
         kernel_numel = math.prod(meta.weight_shape[1:])  # C_in / groups kh kw
+        # GRADIENT: the grouped convolution's result, the whole kernel per sample (the im2col way's target is smaller)
         return {PADDED: c * (h + t + b) * (w + left + right), PATCHES: kernel_numel * meta.groups * math.prod(y[2:]),
-                GRADIENT: meta.weight_shape[0] // meta.groups * kernel_numel}
+                GRADIENT: meta.weight_shape[0] * kernel_numel}
 
     def factorable(self, role: str, meta: ConvMeta, y_shape: tuple[int, ...]) -> Factorable | None:
         """The kernel ``(C_out, C_in kh kw)`` over the output positions, for one group and one image per sample."""

@@ -41,12 +41,16 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 def source(rp: Problem, captures: bool, auto: bool) -> RowSource:
     """The row source of every parameter for ``rp`` (see the module docstring); auto's choice is made once per
-    input signature and number of samples."""
+    input signature and number of samples, and so are the rules' measured ways (``Buffers.seconds``): a kernel
+    function called again with the same shapes takes the faster ways from its first calls."""
     if not captures:
         return JacobianRows(rp)
     if auto and rp.remember("rows_unprobed", lambda: routes.unprobed(None, structured.implementation1_price(rp)) is not None, rp.n1):
         return JacobianRows(rp)
-    return StructuredRows(rp, routes="rows")
+    src = StructuredRows(rp, routes="rows")
+    # the ways measured faster (per layer shape, per chunk size) carry over to the next call with these shapes
+    src.buffers.seconds = rp.remember("rows_seconds", dict, rp.n1)
+    return src
 
 
 def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, budget: float, *, captures: bool, auto: bool,

@@ -5,8 +5,9 @@ The structured engine's capture gives, from one batched pass (``vmap`` over the 
 like a plain backward because no weight gradient is asked of torch), the cotangents at every
 such primitive and its operands; each parameter's rule then forms its per-sample gradient in
 its slot of the buffer (:meth:`~ntkfunc.rules.Rule.write_gradient`: convolutions by ``im2col``
-into reused buffers and one ``bmm`` per output component, linear layers by one ``bmm``; other
-rules decline and their einsum is copied in). A
+and ``bmm`` or by a grouped convolution's weight backward, whichever the rule measured faster for
+the layer's shape on the first samples (the table in :attr:`StructuredRows.buffers`), linear layers
+by one ``bmm``; other rules decline and their einsum is copied in). A
 parameter consumed through a view (``W.T``, ``cls.expand(n, -1, -1)``) gets its rule's einsum
 composed with the view, in the parameter's own order; a tied one (used by several primitives)
 the sum of its uses'. Parameters without a rule, and views whose rows cannot be put in the
@@ -43,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ntkfunc._core.buffers import Buffers
+from ntkfunc._core.buffers import Buffers, clock
 from ntkfunc._core.memory import backward_transient, itemsize
 from ntkfunc._core.ops import transform_friendly_attention
 from ntkfunc._core.problem import Problem
@@ -53,6 +54,13 @@ from ntkfunc._engines.structured import capture as capture_mod
 from ntkfunc._engines.structured import kernel as structured
 from ntkfunc._engines.structured import plan, routes, views
 from ntkfunc.rules import Structure
+
+WARM, RULES, VMAP = "warm-up", "rules", "vmap(jacrev)"
+"""The ways :meth:`StructuredRows.compute` forms a chunk (the rules' first chunk is their warm-up)."""
+
+EXPLORE_SECONDS = 0.25
+"""The rules' chunk time under which ``vmap(jacrev)`` is timed once on a chunk too (small models: the cost of
+trying is bounded; on large models the rules are several times faster, as measured in RESULTS.md)."""
 
 
 class StructuredRows:
@@ -82,6 +90,7 @@ class StructuredRows:
         self.fallback = sorted(self.cap.fallback)
         self.limit = structured.memory_limit(problem, budget)
         self.buffers = Buffers()  # the rules' work buffers (im2col patches, products), reused from chunk to chunk
+        self._vmap: JacobianRows | None = None  # implementation 1's rows, where measured faster (:meth:`_way`)
         self._flops: Flops | None = None
 
     def _gram_params(self, n1: int, n2: int, every: bool = False) -> dict[int, tuple[int, str]]:
@@ -159,14 +168,51 @@ class StructuredRows:
         axes = self.problem.x_axes or []
         parts = []
         for s, e, xc in chunks(x, axes, block_size(x, axes), chunk):
-            pb = dataclasses.replace(self.problem, x1_leaves=xc, x2_leaves=None, n1=e - s, n2=e - s)
-            with transform_friendly_attention():
-                sd = structured.side(pb, self.cap, 1, 0, e - s)
-            self._write(pb, sd, out[s:e])
-            if self.gram_params:
-                parts.append(self._factors(pb, sd))
-            del sd
+            way = self._way(e - s)
+            t0 = clock(out.device)
+            if way == VMAP:
+                self._jacobian_rows().compute(xc, out[s:e], e - s)
+            else:
+                pb = dataclasses.replace(self.problem, x1_leaves=xc, x2_leaves=None, n1=e - s, n2=e - s)
+                with transform_friendly_attention():
+                    sd = structured.side(pb, self.cap, 1, 0, e - s)
+                self._write(pb, sd, out[s:e])
+                if self.gram_params:
+                    parts.append(self._factors(pb, sd))
+                del sd
+            self.buffers.seconds[("rows", e - s)].setdefault(way, (clock(out.device) - t0) / (e - s))
         return Factors.cat(parts) if parts else None
+
+    def _way(self, g: int) -> str:
+        """How a chunk of ``g`` samples is formed: by the rules, or by ``vmap(jacrev(f))`` (implementation 1's rows).
+
+        Measured per chunk size, in :attr:`buffers`' table (``("rows", g)``, seconds per sample): the
+        rules form the first chunk (:data:`WARM`: their own warm-up) and the second (timed). Where
+        every parameter has a slot, that chunk took under :data:`EXPLORE_SECONDS` and ``vmap(jacrev)``
+        needs no more transient memory per sample (the chunks were sized for the rules), the third
+        chunk is formed by ``vmap(jacrev)`` (timed); every later chunk by the faster of the two. Both
+        give the same rows: on small models the rules' batched pass costs about what ``vmap(jacrev)``
+        costs whole, on large ones a fraction.
+        """
+        table = self.buffers.seconds.setdefault(("rows", g), {})
+        for way in (WARM, RULES):
+            if way not in table:
+                return way
+        if VMAP not in table and not self._vmap_allowed(table[RULES] * g):
+            table[VMAP] = math.inf
+        if VMAP not in table:
+            return VMAP
+        return VMAP if table[VMAP] < table[RULES] else RULES
+
+    def _vmap_allowed(self, chunk_seconds: float) -> bool:
+        if self.gram_params or chunk_seconds >= EXPLORE_SECONDS:
+            return False
+        return self._jacobian_rows().sample_bytes().transient <= self.sample_bytes().transient
+
+    def _jacobian_rows(self) -> JacobianRows:
+        if self._vmap is None:
+            self._vmap = JacobianRows(self.problem)
+        return self._vmap
 
     def _write(self, pb: Problem, sd: structured.Side, rows: torch.Tensor) -> None:
         """Every slotted parameter's per-sample gradient into its slot of ``rows`` ``(g, *out, width)``."""
