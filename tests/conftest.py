@@ -1,8 +1,10 @@
-"""Test-wide fixtures: the ``rules_forced`` variant of implementation 3 (see ``tests.zoo.implementations``)."""
+"""Test-wide fixtures: the ``rules_forced`` variant of implementation 3 (see ``tests.zoo.implementations``) and
+``one_thread`` for modules of tiny kernels."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ntkfunc import rules
 
@@ -20,3 +22,13 @@ def _rules_forced(request: pytest.FixtureRequest):
         return
     with rules.forced():
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny kernels (``pytestmark = pytest.mark.usefixtures("one_thread")``): a second
+    thread only adds wake-ups, and on a shared 2-core machine waits for a core (up to 6x slower); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

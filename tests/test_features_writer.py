@@ -16,13 +16,7 @@ import ntkfunc
 from ntkfunc._dataset import features as featuring
 from tests.reference import max_rel_err, reference_kernel
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second intra-op thread only contends
 
 
 def _mlp(dtype=torch.float64, n=9, outputs=3):

@@ -29,13 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["countsketch", "tensorsketch", "gaussian", "auto"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Hundreds of tiny kernels: a second thread only adds wake-ups (and waits for a core on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second intra-op thread only contends
 
 
 def _mlp(width: int = 24, outputs: int = 1, dtype=torch.float64, seed: int = 0):
