@@ -7,7 +7,8 @@ such primitive and its operands; each parameter's rule then forms its per-sample
 its slot of the buffer (:meth:`~ntkfunc.rules.Rule.write_gradient`: convolutions by ``im2col``
 and ``bmm`` or by a grouped convolution's weight backward, whichever the rule measured faster for
 the layer's shape on the first samples (the table in :attr:`StructuredRows.buffers`), linear layers
-by one ``bmm``; other rules decline and their einsum is copied in). A
+by one ``bmm`` (or, applied once per sample, one outer product written in place); other rules decline
+and their einsum is copied in). A
 parameter consumed through a view (``W.T``, ``cls.expand(n, -1, -1)``) gets its rule's einsum
 composed with the view, in the parameter's own order; a tied one (used by several primitives)
 the sum of its uses'. Parameters without a rule, and views whose rows cannot be put in the
