@@ -5,6 +5,7 @@ from ntkfunc._dataset.feature_writer import Features, feature_matrix
 from ntkfunc._dataset.kernel_file import load_kernel, verify_kernel
 from ntkfunc._dataset.pipeline import kernel_matrix
 from ntkfunc._engines import Implementation
+from ntkfunc._version import __version__ as __version__
 from ntkfunc.empirical_kernel import kernel_fn
 from ntkfunc.explain import Explanation, explain
 from ntkfunc.grouping import group_kernels
@@ -17,8 +18,6 @@ from ntkfunc.per_sample import jacobian_fn
 from ntkfunc.pntk import pntk_fn
 from ntkfunc.sketch import Sketch, features_fn, sketched_ntk_fn
 from ntkfunc.taylor import linearize, taylor_expand
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Explanation",

@@ -38,6 +38,7 @@ import torch
 
 from ntkfunc._core.tiles import grid as tiles_grid
 from ntkfunc._dataset import npyfile
+from ntkfunc._version import __version__
 
 Index = tuple[slice, ...]
 FORMAT = 3
@@ -181,8 +182,6 @@ def new_manifest(files: OutputFiles, file_id: str, shape: tuple[int, ...], np_dt
 
 
 def _version() -> str:
-    from ntkfunc import __version__  # the package, once imported (this module is imported by it)
-
     return __version__
 
 
