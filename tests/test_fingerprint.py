@@ -11,8 +11,8 @@ import ntkfunc
 from ntkfunc import _cli as cli
 from ntkfunc import kernel_matrix
 from ntkfunc._core.checks import FINGERPRINT_ATTR
-from ntkfunc._dataset import runner
 from ntkfunc._dataset.fingerprint import differences, probes_match
+from tests.interrupt import stopped_after
 from tests.reference import max_rel_err, reference_kernel
 
 
@@ -30,25 +30,6 @@ def cnn_relu():
     return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(72, 3))
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stopped_after(monkeypatch, n, *args, **kwargs):
-    original, done = runner.Runner.commit, []
-
-    def commit(self, *a):
-        if len(done) == n:
-            raise _Stop
-        original(self, *a)
-        done.append(1)
-
-    monkeypatch.setattr(runner.Runner, "commit", commit)
-    with pytest.raises(_Stop):
-        kernel_matrix(*args, progress=False, **kwargs)
-    monkeypatch.setattr(runner.Runner, "commit", original)
-
-
 def test_another_activation_with_the_same_params_is_refused(tmp_path, monkeypatch):
     """Regression: Tanh -> ReLU with identical params resumed into a mixed kernel, or returned the old one."""
     x = torch.randn(9, 4, dtype=torch.float64)
@@ -56,7 +37,7 @@ def test_another_activation_with_the_same_params_is_refused(tmp_path, monkeypatc
     f_tanh, p_tanh = ntkfunc.from_module(_model(torch.nn.Tanh()))
     f_relu, p_relu = ntkfunc.from_module(_model(torch.nn.ReLU()))
     assert all(torch.equal(p_tanh[k], p_relu[k]) for k in p_tanh)
-    _stopped_after(monkeypatch, 2, f_tanh, p_tanh, x, out=out, batch_size=3)
+    stopped_after(monkeypatch, 2, f_tanh, p_tanh, x, out=out, batch_size=3)
     with pytest.raises(ValueError, match=r"computed with different module.structure \(recorded in K.npy.manifest.json\)"):
         kernel_matrix(f_relu, p_relu, x, out=out, batch_size=3, progress=False)  # mid-run
     kernel_matrix(f_tanh, p_tanh, x, out=out, batch_size=3, progress=False)

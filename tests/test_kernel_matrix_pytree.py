@@ -20,6 +20,7 @@ import ntkfunc
 from ntkfunc import kernel_matrix
 from ntkfunc._dataset import pipeline, runner
 from ntkfunc._dataset.distributed import Ranks
+from tests.interrupt import Killed, counting_commits
 from tests.reference import max_rel_err, reference_kernel
 
 IMPLS = (1, 2, 3, "auto")
@@ -138,31 +139,13 @@ def test_numpy_leaves_datasets_of_pytrees_and_shared_leaves(tmp_path):
     assert max_rel_err(k, reference_kernel(lambda p, a: h(p, (a, table)), p2, feats, None)) < 1e-12
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _counting(monkeypatch, stop_after: int | None = None) -> list[str]:
-    """Count committed units (and raise after ``stop_after`` of them, as a kill would)."""
-    original, done = _COMMIT, []
-
-    def commit(self, unit, *a):
-        if stop_after is not None and len(done) == stop_after:
-            raise _Interrupt
-        original(self, unit, *a)
-        done.append(unit)
-
-    monkeypatch.setattr(runner.Runner, "commit", commit)
-    return done
-
-
 def test_out_of_core_resume_after_an_interrupted_run(tmp_path, monkeypatch):
     f, params, x = _masked(n=9)
     out = tmp_path / "K.npy"
-    _counting(monkeypatch, stop_after=2)
-    with pytest.raises(_Interrupt):
+    counting_commits(monkeypatch, stop_after=2)
+    with pytest.raises(Killed):
         kernel_matrix(f, params, x, trace_axes=(), batch_size=3, out=str(out), progress=False)
-    done = _counting(monkeypatch)
+    done = counting_commits(monkeypatch)
     k = kernel_matrix(f, params, x, trace_axes=(), batch_size=3, out=str(out), progress=False)
     assert len(done) == 6 - 2  # 6 tiles on and above the diagonal; 2 were committed before the interruption
     assert max_rel_err(k, reference_kernel(f, params, x, None, (), ())) < 1e-12

@@ -20,6 +20,7 @@ import ntkfunc
 from ntkfunc import kernel_matrix
 from ntkfunc._dataset import fingerprint, runner
 from ntkfunc._dataset.fileformat import OutputFiles, write_manifest
+from tests.interrupt import stopped_after
 from tests.reference import max_rel_err, reference_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,26 +34,6 @@ def _mlp(n=10, seed=0):
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
     f, params = ntkfunc.from_module(model)
     return f, params, torch.randn(n, 4, dtype=torch.float64)
-
-
-class _Stop(Exception):
-    pass
-
-
-def _stopped_after(monkeypatch, n, *args, **kwargs):
-    """kernel_matrix(*args, **kwargs) stopped after ``n`` committed tiles, as a kill would."""
-    original, done = runner.Runner.commit, []
-
-    def commit(self, *a):
-        if len(done) == n:
-            raise _Stop
-        original(self, *a)
-        done.append(1)
-
-    monkeypatch.setattr(runner.Runner, "commit", commit)
-    with pytest.raises(_Stop):
-        kernel_matrix(*args, progress=False, **kwargs)
-    monkeypatch.setattr(runner.Runner, "commit", original)
 
 
 def _cli(*args, cwd, env_extra=None, preexec=None):
@@ -244,7 +225,7 @@ def test_nonfinite_tiles_committed_with_warn_are_raised_on_resume(tmp_path, monk
 
     out2 = str(tmp_path / "K2.npy")  # an interrupted run: refused before computing the rest
     with pytest.warns(RuntimeWarning):
-        _stopped_after(monkeypatch, 4, f, params, x, out=out2, batch_size=4, nonfinite="warn")
+        stopped_after(monkeypatch, 4, f, params, x, out=out2, batch_size=4, nonfinite="warn")
     computed = []
     monkeypatch.setattr(runner.Runner, "commit", lambda self, *a: computed.append(a))
     with pytest.raises(FloatingPointError, match=r"committed to K2.npy.partial by an earlier run, from x1 samples \[0, 1, 2, 3\] and x2 samples \[6\]"):
