@@ -241,6 +241,7 @@ def test_a_kernel_function_measures_its_ways_once_per_shape(monkeypatch):
                                 torch.nn.Linear(6 * 4 * 4, 3)).double()
     f, params = ntkfunc.from_module(model)
     x = torch.randn(9, 2, 6, 6, dtype=torch.float64)
+    monkeypatch.setattr("ntkfunc._engines.rows.structured.EXPLORE_FLOPS", 0.0)  # the rules only, not vmap(jacrev)
     jac = ntkfunc.jacobian_fn(f, implementation=3)
     first = jac(x, params)
     probed = len(calls)
@@ -251,3 +252,52 @@ def test_a_kernel_function_measures_its_ways_once_per_shape(monkeypatch):
     ref = torch.func.vmap(torch.func.jacrev(lambda p, xi: f(p, xi[None])[0]), in_dims=(None, 0))(params, x)
     for k in params:
         assert max_rel_err(first[k], ref[k]) < 1e-12 and max_rel_err(again[k], ref[k]) < 1e-12
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["like_params", "flat"])
+@pytest.mark.parametrize("faster", ["rules", "vmap(jacrev)"])
+def test_the_second_call_takes_the_way_its_first_call_measured_faster(monkeypatch, faster, flat):
+    """The first call forms its one chunk by the rules (warm-up), then times the rules and vmap(jacrev) on it; the
+    second call takes the faster (here made so by the measured table) and is exact either way, outputs cut into
+    f's leaves (two outputs: the rows of their concatenation) and parameters, flat or like params."""
+    from ntkfunc._engines.rows import jacobian as jac_mod
+    from ntkfunc._engines.rows import structured as rows_mod
+    from ntkfunc._engines.structured import kernel
+
+    original = rows_mod.StructuredRows._form
+
+    def form(self, way, xc, out, parts):
+        original(self, way, xc, out, parts)
+        table = self.buffers.seconds[("rows", out.shape[0])]
+        if way in (rows_mod.RULES, rows_mod.VMAP):  # the measurement made to say `faster`
+            table[way] = 1.0 if way == faster else 2.0
+
+    monkeypatch.setattr(rows_mod.StructuredRows, "_form", form)
+    passes = []
+    for mod, name in ((kernel, "side"), (jac_mod.JacobianRows, "pieces")):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _n=name, **k: (passes.append(_n), _fn(*a, **k))[1])
+    torch.manual_seed(0)
+    # vmap(jacrev) is tried where it holds no more per sample than the rules' work buffers (im2col patches)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 2)).double()
+    g, params = ntkfunc.from_module(model)
+
+    def f(p, x):
+        y = g(p, x)
+        return {"logits": y, "loss": (y ** 2).sum(1)}
+
+    x = torch.randn(6, 4, 8, 8, dtype=torch.float64)
+    jac = ntkfunc.jacobian_fn(f, implementation=3, flat=flat)
+    first = jac(x, params)
+    assert passes == ["side"] + ["side", "pieces"] * rows_mod.EXPLORE_ROUNDS  # warm-up, then both timed, alternating
+    passes.clear()
+    again = jac(x, params)
+    assert passes == (["side"] if faster == "rules" else ["pieces"])
+    ref = _reference(f, params, x, 0)
+    for got in (first, again):
+        leaves = [got["logits"], got["loss"]] if flat else _as_flat(got, params, 1)
+        assert [tuple(t.shape) for t in leaves] == [tuple(r.shape) for r in ref]
+        assert max_rel_err(leaves, ref) <= 1e-12
+    if not flat:
+        assert again["logits"]["4.weight"].shape == (6, 2, 2, 8) and again["loss"]["0.bias"].shape == (6, 8)

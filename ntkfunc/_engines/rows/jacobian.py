@@ -32,13 +32,16 @@ class JacobianRows:
 
     def compute(self, x: list[Any], out: torch.Tensor, chunk: int) -> Factors | None:
         axes = self.problem.x_axes or []
-        leaves = self.problem.params.diff_leaves
         for s, e, xc in chunks(x, axes, block_size(x, axes), chunk):
-            with transform_friendly_attention():
-                jac = self.fn(leaves, xc)[0]
-            pieces = [j.reshape(e - s, *self.out_shape, -1) for j in jac]
-            torch.cat(pieces, dim=-1, out=out[s:e])
+            torch.cat(self.pieces(xc), dim=-1, out=out[s:e])
         return None
+
+    def pieces(self, x: list[Any]) -> list[torch.Tensor]:
+        """Per parameter ``(g, *out, numel)`` for the ``g`` samples of ``x`` in one pass (views of ``vmap(jacrev)``'s results)."""
+        g = block_size(x, self.problem.x_axes or [])
+        with transform_friendly_attention():
+            jac = self.fn(self.problem.params.diff_leaves, x)[0]
+        return [j.reshape(g, *self.out_shape, -1) for j in jac]
 
     def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None:
         return None

@@ -20,6 +20,7 @@ row order of :mod:`.source`; ``(*out_leaf, P)`` with ``vmap_axes=None``):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from ntkfunc._core.problem import Problem
 from ntkfunc._core.types import PyTree, VMapAxes
 from ntkfunc._engines.rows import outputs
 from ntkfunc._engines.rows.jacobian import JacobianRows
-from ntkfunc._engines.rows.source import RowSource, block_size, chunk_size, chunks
+from ntkfunc._engines.rows.source import Slots, block_size, chunk_size, chunks
 from ntkfunc._engines.rows.structured import StructuredRows
 from ntkfunc._engines.structured import kernel as structured
 from ntkfunc._engines.structured import routes
@@ -39,7 +40,7 @@ from ntkfunc._engines.structured import routes
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def source(rp: Problem, captures: bool, auto: bool) -> RowSource:
+def source(rp: Problem, captures: bool, auto: bool) -> JacobianRows | StructuredRows:
     """The row source of every parameter for ``rp`` (see the module docstring); auto's choice is made once per
     input signature and number of samples, and so are the rules' measured ways (``Buffers.seconds``): a kernel
     function called again with the same shapes takes the faster ways from its first calls."""
@@ -53,26 +54,55 @@ def source(rp: Problem, captures: bool, auto: bool) -> RowSource:
     return src
 
 
+@dataclasses.dataclass(frozen=True)
+class Jacobians:
+    """One output leaf's per-sample Jacobians: per differentiated parameter ``(N, *out_leaf, numel)`` (``pieces``),
+    and the same numbers as one ``(N, *out_leaf, P)`` tensor where they were formed so (``rows``; the pieces are
+    its views)."""
+
+    pieces: list[torch.Tensor]
+    rows: torch.Tensor | None = None
+
+    def flat(self) -> torch.Tensor:
+        """``(N, *out_leaf, P)``: the parameters side by side (a copy only where they were formed apart)."""
+        return self.rows if self.rows is not None else torch.cat(self.pieces, -1)
+
+
 def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, budget: float, *, captures: bool, auto: bool,
-              cache: KernelCache | None = None, cat_cache: KernelCache | None = None) -> list[torch.Tensor]:
-    """Per output leaf of ``p0`` (the checked problem of ``f`` on ``x``): its per-sample Jacobians, ``(N, *out_leaf, P)``.
+              flat: bool = True, cache: KernelCache | None = None, cat_cache: KernelCache | None = None) -> list[Jacobians]:
+    """Per output leaf of ``p0`` (the checked problem of ``f`` on ``x``, nothing traced): its per-sample Jacobians.
 
     ``budget``: bytes the gradient passes may hold on top of the result; ``captures``/``auto``: the
-    engine's (see :func:`source`); ``cache``/``cat_cache``: the caller's caches of ``f`` and of its
-    concatenated outputs (:func:`~.outputs.rows_problem`).
+    engine's (see :func:`source`); ``flat``: the caller wants one tensor (a row buffer is filled
+    directly); otherwise, where ``vmap(jacrev)`` is the way taken on the whole batch, its per-parameter
+    results are kept as they are (no copy into a row buffer); ``cache``/``cat_cache``: the caller's
+    caches of ``f`` and of its concatenated outputs (:func:`~.outputs.rows_problem`).
     """
-    rp = outputs.rows_problem(p0, x, params, vmap_axes, cache, cat_cache)
+    full = not any(lay.trace or lay.diagonal for lay in p0.layouts) and p0.x2_leaves is None
+    rp = p0 if full and outputs.direct(p0) else outputs.rows_problem(p0, x, params, vmap_axes, cache, cat_cache)
     wrapped = any(_is_wrapped(t) for t in torch.utils._pytree.tree_leaves((x, params)) if isinstance(t, torch.Tensor))
     if not rp.vmapped:
-        rows = whole_batch(rp)
-    elif wrapped or needs_higher_order(x, params):  # the row buffers are written in place: neither transforms nor autograd see through them
-        rows = differentiable(rp, budget)
-    else:
-        src = source(rp, captures, auto)
-        rows = torch.empty((rp.n1, *src.out_shape, src.slots.width), dtype=rp.out_dtype, device=rp.device)
-        sample = rp.remember("rows_sample_bytes", src.sample_bytes, type(src).__name__)  # per sample: shapes alone
-        src.compute(rp.x1_leaves, rows, chunk_size(budget, sample, cap=rp.n1))
-    return outputs.split(rows, p0, rp)
+        return _cut(whole_batch(rp), p0, rp)
+    if wrapped or needs_higher_order(x, params):  # the row buffers are written in place: neither transforms nor autograd see through them
+        return _cut(differentiable(rp, budget), p0, rp)
+    src = source(rp, captures, auto)
+    sample = rp.remember("rows_sample_bytes", src.sample_bytes, type(src).__name__)  # per sample: shapes alone
+    chunk = chunk_size(budget, sample, cap=rp.n1)
+    pieces = None
+    if not flat and chunk >= rp.n1:  # one pass: vmap(jacrev)'s own results, where it is the way taken
+        pieces = src.pieces(rp.x1_leaves) if isinstance(src, JacobianRows) else src.vmap_pieces(rp.x1_leaves, rp.n1)
+    if pieces is not None:
+        per_leaf = [outputs.split(piece, p0, rp) for piece in pieces]
+        return [Jacobians([leaf[j] for leaf in per_leaf]) for j in range(len(per_leaf[0]))] if per_leaf else []
+    rows = torch.empty((rp.n1, *src.out_shape, src.slots.width), dtype=rp.out_dtype, device=rp.device)
+    src.compute(rp.x1_leaves, rows, chunk)
+    return _cut(rows, p0, rp, src.slots)
+
+
+def _cut(rows: torch.Tensor, p0: Problem, rp: Problem, slots: Slots | None = None) -> list[Jacobians]:
+    """Rows ``(N, *out, P)`` of ``rp`` as :class:`Jacobians` of ``p0``'s output leaves (views)."""
+    slots = slots or Slots.of(rp, range(len(rp.params.diff_leaves)))
+    return [Jacobians([r[..., slots.slot(k)] for k in slots.leaves], r) for r in outputs.split(rows, p0, rp)]
 
 
 def differentiable(rp: Problem, budget: float) -> torch.Tensor:

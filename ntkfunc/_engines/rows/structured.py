@@ -59,9 +59,16 @@ from ntkfunc.rules import Structure
 WARM, RULES, VMAP = "warm-up", "rules", "vmap(jacrev)"
 """The ways :meth:`StructuredRows.compute` forms a chunk (the rules' first chunk is their warm-up)."""
 
-EXPLORE_SECONDS = 0.25
-"""The rules' chunk time under which ``vmap(jacrev)`` is timed once on a chunk too (small models: the cost of
-trying is bounded; on large models the rules are several times faster, as measured in RESULTS.md)."""
+EXPLORE_FLOPS = 1e10
+"""Estimated FLOPs of a chunk's rows (:attr:`Flops.row` times its samples: a forward and a backward per output
+entry) up to which ``vmap(jacrev)`` is timed against the rules on the first chunk (small models: trying costs
+two more passes over a chunk of at most about a tenth of a second of one CPU core; on large models the rules are
+several times faster, as measured in RESULTS.md). An estimate, not the first chunk's time: that one includes
+the libraries' one-off start-up (the first convolution backward of a process alone takes about a second)."""
+
+EXPLORE_ROUNDS = 2
+"""Timed runs of each way on the first chunk where both are tried (alternating; the least time counts: other jobs
+on the same cores only ever add time)."""
 
 
 class StructuredRows:
@@ -80,7 +87,7 @@ class StructuredRows:
         self.out_shape = out_shape(problem)
         self.layout = problem.layouts[0]
         self._one: structured.Side | None = None
-        self.cap = capture_mod.discover(problem)
+        self.cap = structured.captured(problem)  # found once per input signature where the problem has a cache
         self.cap = capture_mod.restrict(self.cap, self._unordered_views())
         self._one = None  # read again with the restricted capture
         self.gram_flops = 0.0  # per sample pair, of the Gram-route parameters
@@ -167,46 +174,75 @@ class StructuredRows:
 
     def compute(self, x: list[Any], out: torch.Tensor, chunk: int) -> Factors | None:
         axes = self.problem.x_axes or []
-        parts = []
+        parts: list[Factors] = []
         for s, e, xc in chunks(x, axes, block_size(x, axes), chunk):
             way = self._way(e - s)
-            t0 = clock(out.device)
-            if way == VMAP:
-                self._jacobian_rows().compute(xc, out[s:e], e - s)
-            else:
-                pb = dataclasses.replace(self.problem, x1_leaves=xc, x2_leaves=None, n1=e - s, n2=e - s)
-                with transform_friendly_attention():
-                    sd = structured.side(pb, self.cap, 1, 0, e - s)
-                self._write(pb, sd, out[s:e])
-                if self.gram_params:
-                    parts.append(self._factors(pb, sd))
-                del sd
-            self.buffers.seconds[("rows", e - s)].setdefault(way, (clock(out.device) - t0) / (e - s))
+            self._form(way, xc, out[s:e], parts)
+            if way == WARM and self._explore(e - s):
+                for again in (RULES, VMAP) * EXPLORE_ROUNDS:  # timed on this chunk now: the next chunk or call takes the faster
+                    self._form(again, xc, out[s:e], None)
         return Factors.cat(parts) if parts else None
+
+    def _form(self, way: str, xc: list[Any], out: torch.Tensor, parts: list[Factors] | None) -> None:
+        """Chunk ``xc``'s rows into ``out`` by ``way``, its seconds per sample kept in the table (the least of the
+        times measured); the Gram-route factors appended to ``parts`` (unless None)."""
+        g = out.shape[0]
+        t0 = clock(out.device)
+        if way == VMAP:
+            self._jacobian_rows().compute(xc, out, g)
+        else:
+            pb = dataclasses.replace(self.problem, x1_leaves=xc, x2_leaves=None, n1=g, n2=g)
+            with transform_friendly_attention():
+                sd = structured.side(pb, self.cap, 1, 0, g)
+            self._write(pb, sd, out)
+            if self.gram_params and parts is not None:
+                parts.append(self._factors(pb, sd))
+            del sd
+        table = self.buffers.seconds[("rows", g)]
+        table[way] = min(table.get(way, math.inf), (clock(out.device) - t0) / g)
+
+    def vmap_pieces(self, x: list[Any], g: int) -> list[torch.Tensor] | None:
+        """Per slotted parameter ``(g, *out, numel)`` by ``vmap(jacrev)`` where that is the way chosen for chunks of
+        ``g`` samples (:meth:`_way`; views of its results, no copy into a row buffer), else None."""
+        if self.gram_params or self._way(g) != VMAP:
+            return None
+        t0 = clock(self.problem.device)
+        pieces = self._jacobian_rows().pieces(x)
+        table = self.buffers.seconds[("rows", g)]
+        table[VMAP] = min(table[VMAP], (clock(self.problem.device) - t0) / g)
+        return pieces
 
     def _way(self, g: int) -> str:
         """How a chunk of ``g`` samples is formed: by the rules, or by ``vmap(jacrev(f))`` (implementation 1's rows).
 
         Measured per chunk size, in :attr:`buffers`' table (``("rows", g)``, seconds per sample): the
-        rules form the first chunk (:data:`WARM`: their own warm-up) and the second (timed). Where
-        every parameter has a slot, that chunk took under :data:`EXPLORE_SECONDS` and ``vmap(jacrev)``
-        needs no more transient memory per sample (the chunks were sized for the rules), the third
-        chunk is formed by ``vmap(jacrev)`` (timed); every later chunk by the faster of the two. Both
-        give the same rows: on small models the rules' batched pass costs about what ``vmap(jacrev)``
-        costs whole, on large ones a fraction.
+        rules form the first chunk (:data:`WARM`: their own warm-up). Where every parameter has a
+        slot, the chunk's rows are estimated at most :data:`EXPLORE_FLOPS` and ``vmap(jacrev)`` needs no
+        more transient memory per sample (the chunks were sized for the rules), the same chunk is then
+        formed again by the rules and by ``vmap(jacrev)``, alternating, each :data:`EXPLORE_ROUNDS` times
+        and timed (:meth:`compute`), so that the second chunk, or the second call with these shapes,
+        already takes the faster of the two; elsewhere every later chunk is formed by the rules. Both give the same rows: on small models
+        the rules' batched pass costs about what ``vmap(jacrev)`` costs whole, on large ones a fraction.
         """
         table = self.buffers.seconds.setdefault(("rows", g), {})
-        for way in (WARM, RULES):
-            if way not in table:
-                return way
-        if VMAP not in table and not self._vmap_allowed(table[RULES] * g):
-            table[VMAP] = math.inf
-        if VMAP not in table:
-            return VMAP
+        if WARM not in table:
+            return WARM
+        if RULES not in table or VMAP not in table:  # not explored: the rules alone
+            return RULES
         return VMAP if table[VMAP] < table[RULES] else RULES
 
-    def _vmap_allowed(self, chunk_seconds: float) -> bool:
-        if self.gram_params or chunk_seconds >= EXPLORE_SECONDS:
+    def _explore(self, g: int) -> bool:
+        """Whether both ways are timed right after the rules' warm-up chunk of ``g`` samples (see :meth:`_way`)."""
+        table = self.buffers.seconds[("rows", g)]
+        if RULES in table or VMAP in table:
+            return False
+        if not self._vmap_allowed(g):
+            table[VMAP] = math.inf
+            return False
+        return True
+
+    def _vmap_allowed(self, g: int) -> bool:
+        if self.gram_params or self.flops().row * g > EXPLORE_FLOPS:
             return False
         return self._jacobian_rows().sample_bytes().transient <= self.sample_bytes().transient
 
