@@ -301,3 +301,30 @@ def test_the_second_call_takes_the_way_its_first_call_measured_faster(monkeypatc
         assert max_rel_err(leaves, ref) <= 1e-12
     if not flat:
         assert again["logits"]["4.weight"].shape == (6, 2, 2, 8) and again["loss"]["0.bias"].shape == (6, 8)
+
+
+def test_the_rules_work_buffers_are_lent_to_the_next_call_with_the_same_shapes(monkeypatch):
+    """The second call with the same shapes writes through the first call's work buffers (taken out of the function's
+    cache while it runs, so that two calls at once never share them); other shapes get their own; results exact."""
+    from ntkfunc._engines.rows import per_sample
+
+    made = []
+    original = per_sample.source
+    monkeypatch.setattr(per_sample, "source", lambda *a: (made.append(original(*a)), made[-1])[1])
+    monkeypatch.setattr("ntkfunc._engines.rows.structured.EXPLORE_FLOPS", 0.0)  # the rules on every call
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3)).double()
+    f, params = ntkfunc.from_module(model)
+    jac = ntkfunc.jacobian_fn(f, implementation=3, flat=True)
+    x, other = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    results = [jac(x, params), jac(other, params), jac(x, params)]
+    assert made[2].buffers is made[0].buffers and made[1].buffers is not made[0].buffers
+    assert made[0].buffers.seconds  # the measured ways travel with them
+    key = per_sample._buffers_key(made[0].problem)
+    cache = made[0].problem.cache
+    lent = per_sample.borrow_buffers(made[0].problem)  # a call in progress holds them: the next one gets fresh ones
+    assert lent is made[0].buffers and key not in cache.derived
+    assert per_sample.borrow_buffers(made[0].problem) is not lent
+    for got, xs in zip(results, (x, other, x)):
+        assert max_rel_err(got, _reference(f, params, xs, 0)[0]) <= 1e-12

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.func import jacrev
 
+from ntkfunc._core.buffers import Buffers
 from ntkfunc._core.cache import KernelCache
 from ntkfunc._core.ops import needs_higher_order
 from ntkfunc._core.problem import Problem
@@ -49,9 +50,33 @@ def source(rp: Problem, captures: bool, auto: bool) -> JacobianRows | Structured
     if auto and rp.remember("rows_unprobed", lambda: routes.unprobed(None, structured.implementation1_price(rp)) is not None, rp.n1):
         return JacobianRows(rp)
     src = StructuredRows(rp, routes="rows")
+    src.buffers = borrow_buffers(rp)
     # the ways measured faster (per layer shape, per chunk size) carry over to the next call with these shapes
     src.buffers.seconds = rp.remember("rows_seconds", dict, rp.n1)
     return src
+
+
+def _buffers_key(rp: Problem) -> tuple:
+    return ("rows_buffers", rp.signature, rp.n1)
+
+
+def borrow_buffers(rp: Problem) -> Buffers:
+    """The rules' work buffers (im2col patches, products) left by the last call with ``rp``'s input signature, taken
+    out of the kernel function's cache for this call (a call running at the same time gets fresh ones), or new ones.
+
+    Kept from call to call (:func:`return_buffers`) because allocating them again costs page faults and copies
+    into cold memory (about 5 % of a small CNN's call, RESULTS.md section 14); their size is the rules' work
+    memory, which the budget's transient share bounds.
+    """
+    if rp.cache is None or rp.signature is None:
+        return Buffers()
+    return rp.cache.derived.pop(_buffers_key(rp), None) or Buffers()
+
+
+def return_buffers(rp: Problem, src: JacobianRows | StructuredRows) -> None:
+    """Hand the work buffers of ``src`` back to the kernel function's cache for the next call with these shapes."""
+    if isinstance(src, StructuredRows) and rp.cache is not None and rp.signature is not None:
+        rp.cache.derived[_buffers_key(rp)] = src.buffers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +117,12 @@ def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, budge
     if not flat and chunk >= rp.n1:  # one pass: vmap(jacrev)'s own results, where it is the way taken
         pieces = src.pieces(rp.x1_leaves) if isinstance(src, JacobianRows) else src.vmap_pieces(rp.x1_leaves, rp.n1)
     if pieces is not None:
+        return_buffers(rp, src)
         per_leaf = [outputs.split(piece, p0, rp) for piece in pieces]
         return [Jacobians([leaf[j] for leaf in per_leaf]) for j in range(len(per_leaf[0]))] if per_leaf else []
     rows = torch.empty((rp.n1, *src.out_shape, src.slots.width), dtype=rp.out_dtype, device=rp.device)
     src.compute(rp.x1_leaves, rows, chunk)
+    return_buffers(rp, src)
     return _cut(rows, p0, rp, src.slots)
 
 

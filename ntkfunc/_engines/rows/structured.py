@@ -66,6 +66,12 @@ two more passes over a chunk of at most about a tenth of a second of one CPU cor
 several times faster, as measured in RESULTS.md). An estimate, not the first chunk's time: that one includes
 the libraries' one-off start-up (the first convolution backward of a process alone takes about a second)."""
 
+VMAP_MARGIN = 0.9
+"""``vmap(jacrev)`` forms the later chunks where it measured under this fraction of the rules' time: the rules' pass
+does no more arithmetic than ``vmap(grad)`` (a forward, the input half of the backward, and per layer the faster of
+two ways of forming the weight's gradient, one of them ``vmap(grad)``'s own), so a smaller difference is taken
+for the noise of a measurement on shared cores."""
+
 EXPLORE_ROUNDS = 2
 """Timed runs of each way on the first chunk where both are tried (alternating; the least time counts: other jobs
 on the same cores only ever add time)."""
@@ -221,7 +227,8 @@ class StructuredRows:
         more transient memory per sample (the chunks were sized for the rules), the same chunk is then
         formed again by the rules and by ``vmap(jacrev)``, alternating, each :data:`EXPLORE_ROUNDS` times
         and timed (:meth:`compute`), so that the second chunk, or the second call with these shapes,
-        already takes the faster of the two; elsewhere every later chunk is formed by the rules. Both give the same rows: on small models
+        already takes the faster of the two (``vmap(jacrev)`` where it measured faster by :data:`VMAP_MARGIN`);
+        elsewhere every later chunk is formed by the rules. Both give the same rows: on small models
         the rules' batched pass costs about what ``vmap(jacrev)`` costs whole, on large ones a fraction.
         """
         table = self.buffers.seconds.setdefault(("rows", g), {})
@@ -229,7 +236,7 @@ class StructuredRows:
             return WARM
         if RULES not in table or VMAP not in table:  # not explored: the rules alone
             return RULES
-        return VMAP if table[VMAP] < table[RULES] else RULES
+        return VMAP if table[VMAP] < VMAP_MARGIN * table[RULES] else RULES
 
     def _explore(self, g: int) -> bool:
         """Whether both ways are timed right after the rules' warm-up chunk of ``g`` samples (see :meth:`_way`)."""
