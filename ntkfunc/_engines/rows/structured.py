@@ -181,11 +181,12 @@ class StructuredRows:
     def compute(self, x: list[Any], out: torch.Tensor, chunk: int) -> Factors | None:
         axes = self.problem.x_axes or []
         parts: list[Factors] = []
-        for s, e, xc in chunks(x, axes, block_size(x, axes), chunk):
+        b = block_size(x, axes)
+        for s, e, xc in chunks(x, axes, b, chunk):
             way = self._way(e - s)
             self._form(way, xc, out[s:e], parts)
-            if way == WARM and self._explore(e - s):
-                for again in (RULES, VMAP) * EXPLORE_ROUNDS:  # timed on this chunk now: the next chunk or call takes the faster
+            if way == WARM and e == b and self._explore(e - s):
+                for again in (RULES, VMAP) * EXPLORE_ROUNDS:  # timed on this last chunk now: the next call takes the faster
                     self._form(again, xc, out[s:e], None)
         return Factors.cat(parts) if parts else None
 
@@ -222,24 +223,28 @@ class StructuredRows:
         """How a chunk of ``g`` samples is formed: by the rules, or by ``vmap(jacrev(f))`` (implementation 1's rows).
 
         Measured per chunk size, in :attr:`buffers`' table (``("rows", g)``, seconds per sample): the
-        rules form the first chunk (:data:`WARM`: their own warm-up). Where every parameter has a
-        slot, the chunk's rows are estimated at most :data:`EXPLORE_FLOPS` and ``vmap(jacrev)`` needs no
-        more transient memory per sample (the chunks were sized for the rules), the same chunk is then
-        formed again by the rules and by ``vmap(jacrev)``, alternating, each :data:`EXPLORE_ROUNDS` times
-        and timed (:meth:`compute`), so that the second chunk, or the second call with these shapes,
-        already takes the faster of the two (``vmap(jacrev)`` where it measured faster by :data:`VMAP_MARGIN`);
-        elsewhere every later chunk is formed by the rules. Both give the same rows: on small models
-        the rules' batched pass costs about what ``vmap(jacrev)`` costs whole, on large ones a fraction.
+        rules form the first chunk (:data:`WARM`: their own warm-up), the second (timed) and, where
+        every parameter has a slot, the chunk's rows are estimated at most :data:`EXPLORE_FLOPS` and
+        ``vmap(jacrev)`` needs no more transient memory per sample (the chunks were sized for the
+        rules), ``vmap(jacrev)`` the third (timed); every later chunk is formed by the faster of the two
+        (``vmap(jacrev)`` where it measured faster by :data:`VMAP_MARGIN`). Where the warm-up chunk is
+        the call's last (``jacobian_fn`` on a batch that fits: one chunk), :meth:`compute` forms it
+        again by both ways, alternating, :data:`EXPLORE_ROUNDS` times each, so that the second call
+        with these shapes already takes the faster. Both give the same rows: on small models the
+        rules' batched pass costs about what ``vmap(jacrev)`` costs whole, on large ones a fraction.
         """
         table = self.buffers.seconds.setdefault(("rows", g), {})
         if WARM not in table:
             return WARM
-        if RULES not in table or VMAP not in table:  # not explored: the rules alone
-            return RULES
+        if VMAP not in table and not self._vmap_allowed(g):
+            table[VMAP] = math.inf
+        for way in (RULES, VMAP):
+            if way not in table:
+                return way
         return VMAP if table[VMAP] < VMAP_MARGIN * table[RULES] else RULES
 
     def _explore(self, g: int) -> bool:
-        """Whether both ways are timed right after the rules' warm-up chunk of ``g`` samples (see :meth:`_way`)."""
+        """Whether both ways are timed right after the rules' warm-up on the last chunk of a call (see :meth:`_way`)."""
         table = self.buffers.seconds[("rows", g)]
         if RULES in table or VMAP in table:
             return False
