@@ -66,12 +66,6 @@ two more passes over a chunk of at most about a tenth of a second of one CPU cor
 several times faster, as measured in RESULTS.md). An estimate, not the first chunk's time: that one includes
 the libraries' one-off start-up (the first convolution backward of a process alone takes about a second)."""
 
-VMAP_MARGIN = 0.9
-"""``vmap(jacrev)`` forms the later chunks where it measured under this fraction of the rules' time: the rules' pass
-does no more arithmetic than ``vmap(grad)`` (a forward, the input half of the backward, and per layer the faster of
-two ways of forming the weight's gradient, one of them ``vmap(grad)``'s own), so a smaller difference is taken
-for the noise of a measurement on shared cores."""
-
 EXPLORE_ROUNDS = 2
 """Timed runs of each way on the first chunk where both are tried (alternating; the least time counts: other jobs
 on the same cores only ever add time)."""
@@ -227,7 +221,7 @@ class StructuredRows:
         every parameter has a slot, the chunk's rows are estimated at most :data:`EXPLORE_FLOPS` and
         ``vmap(jacrev)`` needs no more transient memory per sample (the chunks were sized for the
         rules), ``vmap(jacrev)`` the third (timed); every later chunk is formed by the faster of the two
-        (``vmap(jacrev)`` where it measured faster by :data:`VMAP_MARGIN`). Where the warm-up chunk is
+        (the least time measured per sample). Where the warm-up chunk is
         the call's last (``jacobian_fn`` on a batch that fits: one chunk), :meth:`compute` forms it
         again by both ways, alternating, :data:`EXPLORE_ROUNDS` times each, so that the second call
         with these shapes already takes the faster. Both give the same rows: on small models the
@@ -241,7 +235,7 @@ class StructuredRows:
         for way in (RULES, VMAP):
             if way not in table:
                 return way
-        return VMAP if table[VMAP] < VMAP_MARGIN * table[RULES] else RULES
+        return VMAP if table[VMAP] < table[RULES] else RULES
 
     def _explore(self, g: int) -> bool:
         """Whether both ways are timed right after the rules' warm-up on the last chunk of a call (see :meth:`_way`)."""
