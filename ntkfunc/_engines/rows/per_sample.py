@@ -140,7 +140,7 @@ def differentiable(rp: Problem, budget: float) -> torch.Tensor:
     leaves = rp.params.diff_leaves
     parts = []
     for s, e, xc in chunks(rp.x1_leaves, axes, n, chunk_size(budget, src.sample_bytes(), cap=n)):
-        jac = src.fn(leaves, xc)[0]
+        jac = src.fn(leaves, xc)
         parts.append(torch.cat([j.reshape(e - s, *src.out_shape, -1) for j in jac], -1))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
