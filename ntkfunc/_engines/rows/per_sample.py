@@ -10,7 +10,10 @@ row order of :mod:`.source`; ``(*out_leaf, P)`` with ``vmap_axes=None``):
   implementations 3 and ``"auto"``, except that ``"auto"`` takes :class:`~.jacobian.JacobianRows`
   (``vmap(jacrev)``, implementation 1) where implementation 1's whole work costs less than the
   capture's probe (:func:`~ntkfunc._engines.structured.routes.unprobed`: small models on few samples);
-  implementation 1: :class:`~.jacobian.JacobianRows`;
+  implementation 1: :class:`~.jacobian.JacobianRows`. Where ``vmap(jacrev)`` is the way taken on a
+  batch of one chunk and the caller wants a pytree (not ``flat``), its per-parameter results are the
+  result (no copy into the buffer); the rules' work buffers are lent to the next call with the same
+  shapes (:func:`borrow_buffers`);
 - **differentiable** (an input or parameter requires grad, or an outer ``torch.func`` transform
   wraps one, ``vmap`` over an ensemble of parameters included): ``vmap(jacrev)`` per chunk and
   ``torch.cat``, which autograd and ``torch.func`` differentiate (the row buffers are written in
