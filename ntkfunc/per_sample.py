@@ -15,6 +15,7 @@ import torch
 
 from ntkfunc._core.cache import KernelCache
 from ntkfunc._core.checks import check_bool, explained_f_errors, refuse_batch_coupled, split_vmap_axes
+from ntkfunc._core.heap import settle_heap
 from ntkfunc._core.memory import SAFETY, parse_budget
 from ntkfunc._core.ops import kernel_context
 from ntkfunc._core.problem import Params, make_problem
@@ -103,6 +104,7 @@ def jacobian_fn(f: ApplyFn, vmap_axes: VMapAxes = 0, *, implementation: None | i
 
     def jac(x: PyTree, params: PyTree) -> PyTree:
         refuse_param_vmap(engine, params, api)
+        settle_heap()  # as a kernel call: the result and work buffers of the last call reused, not faulted in again
         with kernel_context(x, params), explained_f_errors(api, params, {"x": x}, vmap_axes):
             p0 = make_problem(f, x, None, params, vmap_axes, (), (), cache, api=api)
             budget = parse_budget(memory_budget, p0.device) * SAFETY

@@ -118,6 +118,8 @@ def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, budge
     chunk = chunk_size(budget, sample, cap=rp.n1)
     pieces = None
     if not flat and chunk >= rp.n1:  # one pass: vmap(jacrev)'s own results, where it is the way taken
+        if isinstance(src, StructuredRows):
+            src.rows_wanted = False  # both ways compared at what they cost here
         pieces = src.pieces(rp.x1_leaves) if isinstance(src, JacobianRows) else src.vmap_pieces(rp.x1_leaves, rp.n1)
     if pieces is not None:
         return_buffers(rp, src)

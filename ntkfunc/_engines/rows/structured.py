@@ -99,6 +99,9 @@ class StructuredRows:
         self.limit = structured.memory_limit(problem, budget)
         self.buffers = Buffers()  # the rules' work buffers (im2col patches, products), reused from chunk to chunk
         self._vmap: JacobianRows | None = None  # implementation 1's rows, where measured faster (:meth:`_way`)
+        self.rows_wanted = True
+        """Whether the caller needs the rows in one buffer; False where ``vmap(jacrev)``'s per-parameter results serve
+        (``jacobian_fn``'s pytree on one chunk: :meth:`vmap_pieces`), so that its timing leaves out the copy."""
         self._flops: Flops | None = None
 
     def _gram_params(self, n1: int, n2: int, every: bool = False) -> dict[int, tuple[int, str]]:
@@ -190,7 +193,11 @@ class StructuredRows:
         g = out.shape[0]
         t0 = clock(out.device)
         if way == VMAP:
-            self._jacobian_rows().compute(xc, out, g)
+            pieces = self._jacobian_rows().pieces(xc)
+            t1 = clock(out.device)
+            torch.cat(pieces, dim=-1, out=out)
+            if not self.rows_wanted:  # the caller keeps vmap's own results (:meth:`vmap_pieces`): the copy is not its cost
+                t0 += clock(out.device) - t1
         else:
             pb = dataclasses.replace(self.problem, x1_leaves=xc, x2_leaves=None, n1=g, n2=g)
             with transform_friendly_attention():
