@@ -15,6 +15,15 @@ Modes (each prints a markdown table and, with ``--write``, appends JSON rows):
 - ``speed``: ``kernel_matrix(f, params, x, None, sketch=Sketch(k), out=...)`` end to end for
   ``--n`` samples (features to ``.npy``, then the kernel to ``.npy``), the time of each stage,
   against the estimate of the same process's ``phases``.
+- ``e2e``: a sketched kernel of a whole dataset end to end through the public API, out of core:
+  ``kernel_matrix(f, params, x, None, sketch=Sketch(k), out=<folder>/K.npy)`` on ``--n`` random
+  CIFAR-shaped images (3x32x32) through ``cifar_cnn()`` (four 3x3 convolutions, 32-256 channels,
+  one logit: 388,673 parameters), then ``verify_kernel``. Prints the phase table (features, Gram
+  products, writes and ``fsync`` of the tiles in the background thread, finishing, verify), the
+  load average and the peak RSS. ``--kill-at F``: first runs the same call in a child process and
+  kills it (SIGKILL) once a fraction ``F`` of the kernel's tiles are committed, then runs it again
+  here and reports how many feature chunks and tiles that run computed (the others were resumed).
+  The output folder is removed afterwards unless ``--keep``.
 - ``accuracy``: the exact kernel (``kernel_matrix``, float32, implementation ``"auto"``) against
   the sketched one at ``k``, on ``--model digits`` (the 284k-parameter digits CNN of
   ``bench_blocked``: ``--n`` training images against themselves and the rest of the 1,797
@@ -31,6 +40,8 @@ Modes (each prints a markdown table and, with ``--write``, appends JSON rows):
     python benchmarks/bench_sketch.py rates
     python benchmarks/bench_sketch.py phases --n 10000 50000
     python benchmarks/bench_sketch.py speed --n 10000
+    python benchmarks/bench_sketch.py e2e --n 5000 --kill-at 0.4 --folder /var/tmp
+    python benchmarks/bench_sketch.py e2e --n 50000 --folder /var/tmp
     python benchmarks/bench_sketch.py accuracy --model digits --n 1000
     python benchmarks/bench_sketch.py accuracy --model resnet --n 500
     python benchmarks/bench_sketch.py kinds --dim 2048 --n 64 --seeds 6
@@ -43,6 +54,7 @@ import argparse
 import collections
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -210,6 +222,146 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
+# --- e2e ------------------------------------------------------------------------------------------
+
+
+def cifar_cnn() -> torch.nn.Module:
+    """A CIFAR-shaped CNN with one logit (3x32x32 inputs; 388,673 parameters; about 30 MFLOP per forward)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(128, 256, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 1),
+    ).eval()
+
+
+def e2e_data(n: int) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _e2e_call(n: int, dim: int, kind: str, out: Path, progress: bool) -> torch.Tensor:
+    f, params = ntkfunc.from_module(cifar_cnn())
+    return ntkfunc.kernel_matrix(f, params, e2e_data(n), None, sketch=ntkfunc.Sketch(dim, kind=kind), out=str(out),
+                                 progress=progress)
+
+
+def e2e_run(n: int, dim: int, kind: str, out: Path) -> dict:
+    """``kernel_matrix(sketch=, out=)`` in this process with every phase timed (wall seconds), then ``verify_kernel``."""
+    from ntkfunc._dataset import features as featuring
+    from ntkfunc._dataset import runner
+
+    wall: dict[str, float] = collections.defaultdict(float)
+    count: dict[str, int] = collections.defaultdict(int)
+    patched = []
+
+    def timed(owner, name: str, label) -> None:  # type: ignore[no-untyped-def]
+        orig = getattr(owner, name)
+
+        def call(*a, **k):  # type: ignore[no-untyped-def]
+            key, units = label(a)
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                wall[key] += time.perf_counter() - t0
+                count[key] += units
+
+        patched.append((owner, name, orig))
+        setattr(owner, name, call)
+
+    timed(featuring, "compute", lambda a: ("features", 0))
+    timed(featuring, "estimate", lambda a: ("error estimate", 0))
+    timed(featuring.Chunks, "compute", lambda a: ("feature chunks", len(a[2])))
+    timed(runner.Tiles, "compute", lambda a: ("Gram", len(a[2])))
+    timed(runner.Runner, "commit", lambda a: ("writes: tiles" if isinstance(a[0].work, runner.Tiles) else "writes: feature chunks", 1))
+    load0 = os.getloadavg()
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    try:
+        k = _e2e_call(n, dim, kind, out, sys.stderr.isatty())
+    finally:
+        for owner, name, orig in reversed(patched):
+            setattr(owner, name, orig)
+    total = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    load1 = os.getloadavg()
+    t1 = time.perf_counter()
+    report = ntkfunc.verify_kernel(out)
+    verify = time.perf_counter() - t1
+    chunks = json.loads(Path(str(out) + ".manifest.json").read_text()).get("sketch_run", {})
+    return {"mode": "e2e", "n": n, "dim": dim, "kind": kind, "model": "cifar_cnn", "P": 388673, "shape": list(k.shape),
+            "total_s": total, "cpu_s": cpu, "verify_s": verify, "verified_tiles": report.tiles,
+            "phases_s": dict(wall), "units": dict(count), "kernel_bytes": k.numel() * k.element_size(),
+            "features_bytes": n * dim * 4, "load_before": load0, "load_after": load1, "peak_rss_gb": _rss_gb(),
+            "error_estimate": chunks.get("error_estimate", {}).get("relative_frobenius"), "threads": torch.get_num_threads()}
+
+
+def _markers(folder: Path) -> int:
+    return len(list(folder.iterdir())) if folder.is_dir() else 0
+
+
+def e2e_kill(n: int, dim: int, kind: str, out: Path, fraction: float, threads: int) -> dict:
+    """Run the call in a child process and SIGKILL it once ``fraction`` of the kernel's tiles are committed."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, __file__, "e2e-child", "--n", str(n), "--dim", str(dim), "--kind", kind,
+                              "--threads", str(threads), "--out", str(out)])
+    tiles = Path(str(out) + ".tiles")
+    total = None
+    t0 = time.perf_counter()
+    try:
+        while child.poll() is None:
+            time.sleep(0.02)
+            manifest = Path(str(out) + ".manifest.json")
+            if total is None and manifest.exists():
+                from ntkfunc._dataset.fileformat import unit_keys
+
+                m = json.loads(manifest.read_text())
+                total = len(unit_keys(m["grid"], tuple(m["shape"])))
+            if total and _markers(tiles) >= fraction * total:
+                child.send_signal(signal.SIGKILL)
+                child.wait()
+                break
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return {"killed_after_s": time.perf_counter() - t0, "tiles_committed_at_kill": _markers(tiles), "tiles_total": total,
+            "returncode": child.returncode}
+
+
+def e2e_markdown(row: dict) -> str:
+    ph, units = row["phases_s"], row["units"]
+    lines = [f"N = {row['n']:,}, k = {row['dim']} ({row['kind']}), {row['model']} ({row['P']:,} parameters, one logit), "
+             f"{row['threads']} threads; kernel {row['kernel_bytes'] / 1e9:.2f} GB float32, features {row['features_bytes'] / 1e9:.2f} GB",
+             "", "| phase | wall | units |", "|---|---|---|"]
+    order = ["features", "feature chunks", "writes: feature chunks", "error estimate", "Gram", "writes: tiles"]
+    names = {"features": "features (stage total)", "feature chunks": "  of which computing chunks",
+             "writes: feature chunks": "  of which writes of chunks (background thread)", "error estimate": "  of which the error estimate",
+             "Gram": "Gram products (tiles)", "writes: tiles": "writes + fsync of tiles (background thread, overlaps the Gram)"}
+    for key in order:
+        if key in ph:
+            lines.append(f"| {names[key]} | {_s(ph[key])} | {units.get(key, '') or ''} |")
+    rest = row["total_s"] - ph.get("features", 0.0) - ph.get("Gram", 0.0)
+    lines.append(f"| kernel stage outside the Gram (plan, waits for writes, finishing) | {_s(rest)} | |")
+    lines.append(f"| **kernel_matrix total** | **{_s(row['total_s'])}** (CPU {_s(row['cpu_s'])}) | |")
+    lines.append(f"| verify_kernel (every tile's checksum) | {_s(row['verify_s'])} | {row['verified_tiles']} tiles, all match |")
+    lines.append(f"| **end to end** | **{_s(row['total_s'] + row['verify_s'])}** | |")
+    lines += ["", f"load average before {', '.join(f'{v:.1f}' for v in row['load_before'])}; after "
+              f"{', '.join(f'{v:.1f}' for v in row['load_after'])}; peak RSS {row['peak_rss_gb']:.2f} GB; "
+              f"estimated relative error {row['error_estimate']:.3g}"]
+    if "resume" in row:
+        r = row["resume"]
+        how = "killed (SIGKILL)" if r["returncode"] == -9 else f"ended with return code {r['returncode']}"
+        lines.append(f"resume: a first run {how} after {_s(r['killed_after_s'])} with {r['tiles_committed_at_kill']} of "
+                     f"{r['tiles_total']} tiles committed; this run computed {units.get('feature chunks', 0)} feature chunks and "
+                     f"{units.get('Gram', 0)} tiles")
+    return "\n".join(lines)
+
+
 # --- accuracy ---------------------------------------------------------------------------------
 
 
@@ -370,7 +522,7 @@ def markdown(row: dict, estimates: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["rates", "phases", "speed", "accuracy", "kinds"])
+    p.add_argument("mode", choices=["rates", "phases", "speed", "accuracy", "kinds", "e2e", "e2e-child"])
     p.add_argument("--n", type=int, nargs="+", default=[10000], help="N (phases: the N x N kernels to estimate)")
     p.add_argument("--dim", type=int, default=8192)
     p.add_argument("--kind", default="auto", help="the sketch's kind (kinds: a comma-separated list; default all)")
@@ -380,6 +532,9 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="a small CNN instead of ResNet-18 (smoke runs)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--folder", type=Path, default=None, help="speed: where the .npy files go (default: a temporary folder)")
+    p.add_argument("--kill-at", type=float, default=None, help="e2e: kill a first run once this fraction of tiles is in")
+    p.add_argument("--keep", action="store_true", help="e2e: keep the output folder")
+    p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)  # e2e-child: the output file
     p.add_argument("--write", type=Path, default=None, help="append the JSON rows to this file")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -403,6 +558,25 @@ def main() -> None:
                 r["estimated_s"] = estimate(ph, n)["total_s"]
                 rows.append(r)
                 print(markdown(r, []) + f"; estimated {_s(r['estimated_s'])}", flush=True)
+    elif a.mode == "e2e-child":
+        _e2e_call(a.n[0], a.dim, a.kind, a.out, False)
+    elif a.mode == "e2e":
+        import shutil
+
+        folder = Path(tempfile.mkdtemp(prefix="sketch-e2e-", dir=a.folder))
+        try:
+            out = folder / "K.npy"
+            resume = e2e_kill(a.n[0], a.dim, a.kind, out, a.kill_at, a.threads) if a.kill_at is not None else None
+            r = e2e_run(a.n[0], a.dim, a.kind, out)
+            if resume is not None:
+                r["resume"] = resume
+            rows.append(r)
+            print(e2e_markdown(r), flush=True)
+        finally:
+            if a.keep:
+                print(f"kept {folder}")
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
     elif a.mode == "kinds":
         names = ["auto", "countsketch", "tensorsketch", "gaussian"] if a.kind == "auto" else a.kind.split(",")
         rows = kinds(a.n[0], a.dim, names, a.seeds)
