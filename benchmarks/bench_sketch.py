@@ -16,9 +16,11 @@ Modes (each prints a markdown table and, with ``--write``, appends JSON rows):
   ``--n`` samples (features to ``.npy``, then the kernel to ``.npy``), the time of each stage,
   against the estimate of the same process's ``phases``.
 - ``e2e``: a sketched kernel of a whole dataset end to end through the public API, out of core:
-  ``kernel_matrix(f, params, x, None, sketch=Sketch(k), out=<folder>/K.npy)`` on ``--n`` random
-  CIFAR-shaped images (3x32x32) through ``cifar_cnn()`` (four 3x3 convolutions, 32-256 channels,
-  one logit: 388,673 parameters), then ``verify_kernel``. Prints the phase table (features, Gram
+  ``feature_matrix(f, params, x, Sketch(k), out=<folder>/K.npy.features)`` on ``--feature-threads``
+  threads, then ``kernel_matrix(f, params, x, None, sketch=Sketch(k), features=<that folder>,
+  out=<folder>/K.npy)`` on ``--threads`` (it finds the features), on ``--n`` random CIFAR-shaped
+  images (3x32x32) through ``cifar_cnn()`` (four 3x3 convolutions, 32-256 channels, one logit:
+  388,673 parameters), then ``verify_kernel``. Prints the phase table (features, Gram
   products, writes and ``fsync`` of the tiles in the background thread, finishing, verify), the
   load average and the peak RSS. ``--kill-at F``: first runs the same call in a child process and
   kills it (SIGKILL) once a fraction ``F`` of the kernel's tiles are committed, then runs it again
@@ -241,14 +243,24 @@ def e2e_data(n: int) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def _e2e_call(n: int, dim: int, kind: str, out: Path, progress: bool) -> torch.Tensor:
+def _e2e_call(n: int, dim: int, kind: str, out: Path, progress: bool, threads: tuple[int, int],
+              wall: dict[str, float] | None = None) -> torch.Tensor:
+    """``feature_matrix(out=<out>.features)`` on ``threads[0]`` threads, then ``kernel_matrix(sketch=, features=, out=)``
+    (which finds those features) on ``threads[1]``."""
     f, params = ntkfunc.from_module(cifar_cnn())
-    return ntkfunc.kernel_matrix(f, params, e2e_data(n), None, sketch=ntkfunc.Sketch(dim, kind=kind), out=str(out),
-                                 progress=progress)
+    x, sketch, folder = e2e_data(n), ntkfunc.Sketch(dim, kind=kind), str(out) + ".features"
+    torch.set_num_threads(threads[0])
+    t0 = time.perf_counter()
+    ntkfunc.feature_matrix(f, params, x, sketch, out=folder, progress=progress)
+    if wall is not None:
+        wall["feature_matrix"] = time.perf_counter() - t0
+        print(f"[{wall['feature_matrix']:.0f} s] feature_matrix done", file=sys.stderr, flush=True)
+    torch.set_num_threads(threads[1])
+    return ntkfunc.kernel_matrix(f, params, x, None, sketch=sketch, features=folder, out=str(out), progress=progress)
 
 
-def e2e_run(n: int, dim: int, kind: str, out: Path) -> dict:
-    """``kernel_matrix(sketch=, out=)`` in this process with every phase timed (wall seconds), then ``verify_kernel``."""
+def e2e_run(n: int, dim: int, kind: str, out: Path, threads: tuple[int, int]) -> dict:
+    """:func:`_e2e_call` in this process with every phase timed (wall seconds), then ``verify_kernel``."""
     from ntkfunc._dataset import features as featuring
     from ntkfunc._dataset import runner
 
@@ -267,20 +279,22 @@ def e2e_run(n: int, dim: int, kind: str, out: Path) -> dict:
             finally:
                 wall[key] += time.perf_counter() - t0
                 count[key] += units
+                if key == "Gram" and count[key] % 25 == 0:  # a trace, should the run be cut off
+                    print(f"[{time.perf_counter() - start:.0f} s] {key}: {count[key] or ''} in {wall[key]:.0f} s", file=sys.stderr, flush=True)
 
         patched.append((owner, name, orig))
         setattr(owner, name, call)
 
-    timed(featuring, "compute", lambda a: ("features", 0))
+    timed(featuring, "compute", lambda a: ("features found", 0))
     timed(featuring, "estimate", lambda a: ("error estimate", 0))
     timed(featuring.Chunks, "compute", lambda a: ("feature chunks", len(a[2])))
     timed(runner.Tiles, "compute", lambda a: ("Gram", len(a[2])))
     timed(runner.Runner, "commit", lambda a: ("writes: tiles" if isinstance(a[0].work, runner.Tiles) else "writes: feature chunks", 1))
     load0 = os.getloadavg()
     cpu0 = time.process_time()
-    t0 = time.perf_counter()
+    t0 = start = time.perf_counter()
     try:
-        k = _e2e_call(n, dim, kind, out, sys.stderr.isatty())
+        k = _e2e_call(n, dim, kind, out, sys.stderr.isatty(), threads, wall)
     finally:
         for owner, name, orig in reversed(patched):
             setattr(owner, name, orig)
@@ -295,20 +309,21 @@ def e2e_run(n: int, dim: int, kind: str, out: Path) -> dict:
             "total_s": total, "cpu_s": cpu, "verify_s": verify, "verified_tiles": report.tiles,
             "phases_s": dict(wall), "units": dict(count), "kernel_bytes": k.numel() * k.element_size(),
             "features_bytes": n * dim * 4, "load_before": load0, "load_after": load1, "peak_rss_gb": _rss_gb(),
-            "error_estimate": chunks.get("error_estimate", {}).get("relative_frobenius"), "threads": torch.get_num_threads()}
+            "feature_threads": threads[0], "gram_threads": threads[1],
+            "error_estimate": chunks.get("error_estimate", {}).get("relative_frobenius")}
 
 
 def _markers(folder: Path) -> int:
     return len(list(folder.iterdir())) if folder.is_dir() else 0
 
 
-def e2e_kill(n: int, dim: int, kind: str, out: Path, fraction: float, threads: int) -> dict:
+def e2e_kill(n: int, dim: int, kind: str, out: Path, fraction: float, threads: tuple[int, int]) -> dict:
     """Run the call in a child process and SIGKILL it once ``fraction`` of the kernel's tiles are committed."""
     import signal
     import subprocess
 
     child = subprocess.Popen([sys.executable, __file__, "e2e-child", "--n", str(n), "--dim", str(dim), "--kind", kind,
-                              "--threads", str(threads), "--out", str(out)])
+                              "--feature-threads", str(threads[0]), "--threads", str(threads[1]), "--out", str(out)])
     tiles = Path(str(out) + ".tiles")
     total = None
     t0 = time.perf_counter()
@@ -336,18 +351,20 @@ def e2e_kill(n: int, dim: int, kind: str, out: Path, fraction: float, threads: i
 def e2e_markdown(row: dict) -> str:
     ph, units = row["phases_s"], row["units"]
     lines = [f"N = {row['n']:,}, k = {row['dim']} ({row['kind']}), {row['model']} ({row['P']:,} parameters, one logit), "
-             f"{row['threads']} threads; kernel {row['kernel_bytes'] / 1e9:.2f} GB float32, features {row['features_bytes'] / 1e9:.2f} GB",
+             f"{row['feature_threads']} thread(s) for the features, {row['gram_threads']} for the kernel; "
+             f"kernel {row['kernel_bytes'] / 1e9:.2f} GB float32, features {row['features_bytes'] / 1e9:.2f} GB",
              "", "| phase | wall | units |", "|---|---|---|"]
-    order = ["features", "feature chunks", "writes: feature chunks", "error estimate", "Gram", "writes: tiles"]
-    names = {"features": "features (stage total)", "feature chunks": "  of which computing chunks",
-             "writes: feature chunks": "  of which writes of chunks (background thread)", "error estimate": "  of which the error estimate",
-             "Gram": "Gram products (tiles)", "writes: tiles": "writes + fsync of tiles (background thread, overlaps the Gram)"}
+    order = ["feature_matrix", "feature chunks", "writes: feature chunks", "features found", "error estimate", "Gram", "writes: tiles"]
+    names = {"feature_matrix": "features: `feature_matrix(out=)`", "feature chunks": "  of which computing chunks",
+             "writes: feature chunks": "  of which writes of chunks (background thread)",
+             "features found": "kernel_matrix: its features file found and checked, error estimate", "error estimate": "  of which the error estimate",
+             "Gram": "kernel_matrix: Gram products (tiles)", "writes: tiles": "kernel_matrix: writes + fsync of tiles (background thread, overlaps the Gram)"}
     for key in order:
         if key in ph:
             lines.append(f"| {names[key]} | {_s(ph[key])} | {units.get(key, '') or ''} |")
-    rest = row["total_s"] - ph.get("features", 0.0) - ph.get("Gram", 0.0)
-    lines.append(f"| kernel stage outside the Gram (plan, waits for writes, finishing) | {_s(rest)} | |")
-    lines.append(f"| **kernel_matrix total** | **{_s(row['total_s'])}** (CPU {_s(row['cpu_s'])}) | |")
+    rest = row["total_s"] - ph.get("feature_matrix", 0.0) - ph.get("features found", 0.0) - ph.get("Gram", 0.0)
+    lines.append(f"| kernel_matrix: the rest (plan, rates measured, waits for writes, finishing) | {_s(rest)} | |")
+    lines.append(f"| **features + kernel total** | **{_s(row['total_s'])}** (CPU {_s(row['cpu_s'])}) | |")
     lines.append(f"| verify_kernel (every tile's checksum) | {_s(row['verify_s'])} | {row['verified_tiles']} tiles, all match |")
     lines.append(f"| **end to end** | **{_s(row['total_s'] + row['verify_s'])}** | |")
     lines += ["", f"load average before {', '.join(f'{v:.1f}' for v in row['load_before'])}; after "
@@ -530,8 +547,10 @@ def main() -> None:
     p.add_argument("--model", choices=["digits", "resnet"], default="digits")
     p.add_argument("--seeds", type=int, default=2, help="accuracy: sketches per model")
     p.add_argument("--small", action="store_true", help="a small CNN instead of ResNet-18 (smoke runs)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (e2e: of the kernel stage)")
     p.add_argument("--folder", type=Path, default=None, help="speed: where the .npy files go (default: a temporary folder)")
+    p.add_argument("--feature-threads", type=int, default=1,
+                   help="e2e: threads of feature_matrix (small gradient passes: a second thread on a shared machine only spins)")
     p.add_argument("--kill-at", type=float, default=None, help="e2e: kill a first run once this fraction of tiles is in")
     p.add_argument("--keep", action="store_true", help="e2e: keep the output folder")
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)  # e2e-child: the output file
@@ -559,15 +578,16 @@ def main() -> None:
                 rows.append(r)
                 print(markdown(r, []) + f"; estimated {_s(r['estimated_s'])}", flush=True)
     elif a.mode == "e2e-child":
-        _e2e_call(a.n[0], a.dim, a.kind, a.out, False)
+        _e2e_call(a.n[0], a.dim, a.kind, a.out, False, (a.feature_threads, a.threads))
     elif a.mode == "e2e":
         import shutil
 
         folder = Path(tempfile.mkdtemp(prefix="sketch-e2e-", dir=a.folder))
         try:
             out = folder / "K.npy"
-            resume = e2e_kill(a.n[0], a.dim, a.kind, out, a.kill_at, a.threads) if a.kill_at is not None else None
-            r = e2e_run(a.n[0], a.dim, a.kind, out)
+            threads = (a.feature_threads, a.threads)
+            resume = e2e_kill(a.n[0], a.dim, a.kind, out, a.kill_at, threads) if a.kill_at is not None else None
+            r = e2e_run(a.n[0], a.dim, a.kind, out, threads)
             if resume is not None:
                 r["resume"] = resume
             rows.append(r)
