@@ -290,6 +290,7 @@ def e2e_run(n: int, dim: int, kind: str, out: Path, threads: tuple[int, int]) ->
     timed(featuring.Chunks, "compute", lambda a: ("feature chunks", len(a[2])))
     timed(runner.Tiles, "compute", lambda a: ("Gram", len(a[2])))
     timed(runner.Runner, "commit", lambda a: ("writes: tiles" if isinstance(a[0].work, runner.Tiles) else "writes: feature chunks", 1))
+    sampler = MemorySampler()
     load0 = os.getloadavg()
     cpu0 = time.process_time()
     t0 = start = time.perf_counter()
@@ -304,13 +305,44 @@ def e2e_run(n: int, dim: int, kind: str, out: Path, threads: tuple[int, int]) ->
     t1 = time.perf_counter()
     report = ntkfunc.verify_kernel(out)
     verify = time.perf_counter() - t1
+    memory = sampler.close()
     chunks = json.loads(Path(str(out) + ".manifest.json").read_text()).get("sketch_run", {})
     return {"mode": "e2e", "n": n, "dim": dim, "kind": kind, "model": "cifar_cnn", "P": 388673, "shape": list(k.shape),
             "total_s": total, "cpu_s": cpu, "verify_s": verify, "verified_tiles": report.tiles,
             "phases_s": dict(wall), "units": dict(count), "kernel_bytes": k.numel() * k.element_size(),
-            "features_bytes": n * dim * 4, "load_before": load0, "load_after": load1, "peak_rss_gb": _rss_gb(),
+            "features_bytes": n * dim * 4, "load_before": load0, "load_after": load1, "peak_rss_gb": _rss_gb(), **memory,
             "feature_threads": threads[0], "gram_threads": threads[1],
             "error_estimate": chunks.get("error_estimate", {}).get("relative_frobenius")}
+
+
+class MemorySampler:
+    """Largest anonymous and file-backed resident memory of this process (``RssAnon``, ``RssFile`` of
+    ``/proc/self/status``, sampled every ``every`` seconds in a thread): the kernel's memory map counts in the
+    peak RSS once the finished file is read, the process's own memory is the anonymous part."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.every, self.stop = every, threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key in self.peak:
+                        self.peak[key] = max(self.peak[key], int(value.split()[0]) * 1024)
+            except OSError:  # not Linux
+                return
+            self.stop.wait(self.every)
+
+    def close(self) -> dict[str, float]:
+        self.stop.set()
+        self.thread.join()
+        return {"peak_anon_gb": self.peak["RssAnon"] / 2 ** 30, "peak_file_gb": self.peak["RssFile"] / 2 ** 30}
 
 
 def _markers(folder: Path) -> int:
@@ -368,7 +400,8 @@ def e2e_markdown(row: dict) -> str:
     lines.append(f"| verify_kernel (every tile's checksum) | {_s(row['verify_s'])} | {row['verified_tiles']} tiles, all match |")
     lines.append(f"| **end to end** | **{_s(row['total_s'] + row['verify_s'])}** | |")
     lines += ["", f"load average before {', '.join(f'{v:.1f}' for v in row['load_before'])}; after "
-              f"{', '.join(f'{v:.1f}' for v in row['load_after'])}; peak RSS {row['peak_rss_gb']:.2f} GB; "
+              f"{', '.join(f'{v:.1f}' for v in row['load_after'])}; peak RSS {row['peak_rss_gb']:.2f} GB "
+              f"(sampled: anonymous {row.get('peak_anon_gb', float('nan')):.2f} GB, file-backed {row.get('peak_file_gb', float('nan')):.2f} GB); "
               f"estimated relative error {row['error_estimate']:.3g}"]
     if "resume" in row:
         r = row["resume"]
