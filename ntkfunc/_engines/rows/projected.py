@@ -7,8 +7,10 @@ operands; implementation 1: ``vmap(jacrev(f))`` rows), then each parameter's par
 
 - ``"factors"`` / ``"fft"``: from the factors ``G = Σ_s c_s x_sᵀ`` of the parameter's rule
   (:meth:`~ntkfunc.rules.Rule.factors`: a 2-D convolution's cotangents and im2col patches, a
-  linear layer's cotangents and inputs; the count sketch of a convolution gathers the patches
-  itself from :meth:`~ntkfunc.rules.Rule.padded_factors`), never forming the gradient;
+  linear layer's cotangents and inputs), in spans of samples that fit :data:`CACHE_BYTES`; the
+  count sketch of a convolution either gathers the patches itself from
+  :meth:`~ntkfunc.rules.Rule.padded_factors` or forms the gradient by the rule's fastest way and
+  hashes it, whichever was measured faster for that layer's shape;
 - ``"formed"``: the parameter's per-sample gradient formed into a reused buffer (a few samples
   at a time, at most :data:`WORK_BYTES`), by the same code as the exact rows
   (:meth:`~ntkfunc._engines.rows.structured.StructuredRows.write`), then projected.
