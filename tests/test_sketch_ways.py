@@ -59,3 +59,15 @@ def test_conv_factors_in_blocks_of_rows_equal_the_whole_product(block):
     out = torch.zeros(3, 2, 64, dtype=torch.float64)
     blk.conv_factors(c, xpad, (3, 3), (1, 1), (1, 1), out, None, block)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_the_timed_choice_adds_each_sample_once():
+    """The first chunk times both ways on its first samples (each run several times into the features): those samples
+    still get the sketch once, in that call and in later calls that find the measured table."""
+    f, params, x = _cnn(3)
+    x = torch.cat([x, x.flip(0)])  # 14 samples: more than the probe's 4
+    sketch = ntkfunc.Sketch(40, seed=5, kind="countsketch")
+    formed = ntkfunc.features_fn(f, sketch, implementation=1)(x, params)
+    fn = ntkfunc.features_fn(f, sketch)
+    for _ in range(2):
+        torch.testing.assert_close(fn(x, params), formed, rtol=1e-10, atol=1e-10)
