@@ -26,6 +26,9 @@ Modes (each prints a markdown table and, with ``--write``, appends JSON rows):
   kills it (SIGKILL) once a fraction ``F`` of the kernel's tiles are committed, then runs it again
   here and reports how many feature chunks and tiles that run computed (the others were resumed).
   The output folder is removed afterwards unless ``--keep``.
+- ``ratio``: sketched features against a batched forward+backward of the same samples (ResNet-18,
+  one logit, ``Sketch(8192)``), thread CPU time of one thread in one process, this package against
+  ``--baseline`` (an earlier export) in alternating fresh processes, medians of ``--rounds``.
 - ``accuracy``: the exact kernel (``kernel_matrix``, float32, implementation ``"auto"``) against
   the sketched one at ``k``, on ``--model digits`` (the 284k-parameter digits CNN of
   ``bench_blocked``: ``--n`` training images against themselves and the rest of the 1,797
@@ -42,6 +45,7 @@ Modes (each prints a markdown table and, with ``--write``, appends JSON rows):
     python benchmarks/bench_sketch.py rates
     python benchmarks/bench_sketch.py phases --n 10000 50000
     python benchmarks/bench_sketch.py speed --n 10000
+    python benchmarks/bench_sketch.py ratio --baseline /tmp/base --rounds 3
     python benchmarks/bench_sketch.py e2e --n 5000 --kill-at 0.4 --folder /var/tmp
     python benchmarks/bench_sketch.py e2e --n 50000 --folder /var/tmp
     python benchmarks/bench_sketch.py accuracy --model digits --n 1000
@@ -222,6 +226,56 @@ def _rss_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+# --- features against a forward+backward, CPU time --------------------------------------------------
+
+_RATIO = """
+import json, statistics, sys, time
+import torch
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/benchmarks")
+torch.set_num_threads(1)
+from bench_blocked import ResNet18
+import ntkfunc
+from ntkfunc._core.problem import make_problem
+from ntkfunc._engines.rows.projected import ProjectedRows
+torch.manual_seed(0)
+model = ResNet18(classes=1).eval()
+f, params = ntkfunc.from_module(model)
+x = torch.randn(64, 3, 32, 32)
+src = ProjectedRows(make_problem(f, x[:1], None, params, 0, (), ()), "auto", 8192, 0, True)
+out = torch.empty(32, 1, 8192)
+src.compute([x[:32]], out, 32)
+for p in model.parameters():
+    p.requires_grad_(True)
+model(x[:32]).sum().backward()
+fb, fe = [], []
+for _ in range(3):
+    t0 = time.thread_time(); model.zero_grad(); model(x[32:]).sum().backward(); fb.append(time.thread_time() - t0)
+    t0 = time.thread_time(); src.compute([x[32:]], out, 32); fe.append(time.thread_time() - t0)
+print(json.dumps({"fwd_bwd_ms": 1e3 * statistics.median(fb) / 32, "features_ms": 1e3 * statistics.median(fe) / 32,
+                  "checksum": float(out.double().abs().sum())}))
+"""
+
+
+def ratio(baseline: Path | None, rounds: int) -> list[dict]:
+    """ResNet-18 (one logit): ``model(x).sum().backward()`` and ``ProjectedRows.compute`` (``Sketch(8192)``) on the same 32
+    samples in one process, thread CPU time, one thread, median of 3 calls; this package and ``baseline`` (an export of an
+    earlier commit) alternating in fresh processes, ``rounds`` times."""
+    import subprocess
+
+    packages = [("this", ROOT)] + ([("baseline", baseline)] if baseline else [])
+    runs: dict[str, list[dict]] = {name: [] for name, _ in packages}
+    for _ in range(rounds):
+        for name, root in packages:
+            done = subprocess.run([sys.executable, "-c", _RATIO, str(root)], capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = []
+    for name, rs in runs.items():
+        med = {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in ("fwd_bwd_ms", "features_ms")}
+        rows.append({"mode": "ratio", "package": name, **med, "ratio": med["features_ms"] / med["fwd_bwd_ms"],
+                     "checksum": rs[0]["checksum"], "rounds": rs})
+    return rows
 
 
 # --- e2e ------------------------------------------------------------------------------------------
@@ -572,7 +626,7 @@ def markdown(row: dict, estimates: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["rates", "phases", "speed", "accuracy", "kinds", "e2e", "e2e-child"])
+    p.add_argument("mode", choices=["rates", "phases", "speed", "accuracy", "kinds", "e2e", "e2e-child", "ratio"])
     p.add_argument("--n", type=int, nargs="+", default=[10000], help="N (phases: the N x N kernels to estimate)")
     p.add_argument("--dim", type=int, default=8192)
     p.add_argument("--kind", default="auto", help="the sketch's kind (kinds: a comma-separated list; default all)")
@@ -582,6 +636,8 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="a small CNN instead of ResNet-18 (smoke runs)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (e2e: of the kernel stage)")
     p.add_argument("--folder", type=Path, default=None, help="speed: where the .npy files go (default: a temporary folder)")
+    p.add_argument("--baseline", type=Path, default=None, help="ratio: a directory holding an earlier ntkfunc package")
+    p.add_argument("--rounds", type=int, default=3, help="ratio: rounds of alternating processes")
     p.add_argument("--feature-threads", type=int, default=1,
                    help="e2e: threads of feature_matrix (small gradient passes: a second thread on a shared machine only spins)")
     p.add_argument("--kill-at", type=float, default=None, help="e2e: kill a first run once this fraction of tiles is in")
@@ -610,6 +666,12 @@ def main() -> None:
                 r["estimated_s"] = estimate(ph, n)["total_s"]
                 rows.append(r)
                 print(markdown(r, []) + f"; estimated {_s(r['estimated_s'])}", flush=True)
+    elif a.mode == "ratio":
+        rows = ratio(a.baseline, a.rounds)
+        print("| package | forward+backward (ms/sample) | features (ms/sample) | features / forward+backward | checksum |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['package']} | {r['fwd_bwd_ms']:.1f} | {r['features_ms']:.1f} | {r['ratio']:.2f} | {r['checksum']:.6g} |")
     elif a.mode == "e2e-child":
         _e2e_call(a.n[0], a.dim, a.kind, a.out, False, (a.feature_threads, a.threads))
     elif a.mode == "e2e":
