@@ -23,6 +23,11 @@ in cache (on CPU this is 2-3x faster than pushing all tangents through all rows 
 The shape of those calls is planned per column block (:func:`push_shape`), in equal parts
 (:func:`balanced`): each call has a fixed cost (the primal forward, the ops' dispatch through
 ``vmap`` and forward mode), so a short column fills its calls rather than copying the full block's.
+The cotangents are formed for as many x2 samples per ``vmap(jacrev)`` call as the budget holds
+(``Plan.cotangents``, several column blocks: the triangle's narrow columns would otherwise pay that
+call's fixed cost once each; attention setup of ``bench_vs_nt.py``, 3 calls -> 2). The pushes run
+inside :class:`~ntkfunc._core.forward_ad.ScalarOverloads` (``h / 4.0`` costs 0.4 ms per call under
+forward mode otherwise).
 
 Per-parameter kernels (``per_param=True``) come from the same algorithm with one parameter
 per group: each group's JVP carries only that parameter's tangents, so its output is that
@@ -51,7 +56,7 @@ from typing import Any
 import torch
 from torch.func import jvp, vmap
 
-from ntkfunc._core.forward_ad import forward_ad_section, jvp_by_double_vjp
+from ntkfunc._core.forward_ad import ScalarOverloads, forward_ad_section, jvp_by_double_vjp
 from ntkfunc._core.memory import SAFETY, backward_transient, fmt_bytes, itemsize, per_sample_activation_bytes
 from ntkfunc._core.ops import load_forward_ad_decompositions
 from ntkfunc._core.problem import Problem
@@ -87,6 +92,8 @@ class Plan:
       rows: x1 samples per JVP call (for a full column block; see :func:`push_shape`).
       chunk: tangents per JVP call (``vmap(chunk_size=...)``; the same).
       pairs: (x1 sample, tangent) pairs one JVP call may push (:data:`WORKING_SET` over their activation tangents).
+      cotangents: x2 samples whose cotangents one ``vmap(jacrev)`` call forms (a multiple of ``b2``, what the
+        memory budget holds): the column blocks take theirs from it (:class:`_Cotangents`).
     """
 
     groups: list[list[int]]
@@ -95,6 +102,7 @@ class Plan:
     rows: int
     chunk: int
     pairs: int = 1
+    cotangents: int = 0
 
 
 def plan(problem: Problem, budget: int, per_param: bool = False) -> Plan:
@@ -129,15 +137,15 @@ def plan(problem: Problem, budget: int, per_param: bool = False) -> Plan:
     else:
         groups = jacobian.pack_groups(sizes, capacity, problem)
     largest = max(sum(sizes[k] for k in g) for g in groups)
-    b2 = max(1, int(capacity // (largest + transient)))
-    b2 = min(b2, problem.n2)
+    fits = min(max(1, int(capacity // (largest + transient))), problem.n2)  # x2 samples whose cotangents fit
+    b2 = fits
     if problem.symmetric:  # columns for the triangle: ceil(n / MAX_COLUMNS) samples, at least MIN_TANGENTS tangents
         b2 = min(b2, max(math.ceil(problem.n2 / MAX_COLUMNS), math.ceil(MIN_TANGENTS / max(o2, 1))))
     b1 = problem.n1 if not problem.symmetric else b2
     act = problem.remember("activation_bytes", lambda: per_sample_activation_bytes(problem)) + o1 * size
     pairs = max(1, WORKING_SET // max(act, 1))  # (x1 sample, tangent) pairs per push
     rows, chunk = push_shape(pairs, problem.n1, b2 * o2)
-    return Plan(groups, b1, b2, rows, chunk, pairs)
+    return Plan(groups, b1, b2, rows, chunk, pairs, fits // b2 * b2)
 
 
 def push_shape(pairs: int, n_rows: int, n_tangents: int) -> tuple[int, int]:
@@ -231,8 +239,9 @@ def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
     push: Callable[..., Any] = jvp
     for g, group in enumerate(p.groups):
         acc = accs[g if per_param else 0]
+        cotangents = _Cotangents(problem, group, p.cotangents or p.b2)
         for (j0, j1), column in columns.items():
-            tangent_pieces, shapes2 = _tangent_pieces(problem, group, j0, j1)
+            tangent_pieces, shapes2 = cotangents.pieces(j0, j1)
             i0, i1 = min(t.i0 for t in column), max(t.i1 for t in column)
             pieces: list[list[torch.Tensor]] = []  # per push, per output leaf: full blocks of its rows
             rows, chunk = push_shape(p.pairs, i1 - i0, max(piece[0].shape[0] for piece in tangent_pieces))
@@ -269,24 +278,44 @@ def balanced(total: int, most: int) -> int:
     return -(-total // max(parts, 1))
 
 
-def _tangent_pieces(problem: Problem, group: Sequence[int], j0: int, j1: int) -> tuple[list[list[torch.Tensor]], list[tuple[int, ...]]]:
-    """The tangents of x2 samples ``j0:j1``, in pieces that are pushed one after the other, and ``(b2, *out2)``
-    per output leaf.
+class _Cotangents:
+    """The x2 cotangents ``J(x2)ᵀ e`` of one parameter group, handed out per column block as tangents.
 
-    One piece (:func:`_tangents` of one batched ``vmap(jacrev)`` call), or one piece per sample where one
-    sample's cotangents exceed :data:`SAMPLE_BY_SAMPLE` (each piece its own call's tensors: nothing copied).
+    Formed by one batched ``vmap(jacrev)`` call per ``block`` x2 samples (several column blocks: each call
+    has a fixed cost, and the narrow columns of the triangle would pay it once each) and sliced per column,
+    or one call per sample where one sample's cotangents exceed :data:`SAMPLE_BY_SAMPLE`.
     """
-    leaves = problem.params.diff_leaves
-    o2 = sum(math.prod(s) for s in problem.sample_out_shapes(2))
-    one = o2 * sum(leaves[k].numel() for k in group) * itemsize(problem.out_dtype)
-    if not problem.vmapped or j1 - j0 == 1 or one < SAMPLE_BY_SAMPLE:
-        tangents, shapes2 = _tangents(problem, group, jacobian.jacobians(problem, group, 2, j0, j1))
+
+    def __init__(self, problem: Problem, group: Sequence[int], block: int) -> None:
+        self.problem, self.group, self.block = problem, group, max(block, 1)
+        self.held: tuple[int, int, list[list[torch.Tensor]]] | None = None  # (start, stop, jacobians) of one call
+        leaves = problem.params.diff_leaves
+        o2 = sum(math.prod(s) for s in problem.sample_out_shapes(2))
+        self.by_sample = problem.vmapped and o2 * sum(leaves[k].numel() for k in group) * itemsize(problem.out_dtype) >= SAMPLE_BY_SAMPLE
+
+    def pieces(self, j0: int, j1: int) -> tuple[list[list[torch.Tensor]], list[tuple[int, ...]]]:
+        """The tangents of x2 samples ``j0:j1``, in pieces that are pushed one after the other, and ``(b2, *out2)``
+        per output leaf: one piece (:func:`_tangents`), or one per sample (each its own call's tensors: nothing
+        copied)."""
+        problem, group = self.problem, self.group
+        if self.by_sample and j1 - j0 > 1:
+            pieces = []
+            for j in range(j0, j1):
+                tangents, shapes = _tangents(problem, group, jacobian.jacobians(problem, group, 2, j, j + 1))
+                pieces.append(tangents)
+            return pieces, [(j1 - j0, *s[1:]) for s in shapes]
+        if not problem.vmapped or self.by_sample or j1 - j0 >= self.block:
+            tangents, shapes2 = _tangents(problem, group, jacobian.jacobians(problem, group, 2, j0, j1))
+            return [tangents], shapes2
+        if self.held is None or not self.held[0] <= j0 < j1 <= self.held[1]:
+            self.held = None  # freed before the next call
+            start = j0 // self.block * self.block
+            stop = max(j1, min(start + self.block, problem.n2))
+            self.held = (start, stop, jacobian.jacobians(problem, group, 2, start, stop))
+        start, _, cot = self.held
+        part = [[c.narrow(0, j0 - start, j1 - j0) for c in per_leaf] for per_leaf in cot]
+        tangents, shapes2 = _tangents(problem, group, part)
         return [tangents], shapes2
-    pieces = []
-    for j in range(j0, j1):
-        tangents, shapes = _tangents(problem, group, jacobian.jacobians(problem, group, 2, j, j + 1))
-        pieces.append(tangents)
-    return pieces, [(j1 - j0, *s[1:]) for s in shapes]
 
 
 def _push_pieces(problem: Problem, group: Sequence[int], r0: int, r1: int, pieces: list[list[torch.Tensor]],
@@ -332,7 +361,7 @@ def _push(problem: Problem, group: Sequence[int], r0: int, r1: int, tangents: li
         def one(t: list[torch.Tensor]) -> list[torch.Tensor]:
             return [o.unsqueeze(0) for o in forward(lambda p: g(p, x1), (primals,), (t,))[1]]
 
-    with forward_ad_section():
+    with forward_ad_section(), ScalarOverloads():
         n = tangents[0].shape[0]
         return vmap(one, chunk_size=balanced(n, chunk) if chunk < n else None)(tangents)
 
