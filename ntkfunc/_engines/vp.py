@@ -13,7 +13,9 @@ reused across many positions when N is small. Cost ``N1 N2 O [FP]``.
 
 With ``x2=None`` the kernel is symmetric: x2 is split into column blocks and each block's
 tangents are pushed through the x1 rows up to that block only (the tiles below the
-diagonal are mirrored), which saves up to half of the JVPs.
+diagonal are mirrored), which saves up to half of the JVPs. On CPU the blocks' width is
+priced (:func:`column_width`): narrow blocks push fewer pairs in more JVP calls, each with a
+fixed cost (:data:`PUSH_CALL_FLOPS`) set against the FLOPs of one pair (:func:`pair_flops`).
 
 Memory, planned by :func:`plan` with the terms of :mod:`ntkfunc._core.memory`: a column
 block's cotangents (``b2 x O x P``, split into parameter groups with one JVP pass each if
@@ -69,10 +71,20 @@ WORKING_SET = 64 * 2**20
 """Bytes of activation tangents one push may keep alive: (x1 samples x tangents) per JVP call."""
 
 MIN_TANGENTS = 64
-"""With ``x2=None``, column blocks hold at least this many tangents (samples x outputs) ..."""
+"""A push's rows are chosen for at least this many tangents each (:func:`push_shape`); off CPU, with
+``x2=None``, column blocks also hold at least this many tangents (samples x outputs) ..."""
 
 MAX_COLUMNS = 8
 """... and there are at most this many of them (more columns save little: (k + 1) / 2k of the JVPs)."""
+
+PUSH_CALL_FLOPS = 1e8
+"""On CPU, the fixed cost of one JVP call (the primal forward's dispatch, every op through two ``vmap``
+levels and forward mode) in FLOPs of push arithmetic: about 2 ms against 25-80 µs per (x1 sample, tangent)
+pair of 1.2-5 MFLOP on the attention and residual-block setups of ``bench_vs_nt.py`` (one thread).
+:func:`column_width` prices the triangle's column blocks with it."""
+
+CANDIDATE_COLUMNS = 64
+""":func:`column_width` considers splits of ``x2=None`` into at most this many column blocks."""
 
 SAMPLE_BY_SAMPLE = 64 * 2**20
 """Bytes of one x2 sample's cotangents (outputs x parameters) from which they are formed one sample per
@@ -139,13 +151,61 @@ def plan(problem: Problem, budget: int, per_param: bool = False) -> Plan:
     largest = max(sum(sizes[k] for k in g) for g in groups)
     fits = min(max(1, int(capacity // (largest + transient))), problem.n2)  # x2 samples whose cotangents fit
     b2 = fits
-    if problem.symmetric:  # columns for the triangle: ceil(n / MAX_COLUMNS) samples, at least MIN_TANGENTS tangents
-        b2 = min(b2, max(math.ceil(problem.n2 / MAX_COLUMNS), math.ceil(MIN_TANGENTS / max(o2, 1))))
-    b1 = problem.n1 if not problem.symmetric else b2
     act = problem.remember("activation_bytes", lambda: per_sample_activation_bytes(problem)) + o1 * size
     pairs = max(1, WORKING_SET // max(act, 1))  # (x1 sample, tangent) pairs per push
+    if problem.symmetric:  # columns for the triangle
+        flops = pair_flops(problem) if problem.device.type == "cpu" else None
+        if flops is None:  # ceil(n / MAX_COLUMNS) samples, at least MIN_TANGENTS tangents
+            b2 = min(b2, max(math.ceil(problem.n2 / MAX_COLUMNS), math.ceil(MIN_TANGENTS / max(o2, 1))))
+        else:
+            b2 = column_width(problem.n2, o2, pairs, flops, b2)
+    b1 = problem.n1 if not problem.symmetric else b2
     rows, chunk = push_shape(pairs, problem.n1, b2 * o2)
     return Plan(groups, b1, b2, rows, chunk, pairs, fits // b2 * b2)
+
+
+def column_width(n: int, outputs: int, pairs: int, flops: float, most: int) -> int:
+    """Samples per column block of the ``x2=None`` triangle (at most ``most``): the width whose pushes cost
+    least, priced as JVP calls x :data:`PUSH_CALL_FLOPS` + (x1 sample, tangent) pairs x ``flops``.
+
+    Narrow columns push fewer pairs (the triangle's ``n (n + 1) / 2`` samples' rows, not ``n²``) in more calls.
+    Each column block's calls are those :func:`push_shape` plans for it (``pairs`` per call at most).
+
+    >>> column_width(16, 10, 777, 1.2e6, 16), column_width(16, 10, 681, 5e6, 16), column_width(64, 10, 10**4, 0.0, 8)
+    (4, 2, 8)
+    """
+    best: tuple[float, int] | None = None
+    for width in sorted({max(1, math.ceil(n / k)) for k in range(1, CANDIDATE_COLUMNS + 1)} & set(range(1, most + 1))):
+        cost = 0.0
+        for j0 in range(0, n, width):
+            j1 = min(j0 + width, n)
+            tangents = (j1 - j0) * outputs
+            rows, chunk = push_shape(pairs, j1, tangents)
+            calls = math.ceil(j1 / rows) * math.ceil(tangents / balanced(tangents, chunk))
+            cost += calls * PUSH_CALL_FLOPS + j1 * tangents * flops
+        if best is None or cost < best[0]:
+            best = (cost, width)
+    return best[1] if best is not None else 1
+
+
+def pair_flops(problem: Problem) -> float | None:
+    """FLOPs (matrix products, convolutions) of pushing one tangent through one x1 sample: one sample's JVP
+    with respect to every differentiated parameter less its forward pass; cached per input signature.
+    None where torch's counter cannot run ``f`` so."""
+
+    def count() -> float | None:
+        leaves = problem.params.diff_leaves
+        x = [a if ax is None else a.narrow(ax, 0, 1).squeeze(ax) for a, ax in zip(problem.x_block(1, 0, 1), problem.x_axes or [])]
+        g = problem.sample_fn()
+        load_forward_ad_decompositions()
+        try:
+            with forward_ad_section(), ScalarOverloads():
+                both = _flops(lambda: jvp(lambda p: g(p, x), (leaves,), (leaves,)))
+            return float(max(both - _flops(lambda: g(leaves, x)), 0))
+        except Exception:  # an op without forward mode, or one the counter cannot run
+            return None
+
+    return problem.remember("pair_flops", count)
 
 
 def push_shape(pairs: int, n_rows: int, n_tangents: int) -> tuple[int, int]:
