@@ -31,6 +31,14 @@ count implies. ``--baseline DIR`` runs the same measurement with the ``ntkfunc``
 over the samples (implementation 1's rows; ``vmap(grad)`` for one output) and of the rows
 ``kernel_matrix`` forms (``StructuredRows(routes="rows")``), one fresh process per package,
 packages alternating ``--rounds`` times (medians over rounds), with checksums that must agree.
+
+``rows --jacobian-fn``: instead, ``ntkfunc.jacobian_fn`` of the per-sample cross-entropy (its default call,
+as ``bench_peers.py``'s per-sample gradient rows: same models, inputs and sizes) against ``vmap(grad)`` in the
+same process, ONE thread, process CPU time: the first call, the second (the first repeated call: it should
+already take the faster measured way) and the medians of ``--reps`` interleaved calls after those two, with
+the ratio ``vmap(grad) / jacobian_fn`` (> 1: ntkfunc faster), one fresh process per package, alternating.
+
+    python benchmarks/bench_scale.py rows --jacobian-fn --models cnn mlp --baseline /tmp/base --rounds 3
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -276,10 +285,57 @@ def rows_measure() -> dict:
     return out
 
 
+def grads_measure(name: str, reps: int) -> dict:
+    """``rows --jacobian-fn`` in this process: CPU seconds of ``jacobian_fn(loss)`` and ``vmap(grad)`` on one model."""
+    import importlib.util
+
+    import torch
+
+    torch.set_num_threads(1)
+    import ntkfunc  # first: the package on PYTHONPATH, whatever bench_peers puts on sys.path
+
+    spec = importlib.util.spec_from_file_location("_bench_peers", ROOT / "benchmarks" / "bench_peers.py")
+    assert spec is not None and spec.loader is not None
+    bp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bp)
+    model, x, y = bp.build(name, bp.config(False)[name]["grads"])
+    params = bp.named_params(model)
+    jac = ntkfunc.jacobian_fn(bp.per_sample_loss(model))
+
+    def cpu(fn) -> tuple[float, object]:  # type: ignore[no-untyped-def]
+        t0 = time.process_time()
+        out = fn()
+        return time.process_time() - t0, out
+
+    first, got = cpu(lambda: jac((x, y), params))
+    ref = bp.vmap_grad(model, x, y)
+    err = max(float((got[k] - ref[k]).abs().max() / ref[k].abs().max()) for k in ref)
+    second = cpu(lambda: jac((x, y), params))[0]
+    ours, theirs = [], []
+    for _ in range(reps):
+        ours.append(cpu(lambda: jac((x, y), params))[0])
+        theirs.append(cpu(lambda: bp.vmap_grad(model, x, y))[0])
+    ntk, vmap = statistics.median(ours), statistics.median(theirs)
+    return {"model": name, "n": x.shape[0], "first": first, "second": second, "jacobian_fn": ntk, "vmap_grad": vmap,
+            "ratio": vmap / ntk, "err": err}
+
+
+def grads_table(runs: dict[str, list[dict]]) -> str:
+    """Per model and package: medians over rounds (and each round's ratio)."""
+    lines = ["| model | N | package | first call (s) | second call (ms) | jacobian_fn (ms) | vmap(grad) (ms) | "
+             "vmap(grad) / jacobian_fn | per round |", "|---|---|---|---|---|---|---|---|---|"]
+    for model in sorted({r["model"] for rs in runs.values() for r in rs}):
+        for package, rs in runs.items():
+            mine = [r for r in rs if r["model"] == model]
+            med = {k: statistics.median(r[k] for r in mine) for k in ("first", "second", "jacobian_fn", "vmap_grad", "ratio")}
+            lines.append(f"| {model} | {mine[0]['n']} | {package} | {med['first']:.2f} | {1000 * med['second']:.1f} | "
+                         f"{1000 * med['jacobian_fn']:.1f} | {1000 * med['vmap_grad']:.1f} | {med['ratio']:.2f} | "
+                         + ", ".join(f"{r['ratio']:.2f}" for r in mine) + " |")
+    return "\n".join(lines)
+
+
 def rows_table(runs: dict[str, list[dict]]) -> str:
     """Medians over rounds, per package and model."""
-    import statistics
-
     lines = ["| model | package | fwd+bwd (ms/sample) | vmap(jacrev) (ms/sample) | rows (ms/sample) | rows / fwd+bwd | rows / vmap | checksums (vmap, rows) |",
              "|---|---|---|---|---|---|---|---|"]
     for model in runs[next(iter(runs))][0]:
@@ -295,9 +351,23 @@ def rows_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description="per-sample rows against a batched forward+backward and vmap(jacrev)")
     ap.add_argument("--baseline", type=Path, help="a directory holding an earlier ntkfunc package: before figures")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--jacobian-fn", action="store_true", help="jacobian_fn(loss) against vmap(grad) (module docstring)")
+    ap.add_argument("--models", nargs="+", default=["cnn", "mlp", "resnet18"], help="with --jacobian-fn")
+    ap.add_argument("--reps", type=int, default=11, help="with --jacobian-fn: interleaved timed calls per process")
     args = ap.parse_args(argv)
     packages = [("this", ROOT)] + ([("baseline", args.baseline)] if args.baseline else [])
     runs: dict[str, list[dict]] = {name: [] for name, _ in packages}
+    if args.jacobian_fn:
+        for _ in range(args.rounds):
+            for model in args.models:
+                for name, root in packages:
+                    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+                    res = subprocess.run([sys.executable, "-W", "ignore", __file__, "_grads", model, str(args.reps)],
+                                         capture_output=True, text=True, env=env, cwd=str(root), check=True)
+                    runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))
+                    print(name, json.dumps(runs[name][-1]), flush=True)
+        print(grads_table(runs))
+        return
     for _ in range(args.rounds):
         for name, root in packages:
             env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
@@ -350,6 +420,9 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "rows":
         rows_main(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_grads":
+        print(json.dumps(grads_measure(sys.argv[2], int(sys.argv[3]))))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_rows":
         print(json.dumps(rows_measure()))

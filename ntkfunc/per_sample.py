@@ -15,6 +15,7 @@ import torch
 
 from ntkfunc._core.cache import KernelCache
 from ntkfunc._core.checks import check_bool, explained_f_errors, refuse_batch_coupled, split_vmap_axes
+from ntkfunc._core.heap import settle_heap
 from ntkfunc._core.memory import SAFETY, parse_budget
 from ntkfunc._core.ops import kernel_context
 from ntkfunc._core.problem import Params, make_problem
@@ -64,6 +65,8 @@ def jacobian_fn(f: ApplyFn, vmap_axes: VMapAxes = 0, *, implementation: None | i
       flat: one ``(N, *out, P)`` tensor instead of a pytree like ``params``.
       memory_budget: bytes (or ``"2GB"``) the gradient passes may hold on top of the result (which
         itself is ``N O P`` numbers): samples are processed in chunks that fit; default as ``ntk_fn``.
+        The rules' work buffers (im2col patches, within that budget) are kept by ``jac`` for its next
+        call with the same input shapes, and so are the ways it measured faster on its first call.
 
     Differentiable: when ``x`` or a parameter requires grad (or an outer ``torch.func`` transform
     wraps them, e.g. ``vmap`` over an ensemble of ``params``), the Jacobians come from ``vmap(jacrev)``
@@ -101,12 +104,13 @@ def jacobian_fn(f: ApplyFn, vmap_axes: VMapAxes = 0, *, implementation: None | i
 
     def jac(x: PyTree, params: PyTree) -> PyTree:
         refuse_param_vmap(engine, params, api)
+        settle_heap()  # as a kernel call: the result and work buffers of the last call reused, not faulted in again
         with kernel_context(x, params), explained_f_errors(api, params, {"x": x}, vmap_axes):
             p0 = make_problem(f, x, None, params, vmap_axes, (), (), cache, api=api)
             budget = parse_budget(memory_budget, p0.device) * SAFETY
-            rows = per_sample.jacobians(p0, x, params, vmap_axes, budget, captures=engine.captures, auto=auto,
+            jacs = per_sample.jacobians(p0, x, params, vmap_axes, budget, captures=engine.captures, auto=auto, flat=flat,
                                         cache=cache, cat_cache=cat_cache)
-        leaves = rows if flat else [like_params(r, p0.params) for r in rows]
+        leaves = [j.flat() for j in jacs] if flat else [like_params(j.pieces, p0.params) for j in jacs]
         return tree_unflatten(leaves, p0.out_spec)
 
     name = engine.name if auto else int(engine.implementation)
@@ -115,12 +119,10 @@ def jacobian_fn(f: ApplyFn, vmap_axes: VMapAxes = 0, *, implementation: None | i
     return jac
 
 
-def like_params(rows: torch.Tensor, params: Params) -> PyTree:
-    """Rows ``(..., P)`` as a pytree like ``params``: each floating leaf ``(..., *θ.shape)`` (a view), others None."""
-    lead = rows.shape[:-1]
+def like_params(pieces: list[torch.Tensor], params: Params) -> PyTree:
+    """Per-parameter pieces ``(..., numel)`` (one per floating leaf, in order) as a pytree like ``params``: each
+    floating leaf ``(..., *θ.shape)`` (a view), others None."""
     leaves: list = [None] * len(params.leaves)
-    start = 0
-    for pos, theta in zip(params.diff_index, params.diff_leaves):
-        leaves[pos] = rows[..., start:start + theta.numel()].reshape(*lead, *theta.shape)
-        start += theta.numel()
+    for pos, theta, piece in zip(params.diff_index, params.diff_leaves, pieces, strict=True):
+        leaves[pos] = piece.reshape(*piece.shape[:-1], *theta.shape)
     return tree_unflatten(leaves, params.spec)

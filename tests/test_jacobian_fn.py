@@ -241,6 +241,7 @@ def test_a_kernel_function_measures_its_ways_once_per_shape(monkeypatch):
                                 torch.nn.Linear(6 * 4 * 4, 3)).double()
     f, params = ntkfunc.from_module(model)
     x = torch.randn(9, 2, 6, 6, dtype=torch.float64)
+    monkeypatch.setattr("ntkfunc._engines.rows.structured.EXPLORE_FLOPS", 0.0)  # the rules only, not vmap(jacrev)
     jac = ntkfunc.jacobian_fn(f, implementation=3)
     first = jac(x, params)
     probed = len(calls)
@@ -251,3 +252,79 @@ def test_a_kernel_function_measures_its_ways_once_per_shape(monkeypatch):
     ref = torch.func.vmap(torch.func.jacrev(lambda p, xi: f(p, xi[None])[0]), in_dims=(None, 0))(params, x)
     for k in params:
         assert max_rel_err(first[k], ref[k]) < 1e-12 and max_rel_err(again[k], ref[k]) < 1e-12
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["like_params", "flat"])
+@pytest.mark.parametrize("faster", ["rules", "vmap(jacrev)"])
+def test_the_second_call_takes_the_way_its_first_call_measured_faster(monkeypatch, faster, flat):
+    """The first call forms its one chunk by the rules (warm-up), then times the rules and vmap(jacrev) on it; the
+    second call takes the faster (here made so by the measured table) and is exact either way, outputs cut into
+    f's leaves (two outputs: the rows of their concatenation) and parameters, flat or like params."""
+    from ntkfunc._engines.rows import jacobian as jac_mod
+    from ntkfunc._engines.rows import structured as rows_mod
+    from ntkfunc._engines.structured import kernel
+
+    original = rows_mod.StructuredRows._form
+
+    def form(self, way, xc, out, parts):
+        original(self, way, xc, out, parts)
+        table = self.buffers.seconds[("rows", out.shape[0])]
+        if way in (rows_mod.RULES, rows_mod.VMAP):  # the measurement made to say `faster`
+            table[way] = 1.0 if way == faster else 2.0
+
+    monkeypatch.setattr(rows_mod.StructuredRows, "_form", form)
+    passes = []
+    for mod, name in ((kernel, "side"), (jac_mod.JacobianRows, "pieces")):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _n=name, **k: (passes.append(_n), _fn(*a, **k))[1])
+    torch.manual_seed(0)
+    # vmap(jacrev) is tried where it holds no more per sample than the rules' work buffers (im2col patches)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 2)).double()
+    g, params = ntkfunc.from_module(model)
+
+    def f(p, x):
+        y = g(p, x)
+        return {"logits": y, "loss": (y ** 2).sum(1)}
+
+    x = torch.randn(6, 4, 8, 8, dtype=torch.float64)
+    jac = ntkfunc.jacobian_fn(f, implementation=3, flat=flat)
+    first = jac(x, params)
+    assert passes == ["side"] + ["side", "pieces"] * rows_mod.EXPLORE_ROUNDS  # warm-up, then both timed, alternating
+    passes.clear()
+    again = jac(x, params)
+    assert passes == (["side"] if faster == "rules" else ["pieces"])
+    ref = _reference(f, params, x, 0)
+    for got in (first, again):
+        leaves = [got["logits"], got["loss"]] if flat else _as_flat(got, params, 1)
+        assert [tuple(t.shape) for t in leaves] == [tuple(r.shape) for r in ref]
+        assert max_rel_err(leaves, ref) <= 1e-12
+    if not flat:
+        assert again["logits"]["4.weight"].shape == (6, 2, 2, 8) and again["loss"]["0.bias"].shape == (6, 8)
+
+
+def test_the_rules_work_buffers_are_lent_to_the_next_call_with_the_same_shapes(monkeypatch):
+    """The second call with the same shapes writes through the first call's work buffers (taken out of the function's
+    cache while it runs, so that two calls at once never share them); other shapes get their own; results exact."""
+    from ntkfunc._engines.rows import per_sample
+
+    made = []
+    original = per_sample.source
+    monkeypatch.setattr(per_sample, "source", lambda *a: (made.append(original(*a)), made[-1])[1])
+    monkeypatch.setattr("ntkfunc._engines.rows.structured.EXPLORE_FLOPS", 0.0)  # the rules on every call
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3)).double()
+    f, params = ntkfunc.from_module(model)
+    jac = ntkfunc.jacobian_fn(f, implementation=3, flat=True)
+    x, other = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    results = [jac(x, params), jac(other, params), jac(x, params)]
+    assert made[2].buffers is made[0].buffers and made[1].buffers is not made[0].buffers
+    assert made[0].buffers.seconds  # the measured ways travel with them
+    key = per_sample._buffers_key(made[0].problem)
+    cache = made[0].problem.cache
+    lent = per_sample.borrow_buffers(made[0].problem)  # a call in progress holds them: the next one gets fresh ones
+    assert lent is made[0].buffers and key not in cache.derived
+    assert per_sample.borrow_buffers(made[0].problem) is not lent
+    for got, xs in zip(results, (x, other, x)):
+        assert max_rel_err(got, _reference(f, params, xs, 0)[0]) <= 1e-12

@@ -180,8 +180,8 @@ def test_choose_way_times_each_way_once_per_key_then_runs_the_fastest():
 
 
 def test_rows_take_vmap_jacrev_where_it_was_measured_faster():
-    """Chunk 1 by the rules (warm-up), chunk 2 by the rules (timed), chunk 3 by vmap(jacrev) (timed, a small model),
-    then the faster; every chunk's rows exact. With Gram-route parameters (factors kept) vmap(jacrev) is never tried."""
+    """Chunk 1 by the rules (warm-up), then again by the rules and by vmap(jacrev) (both timed, a small model),
+    then every chunk by the faster; every chunk's rows exact. With Gram-route parameters (factors kept) vmap(jacrev) is never tried."""
     from ntkfunc._engines.rows import structured as rows_mod
 
     case = next(c for c in ROW_CASES if c.name == "cnn")

@@ -10,7 +10,10 @@ row order of :mod:`.source`; ``(*out_leaf, P)`` with ``vmap_axes=None``):
   implementations 3 and ``"auto"``, except that ``"auto"`` takes :class:`~.jacobian.JacobianRows`
   (``vmap(jacrev)``, implementation 1) where implementation 1's whole work costs less than the
   capture's probe (:func:`~ntkfunc._engines.structured.routes.unprobed`: small models on few samples);
-  implementation 1: :class:`~.jacobian.JacobianRows`;
+  implementation 1: :class:`~.jacobian.JacobianRows`. Where ``vmap(jacrev)`` is the way taken on a
+  batch of one chunk and the caller wants a pytree (not ``flat``), its per-parameter results are the
+  result (no copy into the buffer); the rules' work buffers are lent to the next call with the same
+  shapes (:func:`borrow_buffers`);
 - **differentiable** (an input or parameter requires grad, or an outer ``torch.func`` transform
   wraps one, ``vmap`` over an ensemble of parameters included): ``vmap(jacrev)`` per chunk and
   ``torch.cat``, which autograd and ``torch.func`` differentiate (the row buffers are written in
@@ -20,18 +23,20 @@ row order of :mod:`.source`; ``(*out_leaf, P)`` with ``vmap_axes=None``):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch.func import jacrev
 
+from ntkfunc._core.buffers import Buffers
 from ntkfunc._core.cache import KernelCache
 from ntkfunc._core.ops import needs_higher_order
 from ntkfunc._core.problem import Problem
 from ntkfunc._core.types import PyTree, VMapAxes
 from ntkfunc._engines.rows import outputs
 from ntkfunc._engines.rows.jacobian import JacobianRows
-from ntkfunc._engines.rows.source import RowSource, block_size, chunk_size, chunks
+from ntkfunc._engines.rows.source import Slots, block_size, chunk_size, chunks
 from ntkfunc._engines.rows.structured import StructuredRows
 from ntkfunc._engines.structured import kernel as structured
 from ntkfunc._engines.structured import routes
@@ -39,7 +44,7 @@ from ntkfunc._engines.structured import routes
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def source(rp: Problem, captures: bool, auto: bool) -> RowSource:
+def source(rp: Problem, captures: bool, auto: bool) -> JacobianRows | StructuredRows:
     """The row source of every parameter for ``rp`` (see the module docstring); auto's choice is made once per
     input signature and number of samples, and so are the rules' measured ways (``Buffers.seconds``): a kernel
     function called again with the same shapes takes the faster ways from its first calls."""
@@ -48,31 +53,88 @@ def source(rp: Problem, captures: bool, auto: bool) -> RowSource:
     if auto and rp.remember("rows_unprobed", lambda: routes.unprobed(None, structured.implementation1_price(rp)) is not None, rp.n1):
         return JacobianRows(rp)
     src = StructuredRows(rp, routes="rows")
+    src.buffers = borrow_buffers(rp)
     # the ways measured faster (per layer shape, per chunk size) carry over to the next call with these shapes
     src.buffers.seconds = rp.remember("rows_seconds", dict, rp.n1)
     return src
 
 
+def _buffers_key(rp: Problem) -> tuple:
+    return ("rows_buffers", rp.signature, rp.n1)
+
+
+def borrow_buffers(rp: Problem) -> Buffers:
+    """The rules' work buffers (im2col patches, products) left by the last call with ``rp``'s input signature, taken
+    out of the kernel function's cache for this call (a call running at the same time gets fresh ones), or new ones.
+
+    Kept from call to call (:func:`return_buffers`) because allocating them again costs page faults and copies
+    into cold memory (about 5 % of a small CNN's call, RESULTS.md section 14); their size is the rules' work
+    memory, which the budget's transient share bounds.
+    """
+    if rp.cache is None or rp.signature is None:
+        return Buffers()
+    return rp.cache.derived.pop(_buffers_key(rp), None) or Buffers()
+
+
+def return_buffers(rp: Problem, src: JacobianRows | StructuredRows) -> None:
+    """Hand the work buffers of ``src`` back to the kernel function's cache for the next call with these shapes."""
+    if isinstance(src, StructuredRows) and rp.cache is not None and rp.signature is not None:
+        rp.cache.derived[_buffers_key(rp)] = src.buffers
+
+
+@dataclasses.dataclass(frozen=True)
+class Jacobians:
+    """One output leaf's per-sample Jacobians: per differentiated parameter ``(N, *out_leaf, numel)`` (``pieces``),
+    and the same numbers as one ``(N, *out_leaf, P)`` tensor where they were formed so (``rows``; the pieces are
+    its views)."""
+
+    pieces: list[torch.Tensor]
+    rows: torch.Tensor | None = None
+
+    def flat(self) -> torch.Tensor:
+        """``(N, *out_leaf, P)``: the parameters side by side (a copy only where they were formed apart)."""
+        return self.rows if self.rows is not None else torch.cat(self.pieces, -1)
+
+
 def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, budget: float, *, captures: bool, auto: bool,
-              cache: KernelCache | None = None, cat_cache: KernelCache | None = None) -> list[torch.Tensor]:
-    """Per output leaf of ``p0`` (the checked problem of ``f`` on ``x``): its per-sample Jacobians, ``(N, *out_leaf, P)``.
+              flat: bool = True, cache: KernelCache | None = None, cat_cache: KernelCache | None = None) -> list[Jacobians]:
+    """Per output leaf of ``p0`` (the checked problem of ``f`` on ``x``, nothing traced): its per-sample Jacobians.
 
     ``budget``: bytes the gradient passes may hold on top of the result; ``captures``/``auto``: the
-    engine's (see :func:`source`); ``cache``/``cat_cache``: the caller's caches of ``f`` and of its
-    concatenated outputs (:func:`~.outputs.rows_problem`).
+    engine's (see :func:`source`); ``flat``: the caller wants one tensor (a row buffer is filled
+    directly); otherwise, where ``vmap(jacrev)`` is the way taken on the whole batch, its per-parameter
+    results are kept as they are (no copy into a row buffer); ``cache``/``cat_cache``: the caller's
+    caches of ``f`` and of its concatenated outputs (:func:`~.outputs.rows_problem`).
     """
-    rp = outputs.rows_problem(p0, x, params, vmap_axes, cache, cat_cache)
+    full = not any(lay.trace or lay.diagonal for lay in p0.layouts) and p0.x2_leaves is None
+    rp = p0 if full and outputs.direct(p0) else outputs.rows_problem(p0, x, params, vmap_axes, cache, cat_cache)
     wrapped = any(_is_wrapped(t) for t in torch.utils._pytree.tree_leaves((x, params)) if isinstance(t, torch.Tensor))
     if not rp.vmapped:
-        rows = whole_batch(rp)
-    elif wrapped or needs_higher_order(x, params):  # the row buffers are written in place: neither transforms nor autograd see through them
-        rows = differentiable(rp, budget)
-    else:
-        src = source(rp, captures, auto)
-        rows = torch.empty((rp.n1, *src.out_shape, src.slots.width), dtype=rp.out_dtype, device=rp.device)
-        sample = rp.remember("rows_sample_bytes", src.sample_bytes, type(src).__name__)  # per sample: shapes alone
-        src.compute(rp.x1_leaves, rows, chunk_size(budget, sample, cap=rp.n1))
-    return outputs.split(rows, p0, rp)
+        return _cut(whole_batch(rp), p0, rp)
+    if wrapped or needs_higher_order(x, params):  # the row buffers are written in place: neither transforms nor autograd see through them
+        return _cut(differentiable(rp, budget), p0, rp)
+    src = source(rp, captures, auto)
+    sample = rp.remember("rows_sample_bytes", src.sample_bytes, type(src).__name__)  # per sample: shapes alone
+    chunk = chunk_size(budget, sample, cap=rp.n1)
+    pieces = None
+    if not flat and chunk >= rp.n1:  # one pass: vmap(jacrev)'s own results, where it is the way taken
+        if isinstance(src, StructuredRows):
+            src.rows_wanted = False  # both ways compared at what they cost here
+        pieces = src.pieces(rp.x1_leaves) if isinstance(src, JacobianRows) else src.vmap_pieces(rp.x1_leaves, rp.n1)
+    if pieces is not None:
+        return_buffers(rp, src)
+        per_leaf = [outputs.split(piece, p0, rp) for piece in pieces]
+        return [Jacobians([leaf[j] for leaf in per_leaf]) for j in range(len(per_leaf[0]))] if per_leaf else []
+    rows = torch.empty((rp.n1, *src.out_shape, src.slots.width), dtype=rp.out_dtype, device=rp.device)
+    src.compute(rp.x1_leaves, rows, chunk)
+    return_buffers(rp, src)
+    return _cut(rows, p0, rp, src.slots)
+
+
+def _cut(rows: torch.Tensor, p0: Problem, rp: Problem, slots: Slots | None = None) -> list[Jacobians]:
+    """Rows ``(N, *out, P)`` of ``rp`` as :class:`Jacobians` of ``p0``'s output leaves (views)."""
+    slots = slots or Slots.of(rp, range(len(rp.params.diff_leaves)))
+    return [Jacobians([r[..., slots.slot(k)] for k in slots.leaves], r) for r in outputs.split(rows, p0, rp)]
 
 
 def differentiable(rp: Problem, budget: float) -> torch.Tensor:
@@ -83,7 +145,7 @@ def differentiable(rp: Problem, budget: float) -> torch.Tensor:
     leaves = rp.params.diff_leaves
     parts = []
     for s, e, xc in chunks(rp.x1_leaves, axes, n, chunk_size(budget, src.sample_bytes(), cap=n)):
-        jac = src.fn(leaves, xc)[0]
+        jac = src.fn(leaves, xc)
         parts.append(torch.cat([j.reshape(e - s, *src.out_shape, -1) for j in jac], -1))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 

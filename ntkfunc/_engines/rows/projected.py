@@ -230,7 +230,7 @@ class ProjectedRows:
             assert isinstance(blk, countsketch.CountSketchBlock)
             per_sample = self.outputs * fac.rows * fac.positions + fac.positions * blk.stride
 
-            def patches(a: int, z: int) -> None:
+            def by_patches(a: int, z: int) -> None:
                 for a2, z2 in self._spans(z - a, per_sample, CACHE_BYTES):
                     a2, z2 = a2 + a, z2 + a
                     pf = ev.rule.padded_factors(role, operands(a2, z2), cot[a2:z2], ev.meta, ev.y_shape)
@@ -240,7 +240,7 @@ class ProjectedRows:
             def gradient(a: int, z: int) -> None:
                 self._formed(pb, leaf, blk, sd, a, z, g, target)
 
-            ways: dict[str, Callable[[int, int], None]] = {"patches": patches, "gradient": gradient}
+            ways: dict[str, Callable[[int, int], None]] = {"patches": by_patches, "gradient": gradient}
             shapes = tuple(None if t is None else tuple(t.shape[1:]) for t in sd.operands[e])
             key = ("countsketch-conv2d", leaf, shapes, tuple(cot.shape[1:]), str(target.device))
             probe = min(g, PROBE) if key not in self.buffers.seconds else 0

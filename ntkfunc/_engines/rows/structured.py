@@ -59,9 +59,16 @@ from ntkfunc.rules import Structure
 WARM, RULES, VMAP = "warm-up", "rules", "vmap(jacrev)"
 """The ways :meth:`StructuredRows.compute` forms a chunk (the rules' first chunk is their warm-up)."""
 
-EXPLORE_SECONDS = 0.25
-"""The rules' chunk time under which ``vmap(jacrev)`` is timed once on a chunk too (small models: the cost of
-trying is bounded; on large models the rules are several times faster, as measured in RESULTS.md)."""
+EXPLORE_FLOPS = 1e10
+"""Estimated FLOPs of a chunk's rows (:attr:`Flops.row` times its samples: a forward and a backward per output
+entry) up to which ``vmap(jacrev)`` is timed against the rules on the first chunk (small models: trying costs
+two more passes over a chunk of at most about a tenth of a second of one CPU core; on large models the rules are
+several times faster, as measured in RESULTS.md). An estimate, not the first chunk's time: that one includes
+the libraries' one-off start-up (the first convolution backward of a process alone takes about a second)."""
+
+EXPLORE_ROUNDS = 2
+"""Timed runs of each way on the first chunk where both are tried (alternating; the least time counts: other jobs
+on the same cores only ever add time)."""
 
 
 class StructuredRows:
@@ -80,7 +87,7 @@ class StructuredRows:
         self.out_shape = out_shape(problem)
         self.layout = problem.layouts[0]
         self._one: structured.Side | None = None
-        self.cap = capture_mod.discover(problem)
+        self.cap = structured.captured(problem)  # found once per input signature where the problem has a cache
         self.cap = capture_mod.restrict(self.cap, self._unordered_views())
         self._one = None  # read again with the restricted capture
         self.gram_flops = 0.0  # per sample pair, of the Gram-route parameters
@@ -92,6 +99,9 @@ class StructuredRows:
         self.limit = structured.memory_limit(problem, budget)
         self.buffers = Buffers()  # the rules' work buffers (im2col patches, products), reused from chunk to chunk
         self._vmap: JacobianRows | None = None  # implementation 1's rows, where measured faster (:meth:`_way`)
+        self.rows_wanted = True
+        """Whether the caller needs the rows in one buffer; False where ``vmap(jacrev)``'s per-parameter results serve
+        (``jacobian_fn``'s pytree on one chunk: :meth:`vmap_pieces`), so that its timing leaves out the copy."""
         self._flops: Flops | None = None
 
     def _gram_params(self, n1: int, n2: int, every: bool = False) -> dict[int, tuple[int, str]]:
@@ -167,46 +177,85 @@ class StructuredRows:
 
     def compute(self, x: list[Any], out: torch.Tensor, chunk: int) -> Factors | None:
         axes = self.problem.x_axes or []
-        parts = []
-        for s, e, xc in chunks(x, axes, block_size(x, axes), chunk):
+        parts: list[Factors] = []
+        b = block_size(x, axes)
+        for s, e, xc in chunks(x, axes, b, chunk):
             way = self._way(e - s)
-            t0 = clock(out.device)
-            if way == VMAP:
-                self._jacobian_rows().compute(xc, out[s:e], e - s)
-            else:
-                pb = dataclasses.replace(self.problem, x1_leaves=xc, x2_leaves=None, n1=e - s, n2=e - s)
-                with transform_friendly_attention():
-                    sd = structured.side(pb, self.cap, 1, 0, e - s)
-                self._write(pb, sd, out[s:e])
-                if self.gram_params:
-                    parts.append(self._factors(pb, sd))
-                del sd
-            self.buffers.seconds[("rows", e - s)].setdefault(way, (clock(out.device) - t0) / (e - s))
+            self._form(way, xc, out[s:e], parts)
+            if way == WARM and e == b and self._explore(e - s):
+                for again in (RULES, VMAP) * EXPLORE_ROUNDS:  # timed on this last chunk now: the next call takes the faster
+                    self._form(again, xc, out[s:e], None)
         return Factors.cat(parts) if parts else None
+
+    def _form(self, way: str, xc: list[Any], out: torch.Tensor, parts: list[Factors] | None) -> None:
+        """Chunk ``xc``'s rows into ``out`` by ``way``, its seconds per sample kept in the table (the least of the
+        times measured); the Gram-route factors appended to ``parts`` (unless None)."""
+        g = out.shape[0]
+        t0 = clock(out.device)
+        if way == VMAP:
+            pieces = self._jacobian_rows().pieces(xc)
+            t1 = clock(out.device)
+            torch.cat(pieces, dim=-1, out=out)
+            if not self.rows_wanted:  # the caller keeps vmap's own results (:meth:`vmap_pieces`): the copy is not its cost
+                t0 += clock(out.device) - t1
+        else:
+            pb = dataclasses.replace(self.problem, x1_leaves=xc, x2_leaves=None, n1=g, n2=g)
+            with transform_friendly_attention():
+                sd = structured.side(pb, self.cap, 1, 0, g)
+            self._write(pb, sd, out)
+            if self.gram_params and parts is not None:
+                parts.append(self._factors(pb, sd))
+            del sd
+        table = self.buffers.seconds[("rows", g)]
+        table[way] = min(table.get(way, math.inf), (clock(out.device) - t0) / g)
+
+    def vmap_pieces(self, x: list[Any], g: int) -> list[torch.Tensor] | None:
+        """Per slotted parameter ``(g, *out, numel)`` by ``vmap(jacrev)`` where that is the way chosen for chunks of
+        ``g`` samples (:meth:`_way`; views of its results, no copy into a row buffer), else None."""
+        if self.gram_params or self._way(g) != VMAP:
+            return None
+        t0 = clock(self.problem.device)
+        pieces = self._jacobian_rows().pieces(x)
+        table = self.buffers.seconds[("rows", g)]
+        table[VMAP] = min(table[VMAP], (clock(self.problem.device) - t0) / g)
+        return pieces
 
     def _way(self, g: int) -> str:
         """How a chunk of ``g`` samples is formed: by the rules, or by ``vmap(jacrev(f))`` (implementation 1's rows).
 
         Measured per chunk size, in :attr:`buffers`' table (``("rows", g)``, seconds per sample): the
-        rules form the first chunk (:data:`WARM`: their own warm-up) and the second (timed). Where
-        every parameter has a slot, that chunk took under :data:`EXPLORE_SECONDS` and ``vmap(jacrev)``
-        needs no more transient memory per sample (the chunks were sized for the rules), the third
-        chunk is formed by ``vmap(jacrev)`` (timed); every later chunk by the faster of the two. Both
-        give the same rows: on small models the rules' batched pass costs about what ``vmap(jacrev)``
-        costs whole, on large ones a fraction.
+        rules form the first chunk (:data:`WARM`: their own warm-up), the second (timed) and, where
+        every parameter has a slot, the chunk's rows are estimated at most :data:`EXPLORE_FLOPS` and
+        ``vmap(jacrev)`` needs no more transient memory per sample (the chunks were sized for the
+        rules), ``vmap(jacrev)`` the third (timed); every later chunk is formed by the faster of the two
+        (the least time measured per sample). Where the warm-up chunk is
+        the call's last (``jacobian_fn`` on a batch that fits: one chunk), :meth:`compute` forms it
+        again by both ways, alternating, :data:`EXPLORE_ROUNDS` times each, so that the second call
+        with these shapes already takes the faster. Both give the same rows: on small models the
+        rules' batched pass costs about what ``vmap(jacrev)`` costs whole, on large ones a fraction.
         """
         table = self.buffers.seconds.setdefault(("rows", g), {})
-        for way in (WARM, RULES):
+        if WARM not in table:
+            return WARM
+        if VMAP not in table and not self._vmap_allowed(g):
+            table[VMAP] = math.inf
+        for way in (RULES, VMAP):
             if way not in table:
                 return way
-        if VMAP not in table and not self._vmap_allowed(table[RULES] * g):
-            table[VMAP] = math.inf
-        if VMAP not in table:
-            return VMAP
         return VMAP if table[VMAP] < table[RULES] else RULES
 
-    def _vmap_allowed(self, chunk_seconds: float) -> bool:
-        if self.gram_params or chunk_seconds >= EXPLORE_SECONDS:
+    def _explore(self, g: int) -> bool:
+        """Whether both ways are timed right after the rules' warm-up on the last chunk of a call (see :meth:`_way`)."""
+        table = self.buffers.seconds[("rows", g)]
+        if RULES in table or VMAP in table:
+            return False
+        if not self._vmap_allowed(g):
+            table[VMAP] = math.inf
+            return False
+        return True
+
+    def _vmap_allowed(self, g: int) -> bool:
+        if self.gram_params or self.flops().row * g > EXPLORE_FLOPS:
             return False
         return self._jacobian_rows().sample_bytes().transient <= self.sample_bytes().transient
 
