@@ -177,3 +177,22 @@ def test_kernel_matrix_with_measured_routes_equals_the_reference():
     x = torch.randn(7, 3, 8, 8, dtype=D)
     k = ntkfunc.kernel_matrix(f, params, x, None, implementation=3, batch_size=3, progress=False)
     assert max_rel_err(k, reference_kernel(f, params, x, None, (-1,), ())) <= 1e-10  # kernel_matrix traces the last axis
+
+
+def test_the_manifest_records_the_passes_per_sample(tmp_path):
+    """A kernel file's manifest says how many per-sample rows the run formed: once per sample when one panel holds x1,
+    more when the budget cuts x1 into panels (each panel streams the later x2 blocks again)."""
+    import json
+
+    f, params = ntkfunc.from_module(_small_maps_cnn())
+    torch.manual_seed(4)
+    x = torch.randn(12, 3, 8, 8, dtype=D)
+    expected = reference_kernel(f, params, x, None, (-1,), ())
+    runs = {}
+    for name, budget in (("roomy", "1GB"), ("tight", "80KB")):
+        out = tmp_path / f"{name}.npy"
+        k = ntkfunc.kernel_matrix(f, params, x, None, implementation=3, batch_size=2, memory_budget=budget, out=out, progress=False)
+        assert max_rel_err(k, expected) <= 1e-10
+        runs[name] = json.loads((tmp_path / f"{name}.npy.manifest.json").read_text())["rows_run"]
+    assert runs["roomy"] == {"rows_computed": 12, "passes_per_sample": 1.0}
+    assert runs["tight"]["passes_per_sample"] > 1.0 and runs["tight"]["rows_computed"] == 12 * runs["tight"]["passes_per_sample"]
