@@ -144,7 +144,7 @@ def measure(n: int, impl: str, threads: int, budget: str | None, small: bool, pr
     kw = {} if precision == "highest" else {"precision": precision}
     ntkfunc.kernel_matrix(f, params, x[:4], None, implementation=impl_arg, progress=False, **kw)  # warm-up (code paths)
     for key in phases:
-        phases[key] = 0
+        phases[key] = 0  # the warm-up's
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     budget_bytes = parse_budget(budget, torch.device("cpu"))
     t0 = CLOCK()
@@ -175,7 +175,7 @@ def measure(n: int, impl: str, threads: int, budget: str | None, small: bool, pr
 
 def _instrument() -> dict:
     """Time the phases of the panels (per-sample rows, row products, Gram terms) when the package has them."""
-    phases: dict = {"rows_seconds": 0.0, "rows_computed": 0, "product_seconds": 0.0, "gram_seconds": 0.0}
+    phases: dict = {"rows_seconds": 0.0, "rows_computed": 0, "product_seconds": 0.0, "gram_seconds": 0.0, "block": 0, "panel": 0}
     try:
         from ntkfunc._dataset import panels
     except ImportError:  # pragma: no cover - an old package without the pipeline layout
@@ -189,6 +189,7 @@ def _instrument() -> dict:
         r = fill(self, src, i0, i1, target)
         phases["rows_seconds"] += CLOCK() - t0
         phases["rows_computed"] += i1 - i0
+        phases["block"], phases["panel"] = self.plan.block, self.plan.panel  # the tile side and x1 blocks a panel
         return r
 
     def timed_gram(self, f1, f2):  # type: ignore[no-untyped-def]

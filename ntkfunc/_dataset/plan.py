@@ -280,6 +280,19 @@ def rows_needed(sizes: Sizes, block: int, panel: int) -> float:
     return total
 
 
+def pairs_computed(sizes: Sizes, block: int) -> float:
+    """Sample pairs the tiles of ``block`` samples multiply: with ``x2=None`` the tiles on and above the diagonal, whole
+    (the diagonal tiles' lower halves too: about ``N b / 2`` pairs beyond ``N (N + 1) / 2``).
+
+    >>> pairs_computed(Sizes(512, 512, True, False), 128), pairs_computed(Sizes(512, 512, True, False), 64), 512 * 513 / 2
+    (163840.0, 147456.0, 131328.0)
+    """
+    if not sizes.symmetric:
+        return float(sizes.n1 * sizes.n2)
+    ends = [min(sizes.n1, a + block) for a in range(0, sizes.n1, block)]
+    return float(sum(e * (e - a) for a, e in zip([0, *ends[:-1]], ends)))
+
+
 def choose_block(sample: SampleBytes, storage_ratio: float, usable: float, sizes: Sizes, pair_bytes: int,
                  rates: dict[int, float], flops: Flops) -> int | None:
     """The block width with the least estimated time, from measured product rates and the memory.
@@ -288,10 +301,11 @@ def choose_block(sample: SampleBytes, storage_ratio: float, usable: float, sizes
     room it leaves with one more block, when the panel does not hold all of x1) fixes the panel
     the budget holds, hence the rows computed.
     The estimate: rows x FLOPs per row plus pairs x Gram-route FLOPs per pair at the best rate,
-    plus pairs x the rows' product FLOPs at ``b``'s rate (the nearest measured width not wider).
-    Wide blocks multiply faster; narrow ones leave room for longer panels (fewer rows recomputed).
+    plus pairs x the rows' product FLOPs at ``b``'s rate (the nearest measured width not wider),
+    the pairs being those the tiles of ``b`` multiply (:func:`pairs_computed`).
+    Wide blocks multiply faster; narrow ones leave room for longer panels (fewer rows recomputed)
+    and waste less on the diagonal tiles of a symmetric kernel.
     """
-    pairs = sizes.n1 * (sizes.n1 + 1) / 2 if sizes.symmetric else sizes.n1 * sizes.n2
     fastest = max(rates.values())
     measured = sorted(rates)
     candidates = {min(b, max(sizes.n1, sizes.n2)) for b in measured}
@@ -305,6 +319,7 @@ def choose_block(sample: SampleBytes, storage_ratio: float, usable: float, sizes
         if not p.panel:
             continue
         rate = rates[max([m for m in measured if m <= b] or [measured[0]])]
+        pairs = pairs_computed(sizes, p.block)
         seconds = (rows_needed(sizes, p.block, p.panel) * flops.row + pairs * flops.gram) / fastest + pairs * flops.product / rate
         if best is None or seconds < best[0]:
             best = (seconds, b)
