@@ -10,12 +10,15 @@ For one covered parameter θ and one pair of sample blocks there are two exact r
 
 :func:`gram_equation` and :func:`jacobian_equation` build the einsums (with the output-axis
 letters of :class:`~ntkfunc._core.layout.Layout`: traced axes summed, diagonal axes shared);
-:func:`flops` prices an equation with opt_einsum's ``contract_path`` (cached per equation and
-shapes), :func:`price` adds what its non-BLAS steps write (:data:`TRAFFIC_FLOPS`),
+:func:`paths` gives the contraction paths an equation may take (opt_einsum's optimal one and, for
+a Gram equation, :data:`PAIRED`: one GEMM per pair of matching factors), each priced step by step
+with opt_einsum's ``contract_path`` (cached per equation and shapes): :func:`flops`, and
+:func:`price`, which adds what its non-BLAS steps write (:data:`TRAFFIC_FLOPS`),
 :func:`contract` runs it along a path cached the same way (inside :class:`Sharing`, the
 contractions of one primitive reuse each other's steps), and :class:`RouteCost` holds both
-routes' prices and their comparison. Which route a parameter takes is decided in
-:mod:`~ntkfunc._engines.structured.routes` alone, from these prices; the structured engine,
+routes' prices and their comparison. Which route a parameter takes, and which path a contraction
+runs along, is decided in :mod:`~ntkfunc._engines.structured.routes` alone, from these prices (and
+its measured :class:`~ntkfunc._engines.structured.routes.Rates`); the structured engine,
 ``"auto"``, the per-sample rows and ``explain`` read it there.
 """
 
