@@ -32,6 +32,7 @@ formed once; ``x2`` rows are formed again for every panel of x1 rows the budget 
     python benchmarks/bench_scale.py --n 16 --small   # seconds: a smoke run on a small CNN
     python benchmarks/bench_scale.py errors 64        # float32 at each precision= against float64
     python benchmarks/bench_scale.py rows --baseline /tmp/base --rounds 3   # per-sample rows, CPU time
+    python benchmarks/bench_scale.py gram     # each Gram-route term's paths against the square GEMM, CPU time
 
 ``rows``: per-sample rows on each benchmark model (CIFAR ResNet-18 with one logit, the small CNN of
 ``--small``, the digits CNN with 10 logits), ONE thread, milliseconds of thread CPU time per sample
@@ -44,6 +45,7 @@ packages alternating ``--rounds`` times (medians over rounds), with checksums th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -241,6 +243,54 @@ def precision_errors(n: int, threads: int, small: bool) -> list[dict]:
     return rows
 
 
+def gram_rates(n: int = 512, tile: int = 64) -> list[dict]:
+    """``gram``: each Gram-route term of the ResNet-18's rows (``StructuredRows(n, n)``, plus the 1x1 shortcut of the last
+    stage) on one ``tile`` x ``tile`` tile, ONE thread, CPU ms (median of 3 after a warm-up) along each contraction path,
+    its GFLOP/s (the path's FLOPs) and that against a 2048^3 GEMM in the same process."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(1)
+    import ntkfunc
+    from ntkfunc._core.problem import make_problem
+    from ntkfunc._engines.rows.structured import StructuredRows
+    from ntkfunc._engines.structured import kernel as structured
+    from ntkfunc._engines.structured import plan
+
+    def cpu(fn) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.process_time()
+            fn()
+            times.append(time.process_time() - t0)
+        return statistics.median(times)
+
+    model = _model(False)
+    f, params = ntkfunc.from_module(model)
+    torch.manual_seed(0)
+    x = torch.randn(tile, 3, 32, 32)
+    problem = make_problem(f, x[:1], None, params, 0, (), ())
+    src = StructuredRows(problem, n, n, 8 << 30)
+    names = list(params)
+    shortcut = next(k for k, name in enumerate(names) if "layers.6.short.0.weight" in name)
+    terms = {k: src.cap.covered[k] for k in sorted({*src.gram_params, shortcut})}
+    pb = dataclasses.replace(problem, x1_leaves=[x], x2_leaves=None, n1=tile, n2=tile)
+    factors = src._factors(pb, structured.side(pb, src.cap, 1, 0, tile), terms)  # each term's factors, as kernel_matrix keeps them
+    a = torch.randn(2048, 2048)
+    gemm = 2 * 2048 ** 3 / cpu(lambda: a @ a.T)
+    out = []
+    for k, (s1, c1) in zip(terms, factors.terms):
+        eq = plan.gram_equation(src.layout, True, s1, s1, c1, c1)
+        for q in eq.paths:
+            seconds = cpu(lambda q=q, eq=eq: eq.run(src.limit, path=q))
+            out.append({"param": names[k], "shape": list(problem.params.diff_leaves[k].shape), "gram_route_in_rows": k in src.gram_params,
+                        "path": q.name, "ms": 1000 * seconds, "gflops": q.price.flops / seconds / 1e9, "of_gemm": q.price.flops / seconds / gemm,
+                        "gemm_gflops": gemm / 1e9})
+    return out
+
+
 def rows_models() -> dict:
     """``rows``' models: name -> (model, inputs of one chunk)."""
     import torch
@@ -387,6 +437,14 @@ def main() -> None:
         print("| model | impl | precision | N | max error / max entry | median relative error |\n|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['model']} | {r['impl']} | {r['precision']} | {r['n']} | {r['max_rel']:.1e} | {r['median_rel']:.1e} |")
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "gram":
+        sys.path.insert(0, str(ROOT))  # this tree's ntkfunc
+        print("| parameter | shape | Gram route in rows (N = 512) | path | ms per 64 x 64 tile | GFLOP/s | of the square GEMM |\n"
+              "|---|---|---|---|---|---|---|")
+        for r in gram_rates():
+            print(f"| {r['param']} | {tuple(r['shape'])} | {'yes' if r['gram_route_in_rows'] else 'no'} | {r['path']} | {r['ms']:.1f} | "
+                  f"{r['gflops']:.1f} | {r['of_gemm']:.0%} (GEMM {r['gemm_gflops']:.1f}) |")
         return
     if len(sys.argv) > 1 and sys.argv[1] == "rows":
         rows_main(sys.argv[2:])

@@ -19,11 +19,11 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
+from ntkfunc._core.buffers import clock
 from ntkfunc._core.tiles import Tile
 from ntkfunc._engines.rows.source import CHUNK, Flops, SampleBytes, chunk_size
 
@@ -240,20 +240,18 @@ def assign(costs: Sequence[float], workers: int) -> list[list[int]]:
 
 
 def gemm_seconds(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, repeats: int = 3) -> float:
-    """Best-of-``repeats`` seconds of one ``(m x k) @ (k x n)`` product on ``device``."""
+    """Best-of-``repeats`` seconds of one ``(m x k) @ (k x n)`` product on ``device``: synchronized wall time on a GPU,
+    the process's CPU time on the CPU (:func:`~ntkfunc._core.buffers.clock`: other jobs sharing the cores do not move it,
+    where wall times of a shared machine made the widths' rates differ 2x from one measurement to the next)."""
     a = torch.randn(m, k, dtype=dtype, device=device)
     b = torch.randn(n, k, dtype=dtype, device=device)
     a @ b.T  # warm-up (allocation, kernel selection)
     best = math.inf
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0 = clock(device)
         a @ b.T
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        best = min(best, clock(device) - t0)
+    return max(best, 1e-9)
 
 
 def measured_rates(device: torch.device, dtype: torch.dtype, rows: int, candidates: Sequence[int] = (64, 128, 256, 512)) -> dict[int, float]:
