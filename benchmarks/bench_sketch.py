@@ -15,6 +15,20 @@ Modes (each prints a markdown table and, with ``--write``, appends JSON rows):
 - ``speed``: ``kernel_matrix(f, params, x, None, sketch=Sketch(k), out=...)`` end to end for
   ``--n`` samples (features to ``.npy``, then the kernel to ``.npy``), the time of each stage,
   against the estimate of the same process's ``phases``.
+- ``e2e``: a sketched kernel of a whole dataset end to end through the public API, out of core:
+  ``feature_matrix(f, params, x, Sketch(k), out=<folder>/K.npy.features)`` on ``--feature-threads``
+  threads, then ``kernel_matrix(f, params, x, None, sketch=Sketch(k), features=<that folder>,
+  out=<folder>/K.npy)`` on ``--threads`` (it finds the features), on ``--n`` random CIFAR-shaped
+  images (3x32x32) through ``cifar_cnn()`` (four 3x3 convolutions, 32-256 channels, one logit:
+  388,673 parameters), then ``verify_kernel``. Prints the phase table (features, Gram
+  products, writes and ``fsync`` of the tiles in the background thread, finishing, verify), the
+  load average and the peak RSS. ``--kill-at F``: first runs the same call in a child process and
+  kills it (SIGKILL) once a fraction ``F`` of the kernel's tiles are committed, then runs it again
+  here and reports how many feature chunks and tiles that run computed (the others were resumed).
+  The output folder is removed afterwards unless ``--keep``.
+- ``ratio``: sketched features against a batched forward+backward of the same samples (ResNet-18,
+  one logit, ``Sketch(8192)``), thread CPU time of one thread in one process, this package against
+  ``--baseline`` (an earlier export) in alternating fresh processes, medians of ``--rounds``.
 - ``accuracy``: the exact kernel (``kernel_matrix``, float32, implementation ``"auto"``) against
   the sketched one at ``k``, on ``--model digits`` (the 284k-parameter digits CNN of
   ``bench_blocked``: ``--n`` training images against themselves and the rest of the 1,797
@@ -31,6 +45,9 @@ Modes (each prints a markdown table and, with ``--write``, appends JSON rows):
     python benchmarks/bench_sketch.py rates
     python benchmarks/bench_sketch.py phases --n 10000 50000
     python benchmarks/bench_sketch.py speed --n 10000
+    python benchmarks/bench_sketch.py ratio --baseline /tmp/base --rounds 3
+    python benchmarks/bench_sketch.py e2e --n 5000 --kill-at 0.4 --folder /var/tmp
+    python benchmarks/bench_sketch.py e2e --n 50000 --folder /var/tmp
     python benchmarks/bench_sketch.py accuracy --model digits --n 1000
     python benchmarks/bench_sketch.py accuracy --model resnet --n 500
     python benchmarks/bench_sketch.py kinds --dim 2048 --n 64 --seeds 6
@@ -43,6 +60,7 @@ import argparse
 import collections
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -210,6 +228,244 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
+# --- features against a forward+backward, CPU time --------------------------------------------------
+
+_RATIO = """
+import json, statistics, sys, time
+import torch
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/benchmarks")
+torch.set_num_threads(1)
+from bench_blocked import ResNet18
+import ntkfunc
+from ntkfunc._core.problem import make_problem
+from ntkfunc._engines.rows.projected import ProjectedRows
+torch.manual_seed(0)
+model = ResNet18(classes=1).eval()
+f, params = ntkfunc.from_module(model)
+x = torch.randn(64, 3, 32, 32)
+src = ProjectedRows(make_problem(f, x[:1], None, params, 0, (), ()), "auto", 8192, 0, True)
+out = torch.empty(32, 1, 8192)
+src.compute([x[:32]], out, 32)
+for p in model.parameters():
+    p.requires_grad_(True)
+model(x[:32]).sum().backward()
+fb, fe = [], []
+for _ in range(3):
+    t0 = time.thread_time(); model.zero_grad(); model(x[32:]).sum().backward(); fb.append(time.thread_time() - t0)
+    t0 = time.thread_time(); src.compute([x[32:]], out, 32); fe.append(time.thread_time() - t0)
+print(json.dumps({"fwd_bwd_ms": 1e3 * statistics.median(fb) / 32, "features_ms": 1e3 * statistics.median(fe) / 32,
+                  "checksum": float(out.double().abs().sum())}))
+"""
+
+
+def ratio(baseline: Path | None, rounds: int) -> list[dict]:
+    """ResNet-18 (one logit): ``model(x).sum().backward()`` and ``ProjectedRows.compute`` (``Sketch(8192)``) on the same 32
+    samples in one process, thread CPU time, one thread, median of 3 calls; this package and ``baseline`` (an export of an
+    earlier commit) alternating in fresh processes, ``rounds`` times."""
+    import subprocess
+
+    packages = [("this", ROOT)] + ([("baseline", baseline)] if baseline else [])
+    runs: dict[str, list[dict]] = {name: [] for name, _ in packages}
+    for _ in range(rounds):
+        for name, root in packages:
+            done = subprocess.run([sys.executable, "-c", _RATIO, str(root)], capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = []
+    for name, rs in runs.items():
+        med = {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in ("fwd_bwd_ms", "features_ms")}
+        rows.append({"mode": "ratio", "package": name, **med, "ratio": med["features_ms"] / med["fwd_bwd_ms"],
+                     "checksum": rs[0]["checksum"], "rounds": rs})
+    return rows
+
+
+# --- e2e ------------------------------------------------------------------------------------------
+
+
+def cifar_cnn() -> torch.nn.Module:
+    """A CIFAR-shaped CNN with one logit (3x32x32 inputs; 388,673 parameters; about 30 MFLOP per forward)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(128, 256, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 1),
+    ).eval()
+
+
+def e2e_data(n: int) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _e2e_call(n: int, dim: int, kind: str, out: Path, progress: bool, threads: tuple[int, int],
+              wall: dict[str, float] | None = None) -> torch.Tensor:
+    """``feature_matrix(out=<out>.features)`` on ``threads[0]`` threads, then ``kernel_matrix(sketch=, features=, out=)``
+    (which finds those features) on ``threads[1]``."""
+    f, params = ntkfunc.from_module(cifar_cnn())
+    x, sketch, folder = e2e_data(n), ntkfunc.Sketch(dim, kind=kind), str(out) + ".features"
+    torch.set_num_threads(threads[0])
+    t0 = time.perf_counter()
+    ntkfunc.feature_matrix(f, params, x, sketch, out=folder, progress=progress)
+    if wall is not None:
+        wall["feature_matrix"] = time.perf_counter() - t0
+        print(f"[{wall['feature_matrix']:.0f} s] feature_matrix done", file=sys.stderr, flush=True)
+    torch.set_num_threads(threads[1])
+    return ntkfunc.kernel_matrix(f, params, x, None, sketch=sketch, features=folder, out=str(out), progress=progress)
+
+
+def e2e_run(n: int, dim: int, kind: str, out: Path, threads: tuple[int, int]) -> dict:
+    """:func:`_e2e_call` in this process with every phase timed (wall seconds), then ``verify_kernel``."""
+    from ntkfunc._dataset import features as featuring
+    from ntkfunc._dataset import runner
+
+    wall: dict[str, float] = collections.defaultdict(float)
+    count: dict[str, int] = collections.defaultdict(int)
+    patched = []
+
+    def timed(owner, name: str, label) -> None:  # type: ignore[no-untyped-def]
+        orig = getattr(owner, name)
+
+        def call(*a, **k):  # type: ignore[no-untyped-def]
+            key, units = label(a)
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                wall[key] += time.perf_counter() - t0
+                count[key] += units
+                if key == "Gram" and count[key] % 25 == 0:  # a trace, should the run be cut off
+                    print(f"[{time.perf_counter() - start:.0f} s] {key}: {count[key] or ''} in {wall[key]:.0f} s", file=sys.stderr, flush=True)
+
+        patched.append((owner, name, orig))
+        setattr(owner, name, call)
+
+    timed(featuring, "compute", lambda a: ("features found", 0))
+    timed(featuring, "estimate", lambda a: ("error estimate", 0))
+    timed(featuring.Chunks, "compute", lambda a: ("feature chunks", len(a[2])))
+    timed(runner.Tiles, "compute", lambda a: ("Gram", len(a[2])))
+    timed(runner.Runner, "commit", lambda a: ("writes: tiles" if isinstance(a[0].work, runner.Tiles) else "writes: feature chunks", 1))
+    sampler = MemorySampler()
+    load0 = os.getloadavg()
+    cpu0 = time.process_time()
+    t0 = start = time.perf_counter()
+    try:
+        k = _e2e_call(n, dim, kind, out, sys.stderr.isatty(), threads, wall)
+    finally:
+        for owner, name, orig in reversed(patched):
+            setattr(owner, name, orig)
+    total = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    load1 = os.getloadavg()
+    t1 = time.perf_counter()
+    report = ntkfunc.verify_kernel(out)
+    verify = time.perf_counter() - t1
+    memory = sampler.close()
+    chunks = json.loads(Path(str(out) + ".manifest.json").read_text()).get("sketch_run", {})
+    return {"mode": "e2e", "n": n, "dim": dim, "kind": kind, "model": "cifar_cnn", "P": 388673, "shape": list(k.shape),
+            "total_s": total, "cpu_s": cpu, "verify_s": verify, "verified_tiles": report.tiles,
+            "phases_s": dict(wall), "units": dict(count), "kernel_bytes": k.numel() * k.element_size(),
+            "features_bytes": n * dim * 4, "load_before": load0, "load_after": load1, "peak_rss_gb": _rss_gb(), **memory,
+            "feature_threads": threads[0], "gram_threads": threads[1],
+            "error_estimate": chunks.get("error_estimate", {}).get("relative_frobenius")}
+
+
+class MemorySampler:
+    """Largest anonymous and file-backed resident memory of this process (``RssAnon``, ``RssFile`` of
+    ``/proc/self/status``, sampled every ``every`` seconds in a thread): the kernel's memory map counts in the
+    peak RSS once the finished file is read, the process's own memory is the anonymous part."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.every, self.stop = every, threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key in self.peak:
+                        self.peak[key] = max(self.peak[key], int(value.split()[0]) * 1024)
+            except OSError:  # not Linux
+                return
+            self.stop.wait(self.every)
+
+    def close(self) -> dict[str, float]:
+        self.stop.set()
+        self.thread.join()
+        return {"peak_anon_gb": self.peak["RssAnon"] / 2 ** 30, "peak_file_gb": self.peak["RssFile"] / 2 ** 30}
+
+
+def _markers(folder: Path) -> int:
+    return len(list(folder.iterdir())) if folder.is_dir() else 0
+
+
+def e2e_kill(n: int, dim: int, kind: str, out: Path, fraction: float, threads: tuple[int, int]) -> dict:
+    """Run the call in a child process and SIGKILL it once ``fraction`` of the kernel's tiles are committed."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, __file__, "e2e-child", "--n", str(n), "--dim", str(dim), "--kind", kind,
+                              "--feature-threads", str(threads[0]), "--threads", str(threads[1]), "--out", str(out)])
+    tiles = Path(str(out) + ".tiles")
+    total = None
+    t0 = time.perf_counter()
+    try:
+        while child.poll() is None:
+            time.sleep(0.02)
+            manifest = Path(str(out) + ".manifest.json")
+            if total is None and manifest.exists():
+                from ntkfunc._dataset.fileformat import unit_keys
+
+                m = json.loads(manifest.read_text())
+                total = len(unit_keys(m["grid"], tuple(m["shape"])))
+            if total and _markers(tiles) >= fraction * total:
+                child.send_signal(signal.SIGKILL)
+                child.wait()
+                break
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return {"killed_after_s": time.perf_counter() - t0, "tiles_committed_at_kill": _markers(tiles), "tiles_total": total,
+            "returncode": child.returncode}
+
+
+def e2e_markdown(row: dict) -> str:
+    ph, units = row["phases_s"], row["units"]
+    lines = [f"N = {row['n']:,}, k = {row['dim']} ({row['kind']}), {row['model']} ({row['P']:,} parameters, one logit), "
+             f"{row['feature_threads']} thread(s) for the features, {row['gram_threads']} for the kernel; "
+             f"kernel {row['kernel_bytes'] / 1e9:.2f} GB float32, features {row['features_bytes'] / 1e9:.2f} GB",
+             "", "| phase | wall | units |", "|---|---|---|"]
+    order = ["feature_matrix", "feature chunks", "writes: feature chunks", "features found", "error estimate", "Gram", "writes: tiles"]
+    names = {"feature_matrix": "features: `feature_matrix(out=)`", "feature chunks": "  of which computing chunks",
+             "writes: feature chunks": "  of which writes of chunks (background thread)",
+             "features found": "kernel_matrix: its features file found and checked, error estimate", "error estimate": "  of which the error estimate",
+             "Gram": "kernel_matrix: Gram products (tiles)", "writes: tiles": "kernel_matrix: writes + fsync of tiles (background thread, overlaps the Gram)"}
+    for key in order:
+        if key in ph:
+            lines.append(f"| {names[key]} | {_s(ph[key])} | {units.get(key, '') or ''} |")
+    rest = row["total_s"] - ph.get("feature_matrix", 0.0) - ph.get("features found", 0.0) - ph.get("Gram", 0.0)
+    lines.append(f"| kernel_matrix: the rest (plan, rates measured, waits for writes, finishing) | {_s(rest)} | |")
+    lines.append(f"| **features + kernel total** | **{_s(row['total_s'])}** (CPU {_s(row['cpu_s'])}) | |")
+    lines.append(f"| verify_kernel (every tile's checksum) | {_s(row['verify_s'])} | {row['verified_tiles']} tiles, all match |")
+    lines.append(f"| **end to end** | **{_s(row['total_s'] + row['verify_s'])}** | |")
+    lines += ["", f"load average before {', '.join(f'{v:.1f}' for v in row['load_before'])}; after "
+              f"{', '.join(f'{v:.1f}' for v in row['load_after'])}; peak RSS {row['peak_rss_gb']:.2f} GB "
+              f"(sampled: anonymous {row.get('peak_anon_gb', float('nan')):.2f} GB, file-backed {row.get('peak_file_gb', float('nan')):.2f} GB); "
+              f"estimated relative error {row['error_estimate']:.3g}"]
+    if "resume" in row:
+        r = row["resume"]
+        how = "killed (SIGKILL)" if r["returncode"] == -9 else f"ended with return code {r['returncode']}"
+        lines.append(f"resume: a first run {how} after {_s(r['killed_after_s'])} with {r['tiles_committed_at_kill']} of "
+                     f"{r['tiles_total']} tiles committed; this run computed {units.get('feature chunks', 0)} feature chunks and "
+                     f"{units.get('Gram', 0)} tiles")
+    return "\n".join(lines)
+
+
 # --- accuracy ---------------------------------------------------------------------------------
 
 
@@ -370,7 +626,7 @@ def markdown(row: dict, estimates: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["rates", "phases", "speed", "accuracy", "kinds"])
+    p.add_argument("mode", choices=["rates", "phases", "speed", "accuracy", "kinds", "e2e", "e2e-child", "ratio"])
     p.add_argument("--n", type=int, nargs="+", default=[10000], help="N (phases: the N x N kernels to estimate)")
     p.add_argument("--dim", type=int, default=8192)
     p.add_argument("--kind", default="auto", help="the sketch's kind (kinds: a comma-separated list; default all)")
@@ -378,8 +634,15 @@ def main() -> None:
     p.add_argument("--model", choices=["digits", "resnet"], default="digits")
     p.add_argument("--seeds", type=int, default=2, help="accuracy: sketches per model")
     p.add_argument("--small", action="store_true", help="a small CNN instead of ResNet-18 (smoke runs)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (e2e: of the kernel stage)")
     p.add_argument("--folder", type=Path, default=None, help="speed: where the .npy files go (default: a temporary folder)")
+    p.add_argument("--baseline", type=Path, default=None, help="ratio: a directory holding an earlier ntkfunc package")
+    p.add_argument("--rounds", type=int, default=3, help="ratio: rounds of alternating processes")
+    p.add_argument("--feature-threads", type=int, default=1,
+                   help="e2e: threads of feature_matrix (small gradient passes: a second thread on a shared machine only spins)")
+    p.add_argument("--kill-at", type=float, default=None, help="e2e: kill a first run once this fraction of tiles is in")
+    p.add_argument("--keep", action="store_true", help="e2e: keep the output folder")
+    p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)  # e2e-child: the output file
     p.add_argument("--write", type=Path, default=None, help="append the JSON rows to this file")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -403,6 +666,32 @@ def main() -> None:
                 r["estimated_s"] = estimate(ph, n)["total_s"]
                 rows.append(r)
                 print(markdown(r, []) + f"; estimated {_s(r['estimated_s'])}", flush=True)
+    elif a.mode == "ratio":
+        rows = ratio(a.baseline, a.rounds)
+        print("| package | forward+backward (ms/sample) | features (ms/sample) | features / forward+backward | checksum |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['package']} | {r['fwd_bwd_ms']:.1f} | {r['features_ms']:.1f} | {r['ratio']:.2f} | {r['checksum']:.6g} |")
+    elif a.mode == "e2e-child":
+        _e2e_call(a.n[0], a.dim, a.kind, a.out, False, (a.feature_threads, a.threads))
+    elif a.mode == "e2e":
+        import shutil
+
+        folder = Path(tempfile.mkdtemp(prefix="sketch-e2e-", dir=a.folder))
+        try:
+            out = folder / "K.npy"
+            threads = (a.feature_threads, a.threads)
+            resume = e2e_kill(a.n[0], a.dim, a.kind, out, a.kill_at, threads) if a.kill_at is not None else None
+            r = e2e_run(a.n[0], a.dim, a.kind, out, threads)
+            if resume is not None:
+                r["resume"] = resume
+            rows.append(r)
+            print(e2e_markdown(r), flush=True)
+        finally:
+            if a.keep:
+                print(f"kept {folder}")
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
     elif a.mode == "kinds":
         names = ["auto", "countsketch", "tensorsketch", "gaussian"] if a.kind == "auto" else a.kind.split(",")
         rows = kinds(a.n[0], a.dim, names, a.seeds)

@@ -251,7 +251,7 @@ def torch_measure(req: dict[str, Any], emit) -> None:  # type: ignore[no-untyped
     np.save(req["kernel_out"], k.detach().cpu().numpy())
     emit({"event": "warmup", "first_s": first, "kernel_shape": list(k.shape)})
     del k
-    timed_calls(lambda: kernel(x, None, params), req["reps"], req["rep_seconds"], emit)
+    timed_calls(lambda: kernel(x, None, params), req["reps"], req["rep_seconds"], emit, req.get("clock", "wall"))
     emit({"event": "done", "n_params": sum(p.numel() for p in params.values())})
 
 
@@ -492,7 +492,8 @@ def write_markdown(args: argparse.Namespace, rows: list[dict[str, Any]], info: d
         f"jax {info.get('jax', '?')}, neural-tangents {info.get('nt', '?')}; JAX twins write Linear as "
         + ("`lax.dot_general(x, W)` contracting W's axis 1 (no transpose of W)" if args.nt_linear == "dot_general"
            else "the literal `x @ W.T`") + ".  ",
-        f"Times in seconds: median of up to {args.reps} calls (stopping after {args.rep_seconds:g} s of timed calls) "
+        f"Times in seconds ({'CPU time of the worker process, all its threads' if args.clock == 'cpu' else 'wall clock'}): "
+        f"median of up to {args.reps} calls (stopping after {args.rep_seconds:g} s of timed calls) "
         "after one warm-up call; NT is `jax.jit(nt.empirical_ntk_fn(..., vmap_axes=0, implementation=i))` "
         "(warm-up = trace + compile + run, see the last table), ntkfunc is `ntkfunc.ntk_fn(..., implementation=i)` "
         f"(memory_budget {args.budget or 'default'}). `> {args.timeout:.0f} s`: killed at the per-measurement "
@@ -595,6 +596,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rep-seconds", type=float, default=10.0, help="stop timing more calls after this")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="time the calls by wall clock or by each worker process's CPU time (all its threads)")
     ap.add_argument("--timeout", type=float, default=120.0, help="per measurement (seconds)")
     ap.add_argument("--budget", default=None, help="ntkfunc memory_budget (default: the library's)")
     ap.add_argument("--tol", type=float, default=1e-3)
@@ -702,7 +705,7 @@ def main() -> None:
             if os.path.exists(kpath):
                 os.remove(kpath)
             req = dict(npz=npz, impl=i, trace_axes=trace, reps=args.reps, rep_seconds=args.rep_seconds,
-                       kernel_out=kpath, setup=s, budget=args.budget, linear=args.nt_linear)
+                       kernel_out=kpath, setup=s, budget=args.budget, linear=args.nt_linear, clock=args.clock)
             worker = nt if side == "nt" else tk
             assert worker is not None
             r: dict[str, Any] = {}

@@ -201,7 +201,8 @@ def measure(req: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> None
     np.save(req["kernel_out"], np.asarray(k))
     emit({"event": "warmup", "first_s": first, "kernel_shape": list(k.shape)})
     del k
-    timed_calls(lambda kfn=kfn: kfn(x, None, params).block_until_ready(), req["reps"], req["rep_seconds"], emit)
+    timed_calls(lambda kfn=kfn: kfn(x, None, params).block_until_ready(), req["reps"], req["rep_seconds"], emit,
+                req.get("clock", "wall"))
     n_params = int(sum(v.size for v in jax.tree_util.tree_leaves(params)))
     emit({"event": "done", "n_params": n_params})
     del kfn

@@ -1,7 +1,9 @@
 """Where the time goes in a few bench_vs_nt cells: median per call, the same kernel function on one
 sample (its fixed part), and the top functions of one call under cProfile.
 
-Usage: python benchmarks/profile_cells.py   (cells: attention 1/2/3, mlp512 3 and 2, mlp512-trace 3)
+Usage: python benchmarks/profile_cells.py [--threads 1] [--only attention,resblock]
+(cells: attention 1/2/3, resblock 1/2, mlp512 3 and 2, mlp512-trace 3; wall time of the calls, so run it
+on a quiet machine)
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch  # noqa: E402
 
 import ntkfunc  # noqa: E402
 
-CELLS = [("attention", 1), ("attention", 2), ("attention", 3), ("mlp512", 3), ("mlp512-trace", 3), ("mlp512", 2)]
+CELLS = [("attention", 1), ("attention", 2), ("attention", 3), ("resblock", 1), ("resblock", 2), ("mlp512", 3),
+         ("mlp512-trace", 3), ("mlp512", 2)]
 
 
 def median_s(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
@@ -36,9 +39,17 @@ def median_s(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default=None, help="comma-separated setup names")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     setups = {s["name"]: s for s in bench.setups(False, False)}
     for name, impl in CELLS:
+        if args.only and name not in args.only.split(","):
+            continue
         s = setups[name]
         model, x, _ = bench.build(s)
         f, p = ntkfunc.from_module(model)

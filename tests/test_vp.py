@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -28,6 +29,7 @@ def _setting(case):
 @pytest.mark.parametrize("case", VMAPPED, ids=str)
 def test_many_columns_rows_and_chunks_are_exact(case, x2_given, monkeypatch):
     """Column blocks of one sample, one x1 row and two tangents per JVP: every piece of the tiling is used."""
+    monkeypatch.setattr(vp, "PUSH_CALL_FLOPS", 0.0)  # calls are free: columns of one sample
     monkeypatch.setattr(vp, "MIN_TANGENTS", 1)
     monkeypatch.setattr(vp, "MAX_COLUMNS", 100)
     monkeypatch.setattr(vp, "WORKING_SET", 1)
@@ -85,8 +87,10 @@ def test_cotangents_batched_below_the_threshold(monkeypatch):
     assert calls == [5]
 
 
-def test_symmetric_kernel_uses_the_triangle():
-    """With x2=None, fewer (x1 sample, tangent) pairs are pushed than N1 x N2 x O."""
+def test_symmetric_kernel_uses_the_triangle(monkeypatch):
+    """With x2=None, fewer (x1 sample, tangent) pairs are pushed than N1 x N2 x O (once pairs cost more than
+    calls: this model's 600 FLOPs per pair alone would take one column)."""
+    monkeypatch.setattr(vp, "PUSH_CALL_FLOPS", 1e3)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10)).double()
     f, params = ntkfunc.from_module(model)
@@ -197,3 +201,89 @@ def test_push_shape_fills_calls_within_the_working_set() -> None:
                 assert rows * chunk <= max(pairs, 1)
                 if n_rows * n_tangents <= pairs:  # the whole block fits: one call
                     assert (rows, chunk) == (n_rows, n_tangents)
+
+
+@pytest.mark.parametrize("x2_given", [True, False], ids=["x2", "x2None"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "pytree"])
+def test_cotangents_of_several_columns_in_one_call_are_exact(name, x2_given, monkeypatch):
+    """Column blocks of one sample take their cotangents from calls that form those of three samples at once."""
+    monkeypatch.setattr(vp, "MIN_TANGENTS", 1)
+    monkeypatch.setattr(vp, "MAX_COLUMNS", 100)
+    original_plan = vp.plan
+    monkeypatch.setattr(vp, "plan", lambda *a, **k: dataclasses.replace(original_plan(*a, **k), b2=1, cotangents=3))
+    calls = []
+    original = vp.jacobian.jacobians
+    monkeypatch.setattr(vp.jacobian, "jacobians", lambda p, g, w, a, b: calls.append((a, b)) or original(p, g, w, a, b))
+    f, params, x1, x2, vmap_axes = CASE_BY_NAME[name].build(torch.float64)
+    x2 = x2 if x2_given else None
+    k = ntkfunc.ntk_fn(f, (), (), vmap_axes, implementation=2)(x1, x2, params)
+    assert max_rel_err(k, reference_kernel(f, params, x1, x2, (), ())) <= 1e-10
+    n2 = pytree.tree_leaves(x1 if x2 is None else x2)[0].shape[0]
+    assert calls == [(a, min(a + 3, n2)) for a in range(0, n2, 3)]  # every x2 sample once, three per call
+
+
+def test_plan_forms_the_cotangents_of_several_columns_at_once(monkeypatch):
+    """With x2=None the triangle's narrow columns share cotangent calls, as many samples as the budget holds."""
+    monkeypatch.setattr(vp, "PUSH_CALL_FLOPS", 1e3)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10)).double()
+    f, params = ntkfunc.from_module(model)
+    p = vp.plan(make_problem(f, torch.randn(40, 3, dtype=torch.float64), None, params, 0, (), ()), 10**9)
+    assert p.b2 < 40 and p.cotangents == 40 // p.b2 * p.b2
+
+
+def _scalar_ops(h: torch.Tensor) -> torch.Tensor:
+    return torch.div(torch.mul((h / 3.0 - 1) * 2 + 0.5, 7), 3) + torch.add(h, 1.5, alpha=2) - torch.sub(h, 2) + 1 / h
+
+
+def test_scalar_overloads_change_no_value_or_tangent():
+    """``ScalarOverloads`` (entered around implementation 2's pushes): bitwise the same values and tangents,
+    under ``vmap`` of ``jvp`` as in a push, for float and int numbers; keyword calls and ``1 / h`` pass through."""
+    from torch.func import jvp, vmap
+
+    from ntkfunc._core.forward_ad import ScalarOverloads
+    from ntkfunc._core.ops import load_forward_ad_decompositions
+
+    load_forward_ad_decompositions()  # as every forward-mode path of ntkfunc does first
+    torch.manual_seed(0)
+    x, t = torch.randn(4, 6, dtype=torch.float64) + 3, torch.randn(5, 4, 6, dtype=torch.float64)
+
+    def push(tt):
+        return jvp(_scalar_ops, (x,), (tt,))
+
+    plain = vmap(push)(t)
+    with ScalarOverloads():
+        fast = vmap(push)(t)
+    assert all(torch.equal(a, b) for a, b in zip(plain, fast))
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Spy(), ScalarOverloads():  # the spy, outside, sees what ScalarOverloads calls
+        _scalar_ops(x)
+    assert {torch.ops.aten.div.Scalar, torch.ops.aten.mul.Scalar, torch.ops.aten.add.Scalar, torch.ops.aten.sub.Scalar} <= set(seen)
+    assert torch.add in seen and torch.Tensor.__rdiv__ in seen  # alpha= and 1 / h: unchanged
+    assert torch._C.TensorBase.div not in seen and torch.mul not in seen
+
+
+def test_column_width_prices_calls_against_pairs(monkeypatch):
+    """Within [1, most]; heavier pairs never push more pairs; free calls: one-sample columns (the fewest pairs,
+    n (n + 1) / 2 x outputs); the CPU plan takes that width."""
+
+    def pushed(n, width, outputs=10):
+        return sum(min(j0 + width, n) * (min(j0 + width, n) - j0) * outputs for j0 in range(0, n, width))
+
+    for n in (1, 5, 16, 40, 300):
+        for most in (1, 3, n):
+            widths = [vp.column_width(n, 10, 777, flops, most) for flops in (0.0, 1e4, 1e5, 1e6, 1e7, 1e8)]
+            assert all(1 <= w <= most for w in widths)
+            assert [pushed(n, w) for w in widths] == sorted((pushed(n, w) for w in widths), reverse=True)
+    monkeypatch.setattr(vp, "PUSH_CALL_FLOPS", 0.0)
+    assert [vp.column_width(n, 10, 777, 1e6, n) for n in (1, 16, 64)] == [1, 1, 1] and pushed(16, 1) == 16 * 17 * 5
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10)).double()
+    f, params = ntkfunc.from_module(model)
+    assert vp.plan(make_problem(f, torch.randn(40, 3, dtype=torch.float64), None, params, 0, (), ()), 10**9).b2 == 1

@@ -11,6 +11,9 @@ another thread at the same time is not covered (torch offers no way to).
 
 :func:`jvp_by_double_vjp` computes the same JVP from reverse mode alone (no dual levels),
 for functions with ops that lack a forward-mode derivative.
+
+:class:`ScalarOverloads` sends ``tensor * 2.0``-style calls to the ops' ``.Scalar`` overloads
+while forward mode runs (the same kernels and numbers, without a slow path of torch's).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import torch
 from torch.func import vjp
+from torch.overrides import TorchFunctionMode
 
 _LOCK = threading.RLock()
 
@@ -55,3 +59,43 @@ def jvp_by_double_vjp(fn: Callable[..., Any], primals: Sequence[Any], tangents: 
     out, vjp_fn = vjp(fn, *primals)[:2]
     transpose = vjp(vjp_fn, torch.utils._pytree.tree_map(torch.zeros_like, out))[1]
     return out, transpose(tuple(tangents))[0]  # the cotangent of vjp_fn's output: one per primal
+
+
+_aten = torch.ops.aten
+_B = torch._C.TensorBase
+SCALAR_OVERLOADS: dict[Any, Any] = {
+    _B.mul: _aten.mul.Scalar, torch.mul: _aten.mul.Scalar, _B.div: _aten.div.Scalar, torch.div: _aten.div.Scalar,
+    _B.add: _aten.add.Scalar, torch.add: _aten.add.Scalar, _B.sub: _aten.sub.Scalar, torch.sub: _aten.sub.Scalar,
+}
+"""Tensor-by-number method or function (``2 * t`` and ``t + 1`` arrive as ``t.mul(2)``, ``t.add(1)``) -> the aten
+``.Scalar`` overload :class:`ScalarOverloads` calls instead."""
+
+
+class ScalarOverloads(TorchFunctionMode):
+    """``t * c``, ``t / c``, ``t + c``, ``t - c`` (``c`` a Python ``int`` or ``float``, no keywords) as the
+    ``.Scalar`` overloads of ``mul`` / ``div`` / ``add`` / ``sub``.
+
+    Python turns ``t / 4.0`` into ``aten::div.Tensor`` with the number wrapped in a tensor; under
+    forward mode (``torch.func.jvp``, torch 2.13) torch then runs that op through a Python
+    reference implementation, about 0.4 ms per call whatever the size (measured: 0.55 ms
+    against 0.13 ms for ``aten::div.Scalar`` on a 1,024-element tensor under ``vmap(jvp)``).
+    The ``.Scalar`` overloads wrap the number the same way and run the same kernel and the
+    same derivative formula, so values and tangents are identical. Other calls pass through.
+
+    >>> from torch.func import jvp
+    >>> from ntkfunc._core.ops import load_forward_ad_decompositions
+    >>> load_forward_ad_decompositions()  # what every forward-mode path of ntkfunc does first
+    >>> x, t = torch.randn(5), torch.randn(5)
+    >>> with ScalarOverloads():
+    ...     fast = jvp(lambda h: (h / 3.0 - 1) * 2 + 0.5, (x,), (t,))
+    >>> slow = jvp(lambda h: (h / 3.0 - 1) * 2 + 0.5, (x,), (t,))
+    >>> all(torch.equal(a, b) for a, b in zip(fast, slow))
+    True
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        op = SCALAR_OVERLOADS.get(func)
+        if (op is not None and not kwargs and len(args) == 2 and type(args[1]) in (int, float)
+                and type(args[0]) in (torch.Tensor, torch.nn.Parameter)):
+            return op(args[0], args[1])
+        return func(*args, **(kwargs or {}))

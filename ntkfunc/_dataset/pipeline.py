@@ -355,7 +355,7 @@ def plan(job: Job, shape: Shape, rows: Rows | None, budget: int, batch_size: int
         pairs = shape.n1 * (shape.n1 + 1) / 2 if job.symmetric else shape.n1 * shape.n2
         if pairs * source.flops().pair >= MEASURE_FLOPS:  # worth measuring: the block from rates and memory
             rates = measured_rates(device, storage if storage != torch.bfloat16 else shape.dtype, min(1024, shape.n1))
-            hint = choose_block(sample, ratio, usable, sizes, shape.pair_bytes, rates, source.flops())
+            hint = choose_block(sample, ratio, usable, sizes, shape.pair_bytes, rates, source.flops(), on_disk=not in_memory)
     tiles = plan_tiles(sample, ratio, usable, sizes, shape.pair_bytes, batch_size, hint)
     if job.sketch is not None and not tiles.panel:
         raise MemoryError(f"{API}(sketch=...): memory_budget={fmt_bytes(budget)} holds not even one block of features and "

@@ -153,6 +153,15 @@ def _panel_blocks(room: float, row: float, block: int, sizes: Sizes, pair_bytes:
     return max(0, min(n_blocks, int((room - block * row) // per_block)))
 
 
+COMMIT_SECONDS = 0.015
+"""Seconds one tile's commit to a file output costs besides its bytes (its marker written, two ``fsync`` calls): about 15 ms
+per tile measured on a shared disk (benchmarks/RESULTS.md, section 14). :func:`choose_block` prices it for outputs on disk:
+a 50,000 x 50,000 kernel in 128-sample tiles is 76,636 commits (19 minutes of them), in 1,024-sample tiles 1,225."""
+
+WIDE_BLOCKS = (1024, 2048)
+"""Block widths :func:`choose_block` also prices for outputs on disk (at the widest measured width's rate)."""
+
+
 # --- costs, panels and workers -----------------------------------------------------------------
 
 
@@ -291,8 +300,20 @@ def pairs_computed(sizes: Sizes, block: int) -> float:
     return float(sum(e * (e - a) for a, e in zip([0, *ends[:-1]], ends)))
 
 
+def tile_count(sizes: Sizes, block: int) -> int:
+    """Tiles of ``block`` samples a side (on and above the diagonal with ``x2=None``; the diagonal when paired).
+
+    >>> tile_count(Sizes(10, 10, True, False), 4), tile_count(Sizes(10, 7, False, False), 4), tile_count(Sizes(8, 8, True, True), 4)
+    (6, 6, 2)
+    """
+    b1, b2 = -(-sizes.n1 // block), -(-sizes.n2 // block)
+    if sizes.paired:
+        return b1
+    return b1 * (b1 + 1) // 2 if sizes.symmetric else b1 * b2
+
+
 def choose_block(sample: SampleBytes, storage_ratio: float, usable: float, sizes: Sizes, pair_bytes: int,
-                 rates: dict[int, float], flops: Flops) -> int | None:
+                 rates: dict[int, float], flops: Flops, *, on_disk: bool = False) -> int | None:
     """The block width with the least estimated time, from measured product rates and the memory.
 
     Each candidate ``b`` (the measured widths capped at N, and for each the width that fills the
@@ -303,10 +324,13 @@ def choose_block(sample: SampleBytes, storage_ratio: float, usable: float, sizes
     the pairs being those the tiles of ``b`` multiply (:func:`pairs_computed`).
     Wide blocks multiply faster; narrow ones leave room for longer panels (fewer rows recomputed)
     and waste less on the diagonal tiles of a symmetric kernel.
+    ``on_disk``: the output is a file, whose tiles cost :data:`COMMIT_SECONDS` each to commit (added per
+    tile); then the :data:`WIDE_BLOCKS` are candidates too.
     """
+    commit_seconds = COMMIT_SECONDS if on_disk else 0.0
     fastest = max(rates.values())
     measured = sorted(rates)
-    candidates = {min(b, max(sizes.n1, sizes.n2)) for b in measured}
+    candidates = {min(b, max(sizes.n1, sizes.n2)) for b in measured + (list(WIDE_BLOCKS) if commit_seconds else [])}
     for b in measured:
         p = plan_tiles(sample, storage_ratio, usable, sizes, pair_bytes, b)
         if p.panel and p.panel * p.block < sizes.n1:  # room for about (panel + 1) blocks: fill it with one more
@@ -319,6 +343,7 @@ def choose_block(sample: SampleBytes, storage_ratio: float, usable: float, sizes
         rate = rates[max([m for m in measured if m <= b] or [measured[0]])]
         pairs = pairs_computed(sizes, p.block)
         seconds = (rows_needed(sizes, p.block, p.panel) * flops.row + pairs * flops.gram) / fastest + pairs * flops.product / rate
+        seconds += commit_seconds * tile_count(sizes, p.block)
         if best is None or seconds < best[0]:
             best = (seconds, b)
     return None if best is None else best[1]

@@ -13,7 +13,9 @@ reused across many positions when N is small. Cost ``N1 N2 O [FP]``.
 
 With ``x2=None`` the kernel is symmetric: x2 is split into column blocks and each block's
 tangents are pushed through the x1 rows up to that block only (the tiles below the
-diagonal are mirrored), which saves up to half of the JVPs.
+diagonal are mirrored), which saves up to half of the JVPs. On CPU the blocks' width is
+priced (:func:`column_width`): narrow blocks push fewer pairs in more JVP calls, each with a
+fixed cost (:data:`PUSH_CALL_FLOPS`) set against the FLOPs of one pair (:func:`pair_flops`).
 
 Memory, planned by :func:`plan` with the terms of :mod:`ntkfunc._core.memory`: a column
 block's cotangents (``b2 x O x P``, split into parameter groups with one JVP pass each if
@@ -23,6 +25,11 @@ in cache (on CPU this is 2-3x faster than pushing all tangents through all rows 
 The shape of those calls is planned per column block (:func:`push_shape`), in equal parts
 (:func:`balanced`): each call has a fixed cost (the primal forward, the ops' dispatch through
 ``vmap`` and forward mode), so a short column fills its calls rather than copying the full block's.
+The cotangents are formed for as many x2 samples per ``vmap(jacrev)`` call as the budget holds
+(``Plan.cotangents``, several column blocks: the triangle's narrow columns would otherwise pay that
+call's fixed cost once each; attention setup of ``bench_vs_nt.py``, 3 calls -> 2). The pushes run
+inside :class:`~ntkfunc._core.forward_ad.ScalarOverloads` (``h / 4.0`` costs 0.4 ms per call under
+forward mode otherwise).
 
 Per-parameter kernels (``per_param=True``) come from the same algorithm with one parameter
 per group: each group's JVP carries only that parameter's tangents, so its output is that
@@ -51,7 +58,7 @@ from typing import Any
 import torch
 from torch.func import jvp, vmap
 
-from ntkfunc._core.forward_ad import forward_ad_section, jvp_by_double_vjp
+from ntkfunc._core.forward_ad import ScalarOverloads, forward_ad_section, jvp_by_double_vjp
 from ntkfunc._core.memory import SAFETY, backward_transient, fmt_bytes, itemsize, per_sample_activation_bytes
 from ntkfunc._core.ops import load_forward_ad_decompositions
 from ntkfunc._core.problem import Problem
@@ -64,10 +71,20 @@ WORKING_SET = 64 * 2**20
 """Bytes of activation tangents one push may keep alive: (x1 samples x tangents) per JVP call."""
 
 MIN_TANGENTS = 64
-"""With ``x2=None``, column blocks hold at least this many tangents (samples x outputs) ..."""
+"""A push's rows are chosen for at least this many tangents each (:func:`push_shape`); off CPU, with
+``x2=None``, column blocks also hold at least this many tangents (samples x outputs) ..."""
 
 MAX_COLUMNS = 8
 """... and there are at most this many of them (more columns save little: (k + 1) / 2k of the JVPs)."""
+
+PUSH_CALL_FLOPS = 1e8
+"""On CPU, the fixed cost of one JVP call (the primal forward's dispatch, every op through two ``vmap``
+levels and forward mode) in FLOPs of push arithmetic: about 2 ms against 25-80 µs per (x1 sample, tangent)
+pair of 1.2-5 MFLOP on the attention and residual-block setups of ``bench_vs_nt.py`` (one thread).
+:func:`column_width` prices the triangle's column blocks with it."""
+
+CANDIDATE_COLUMNS = 64
+""":func:`column_width` considers splits of ``x2=None`` into at most this many column blocks."""
 
 SAMPLE_BY_SAMPLE = 64 * 2**20
 """Bytes of one x2 sample's cotangents (outputs x parameters) from which they are formed one sample per
@@ -87,6 +104,8 @@ class Plan:
       rows: x1 samples per JVP call (for a full column block; see :func:`push_shape`).
       chunk: tangents per JVP call (``vmap(chunk_size=...)``; the same).
       pairs: (x1 sample, tangent) pairs one JVP call may push (:data:`WORKING_SET` over their activation tangents).
+      cotangents: x2 samples whose cotangents one ``vmap(jacrev)`` call forms (a multiple of ``b2``, what the
+        memory budget holds): the column blocks take theirs from it (:class:`_Cotangents`).
     """
 
     groups: list[list[int]]
@@ -95,6 +114,7 @@ class Plan:
     rows: int
     chunk: int
     pairs: int = 1
+    cotangents: int = 0
 
 
 def plan(problem: Problem, budget: int, per_param: bool = False) -> Plan:
@@ -129,15 +149,63 @@ def plan(problem: Problem, budget: int, per_param: bool = False) -> Plan:
     else:
         groups = jacobian.pack_groups(sizes, capacity, problem)
     largest = max(sum(sizes[k] for k in g) for g in groups)
-    b2 = max(1, int(capacity // (largest + transient)))
-    b2 = min(b2, problem.n2)
-    if problem.symmetric:  # columns for the triangle: ceil(n / MAX_COLUMNS) samples, at least MIN_TANGENTS tangents
-        b2 = min(b2, max(math.ceil(problem.n2 / MAX_COLUMNS), math.ceil(MIN_TANGENTS / max(o2, 1))))
-    b1 = problem.n1 if not problem.symmetric else b2
+    fits = min(max(1, int(capacity // (largest + transient))), problem.n2)  # x2 samples whose cotangents fit
+    b2 = fits
     act = problem.remember("activation_bytes", lambda: per_sample_activation_bytes(problem)) + o1 * size
     pairs = max(1, WORKING_SET // max(act, 1))  # (x1 sample, tangent) pairs per push
+    if problem.symmetric:  # columns for the triangle
+        flops = pair_flops(problem) if problem.device.type == "cpu" else None
+        if flops is None:  # ceil(n / MAX_COLUMNS) samples, at least MIN_TANGENTS tangents
+            b2 = min(b2, max(math.ceil(problem.n2 / MAX_COLUMNS), math.ceil(MIN_TANGENTS / max(o2, 1))))
+        else:
+            b2 = column_width(problem.n2, o2, pairs, flops, b2)
+    b1 = problem.n1 if not problem.symmetric else b2
     rows, chunk = push_shape(pairs, problem.n1, b2 * o2)
-    return Plan(groups, b1, b2, rows, chunk, pairs)
+    return Plan(groups, b1, b2, rows, chunk, pairs, fits // b2 * b2)
+
+
+def column_width(n: int, outputs: int, pairs: int, flops: float, most: int) -> int:
+    """Samples per column block of the ``x2=None`` triangle (at most ``most``): the width whose pushes cost
+    least, priced as JVP calls x :data:`PUSH_CALL_FLOPS` + (x1 sample, tangent) pairs x ``flops``.
+
+    Narrow columns push fewer pairs (the triangle's ``n (n + 1) / 2`` samples' rows, not ``n²``) in more calls.
+    Each column block's calls are those :func:`push_shape` plans for it (``pairs`` per call at most).
+
+    >>> column_width(16, 10, 777, 1.2e6, 16), column_width(16, 10, 681, 5e6, 16), column_width(64, 10, 10**4, 0.0, 8)
+    (4, 2, 8)
+    """
+    best: tuple[float, int] | None = None
+    for width in sorted({max(1, math.ceil(n / k)) for k in range(1, CANDIDATE_COLUMNS + 1)} & set(range(1, most + 1))):
+        cost = 0.0
+        for j0 in range(0, n, width):
+            j1 = min(j0 + width, n)
+            tangents = (j1 - j0) * outputs
+            rows, chunk = push_shape(pairs, j1, tangents)
+            calls = math.ceil(j1 / rows) * math.ceil(tangents / balanced(tangents, chunk))
+            cost += calls * PUSH_CALL_FLOPS + j1 * tangents * flops
+        if best is None or cost < best[0]:
+            best = (cost, width)
+    return best[1] if best is not None else 1
+
+
+def pair_flops(problem: Problem) -> float | None:
+    """FLOPs (matrix products, convolutions) of pushing one tangent through one x1 sample: one sample's JVP
+    with respect to every differentiated parameter less its forward pass; cached per input signature.
+    None where torch's counter cannot run ``f`` so."""
+
+    def count() -> float | None:
+        leaves = problem.params.diff_leaves
+        x = [a if ax is None else a.narrow(ax, 0, 1).squeeze(ax) for a, ax in zip(problem.x_block(1, 0, 1), problem.x_axes or [])]
+        g = problem.sample_fn()
+        load_forward_ad_decompositions()
+        try:
+            with forward_ad_section(), ScalarOverloads():
+                both = _flops(lambda: jvp(lambda p: g(p, x), (leaves,), (leaves,)))
+            return float(max(both - _flops(lambda: g(leaves, x)), 0))
+        except Exception:  # an op without forward mode, or one the counter cannot run
+            return None
+
+    return problem.remember("pair_flops", count)
 
 
 def push_shape(pairs: int, n_rows: int, n_tangents: int) -> tuple[int, int]:
@@ -231,8 +299,9 @@ def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
     push: Callable[..., Any] = jvp
     for g, group in enumerate(p.groups):
         acc = accs[g if per_param else 0]
+        cotangents = _Cotangents(problem, group, p.cotangents or p.b2)
         for (j0, j1), column in columns.items():
-            tangent_pieces, shapes2 = _tangent_pieces(problem, group, j0, j1)
+            tangent_pieces, shapes2 = cotangents.pieces(j0, j1)
             i0, i1 = min(t.i0 for t in column), max(t.i1 for t in column)
             pieces: list[list[torch.Tensor]] = []  # per push, per output leaf: full blocks of its rows
             rows, chunk = push_shape(p.pairs, i1 - i0, max(piece[0].shape[0] for piece in tangent_pieces))
@@ -269,24 +338,44 @@ def balanced(total: int, most: int) -> int:
     return -(-total // max(parts, 1))
 
 
-def _tangent_pieces(problem: Problem, group: Sequence[int], j0: int, j1: int) -> tuple[list[list[torch.Tensor]], list[tuple[int, ...]]]:
-    """The tangents of x2 samples ``j0:j1``, in pieces that are pushed one after the other, and ``(b2, *out2)``
-    per output leaf.
+class _Cotangents:
+    """The x2 cotangents ``J(x2)ᵀ e`` of one parameter group, handed out per column block as tangents.
 
-    One piece (:func:`_tangents` of one batched ``vmap(jacrev)`` call), or one piece per sample where one
-    sample's cotangents exceed :data:`SAMPLE_BY_SAMPLE` (each piece its own call's tensors: nothing copied).
+    Formed by one batched ``vmap(jacrev)`` call per ``block`` x2 samples (several column blocks: each call
+    has a fixed cost, and the narrow columns of the triangle would pay it once each) and sliced per column,
+    or one call per sample where one sample's cotangents exceed :data:`SAMPLE_BY_SAMPLE`.
     """
-    leaves = problem.params.diff_leaves
-    o2 = sum(math.prod(s) for s in problem.sample_out_shapes(2))
-    one = o2 * sum(leaves[k].numel() for k in group) * itemsize(problem.out_dtype)
-    if not problem.vmapped or j1 - j0 == 1 or one < SAMPLE_BY_SAMPLE:
-        tangents, shapes2 = _tangents(problem, group, jacobian.jacobians(problem, group, 2, j0, j1))
+
+    def __init__(self, problem: Problem, group: Sequence[int], block: int) -> None:
+        self.problem, self.group, self.block = problem, group, max(block, 1)
+        self.held: tuple[int, int, list[list[torch.Tensor]]] | None = None  # (start, stop, jacobians) of one call
+        leaves = problem.params.diff_leaves
+        o2 = sum(math.prod(s) for s in problem.sample_out_shapes(2))
+        self.by_sample = problem.vmapped and o2 * sum(leaves[k].numel() for k in group) * itemsize(problem.out_dtype) >= SAMPLE_BY_SAMPLE
+
+    def pieces(self, j0: int, j1: int) -> tuple[list[list[torch.Tensor]], list[tuple[int, ...]]]:
+        """The tangents of x2 samples ``j0:j1``, in pieces that are pushed one after the other, and ``(b2, *out2)``
+        per output leaf: one piece (:func:`_tangents`), or one per sample (each its own call's tensors: nothing
+        copied)."""
+        problem, group = self.problem, self.group
+        if self.by_sample and j1 - j0 > 1:
+            pieces = []
+            for j in range(j0, j1):
+                tangents, shapes = _tangents(problem, group, jacobian.jacobians(problem, group, 2, j, j + 1))
+                pieces.append(tangents)
+            return pieces, [(j1 - j0, *s[1:]) for s in shapes]
+        if not problem.vmapped or self.by_sample or j1 - j0 >= self.block:
+            tangents, shapes2 = _tangents(problem, group, jacobian.jacobians(problem, group, 2, j0, j1))
+            return [tangents], shapes2
+        if self.held is None or not self.held[0] <= j0 < j1 <= self.held[1]:
+            self.held = None  # freed before the next call
+            start = j0 // self.block * self.block
+            stop = max(j1, min(start + self.block, problem.n2))
+            self.held = (start, stop, jacobian.jacobians(problem, group, 2, start, stop))
+        start, _, cot = self.held
+        part = [[c.narrow(0, j0 - start, j1 - j0) for c in per_leaf] for per_leaf in cot]
+        tangents, shapes2 = _tangents(problem, group, part)
         return [tangents], shapes2
-    pieces = []
-    for j in range(j0, j1):
-        tangents, shapes = _tangents(problem, group, jacobian.jacobians(problem, group, 2, j, j + 1))
-        pieces.append(tangents)
-    return pieces, [(j1 - j0, *s[1:]) for s in shapes]
 
 
 def _push_pieces(problem: Problem, group: Sequence[int], r0: int, r1: int, pieces: list[list[torch.Tensor]],
@@ -332,7 +421,7 @@ def _push(problem: Problem, group: Sequence[int], r0: int, r1: int, tangents: li
         def one(t: list[torch.Tensor]) -> list[torch.Tensor]:
             return [o.unsqueeze(0) for o in forward(lambda p: g(p, x1), (primals,), (t,))[1]]
 
-    with forward_ad_section():
+    with forward_ad_section(), ScalarOverloads():
         n = tangents[0].shape[0]
         return vmap(one, chunk_size=balanced(n, chunk) if chunk < n else None)(tangents)
 

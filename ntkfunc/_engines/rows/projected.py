@@ -7,8 +7,10 @@ operands; implementation 1: ``vmap(jacrev(f))`` rows), then each parameter's par
 
 - ``"factors"`` / ``"fft"``: from the factors ``G = Σ_s c_s x_sᵀ`` of the parameter's rule
   (:meth:`~ntkfunc.rules.Rule.factors`: a 2-D convolution's cotangents and im2col patches, a
-  linear layer's cotangents and inputs; the count sketch of a convolution gathers the patches
-  itself from :meth:`~ntkfunc.rules.Rule.padded_factors`), never forming the gradient;
+  linear layer's cotangents and inputs), in spans of samples that fit :data:`CACHE_BYTES`; the
+  count sketch of a convolution either gathers the patches itself from
+  :meth:`~ntkfunc.rules.Rule.padded_factors` or forms the gradient by the rule's fastest way and
+  hashes it, whichever was measured faster for that layer's shape;
 - ``"formed"``: the parameter's per-sample gradient formed into a reused buffer (a few samples
   at a time, at most :data:`WORK_BYTES`), by the same code as the exact rows
   (:meth:`~ntkfunc._engines.rows.structured.StructuredRows.write`), then projected.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Union
 
 import torch
@@ -52,9 +54,15 @@ from ntkfunc._engines.sketch.plan import SketchPlan, resolve
 from ntkfunc._engines.structured import capture as capture_mod
 from ntkfunc._engines.structured import kernel as structured
 from ntkfunc.rules import Factorable
+from ntkfunc.rules.conv import PROBE, choose_way
 
 WORK_BYTES = 64 << 20
 """Most bytes of one parameter's work buffers (formed gradients, patches, FFT inputs) at a time."""
+
+CACHE_BYTES = 2 << 20
+"""Most bytes of one span's work buffers on the FFT route and a convolution's count sketch (spectra, patches in
+bucket order, blocks of the gradient): small enough to stay in cache from their writing to their reading (the
+FFT route took twice as long with 64 MB spans on the ResNet-18's 512-channel layers)."""
 
 Block = Union[countsketch.CountSketchBlock, tensorsketch.TensorSketchBlock, gaussian.GaussianBlock]
 
@@ -177,36 +185,75 @@ class ProjectedRows:
         sd = structured.side(pb, self.cap, 1, 0, g)
         for p in self.plan.params:
             blk = self.blocks[p.leaf]
-            if p.route != "formed" and self._from_factors(p.route, p.leaf, blk, sd, g, target):
+            if p.route != "formed" and self._from_factors(pb, p.route, p.leaf, blk, sd, g, target):
                 continue
-            numel = blk.numel
-            for a, z in self._spans(g, self.outputs * numel):
-                part = sd if (a, z) == (0, g) else _narrow(sd, a, z, g)
-                rows = self.buffers.get("formed", (z - a, *self.out_shape, numel), target)
-                self.src.write(pb, part, p.leaf, rows)
-                blk.formed(rows.view((z - a) * self.outputs, numel), target[a:z].reshape((z - a) * self.outputs, self.dim), self.buffers)
+            self._formed(pb, p.leaf, blk, sd, 0, g, g, target)
 
-    def _from_factors(self, route: str, leaf: int, blk: Block, sd: structured.Side, g: int, target: torch.Tensor) -> bool:
+    def _formed(self, pb: Problem, leaf: int, blk: Block, sd: structured.Side, start: int, stop: int, g: int,
+                target: torch.Tensor) -> None:
+        """Samples ``start:stop`` (of the side's ``g``) of parameter ``leaf``: its gradient formed by the rows' own code
+        (a few samples at a time, within :data:`WORK_BYTES`), then projected into ``target[start:stop]``."""
+        assert isinstance(self.src, StructuredRows)
+        for a, z in self._spans(stop - start, self.outputs * blk.numel):
+            a, z = a + start, z + start
+            part = sd if (a, z) == (0, g) else _narrow(sd, a, z, g)
+            rows = self.buffers.get("formed", (z - a, *self.out_shape, blk.numel), target)
+            self.src.write(pb, part, leaf, rows)
+            blk.formed(rows.view((z - a) * self.outputs, blk.numel), target[a:z].reshape((z - a) * self.outputs, self.dim),
+                       self.buffers)
+
+    def _from_factors(self, pb: Problem, route: str, leaf: int, blk: Block, sd: structured.Side, g: int,
+                      target: torch.Tensor) -> bool:
         """The ``factors`` / ``fft`` route for one parameter, from its rule's factors; False when this call is
-        outside it (then: formed)."""
+        outside it (then: formed).
+
+        The FFT route and a convolution's count sketch work on spans of samples whose buffers fit
+        :data:`CACHE_BYTES`; a convolution's count sketch is computed the faster of two ways, timed
+        once per layer shape (:func:`~ntkfunc.rules.conv.choose_way`, the table in ``self.buffers.seconds``):
+        ``"patches"`` (its patches gathered into bucket order, one ``bmm`` per block of rows
+        folded at once, :meth:`~ntkfunc._engines.sketch.countsketch.CountSketchBlock.conv_factors`)
+        or ``"gradient"`` (the per-sample gradient formed by the rule's own fastest way, then
+        hashed: no patches when its rows are few and its positions many). Both give the same features.
+        """
         assert self.cap is not None
         e, role = self.cap.covered[leaf]
         ev = self.cap.events[e]
         if any(t is not None and t.shape[0] != g for t in sd.operands[e]):
             return False  # an operand shared by all samples
         fac = self.factorable[leaf]
-        per_sample = self.outputs * fac.rows * max(fac.positions, 1) + fac.positions * fac.cols
-        per_sample += self.outputs * fac.positions * self.dim if route == "fft" else self.outputs * fac.rows * fac.cols
         cot = sd.cot[0][e]
-        for a, z in self._spans(g, per_sample):
-            operands = [None if t is None else t[a:z] for t in sd.operands[e]]
-            if route == "factors":
-                assert isinstance(blk, countsketch.CountSketchBlock)
-                padded = ev.rule.padded_factors(role, operands, cot[a:z], ev.meta, ev.y_shape)
-                if padded is not None:  # the patches gathered straight into bucket order
-                    blk.conv_factors(padded.c, padded.x, padded.kernel, padded.stride, padded.dilation, target[a:z], self.buffers)
-                    continue
-            factors = ev.rule.factors(role, operands, cot[a:z], ev.meta, ev.y_shape, self.buffers)
+
+        def operands(a: int, z: int) -> list[torch.Tensor | None]:
+            return [None if t is None else t[a:z] for t in sd.operands[e]]
+
+        if route == "factors" and ev.rule.padded_factors(role, operands(0, 1), cot[:1], ev.meta, ev.y_shape) is not None:
+            assert isinstance(blk, countsketch.CountSketchBlock)
+            per_sample = self.outputs * fac.rows * fac.positions + fac.positions * blk.stride
+
+            def patches(a: int, z: int) -> None:
+                for a2, z2 in self._spans(z - a, per_sample, CACHE_BYTES):
+                    a2, z2 = a2 + a, z2 + a
+                    pf = ev.rule.padded_factors(role, operands(a2, z2), cot[a2:z2], ev.meta, ev.y_shape)
+                    assert pf is not None
+                    blk.conv_factors(pf.c, pf.x, pf.kernel, pf.stride, pf.dilation, target[a2:z2], self.buffers, CACHE_BYTES)
+
+            def gradient(a: int, z: int) -> None:
+                self._formed(pb, leaf, blk, sd, a, z, g, target)
+
+            ways: dict[str, Callable[[int, int], None]] = {"patches": patches, "gradient": gradient}
+            shapes = tuple(None if t is None else tuple(t.shape[1:]) for t in sd.operands[e])
+            key = ("countsketch-conv2d", leaf, shapes, tuple(cot.shape[1:]), str(target.device))
+            probe = min(g, PROBE) if key not in self.buffers.seconds else 0
+            kept = target[:probe].clone()  # the ways add to target: timing them adds to the probed samples several times
+            best = choose_way(self.buffers, key, ways, g, target.device)
+            if probe:
+                target[:probe].copy_(kept)
+                ways[best](0, probe)
+            return True
+        per_sample = self.outputs * fac.rows * max(fac.positions, 1) + fac.positions * fac.cols
+        per_sample += (self.outputs + 1) * fac.positions * self.dim if route == "fft" else self.outputs * fac.rows * fac.cols
+        for a, z in self._spans(g, per_sample, CACHE_BYTES if route == "fft" else WORK_BYTES):
+            factors = ev.rule.factors(role, operands(a, z), cot[a:z], ev.meta, ev.y_shape, self.buffers)
             if factors is None:
                 return False
             c, x = factors
@@ -238,10 +285,10 @@ class ProjectedRows:
             self.blocks[p.leaf].formed(jac[p.leaf].reshape(m, -1), out, self.buffers)
         return out.view(*self.out_shape, self.dim)
 
-    def _spans(self, g: int, per_sample_elements: int) -> Iterator[tuple[int, int]]:
-        """Sub-chunks of the ``g`` samples whose work buffers stay within :data:`WORK_BYTES`."""
+    def _spans(self, g: int, per_sample_elements: int, budget: int = WORK_BYTES) -> Iterator[tuple[int, int]]:
+        """Sub-chunks of the ``g`` samples whose work buffers stay within ``budget`` bytes."""
         size = itemsize(self.problem.out_dtype)
-        m = max(1, min(g, WORK_BYTES // max(1, per_sample_elements * size)))
+        m = max(1, min(g, budget // max(1, per_sample_elements * size)))
         for a in range(0, g, m):
             yield a, min(a + m, g)
 

@@ -174,12 +174,15 @@ class CountSketchBlock:
 
 
     def conv_factors(self, c: torch.Tensor, xpad: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
-                     dilation: Sequence[int], out: torch.Tensor, ws: Buffers | None = None) -> None:
+                     dilation: Sequence[int], out: torch.Tensor, ws: Buffers | None = None, block_bytes: int | None = None) -> None:
         """:meth:`factors` of a 2-D convolution from its padded input ``xpad`` ``(m, C, Hp, Wp)`` and ``c`` ``(m, O, R, S)``.
 
         The patches are gathered straight into bucket order with their signs (one
         ``index_select`` from ``[x, -x, 0]``: im2col, the column permutation, the signs and
         the zero padding to ``D'`` in one pass), then one ``bmm`` and the fold, as :meth:`factors`.
+        ``block_bytes``: the product is formed and folded a block of rows at a time, each block at
+        most this many bytes (it is folded while still in cache; rows wider than ``dim``, whose
+        folds carry signs, are formed whole).
         """
         ws = ws or Buffers()
         t = self.tables(c.device, c.dtype)
@@ -196,9 +199,19 @@ class CountSketchBlock:
         xp = ws.get("cs-x", (m, s * self.stride), xpad)
         torch.index_select(src, 1, idx, out=xp)
         cp = c.index_select(2, t["inv_r"]).mul_(t["s_r"][:, None]).reshape(m, o * r, s)
-        g = ws.get("cs-g", (m, o * r, self.stride), xpad)
-        torch.bmm(cp, xp.view(m, s, self.stride), out=g)
-        fold(g.view(m * o, self.window), self.base, out.view(m * o, self.dim), t.get("folds"))
+        if block_bytes is None or "folds" in t:
+            g = ws.get("cs-g", (m, o * r, self.stride), xpad)
+            torch.bmm(cp, xp.view(m, s, self.stride), out=g)
+            fold(g.view(m * o, self.window), self.base, out.view(m * o, self.dim), t.get("folds"))
+            return
+        rows = max(1, min(r, block_bytes // (m * self.stride * xpad.element_size())))
+        outs = out.view(m, o, self.dim)
+        for j in range(o):
+            for r0 in range(0, r, rows):
+                r1 = min(r, r0 + rows)
+                g = ws.get("cs-g", (m, r1 - r0, self.stride), xpad)
+                torch.bmm(cp[:, j * r + r0 : j * r + r1], xp.view(m, s, self.stride), out=g)
+                fold(g.view(m, (r1 - r0) * self.stride), (self.base + r0 * self.stride) % self.dim, outs[:, j])
 
     def _patch_index(self, shape: tuple[int, int, int], kernel: tuple[int, ...], stride: tuple[int, ...],
                      dilation: tuple[int, ...], device: torch.device) -> torch.Tensor:
