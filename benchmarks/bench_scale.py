@@ -17,13 +17,22 @@ When the budget cannot hold every sample's full gradient (``N * P * 4`` bytes), 
 per-sample gradient passes a full-row panel scheme needs at least (``N (m + 1) / 2`` with
 ``m = N / R`` panels of the ``R`` rows that fit) are reported too, with the limit that
 count implies. ``--baseline DIR`` runs the same measurement with the ``ntkfunc`` package in
-``DIR`` (e.g. an export of an earlier commit) for before/after figures in one run.
+``DIR`` (e.g. an export of an earlier commit) for before/after figures in one run; ``--rounds R``
+alternates the two packages ``R`` times (one fresh process each) and the table adds the medians.
+
+``--clock cpu`` measures everything (the limit's forward+backward and GEMM, the kernel and its
+phases) in CPU seconds of the process (``time.process_time``), the measure that other jobs on a
+shared machine move least; use it with ``--threads 1``. The limit is then measured once, after
+the run. ``passes/sample`` is the per-sample rows computed divided by N (1 when every row is
+formed once; ``x2`` rows are formed again for every panel of x1 rows the budget allows).
 
     python benchmarks/bench_scale.py --n 256 512 --impls auto 1
+    python benchmarks/bench_scale.py --n 512 --impls auto --threads 1 --clock cpu --baseline /tmp/base --rounds 3
     python benchmarks/bench_scale.py --n 256 512 2048 --impls auto 1 --baseline /tmp/base --write out.json
     python benchmarks/bench_scale.py --n 16 --small   # seconds: a smoke run on a small CNN
     python benchmarks/bench_scale.py errors 64        # float32 at each precision= against float64
     python benchmarks/bench_scale.py rows --baseline /tmp/base --rounds 3   # per-sample rows, CPU time
+    python benchmarks/bench_scale.py gram     # each Gram-route term's paths against the square GEMM, CPU time
 
 ``rows``: per-sample rows on each benchmark model (CIFAR ResNet-18 with one logit, the small CNN of
 ``--small``, the digits CNN with 10 logits), ONE thread, milliseconds of thread CPU time per sample
@@ -44,6 +53,7 @@ the ratio ``vmap(grad) / jacobian_fn`` (> 1: ntkfunc faster), one fresh process 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -72,6 +82,11 @@ def _model(small: bool):  # type: ignore[no-untyped-def]
     return model
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``--clock``: wall time, or the CPU time of the process (all its threads)."""
+CLOCK = CLOCKS["wall"]
+
+
 def limit_seconds(model, x, threads: int) -> dict:  # type: ignore[no-untyped-def]
     """One batched forward+backward over ``x`` and half of ``G @ G.T`` for a random ``(N, P)`` G."""
     import torch
@@ -80,11 +95,11 @@ def limit_seconds(model, x, threads: int) -> dict:  # type: ignore[no-untyped-de
     p = sum(t.numel() for t in model.parameters())
     model.zero_grad(set_to_none=True)
     model(x[:8]).sum().backward()  # warm-up
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for s in range(0, n, 64):
         model.zero_grad(set_to_none=True)
         model(x[s : s + 64]).sum().backward()
-    fwd_bwd = time.perf_counter() - t0
+    fwd_bwd = CLOCK() - t0
     model.zero_grad(set_to_none=True)
     cols = max(1, min(p, int(2e9 // (4 * n))))  # a 2 GB chunk of G
     best = _gram_seconds(torch.randn(n, cols))
@@ -100,9 +115,9 @@ def _gram_seconds(g) -> float:  # type: ignore[no-untyped-def]
 
 
 def _timed(fn) -> float:  # type: ignore[no-untyped-def]
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def min_full_row_passes(n: int, rows_fit: int) -> int:
@@ -120,10 +135,12 @@ def min_full_row_passes(n: int, rows_fit: int) -> int:
     return sum(n - k * r for k in range(-(-n // r)))
 
 
-def measure(n: int, impl: str, threads: int, budget: str | None, small: bool, precision: str) -> dict:
+def measure(n: int, impl: str, threads: int, budget: str | None, small: bool, precision: str, clock: str = "wall") -> dict:
     """One configuration, in this process (fresh: called through ``_measure``)."""
     import torch
 
+    global CLOCK
+    CLOCK = CLOCKS[clock]
     torch.set_num_threads(threads)
     import ntkfunc  # first: the package on PYTHONPATH (this tree or --baseline), before bench_blocked's path
     from ntkfunc._core.memory import SAFETY, parse_budget
@@ -132,21 +149,22 @@ def measure(n: int, impl: str, threads: int, budget: str | None, small: bool, pr
     f, params = ntkfunc.from_module(model)
     torch.manual_seed(1)
     x = torch.randn(n, 3, 32, 32)
-    before = limit_seconds(model, x, threads)
+    before = limit_seconds(model, x, threads) if clock == "wall" else None  # CPU time: once, after the run
     phases = _instrument()
     impl_arg = impl if impl == "auto" else int(impl)
     kw = {} if precision == "highest" else {"precision": precision}
     ntkfunc.kernel_matrix(f, params, x[:4], None, implementation=impl_arg, progress=False, **kw)  # warm-up (code paths)
     for key in phases:
-        phases[key] = 0
+        phases[key] = 0  # the warm-up's
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     budget_bytes = parse_budget(budget, torch.device("cpu"))
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     k = ntkfunc.kernel_matrix(f, params, x, None, trace_axes=(-1,), implementation=impl_arg, memory_budget=budget_bytes,
                               progress=False, **kw)
-    seconds = time.perf_counter() - t0
+    seconds = CLOCK() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     after = limit_seconds(model, x, threads)  # the machine is shared: the faster of two measurements around the run
+    before = before or after
     lim = {key: min(before[key], after[key]) if key != "P" else before[key] for key in before}
     lim["gemm_flops_per_s"] = max(before["gemm_flops_per_s"], after["gemm_flops_per_s"])
     lim["limit"] = lim["fwd_bwd"] + lim["half_gemm"]
@@ -156,18 +174,19 @@ def measure(n: int, impl: str, threads: int, budget: str | None, small: bool, pr
     rows_fit = int(budget_bytes * SAFETY // row_bytes)
     passes = min_full_row_passes(n, rows_fit)
     out = {
-        "n": n, "impl": impl, "threads": threads, "precision": precision, "seconds": seconds, "budget": budget_bytes,
+        "n": n, "impl": impl, "threads": threads, "clock": clock, "precision": precision, "seconds": seconds, "budget": budget_bytes,
         "peak_above_start": peak - base, **lim, "ratio": seconds / lim["limit"], "full_rows_fit": rows_fit,
         "min_full_row_passes": passes, "limit_at_min_passes": passes * lim["fwd_bwd_per_sample"] + lim["half_gemm"],
         "kernel": f"/tmp/bench_scale_{os.getpid()}.pt", "load": os.getloadavg()[0], **phases,
     }
     out["ratio_at_min_passes"] = seconds / out["limit_at_min_passes"]
+    out["passes_per_sample"] = phases["rows_computed"] / n
     return out
 
 
 def _instrument() -> dict:
     """Time the phases of the panels (per-sample rows, row products, Gram terms) when the package has them."""
-    phases: dict = {"rows_seconds": 0.0, "rows_computed": 0, "product_seconds": 0.0, "gram_seconds": 0.0}
+    phases: dict = {"rows_seconds": 0.0, "rows_computed": 0, "product_seconds": 0.0, "gram_seconds": 0.0, "block": 0, "panel": 0}
     try:
         from ntkfunc._dataset import panels
     except ImportError:  # pragma: no cover - an old package without the pipeline layout
@@ -177,22 +196,23 @@ def _instrument() -> dict:
     fill, gram, product = panels.RowPanels._fill, panels.RowPanels._gram, panels.product
 
     def timed_fill(self, src, i0, i1, target):  # type: ignore[no-untyped-def]
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         r = fill(self, src, i0, i1, target)
-        phases["rows_seconds"] += time.perf_counter() - t0
+        phases["rows_seconds"] += CLOCK() - t0
         phases["rows_computed"] += i1 - i0
+        phases["block"], phases["panel"] = self.plan.block, self.plan.panel  # the tile side and x1 blocks a panel
         return r
 
     def timed_gram(self, f1, f2):  # type: ignore[no-untyped-def]
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         r = gram(self, f1, f2)
-        phases["gram_seconds"] += time.perf_counter() - t0
+        phases["gram_seconds"] += CLOCK() - t0
         return r
 
     def timed_product(*args):  # type: ignore[no-untyped-def]
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         r = product(*args)
-        phases["product_seconds"] += time.perf_counter() - t0
+        phases["product_seconds"] += CLOCK() - t0
         return r
 
     panels.RowPanels._fill, panels.RowPanels._gram, panels.product = timed_fill, timed_gram, timed_product
@@ -230,6 +250,54 @@ def precision_errors(n: int, threads: int, small: bool) -> list[dict]:
                 rows.append({"model": name, "impl": str(impl), "precision": precision, "n": n,
                              "max_rel": float(err.max() / ref.abs().max()), "median_rel": float((err / ref.abs()).median())})
     return rows
+
+
+def gram_rates(n: int = 512, tile: int = 64) -> list[dict]:
+    """``gram``: each Gram-route term of the ResNet-18's rows (``StructuredRows(n, n)``, plus the 1x1 shortcut of the last
+    stage) on one ``tile`` x ``tile`` tile, ONE thread, CPU ms (median of 3 after a warm-up) along each contraction path,
+    its GFLOP/s (the path's FLOPs) and that against a 2048^3 GEMM in the same process."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(1)
+    import ntkfunc
+    from ntkfunc._core.problem import make_problem
+    from ntkfunc._engines.rows.structured import StructuredRows
+    from ntkfunc._engines.structured import kernel as structured
+    from ntkfunc._engines.structured import plan
+
+    def cpu(fn) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.process_time()
+            fn()
+            times.append(time.process_time() - t0)
+        return statistics.median(times)
+
+    model = _model(False)
+    f, params = ntkfunc.from_module(model)
+    torch.manual_seed(0)
+    x = torch.randn(tile, 3, 32, 32)
+    problem = make_problem(f, x[:1], None, params, 0, (), ())
+    src = StructuredRows(problem, n, n, 8 << 30)
+    names = list(params)
+    shortcut = next(k for k, name in enumerate(names) if "layers.6.short.0.weight" in name)
+    terms = {k: src.cap.covered[k] for k in sorted({*src.gram_params, shortcut})}
+    pb = dataclasses.replace(problem, x1_leaves=[x], x2_leaves=None, n1=tile, n2=tile)
+    factors = src._factors(pb, structured.side(pb, src.cap, 1, 0, tile), terms)  # each term's factors, as kernel_matrix keeps them
+    a = torch.randn(2048, 2048)
+    gemm = 2 * 2048 ** 3 / cpu(lambda: a @ a.T)
+    out = []
+    for k, (s1, c1) in zip(terms, factors.terms):
+        eq = plan.gram_equation(src.layout, True, s1, s1, c1, c1)
+        for q in eq.paths:
+            seconds = cpu(lambda q=q, eq=eq: eq.run(src.limit, path=q))
+            out.append({"param": names[k], "shape": list(problem.params.diff_leaves[k].shape), "gram_route_in_rows": k in src.gram_params,
+                        "path": q.name, "ms": 1000 * seconds, "gflops": q.price.flops / seconds / 1e9, "of_gemm": q.price.flops / seconds / gemm,
+                        "gemm_gflops": gemm / 1e9})
+    return out
 
 
 def rows_models() -> dict:
@@ -377,9 +445,10 @@ def rows_main(argv: list[str]) -> None:
     print(rows_table(runs))
 
 
-def run_one(n: int, impl: str, threads: int, budget: str | None, small: bool, precision: str, package: Path | None) -> dict:
+def run_one(n: int, impl: str, threads: int, budget: str | None, small: bool, precision: str, package: Path | None,
+            clock: str = "wall") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(package or ROOT))
-    cmd = [sys.executable, __file__, "_measure", str(n), impl, str(threads), budget or "", "1" if small else "0", precision]
+    cmd = [sys.executable, __file__, "_measure", str(n), impl, str(threads), budget or "", "1" if small else "0", precision, clock]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(package or ROOT))
     if res.returncode:
         return {"n": n, "impl": impl, "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"}
@@ -391,21 +460,42 @@ def run_one(n: int, impl: str, threads: int, budget: str | None, small: bool, pr
 def table(rows: list[dict]) -> str:
     """The markdown table of the issue (limit, time, ratio) plus the phases."""
     lines = [
-        "| N | package | impl | limit (s) | time (s) | ratio | rows (s) | products (s) | Gram (s) | other (s) | rows computed | peak RSS (GB) | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N | package | impl | fwd+bwd (s) | half GEMM (s) | limit (s) | time (s) | ratio | rows (s) | products (s) | Gram (s) | other (s) "
+        "| rows computed | passes/sample | peak RSS (GB) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['n']} | {r.get('package', '')} | {r['impl']} | | failed: {r['error'][:60]} | | | | | | | | |")
+            lines.append(f"| {r['n']} | {r.get('package', '')} | {r['impl']} | | | | failed: {r['error'][:60]} | | | | | | | | | |")
             continue
         other = r["seconds"] - r["rows_seconds"] - r["product_seconds"] - r["gram_seconds"]
         phased = r["rows_computed"] > 0
         lines.append(
-            f"| {r['n']} | {r['package']} | {r['impl']} | {r['limit']:.1f} | {r['seconds']:.1f} | {r['ratio']:.2f} | "
+            f"| {r['n']} | {r['package']} | {r['impl']} | {r['fwd_bwd']:.1f} | {r['half_gemm']:.1f} | {r['limit']:.1f} | {r['seconds']:.1f} | "
+            f"{r['ratio']:.2f} | "
             + (f"{r['rows_seconds']:.1f} | {r['product_seconds']:.1f} | {r['gram_seconds']:.1f} | {other:.1f} | {r['rows_computed']} | "
-               if phased else "- | - | - | - | - | ")
+               f"{r['rows_computed'] / r['n']:.2f} | " if phased else "- | - | - | - | - | - | ")
             + f"{r['peak_above_start'] / 1e9:.2f} | {r['load']:.1f} |"
         )
+    return "\n".join(lines)
+
+
+def medians(rows: list[dict]) -> str:
+    """Per N, package and implementation: the medians over rounds of the time, limit, ratio and phases."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["n"], r["package"], r["impl"]), []).append(r)
+    keys = ("fwd_bwd", "half_gemm", "limit", "seconds", "ratio", "rows_seconds", "product_seconds", "gram_seconds", "rows_computed")
+    lines = ["| N | package | impl | rounds | fwd+bwd (s) | half GEMM (s) | limit (s) | time (s) | ratio | rows (s) | products (s) "
+             "| Gram (s) | passes/sample |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (n, package, impl), rs in groups.items():
+        m = {k: statistics.median(r[k] for r in rs) for k in keys}
+        lines.append(f"| {n} | {package} | {impl} | {len(rs)} | {m['fwd_bwd']:.1f} | {m['half_gemm']:.1f} | {m['limit']:.1f} | "
+                     f"{m['seconds']:.1f} | {m['ratio']:.2f} | {m['rows_seconds']:.1f} | {m['product_seconds']:.1f} | "
+                     f"{m['gram_seconds']:.1f} | {m['rows_computed'] / n:.2f} |")
     return "\n".join(lines)
 
 
@@ -418,6 +508,14 @@ def main() -> None:
         for r in rows:
             print(f"| {r['model']} | {r['impl']} | {r['precision']} | {r['n']} | {r['max_rel']:.1e} | {r['median_rel']:.1e} |")
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "gram":
+        sys.path.insert(0, str(ROOT))  # this tree's ntkfunc
+        print("| parameter | shape | Gram route in rows (N = 512) | path | ms per 64 x 64 tile | GFLOP/s | of the square GEMM |\n"
+              "|---|---|---|---|---|---|---|")
+        for r in gram_rates():
+            print(f"| {r['param']} | {tuple(r['shape'])} | {'yes' if r['gram_route_in_rows'] else 'no'} | {r['path']} | {r['ms']:.1f} | "
+                  f"{r['gflops']:.1f} | {r['of_gemm']:.0%} (GEMM {r['gemm_gflops']:.1f}) |")
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "rows":
         rows_main(sys.argv[2:])
         return
@@ -429,7 +527,8 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_measure":
         n, impl, threads, budget, small, precision = sys.argv[2:8]
-        print(json.dumps(measure(int(n), impl, int(threads), budget or None, small == "1", precision)))
+        clock = sys.argv[8] if len(sys.argv) > 8 else "wall"
+        print(json.dumps(measure(int(n), impl, int(threads), budget or None, small == "1", precision, clock)))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[256, 512])
@@ -441,6 +540,8 @@ def main() -> None:
     ap.add_argument("--budget", default=None, help="memory budget (default: kernel_matrix's default)")
     ap.add_argument("--precision", default="highest")
     ap.add_argument("--small", action="store_true", help="a small CNN instead of ResNet-18 (smoke runs)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or the process's CPU time (with --threads 1)")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the packages this many times (medians in a second table)")
     ap.add_argument("--write", type=Path, help="write the rows as JSON here")
     args = ap.parse_args()
     rows = []
@@ -448,12 +549,15 @@ def main() -> None:
         for impl in args.impls:
             if impl == "1" and n > args.impl1_max_n:
                 continue
-            if args.baseline and n <= args.baseline_max_n:
-                rows.append(run_one(n, impl, args.threads, args.budget, args.small, "highest", args.baseline))
+            for _ in range(args.rounds):
+                if args.baseline and n <= args.baseline_max_n:
+                    rows.append(run_one(n, impl, args.threads, args.budget, args.small, "highest", args.baseline, args.clock))
+                    print(json.dumps(rows[-1]), flush=True)
+                rows.append(run_one(n, impl, args.threads, args.budget, args.small, args.precision, None, args.clock))
                 print(json.dumps(rows[-1]), flush=True)
-            rows.append(run_one(n, impl, args.threads, args.budget, args.small, args.precision, None))
-            print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
+    if args.rounds > 1:
+        print(medians(rows))
     if args.write:
         args.write.write_text(json.dumps(rows, indent=1))
 

@@ -180,8 +180,13 @@ def test_routes_are_decided_only_by_the_route_planner():
     assert not offences, offences
     text = {m: p.read_text() for m, p in _modules()}
     assert "PROBE_FLOPS = " in text[planner] and "MIN_SAVING = " in text[planner]
-    readers = {m for m, t in text.items() if re.search(r"\broutes\.(decide|on_tile|for_rows|forced)\(", t)} - {planner}
+    readers = {m for m, t in text.items() if re.search(r"\broutes\.(decide|on_tile|for_rows|rows_plan|forced)\(", t)} - {planner}
     assert readers == {"ntkfunc._engines.structured.kernel", "ntkfunc._engines.rows.structured"}, readers
+    # which path a contraction runs along (issue 23): chosen only in the planner, by price or measured seconds
+    choosers = {m for m, t in text.items() if re.search(r"\.run\([^)]*path=|\bPAIRED\b", t)} - {planner, "ntkfunc._engines.structured.plan"}
+    assert not choosers, choosers
+    gram_runners = {m for m, t in text.items() if re.search(r"gram_equation\([^\n]*\)\.run\(", t)}
+    assert not gram_runners, f"Gram equations run outside routes.contract: {gram_runners}"
     asks = {m for m, t in text.items() if "route_plan(" in t} - {"ntkfunc._engines.structured.kernel"}
     assert asks == {"ntkfunc._engines.auto", "ntkfunc.explain"}, asks
 

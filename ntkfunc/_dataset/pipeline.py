@@ -212,8 +212,9 @@ def kernel_matrix(
         committed = store.committed()  # by earlier runs: every marker read once
         recheck_committed(job, shape, store, tiles, committed)
         with explained_f_errors(API, job.params, {}, job.vmap_axes, without_vmap=WITHOUT_VMAP):
-            run(job, shape, store, planned, grid_block, tiles, workers, set(committed))
-        return finish(store, tiles, workers.rk, verify=output.verify, record=featured.run_record() if featured is not None else None)
+            passes = run(job, shape, store, planned, grid_block, tiles, workers, set(committed))
+        record = {**(featured.run_record() if featured is not None else {}), **passes}
+        return finish(store, tiles, workers.rk, verify=output.verify, record=record or None)
     finally:
         store.close()
 
@@ -393,8 +394,13 @@ def recheck_committed(job: Job, shape: Shape, store: Store, tiles: list[Tile], c
 
 
 def run(job: Job, shape: Shape, store: Store, planned: Planned, grid_block: int, tiles: list[Tile], workers: Workers,
-        done: set[str]) -> None:
-    """Compute and commit this rank's pending tiles (those not ``done``), panel by panel, on the workers' devices."""
+        done: set[str]) -> dict[str, Any]:
+    """Compute and commit this rank's pending tiles (those not ``done``), panel by panel, on the workers' devices.
+
+    Returns what the output's manifest records of the rows (empty without panels of per-sample gradients): ``{"rows_run": {"rows_computed":
+    per-sample rows this process formed, "passes_per_sample": that over the samples of both sides}}`` (a rank's own count
+    under ``torchrun``; a resumed run counts the rows of its pending tiles only).
+    """
     devices = workers.devices
     on_grid, mine = schedule(planned, shape.sizes(job.symmetric), grid_block, workers.rk, len(devices))
     todo = sorted((t for t in tiles if on_grid.panel_of(t.i0) in mine and t.key not in done), key=on_grid.ordering(shape.n1, job.symmetric))
@@ -403,11 +409,23 @@ def run(job: Job, shape: Shape, store: Store, planned: Planned, grid_block: int,
     runner = Runner(work, store, serial=not job.engine.thread_safe, background=isinstance(store, NpyStore))
     jobs = sorted(work.jobs(todo), key=lambda ts: mine.index(on_grid.panel_of(ts[0].i0)))
     bar = make_progress(workers.progress, len(tiles), len(done & {t.key for t in tiles}))
+    made: list[TileKernel] = []
+
+    def engine(dev: torch.device) -> TileKernel:
+        made.append(tile_kernel(job, shape, planned, on_grid, dev, alone=len(devices) == 1))
+        return made[-1]
+
     try:
         with matmul_precision(job.precision, devices):
-            runner.run(jobs, devices, lambda dev: tile_kernel(job, shape, planned, on_grid, dev, alone=len(devices) == 1), bar)
+            runner.run(jobs, devices, engine, bar)
     finally:
         bar.close()
+    panels = [m for m in made if isinstance(m, RowPanels)]
+    if not panels or job.sketch is not None:  # sketch=: the panels load stored features, no gradient pass
+        return {}
+    rows = sum(m.rows_computed for m in panels)
+    samples = shape.n1 + (0 if job.symmetric else shape.n2)
+    return {"rows_run": {"rows_computed": rows, "passes_per_sample": rows / samples}}
 
 
 def tile_kernel(job: Job, shape: Shape, planned: Planned, on_grid: DatasetPlan, dev: torch.device, *, alone: bool) -> TileKernel:

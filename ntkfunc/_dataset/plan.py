@@ -19,11 +19,11 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
+from ntkfunc._core.buffers import clock
 from ntkfunc._core.tiles import Tile
 from ntkfunc._engines.rows.source import CHUNK, Flops, SampleBytes, chunk_size
 
@@ -249,20 +249,18 @@ def assign(costs: Sequence[float], workers: int) -> list[list[int]]:
 
 
 def gemm_seconds(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, repeats: int = 3) -> float:
-    """Best-of-``repeats`` seconds of one ``(m x k) @ (k x n)`` product on ``device``."""
+    """Best-of-``repeats`` seconds of one ``(m x k) @ (k x n)`` product on ``device``: synchronized wall time on a GPU,
+    the process's CPU time on the CPU (:func:`~ntkfunc._core.buffers.clock`: other jobs sharing the cores do not move it,
+    where wall times of a shared machine made the widths' rates differ 2x from one measurement to the next)."""
     a = torch.randn(m, k, dtype=dtype, device=device)
     b = torch.randn(n, k, dtype=dtype, device=device)
     a @ b.T  # warm-up (allocation, kernel selection)
     best = math.inf
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0 = clock(device)
         a @ b.T
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        best = min(best, clock(device) - t0)
+    return max(best, 1e-9)
 
 
 def measured_rates(device: torch.device, dtype: torch.dtype, rows: int, candidates: Sequence[int] = (64, 128, 256, 512)) -> dict[int, float]:
@@ -289,6 +287,19 @@ def rows_needed(sizes: Sizes, block: int, panel: int) -> float:
     return total
 
 
+def pairs_computed(sizes: Sizes, block: int) -> float:
+    """Sample pairs the tiles of ``block`` samples multiply: with ``x2=None`` the tiles on and above the diagonal, whole
+    (the diagonal tiles' lower halves too: about ``N b / 2`` pairs beyond ``N (N + 1) / 2``).
+
+    >>> pairs_computed(Sizes(512, 512, True, False), 128), pairs_computed(Sizes(512, 512, True, False), 64), 512 * 513 / 2
+    (163840.0, 147456.0, 131328.0)
+    """
+    if not sizes.symmetric:
+        return float(sizes.n1 * sizes.n2)
+    ends = [min(sizes.n1, a + block) for a in range(0, sizes.n1, block)]
+    return float(sum(e * (e - a) for a, e in zip([0, *ends[:-1]], ends)))
+
+
 def tile_count(sizes: Sizes, block: int) -> int:
     """Tiles of ``block`` samples a side (on and above the diagonal with ``x2=None``; the diagonal when paired).
 
@@ -309,13 +320,14 @@ def choose_block(sample: SampleBytes, storage_ratio: float, usable: float, sizes
     room it leaves with one more block, when the panel does not hold all of x1) fixes the panel
     the budget holds, hence the rows computed.
     The estimate: rows x FLOPs per row plus pairs x Gram-route FLOPs per pair at the best rate,
-    plus pairs x the rows' product FLOPs at ``b``'s rate (the nearest measured width not wider).
-    Wide blocks multiply faster; narrow ones leave room for longer panels (fewer rows recomputed).
+    plus pairs x the rows' product FLOPs at ``b``'s rate (the nearest measured width not wider),
+    the pairs being those the tiles of ``b`` multiply (:func:`pairs_computed`).
+    Wide blocks multiply faster; narrow ones leave room for longer panels (fewer rows recomputed)
+    and waste less on the diagonal tiles of a symmetric kernel.
     ``on_disk``: the output is a file, whose tiles cost :data:`COMMIT_SECONDS` each to commit (added per
     tile); then the :data:`WIDE_BLOCKS` are candidates too.
     """
     commit_seconds = COMMIT_SECONDS if on_disk else 0.0
-    pairs = sizes.n1 * (sizes.n1 + 1) / 2 if sizes.symmetric else sizes.n1 * sizes.n2
     fastest = max(rates.values())
     measured = sorted(rates)
     candidates = {min(b, max(sizes.n1, sizes.n2)) for b in measured + (list(WIDE_BLOCKS) if commit_seconds else [])}
@@ -329,6 +341,7 @@ def choose_block(sample: SampleBytes, storage_ratio: float, usable: float, sizes
         if not p.panel:
             continue
         rate = rates[max([m for m in measured if m <= b] or [measured[0]])]
+        pairs = pairs_computed(sizes, p.block)
         seconds = (rows_needed(sizes, p.block, p.panel) * flops.row + pairs * flops.gram) / fastest + pairs * flops.product / rate
         seconds += commit_seconds * tile_count(sizes, p.block)
         if best is None or seconds < best[0]:

@@ -93,11 +93,11 @@ class StructuredRows:
         self.gram_flops = 0.0  # per sample pair, of the Gram-route parameters
         if routes not in ("price", "rows", "gram"):
             raise ValueError(f"StructuredRows(routes={routes!r}): expected 'price', 'rows' or 'gram'")
+        self.limit, self.budget = structured.memory_limit(problem, budget), budget
+        self.buffers = Buffers()  # the rules' work buffers (im2col patches, products), reused from chunk to chunk
         self.gram_params = self._gram_params(n1, n2, routes == "gram") if routes != "rows" else {}
         self.slots = Slots.of(problem, [k for k in range(len(problem.params.diff_leaves)) if k not in self.gram_params])
         self.fallback = sorted(self.cap.fallback)
-        self.limit = structured.memory_limit(problem, budget)
-        self.buffers = Buffers()  # the rules' work buffers (im2col patches, products), reused from chunk to chunk
         self._vmap: JacobianRows | None = None  # implementation 1's rows, where measured faster (:meth:`_way`)
         self.rows_wanted = True
         """Whether the caller needs the rows in one buffer; False where ``vmap(jacrev)``'s per-parameter results serve
@@ -110,14 +110,23 @@ class StructuredRows:
             return {}
         one = self._one_sample()
         o = math.prod(self.out_shape)
-        chosen = {}
+        candidates = {}
         for k, (e, role) in self.cap.covered.items():
-            prices = structured.block_prices(self.problem, 0, e, role, one, one)[0]
+            prices, gram = structured.block_prices(self.problem, 0, e, role, one, one)
             kept = self._factors(self.problem, one, {k: (e, role)}).nbytes()
             row = o * self.problem.params.diff_leaves[k].numel() * itemsize(self.problem.out_dtype)
-            if every or routes.for_rows(prices, n1, n2, kept, row).route == routes.GRAM:
-                chosen[k] = (e, role)
-                self.gram_flops += prices.gram.flops
+            candidates[k] = routes.RowCandidate(prices, gram, kept, row)
+        if every:
+            chosen = dict(self.cap.covered)
+        else:
+            rates = routes.Rates.measure(self.problem.device, self.problem.out_dtype, self.buffers.seconds)
+            fixed = sum(o * t.numel() * itemsize(self.problem.out_dtype) for k, t in enumerate(self.problem.params.diff_leaves)
+                        if k not in self.cap.covered)
+            pass_seconds = rates.seconds(plan.Price(row_flops(self.problem, self.out_shape)))
+            taken = routes.rows_plan(candidates, n1, n2, self.budget, rates, self.limit, pass_seconds, fixed)
+            chosen = {k: ek for k, ek in self.cap.covered.items() if taken[k].route == routes.GRAM}
+        for k in chosen:
+            self.gram_flops += candidates[k].prices.gram.flops
         return dict(sorted(chosen.items()))
 
     def sample_bytes(self) -> SampleBytes:
@@ -313,7 +322,7 @@ class StructuredRows:
     def gram(self, f1: Factors, f2: Factors) -> torch.Tensor | None:
         total: torch.Tensor | None = None
         for (s1, c1), (s2, c2) in zip(f1.terms, f2.terms):
-            part = plan.gram_equation(self.layout, True, s1, s2, c1, c2).run(self.limit)
+            part = routes.contract(plan.gram_equation(self.layout, True, s1, s2, c1, c2), self.limit, self.buffers.seconds)
             scale = s1.scale * s2.scale
             part = part if scale == 1.0 else part * scale
             total = part if total is None else total + part

@@ -228,7 +228,7 @@ def gram_block(k: int, grams: list[plan.Equation], scales: list[complex | float]
     """Parameter ``k``'s block by the Gram route: its equations (one per pair of uses), each times its scale, summed."""
     parts = []
     for g, scale in zip(grams, scales):
-        part = g.run(memory_limit, sharing)
+        part = routes.contract(g, memory_limit, None, sharing)
         parts.append(part if scale == 1.0 else part * scale)
     return sum(parts[1:], parts[0])
 

@@ -10,12 +10,15 @@ For one covered parameter θ and one pair of sample blocks there are two exact r
 
 :func:`gram_equation` and :func:`jacobian_equation` build the einsums (with the output-axis
 letters of :class:`~ntkfunc._core.layout.Layout`: traced axes summed, diagonal axes shared);
-:func:`flops` prices an equation with opt_einsum's ``contract_path`` (cached per equation and
-shapes), :func:`price` adds what its non-BLAS steps write (:data:`TRAFFIC_FLOPS`),
+:func:`paths` gives the contraction paths an equation may take (opt_einsum's optimal one and, for
+a Gram equation, :data:`PAIRED`: one GEMM per pair of matching factors), each priced step by step
+with opt_einsum's ``contract_path`` (cached per equation and shapes): :func:`flops`, and
+:func:`price`, which adds what its non-BLAS steps write (:data:`TRAFFIC_FLOPS`),
 :func:`contract` runs it along a path cached the same way (inside :class:`Sharing`, the
 contractions of one primitive reuse each other's steps), and :class:`RouteCost` holds both
-routes' prices and their comparison. Which route a parameter takes is decided in
-:mod:`~ntkfunc._engines.structured.routes` alone, from these prices; the structured engine,
+routes' prices and their comparison. Which route a parameter takes, and which path a contraction
+runs along, is decided in :mod:`~ntkfunc._engines.structured.routes` alone, from these prices (and
+its measured :class:`~ntkfunc._engines.structured.routes.Rates`); the structured engine,
 ``"auto"``, the per-sample rows and ``explain`` read it there.
 """
 
@@ -43,15 +46,23 @@ class Equation:
 
     eq: str
     tensors: tuple[torch.Tensor, ...]
+    side: int = 0
+    """A Gram equation's operands per side (its first ``side`` operands are x1's, the next ``side`` x2's, in the
+    same order); 0 for other equations."""
 
     @property
     def shapes(self) -> Shapes:
         return tuple(tuple(t.shape) for t in self.tensors)
 
     @property
+    def paths(self) -> tuple[Path, ...]:
+        """The contraction paths it may run along (:func:`paths`), priced."""
+        return paths(self.eq, self.shapes, self.side)
+
+    @property
     def price(self) -> Price:
-        """What contracting it costs (after removing trivial axes): FLOPs and non-BLAS traffic."""
-        return price(self.eq, self.shapes)
+        """What contracting it costs along its cheapest path (after removing trivial axes): FLOPs and non-BLAS traffic."""
+        return min(self.paths, key=lambda q: q.price.cost).price
 
     @property
     def flops(self) -> int:
@@ -64,9 +75,12 @@ class Equation:
         sizes = {ch: d for term, shape in zip(lhs.split(","), self.shapes) for ch, d in zip(term, shape)}
         return tuple(sizes[ch] for ch in out)
 
-    def run(self, memory_limit: int | None, sharing: Sharing | None = None) -> torch.Tensor:
-        """The contraction, along opt_einsum's path cached per equation and shapes."""
-        return contract(self.eq, self.tensors, memory_limit, sharing)
+    def run(self, memory_limit: int | None, sharing: Sharing | None = None, path: Path | None = None) -> torch.Tensor:
+        """The contraction along ``path`` (one of :attr:`paths`; default: opt_einsum's optimal path within ``memory_limit``).
+
+        Which of its paths an equation runs along is :func:`~ntkfunc._engines.structured.routes.contract`'s choice.
+        """
+        return contract(self.eq, self.tensors, memory_limit, sharing, None if path is None else path.steps)
 
     def form(self, memory_limit: int | None) -> torch.Tensor:
         """The contraction as a contiguous tensor (a side's ``∂f/∂θ``), by :func:`broadcast_matmul` where that copies less."""
@@ -123,7 +137,27 @@ def gram_equation(lay: Layout, vmapped: bool, s1: Structure, s2: Structure, c1: 
     theta = {ch: sym.new() for ch in s1.theta}
     terms1, tensors1 = _factors(s1, c1, lhs1, dict(theta), vmapped, sym)
     terms2, tensors2 = _factors(s2, c2, lhs2, dict(theta), vmapped, sym)
-    return Equation(",".join(terms1 + terms2) + "->" + out, tuple(tensors1 + tensors2))
+    return Equation(",".join(terms1 + terms2) + "->" + out, tuple(tensors1 + tensors2), len(terms1))
+
+
+def probe_equation(gram: Equation, samples: int) -> Equation:
+    """``gram`` (a Gram equation of one sample a side, batch-first) on random factors of ``samples`` samples a side.
+
+    Its sample letters are the first of each side's first term; an operand shared by all samples keeps its shape.
+
+    >>> g = Equation("ai,aj,bi,bj->ab", (torch.ones(1, 3), torch.ones(1, 2), torch.ones(1, 3), torch.ones(1, 2)), 2)
+    >>> probe_equation(g, 4).shapes
+    ((4, 3), (4, 2), (4, 3), (4, 2))
+    """
+    terms = gram.eq.split("->")[0].split(",")
+    if not gram.side:
+        raise ValueError(f"probe_equation: {gram.eq!r} is no Gram equation (side=0)")
+    letters = {terms[0][0], terms[gram.side][0]}
+    tensors = []
+    for term, t in zip(terms, gram.tensors):
+        shape = (samples, *t.shape[1:]) if term and term[0] in letters else tuple(t.shape)
+        tensors.append(torch.randn(shape, dtype=t.dtype, device=t.device))
+    return Equation(gram.eq, tuple(tensors), gram.side)
 
 
 def jacobian_equation(lay: Layout, vmapped: bool, s: Structure, c: torch.Tensor) -> Equation:
@@ -219,10 +253,35 @@ def presum_plan(eq: str, shapes: Shapes) -> tuple[str, Shapes, tuple[tuple[tuple
     return ",".join(new_terms) + "->" + out, tuple(new_shapes), tuple(how)
 
 
+Steps = tuple[tuple[int, ...], ...]
+
+OPTIMAL = "optimal"
+"""A :class:`Path`'s name: opt_einsum's optimal path (fewest FLOPs within the memory limit)."""
+
+PAIRED = "paired"
+"""A :class:`Path`'s name, Gram equations only: each x1 factor contracted with its x2 counterpart first (one GEMM
+each, e.g. ``c₁c₂ᵀ`` over a convolution's output channels and ``x₁x₂ᵀ`` over its patches, both
+``(b·positions) x (b·positions)``), then their elementwise product summed over the position pairs. opt_einsum
+may instead form the per-sample gradient first (a 1x1 convolution on 4x4 maps: fewer FLOPs, no GEMM)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Path:
+    """One way of contracting an equation: ``steps`` in opt_einsum's format (None: its optimal path), priced.
+
+    ``largest``: the largest intermediate's elements.
+    """
+
+    name: str
+    steps: Steps | None
+    price: Price
+    largest: int
+
+
 @functools.lru_cache(maxsize=8192)
-def _path_price(eq: str, shapes: Shapes) -> Price:
-    """opt_einsum's optimal path of ``eq`` on ``shapes``, priced step by step."""
-    info = opt_einsum.contract_path(eq, *shapes, shapes=True)[1]
+def _path(eq: str, shapes: Shapes, name: str, steps: Steps | None) -> Path:
+    """``eq`` on ``shapes`` along ``steps`` (None: opt_einsum's optimal path), priced step by step."""
+    info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=list(steps) if steps is not None else "auto")[1]
     sizes = {ch: d for term, shape in zip(eq.split("->")[0].split(","), shapes) for ch, d in zip(term, shape)}
     flops = traffic = 0.0
     for _, removed, step, _, blas in info.contraction_list:
@@ -231,13 +290,39 @@ def _path_price(eq: str, shapes: Shapes) -> Price:
         flops += opt_einsum.helpers.flop_count(letters, bool(removed), len(inputs.split(",")), sizes)
         if not blas:
             traffic += math.prod(sizes[ch] for ch in output)
-    return Price(flops, traffic)
+    return Path(name, steps, Price(flops, traffic), int(info.largest_intermediate))
+
+
+def paired_steps(side: int) -> Steps:
+    """opt_einsum's path of :data:`PAIRED` for ``side`` factors a side: factor ``i`` of x1 with factor ``i`` of x2, then the pairs.
+
+    >>> paired_steps(2)   # [c1, x1, c2, x2] -> [x1, x2, c1c2] -> [c1c2, x1x2] -> result
+    ((0, 2), (0, 1), (0, 1))
+    """
+    ids: list[object] = list(range(2 * side))
+    steps: list[tuple[int, ...]] = []
+    for i in range(side):
+        a, b = ids.index(i), ids.index(side + i)
+        steps.append((a, b))
+        ids = [j for j in ids if j not in (i, side + i)] + [("pair", i)]
+    if side > 1:
+        steps.append(tuple(range(side)))
+    return tuple(steps)
+
+
+def paths(eq: str, shapes: Shapes, side: int = 0) -> tuple[Path, ...]:
+    """The paths ``eq`` on ``shapes`` may run along (trivial axes removed first, as :func:`contract` does):
+    opt_einsum's optimal one and, for a Gram equation of ``side`` factors a side (two or more), :data:`PAIRED`."""
+    new_eq, new_shapes, _ = presum_plan(eq, shapes)
+    found = [_path(new_eq, new_shapes, OPTIMAL, None)]
+    if side >= 2:
+        found.append(_path(new_eq, new_shapes, PAIRED, paired_steps(side)))
+    return tuple(found)
 
 
 def price(eq: str, shapes: Shapes) -> Price:
-    """The :class:`Price` of contracting ``eq`` on ``shapes`` (trivial axes removed first, as :func:`contract` does)."""
-    new_eq, new_shapes, _ = presum_plan(eq, shapes)
-    return _path_price(new_eq, new_shapes)
+    """The :class:`Price` of contracting ``eq`` on ``shapes`` along opt_einsum's optimal path (trivial axes removed first)."""
+    return paths(eq, shapes)[0].price
 
 
 def flops(eq: str, shapes: Shapes) -> int:
@@ -246,8 +331,10 @@ def flops(eq: str, shapes: Shapes) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def expression(eq: str, shapes: Shapes, memory_limit: int | None) -> Any:
-    """opt_einsum's compiled contraction of ``eq`` on ``shapes`` (its path found once)."""
+def expression(eq: str, shapes: Shapes, memory_limit: int | None, steps: Steps | None = None) -> Any:
+    """opt_einsum's compiled contraction of ``eq`` on ``shapes`` along ``steps`` (None: its optimal path, found once)."""
+    if steps is not None:
+        return opt_einsum.contract_expression(eq, *shapes, optimize=list(steps))
     return opt_einsum.contract_expression(eq, *shapes, memory_limit=memory_limit)
 
 
@@ -327,14 +414,16 @@ def broadcast_matmul(eq: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor 
     return y.permute([order.index(ch) for ch in out]).contiguous()
 
 
-def contract(eq: str, tensors: Sequence[torch.Tensor], memory_limit: int | None, sharing: Sharing | None = None) -> torch.Tensor:
-    """``eq`` on ``tensors``, trivial axes removed first, along a path cached per equation and shapes."""
+def contract(eq: str, tensors: Sequence[torch.Tensor], memory_limit: int | None, sharing: Sharing | None = None,
+             steps: Steps | None = None) -> torch.Tensor:
+    """``eq`` on ``tensors``, trivial axes removed first, along ``steps`` (None: opt_einsum's optimal path), cached per
+    equation and shapes."""
     new_eq, shapes, how = presum_plan(eq, tuple(tuple(t.shape) for t in tensors))
     if sharing is None:
         ready = [_prepare(t, sq, sm) for t, (sq, sm) in zip(tensors, how)]
     else:
         ready = [sharing.prepare(t, sq, sm) for t, (sq, sm) in zip(tensors, how)]
-    return expression(new_eq, shapes, memory_limit)(*ready, backend="torch")
+    return expression(new_eq, shapes, memory_limit, steps)(*ready, backend="torch")
 
 
 @dataclasses.dataclass(frozen=True)

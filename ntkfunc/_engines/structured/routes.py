@@ -21,7 +21,12 @@ Every caller reads its decision from here, priced by :mod:`~ntkfunc._engines.str
 - :func:`on_tile`: for a probed parameter, :data:`GRAM` or :data:`FORMED` on one tile of the
   kernel (side Jacobians already formed for the tile's row are free);
 - :func:`for_rows`: :data:`GRAM` or :data:`FORMED` rows for ``kernel_matrix``'s per-sample rows
-  (Gram route only where its factors also take less memory than the row).
+  (Gram route only where its factors also take less memory than the row), in seconds at the
+  measured :class:`Rates` where a caller has them, the Gram route's seconds measured on a probe
+  tile where the two prices are close (:data:`CLOSE`);
+- :func:`contract`: which contraction path a Gram equation runs along (opt_einsum's optimal path
+  or the two GEMMs of :data:`~ntkfunc._engines.structured.plan.PAIRED`), measured on its first
+  run per shape where a caller keeps a table of seconds, else the cheaper priced.
 
 ``explain`` reports these same decisions, so it shows the route that runs.
 """
@@ -30,8 +35,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
+import torch
+
+from ntkfunc._core.buffers import clock
 from ntkfunc._engines.structured import plan
 from ntkfunc._engines.structured.capture import Capture
 
@@ -247,15 +255,171 @@ def on_tile(prices: plan.Prices, formed1: bool, formed2: bool) -> Route:
     return Route(GRAM if cost.use_gram else FORMED, cost)
 
 
-def for_rows(prices: plan.Prices, n1: int, n2: int, kept_bytes: int, row_bytes: int) -> Route:
+def for_rows(prices: plan.Prices, n1: int, n2: int, kept_bytes: int, row_bytes: int, rates: Rates | None = None,
+             gram: plan.Equation | None = None, memory_limit: int | None = None, passes: float = 0.0) -> Route:
     """A covered parameter's route in per-sample rows for an ``n1 x n2`` kernel: :data:`GRAM` or :data:`FORMED`.
 
     :data:`GRAM` (its factors kept, no slot in the rows) when that is cheaper for the whole
     kernel and its factors take less memory than its row (``kept_bytes < row_bytes``).
+    Cheaper: by :class:`~ntkfunc._engines.structured.plan.Price` cost; given ``rates``, in
+    seconds (:meth:`Rates.seconds`), the rows' side charged ``passes`` seconds for the gradient
+    passes its bytes add (:func:`rows_plan`), and where the two are within a factor :data:`CLOSE`
+    and ``gram`` (the one-sample Gram equation) is given, the Gram route's seconds per sample pair
+    measured on a probe tile (:meth:`Rates.gram_seconds`).
     """
     cost = prices.scaled(n1, n2, n1 + n2)
-    if not cost.use_gram:
+    why = ""
+    if rates is not None:
+        gram_s, rows_s = rates.seconds(cost.gram), rates.seconds(cost.jacobian) + passes
+        how = "priced"
+        if gram is not None and 1 / CLOSE < gram_s / rows_s < CLOSE:
+            gram_s, how = rates.gram_seconds(gram, memory_limit) * n1 * n2, "measured"
+        why = f"Gram route {gram_s:.3g} s ({how}), rows {rows_s:.3g} s at the measured rates"
+        if passes:
+            why += f" (of which {passes:.3g} s for the gradient passes its row bytes add)"
+        if gram_s >= rows_s:
+            return Route(FORMED, cost, why)
+    elif not cost.use_gram:
         return Route(FORMED, cost)
     if kept_bytes >= row_bytes:
         return Route(FORMED, cost, f"rows: its factors ({kept_bytes} bytes) take no less memory than its row ({row_bytes} bytes)")
-    return Route(GRAM, cost)
+    return Route(GRAM, cost, why)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowCandidate:
+    """A covered parameter's pieces for :func:`rows_plan`: its one-sample ``prices`` and Gram equation, the bytes of its
+    factors (``kept``) and of its row (``row``), per sample."""
+
+    prices: plan.Prices
+    gram: plan.Equation
+    kept: int
+    row: int
+
+
+def rows_plan(candidates: Mapping[int, RowCandidate], n1: int, n2: int, room: float, rates: Rates | None,
+              memory_limit: int | None, pass_seconds: float = 0.0, fixed: int = 0) -> dict[int, Route]:
+    """Every covered parameter's route in per-sample rows for an ``n1 x n2`` kernel (:func:`for_rows`).
+
+    ``room``: bytes for a panel's rows; ``fixed``: row bytes per sample of the parameters that are no candidates;
+    ``pass_seconds``: one sample's gradient pass. First by price (at the measured ``rates``). Then, where the x1
+    rows would not fit in one panel, a row's bytes add gradient passes (``n1 n2 row / (2 room)`` of them, the
+    derivative of a symmetric kernel's ``n1 (m + 1) / 2`` passes over ``m = n1 width / room`` panels), charged to
+    its rows route; where they would, the routes priced within :data:`CLOSE` are decided by the Gram route's
+    measured seconds (:meth:`Rates.gram_seconds`).
+    """
+    priced = {k: for_rows(c.prices, n1, n2, c.kept, c.row, rates) for k, c in candidates.items()}
+    if rates is None:
+        return priced
+    width = fixed + sum(c.row for k, c in candidates.items() if priced[k].route == FORMED)
+    chosen = dict(priced)
+    for k, c in sorted(candidates.items(), key=lambda kc: -kc[1].row):
+        has_row = chosen[k].route == FORMED
+        without = width - (c.row if has_row else 0)
+        passes = 0.0
+        if n1 * (without + c.row) > room:
+            passes = n1 * n2 * c.row / (2 * room) * pass_seconds
+        chosen[k] = for_rows(c.prices, n1, n2, c.kept, c.row, rates, c.gram if not passes else None, memory_limit, passes)
+        width = without + (c.row if chosen[k].route == FORMED else 0)
+    return chosen
+
+
+CLOSE = 2.0
+""":func:`for_rows`: where the priced seconds of the two routes are within this factor, the Gram route is measured."""
+
+PROBE_SAMPLES = 64
+"""Samples a side of the probe tile on which :meth:`Rates.gram_seconds` times a Gram equation."""
+
+
+class Rates:
+    """The measured rates that routes are priced at: the calibration object (one per row source; no global state).
+
+    ``gemm``: FLOP/s of the row products (a ``(128 x 8192) @ (8192 x 128)`` product); ``element``: seconds
+    per element a non-GEMM step writes (a permuted copy); ``call``: seconds of one small contraction call;
+    ``table``: measured seconds by key, each key a job and each entry a way of doing it (the format of
+    :attr:`~ntkfunc._core.buffers.Buffers.seconds`, which a row source may share): :func:`contract`'s
+    paths, :meth:`gram_seconds`' probes. :meth:`measure` times the three rates once (about 50 ms).
+
+    >>> r = Rates(gemm=1e11, element=3e-9, call=1e-4)
+    >>> round(r.seconds(plan.Price(2e11, 1e6, 1)), 6)   # 2 s of FLOPs, 3 ms of writes, one call
+    2.0031
+    """
+
+    def __init__(self, gemm: float, element: float, call: float, table: dict[Hashable, dict[str, float]] | None = None) -> None:
+        self.gemm, self.element, self.call = gemm, element, call
+        self.table: dict[Hashable, dict[str, float]] = {} if table is None else table
+
+    def seconds(self, price: plan.Price) -> float:
+        """``price`` in seconds at these rates."""
+        return price.flops / self.gemm + price.traffic * self.element + price.calls * self.call
+
+    @classmethod
+    def measure(cls, device: torch.device, dtype: torch.dtype, table: dict[Hashable, dict[str, float]] | None = None) -> Rates:
+        """Each rate from its best of three timings on ``device`` (CPU time on the CPU, synchronized wall time on a GPU)."""
+        a = torch.randn(128, 8192, dtype=dtype, device=device)
+        b = torch.randn(1 << 20, dtype=dtype, device=device).view(64, 128, 128)
+        s = torch.randn(4, 8, dtype=dtype, device=device)
+        gemm = 2.0 * 128 * 128 * 8192 / _best(device, lambda: a @ a.T)
+        element = _best(device, lambda: b.permute(2, 0, 1).contiguous()) / b.numel()
+        call = _best(device, lambda: plan.contract("ab,cb->ac", (s, s), None))
+        return cls(gemm, element, call, table)
+
+    def gram_seconds(self, gram: plan.Equation, memory_limit: int | None) -> float:
+        """Seconds per sample pair of ``gram`` (a Gram equation) on a probe tile of :data:`PROBE_SAMPLES` x
+        :data:`PROBE_SAMPLES` random samples of its shapes, along its fastest path (:func:`contract`); once per shapes."""
+        probe = plan.probe_equation(gram, PROBE_SAMPLES)
+        key = ("gram probe", probe.eq, probe.shapes)
+        if key not in self.table:
+            device = probe.tensors[0].device
+            contract(probe, memory_limit, self.table)  # warm-up; measures the paths
+            self.table[key] = {"seconds": _best(device, lambda: contract(probe, memory_limit, self.table), 1) / PROBE_SAMPLES ** 2}
+        return self.table[key]["seconds"]
+
+
+def _best(device: torch.device, fn: object, repeats: int = 3) -> float:
+    """Best of ``repeats`` timings of ``fn()`` after a warm-up."""
+    assert callable(fn)
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = clock(device)
+        fn()
+        best = min(best, clock(device) - t0)
+    return max(best, 1e-9)
+
+
+def contract(eq: plan.Equation, memory_limit: int | None, table: dict[Hashable, dict[str, float]] | None = None,
+             sharing: plan.Sharing | None = None) -> torch.Tensor:
+    """``eq`` contracted along its fastest path: the one decision of which path a contraction runs along.
+
+    The candidates are its :attr:`~ntkfunc._engines.structured.plan.Equation.paths` whose intermediates fit
+    ``memory_limit``. Without ``table``, or with one candidate, the cheapest priced. With ``table`` (measured
+    seconds by key and way: a row source's :attr:`~ntkfunc._core.buffers.Buffers.seconds`), the first call
+    for these shapes runs each candidate once, timed (CPU time on the CPU, synchronized wall time on a GPU),
+    and returns the last result; every later call runs the fastest measured.
+
+    >>> import torch
+    >>> eq = plan.Equation("at,bt->ab", (torch.ones(2, 3), torch.ones(4, 3)))
+    >>> table = {}
+    >>> contract(eq, None, table).shape, list(table[("contract", eq.eq, eq.shapes)])
+    (torch.Size([2, 4]), ['optimal'])
+    """
+    fits = [q for q in eq.paths if q.steps is None or memory_limit is None or q.largest <= memory_limit]
+    if table is None or len(fits) == 1:
+        if table is not None:
+            table.setdefault(("contract", eq.eq, eq.shapes), {fits[0].name: 0.0})
+        return eq.run(memory_limit, sharing, min(fits, key=lambda q: q.price.cost))
+    key = ("contract", eq.eq, eq.shapes)
+    measured = table.get(key)
+    if measured is None or any(q.name not in measured for q in fits):
+        measured = table.setdefault(key, {})
+        device = eq.tensors[0].device
+        out: torch.Tensor | None = None
+        for q in fits:
+            t0 = clock(device)
+            out = eq.run(memory_limit, sharing, q)
+            measured[q.name] = clock(device) - t0
+        assert out is not None
+        return out
+    best = min(fits, key=lambda q: measured[q.name])
+    return eq.run(memory_limit, sharing, best)
