@@ -48,7 +48,8 @@ class Equation:
     tensors: tuple[torch.Tensor, ...]
     side: int = 0
     """A Gram equation's operands per side (its first ``side`` operands are x1's, the next ``side`` x2's, in the
-    same order); 0 for other equations."""
+    same order); 0 for other equations and for Gram equations whose sides have different numbers of factors (tied
+    structures such as weight_norm's), which have no :data:`PAIRED` path."""
 
     @property
     def shapes(self) -> Shapes:
@@ -137,7 +138,8 @@ def gram_equation(lay: Layout, vmapped: bool, s1: Structure, s2: Structure, c1: 
     theta = {ch: sym.new() for ch in s1.theta}
     terms1, tensors1 = _factors(s1, c1, lhs1, dict(theta), vmapped, sym)
     terms2, tensors2 = _factors(s2, c2, lhs2, dict(theta), vmapped, sym)
-    return Equation(",".join(terms1 + terms2) + "->" + out, tuple(tensors1 + tensors2), len(terms1))
+    side = len(terms1) if len(terms1) == len(terms2) else 0  # tied structures (weight_norm's g and v) may differ in factors
+    return Equation(",".join(terms1 + terms2) + "->" + out, tuple(tensors1 + tensors2), side)
 
 
 def probe_equation(gram: Equation, samples: int) -> Equation:

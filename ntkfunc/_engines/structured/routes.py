@@ -367,6 +367,8 @@ class Rates:
     def gram_seconds(self, gram: plan.Equation, memory_limit: int | None) -> float:
         """Seconds per sample pair of ``gram`` (a Gram equation) on a probe tile of :data:`PROBE_SAMPLES` x
         :data:`PROBE_SAMPLES` random samples of its shapes, along its fastest path (:func:`contract`); once per shapes."""
+        if not gram.side:  # factors that do not pair side by side: no probe, priced at the rates
+            return self.seconds(gram.price)
         probe = plan.probe_equation(gram, PROBE_SAMPLES)
         key = ("gram probe", probe.eq, probe.shapes)
         if key not in self.table:
