@@ -355,17 +355,10 @@ def rows_measure() -> dict:
 
 def grads_measure(name: str, reps: int) -> dict:
     """``rows --jacobian-fn`` in this process: CPU seconds of ``jacobian_fn(loss)`` and ``vmap(grad)`` on one model."""
-    import importlib.util
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peer_models import load
 
-    import torch
-
-    torch.set_num_threads(1)
-    import ntkfunc  # first: the package on PYTHONPATH, whatever bench_peers puts on sys.path
-
-    spec = importlib.util.spec_from_file_location("_bench_peers", ROOT / "benchmarks" / "bench_peers.py")
-    assert spec is not None and spec.loader is not None
-    bp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bp)
+    ntkfunc, bp = load(threads=1)
     model, x, y = bp.build(name, bp.config(False)[name]["grads"])
     params = bp.named_params(model)
     jac = ntkfunc.jacobian_fn(bp.per_sample_loss(model))

@@ -13,7 +13,6 @@ a 23 GB machine.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -28,14 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def measure(n: int, rounds: int) -> dict:
     """In this process: CPU seconds of implementation 2 and of the tutorial's method, interleaved."""
     import torch
+    from peer_models import load
 
-    torch.set_num_threads(1)
-    import ntkfunc  # first: the package on PYTHONPATH, whatever bench_peers puts on sys.path
-
-    spec = importlib.util.spec_from_file_location("_bench_peers", ROOT / "benchmarks" / "bench_peers.py")
-    assert spec is not None and spec.loader is not None
-    bp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bp)
+    ntkfunc, bp = load(threads=1)
     model, x, _ = bp.build("resnet18", n)
     f, params = ntkfunc.from_module(model)
     ntk = ntkfunc.ntk_fn(f, implementation=2, trace_axes=())
