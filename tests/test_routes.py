@@ -54,8 +54,11 @@ def _kernel_by_path(source, problem, x1, x2, name):
     return k / lay.trace_size(problem.out_shapes1[0]), taken
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("name", [plan.OPTIMAL, plan.PAIRED])
+PATHS = [(case, name) for case in sorted(CASES) for name in (plan.OPTIMAL, plan.PAIRED)] + [
+    (case, plan.INPUT_GRAM) for case in sorted(CASES) if "CNN" in case]  # convolutions' kernels only
+
+
+@pytest.mark.parametrize(("case", "name"), PATHS)
 def test_each_path_of_the_gram_route_equals_the_reference(case, name):
     """Every Gram equation along each of its paths: the kernel equals the float64 reference (two shapes a case)."""
     build, shape, trace = CASES[case]

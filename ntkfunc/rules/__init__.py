@@ -27,6 +27,7 @@ from ntkfunc.rules.base import (
     Rule,
     Structure,
     Tensor,
+    Window,
     bind,
     check_structure,
     disabled,
@@ -45,5 +46,6 @@ from ntkfunc.rules import attention, concat, conv, elementwise, embedding, linea
 
 __all__ = [
     "EXPANSIONS", "LETTERS", "RULES", "Bound", "Factorable", "IsParam", "Meta", "PaddedFactors", "Rule", "Structure",
-    "Tensor", "bind", "check_structure", "disabled", "einsum_structure", "enabled", "expand", "expansion", "forced", "is_forced", "lookup", "register",
+    "Tensor", "Window",
+    "bind", "check_structure", "disabled", "einsum_structure", "enabled", "expand", "expansion", "forced", "is_forced", "lookup", "register",
 ]

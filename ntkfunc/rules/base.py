@@ -88,6 +88,9 @@ class Structure:
       operands: ``(letters, tensor)`` pairs; each tensor has a leading sample axis (of size
         ``b``, the block of samples, or 1 when shared by all) that the letters do not name.
       scale: constant factor of ``∂y/∂θ`` (e.g. ``-1`` for ``a - θ``).
+      window: where one operand is the patches of an input under a convolution window, that input and the
+        window (:class:`Window`): the Gram route may then contract the input's own Gram instead of the
+        patches'. None otherwise; a transformation that renames letters or reshapes operands drops it.
     """
 
     y_shape: tuple[int, ...]
@@ -95,6 +98,29 @@ class Structure:
     theta: str
     operands: list[tuple[str, Tensor]]
     scale: complex | float = 1.0
+    window: Window | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Operand ``operand`` of a :class:`Structure` is the patches of ``x`` under a convolution window.
+
+    ``x`` ``(n, *batch sizes, *spatial)`` (leading sample axis as the operand's) is the unpadded input: its
+    axes after the sample axis are named ``batch`` (letters the patches share with it, same sizes) then one
+    axis per spatial axis, which the patches replace by their output positions (letters ``positions``) and
+    window offsets (letters ``offsets``): ``patches[..., s, k] = x_padded[..., stride s + dilation k]``, with
+    ``x`` zero-padded by ``pads`` ``(left, right)`` per axis (negative: cropped).
+    """
+
+    operand: int
+    x: Tensor
+    batch: str
+    positions: str
+    offsets: str
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ntkfunc._core.buffers import Buffers, clock
-from ntkfunc.rules.base import Bound, Factorable, IsParam, PaddedFactors, Rule, Structure, Tensor, register
+from ntkfunc.rules.base import Bound, Factorable, IsParam, PaddedFactors, Rule, Structure, Tensor, Window, register
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -283,13 +283,17 @@ class _Conv(Rule):
             full = [(v * (k - 1) - p, v * (k - 1) - p + op) for v, k, (p, _), op in zip(dil, kernel, pads, opad)]
             x = patches(x, kernel, (1,) * d, dil, full).flip(list(range(-d, 0)))
             theta = "gir" + ks  # W: (in, out/groups, *k) = (g, in/g, out/g, *k)
+            window = None
         else:
+            # the Gram route may contract the input's own Gram over channels, then shift-sum it over the window
+            window = Window(0, x.reshape(n, m, g, ci // g, *x.shape[2:]), "pgi", sp, ks, kernel, meta.stride, meta.dilation,
+                            meta.pads)
             x = patches(x, kernel, meta.stride, meta.dilation, meta.pads)
             theta = "gri" + ks  # W: (out, in/groups, *k) = (g, out/g, in/g, *k)
         if tuple(x.shape[2 : 2 + d]) != tuple(out_sp):
             raise RuntimeError(f"conv rule: patches of spatial shape {tuple(x.shape[2:2 + d])}, expected {tuple(out_sp)}")
         x = x.reshape(n, m, g, ci // g, *x.shape[2:])
-        return Structure((m, g, co // g, *out_sp), "pgr" + sp, theta, [("pgi" + sp + ks, x)])
+        return Structure((m, g, co // g, *out_sp), "pgr" + sp, theta, [("pgi" + sp + ks, x)], window=window)
 
     def window_size(self, meta: ConvMeta) -> int:
         return math.prod(meta.kernel)

@@ -116,11 +116,16 @@ class Factors:
                 pieces = [s.operands[i][1] for s in sts]
                 shared = all(p.shape[0] == 1 for p in pieces) and any(c.shape[0] > 1 for c in (p.terms[k][1] for p in parts))
                 ops.append((letters, pieces[0] if shared else torch.cat(pieces)))
-            terms.append((dataclasses.replace(sts[0], operands=ops), torch.cat([p.terms[k][1] for p in parts])))
+            window = sts[0].window  # a convolution's input, for the Gram route from the input's own Gram
+            if window is not None:
+                window = None if any(s.window is None for s in sts) else dataclasses.replace(
+                    window, x=torch.cat([s.window.x for s in sts if s.window is not None]))
+            terms.append((dataclasses.replace(sts[0], operands=ops, window=window), torch.cat([p.terms[k][1] for p in parts])))
         return Factors(terms)
 
     def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() + sum(t.numel() * t.element_size() for _, t in s.operands) for s, c in self.terms)
+        return sum(c.numel() * c.element_size() + sum(t.numel() * t.element_size() for _, t in s.operands)
+                   + (0 if s.window is None else s.window.x.numel() * s.window.x.element_size()) for s, c in self.terms)
 
 
 class RowSource(Protocol):

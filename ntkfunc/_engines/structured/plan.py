@@ -11,7 +11,8 @@ For one covered parameter θ and one pair of sample blocks there are two exact r
 :func:`gram_equation` and :func:`jacobian_equation` build the einsums (with the output-axis
 letters of :class:`~ntkfunc._core.layout.Layout`: traced axes summed, diagonal axes shared);
 :func:`paths` gives the contraction paths an equation may take (opt_einsum's optimal one and, for
-a Gram equation, :data:`PAIRED`: one GEMM per pair of matching factors), each priced step by step
+a Gram equation, :data:`PAIRED`: one GEMM per pair of matching factors; for a convolution kernel's Gram
+equation also :data:`INPUT_GRAM`: the input's own Gram and shifted sums of it), each priced step by step
 with opt_einsum's ``contract_path`` (cached per equation and shapes): :func:`flops`, and
 :func:`price`, which adds what its non-BLAS steps write (:data:`TRAFFIC_FLOPS`),
 :func:`contract` runs it along a path cached the same way (inside :class:`Sharing`, the
@@ -26,16 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import opt_einsum
 import torch
 from torch.overrides import TorchFunctionMode
 
 from ntkfunc._core.layout import Layout
-from ntkfunc.rules import Structure, expansion
+from ntkfunc.rules import Structure, Window, expansion
 
 Shapes = tuple[tuple[int, ...], ...]
 
@@ -50,6 +52,9 @@ class Equation:
     """A Gram equation's operands per side (its first ``side`` operands are x1's, the next ``side`` x2's, in the
     same order); 0 for other equations and for Gram equations whose sides have different numbers of factors (tied
     structures such as weight_norm's), which have no :data:`PAIRED` path."""
+    windows: Windowed | None = None
+    """A Gram equation whose factor ``windows.spec.index`` of each side is a convolution's patches: their inputs and
+    window, for the :data:`INPUT_GRAM` path (None: no such path)."""
 
     @property
     def shapes(self) -> Shapes:
@@ -57,8 +62,11 @@ class Equation:
 
     @property
     def paths(self) -> tuple[Path, ...]:
-        """The contraction paths it may run along (:func:`paths`), priced."""
-        return paths(self.eq, self.shapes, self.side)
+        """The contraction paths it may run along (:func:`paths`, and :data:`INPUT_GRAM` where it has ``windows``), priced."""
+        found = paths(self.eq, self.shapes, self.side)
+        if self.windows is None:
+            return found
+        return (*found, input_gram_path(self.eq, self.shapes, self.side, self.windows.spec))
 
     @property
     def price(self) -> Price:
@@ -81,6 +89,9 @@ class Equation:
 
         Which of its paths an equation runs along is :func:`~ntkfunc._engines.structured.routes.contract`'s choice.
         """
+        if path is not None and path.name == INPUT_GRAM:
+            assert self.windows is not None and isinstance(path.how, InputGram)
+            return run_input_gram(self, path.how, memory_limit, sharing)
         return contract(self.eq, self.tensors, memory_limit, sharing, None if path is None else path.steps)
 
     def form(self, memory_limit: int | None) -> torch.Tensor:
@@ -136,10 +147,16 @@ def gram_equation(lay: Layout, vmapped: bool, s1: Structure, s2: Structure, c1: 
         raise RuntimeError(f"rule structures disagree on parameter axes: {s1.theta!r} vs {s2.theta!r}")
     sym = _Symbols(2 * lay.ndim)
     theta = {ch: sym.new() for ch in s1.theta}
-    terms1, tensors1 = _factors(s1, c1, lhs1, dict(theta), vmapped, sym)
-    terms2, tensors2 = _factors(s2, c2, lhs2, dict(theta), vmapped, sym)
+    local1, local2 = dict(theta), dict(theta)
+    terms1, tensors1 = _factors(s1, c1, lhs1, local1, vmapped, sym)
+    terms2, tensors2 = _factors(s2, c2, lhs2, local2, vmapped, sym)
     side = len(terms1) if len(terms1) == len(terms2) else 0  # tied structures (weight_norm's g and v) may differ in factors
-    return Equation(",".join(terms1 + terms2) + "->" + out, tuple(tensors1 + tensors2), side)
+    eq = ",".join(terms1 + terms2) + "->" + out
+    windows = None
+    if side and s1.window is not None and s2.window is not None:
+        windows = windowed(eq, tuple(tensors1 + tensors2), side, _window_side(s1.window, terms1, tensors1, local1),
+                           _window_side(s2.window, terms2, tensors2, local2))
+    return Equation(eq, tuple(tensors1 + tensors2), side, windows)
 
 
 def probe_equation(gram: Equation, samples: int) -> Equation:
@@ -155,11 +172,17 @@ def probe_equation(gram: Equation, samples: int) -> Equation:
     if not gram.side:
         raise ValueError(f"probe_equation: {gram.eq!r} is no Gram equation (side=0)")
     letters = {terms[0][0], terms[gram.side][0]}
-    tensors = []
-    for term, t in zip(terms, gram.tensors):
-        shape = (samples, *t.shape[1:]) if term and term[0] in letters else tuple(t.shape)
-        tensors.append(torch.randn(shape, dtype=t.dtype, device=t.device))
-    return Equation(gram.eq, tuple(tensors), gram.side)
+
+    def like(t: torch.Tensor, batched: bool) -> torch.Tensor:
+        return torch.randn((samples, *t.shape[1:]) if batched else tuple(t.shape), dtype=t.dtype, device=t.device)
+
+    tensors = tuple(like(t, bool(term) and term[0] in letters) for term, t in zip(terms, gram.tensors))
+    w = gram.windows
+    if w is not None:  # the inputs too (random: a probe is timed, never read)
+        a, b = w.sides
+        w = windowed(gram.eq, tensors, gram.side, a._replace(x=like(a.x, a.letters[:1] in letters)),
+                     b._replace(x=like(b.x, b.letters[:1] in letters)))
+    return Equation(gram.eq, tensors, gram.side, w)
 
 
 def jacobian_equation(lay: Layout, vmapped: bool, s: Structure, c: torch.Tensor) -> Equation:
@@ -278,6 +301,8 @@ class Path:
     steps: Steps | None
     price: Price
     largest: int
+    how: InputGram | None = None
+    """:data:`INPUT_GRAM`'s plan (its steps are no opt_einsum path)."""
 
 
 @functools.lru_cache(maxsize=8192)
@@ -320,6 +345,225 @@ def paths(eq: str, shapes: Shapes, side: int = 0) -> tuple[Path, ...]:
     if side >= 2:
         found.append(_path(new_eq, new_shapes, PAIRED, paired_steps(side)))
     return tuple(found)
+
+
+INPUT_GRAM = "input gram"
+"""A :class:`Path`'s name, Gram equations of a convolution's kernel only (:class:`Windowed`): the patch Gram
+``x₁x₂ᵀ`` over ``C_in·k`` patch columns is the input's own Gram over its ``C_in`` channels (one GEMM over the
+unpadded positions), summed over the window's ``k`` offsets as shifted (strided) views:
+``patches₁[s]·patches₂[s'] = Σ_o x₁[stride s + dilation o]·x₂[stride s' + dilation o]`` with the zero padding
+left out of the sums; then the cotangent factors and that patch Gram are contracted as :data:`PAIRED` would
+(``c₁c₂ᵀ``, elementwise product, summed over position pairs). About ``k`` times fewer FLOPs for the patch Gram
+of a stride-1 convolution (a 3x3 kernel: 9)."""
+
+Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[tuple[int, int], ...]]
+"""A window's ``(kernel, stride, dilation, pads)``, per spatial axis (pads ``(left, right)``)."""
+
+
+class WindowSide(NamedTuple):
+    """One side's windowed factor in a Gram equation: its position within the side, the input ``x`` and its letters
+    in the equation (the sample letter first where the factor has one; the spatial letters last, those of the
+    patches' output positions), the patches' window-offset letters, and the window."""
+
+    factor: int
+    x: torch.Tensor
+    letters: str
+    offsets: str
+    geometry: Geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSpec:
+    """What :func:`input_gram_path` needs of a :class:`Windowed` (no tensors: hashable, cached)."""
+
+    index: int
+    letters1: str
+    letters2: str
+    shape1: tuple[int, ...]
+    shape2: tuple[int, ...]
+    geometry: Geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class Windowed:
+    """Both sides' windowed factors of a Gram equation (checked by :func:`windowed`): the inputs and their spec."""
+
+    x1: torch.Tensor
+    x2: torch.Tensor
+    spec: WindowSpec
+    offsets: tuple[str, str]
+
+    @property
+    def sides(self) -> tuple[WindowSide, WindowSide]:
+        sp = self.spec
+        return (WindowSide(sp.index, self.x1, sp.letters1, self.offsets[0], sp.geometry),
+                WindowSide(sp.index, self.x2, sp.letters2, self.offsets[1], sp.geometry))
+
+
+def _window_side(w: Window, terms: Sequence[str], tensors: Sequence[torch.Tensor], local: dict[str, str]) -> WindowSide | None:
+    """A structure's :class:`~ntkfunc.rules.Window` in the letters of its side's ``terms`` (:func:`_factors`), or None."""
+    i = 1 + w.operand  # the side's first term is the cotangent
+    if i >= len(terms) or any(ch not in local for ch in w.batch + w.positions + w.offsets):
+        return None
+    t, term = tensors[i], terms[i]
+    sample = len(term) == len(w.batch + w.positions + w.offsets) + 1  # else the operand was shared, its sample axis squeezed
+    x = w.x
+    if not sample:  # shared by all samples: _factors squeezed the operand's sample axis
+        if x.shape[0] != 1:
+            return None
+        x = x.squeeze(0)
+    letters = (term[0] if sample else "") + "".join(local[ch] for ch in w.batch + w.positions)
+    return WindowSide(i, x if x.dtype == t.dtype else x.to(t.dtype), letters, "".join(local[ch] for ch in w.offsets),
+                      (w.kernel, w.stride, w.dilation, w.pads))
+
+
+def _out_size(size: int, k: int, stride: int, dilation: int, pads: tuple[int, int]) -> int:
+    return (size + pads[0] + pads[1] - dilation * (k - 1) - 1) // stride + 1
+
+
+def windowed(eq: str, tensors: Sequence[torch.Tensor], side: int, w1: WindowSide | None, w2: WindowSide | None) -> Windowed | None:
+    """Both sides' windowed factors of the Gram equation ``eq`` on ``tensors`` (``side`` factors a side), checked; None
+    where the :data:`INPUT_GRAM` path does not apply: the windows differ, a letter's size disagrees with the input and
+    the window, the offsets are not shared by the two sides (a view summed them per side), a spatial or offset letter
+    occurs elsewhere, or the two inputs share a spatial letter."""
+    if w1 is None or w2 is None or w1.factor != w2.factor or w1.geometry != w2.geometry:
+        return None
+    kernel, stride, dilation, pads = w1.geometry
+    d = len(kernel)
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2 * side or len(tensors) != 2 * side:
+        return None
+    sizes: dict[str, int] = {}
+    for term, t in zip(terms, tensors):
+        for ch, n in zip(term, t.shape):
+            sizes.setdefault(ch, int(n))
+    p1, p2 = terms[w1.factor], terms[side + w2.factor]
+    elsewhere = set(out).union(*(set(term) for j, term in enumerate(terms) if j not in (w1.factor, side + w2.factor)))
+    for w, p in ((w1, p1), (w2, p2)):
+        if w.x.ndim != len(w.letters) or len(w.offsets) != d or len(set(w.letters + w.offsets)) != len(w.letters) + d:
+            return None
+        if set(p) != set(w.letters + w.offsets) or any(ch in elsewhere for ch in w.offsets):
+            return None
+        batch, spatial = w.letters[:-d], w.letters[-d:]
+        if any(sizes[ch] != n for ch, n in zip(batch, w.x.shape)):
+            return None
+        for j in range(d):
+            if sizes[w.offsets[j]] != kernel[j] or sizes[spatial[j]] != _out_size(w.x.shape[-d + j], kernel[j], stride[j], dilation[j], pads[j]):
+                return None
+    if any(a != b and k != 1 for a, b, k in zip(w1.offsets, w2.offsets, kernel)):
+        return None  # an offset summed on each side alone: no shifted sum
+    shared = set(w1.letters) & set(w2.letters)
+    if shared & set(w1.letters[-d:] + w2.letters[-d:]):
+        return None
+    spec = WindowSpec(w1.factor, w1.letters, w2.letters, tuple(w1.x.shape), tuple(w2.x.shape), w1.geometry)
+    return Windowed(w1.x, w2.x, spec, (w1.offsets, w2.offsets))
+
+
+@dataclasses.dataclass(frozen=True)
+class InputGram:
+    """:data:`INPUT_GRAM`'s plan for one equation and shapes (:func:`input_gram_path`).
+
+    ``xx_eq``: the inputs' Gram (channels summed); ``pp_shape``: the patch Gram's shape (the Gram's letters, output
+    positions in place of input positions); ``shifts``: per window offset, ``(patch Gram index, input Gram index)``, each
+    a ``(start, stop, step)`` per axis (None: all); ``first_full``: the first shift covers the whole patch Gram (a copy
+    instead of zeros and an add); ``final_eq``: the side factors but the windowed ones, and the patch Gram, to the output.
+    """
+
+    xx_eq: str
+    pp_shape: tuple[int, ...]
+    shifts: tuple[tuple[tuple[tuple[int, int, int] | None, ...], tuple[tuple[int, int, int] | None, ...]], ...]
+    first_full: bool
+    final_eq: str
+
+
+def _ranges(size_in: int, size_out: int, k: int, stride: int, dilation: int, left: int) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+    """Output positions ``s`` whose window offset ``k`` reads input position ``u = stride s + dilation k - left`` inside
+    ``[0, size_in)``, and those ``u``: ``((start, stop, 1), (start, stop, stride))``; None if there are none."""
+    lo = max(0, -((dilation * k - left) // stride))  # ceil((left - dilation k) / stride)
+    hi = min(size_out - 1, (size_in - 1 + left - dilation * k) // stride)
+    if hi < lo:
+        return None
+    u = stride * lo + dilation * k - left
+    return (lo, hi + 1, 1), (u, u + stride * (hi - lo) + 1, stride)
+
+
+@functools.lru_cache(maxsize=4096)
+def input_gram_path(eq: str, shapes: Shapes, side: int, spec: WindowSpec) -> Path:
+    """The :data:`INPUT_GRAM` path of the Gram equation ``eq`` on ``shapes``, planned and priced: the inputs' Gram
+    (a GEMM), the shifted sums (elements written), then the rest along opt_einsum's optimal path."""
+    kernel, stride, dilation, pads = spec.geometry
+    d = len(kernel)
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    windows = (spec.index, side + spec.index)
+    others = [j for j in range(2 * side) if j not in windows]
+    needed = set(out).union(*(set(terms[j]) for j in others))
+    l1, l2 = spec.letters1, spec.letters2
+    shared = set(l1) & set(l2)
+    keep = [ch for ch in l1 if ch in shared and ch in needed]
+    summed = [ch for ch in l1 if ch in shared and ch not in needed]
+    xx = "".join(keep + [ch for ch in l1 if ch not in shared] + [ch for ch in l2 if ch not in shared])
+    in_size = {**dict(zip(l1, spec.shape1)), **dict(zip(l2, spec.shape2))}
+    size = {ch: n for term, shape in zip(terms, shapes) for ch, n in zip(term, shape)}
+    pp_shape = tuple(size[ch] for ch in xx)
+    xx_numel = math.prod(in_size[ch] for ch in xx)
+    # per spatial axis j of each side: its position in the Gram, and the ranges of each offset
+    axes = [(xx.index(letters[-d + j]), shape[-d + j]) for letters, shape in ((l1, spec.shape1), (l2, spec.shape2)) for j in range(d)]
+    shifts: list[tuple[tuple[tuple[int, int, int] | None, ...], tuple[tuple[int, int, int] | None, ...]]] = []
+    region_total = 0
+    full = None
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        pp_idx: list[tuple[int, int, int] | None] = [None] * len(xx)
+        xx_idx: list[tuple[int, int, int] | None] = [None] * len(xx)
+        region = 1
+        for (axis, n_in), j in zip(axes, list(range(d)) * 2):
+            r = _ranges(n_in, pp_shape[axis], offset[j], stride[j], dilation[j], pads[j][0])
+            if r is None:
+                break
+            pp_idx[axis], xx_idx[axis] = r
+            region *= r[0][1] - r[0][0]
+        else:
+            whole = all(pp_idx[axis] == (0, pp_shape[axis], 1) for axis, _ in axes)
+            region_total += region * math.prod(n for ch, n in zip(xx, pp_shape) if ch not in {xx[ax] for ax, _ in axes})
+            if whole and full is None:
+                full = len(shifts)
+            shifts.append((tuple(pp_idx), tuple(xx_idx)))
+    if full is not None:
+        shifts.insert(0, shifts.pop(full))
+    final_eq = ",".join([terms[j] for j in others] + [xx]) + "->" + out
+    final_shapes = tuple(shapes[j] for j in others) + (pp_shape,)
+    new_eq, new_shapes, _ = presum_plan(final_eq, final_shapes)
+    final = _path(new_eq, new_shapes, OPTIMAL, None)
+    gram_flops = 2.0 * xx_numel * math.prod(in_size[ch] for ch in summed)
+    pp_numel = math.prod(pp_shape)
+    traffic = math.prod(spec.shape1) + math.prod(spec.shape2) + region_total + (0 if full is not None else pp_numel)
+    how = InputGram(f"{l1},{l2}->{xx}", pp_shape, tuple(shifts), full is not None, final_eq)
+    return Path(INPUT_GRAM, None, Price(gram_flops, traffic) + final.price, max(xx_numel, pp_numel, final.largest), how)
+
+
+def _slices(idx: tuple[tuple[int, int, int] | None, ...]) -> tuple[slice, ...]:
+    return tuple(slice(None) if r is None else slice(*r) for r in idx)
+
+
+def run_input_gram(eq: Equation, how: InputGram, memory_limit: int | None, sharing: Sharing | None = None) -> torch.Tensor:
+    """``eq`` (with :attr:`Equation.windows`) along :data:`INPUT_GRAM`, planned by ``how``."""
+    w = eq.windows
+    assert w is not None
+    xx = contract(how.xx_eq, (w.x1, w.x2), None)
+    if how.first_full:
+        p, x = how.shifts[0]
+        pp = xx[_slices(x)].clone(memory_format=torch.contiguous_format)
+        rest = how.shifts[1:]
+    else:
+        pp = xx.new_zeros(how.pp_shape)
+        rest = how.shifts
+    for p, x in rest:
+        pp[_slices(p)] += xx[_slices(x)]
+    side = eq.side
+    windows = (w.spec.index, side + w.spec.index)
+    others = [t for j, t in enumerate(eq.tensors) if j not in windows]
+    return contract(how.final_eq, (*others, pp), memory_limit, sharing)
 
 
 def price(eq: str, shapes: Shapes) -> Price:

@@ -24,8 +24,9 @@ Every caller reads its decision from here, priced by :mod:`~ntkfunc._engines.str
   (Gram route only where its factors also take less memory than the row), in seconds at the
   measured :class:`Rates` where a caller has them, the Gram route's seconds measured on a probe
   tile where the two prices are close (:data:`CLOSE`);
-- :func:`contract`: which contraction path a Gram equation runs along (opt_einsum's optimal path
-  or the two GEMMs of :data:`~ntkfunc._engines.structured.plan.PAIRED`), measured on its first
+- :func:`contract`: which contraction path a Gram equation runs along (opt_einsum's optimal path,
+  the two GEMMs of :data:`~ntkfunc._engines.structured.plan.PAIRED`, or for a convolution's kernel
+  :data:`~ntkfunc._engines.structured.plan.INPUT_GRAM`), measured on its first
   run per shape where a caller keeps a table of seconds, else the cheaper priced.
 
 ``explain`` reports these same decisions, so it shows the route that runs.
@@ -406,7 +407,7 @@ def contract(eq: plan.Equation, memory_limit: int | None, table: dict[Hashable, 
     >>> contract(eq, None, table).shape, list(table[("contract", eq.eq, eq.shapes)])
     (torch.Size([2, 4]), ['optimal'])
     """
-    fits = [q for q in eq.paths if q.steps is None or memory_limit is None or q.largest <= memory_limit]
+    fits = [q for q in eq.paths if q.name == plan.OPTIMAL or memory_limit is None or q.largest <= memory_limit]
     if table is None or len(fits) == 1:
         if table is not None:
             table.setdefault(("contract", eq.eq, eq.shapes), {fits[0].name: 0.0})
