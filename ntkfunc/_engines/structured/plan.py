@@ -464,7 +464,8 @@ def windowed(eq: str, tensors: Sequence[torch.Tensor], side: int, w1: WindowSide
 class InputGram:
     """:data:`INPUT_GRAM`'s plan for one equation and shapes (:func:`input_gram_path`).
 
-    ``xx_eq``: the inputs' Gram (channels summed); ``pp_shape``: the patch Gram's shape (the Gram's letters, output
+    ``xx_eq``: the inputs' Gram (channels summed; spatial axes first, so that each shifted sum adds contiguous runs
+    of all sample pairs); ``pp_shape``: the patch Gram's shape (the Gram's letters, output
     positions in place of input positions); ``shifts``: per window offset, ``(patch Gram index, input Gram index)``, each
     a ``(start, stop, step)`` per axis (None: all); ``first_full``: the first shift covers the whole patch Gram (a copy
     instead of zeros and an add); ``final_eq``: the side factors but the windowed ones, and the patch Gram, to the output.
@@ -503,7 +504,8 @@ def input_gram_path(eq: str, shapes: Shapes, side: int, spec: WindowSpec) -> Pat
     shared = set(l1) & set(l2)
     keep = [ch for ch in l1 if ch in shared and ch in needed]
     summed = [ch for ch in l1 if ch in shared and ch not in needed]
-    xx = "".join(keep + [ch for ch in l1 if ch not in shared] + [ch for ch in l2 if ch not in shared])
+    spatial = l1[-d:] + l2[-d:]  # first: each shift then adds runs of all samples' pairs (contiguous, vectorised)
+    xx = spatial + "".join(keep + [ch for ch in l1 + l2 if ch not in shared and ch not in spatial])
     in_size = {**dict(zip(l1, spec.shape1)), **dict(zip(l2, spec.shape2))}
     size = {ch: n for term, shape in zip(terms, shapes) for ch, n in zip(term, shape)}
     pp_shape = tuple(size[ch] for ch in xx)
@@ -537,7 +539,7 @@ def input_gram_path(eq: str, shapes: Shapes, side: int, spec: WindowSpec) -> Pat
     final = _path(new_eq, new_shapes, OPTIMAL, None)
     gram_flops = 2.0 * xx_numel * math.prod(in_size[ch] for ch in summed)
     pp_numel = math.prod(pp_shape)
-    traffic = math.prod(spec.shape1) + math.prod(spec.shape2) + region_total + (0 if full is not None else pp_numel)
+    traffic = math.prod(spec.shape1) + math.prod(spec.shape2) + xx_numel + region_total + (0 if full is not None else pp_numel)
     how = InputGram(f"{l1},{l2}->{xx}", pp_shape, tuple(shifts), full is not None, final_eq)
     return Path(INPUT_GRAM, None, Price(gram_flops, traffic) + final.price, max(xx_numel, pp_numel, final.largest), how)
 
@@ -550,7 +552,7 @@ def run_input_gram(eq: Equation, how: InputGram, memory_limit: int | None, shari
     """``eq`` (with :attr:`Equation.windows`) along :data:`INPUT_GRAM`, planned by ``how``."""
     w = eq.windows
     assert w is not None
-    xx = contract(how.xx_eq, (w.x1, w.x2), None)
+    xx = contract(how.xx_eq, (w.x1, w.x2), None).contiguous()
     if how.first_full:
         p, x = how.shifts[0]
         pp = xx[_slices(x)].clone(memory_format=torch.contiguous_format)
