@@ -292,11 +292,12 @@ def gram_rates(n: int = 512, tile: int = 64) -> list[dict]:
     out = []
     for k, (s1, c1) in zip(terms, factors.terms):
         eq = plan.gram_equation(src.layout, True, s1, s1, c1, c1)
+        cheapest = min(eq.paths, key=lambda q: q.price.cost).name
         for q in eq.paths:
             seconds = cpu(lambda q=q, eq=eq: eq.run(src.limit, path=q))
             out.append({"param": names[k], "shape": list(problem.params.diff_leaves[k].shape), "gram_route_in_rows": k in src.gram_params,
                         "path": q.name, "ms": 1000 * seconds, "gflops": q.price.flops / seconds / 1e9, "of_gemm": q.price.flops / seconds / gemm,
-                        "gemm_gflops": gemm / 1e9})
+                        "gemm_gflops": gemm / 1e9, "priced_cheapest": q.name == cheapest})
     return out
 
 
@@ -503,11 +504,11 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "gram":
         sys.path.insert(0, str(ROOT))  # this tree's ntkfunc
-        print("| parameter | shape | Gram route in rows (N = 512) | path | ms per 64 x 64 tile | GFLOP/s | of the square GEMM |\n"
-              "|---|---|---|---|---|---|---|")
+        print("| parameter | shape | Gram route in rows (N = 512) | path | priced cheapest | ms per 64 x 64 tile | GFLOP/s (the path's FLOPs) "
+              "| of the square GEMM |\n|---|---|---|---|---|---|---|---|")
         for r in gram_rates():
-            print(f"| {r['param']} | {tuple(r['shape'])} | {'yes' if r['gram_route_in_rows'] else 'no'} | {r['path']} | {r['ms']:.1f} | "
-                  f"{r['gflops']:.1f} | {r['of_gemm']:.0%} (GEMM {r['gemm_gflops']:.1f}) |")
+            print(f"| {r['param']} | {tuple(r['shape'])} | {'yes' if r['gram_route_in_rows'] else 'no'} | {r['path']} | "
+                  f"{'yes' if r.get('priced_cheapest') else 'no'} | {r['ms']:.1f} | {r['gflops']:.1f} | {r['of_gemm']:.0%} (GEMM {r['gemm_gflops']:.1f}) |")
         return
     if len(sys.argv) > 1 and sys.argv[1] == "rows":
         rows_main(sys.argv[2:])

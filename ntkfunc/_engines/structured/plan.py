@@ -350,7 +350,8 @@ def paths(eq: str, shapes: Shapes, side: int = 0) -> tuple[Path, ...]:
 INPUT_GRAM = "input gram"
 """A :class:`Path`'s name, Gram equations of a convolution's kernel only (:class:`Windowed`): the patch Gram
 ``x₁x₂ᵀ`` over ``C_in·k`` patch columns is the input's own Gram over its ``C_in`` channels (one GEMM over the
-unpadded positions), summed over the window's ``k`` offsets as shifted (strided) views:
+unpadded positions; with a stride, one per phase, pairing only positions that a window offset reads together),
+summed over the window's ``k`` offsets as shifted (strided) views:
 ``patches₁[s]·patches₂[s'] = Σ_o x₁[stride s + dilation o]·x₂[stride s' + dilation o]`` with the zero padding
 left out of the sums; then the cotangent factors and that patch Gram are contracted as :data:`PAIRED` would
 (``c₁c₂ᵀ``, elementwise product, summed over position pairs). About ``k`` times fewer FLOPs for the patch Gram
@@ -465,34 +466,40 @@ class InputGram:
     """:data:`INPUT_GRAM`'s plan for one equation and shapes (:func:`input_gram_path`).
 
     ``xx_eq``: the inputs' Gram (channels summed; spatial axes first, so that each shifted sum adds contiguous runs
-    of all sample pairs); ``pp_shape``: the patch Gram's shape (the Gram's letters, output
-    positions in place of input positions); ``shifts``: per window offset, ``(patch Gram index, input Gram index)``, each
-    a ``(start, stop, step)`` per axis (None: all); ``first_full``: the first shift covers the whole patch Gram (a copy
-    instead of zeros and an add); ``final_eq``: the side factors but the windowed ones, and the patch Gram, to the output.
+    of all sample pairs), one per ``phases`` entry: per spatial axis, the phase ``φ`` of the input positions
+    ``stride q + φ`` it pairs (a window offset reads positions of one phase on both sides, so only pairs of equal phase
+    are formed: ``1/stride`` of the plain Gram per axis; stride 1 has the one phase 0); ``pp_shape``: the patch Gram's
+    shape (the Gram's letters, output positions in place of input positions); ``shifts``: per window offset, ``(phase
+    index, patch Gram index, phase Gram index)``, each index a ``(start, stop, step)`` per axis (None: all);
+    ``first_full``: the first shift covers the whole patch Gram (a copy instead of zeros and an add); ``final_eq``: the
+    side factors but the windowed ones, and the patch Gram, to the output.
     """
 
     xx_eq: str
+    phases: tuple[tuple[int, ...], ...]
     pp_shape: tuple[int, ...]
-    shifts: tuple[tuple[tuple[tuple[int, int, int] | None, ...], tuple[tuple[int, int, int] | None, ...]], ...]
+    shifts: tuple[tuple[int, tuple[tuple[int, int, int] | None, ...], tuple[tuple[int, int, int] | None, ...]], ...]
     first_full: bool
     final_eq: str
 
 
-def _ranges(size_in: int, size_out: int, k: int, stride: int, dilation: int, left: int) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+def _ranges(size_in: int, size_out: int, k: int, stride: int, dilation: int, left: int) -> tuple[int, tuple[int, int, int], tuple[int, int, int]] | None:
     """Output positions ``s`` whose window offset ``k`` reads input position ``u = stride s + dilation k - left`` inside
-    ``[0, size_in)``, and those ``u``: ``((start, stop, 1), (start, stop, stride))``; None if there are none."""
-    lo = max(0, -((dilation * k - left) // stride))  # ceil((left - dilation k) / stride)
-    hi = min(size_out - 1, (size_in - 1 + left - dilation * k) // stride)
+    ``[0, size_in)``: the phase ``φ = u mod stride``, the range of ``s`` and that of ``(u - φ) / stride`` (the positions
+    of phase ``φ``, stride 1), as ``(φ, (start, stop, 1), (start, stop, 1))``; None if there are none."""
+    t = dilation * k - left
+    phase, shift = t % stride, t // stride
+    n_phase = max(0, (size_in - phase + stride - 1) // stride)  # input positions of this phase
+    lo, hi = max(0, -shift), min(size_out - 1, n_phase - 1 - shift)
     if hi < lo:
         return None
-    u = stride * lo + dilation * k - left
-    return (lo, hi + 1, 1), (u, u + stride * (hi - lo) + 1, stride)
+    return phase, (lo, hi + 1, 1), (lo + shift, hi + shift + 1, 1)
 
 
 @functools.lru_cache(maxsize=4096)
 def input_gram_path(eq: str, shapes: Shapes, side: int, spec: WindowSpec) -> Path:
-    """The :data:`INPUT_GRAM` path of the Gram equation ``eq`` on ``shapes``, planned and priced: the inputs' Gram
-    (a GEMM), the shifted sums (elements written), then the rest along opt_einsum's optimal path."""
+    """The :data:`INPUT_GRAM` path of the Gram equation ``eq`` on ``shapes``, planned and priced: the inputs' Gram per
+    phase (GEMMs), the shifted sums (elements written), then the rest along opt_einsum's optimal path."""
     kernel, stride, dilation, pads = spec.geometry
     d = len(kernel)
     lhs, out = eq.split("->")
@@ -509,39 +516,44 @@ def input_gram_path(eq: str, shapes: Shapes, side: int, spec: WindowSpec) -> Pat
     in_size = {**dict(zip(l1, spec.shape1)), **dict(zip(l2, spec.shape2))}
     size = {ch: n for term, shape in zip(terms, shapes) for ch, n in zip(term, shape)}
     pp_shape = tuple(size[ch] for ch in xx)
-    xx_numel = math.prod(in_size[ch] for ch in xx)
-    # per spatial axis j of each side: its position in the Gram, and the ranges of each offset
-    axes = [(xx.index(letters[-d + j]), shape[-d + j]) for letters, shape in ((l1, spec.shape1), (l2, spec.shape2)) for j in range(d)]
-    shifts: list[tuple[tuple[tuple[int, int, int] | None, ...], tuple[tuple[int, int, int] | None, ...]]] = []
+    rest = math.prod(size[ch] for ch in xx[2 * d:])  # the non-spatial axes (the same sizes in every Gram)
+    in_spatial = spec.shape1[-d:] + spec.shape2[-d:]
+    phases: list[tuple[int, ...]] = []
+    shifts: list[tuple[int, tuple[tuple[int, int, int] | None, ...], tuple[tuple[int, int, int] | None, ...]]] = []
     region_total = 0
     full = None
     for offset in itertools.product(*(range(k) for k in kernel)):
-        pp_idx: list[tuple[int, int, int] | None] = [None] * len(xx)
-        xx_idx: list[tuple[int, int, int] | None] = [None] * len(xx)
-        region = 1
-        for (axis, n_in), j in zip(axes, list(range(d)) * 2):
-            r = _ranges(n_in, pp_shape[axis], offset[j], stride[j], dilation[j], pads[j][0])
-            if r is None:
-                break
-            pp_idx[axis], xx_idx[axis] = r
-            region *= r[0][1] - r[0][0]
-        else:
-            whole = all(pp_idx[axis] == (0, pp_shape[axis], 1) for axis, _ in axes)
-            region_total += region * math.prod(n for ch, n in zip(xx, pp_shape) if ch not in {xx[ax] for ax, _ in axes})
-            if whole and full is None:
-                full = len(shifts)
-            shifts.append((tuple(pp_idx), tuple(xx_idx)))
+        found = [_ranges(in_spatial[a], pp_shape[a], offset[a % d], stride[a % d], dilation[a % d], pads[a % d][0]) for a in range(2 * d)]
+        if any(r is None for r in found):
+            continue
+        ranges = [r for r in found if r is not None]
+        phase = tuple(r[0] for r in ranges[:d])
+        if phase not in phases:
+            phases.append(phase)
+        pp_idx = tuple(r[1] for r in ranges) + (None,) * (len(xx) - 2 * d)
+        xx_idx = tuple(r[2] for r in ranges) + (None,) * (len(xx) - 2 * d)
+        region_total += rest * math.prod(r[1][1] - r[1][0] for r in ranges)
+        if full is None and all(pp_idx[a] == (0, pp_shape[a], 1) for a in range(2 * d)):
+            full = len(shifts)
+        shifts.append((phases.index(phase), pp_idx, xx_idx))
     if full is not None:
         shifts.insert(0, shifts.pop(full))
     final_eq = ",".join([terms[j] for j in others] + [xx]) + "->" + out
     final_shapes = tuple(shapes[j] for j in others) + (pp_shape,)
     new_eq, new_shapes, _ = presum_plan(final_eq, final_shapes)
     final = _path(new_eq, new_shapes, OPTIMAL, None)
-    gram_flops = 2.0 * xx_numel * math.prod(in_size[ch] for ch in summed)
+
+    def n_phase(n: int, a: int, phase: tuple[int, ...]) -> int:
+        return max(0, (n - phase[a] + stride[a] - 1) // stride[a])
+
+    xx_numels = [math.prod(n_phase(in_spatial[a], a % d, ph) for a in range(2 * d)) * rest for ph in phases]
+    gram_flops = 2.0 * sum(xx_numels) * math.prod(in_size[ch] for ch in summed)
     pp_numel = math.prod(pp_shape)
-    traffic = math.prod(spec.shape1) + math.prod(spec.shape2) + xx_numel + region_total + (0 if full is not None else pp_numel)
-    how = InputGram(f"{l1},{l2}->{xx}", pp_shape, tuple(shifts), full is not None, final_eq)
-    return Path(INPUT_GRAM, None, Price(gram_flops, traffic) + final.price, max(xx_numel, pp_numel, final.largest), how)
+    copies = sum(math.prod(n_phase(n, a, ph) for a, n in enumerate(shape[-d:])) * math.prod(shape[:-d])
+                 for ph in phases for shape in (spec.shape1, spec.shape2))  # each phase's inputs, laid out for a GEMM
+    traffic = copies + sum(xx_numels) + region_total + (0 if full is not None else pp_numel)
+    how = InputGram(f"{l1},{l2}->{xx}", tuple(phases), pp_shape, tuple(shifts), full is not None, final_eq)
+    return Path(INPUT_GRAM, None, Price(gram_flops, traffic) + final.price, max([*xx_numels, pp_numel, final.largest]), how)
 
 
 def _slices(idx: tuple[tuple[int, int, int] | None, ...]) -> tuple[slice, ...]:
@@ -552,18 +564,24 @@ def run_input_gram(eq: Equation, how: InputGram, memory_limit: int | None, shari
     """``eq`` (with :attr:`Equation.windows`) along :data:`INPUT_GRAM`, planned by ``how``."""
     w = eq.windows
     assert w is not None
-    xx = contract(how.xx_eq, (w.x1, w.x2), None).contiguous()
+    stride = w.spec.geometry[1]
+    d = len(stride)
+
+    def phase_view(x: torch.Tensor, phase: tuple[int, ...]) -> torch.Tensor:
+        return x[(...,) + tuple(slice(p, None, s) for p, s in zip(phase, stride))] if any(v != 1 for v in stride) else x
+
+    grams = [contract(how.xx_eq, (phase_view(w.x1, ph), phase_view(w.x2, ph)), None).contiguous() for ph in how.phases]
+    shifts = how.shifts
     if how.first_full:
-        p, x = how.shifts[0]
-        pp = xx[_slices(x)].clone(memory_format=torch.contiguous_format)
-        rest = how.shifts[1:]
+        i, _, x = shifts[0]
+        pp = grams[i][_slices(x)].clone(memory_format=torch.contiguous_format)
+        shifts = shifts[1:]
     else:
-        pp = xx.new_zeros(how.pp_shape)
-        rest = how.shifts
-    for p, x in rest:
-        pp[_slices(p)] += xx[_slices(x)]
-    side = eq.side
-    windows = (w.spec.index, side + w.spec.index)
+        pp = grams[0].new_zeros(how.pp_shape)
+    for i, p, x in shifts:
+        pp[_slices(p)] += grams[i][_slices(x)]
+    assert pp.ndim >= 2 * d
+    windows = (w.spec.index, eq.side + w.spec.index)
     others = [t for j, t in enumerate(eq.tensors) if j not in windows]
     return contract(how.final_eq, (*others, pp), memory_limit, sharing)
 
