@@ -21,6 +21,8 @@ Example:
   >>> s = rule.structure("weight", [x.unsqueeze(0)], meta, (1, 4, 4, 4))
   >>> s.operands[0][1].shape  # (samples, batch, groups, in/group, out H, out W, kH, kW)
   torch.Size([1, 1, 1, 2, 4, 4, 3, 3])
+  >>> s.window.x.shape, s.window.offsets  # the unpadded input and the window letters (the input-Gram path)
+  (torch.Size([1, 1, 1, 2, 8, 8]), 'kl')
 """
 
 from __future__ import annotations

@@ -486,7 +486,13 @@ class InputGram:
 def _ranges(size_in: int, size_out: int, k: int, stride: int, dilation: int, left: int) -> tuple[int, tuple[int, int, int], tuple[int, int, int]] | None:
     """Output positions ``s`` whose window offset ``k`` reads input position ``u = stride s + dilation k - left`` inside
     ``[0, size_in)``: the phase ``φ = u mod stride``, the range of ``s`` and that of ``(u - φ) / stride`` (the positions
-    of phase ``φ``, stride 1), as ``(φ, (start, stop, 1), (start, stop, 1))``; None if there are none."""
+    of phase ``φ``, stride 1), as ``(φ, (start, stop, 1), (start, stop, 1))``; None if there are none.
+
+    >>> _ranges(4, 4, 0, 1, 1, 1)  # 3x3, padding 1, offset 0: u = s - 1, inside for s = 1..3
+    (0, (1, 4, 1), (0, 3, 1))
+    >>> _ranges(8, 4, 2, 2, 1, 1)  # stride 2, offset 2: u = 2 s + 1, phase 1, its positions 0..3
+    (1, (0, 4, 1), (0, 4, 1))
+    """
     t = dilation * k - left
     phase, shift = t % stride, t // stride
     n_phase = max(0, (size_in - phase + stride - 1) // stride)  # input positions of this phase
