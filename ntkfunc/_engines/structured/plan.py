@@ -571,7 +571,6 @@ def run_input_gram(eq: Equation, how: InputGram, memory_limit: int | None, shari
     w = eq.windows
     assert w is not None
     stride = w.spec.geometry[1]
-    d = len(stride)
 
     def phase_view(x: torch.Tensor, phase: tuple[int, ...]) -> torch.Tensor:
         return x[(...,) + tuple(slice(p, None, s) for p, s in zip(phase, stride))] if any(v != 1 for v in stride) else x
@@ -583,10 +582,9 @@ def run_input_gram(eq: Equation, how: InputGram, memory_limit: int | None, shari
         pp = grams[i][_slices(x)].clone(memory_format=torch.contiguous_format)
         shifts = shifts[1:]
     else:
-        pp = grams[0].new_zeros(how.pp_shape)
+        pp = w.x1.new_zeros(how.pp_shape)
     for i, p, x in shifts:
         pp[_slices(p)] += grams[i][_slices(x)]
-    assert pp.ndim >= 2 * d
     windows = (w.spec.index, eq.side + w.spec.index)
     others = [t for j, t in enumerate(eq.tensors) if j not in windows]
     return contract(how.final_eq, (*others, pp), memory_limit, sharing)
