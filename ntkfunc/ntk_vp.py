@@ -24,6 +24,7 @@ from torch.func import jvp, vjp
 from torch.utils import _pytree as pytree
 
 from ntkfunc._core.batchable import BatchableOps
+from ntkfunc._core.forward_ad import forward_ad_section
 from ntkfunc._core.ops import load_forward_ad_decompositions, transform_friendly_attention
 from ntkfunc._core.problem import Params
 from ntkfunc._core.types import ApplyFn, PyTree
@@ -95,7 +96,7 @@ class NtkVp:
         """``Θ(x1, x2) v``: ``v`` shaped like ``f(params, x2)``, result like ``f(params, x1)``."""
         self._check(v)
         load_forward_ad_decompositions()
-        with transform_friendly_attention(), BatchableOps():
+        with forward_ad_section(), transform_friendly_attention(), BatchableOps(scalar_overloads=True):
             (tangents,) = self._vjp2(v)  # J(x2)ᵀ v: a list, one tensor per differentiated parameter
             try:
                 _, out = self._push(self._f1, (self._diff,), (tangents,))

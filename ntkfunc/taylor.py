@@ -19,6 +19,7 @@ from torch.func import jvp
 from torch.utils import _pytree as pytree
 
 from ntkfunc._core.batchable import BatchableOps
+from ntkfunc._core.forward_ad import forward_ad_section
 from ntkfunc._core.ops import exact_higher_order, load_forward_ad_decompositions, transform_friendly_attention
 from ntkfunc._core.types import ApplyFn, PyTree
 
@@ -111,7 +112,7 @@ def taylor_expand(f: ApplyFn, params0: PyTree, degree: int) -> ApplyFn:
     def f_taylor(params: PyTree, x: PyTree) -> PyTree:
         _check_like(params, params0, f"taylor_expand(degree={degree})")
         load_forward_ad_decompositions()
-        with transform_friendly_attention(), exact_higher_order(), BatchableOps():
+        with forward_ad_section(), transform_friendly_attention(), exact_higher_order(), BatchableOps(scalar_overloads=True):
             terms, spec = _taylor_terms(f, params0, params, x, degree)
         total = list(terms[0])
         for k in range(1, degree + 1):

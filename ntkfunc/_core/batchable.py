@@ -41,6 +41,8 @@ from torch.func import vjp
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from ntkfunc._core.forward_ad import scalar_overload
+
 _ft = torch._C._functorch
 _is_wrapped = _ft.is_functorch_wrapped_tensor
 
@@ -234,7 +236,18 @@ class BatchableOps(TorchFunctionMode):
       torch.Size([3, 2, 1])
     """
 
+    def __init__(self, scalar_overloads: bool = False) -> None:
+        super().__init__()
+        self.scalar_overloads = scalar_overloads
+        """Also send tensor-by-number ``mul``/``div``/``add``/``sub`` to their ``.Scalar`` overloads, as
+        :class:`~ntkfunc._core.forward_ad.ScalarOverloads` does (for forward mode, in this one mode: a second mode
+        would cost every op another Python call)."""
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.scalar_overloads:
+            op = scalar_overload(func, args, kwargs)
+            if op is not None:
+                return op(*args)
         kwargs = kwargs or {}
         impl = DECOMPOSITIONS.get(func)
         if impl is None and func is F.embedding_bag and _plain_bag(args, kwargs):

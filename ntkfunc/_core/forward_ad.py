@@ -94,8 +94,23 @@ class ScalarOverloads(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        op = SCALAR_OVERLOADS.get(func)
-        if (op is not None and not kwargs and len(args) == 2 and type(args[1]) in (int, float)
-                and type(args[0]) in (torch.Tensor, torch.nn.Parameter)):
-            return op(args[0], args[1])
-        return func(*args, **(kwargs or {}))
+        op = scalar_overload(func, args, kwargs)
+        return func(*args, **(kwargs or {})) if op is None else op(*args)
+
+
+def scalar_overload(func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None) -> Any:
+    """The ``.Scalar`` overload :class:`ScalarOverloads` calls instead of ``func(*args, **kwargs)``, or ``None``.
+
+    (The one test of which calls are sent; also used by modes that send them themselves, such as
+    :class:`~ntkfunc._core.batchable.BatchableOps` with ``scalar_overloads=True``.)
+
+    >>> scalar_overload(torch.Tensor.mul, (torch.ones(2), 2.0), None)
+    <OpOverload(op='aten.mul', overload='Scalar')>
+    >>> scalar_overload(torch.Tensor.mul, (torch.ones(2), torch.ones(2)), None) is None
+    True
+    """
+    op = SCALAR_OVERLOADS.get(func)
+    if (op is not None and not kwargs and len(args) == 2 and type(args[1]) in (int, float)
+            and type(args[0]) in (torch.Tensor, torch.nn.Parameter)):
+        return op
+    return None
