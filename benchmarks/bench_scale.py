@@ -332,8 +332,11 @@ def rows_measure() -> dict:
 
     torch.set_num_threads(1)
     import ntkfunc
+    from ntkfunc._core.heap import settle_heap
     from ntkfunc._core.problem import make_problem
     from ntkfunc._engines.rows.jacobian import JacobianRows
+
+    settle_heap()  # the heap as kernel_matrix and jacobian_fn leave it (both packages): freed chunks reused, not faulted in again
     from ntkfunc._engines.rows.structured import StructuredRows
 
     def cpu_ms(fn, n: int) -> float:  # type: ignore[no-untyped-def]
