@@ -42,7 +42,8 @@ over the samples (implementation 1's rows; ``vmap(grad)`` for one output) and of
 packages alternating ``--rounds`` times (medians over rounds), with checksums that must agree. For the rows,
 also where their time goes: the capture's batched pass alone (``capture``: a forward and the input half of a
 backward, the cotangents and operands of every rule), the rules' writes into the rows alone (``writes``), both on
-the same chunk, and the system time of the rows (``system``: page faults of freshly mapped memory).
+the same chunk, and the system time of the rows (``system``, median of the timed calls: page faults of freshly
+mapped memory).
 
 ``rows --in-kernel N``: the rows inside ``kernel_matrix(f, params, x, None, trace_axes=(-1,))`` on the ResNet-18,
 N samples, ONE thread, 12 GB budget, for each tile width of ``--widths`` (``batch_size=``, one fresh process per width
@@ -339,13 +340,17 @@ def rows_measure() -> dict:
     settle_heap()  # the heap as kernel_matrix and jacobian_fn leave it (both packages): freed chunks reused, not faulted in again
     from ntkfunc._engines.rows.structured import StructuredRows
 
+    system: list[float] = []  # ms of system time per sample of the last cpu_ms call's timed runs (median)
+
     def cpu_ms(fn, n: int) -> float:  # type: ignore[no-untyped-def]
         fn()  # warm-up: buffers, caches, measured choices
-        times = []
+        times, sys_times = [], []
         for _ in range(3):
-            t0 = time.thread_time()
+            t0, s0 = time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD).ru_stime
             fn()
             times.append(time.thread_time() - t0)
+            sys_times.append(resource.getrusage(resource.RUSAGE_THREAD).ru_stime - s0)
+        system[:] = [1000 * sorted(sys_times)[1] / n]
         return 1000 * sorted(times)[1] / n
 
     out = {}
@@ -362,9 +367,8 @@ def rows_measure() -> dict:
         model.zero_grad(set_to_none=True)
         for key, src in (("vmap", JacobianRows(problem)), ("rows", StructuredRows(problem, routes="rows"))):
             buf = torch.empty(n, *src.out_shape, src.slots.width)
-            sys0 = resource.getrusage(resource.RUSAGE_THREAD).ru_stime
             res[key] = cpu_ms(lambda src=src, buf=buf, x=x, n=n: src.compute([x], buf, n), n)
-            res[key + "_system"] = 1000 * (resource.getrusage(resource.RUSAGE_THREAD).ru_stime - sys0) / (4 * n)
+            res[key + "_system"] = system[0]
             res[key + "_sum"] = float(buf.double().abs().sum())
             if key == "rows":
                 res.update(rows_parts(src, problem, x, buf, cpu_ms))
