@@ -39,7 +39,20 @@ formed once; ``x2`` rows are formed again for every panel of x1 rows the budget 
 (median of 3 after a warm-up) of one batched forward+backward (one cotangent), of ``vmap(jacrev(f))``
 over the samples (implementation 1's rows; ``vmap(grad)`` for one output) and of the rows
 ``kernel_matrix`` forms (``StructuredRows(routes="rows")``), one fresh process per package,
-packages alternating ``--rounds`` times (medians over rounds), with checksums that must agree.
+packages alternating ``--rounds`` times (medians over rounds), with checksums that must agree. For the rows,
+also where their time goes: the capture's batched pass alone (``capture``: a forward and the input half of a
+backward, the cotangents and operands of every rule), the rules' writes into the rows alone (``writes``), both on
+the same chunk, and the system time of the rows (``system``, median of the timed calls: page faults of freshly
+mapped memory).
+
+``rows --in-kernel N``: the rows inside ``kernel_matrix(f, params, x, None, trace_axes=(-1,))`` on the ResNet-18,
+N samples, ONE thread, 12 GB budget, for each tile width of ``--widths`` (``batch_size=``, one fresh process per width
+and package): per sample formed, the user and system CPU time and the minor page faults of the rows phase
+(``RowPanels._fill``), the first chunk of the call (its warm-up: the measured choices of ways) against the median
+of the later ones, and the samples per chunk; and, in the same process, the same row source's ``compute`` on one
+chunk into a reused buffer (``standalone``), which is what ``rows`` measures.
+
+    python benchmarks/bench_scale.py rows --in-kernel 256 --widths 64 256 --baseline /tmp/base --rounds 1
 
 ``rows --jacobian-fn``: instead, ``ntkfunc.jacobian_fn`` of the per-sample cross-entropy (its default call,
 as ``bench_peers.py``'s per-sample gradient rows: same models, inputs and sizes) against ``vmap(grad)`` in the
@@ -55,6 +68,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import resource
 import statistics
@@ -320,17 +334,24 @@ def rows_measure() -> dict:
 
     torch.set_num_threads(1)
     import ntkfunc
+    from ntkfunc._core.heap import settle_heap
     from ntkfunc._core.problem import make_problem
     from ntkfunc._engines.rows.jacobian import JacobianRows
+
+    settle_heap()  # the heap as kernel_matrix and jacobian_fn leave it (both packages): freed chunks reused, not faulted in again
     from ntkfunc._engines.rows.structured import StructuredRows
+
+    system: list[float] = []  # ms of system time per sample of the last cpu_ms call's timed runs (median)
 
     def cpu_ms(fn, n: int) -> float:  # type: ignore[no-untyped-def]
         fn()  # warm-up: buffers, caches, measured choices
-        times = []
+        times, sys_times = [], []
         for _ in range(3):
-            t0 = time.thread_time()
+            t0, s0 = time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD).ru_stime
             fn()
             times.append(time.thread_time() - t0)
+            sys_times.append(resource.getrusage(resource.RUSAGE_THREAD).ru_stime - s0)
+        system[:] = [1000 * sorted(sys_times)[1] / n]
         return 1000 * sorted(times)[1] / n
 
     out = {}
@@ -348,10 +369,107 @@ def rows_measure() -> dict:
         for key, src in (("vmap", JacobianRows(problem)), ("rows", StructuredRows(problem, routes="rows"))):
             buf = torch.empty(n, *src.out_shape, src.slots.width)
             res[key] = cpu_ms(lambda src=src, buf=buf, x=x, n=n: src.compute([x], buf, n), n)
+            res[key + "_system"] = system[0]
             res[key + "_sum"] = float(buf.double().abs().sum())
+            if key == "rows":
+                res.update(rows_parts(src, problem, x, buf, cpu_ms))
             del buf
         out[name] = res
     return out
+
+
+def rows_parts(src, problem, x, buf, cpu_ms) -> dict:  # type: ignore[no-untyped-def]
+    """ms of thread CPU time per sample of the capture's batched pass alone and of the rules' writes alone (same chunk)."""
+    from ntkfunc._core.ops import transform_friendly_attention
+    from ntkfunc._engines.structured import kernel as structured
+
+    n = x.shape[0]
+    pb = dataclasses.replace(problem, x1_leaves=[x], x2_leaves=None, n1=n, n2=n)
+
+    def side():  # type: ignore[no-untyped-def]
+        with transform_friendly_attention():
+            return structured.side(pb, src.cap, 1, 0, n)
+
+    capture = cpu_ms(side, n)
+    sd = side()
+    writes = cpu_ms(lambda: src._write(pb, sd, buf), n)
+    return {"capture": capture, "writes": writes}
+
+
+def kernel_rows_measure(n: int, width: int) -> dict:
+    """``rows --in-kernel`` in this process (one thread): the rows phase of ``kernel_matrix`` at tile width ``width``."""
+    import torch
+
+    torch.set_num_threads(1)
+    import ntkfunc
+    from ntkfunc._dataset import panels
+    from ntkfunc._engines.rows import structured as rows_structured
+
+    def usage() -> tuple[float, float, int]:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime, r.ru_stime, r.ru_minflt
+
+    model = _model(False)
+    f, params = ntkfunc.from_module(model)
+    torch.manual_seed(1)
+    x = torch.randn(n, 3, 32, 32)
+    acc: dict = {"user": 0.0, "system": 0.0, "faults": 0, "formed": 0}
+    chunks: list[float] = []
+    sources: list = []
+    fill, form = panels.RowPanels._fill, rows_structured.StructuredRows._form
+
+    def timed_fill(self, src, i0, i1, target):  # type: ignore[no-untyped-def]
+        a = usage()
+        r = fill(self, src, i0, i1, target)
+        b = usage()
+        acc["user"] += b[0] - a[0]
+        acc["system"] += b[1] - a[1]
+        acc["faults"] += b[2] - a[2]
+        acc["formed"] += i1 - i0
+        acc["block"], acc["chunk"] = self.plan.block, self.plan.chunk
+        if not sources or sources[-1] is not self.source:
+            sources.append(self.source)
+        return r
+
+    def timed_form(self, way, xc, out, parts):  # type: ignore[no-untyped-def]
+        t0 = time.process_time()
+        r = form(self, way, xc, out, parts)
+        chunks.append(1000 * (time.process_time() - t0) / out.shape[0])
+        return r
+
+    panels.RowPanels._fill, rows_structured.StructuredRows._form = timed_fill, timed_form
+    ntkfunc.kernel_matrix(f, params, x[:4], None, progress=False)  # warm-up (code paths)
+    acc.update(user=0.0, system=0.0, faults=0, formed=0)
+    chunks.clear()
+    sources.clear()
+    ntkfunc.kernel_matrix(f, params, x, None, trace_axes=(-1,), memory_budget=12 << 30, batch_size=width, progress=False)
+    formed = acc["formed"]
+    out = {"n": n, "width": width, "block": acc["block"], "chunk": acc["chunk"], "formed": formed,
+           "user": 1000 * acc["user"] / formed, "system": 1000 * acc["system"] / formed, "faults": acc["faults"] / formed,
+           "first_chunk": chunks[0], "later_chunks": statistics.median(chunks[1:]) if len(chunks) > 1 else chunks[0]}
+    src, g = sources[-1], acc["chunk"]  # the call's own row source (its Gram routes and measured ways), one chunk
+    buf = torch.empty(g, *src.out_shape, src.slots.width)
+    src.compute([x[:g]], buf, g)
+    runs = []
+    for _ in range(3):
+        a = usage()
+        src.compute([x[:g]], buf, g)
+        b = usage()
+        runs.append((b[0] - a[0], b[1] - a[1], b[2] - a[2]))
+    runs.sort(key=lambda r: r[0] + r[1])
+    out.update(standalone_user=1000 * runs[1][0] / g, standalone_system=1000 * runs[1][1] / g, standalone_faults=runs[1][2] / g,
+               row_mb=4 * math.prod(src.out_shape) * src.slots.width / 2**20)
+    return out
+
+
+def kernel_rows_table(runs: list[dict]) -> str:
+    lines = ["| package | width (block) | samples per chunk | in kernel_matrix: user | system | minor faults | first chunk | later "
+             "chunks | standalone: user | system | minor faults | row (MB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['package']} | {r['width']} ({r['block']}) | {r['chunk']} | {r['user']:.1f} | {r['system']:.1f} | "
+                     f"{r['faults']:.0f} | {r['first_chunk']:.1f} | {r['later_chunks']:.1f} | {r['standalone_user']:.1f} | "
+                     f"{r['standalone_system']:.1f} | {r['standalone_faults']:.0f} | {r['row_mb']:.1f} |")
+    return "\n".join(lines)
 
 
 def grads_measure(name: str, reps: int) -> dict:
@@ -398,14 +516,17 @@ def grads_table(runs: dict[str, list[dict]]) -> str:
 
 def rows_table(runs: dict[str, list[dict]]) -> str:
     """Medians over rounds, per package and model."""
-    lines = ["| model | package | fwd+bwd (ms/sample) | vmap(jacrev) (ms/sample) | rows (ms/sample) | rows / fwd+bwd | rows / vmap | checksums (vmap, rows) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | package | fwd+bwd (ms/sample) | vmap(jacrev) (ms/sample) | rows (ms/sample) | rows / fwd+bwd | rows / vmap "
+             "| capture | writes | system | checksums (vmap, rows) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in runs[next(iter(runs))][0]:
         for package, rs in runs.items():
-            med = {k: statistics.median(r[model][k] for r in rs) for k in ("fwd_bwd", "vmap", "rows")}
+            med = {k: statistics.median(r[model].get(k, math.nan) for r in rs)
+                   for k in ("fwd_bwd", "vmap", "rows", "capture", "writes", "rows_system")}
             r0 = rs[0][model]
             lines.append(f"| {model} | {package} | {med['fwd_bwd']:.2f} | {med['vmap']:.2f} | {med['rows']:.2f} | "
-                         f"{med['rows'] / med['fwd_bwd']:.2f} | {med['rows'] / med['vmap']:.2f} | {r0['vmap_sum']:.6g}, {r0['rows_sum']:.6g} |")
+                         f"{med['rows'] / med['fwd_bwd']:.2f} | {med['rows'] / med['vmap']:.2f} | {med['capture']:.2f} | "
+                         f"{med['writes']:.2f} | {med['rows_system']:.2f} | {r0['vmap_sum']:.6g}, {r0['rows_sum']:.6g} |")
     return "\n".join(lines)
 
 
@@ -416,9 +537,23 @@ def rows_main(argv: list[str]) -> None:
     ap.add_argument("--jacobian-fn", action="store_true", help="jacobian_fn(loss) against vmap(grad) (module docstring)")
     ap.add_argument("--models", nargs="+", default=["cnn", "mlp", "resnet18"], help="with --jacobian-fn")
     ap.add_argument("--reps", type=int, default=11, help="with --jacobian-fn: interleaved timed calls per process")
+    ap.add_argument("--in-kernel", type=int, metavar="N", help="the rows phase of kernel_matrix on N samples (module docstring)")
+    ap.add_argument("--widths", type=int, nargs="+", default=[64, 256], help="with --in-kernel: tile widths (batch_size=)")
     args = ap.parse_args(argv)
     packages = [("this", ROOT)] + ([("baseline", args.baseline)] if args.baseline else [])
     runs: dict[str, list[dict]] = {name: [] for name, _ in packages}
+    if args.in_kernel:
+        found = []
+        for _ in range(args.rounds):
+            for width in args.widths:
+                for name, root in packages:
+                    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+                    res = subprocess.run([sys.executable, "-W", "ignore", __file__, "_kernel_rows", str(args.in_kernel), str(width)],
+                                         capture_output=True, text=True, env=env, cwd=str(root), check=True)
+                    found.append({"package": name, **json.loads(res.stdout.strip().splitlines()[-1])})
+                    print(json.dumps(found[-1]), flush=True)
+        print(kernel_rows_table(found))
+        return
     if args.jacobian_fn:
         for _ in range(args.rounds):
             for model in args.models:
@@ -515,6 +650,9 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_grads":
         print(json.dumps(grads_measure(sys.argv[2], int(sys.argv[3]))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_kernel_rows":
+        print(json.dumps(kernel_rows_measure(int(sys.argv[2]), int(sys.argv[3]))))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_rows":
         print(json.dumps(rows_measure()))

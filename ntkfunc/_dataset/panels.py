@@ -21,6 +21,7 @@ from typing import Protocol
 
 import torch
 
+from ntkfunc._core.heap import settle_heap
 from ntkfunc._core.pytree import tree_unflatten
 from ntkfunc._core.tiles import Tile
 from ntkfunc._core.types import PyTree
@@ -53,7 +54,10 @@ class RowPanels:
 
     ``storage``: the dtype rows are kept in (bfloat16 for ``precision="bf16"`` on CUDA, else the
     kernel's ``dtype``). ``rows_computed`` counts the per-sample rows formed (each a batched
-    gradient pass's worth of work), for benchmarks and tests.
+    gradient pass's worth of work), for benchmarks and tests. Settles glibc's heap
+    (:func:`~ntkfunc._core.heap.settle_heap`, as ``ntk_fn`` and ``jacobian_fn`` calls do): without it
+    more of each chunk's temporaries (the batched pass's activations and cotangents) came from fresh
+    mappings, faulted in again by every chunk.
     """
 
     def __init__(self, source: RowSource, sources: tuple[Samples, Samples], plan: DatasetPlan, device: torch.device,
@@ -71,6 +75,7 @@ class RowPanels:
         self.stream_key: tuple[int, int] | None = None
         self.stream_factors: Factors | None = None
         self.rows_computed = 0
+        settle_heap()  # as every kernel call: each chunk's batched pass reuses the last one's freed memory, not faulted in again
         b, n1 = plan.block, shape.n1
         self.n_blocks = -(-n1 // b)
         n_panels = plan.panel_of((self.n_blocks - 1) * b) + 1 if plan.panel else 0
