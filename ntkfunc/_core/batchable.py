@@ -41,7 +41,7 @@ from torch.func import vjp
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ntkfunc._core.forward_ad import scalar_overload
+from ntkfunc._core.forward_ad import SCALAR_OVERLOADS, scalar_overload
 
 _ft = torch._C._functorch
 _is_wrapped = _ft.is_functorch_wrapped_tensor
@@ -244,7 +244,7 @@ class BatchableOps(TorchFunctionMode):
         would cost every op another Python call)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if self.scalar_overloads:
+        if self.scalar_overloads and func in SCALAR_OVERLOADS:  # the membership test first: most ops are not
             op = scalar_overload(func, args, kwargs)
             if op is not None:
                 return op(*args)
