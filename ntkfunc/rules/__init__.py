@@ -39,6 +39,8 @@ from ntkfunc.rules.base import (
     is_forced,
     lookup,
     register,
+    window_offset_range,
+    window_out_size,
 )
 
 # Families register themselves on import.
@@ -46,6 +48,6 @@ from ntkfunc.rules import attention, concat, conv, elementwise, embedding, linea
 
 __all__ = [
     "EXPANSIONS", "LETTERS", "RULES", "Bound", "Factorable", "IsParam", "Meta", "PaddedFactors", "Rule", "Structure",
-    "Tensor", "Window",
+    "Tensor", "Window", "window_offset_range", "window_out_size",
     "bind", "check_structure", "disabled", "einsum_structure", "enabled", "expand", "expansion", "forced", "is_forced", "lookup", "register",
 ]

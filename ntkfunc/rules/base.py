@@ -123,6 +123,36 @@ class Window:
     pads: tuple[tuple[int, int], ...]
 
 
+def window_out_size(size: int, kernel: int, stride: int = 1, dilation: int = 1, pads: tuple[int, int] = (0, 0)) -> int:
+    """Output positions of a window over ``size`` input positions, padded by ``pads`` ``(left, right)``, along one axis.
+
+    >>> window_out_size(32, 3, 2, 1, (1, 1))  # a 3x3 convolution, stride 2, padding 1
+    16
+    """
+    return (size + pads[0] + pads[1] - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def window_offset_range(size_in: int, size_out: int, offset: int, stride: int, dilation: int,
+                        left: int) -> tuple[int, tuple[int, int, int], tuple[int, int, int]] | None:
+    """Along one axis, the output positions ``s`` whose window offset ``offset`` reads an input position
+    ``u = stride s + dilation offset - left`` inside ``[0, size_in)`` (not the padding): the phase ``φ = u mod stride``,
+    the range of ``s`` and that of ``(u - φ) / stride`` (the index among the positions of phase ``φ``), as
+    ``(φ, (start, stop, 1), (start, stop, 1))``; None if there are none.
+
+    >>> window_offset_range(4, 4, 0, 1, 1, 1)  # 3x3, padding 1, offset 0: u = s - 1, inside for s = 1..3
+    (0, (1, 4, 1), (0, 3, 1))
+    >>> window_offset_range(8, 4, 2, 2, 1, 1)  # stride 2, offset 2: u = 2 s + 1, phase 1, its positions 0..3
+    (1, (0, 4, 1), (0, 4, 1))
+    """
+    t = dilation * offset - left
+    phase, shift = t % stride, t // stride
+    n_phase = max(0, (size_in - phase + stride - 1) // stride)  # input positions of this phase
+    lo, hi = max(0, -shift), min(size_out - 1, n_phase - 1 - shift)
+    if hi < lo:
+        return None
+    return phase, (lo, hi + 1, 1), (lo + shift, hi + shift + 1, 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Factorable:
     """A role whose per-sample gradient is ``G = Σ_s c_s x_sᵀ``: ``rows`` R (of ``c``), ``cols`` D (of ``x``), ``positions`` S.

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ntkfunc._core.buffers import Buffers, clock
-from ntkfunc.rules.base import Bound, Factorable, IsParam, PaddedFactors, Rule, Structure, Tensor, Window, register
+from ntkfunc.rules.base import Bound, Factorable, IsParam, PaddedFactors, Rule, Structure, Tensor, Window, register, window_out_size
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -393,7 +393,7 @@ class Conv2d(_Conv):
         flat = [p for lr in reversed(meta.pads) for p in lr]
         xpad = F.pad(xi, flat) if any(flat) else xi
         (kh, kw), (sh, sw), (dh, dw) = meta.kernel, meta.stride, meta.dilation
-        ho, wo = (xpad.shape[-2] - dh * (kh - 1) - 1) // sh + 1, (xpad.shape[-1] - dw * (kw - 1) - 1) // sw + 1
+        ho, wo = window_out_size(xpad.shape[-2], kh, sh, dh), window_out_size(xpad.shape[-1], kw, sw, dw)
         if ho * wo != fac.positions:
             return None
         return PaddedFactors(cot.reshape(g, -1, fac.rows, fac.positions), xpad, meta.kernel, meta.stride, meta.dilation)

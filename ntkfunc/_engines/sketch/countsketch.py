@@ -58,6 +58,7 @@ import torch
 
 from ntkfunc._core.buffers import Buffers
 from ntkfunc._engines.sketch import seeds
+from ntkfunc.rules import window_out_size
 
 
 def matrix_view(shape: Sequence[int]) -> tuple[int, int]:
@@ -226,7 +227,7 @@ class CountSketchBlock:
             j = cpu["inv_c"]
             n = chans * hp * wp
             col = (j // (kh * kw)) * hp * wp + ((j // kw) % kh) * dh * wp + (j % kw) * dw + n * (cpu["s_c"] < 0).long()
-            ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+            ho, wo = window_out_size(hp, kh, sh, dh), window_out_size(wp, kw, sw, dw)
             base = ((torch.arange(ho) * sh)[:, None] * wp + (torch.arange(wo) * sw)[None, :]).reshape(-1)
             idx = torch.full((ho * wo, self.stride), 2 * n, dtype=torch.long)
             idx[:, : self.cols] = base[:, None] + col[None, :]

@@ -37,7 +37,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ntkfunc._core.layout import Layout
-from ntkfunc.rules import Structure, Window, expansion
+from ntkfunc.rules import Structure, Window, expansion, window_offset_range, window_out_size
 
 Shapes = tuple[tuple[int, ...], ...]
 
@@ -418,10 +418,6 @@ def _window_side(w: Window, terms: Sequence[str], tensors: Sequence[torch.Tensor
                       (w.kernel, w.stride, w.dilation, w.pads))
 
 
-def _out_size(size: int, k: int, stride: int, dilation: int, pads: tuple[int, int]) -> int:
-    return (size + pads[0] + pads[1] - dilation * (k - 1) - 1) // stride + 1
-
-
 def windowed(eq: str, tensors: Sequence[torch.Tensor], side: int, w1: WindowSide | None, w2: WindowSide | None) -> Windowed | None:
     """Both sides' windowed factors of the Gram equation ``eq`` on ``tensors`` (``side`` factors a side), checked; None
     where the :data:`INPUT_GRAM` path does not apply: the windows differ, a letter's size disagrees with the input and
@@ -450,7 +446,7 @@ def windowed(eq: str, tensors: Sequence[torch.Tensor], side: int, w1: WindowSide
         if any(sizes[ch] != n for ch, n in zip(batch, w.x.shape)):
             return None
         for j in range(d):
-            if sizes[w.offsets[j]] != kernel[j] or sizes[spatial[j]] != _out_size(w.x.shape[-d + j], kernel[j], stride[j], dilation[j], pads[j]):
+            if sizes[w.offsets[j]] != kernel[j] or sizes[spatial[j]] != window_out_size(w.x.shape[-d + j], kernel[j], stride[j], dilation[j], pads[j]):
                 return None
     if any(a != b and k != 1 for a, b, k in zip(w1.offsets, w2.offsets, kernel)):
         return None  # an offset summed on each side alone: no shifted sum
@@ -483,25 +479,6 @@ class InputGram:
     final_eq: str
 
 
-def _ranges(size_in: int, size_out: int, k: int, stride: int, dilation: int, left: int) -> tuple[int, tuple[int, int, int], tuple[int, int, int]] | None:
-    """Output positions ``s`` whose window offset ``k`` reads input position ``u = stride s + dilation k - left`` inside
-    ``[0, size_in)``: the phase ``φ = u mod stride``, the range of ``s`` and that of ``(u - φ) / stride`` (the positions
-    of phase ``φ``, stride 1), as ``(φ, (start, stop, 1), (start, stop, 1))``; None if there are none.
-
-    >>> _ranges(4, 4, 0, 1, 1, 1)  # 3x3, padding 1, offset 0: u = s - 1, inside for s = 1..3
-    (0, (1, 4, 1), (0, 3, 1))
-    >>> _ranges(8, 4, 2, 2, 1, 1)  # stride 2, offset 2: u = 2 s + 1, phase 1, its positions 0..3
-    (1, (0, 4, 1), (0, 4, 1))
-    """
-    t = dilation * k - left
-    phase, shift = t % stride, t // stride
-    n_phase = max(0, (size_in - phase + stride - 1) // stride)  # input positions of this phase
-    lo, hi = max(0, -shift), min(size_out - 1, n_phase - 1 - shift)
-    if hi < lo:
-        return None
-    return phase, (lo, hi + 1, 1), (lo + shift, hi + shift + 1, 1)
-
-
 @functools.lru_cache(maxsize=4096)
 def input_gram_path(eq: str, shapes: Shapes, side: int, spec: WindowSpec) -> Path:
     """The :data:`INPUT_GRAM` path of the Gram equation ``eq`` on ``shapes``, planned and priced: the inputs' Gram per
@@ -529,7 +506,7 @@ def input_gram_path(eq: str, shapes: Shapes, side: int, spec: WindowSpec) -> Pat
     region_total = 0
     full = None
     for offset in itertools.product(*(range(k) for k in kernel)):
-        found = [_ranges(in_spatial[a], pp_shape[a], offset[a % d], stride[a % d], dilation[a % d], pads[a % d][0]) for a in range(2 * d)]
+        found = [window_offset_range(in_spatial[a], pp_shape[a], offset[a % d], stride[a % d], dilation[a % d], pads[a % d][0]) for a in range(2 * d)]
         if any(r is None for r in found):
             continue
         ranges = [r for r in found if r is not None]
