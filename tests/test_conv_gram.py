@@ -65,14 +65,18 @@ def input_gram(monkeypatch):
     return used
 
 
+def _case(name: str, seed: int, n1: int) -> tuple:
+    """``(f, params, x1, x2)`` for the case ``name`` of :data:`CONVS` in float64: ``n1`` x1 samples, 3 x2 samples."""
+    d, ci, co, k, stride, padding, dilation, size, bias, groups = CONVS[name]
+    f, params = ntkfunc.from_module(_net(d, ci, co, k, stride, padding, dilation, size, bias, groups, torch.float64))
+    torch.manual_seed(seed)
+    return f, params, torch.randn(n1, ci, *size, dtype=torch.float64), torch.randn(3, ci, *size, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("name", sorted(CONVS))
 def test_structured_kernel_along_the_input_gram_path_equals_the_reference(name, input_gram):
     """Implementation 3 on x1 x x2 and x1 x x1 (x2 = None), trace_axes () and (-1,), float64."""
-    d, ci, co, k, stride, padding, dilation, size, bias, groups = CONVS[name]
-    model = _net(d, ci, co, k, stride, padding, dilation, size, bias, groups, torch.float64)
-    f, params = ntkfunc.from_module(model)
-    torch.manual_seed(1)
-    x1, x2 = torch.randn(4, ci, *size, dtype=torch.float64), torch.randn(3, ci, *size, dtype=torch.float64)
+    f, params, x1, x2 = _case(name, seed=1, n1=4)
     for trace in ((), (-1,)):
         for b in (x2, None):
             with rules.forced():
@@ -84,11 +88,7 @@ def test_structured_kernel_along_the_input_gram_path_equals_the_reference(name, 
 @pytest.mark.parametrize("name", ["3x3 s1 p1, c_in < c_out", "3x3 s2 p1, odd maps, c_in > c_out", "conv1d k3 p1"])
 def test_diagonal_axes_and_whole_batch_along_the_input_gram_path(name, input_gram):
     """Diagonal output axes, and ``vmap_axes=None`` (the whole batch one unit: a sample axis of size 1)."""
-    d, ci, co, k, stride, padding, dilation, size, bias, groups = CONVS[name]
-    model = _net(d, ci, co, k, stride, padding, dilation, size, bias, groups, torch.float64)
-    f, params = ntkfunc.from_module(model)
-    torch.manual_seed(2)
-    x1, x2 = torch.randn(3, ci, *size, dtype=torch.float64), torch.randn(3, ci, *size, dtype=torch.float64)
+    f, params, x1, x2 = _case(name, seed=2, n1=3)
     with rules.forced():
         diag = ntkfunc.ntk_fn(f, trace_axes=(), diagonal_axes=(-1,), implementation=3)(x1, x2, params)
         whole = ntkfunc.ntk_fn(f, trace_axes=(), vmap_axes=None, implementation=3)(x1, x2, params)
@@ -114,11 +114,7 @@ def test_float32_along_the_input_gram_path(input_gram):
 @pytest.mark.parametrize("name", ["3x3 s1 p1, c_in < c_out", "5x5 same", "3x3 dilation 2 p2"])
 def test_rows_gram_terms_along_the_input_gram_path_equal_the_reference(name):
     """The per-sample rows' Gram terms (packed factors of chunks of 2 samples, concatenated) along the path."""
-    d, ci, co, k, stride, padding, dilation, size, bias, groups = CONVS[name]
-    model = _net(d, ci, co, k, stride, padding, dilation, size, bias, groups, torch.float64)
-    f, params = ntkfunc.from_module(model)
-    torch.manual_seed(4)
-    x1, x2 = torch.randn(5, ci, *size, dtype=torch.float64), torch.randn(3, ci, *size, dtype=torch.float64)
+    f, params, x1, x2 = _case(name, seed=4, n1=5)
     problem = make_problem(f, x1[:1], None, params, 0, (-1,), (), api="kernel_matrix")
     source = persample.StructuredRows(problem, 5, 3, routes="gram")
     lay = problem.layouts[0]
