@@ -1,4 +1,4 @@
-"""The Gram route of a convolution's kernel from its input's own Gram (``plan.INPUT_GRAM``), against the float64 reference.
+"""The Gram route of a convolution's kernel from its input's own Gram (``input_gram.INPUT_GRAM``), against the float64 reference.
 
 The patch Gram ``x₁x₂ᵀ`` over ``C_in·k`` patch columns equals the input's Gram over its ``C_in`` channels summed over
 the window's offsets as shifted views; these tests force that path on every Gram equation that has it (through the
@@ -15,7 +15,7 @@ from ntkfunc import rules
 from ntkfunc._core.layout import Layout
 from ntkfunc._core.problem import make_problem
 from ntkfunc._engines import rows as persample
-from ntkfunc._engines.structured import plan, routes
+from ntkfunc._engines.structured import contraction, input_gram, plan, routes
 from tests.reference import max_rel_err, reference_kernel
 
 F = torch.nn.functional
@@ -48,13 +48,13 @@ CONVS = {  # name: (spatial axes, c_in, c_out, kernel, stride, padding, dilation
 
 
 @pytest.fixture
-def input_gram(monkeypatch):
+def along_input_gram(monkeypatch):
     """Gram routes everywhere, and every Gram equation that has the input-Gram path contracted along it; the calls that did."""
     used: list[str] = []
     contract = routes.contract
 
     def forced_path(eq, memory_limit, table=None, sharing=None):  # type: ignore[no-untyped-def]
-        q = next((p for p in eq.paths if p.name == plan.INPUT_GRAM), None)
+        q = next((p for p in eq.paths if p.name == input_gram.INPUT_GRAM), None)
         if q is None:
             return contract(eq, memory_limit, table, sharing)
         used.append(eq.eq)
@@ -74,7 +74,7 @@ def _case(name: str, seed: int, n1: int) -> tuple:
 
 
 @pytest.mark.parametrize("name", sorted(CONVS))
-def test_structured_kernel_along_the_input_gram_path_equals_the_reference(name, input_gram):
+def test_structured_kernel_along_the_input_gram_path_equals_the_reference(name, along_input_gram):
     """Implementation 3 on x1 x x2 and x1 x x1 (x2 = None), trace_axes () and (-1,), float64."""
     f, params, x1, x2 = _case(name, seed=1, n1=4)
     for trace in ((), (-1,)):
@@ -82,11 +82,11 @@ def test_structured_kernel_along_the_input_gram_path_equals_the_reference(name, 
             with rules.forced():
                 got = ntkfunc.ntk_fn(f, trace_axes=trace, implementation=3)(x1, b, params)
             assert max_rel_err(got, reference_kernel(f, params, x1, b, trace, ())) <= 1e-10, (name, trace, b is None)
-    assert input_gram  # the path ran (both convolutions have it)
+    assert along_input_gram  # the path ran (both convolutions have it)
 
 
 @pytest.mark.parametrize("name", ["3x3 s1 p1, c_in < c_out", "3x3 s2 p1, odd maps, c_in > c_out", "conv1d k3 p1"])
-def test_diagonal_axes_and_whole_batch_along_the_input_gram_path(name, input_gram):
+def test_diagonal_axes_and_whole_batch_along_the_input_gram_path(name, along_input_gram):
     """Diagonal output axes, and ``vmap_axes=None`` (the whole batch one unit: a sample axis of size 1)."""
     f, params, x1, x2 = _case(name, seed=2, n1=3)
     with rules.forced():
@@ -94,10 +94,10 @@ def test_diagonal_axes_and_whole_batch_along_the_input_gram_path(name, input_gra
         whole = ntkfunc.ntk_fn(f, trace_axes=(), vmap_axes=None, implementation=3)(x1, x2, params)
     assert max_rel_err(diag, reference_kernel(f, params, x1, x2, (), (-1,))) <= 1e-10
     assert max_rel_err(whole, reference_kernel(f, params, x1, x2, (), ())) <= 1e-10
-    assert input_gram
+    assert along_input_gram
 
 
-def test_float32_along_the_input_gram_path(input_gram):
+def test_float32_along_the_input_gram_path(along_input_gram):
     """float32 factors: within float32 rounding of the float64 reference."""
     d, ci, co, k, stride, padding, dilation, size, bias, groups = CONVS["3x3 s1 p1, c_in < c_out"]
     model = _net(d, ci, co, k, stride, padding, dilation, size, bias, groups, torch.float32)
@@ -108,7 +108,7 @@ def test_float32_along_the_input_gram_path(input_gram):
         got = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)(x1, x2, params)
     p64 = {k: v.double() for k, v in params.items()}
     assert max_rel_err(got.double(), reference_kernel(f, p64, x1.double(), x2.double(), (), ())) <= 1e-5
-    assert input_gram
+    assert along_input_gram
 
 
 @pytest.mark.parametrize("name", ["3x3 s1 p1, c_in < c_out", "5x5 same", "3x3 dilation 2 p2"])
@@ -125,8 +125,8 @@ def test_rows_gram_terms_along_the_input_gram_path_equal_the_reference(name):
     taken = 0
     for (s1, c1), (s2, c2) in zip(f1.terms, f2.terms):
         eq = plan.gram_equation(lay, True, s1, s2, c1, c2)
-        q = next((p for p in eq.paths if p.name == plan.INPUT_GRAM), eq.paths[0])
-        taken += q.name == plan.INPUT_GRAM
+        q = next((p for p in eq.paths if p.name == input_gram.INPUT_GRAM), eq.paths[0])
+        taken += q.name == input_gram.INPUT_GRAM
         k_ = k_ + eq.run(source.limit, path=q) * (s1.scale * s2.scale)
     assert taken == 2  # both convolutions' kernels
     got = k_ / lay.trace_size(problem.out_shapes1[0])
@@ -156,19 +156,19 @@ def test_input_gram_path_is_a_candidate_priced_cheaper_and_measured(monkeypatch)
     (which routes compare with the row's) and taken without a table; given one, it is timed with the others."""
     eq = _last_stage_equation()
     by_name = {q.name: q for q in eq.paths}
-    assert set(by_name) == {plan.OPTIMAL, plan.PAIRED, plan.INPUT_GRAM}
-    assert by_name[plan.INPUT_GRAM].price.flops < 0.6 * by_name[plan.PAIRED].price.flops
-    assert by_name[plan.INPUT_GRAM].price.cost < min(by_name[plan.PAIRED].price.cost, by_name[plan.OPTIMAL].price.cost)
-    assert eq.price == by_name[plan.INPUT_GRAM].price
+    assert set(by_name) == {contraction.OPTIMAL, contraction.PAIRED, input_gram.INPUT_GRAM}
+    assert by_name[input_gram.INPUT_GRAM].price.flops < 0.6 * by_name[contraction.PAIRED].price.flops
+    assert by_name[input_gram.INPUT_GRAM].price.cost < min(by_name[contraction.PAIRED].price.cost, by_name[contraction.OPTIMAL].price.cost)
+    assert eq.price == by_name[input_gram.INPUT_GRAM].price
     ran: list = []
     real = plan.run_input_gram
     monkeypatch.setattr(plan, "run_input_gram", lambda *a: ran.append(1) or real(*a))
-    expected = eq.run(None, path=by_name[plan.PAIRED]).double()
+    expected = eq.run(None, path=by_name[contraction.PAIRED]).double()
     assert max_rel_err(routes.contract(eq, None).double(), expected) <= 1e-5
     assert ran  # the cheapest priced, without a table
     table: dict = {}
     routes.contract(eq, None, table)
-    assert set(table[("contract", eq.eq, eq.shapes)]) == {plan.OPTIMAL, plan.PAIRED, plan.INPUT_GRAM}
+    assert set(table[("contract", eq.eq, eq.shapes)]) == {contraction.OPTIMAL, contraction.PAIRED, input_gram.INPUT_GRAM}
     probe = plan.probe_equation(eq, 3)
     assert probe.windows is not None and probe.windows.x1.shape[0] == 3
     assert {q.name for q in probe.paths} == set(by_name)
@@ -178,7 +178,7 @@ def test_no_input_gram_path_where_the_window_does_not_apply():
     """Transposed convolutions and structures without their window (a renamed tied use) have no such path."""
     eq = _last_stage_equation()
     bare = plan.Equation(eq.eq, eq.tensors, eq.side)
-    assert plan.INPUT_GRAM not in {q.name for q in bare.paths}
+    assert input_gram.INPUT_GRAM not in {q.name for q in bare.paths}
     x, w = torch.randn(2, 3, 4, 4), torch.randn(3, 5, 3, 3)
     rule = rules.lookup(F.conv_transpose2d)
     ops, meta = rule.capture(rule.bind((x, w), {"padding": 1}), lambda t: t is w)

@@ -10,7 +10,7 @@ import torch
 import ntkfunc
 from ntkfunc._core.problem import make_problem
 from ntkfunc._engines import rows as persample
-from ntkfunc._engines.structured import plan, routes
+from ntkfunc._engines.structured import contraction, input_gram, plan, routes
 from tests.reference import max_rel_err, reference_kernel
 
 D = torch.float64
@@ -54,8 +54,8 @@ def _kernel_by_path(source, problem, x1, x2, name):
     return k / lay.trace_size(problem.out_shapes1[0]), taken
 
 
-PATHS = [(case, name) for case in sorted(CASES) for name in (plan.OPTIMAL, plan.PAIRED)] + [
-    (case, plan.INPUT_GRAM) for case in sorted(CASES) if "CNN" in case]  # convolutions' kernels only
+PATHS = [(case, name) for case in sorted(CASES) for name in (contraction.OPTIMAL, contraction.PAIRED)] + [
+    (case, input_gram.INPUT_GRAM) for case in sorted(CASES) if "CNN" in case]  # convolutions' kernels only
 
 
 @pytest.mark.parametrize(("case", "name"), PATHS)
@@ -88,10 +88,10 @@ def test_paired_path_is_priced_cheaper_where_opt_einsum_forms_the_gradient():
     b x c_in x c_out numbers); the paired path is two GEMMs and is priced cheaper, and taken without a table."""
     eq = _shortcut_equation()
     by_name = {q.name: q for q in eq.paths}
-    assert set(by_name) == {plan.OPTIMAL, plan.PAIRED}
-    assert by_name[plan.PAIRED].price.cost < by_name[plan.OPTIMAL].price.cost
-    assert by_name[plan.PAIRED].price.traffic < by_name[plan.OPTIMAL].price.traffic
-    assert eq.price == by_name[plan.PAIRED].price  # an equation is priced along its cheapest path
+    assert set(by_name) == {contraction.OPTIMAL, contraction.PAIRED}
+    assert by_name[contraction.PAIRED].price.cost < by_name[contraction.OPTIMAL].price.cost
+    assert by_name[contraction.PAIRED].price.traffic < by_name[contraction.OPTIMAL].price.traffic
+    assert eq.price == by_name[contraction.PAIRED].price  # an equation is priced along its cheapest path
     expected = torch.einsum("abfkl,aklg,cdfno,cnog->acbd", *eq.tensors)
     assert max_rel_err(routes.contract(eq, None), expected) <= 1e-12
 
@@ -99,22 +99,22 @@ def test_paired_path_is_priced_cheaper_where_opt_einsum_forms_the_gradient():
 def test_contract_measures_each_path_once_then_takes_the_fastest(monkeypatch):
     eq = _shortcut_equation()
     ran: list = []
-    real = plan.contract
+    real = contraction.contract
     monkeypatch.setattr(plan, "contract", lambda *a: ran.append(a[4]) or real(*a))
     table: dict = {}
     expected = torch.einsum("abfkl,aklg,cdfno,cnog->acbd", *eq.tensors)
     first = routes.contract(eq, None, table)
     key = ("contract", eq.eq, eq.shapes)
-    assert set(table[key]) == {plan.OPTIMAL, plan.PAIRED} and len(ran) == 2  # each path once, timed
+    assert set(table[key]) == {contraction.OPTIMAL, contraction.PAIRED} and len(ran) == 2  # each path once, timed
     assert all(s >= 0 for s in table[key].values())
-    table[key] = {plan.OPTIMAL: 0.5, plan.PAIRED: 2.0}  # a caller's table says the optimal path is faster
+    table[key] = {contraction.OPTIMAL: 0.5, contraction.PAIRED: 2.0}  # a caller's table says the optimal path is faster
     ran.clear()
     again = routes.contract(eq, None, table)
     assert ran == [None]  # opt_einsum's optimal path (no explicit steps)
-    table[key] = {plan.OPTIMAL: 2.0, plan.PAIRED: 0.5}
+    table[key] = {contraction.OPTIMAL: 2.0, contraction.PAIRED: 0.5}
     ran.clear()
     routes.contract(eq, None, table)
-    assert ran == [plan.paired_steps(2)]
+    assert ran == [contraction.paired_steps(2)]
     for out in (first, again):
         assert max_rel_err(out, expected) <= 1e-12
 
@@ -122,15 +122,15 @@ def test_contract_measures_each_path_once_then_takes_the_fastest(monkeypatch):
 def test_contract_respects_the_memory_limit():
     """A path whose intermediates exceed the limit is not a candidate (opt_einsum's own path always is)."""
     eq = _shortcut_equation()
-    paired = next(q for q in eq.paths if q.name == plan.PAIRED)
+    paired = next(q for q in eq.paths if q.name == contraction.PAIRED)
     table: dict = {}
     routes.contract(eq, paired.largest - 1, table)
-    assert list(table[("contract", eq.eq, eq.shapes)]) == [plan.OPTIMAL]
+    assert list(table[("contract", eq.eq, eq.shapes)]) == [contraction.OPTIMAL]
 
 
 def _candidate(gram_flops: float, row_flops: float, row: int = 4000) -> routes.RowCandidate:
     eq = plan.Equation("ai,aj,bi,bj->ab", tuple(torch.ones(1, n, dtype=D) for n in (3, 5, 3, 5)), 2)
-    prices = plan.Prices(plan.Price(gram_flops), plan.FREE, plan.FREE, plan.Price(row_flops))  # per sample pair
+    prices = plan.Prices(contraction.Price(gram_flops), contraction.FREE, contraction.FREE, contraction.Price(row_flops))  # per sample pair
     return routes.RowCandidate(prices, eq, kept=100, row=row)
 
 
@@ -164,7 +164,7 @@ def test_rows_plan_charges_rows_the_passes_their_bytes_add():
 def test_rates_are_measured_and_positive():
     r = routes.Rates.measure(torch.device("cpu"), torch.float32)
     assert all(math.isfinite(v) and v > 0 for v in (r.gemm, r.element, r.call))
-    assert r.seconds(plan.Price(r.gemm)) == pytest.approx(1.0)
+    assert r.seconds(contraction.Price(r.gemm)) == pytest.approx(1.0)
 
 
 def test_probe_equation_refuses_other_equations():

@@ -10,7 +10,7 @@ from torch.utils import _pytree as pytree
 import ntkfunc
 from ntkfunc._engines import engines
 from ntkfunc._engines.structured import capture as _capture
-from ntkfunc._engines.structured import plan
+from ntkfunc._engines.structured import contraction
 from tests.reference import max_rel_err, reference_kernel
 
 D = torch.float64
@@ -165,9 +165,9 @@ def test_path_cache_is_reused():
     kernel = ntkfunc.ntk_fn(f, implementation=3)
     with ntkfunc.rules.forced():
         kernel(x, None, p)
-        before = plan.expression.cache_info()
+        before = contraction.expression.cache_info()
         kernel(x, None, p)
-        after = plan.expression.cache_info()
+        after = contraction.expression.cache_info()
     assert after.misses == before.misses and after.hits > before.hits
 
 
@@ -231,7 +231,7 @@ def test_reverse_mode_routes_where_cheaper_and_forced_keeps_the_rules():
 ])
 def test_broadcast_matmul_agrees_with_einsum(eq, sa, sb):
     a, b = torch.randn(*sa, dtype=D), torch.randn(*sb, dtype=D)
-    out = plan.broadcast_matmul(eq, a, b)
+    out = contraction.broadcast_matmul(eq, a, b)
     if out is None:
         return
     assert out.is_contiguous()

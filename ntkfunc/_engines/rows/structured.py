@@ -52,8 +52,8 @@ from ntkfunc._core.problem import Problem
 from ntkfunc._engines.rows.jacobian import JacobianRows
 from ntkfunc._engines.rows.source import Factors, Flops, RowSource, SampleBytes, Slots, block_size, chunks, out_shape, pair_flops, row_flops
 from ntkfunc._engines.structured import capture as capture_mod
+from ntkfunc._engines.structured import contraction, plan, routes, views
 from ntkfunc._engines.structured import kernel as structured
-from ntkfunc._engines.structured import plan, routes, views
 from ntkfunc.rules import Structure
 
 WARM, RULES, VMAP = "warm-up", "rules", "vmap(jacrev)"
@@ -122,7 +122,7 @@ class StructuredRows:
             rates = routes.Rates.measure(self.problem.device, self.problem.out_dtype, self.buffers.seconds)
             fixed = sum(o * t.numel() * itemsize(self.problem.out_dtype) for k, t in enumerate(self.problem.params.diff_leaves)
                         if k not in self.cap.covered)
-            pass_seconds = rates.seconds(plan.Price(row_flops(self.problem, self.out_shape)))
+            pass_seconds = rates.seconds(contraction.Price(row_flops(self.problem, self.out_shape)))
             taken = routes.rows_plan(candidates, n1, n2, self.budget, rates, self.limit, pass_seconds, fixed)
             chosen = {k: ek for k, ek in self.cap.covered.items() if taken[k].route == routes.GRAM}
         for k in chosen:

@@ -47,7 +47,7 @@ from ntkfunc._core.problem import Problem
 from ntkfunc._core.tiles import Accumulator, tiles
 from ntkfunc._engines import jacobian
 from ntkfunc._engines.structured import capture as capture_mod
-from ntkfunc._engines.structured import plan, routes, views
+from ntkfunc._engines.structured import contraction, plan, routes, views
 from ntkfunc._engines.structured.capture import Capture
 
 Key = tuple[int, str, int]  # (event, role, output leaf)
@@ -179,14 +179,14 @@ def tied_prices(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Si
         for (e1, _), a in zip(uses, st1) for (e2, _), b in zip(uses, st2)
     ]
     extra = len(uses) - 1  # contraction calls beyond a parameter used once: uses² Gram equations, uses formations a side
-    gram = sum((g.price for g in grams), plan.Price(0.0, calls=len(grams) - 1))
+    gram = sum((g.price for g in grams), contraction.Price(0.0, calls=len(grams) - 1))
     if len({views.theta_sizes(st) for st in st1 + st2}) > 1:
-        return plan.Prices(gram, plan.NONE, plan.NONE, plan.NONE), grams
+        return plan.Prices(gram, contraction.NONE, contraction.NONE, contraction.NONE), grams
     forms1 = [side_form(problem, s1, e, r, leaf) for e, r in uses]
     forms2 = [side_form(problem, s2, e, r, leaf) for e, r in uses]
-    pair = plan.price(plan.pair_equation(lay, len(st1[0].theta)), (forms1[0].out_shape, forms2[0].out_shape))
-    form1 = sum((f.price for f in forms1), plan.Price(0.0, calls=extra))
-    form2 = sum((f.price for f in forms2), plan.Price(0.0, calls=extra))
+    pair = contraction.price(plan.pair_equation(lay, len(st1[0].theta)), (forms1[0].out_shape, forms2[0].out_shape))
+    form1 = sum((f.price for f in forms1), contraction.Price(0.0, calls=extra))
+    form2 = sum((f.price for f in forms2), contraction.Price(0.0, calls=extra))
     return plan.Prices(gram, form1, form2, pair), grams
 
 
@@ -202,7 +202,7 @@ def tied_route(problem: Problem, leaf: int, uses: list[tuple[int, str]], s1: Sid
 
 
 def param_block(problem: Problem, k: int, leaf: int, s1: Side, s2: Side, memory_limit: int | None,
-                sharing: plan.Sharing | None = None) -> torch.Tensor:
+                sharing: contraction.Sharing | None = None) -> torch.Tensor:
     """Ruled parameter ``k``'s kernel block for one tile (not divided by the trace size), by this tile's route.
 
     A tied parameter gets every pair of its uses, cross terms included. ``sharing``: the
@@ -224,7 +224,7 @@ def param_block(problem: Problem, k: int, leaf: int, s1: Side, s2: Side, memory_
 
 
 def gram_block(k: int, grams: list[plan.Equation], scales: list[complex | float], memory_limit: int | None,
-               sharing: plan.Sharing | None = None) -> torch.Tensor:
+               sharing: contraction.Sharing | None = None) -> torch.Tensor:
     """Parameter ``k``'s block by the Gram route: its equations (one per pair of uses), each times its scale, summed."""
     parts = []
     for g, scale in zip(grams, scales):
@@ -282,7 +282,7 @@ def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit
             if len(roles) == 1:
                 parts[roles[0][0]] = param_block(problem, roles[0][0], leaf, s1, s2, memory_limit)
                 continue
-            with plan.Sharing() as sharing:  # the roles of one primitive share their cotangent factors
+            with contraction.Sharing() as sharing:  # the roles of one primitive share their cotangent factors
                 for k, _ in roles:
                     parts[k] = param_block(problem, k, leaf, s1, s2, memory_limit, sharing)
         for k in sorted(cap.tied):
@@ -308,7 +308,7 @@ def calibrate(problem: Problem, cap: Capture) -> routes.Calibration:
         per_sample = sum((one_sample_prices(problem, cap, k, leaf, one) for leaf in range(len(problem.layouts))), plan.ZERO)
         costs[k] = per_sample.scaled(problem.n1, problem.n2, n_jacobians)
     o = outputs_per_sample(problem)
-    cotangents = {e: plan.Price(0.0, float(n_jacobians * o * math.prod(ev.y_shape))) for e, ev in enumerate(cap.events)}
+    cotangents = {e: contraction.Price(0.0, float(n_jacobians * o * math.prod(ev.y_shape))) for e, ev in enumerate(cap.events)}
     return routes.Calibration(costs, cotangents)
 
 
@@ -321,13 +321,13 @@ def one_sample_prices(problem: Problem, cap: Capture, k: int, leaf: int, one: Si
 
 
 _CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""``f -> {input signature: plan.Price of its parameter-consuming calls on one sample}``, kept with the function
+"""``f -> {input signature: contraction.Price of its parameter-consuming calls on one sample}``, kept with the function
 object: a fresh kernel function of the same ``f`` (``ntk_fn(f)(x1, x2, params)`` in a training loop) does not
 run ``f`` again for :func:`implementation1_price`. Shapes decide the price, never values; an estimate only."""
 _CALLS_LOCK = threading.Lock()
 
 
-def _calls_price(problem: Problem, fn: Callable[..., Any], leaves: Sequence[torch.Tensor], x: Sequence[Any]) -> plan.Price:
+def _calls_price(problem: Problem, fn: Callable[..., Any], leaves: Sequence[torch.Tensor], x: Sequence[Any]) -> contraction.Price:
     """:func:`~ntkfunc._engines.structured.plan.parameter_calls_price` of ``f`` on ``x``, remembered per ``f`` and input signature."""
     key = problem.signature
     if key is not None:
@@ -348,7 +348,7 @@ def _calls_price(problem: Problem, fn: Callable[..., Any], leaves: Sequence[torc
     return price
 
 
-def implementation1_price(problem: Problem) -> plan.Price | None:
+def implementation1_price(problem: Problem) -> contraction.Price | None:
     """An upper estimate of what the rules could save at most: implementation 1's work on the parameters.
 
     For every sample (the whole batch when not vmapped) and output entry, a backward pass through each
@@ -372,12 +372,12 @@ def implementation1_price(problem: Problem) -> plan.Price | None:
     o = outputs_per_sample(problem)
     n_params = sum(t.numel() for t in leaves)
     n = 1 if problem.vmapped else None
-    contraction = sum(
+    pair_flops = sum(
         plan.jacobian_contraction_flops(lay, n, tuple(map(max, s1, s2)), (n_params,))
         for lay, s1, s2 in zip(problem.layouts, problem.sample_out_shapes(1), problem.sample_out_shapes(2))
     )
-    per_sample = plan.Price(2 * calls.flops, calls.traffic + n_params) * o
-    return per_sample * n_jacobians + plan.Price(pairs * contraction)
+    per_sample = contraction.Price(2 * calls.flops, calls.traffic + n_params) * o
+    return per_sample * n_jacobians + contraction.Price(pairs * pair_flops)
 
 
 def route_plan(problem: Problem, policy: str = routes.STRUCTURED, cap: Capture | None = None) -> routes.RoutePlan:

@@ -41,7 +41,7 @@ from collections.abc import Hashable, Mapping
 import torch
 
 from ntkfunc._core.buffers import clock
-from ntkfunc._engines.structured import plan
+from ntkfunc._engines.structured import contraction, plan
 from ntkfunc._engines.structured.capture import Capture
 
 GRAM = "gram"
@@ -82,7 +82,7 @@ class Calibration:
     """
 
     costs: dict[int, plan.RouteCost]
-    cotangents: dict[int, plan.Price]
+    cotangents: dict[int, contraction.Price]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Route:
     ruled: bool = True
 
     @property
-    def price(self) -> plan.Price | None:
+    def price(self) -> contraction.Price | None:
         """The price of the route taken (:data:`PROBED`: the cheaper one; :data:`REVERSE_MODE`: the Jacobian route's)."""
         if self.cost is None:
             return None
@@ -172,7 +172,7 @@ def forced(cap: Capture) -> RoutePlan:
     return RoutePlan("forced", {**_unruled(cap), **{k: Route(PROBED, None, "rules forced") for k in cap.ruled}})
 
 
-def unprobed(cap: Capture | None, implementation1: plan.Price | None) -> RoutePlan | None:
+def unprobed(cap: Capture | None, implementation1: contraction.Price | None) -> RoutePlan | None:
     """``"auto"`` before any capture: implementation 1 outright when its work on the parameters costs less than probing.
 
     The rules can save at most what implementation 1 spends on the parameters (``implementation1``,
@@ -182,7 +182,7 @@ def unprobed(cap: Capture | None, implementation1: plan.Price | None) -> RoutePl
     ``cap`` (``explain``), it says so for every ruled parameter. None: decide from the capture
     (:func:`decide`), also when there is no estimate (``f`` failed to run for it).
 
-    >>> unprobed(None, plan.Price(1e6, 1e3)).outright, unprobed(None, plan.Price(1e9)) is None
+    >>> unprobed(None, contraction.Price(1e6, 1e3)).outright, unprobed(None, contraction.Price(1e9)) is None
     (True, True)
     """
     if implementation1 is None or implementation1.cost >= PROBE_FLOPS:
@@ -216,9 +216,9 @@ def decide(cal: Calibration, cap: Capture, policy: str = STRUCTURED) -> RoutePla
         if any(k not in cal.costs for k in ks):
             saving = math.inf  # not calibrated (one whole-batch block): keep the rules
             continue
-        drop = sum((cal.costs[k].jacobian for k in ks), plan.FREE)
+        drop = sum((cal.costs[k].jacobian for k in ks), contraction.FREE)
         keep = sum((cal.costs[k].gram if cal.costs[k].use_gram else cal.costs[k].jacobian for k in ks),
-                   sum((cal.cotangents[e] for e in events), plan.FREE))
+                   sum((cal.cotangents[e] for e in events), contraction.FREE))
         saving += max(drop.cost - keep.cost, 0.0)
         for k in ks:
             c = cal.costs[k]
@@ -342,7 +342,7 @@ class Rates:
     paths, :meth:`gram_seconds`' probes. :meth:`measure` times the three rates once (about 50 ms).
 
     >>> r = Rates(gemm=1e11, element=3e-9, call=1e-4)
-    >>> round(r.seconds(plan.Price(2e11, 1e6, 1)), 6)   # 2 s of FLOPs, 3 ms of writes, one call
+    >>> round(r.seconds(contraction.Price(2e11, 1e6, 1)), 6)   # 2 s of FLOPs, 3 ms of writes, one call
     2.0031
     """
 
@@ -350,7 +350,7 @@ class Rates:
         self.gemm, self.element, self.call = gemm, element, call
         self.table: dict[Hashable, dict[str, float]] = {} if table is None else table
 
-    def seconds(self, price: plan.Price) -> float:
+    def seconds(self, price: contraction.Price) -> float:
         """``price`` in seconds at these rates."""
         return price.flops / self.gemm + price.traffic * self.element + price.calls * self.call
 
@@ -362,7 +362,7 @@ class Rates:
         s = torch.randn(4, 8, dtype=dtype, device=device)
         gemm = 2.0 * 128 * 128 * 8192 / _best(device, lambda: a @ a.T)
         element = _best(device, lambda: b.permute(2, 0, 1).contiguous()) / b.numel()
-        call = _best(device, lambda: plan.contract("ab,cb->ac", (s, s), None))
+        call = _best(device, lambda: contraction.contract("ab,cb->ac", (s, s), None))
         return cls(gemm, element, call, table)
 
     def gram_seconds(self, gram: plan.Equation, memory_limit: int | None) -> float:
@@ -392,7 +392,7 @@ def _best(device: torch.device, fn: object, repeats: int = 3) -> float:
 
 
 def contract(eq: plan.Equation, memory_limit: int | None, table: dict[Hashable, dict[str, float]] | None = None,
-             sharing: plan.Sharing | None = None) -> torch.Tensor:
+             sharing: contraction.Sharing | None = None) -> torch.Tensor:
     """``eq`` contracted along its fastest path: the one decision of which path a contraction runs along.
 
     The candidates are its :attr:`~ntkfunc._engines.structured.plan.Equation.paths` whose intermediates fit
@@ -407,7 +407,7 @@ def contract(eq: plan.Equation, memory_limit: int | None, table: dict[Hashable, 
     >>> contract(eq, None, table).shape, list(table[("contract", eq.eq, eq.shapes)])
     (torch.Size([2, 4]), ['optimal'])
     """
-    fits = [q for q in eq.paths if q.name == plan.OPTIMAL or memory_limit is None or q.largest <= memory_limit]
+    fits = [q for q in eq.paths if q.name == contraction.OPTIMAL or memory_limit is None or q.largest <= memory_limit]
     if table is None or len(fits) == 1:
         if table is not None:
             table.setdefault(("contract", eq.eq, eq.shapes), {fits[0].name: 0.0})
