@@ -262,15 +262,16 @@ def needs_higher_order(*trees: Any) -> bool:
 
 
 @contextlib.contextmanager
-def kernel_context(*trees: Any) -> Iterator[None]:
+def kernel_context(*trees: Any, higher: bool | None = None) -> Iterator[None]:
     """The op routing every kernel is computed under.
 
     Attention always uses its math backend; normalisation ops are decomposed into
     elementary ops when the kernel may be differentiated again (a leaf of ``trees``
     requires grad or is wrapped by an outer ``torch.func`` transform), because torch's
     fused norms have wrong second-order derivatives. Otherwise the fused ops are kept.
+    ``higher``: ``needs_higher_order(trees)`` where the caller has found it already.
     """
-    with transform_friendly_attention(), exact_higher_order(needs_higher_order(trees)):
+    with transform_friendly_attention(), exact_higher_order(needs_higher_order(trees) if higher is None else higher):
         yield
 
 
