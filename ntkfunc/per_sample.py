@@ -17,7 +17,7 @@ from ntkfunc._core.cache import KernelCache
 from ntkfunc._core.checks import check_bool, explained_f_errors, refuse_batch_coupled, split_vmap_axes
 from ntkfunc._core.heap import settle_heap
 from ntkfunc._core.memory import parse_budget
-from ntkfunc._core.ops import kernel_context, needs_higher_order
+from ntkfunc._core.ops import exact_higher_order, needs_higher_order
 from ntkfunc._core.problem import Params, make_problem
 from ntkfunc._core.pytree import tree_leaves, tree_unflatten
 from ntkfunc._core.types import ApplyFn, MemoryBudget, PyTree, VMapAxes
@@ -110,7 +110,9 @@ def jacobian_fn(f: ApplyFn, vmap_axes: VMapAxes = 0, *, implementation: None | i
         tensors = [t for t in tree_leaves((x, params)) if isinstance(t, torch.Tensor)]
         higher = needs_higher_order(tensors)
         differentiable = higher or any(_is_wrapped(t) for t in tensors)  # the rows cannot be written in place
-        with kernel_context(higher=higher), explained_f_errors(api, params, {"x": x}, vmap_axes):
+        # kernel_context's routing, the attention part entered where f runs (make_problem's probes, the rows' passes):
+        # not at all for an f its probe found calling no attention function
+        with exact_higher_order(higher), explained_f_errors(api, params, {"x": x}, vmap_axes):
             p0 = make_problem(f, x, None, params, vmap_axes, (), (), cache, api=api)
             # a given budget is checked here; the default is read only where the rows might not fit it (planned_budget)
             budget = None if memory_budget is None else parse_budget(memory_budget, p0.device)

@@ -161,3 +161,66 @@ def test_params_names_are_found_when_asked_and_bad_leaves_are_named():
     assert Params.make(torch.zeros(2)).names == ["params"]
     with pytest.raises(TypeError, match=r"jacobian_fn: params\['enc'\]\[1\] is a float; expected every leaf of params"):
         Params.make({"enc": [torch.zeros(1), 2.0]}, "jacobian_fn")
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.mha = None if fused else torch.nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        if self.mha is None:
+            return self.out(F.scaled_dot_product_attention(x, x, x)).mean(1)
+        return self.out(self.mha(x, x, x, need_weights=False)[0]).mean(1)
+
+
+def test_the_vmap_probe_finds_whether_f_calls_attention():
+    f, params = _mlp()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    assert make_problem(f, x, None, params, 0, (), (), KernelCache()).attention is False
+    assert make_problem(f, x, None, params, None, (), ()).attention is True  # no vmap probe: not known, routed
+    tokens = torch.randn(3, 5, 4, dtype=torch.float64)
+    for fused in (True, False):
+        g, gp = ntkfunc.from_module(_SelfAttention(fused).double().eval())
+        cache = KernelCache()
+        assert make_problem(g, tokens, None, gp, 0, (), (), cache).attention is True
+        assert make_problem(g, tokens, None, gp, 0, (), (), cache).attention is True  # kept with the probe
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "multihead"])
+def test_attention_is_routed_and_an_f_without_it_is_not(fused, monkeypatch):
+    """The math backend and no MHA fast path while an attention model's rows are formed; the flags left alone for
+    an f that calls no attention function (after its first call: the probe); both equal to the float64 reference."""
+    from ntkfunc._core import ops
+
+    entered = []
+    original = ops._MathAttention.enter
+    monkeypatch.setattr(ops._MathAttention, "enter", classmethod(lambda cls: (entered.append(1), original.__func__(cls))[1]))
+    f, params = _mlp()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    for impl in (1, None):
+        jac = ntkfunc.jacobian_fn(f, implementation=impl, flat=True)
+        jac(x, params)
+        entered.clear()
+        got = jac(x, params)
+        assert not entered, impl
+        assert max_rel_err(got, _reference_rows(f, params, x)) <= 1e-12
+
+    g, gp = ntkfunc.from_module(_SelfAttention(fused).double().eval())
+    tokens = torch.randn(3, 5, 4, dtype=torch.float64)
+    flags = []
+    inner = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        flags.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.mha.get_fastpath_enabled()))
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    jac = ntkfunc.jacobian_fn(g, implementation=1, flat=True)
+    jac(tokens, gp)
+    flags.clear()
+    entered.clear()
+    got = jac(tokens, gp)
+    assert entered and flags and set(flags) == {(False, False)}
+    assert max_rel_err(got, _reference_rows(g, gp, tokens)) <= 1e-10

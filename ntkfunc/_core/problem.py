@@ -30,6 +30,7 @@ from ntkfunc._core.batchable import BatchableOps
 from ntkfunc._core.cache import KernelCache, ProbeResult, Signature
 from ntkfunc._core.checks import VmapFailure, split_vmap_axes
 from ntkfunc._core.layout import Layout
+from ntkfunc._core.ops import ATTENTION_FUNCTIONS, transform_friendly_attention
 from ntkfunc._core.pytree import broadcast_prefix, tree_flatten, tree_unflatten
 from ntkfunc._core.types import ApplyFn, Axes, PyTree, VMapAxes
 
@@ -116,6 +117,7 @@ class Problem:
     cache: KernelCache | None = None  # the kernel function's cache (its closure), when the inputs have a signature
     signature: Signature | None = None
     batchable: bool = True  # f calls an op BatchableOps computes another way (or it is not known): f runs under that mode
+    attention: bool = True  # f calls one of ops.ATTENTION_FUNCTIONS (or it is not known): f runs under their routing
 
     @property
     def symmetric(self) -> bool:
@@ -310,13 +312,17 @@ def _probe(
 
 
 class _FailingOp(TorchFunctionMode):
-    """Remembers the outermost torch function (as ``f`` called it) that raised."""
+    """Remembers the outermost torch function (as ``f`` called it) that raised, and whether ``f`` called one of
+    :data:`~ntkfunc._core.ops.ATTENTION_FUNCTIONS`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.op: str | None = None
+        self.attention = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in ATTENTION_FUNCTIONS:
+            self.attention = True
         try:
             return func(*args, **(kwargs or {}))
         except Exception:
@@ -337,9 +343,10 @@ def _op_name(func: Any) -> str:
     return f"{module}.{name}"
 
 
-def _probe_vmap(f: ApplyFn, params: Params, x_leaves: list[Any], x_spec: Any, x_axes: list[int | None]) -> bool:
+def _probe_vmap(f: ApplyFn, params: Params, x_leaves: list[Any], x_spec: Any, x_axes: list[int | None]) -> tuple[bool, bool]:
     """Run ``f`` on the first sample under ``vmap`` (and a grad level, as the kernels do): a :class:`VmapFailure` if it
-    fails; else whether ``f`` called an op that :class:`BatchableOps` computes another way (``BatchableOps.used``).
+    fails; else whether ``f`` called an op that :class:`BatchableOps` computes another way (``BatchableOps.used``),
+    and whether it called one of :data:`~ntkfunc._core.ops.ATTENTION_FUNCTIONS`.
 
     Called once per input signature after ``f`` ran on that sample without ``vmap``, so a
     failure here is one of ``vmap`` (boolean-mask indexing, an op without a batching rule, an
@@ -360,7 +367,7 @@ def _probe_vmap(f: ApplyFn, params: Params, x_leaves: list[Any], x_spec: Any, x_
             vmap(one, in_dims=(x_axes,))(first)
     except Exception as err:
         raise VmapFailure(recorder.op, err) from err
-    return ops.used
+    return ops.used, recorder.attention
 
 
 def make_problem(
@@ -397,17 +404,19 @@ def make_problem(
     key = None if wrapped or cache is None else signature_of(p, x1_leaves, x2_leaves, spec1, x_axes)
     probe = None if key is None or cache is None else cache.probes.get(key)
     if probe is None:
-        out1, out_spec = _probe(f, p, x1_leaves, spec1, x_axes, not wrapped, api)
-        batchable = True  # not probed under vmap: f runs under BatchableOps
-        if x_axes is not None and not wrapped:
-            batchable = _probe_vmap(f, p, x1_leaves, spec1, x_axes)
-        out2 = out1 if x2_leaves is None else _probe(f, p, x2_leaves, spec2, x_axes, False, api)[0]
+        with transform_friendly_attention():  # f as the kernels run it (the caller's routing, where it entered it)
+            out1, out_spec = _probe(f, p, x1_leaves, spec1, x_axes, not wrapped, api)
+            found = (True, True)  # not probed under vmap: f runs under BatchableOps and the attention routing
+            if x_axes is not None and not wrapped:
+                found = _probe_vmap(f, p, x1_leaves, spec1, x_axes)
+            out2 = out1 if x2_leaves is None else _probe(f, p, x2_leaves, spec2, x_axes, False, api)[0]
         probe = ProbeResult(out1, out2, out_spec)
         if key is not None and cache is not None:
             cache.probes[key] = probe
-            cache.derived[("batchable_ops", key, ())] = batchable
+            cache.derived[("probed_ops", key, ())] = found
     else:
-        batchable = True if key is None or cache is None else cache.derived.get(("batchable_ops", key, ()), True)
+        found = (True, True) if key is None or cache is None else cache.derived.get(("probed_ops", key, ()), (True, True))
+    batchable, attention = found
     out1, out2, out_spec = probe.out1, probe.out2, probe.out_spec
 
     fx_axes: list[int] | None = None
@@ -453,7 +462,7 @@ def make_problem(
         f=f, params=p, x1_leaves=x1_leaves, x2_leaves=x2_leaves, x_spec=spec1, x_axes=x_axes,
         fx_axes=fx_axes, n1=n1, n2=n2, out_spec=out_spec, out_shapes1=shapes1, out_shapes2=shapes2,
         out_dtype=out_dtype, device=out1[0].device, layouts=layouts, api=api,
-        cache=None if key is None else cache, signature=key, batchable=batchable,
+        cache=None if key is None else cache, signature=key, batchable=batchable, attention=attention,
     )
 
 

@@ -53,7 +53,7 @@ class JacobianRows:
     def pieces(self, x: list[Any]) -> list[torch.Tensor]:
         """Per parameter ``(g, *out, numel)`` for the ``g`` samples of ``x`` in one pass (views of ``vmap(jacrev)``'s results)."""
         g = block_size(x, self.problem.x_axes or [])
-        with transform_friendly_attention():
+        with transform_friendly_attention(self.problem.attention):
             jac = self.fn(self.problem.params.diff_leaves, x)
         return [j.reshape(g, *self.out_shape, -1) for j in jac]
 

@@ -32,7 +32,7 @@ from torch.func import jacrev
 from ntkfunc._core.buffers import Buffers
 from ntkfunc._core.cache import KernelCache
 from ntkfunc._core.memory import planned_budget
-from ntkfunc._core.ops import needs_higher_order
+from ntkfunc._core.ops import needs_higher_order, transform_friendly_attention
 from ntkfunc._core.problem import Problem
 from ntkfunc._core.types import MemoryBudget, PyTree, VMapAxes
 from ntkfunc._engines.rows import outputs
@@ -117,11 +117,19 @@ def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, memor
     if differentiable is None:
         tensors = [t for t in torch.utils._pytree.tree_leaves((x, params)) if isinstance(t, torch.Tensor)]
         differentiable = any(_is_wrapped(t) for t in tensors) or needs_higher_order(tensors)
-    if not rp.vmapped:
-        return _cut(whole_batch(rp), p0, rp)
-    if differentiable:  # the row buffers are written in place: neither transforms nor autograd see through them
-        return _cut(_differentiable(rp, memory_budget), p0, rp)
-    src = source(rp, captures, auto)
+    with transform_friendly_attention(rp.attention):  # the routing changes nothing for an f that calls no attention
+        if not rp.vmapped:
+            return _cut(whole_batch(rp), p0, rp)
+        if differentiable:  # the row buffers are written in place: neither transforms nor autograd see through them
+            return _cut(_differentiable(rp, memory_budget), p0, rp)
+        src = source(rp, captures, auto)
+    # the rules' passes each enter the routing: once around them all (one setting of the flags, not one a pass)
+    with transform_friendly_attention(rp.attention or isinstance(src, StructuredRows)):
+        return _rows(p0, rp, src, memory_budget, flat)
+
+
+def _rows(p0: Problem, rp: Problem, src: JacobianRows | StructuredRows, memory_budget: MemoryBudget, flat: bool) -> list[Jacobians]:
+    """The rows path of :func:`jacobians` (nothing will differentiate them), from ``src``."""
     sample = rp.remember("rows_sample_bytes", src.sample_bytes, type(src).__name__)  # per sample: shapes alone
     chunk = chunk_size(_planned(memory_budget, rp, sample), sample, cap=rp.n1)
     pieces = None
