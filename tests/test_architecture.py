@@ -183,7 +183,8 @@ def test_routes_are_decided_only_by_the_route_planner():
     readers = {m for m, t in text.items() if re.search(r"\broutes\.(decide|on_tile|for_rows|rows_plan|forced)\(", t)} - {planner}
     assert readers == {"ntkfunc._engines.structured.kernel", "ntkfunc._engines.rows.structured"}, readers
     # which path a contraction runs along (issue 23): chosen only in the planner, by price or measured seconds
-    choosers = {m for m, t in text.items() if re.search(r"\.run\([^)]*path=|\bPAIRED\b", t)} - {planner, "ntkfunc._engines.structured.plan"}
+    defining = {"ntkfunc._engines.structured.plan", "ntkfunc._engines.structured.contraction", "ntkfunc._engines.structured.input_gram"}
+    choosers = {m for m, t in text.items() if re.search(r"\.run\([^)]*path=|\bPAIRED\b", t)} - {planner, *defining}
     assert not choosers, choosers
     gram_runners = {m for m, t in text.items() if re.search(r"gram_equation\([^\n]*\)\.run\(", t)}
     assert not gram_runners, f"Gram equations run outside routes.contract: {gram_runners}"
