@@ -57,10 +57,14 @@ chunk into a reused buffer (``standalone``), which is what ``rows`` measures.
 ``rows --jacobian-fn``: instead, ``ntkfunc.jacobian_fn`` of the per-sample cross-entropy (its default call,
 as ``bench_peers.py``'s per-sample gradient rows: same models, inputs and sizes) against ``vmap(grad)`` in the
 same process, ONE thread, process CPU time: the first call, the second (the first repeated call: it should
-already take the faster measured way) and the medians of ``--reps`` interleaved calls after those two, with
-the ratio ``vmap(grad) / jacobian_fn`` (> 1: ntkfunc faster), one fresh process per package, alternating.
+already take the faster measured way) and the medians of ``--reps`` interleaved calls after those two (each
+of the pair first in every other pair: the second call of a pair runs on the heap the first left, about 0.1 ms
+apart on the small CNN), with the ratio ``vmap(grad) / jacobian_fn`` (> 1: ntkfunc faster), one fresh process
+per package, alternating. ``--n`` sets the samples (small batches show ``jacobian_fn``'s fixed cost per call;
+``tiny`` is a Linear(8, 16)-ReLU-Linear(16, 3) MLP).
 
     python benchmarks/bench_scale.py rows --jacobian-fn --models cnn mlp --baseline /tmp/base --rounds 3
+    python benchmarks/bench_scale.py rows --jacobian-fn --models tiny cnn mlp --n 2 --reps 201 --baseline /tmp/base  # fixed costs
 """
 
 from __future__ import annotations
@@ -472,13 +476,21 @@ def kernel_rows_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def grads_measure(name: str, reps: int) -> dict:
-    """``rows --jacobian-fn`` in this process: CPU seconds of ``jacobian_fn(loss)`` and ``vmap(grad)`` on one model."""
+def grads_measure(name: str, reps: int, n: int | None = None) -> dict:
+    """``rows --jacobian-fn`` in this process: CPU seconds of ``jacobian_fn(loss)`` and ``vmap(grad)`` on one model
+    (``n`` samples, else the peers' size; ``tiny``: Linear(8, 16)-ReLU-Linear(16, 3), 4 samples by default)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from peer_models import load
 
     ntkfunc, bp = load(threads=1)
-    model, x, y = bp.build(name, bp.config(False)[name]["grads"])
+    if name == "tiny":
+        import torch
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+        x, y = torch.randn(n or 4, 8), torch.randint(0, 3, (n or 4,))
+    else:
+        model, x, y = bp.build(name, n or bp.config(False)[name]["grads"])
     params = bp.named_params(model)
     jac = ntkfunc.jacobian_fn(bp.per_sample_loss(model))
 
@@ -492,9 +504,13 @@ def grads_measure(name: str, reps: int) -> dict:
     err = max(float((got[k] - ref[k]).abs().max() / ref[k].abs().max()) for k in ref)
     second = cpu(lambda: jac((x, y), params))[0]
     ours, theirs = [], []
-    for _ in range(reps):
+    for i in range(reps):  # each first in every other pair: the second call of a pair runs on a heap the first left
+        first_ours = i % 2 == 0
+        if not first_ours:
+            theirs.append(cpu(lambda: bp.vmap_grad(model, x, y))[0])
         ours.append(cpu(lambda: jac((x, y), params))[0])
-        theirs.append(cpu(lambda: bp.vmap_grad(model, x, y))[0])
+        if first_ours:
+            theirs.append(cpu(lambda: bp.vmap_grad(model, x, y))[0])
     ntk, vmap = statistics.median(ours), statistics.median(theirs)
     return {"model": name, "n": x.shape[0], "first": first, "second": second, "jacobian_fn": ntk, "vmap_grad": vmap,
             "ratio": vmap / ntk, "err": err}
@@ -503,13 +519,18 @@ def grads_measure(name: str, reps: int) -> dict:
 def grads_table(runs: dict[str, list[dict]]) -> str:
     """Per model and package: medians over rounds (and each round's ratio)."""
     lines = ["| model | N | package | first call (s) | second call (ms) | jacobian_fn (ms) | vmap(grad) (ms) | "
-             "vmap(grad) / jacobian_fn | per round |", "|---|---|---|---|---|---|---|---|---|"]
+             "difference (ms) | vmap(grad) / jacobian_fn | per round |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(seconds: float) -> str:
+        return f"{1000 * seconds:.2f}" if abs(seconds) < 0.01 else f"{1000 * seconds:.1f}"
+
     for model in sorted({r["model"] for rs in runs.values() for r in rs}):
         for package, rs in runs.items():
             mine = [r for r in rs if r["model"] == model]
             med = {k: statistics.median(r[k] for r in mine) for k in ("first", "second", "jacobian_fn", "vmap_grad", "ratio")}
-            lines.append(f"| {model} | {mine[0]['n']} | {package} | {med['first']:.2f} | {1000 * med['second']:.1f} | "
-                         f"{1000 * med['jacobian_fn']:.1f} | {1000 * med['vmap_grad']:.1f} | {med['ratio']:.2f} | "
+            diff = statistics.median(r["jacobian_fn"] - r["vmap_grad"] for r in mine)  # per process, then the median
+            lines.append(f"| {model} | {mine[0]['n']} | {package} | {med['first']:.2f} | {ms(med['second'])} | "
+                         f"{ms(med['jacobian_fn'])} | {ms(med['vmap_grad'])} | {ms(diff)} | {med['ratio']:.2f} | "
                          + ", ".join(f"{r['ratio']:.2f}" for r in mine) + " |")
     return "\n".join(lines)
 
@@ -535,8 +556,9 @@ def rows_main(argv: list[str]) -> None:
     ap.add_argument("--baseline", type=Path, help="a directory holding an earlier ntkfunc package: before figures")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--jacobian-fn", action="store_true", help="jacobian_fn(loss) against vmap(grad) (module docstring)")
-    ap.add_argument("--models", nargs="+", default=["cnn", "mlp", "resnet18"], help="with --jacobian-fn")
+    ap.add_argument("--models", nargs="+", default=["cnn", "mlp", "resnet18"], help="with --jacobian-fn (and tiny: a small MLP)")
     ap.add_argument("--reps", type=int, default=11, help="with --jacobian-fn: interleaved timed calls per process")
+    ap.add_argument("--n", type=int, help="with --jacobian-fn: samples (default: the peers' size; 4 for the tiny MLP)")
     ap.add_argument("--in-kernel", type=int, metavar="N", help="the rows phase of kernel_matrix on N samples (module docstring)")
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 256], help="with --in-kernel: tile widths (batch_size=)")
     args = ap.parse_args(argv)
@@ -559,7 +581,7 @@ def rows_main(argv: list[str]) -> None:
             for model in args.models:
                 for name, root in packages:
                     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-                    res = subprocess.run([sys.executable, "-W", "ignore", __file__, "_grads", model, str(args.reps)],
+                    res = subprocess.run([sys.executable, "-W", "ignore", __file__, "_grads", model, str(args.reps), str(args.n or 0)],
                                          capture_output=True, text=True, env=env, cwd=str(root), check=True)
                     runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))
                     print(name, json.dumps(runs[name][-1]), flush=True)
@@ -649,7 +671,8 @@ def main() -> None:
         rows_main(sys.argv[2:])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_grads":
-        print(json.dumps(grads_measure(sys.argv[2], int(sys.argv[3]))))
+        n = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+        print(json.dumps(grads_measure(sys.argv[2], int(sys.argv[3]), n or None)))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_kernel_rows":
         print(json.dumps(kernel_rows_measure(int(sys.argv[2]), int(sys.argv[3]))))

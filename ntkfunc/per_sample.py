@@ -16,13 +16,15 @@ import torch
 from ntkfunc._core.cache import KernelCache
 from ntkfunc._core.checks import check_bool, explained_f_errors, refuse_batch_coupled, split_vmap_axes
 from ntkfunc._core.heap import settle_heap
-from ntkfunc._core.memory import SAFETY, parse_budget
-from ntkfunc._core.ops import kernel_context
+from ntkfunc._core.memory import parse_budget
+from ntkfunc._core.ops import exact_higher_order, needs_higher_order
 from ntkfunc._core.problem import Params, make_problem
-from ntkfunc._core.pytree import tree_unflatten
+from ntkfunc._core.pytree import tree_leaves, tree_unflatten
 from ntkfunc._core.types import ApplyFn, MemoryBudget, PyTree, VMapAxes
 from ntkfunc._engines import Implementation, get_engine, refuse_param_vmap, refuse_without_rows
 from ntkfunc._engines.rows import per_sample
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 JacobianFn = Callable[[PyTree, PyTree], PyTree]
 """``jac(x, params)``: per-sample Jacobians (see :func:`jacobian_fn`)."""
@@ -105,11 +107,17 @@ def jacobian_fn(f: ApplyFn, vmap_axes: VMapAxes = 0, *, implementation: None | i
     def jac(x: PyTree, params: PyTree) -> PyTree:
         refuse_param_vmap(engine, params, api)
         settle_heap()  # as a kernel call: the result and work buffers of the last call reused, not faulted in again
-        with kernel_context(x, params), explained_f_errors(api, params, {"x": x}, vmap_axes):
+        tensors = [t for t in tree_leaves((x, params)) if isinstance(t, torch.Tensor)]
+        higher = needs_higher_order(tensors)
+        differentiable = higher or any(_is_wrapped(t) for t in tensors)  # the rows cannot be written in place
+        # kernel_context's routing, the attention part entered where f runs (make_problem's probes, the rows' passes):
+        # not at all for an f its probe found calling no attention function
+        with exact_higher_order(higher), explained_f_errors(api, params, {"x": x}, vmap_axes):
             p0 = make_problem(f, x, None, params, vmap_axes, (), (), cache, api=api)
-            budget = parse_budget(memory_budget, p0.device) * SAFETY
-            jacs = per_sample.jacobians(p0, x, params, vmap_axes, budget, captures=engine.captures, auto=auto, flat=flat,
-                                        cache=cache, cat_cache=cat_cache)
+            # a given budget is checked here; the default is read only where the rows might not fit it (planned_budget)
+            budget = None if memory_budget is None else parse_budget(memory_budget, p0.device)
+            jacs = per_sample.jacobians(p0, x, params, vmap_axes, budget, captures=engine.captures, auto=auto,
+                                        flat=flat, cache=cache, cat_cache=cat_cache, differentiable=differentiable)
         leaves = [j.flat() for j in jacs] if flat else [like_params(j.pieces, p0.params) for j in jacs]
         return tree_unflatten(leaves, p0.out_spec)
 

@@ -25,7 +25,11 @@ sample without transforms:
 :class:`BatchableOps` is entered around every call of ``f`` inside a kernel computation
 (``Problem._call`` in :mod:`ntkfunc._core.problem`), on top of any mode the engine has
 entered, so that implementation 3's capture sees the same calls in each of its passes; and
-around ``ntk_vp_fn``'s and ``taylor_expand``'s passes. Every replacement computes what
+around ``ntk_vp_fn``'s and ``taylor_expand``'s passes. ``Problem._call`` leaves it out where the
+probe of ``f`` under ``vmap`` (once per input signature) found that ``f`` calls none of these ops
+(:attr:`BatchableOps.used`): a mode costs a Python call per op, a few microseconds each, which
+is most of a small model's overhead over ``vmap(grad)``; the ops ``f`` calls depend on the input
+signature alone, as for implementation 3's capture. Every replacement computes what
 torch's op computes (the same numbers for ``prelu``, ``rrelu`` and the recurrent layers;
 ``embedding_bag`` up to the order of its sums).
 """
@@ -238,6 +242,10 @@ class BatchableOps(TorchFunctionMode):
 
     def __init__(self, scalar_overloads: bool = False) -> None:
         super().__init__()
+        self.used = False
+        """Whether a call inside was one of the ops of the module docstring (computed another way, or looked at:
+        ``embedding_bag``); where a probe of ``f`` finds none, the kernels call ``f`` without this mode (its Python
+        call per op is all it would add)."""
         self.scalar_overloads = scalar_overloads
         """Also send tensor-by-number ``mul``/``div``/``add``/``sub`` to their ``.Scalar`` overloads, as
         :class:`~ntkfunc._core.forward_ad.ScalarOverloads` does (for forward mode, in this one mode: a second mode
@@ -250,6 +258,10 @@ class BatchableOps(TorchFunctionMode):
                 return op(*args)
         kwargs = kwargs or {}
         impl = DECOMPOSITIONS.get(func)
-        if impl is None and func is F.embedding_bag and _plain_bag(args, kwargs):
-            impl = embedding_bag
-        return func(*args, **kwargs) if impl is None else impl(*args, **kwargs)
+        if impl is None:
+            if func is not F.embedding_bag:
+                return func(*args, **kwargs)
+            self.used = True
+            impl = embedding_bag if _plain_bag(args, kwargs) else func
+        self.used = True
+        return impl(*args, **kwargs)

@@ -3,7 +3,8 @@
 The engines plan their work (parameter groups x sample blocks) so that what they hold
 at once stays under a budget in bytes. Budgets are given as numbers of bytes or
 strings such as ``"2GB"`` or ``"512MiB"``; ``None`` means: 80% of the free memory of a
-CUDA device, or half of the available RAM on CPU.
+CUDA device, or half of the available RAM on CPU. Where a caller's plan could not use more
+than what a machine surely has, :func:`planned_budget` does not ask the system (see there).
 
 The terms of every plan live here, once: :data:`SAFETY` (the fraction of the budget
 planned tensors may use; the rest absorbs allocator slack and small temporaries),
@@ -25,6 +26,13 @@ from ntkfunc._core.types import MemoryBudget, PyTree
 
 SAFETY = 0.7
 """Fraction of the memory budget that planned tensors may occupy."""
+
+CPU_SHARE = 0.5
+"""Fraction of the available RAM that the default budget on CPU is."""
+
+RAM_FLOOR = 128 * 2**20
+"""Bytes of available RAM that :func:`planned_budget` takes for granted on CPU without reading ``/proc/meminfo``: a
+process that has imported torch holds more than that itself, and a machine with less free is out of memory already."""
 
 _UNITS = {
     "": 1, "b": 1,
@@ -63,6 +71,29 @@ def parse_budget(budget: MemoryBudget, device: torch.device) -> int:
     return int(value)
 
 
+def planned_budget(budget: MemoryBudget, device: torch.device, enough: Callable[[float], bool] | None = None) -> float:
+    """Bytes planned tensors may use: ``parse_budget(budget, device) * SAFETY``, or less where that is known to suffice.
+
+    The default budget on CPU is a share of the available RAM, and reading it (``/proc/meminfo``)
+    costs tens of microseconds: more than the rest of a small model's per-sample gradients. So
+    where the caller's plan, given the budget of :data:`RAM_FLOOR` available bytes (a lower bound
+    of the default), already takes all it can use (``enough(bytes)``: e.g. its whole batch in one
+    pass), that budget is returned and nothing is read: a larger budget would plan the same.
+    ``enough`` must be monotone (true for a budget, true for any larger one). A budget the caller
+    gave, and any budget on CUDA, is used as it is (and checked as :func:`parse_budget` checks it).
+
+    >>> planned_budget("1MB", torch.device("cpu"))
+    700000.0
+    >>> planned_budget(None, torch.device("cpu"), enough=lambda b: b >= 1000) == RAM_FLOOR * CPU_SHARE * SAFETY
+    True
+    """
+    if budget is None and device.type == "cpu" and enough is not None:
+        floor = RAM_FLOOR * CPU_SHARE * SAFETY
+        if enough(floor):
+            return floor
+    return parse_budget(budget, device) * SAFETY
+
+
 def fmt_bytes(n: float) -> str:
     """``1536 -> '1.5 KiB'``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -88,7 +119,7 @@ def default_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(0.8 * free)
-    return int(0.5 * available_ram())
+    return int(CPU_SHARE * available_ram())
 
 
 def activation_bytes(fn: Callable[[list[torch.Tensor]], PyTree], params: Sequence[torch.Tensor]) -> int:

@@ -16,6 +16,7 @@ differentiate:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ from ntkfunc._core.batchable import BatchableOps
 from ntkfunc._core.cache import KernelCache, ProbeResult, Signature
 from ntkfunc._core.checks import VmapFailure, split_vmap_axes
 from ntkfunc._core.layout import Layout
+from ntkfunc._core.ops import ATTENTION_FUNCTIONS, transform_friendly_attention
 from ntkfunc._core.pytree import broadcast_prefix, tree_flatten, tree_unflatten
 from ntkfunc._core.types import ApplyFn, Axes, PyTree, VMapAxes
 
@@ -42,25 +44,29 @@ class Params:
 
     leaves: list[torch.Tensor]
     spec: Any
-    names: list[str]
     diff_index: list[int]  # positions of the differentiated (floating) leaves
 
     @staticmethod
     def make(params: PyTree, api: str = "ntk_fn") -> Params:
-        with_path, spec = pytree.tree_flatten_with_path(params)
-        names, leaves = [], []
-        for path, leaf in with_path:
-            if not isinstance(leaf, torch.Tensor):
-                raise TypeError(
-                    f"{api}: params{pytree.keystr(path)} is a {type(leaf).__name__}; expected every "
-                    "leaf of params to be a torch.Tensor"
-                )
-            names.append(pytree.keystr(path) or "params")
-            leaves.append(leaf)
+        leaves, spec = pytree.tree_flatten(params)
+        if not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+            for path, leaf in pytree.tree_flatten_with_path(params)[0]:
+                if not isinstance(leaf, torch.Tensor):
+                    raise TypeError(
+                        f"{api}: params{pytree.keystr(path)} is a {type(leaf).__name__}; expected every "
+                        "leaf of params to be a torch.Tensor"
+                    )
         diff = [i for i, t in enumerate(leaves) if t.is_floating_point() or t.is_complex()]
         if not diff:
             raise ValueError(f"{api}: params has no floating-point tensor: nothing to differentiate")
-        return Params(leaves, spec, names, diff)
+        return Params(leaves, spec, diff)
+
+    @functools.cached_property
+    def names(self) -> list[str]:
+        """Each leaf's path as ``keystr`` prints it (``"params"`` for a lone tensor); found when first asked for
+        (error messages, warnings, reports), not on every call."""
+        with_path, _ = pytree.tree_flatten_with_path(tree_unflatten(self.leaves, self.spec))
+        return [pytree.keystr(path) or "params" for path, _ in with_path]
 
     @property
     def diff_leaves(self) -> list[torch.Tensor]:
@@ -110,6 +116,8 @@ class Problem:
     api: str = "ntk_fn"  # the public function being computed (named in error messages)
     cache: KernelCache | None = None  # the kernel function's cache (its closure), when the inputs have a signature
     signature: Signature | None = None
+    batchable: bool = True  # f calls an op BatchableOps computes another way (or it is not known): f runs under that mode
+    attention: bool = True  # f calls one of ops.ATTENTION_FUNCTIONS (or it is not known): f runs under their routing
 
     @property
     def symmetric(self) -> bool:
@@ -139,9 +147,14 @@ class Problem:
 
     # --- the function in differentiable forms ---------------------------------------
     def _call(self, param_leaves: Sequence[torch.Tensor], x_leaves: Sequence[Any], subset: Sequence[int] | None) -> list[torch.Tensor]:
-        """``f``'s output leaves; with the ops torch cannot batch computed another way (:class:`BatchableOps`)."""
-        with BatchableOps():
-            out = self.f(self.params.rebuild(param_leaves, subset), tree_unflatten(list(x_leaves), self.x_spec))
+        """``f``'s output leaves; with the ops torch cannot batch computed another way (:class:`BatchableOps`, entered
+        unless the probe of ``f`` under ``vmap`` found none of them: ``batchable``)."""
+        params, x = self.params.rebuild(param_leaves, subset), tree_unflatten(list(x_leaves), self.x_spec)
+        if self.batchable:
+            with BatchableOps():
+                out = self.f(params, x)
+        else:
+            out = self.f(params, x)
         leaves, spec = tree_flatten(out)
         if spec != self.out_spec:
             raise ValueError(f"{self.api}: f returned outputs of structure {spec}; expected {self.out_spec} as on the first sample")
@@ -299,13 +312,17 @@ def _probe(
 
 
 class _FailingOp(TorchFunctionMode):
-    """Remembers the outermost torch function (as ``f`` called it) that raised."""
+    """Remembers the outermost torch function (as ``f`` called it) that raised, and whether ``f`` called one of
+    :data:`~ntkfunc._core.ops.ATTENTION_FUNCTIONS`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.op: str | None = None
+        self.attention = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in ATTENTION_FUNCTIONS:
+            self.attention = True
         try:
             return func(*args, **(kwargs or {}))
         except Exception:
@@ -326,18 +343,21 @@ def _op_name(func: Any) -> str:
     return f"{module}.{name}"
 
 
-def _probe_vmap(f: ApplyFn, params: Params, x_leaves: list[Any], x_spec: Any, x_axes: list[int | None]) -> None:
-    """Run ``f`` on the first sample under ``vmap`` (and a grad level, as the kernels do): a :class:`VmapFailure` if it fails.
+def _probe_vmap(f: ApplyFn, params: Params, x_leaves: list[Any], x_spec: Any, x_axes: list[int | None]) -> tuple[bool, bool]:
+    """Run ``f`` on the first sample under ``vmap`` (and a grad level, as the kernels do): a :class:`VmapFailure` if it
+    fails; else whether ``f`` called an op that :class:`BatchableOps` computes another way (``BatchableOps.used``),
+    and whether it called one of :data:`~ntkfunc._core.ops.ATTENTION_FUNCTIONS`.
 
     Called once per input signature after ``f`` ran on that sample without ``vmap``, so a
     failure here is one of ``vmap`` (boolean-mask indexing, an op without a batching rule, an
     in-place write into a tensor that is not batched), and its message names the op.
     """
     first = [x if a is None else x.narrow(a, 0, 1) for x, a in zip(x_leaves, x_axes)]
+    ops = BatchableOps()  # as Problem._call runs f
 
     def one(xs: list[Any]) -> torch.Tensor:
         xs = [x if a is None else x.unsqueeze(a) for x, a in zip(xs, x_axes)]
-        with BatchableOps():  # as Problem._call runs f
+        with ops:
             vjp(lambda diff: f(params.rebuild(diff), tree_unflatten(xs, x_spec)), params.diff_leaves)
         return torch.zeros(())
 
@@ -347,6 +367,7 @@ def _probe_vmap(f: ApplyFn, params: Params, x_leaves: list[Any], x_spec: Any, x_
             vmap(one, in_dims=(x_axes,))(first)
     except Exception as err:
         raise VmapFailure(recorder.op, err) from err
+    return ops.used, recorder.attention
 
 
 def make_problem(
@@ -372,7 +393,7 @@ def make_problem(
     x1_leaves, spec1 = tree_flatten(x1)
     x2_leaves, spec2 = (None, None) if x2 is None else tree_flatten(x2)
     x_axis, fx_axis = split_vmap_axes(vmap_axes, api)
-    x_axes = None if x_axis is None else broadcast_prefix(x_axis, x1, api=api)
+    x_axes = None if x_axis is None else _broadcast(x_axis, x1_leaves, lambda: x1, api)
     if x_axis is not None and fx_axis is None:
         raise ValueError(f"{api}(vmap_axes={vmap_axes!r}): an input batch axis needs an output batch axis too")
     n1, n2 = _check_inputs(x1_leaves, x2_leaves, spec1, spec2, x_axes, api)
@@ -383,20 +404,26 @@ def make_problem(
     key = None if wrapped or cache is None else signature_of(p, x1_leaves, x2_leaves, spec1, x_axes)
     probe = None if key is None or cache is None else cache.probes.get(key)
     if probe is None:
-        out1, out_spec = _probe(f, p, x1_leaves, spec1, x_axes, not wrapped, api)
-        if x_axes is not None and not wrapped:
-            _probe_vmap(f, p, x1_leaves, spec1, x_axes)
-        out2 = out1 if x2_leaves is None else _probe(f, p, x2_leaves, spec2, x_axes, False, api)[0]
+        with transform_friendly_attention():  # f as the kernels run it (the caller's routing, where it entered it)
+            out1, out_spec = _probe(f, p, x1_leaves, spec1, x_axes, not wrapped, api)
+            found = (True, True)  # not probed under vmap: f runs under BatchableOps and the attention routing
+            if x_axes is not None and not wrapped:
+                found = _probe_vmap(f, p, x1_leaves, spec1, x_axes)
+            out2 = out1 if x2_leaves is None else _probe(f, p, x2_leaves, spec2, x_axes, False, api)[0]
         probe = ProbeResult(out1, out2, out_spec)
         if key is not None and cache is not None:
             cache.probes[key] = probe
+            cache.derived[("probed_ops", key, ())] = found
+    else:
+        found = (True, True) if key is None or cache is None else cache.derived.get(("probed_ops", key, ()), (True, True))
+    batchable, attention = found
     out1, out2, out_spec = probe.out1, probe.out2, probe.out_spec
 
     fx_axes: list[int] | None = None
     shapes1 = [tuple(o.shape) for o in out1]
     shapes2 = [tuple(o.shape) for o in out2]
     if x_axes is not None:
-        raw = broadcast_prefix(fx_axis, tree_unflatten(out1, out_spec), api=api)
+        raw = _broadcast(fx_axis, out1, lambda: tree_unflatten(out1, out_spec), api)
         fx_axes = []
         for k, (o, a) in enumerate(zip(out1, raw)):
             if a is None or not -o.ndim <= a < o.ndim:
@@ -435,8 +462,16 @@ def make_problem(
         f=f, params=p, x1_leaves=x1_leaves, x2_leaves=x2_leaves, x_spec=spec1, x_axes=x_axes,
         fx_axes=fx_axes, n1=n1, n2=n2, out_spec=out_spec, out_shapes1=shapes1, out_shapes2=shapes2,
         out_dtype=out_dtype, device=out1[0].device, layouts=layouts, api=api,
-        cache=None if key is None else cache, signature=key,
+        cache=None if key is None else cache, signature=key, batchable=batchable, attention=attention,
     )
+
+
+def _broadcast(prefix: Any, leaves: list[Any], tree: Callable[[], PyTree], api: str) -> list[Any]:
+    """``broadcast_prefix(prefix, tree())`` for a tree already flattened into ``leaves``: an int (the usual axis) needs
+    neither the tree nor a second flatten."""
+    if prefix is None or isinstance(prefix, int):
+        return [prefix] * len(leaves)
+    return broadcast_prefix(prefix, tree(), api=api)
 
 
 def signature_of(p: Params, x1: list[Any], x2: list[Any] | None, spec: Any, x_axes: list[int | None] | None) -> Signature:

@@ -24,7 +24,9 @@ class JacobianRows:
         self.slots = Slots.of(problem, range(len(problem.params.diff_leaves)))
         g = problem.sample_fn()
         if math.prod(self.out_shape) == 1:  # one output entry per sample (a per-sample loss): a gradient, no basis to vmap over
-            self._fn = vmap(grad(lambda leaves, x: g(leaves, x)[0].sum()), in_dims=(None, problem.x_axes))
+            # a 0-d output is grad's scalar as it is (no sum op, and its backward, per call); (1,) or (1, 1) are summed
+            scalar = (lambda leaves, x: g(leaves, x)[0]) if self.out_shape == () else (lambda leaves, x: g(leaves, x)[0].sum())
+            self._fn = vmap(grad(scalar), in_dims=(None, problem.x_axes))
         else:
             jac = vmap(jacrev(g, argnums=0), in_dims=(None, problem.x_axes))
             self._fn = lambda leaves, x: jac(leaves, x)[0]
@@ -51,7 +53,7 @@ class JacobianRows:
     def pieces(self, x: list[Any]) -> list[torch.Tensor]:
         """Per parameter ``(g, *out, numel)`` for the ``g`` samples of ``x`` in one pass (views of ``vmap(jacrev)``'s results)."""
         g = block_size(x, self.problem.x_axes or [])
-        with transform_friendly_attention():
+        with transform_friendly_attention(self.problem.attention):
             jac = self.fn(self.problem.params.diff_leaves, x)
         return [j.reshape(g, *self.out_shape, -1) for j in jac]
 

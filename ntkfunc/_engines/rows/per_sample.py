@@ -31,12 +31,13 @@ from torch.func import jacrev
 
 from ntkfunc._core.buffers import Buffers
 from ntkfunc._core.cache import KernelCache
-from ntkfunc._core.ops import needs_higher_order
+from ntkfunc._core.memory import planned_budget
+from ntkfunc._core.ops import needs_higher_order, transform_friendly_attention
 from ntkfunc._core.problem import Problem
-from ntkfunc._core.types import PyTree, VMapAxes
+from ntkfunc._core.types import MemoryBudget, PyTree, VMapAxes
 from ntkfunc._engines.rows import outputs
 from ntkfunc._engines.rows.jacobian import JacobianRows
-from ntkfunc._engines.rows.source import Slots, block_size, chunk_size, chunks
+from ntkfunc._engines.rows.source import SampleBytes, Slots, block_size, chunk_size, chunks
 from ntkfunc._engines.rows.structured import StructuredRows
 from ntkfunc._engines.structured import kernel as structured
 from ntkfunc._engines.structured import routes
@@ -96,26 +97,41 @@ class Jacobians:
         return self.rows if self.rows is not None else torch.cat(self.pieces, -1)
 
 
-def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, budget: float, *, captures: bool, auto: bool,
-              flat: bool = True, cache: KernelCache | None = None, cat_cache: KernelCache | None = None) -> list[Jacobians]:
+def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, memory_budget: MemoryBudget, *, captures: bool,
+              auto: bool, flat: bool = True, cache: KernelCache | None = None, cat_cache: KernelCache | None = None,
+              differentiable: bool | None = None) -> list[Jacobians]:
     """Per output leaf of ``p0`` (the checked problem of ``f`` on ``x``, nothing traced): its per-sample Jacobians.
 
-    ``budget``: bytes the gradient passes may hold on top of the result; ``captures``/``auto``: the
-    engine's (see :func:`source`); ``flat``: the caller wants one tensor (a row buffer is filled
-    directly); otherwise, where ``vmap(jacrev)`` is the way taken on the whole batch, its per-parameter
-    results are kept as they are (no copy into a row buffer); ``cache``/``cat_cache``: the caller's
-    caches of ``f`` and of its concatenated outputs (:func:`~.outputs.rows_problem`).
+    ``memory_budget``: what the gradient passes may hold on top of the result, as the user gave it
+    (:func:`~ntkfunc._core.memory.planned_budget`: the default is not read where the whole batch fits
+    any budget); ``captures``/``auto``: the engine's (see :func:`source`); ``flat``: the caller wants
+    one tensor (a row buffer is filled directly); otherwise, where ``vmap(jacrev)`` is the way taken on
+    the whole batch, its per-parameter results are kept as they are (no copy into a row buffer);
+    ``cache``/``cat_cache``: the caller's caches of ``f`` and of its concatenated outputs
+    (:func:`~.outputs.rows_problem`); ``differentiable``: whether the result may be differentiated (a
+    leaf of ``x`` or ``params`` requires grad or is wrapped by a ``torch.func`` transform), where the
+    caller has found it already.
     """
     full = not any(lay.trace or lay.diagonal for lay in p0.layouts) and p0.x2_leaves is None
     rp = p0 if full and outputs.direct(p0) else outputs.rows_problem(p0, x, params, vmap_axes, cache, cat_cache)
-    wrapped = any(_is_wrapped(t) for t in torch.utils._pytree.tree_leaves((x, params)) if isinstance(t, torch.Tensor))
-    if not rp.vmapped:
-        return _cut(whole_batch(rp), p0, rp)
-    if wrapped or needs_higher_order(x, params):  # the row buffers are written in place: neither transforms nor autograd see through them
-        return _cut(differentiable(rp, budget), p0, rp)
-    src = source(rp, captures, auto)
+    if differentiable is None:
+        tensors = [t for t in torch.utils._pytree.tree_leaves((x, params)) if isinstance(t, torch.Tensor)]
+        differentiable = any(_is_wrapped(t) for t in tensors) or needs_higher_order(tensors)
+    with transform_friendly_attention(rp.attention):  # the routing changes nothing for an f that calls no attention
+        if not rp.vmapped:
+            return _cut(whole_batch(rp), p0, rp)
+        if differentiable:  # the row buffers are written in place: neither transforms nor autograd see through them
+            return _cut(_differentiable(rp, memory_budget), p0, rp)
+        src = source(rp, captures, auto)
+    # the rules' passes each enter the routing: once around them all (one setting of the flags, not one a pass)
+    with transform_friendly_attention(rp.attention or isinstance(src, StructuredRows)):
+        return _rows(p0, rp, src, memory_budget, flat)
+
+
+def _rows(p0: Problem, rp: Problem, src: JacobianRows | StructuredRows, memory_budget: MemoryBudget, flat: bool) -> list[Jacobians]:
+    """The rows path of :func:`jacobians` (nothing will differentiate them), from ``src``."""
     sample = rp.remember("rows_sample_bytes", src.sample_bytes, type(src).__name__)  # per sample: shapes alone
-    chunk = chunk_size(budget, sample, cap=rp.n1)
+    chunk = chunk_size(_planned(memory_budget, rp, sample), sample, cap=rp.n1)
     pieces = None
     if not flat and chunk >= rp.n1:  # one pass: vmap(jacrev)'s own results, where it is the way taken
         if isinstance(src, StructuredRows):
@@ -137,14 +153,21 @@ def _cut(rows: torch.Tensor, p0: Problem, rp: Problem, slots: Slots | None = Non
     return [Jacobians([r[..., slots.slot(k)] for k in slots.leaves], r) for r in outputs.split(rows, p0, rp)]
 
 
-def differentiable(rp: Problem, budget: float) -> torch.Tensor:
+def _planned(memory_budget: MemoryBudget, rp: Problem, sample: SampleBytes) -> float:
+    """The bytes the gradient passes of ``rp``'s samples may hold (the default budget is read only where the whole
+    batch in one pass might not fit: :func:`~ntkfunc._core.memory.planned_budget`)."""
+    return planned_budget(memory_budget, rp.device, enough=lambda b: chunk_size(b, sample, cap=rp.n1) >= rp.n1)
+
+
+def _differentiable(rp: Problem, memory_budget: MemoryBudget) -> torch.Tensor:
     """``(N, *out, P)`` by ``vmap(jacrev)`` per chunk and ``torch.cat``: differentiable in ``x`` and the parameters."""
     src = JacobianRows(rp)
     axes: list[Any] = rp.x_axes or []
     n = block_size(rp.x1_leaves, axes)
     leaves = rp.params.diff_leaves
     parts = []
-    for s, e, xc in chunks(rp.x1_leaves, axes, n, chunk_size(budget, src.sample_bytes(), cap=n)):
+    sample = src.sample_bytes()
+    for s, e, xc in chunks(rp.x1_leaves, axes, n, chunk_size(_planned(memory_budget, rp, sample), sample, cap=n)):
         jac = src.fn(leaves, xc)
         parts.append(torch.cat([j.reshape(e - s, *src.out_shape, -1) for j in jac], -1))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
