@@ -328,3 +328,41 @@ def test_the_rules_work_buffers_are_lent_to_the_next_call_with_the_same_shapes(m
     assert per_sample.borrow_buffers(made[0].problem) is not lent
     for got, xs in zip(results, (x, other, x)):
         assert max_rel_err(got, _reference(f, params, xs, 0)[0]) <= 1e-12
+
+
+@pytest.mark.parametrize("faster", ["rules", "vmap(jacrev)"])
+def test_auto_skips_the_rules_set_up_where_its_first_call_measured_vmap_faster(monkeypatch, faster):
+    """``"auto"``: where the first call measured ``vmap(jacrev)`` faster on the whole batch, later calls with these
+    shapes take implementation 1's rows directly (no :class:`StructuredRows` built: its set-up is most of a small
+    batch's cost over ``vmap(grad)``); where the rules were faster they are built and taken. Exact either way."""
+    from ntkfunc._engines.rows import structured as rows_mod
+    from ntkfunc._engines.structured import routes
+
+    monkeypatch.setattr(routes, "unprobed", lambda *a: None)  # auto goes through the rules' rows, as on larger models
+    original = rows_mod.StructuredRows._form
+
+    def form(self, way, xc, out, parts):
+        original(self, way, xc, out, parts)
+        if way in (rows_mod.RULES, rows_mod.VMAP):  # the measurement made to say `faster`
+            self.buffers.seconds[("rows", out.shape[0])][way] = 1.0 if way == faster else 2.0
+
+    monkeypatch.setattr(rows_mod.StructuredRows, "_form", form)
+    built = []
+    init = rows_mod.StructuredRows.__init__
+    monkeypatch.setattr(rows_mod.StructuredRows, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
+    torch.manual_seed(0)
+    # vmap(jacrev) is tried where it holds no more per sample than the rules' work buffers (im2col patches)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 2)).double()
+    f, params = ntkfunc.from_module(model)
+    x = torch.randn(6, 4, 8, 8, dtype=torch.float64)
+    jac = ntkfunc.jacobian_fn(f)
+    ref = _reference(f, params, x, 0)
+    for call in range(3):
+        built.clear()
+        got = _as_flat(jac(x, params), params, 1)
+        assert max_rel_err(got, ref) <= 1e-12, call
+        assert len(built) == (1 if call == 0 or faster == "rules" else 0), (call, built)
+    other = torch.randn(5, 4, 8, 8, dtype=torch.float64)  # another batch size: measured anew, through the rules first
+    built.clear()
+    assert max_rel_err(_as_flat(jac(other, params), params, 1), _reference(f, params, other, 0)) <= 1e-12 and built == [1]

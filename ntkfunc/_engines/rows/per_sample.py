@@ -9,7 +9,9 @@ row order of :mod:`.source`; ``(*out_leaf, P)`` with ``vmap_axes=None``):
   (every parameter in a slot: gradients formed by the rules from one batched pass) for
   implementations 3 and ``"auto"``, except that ``"auto"`` takes :class:`~.jacobian.JacobianRows`
   (``vmap(jacrev)``, implementation 1) where implementation 1's whole work costs less than the
-  capture's probe (:func:`~ntkfunc._engines.structured.routes.unprobed`: small models on few samples);
+  capture's probe (:func:`~ntkfunc._engines.structured.routes.unprobed`: small models on few samples), or
+  where an earlier call with these shapes measured ``vmap(jacrev)`` faster on the whole batch as one chunk
+  (:meth:`~.structured.StructuredRows.measured_way`: the rules' set-up is then skipped too);
   implementation 1: :class:`~.jacobian.JacobianRows`. Where ``vmap(jacrev)`` is the way taken on a
   batch of one chunk and the caller wants a pytree (not ``flat``), its per-parameter results are the
   result (no copy into the buffer); the rules' work buffers are lent to the next call with the same
@@ -38,7 +40,7 @@ from ntkfunc._core.types import MemoryBudget, PyTree, VMapAxes
 from ntkfunc._engines.rows import outputs
 from ntkfunc._engines.rows.jacobian import JacobianRows
 from ntkfunc._engines.rows.source import SampleBytes, Slots, block_size, chunk_size, chunks
-from ntkfunc._engines.rows.structured import StructuredRows
+from ntkfunc._engines.rows.structured import VMAP, StructuredRows
 from ntkfunc._engines.structured import kernel as structured
 from ntkfunc._engines.structured import routes
 
@@ -53,10 +55,13 @@ def source(rp: Problem, captures: bool, auto: bool) -> JacobianRows | Structured
         return JacobianRows(rp)
     if auto and rp.remember("rows_unprobed", lambda: routes.unprobed(None, structured.implementation1_price(rp)) is not None, rp.n1):
         return JacobianRows(rp)
+    # the ways measured faster (per layer shape, per chunk size) carry over to the next call with these shapes
+    seconds: dict[Any, dict[str, float]] = rp.remember("rows_seconds", dict, rp.n1)
+    if auto and StructuredRows.measured_way(seconds, rp.n1) == VMAP:
+        return JacobianRows(rp)  # the whole batch in one chunk was measured faster by vmap(jacrev): the rules' set-up is skipped
     src = StructuredRows(rp, routes="rows")
     src.buffers = borrow_buffers(rp)
-    # the ways measured faster (per layer shape, per chunk size) carry over to the next call with these shapes
-    src.buffers.seconds = rp.remember("rows_seconds", dict, rp.n1)
+    src.buffers.seconds = seconds
     return src
 
 

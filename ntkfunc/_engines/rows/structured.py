@@ -251,6 +251,15 @@ class StructuredRows:
         for way in (RULES, VMAP):
             if way not in table:
                 return way
+        return self.measured_way(self.buffers.seconds, g) or RULES
+
+    @staticmethod
+    def measured_way(seconds: dict[Any, dict[str, float]], g: int) -> str | None:
+        """The way :meth:`_way` takes for chunks of ``g`` samples once both were measured (``seconds``: a table of
+        :attr:`buffers`), else None."""
+        table = seconds.get(("rows", g), {})
+        if RULES not in table or VMAP not in table:
+            return None
         return VMAP if table[VMAP] < table[RULES] else RULES
 
     def _explore(self, g: int) -> bool:
