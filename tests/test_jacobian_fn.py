@@ -366,3 +366,35 @@ def test_auto_skips_the_rules_set_up_where_its_first_call_measured_vmap_faster(m
     other = torch.randn(5, 4, 8, 8, dtype=torch.float64)  # another batch size: measured anew, through the rules first
     built.clear()
     assert max_rel_err(_as_flat(jac(other, params), params, 1), _reference(f, params, other, 0)) <= 1e-12 and built == [1]
+
+
+def test_vmap_is_tried_where_a_chunk_of_it_fits_the_callers_budget(monkeypatch):
+    """An MLP whose ``vmap(jacrev)`` holds more per sample than the rules' pass: without a budget (``kernel_matrix``'s
+    chunks, sized for the rules) it is not tried; ``jacobian_fn`` gives its planned budget, where a chunk of it fits,
+    so its first call times both ways and later calls take the faster. Exact either way."""
+    from ntkfunc._core.problem import make_problem
+    from ntkfunc._engines.rows import structured as rows_mod
+    from ntkfunc._engines.structured import routes
+
+    monkeypatch.setattr(routes, "unprobed", lambda *a: None)  # auto goes through the rules' rows, as on larger models
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 40), torch.nn.ReLU(), torch.nn.Linear(40, 40), torch.nn.ReLU(),
+                                torch.nn.Linear(40, 3)).double()
+    f, params = ntkfunc.from_module(model)
+    x = torch.randn(2, 30, dtype=torch.float64)
+    src = rows_mod.StructuredRows(make_problem(f, x, None, params, 0, (), ()), routes="rows")
+    assert src._jacobian_rows().sample_bytes().transient > src.sample_bytes().transient  # the case at hand
+    assert not src._vmap_allowed(2)
+    src.chunk_budget = 1e9
+    assert src._vmap_allowed(2)
+    src.chunk_budget = 1.0  # a chunk of vmap(jacrev) would not fit
+    assert not src._vmap_allowed(2)
+    built = []
+    init = rows_mod.StructuredRows.__init__
+    monkeypatch.setattr(rows_mod.StructuredRows, "__init__", lambda self, *a, **k: (built.append(self), init(self, *a, **k))[1])
+    jac = ntkfunc.jacobian_fn(f, flat=True)
+    ref = _reference(f, params, x, 0)
+    assert max_rel_err(jac(x, params), ref) <= 1e-12
+    table = built[0].buffers.seconds[("rows", 2)]
+    assert math.isfinite(table[rows_mod.VMAP]) and math.isfinite(table[rows_mod.RULES])  # both timed on the first call
+    assert max_rel_err(jac(x, params), ref) <= 1e-12

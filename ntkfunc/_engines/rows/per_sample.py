@@ -136,7 +136,10 @@ def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, memor
 def _rows(p0: Problem, rp: Problem, src: JacobianRows | StructuredRows, memory_budget: MemoryBudget, flat: bool) -> list[Jacobians]:
     """The rows path of :func:`jacobians` (nothing will differentiate them), from ``src``."""
     sample = rp.remember("rows_sample_bytes", src.sample_bytes, type(src).__name__)  # per sample: shapes alone
-    chunk = chunk_size(_planned(memory_budget, rp, sample), sample, cap=rp.n1)
+    budget = _planned(memory_budget, rp, sample)
+    chunk = chunk_size(budget, sample, cap=rp.n1)
+    if isinstance(src, StructuredRows):
+        src.chunk_budget = budget  # vmap(jacrev) is tried wherever a chunk of it fits this budget too
     pieces = None
     if not flat and chunk >= rp.n1:  # one pass: vmap(jacrev)'s own results, where it is the way taken
         if isinstance(src, StructuredRows):

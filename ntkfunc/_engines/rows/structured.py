@@ -50,7 +50,7 @@ from ntkfunc._core.memory import backward_transient, itemsize
 from ntkfunc._core.ops import transform_friendly_attention
 from ntkfunc._core.problem import Problem
 from ntkfunc._engines.rows.jacobian import JacobianRows
-from ntkfunc._engines.rows.source import Factors, Flops, RowSource, SampleBytes, Slots, block_size, chunks, out_shape, pair_flops, row_flops
+from ntkfunc._engines.rows.source import Factors, Flops, RowSource, SampleBytes, Slots, block_size, chunk_size, chunks, out_shape, pair_flops, row_flops
 from ntkfunc._engines.structured import capture as capture_mod
 from ntkfunc._engines.structured import contraction, plan, routes, views
 from ntkfunc._engines.structured import kernel as structured
@@ -103,6 +103,9 @@ class StructuredRows:
         """Whether the caller needs the rows in one buffer; False where ``vmap(jacrev)``'s per-parameter results serve
         (``jacobian_fn``'s pytree on one chunk: :meth:`vmap_pieces`), so that its timing leaves out the copy."""
         self._flops: Flops | None = None
+        self.chunk_budget: float | None = None
+        """Bytes a chunk's gradient pass may hold, where the caller knows them (``jacobian_fn``: its planned budget); with
+        it, ``vmap(jacrev)`` is also tried where it holds more per sample than the rules but a chunk still fits."""
 
     def _gram_params(self, n1: int, n2: int, every: bool = False) -> dict[int, tuple[int, str]]:
         """Covered parameters that take the Gram route in rows for ``n1 x n2`` samples (:func:`~ntkfunc._engines.structured.routes.for_rows`)."""
@@ -273,9 +276,15 @@ class StructuredRows:
         return True
 
     def _vmap_allowed(self, g: int) -> bool:
+        """Whether ``vmap(jacrev)`` may form chunks of ``g`` samples: every parameter has a slot, the chunk's rows are
+        estimated at most :data:`EXPLORE_FLOPS`, and its transient memory fits: no more per sample than the rules'
+        (for which the chunks were sized) or, where the caller gave :attr:`chunk_budget`, a chunk of ``g`` within it."""
         if self.gram_params or self.flops().row * g > EXPLORE_FLOPS:
             return False
-        return self._jacobian_rows().sample_bytes().transient <= self.sample_bytes().transient
+        own = self._jacobian_rows().sample_bytes()
+        if own.transient <= self.sample_bytes().transient:
+            return True
+        return self.chunk_budget is not None and chunk_size(self.chunk_budget, own, cap=g) >= g
 
     def _jacobian_rows(self) -> JacobianRows:
         if self._vmap is None:
