@@ -1,5 +1,5 @@
-"""Test-wide fixtures: the ``rules_forced`` variant of implementation 3 (see ``tests.zoo.implementations``) and
-``one_thread`` for modules of tiny kernels."""
+"""Test-wide fixtures: the ``rules_forced`` variant of implementation 3 (see ``tests.zoo.implementations``),
+``one_thread`` for modules of tiny kernels, and ``row_chunks`` (the chunk sizes the row sources run)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def row_chunks(monkeypatch) -> list[int]:
+    """The chunk size of every ``chunks(...)`` call of the row sources during the test, in order."""
+    from ntkfunc._engines.rows import source
+
+    sizes: list[int] = []
+    original = source.chunks
+
+    def spy(x, axes, b, chunk):  # type: ignore[no-untyped-def]
+        sizes.append(chunk)
+        return original(x, axes, b, chunk)
+
+    monkeypatch.setattr(source, "chunks", spy)
+    for module in ("ntkfunc._engines.rows.jacobian", "ntkfunc._engines.rows.structured", "ntkfunc._engines.rows.per_sample"):
+        monkeypatch.setattr(f"{module}.chunks", spy)
+    return sizes

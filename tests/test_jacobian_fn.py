@@ -128,19 +128,8 @@ def test_float32_and_bfloat16(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=str)
-def test_memory_budget_chunks_and_stays_exact(impl, monkeypatch):
-    from ntkfunc._engines.rows import source
-
-    chunks = []
-    original = source.chunks
-
-    def spy(x, axes, b, chunk):
-        chunks.append(chunk)
-        return original(x, axes, b, chunk)
-
-    monkeypatch.setattr(source, "chunks", spy)
-    for module in ("ntkfunc._engines.rows.jacobian", "ntkfunc._engines.rows.structured", "ntkfunc._engines.rows.per_sample"):
-        monkeypatch.setattr(f"{module}.chunks", spy)
+def test_memory_budget_chunks_and_stays_exact(impl, row_chunks):
+    chunks = row_chunks
     f, params, x1, _, _ = next(c for c in CASES if c.name == "resblock_groupnorm").build(torch.float64)
     got = ntkfunc.jacobian_fn(f, implementation=impl, flat=True, memory_budget=20_000)(x1, params)
     assert chunks and max(chunks) < x1.shape[0]  # several passes

@@ -47,22 +47,11 @@ def test_the_default_budget_is_not_read_where_the_whole_batch_fits_any_budget(im
 
 
 @pytest.mark.parametrize("impl", [1, 3], ids=str)
-def test_the_default_budget_is_read_where_the_batch_might_not_fit(impl, monkeypatch):
+def test_the_default_budget_is_read_where_the_batch_might_not_fit(impl, monkeypatch, row_chunks):
     """With a floor too small for the whole batch, the available RAM decides: a small one cuts the batch in chunks."""
-    from ntkfunc._engines.rows import source
-
-    reads, chunks = [], []
+    reads, chunks = [], row_chunks
     monkeypatch.setattr(memory, "RAM_FLOOR", 1)
     monkeypatch.setattr(memory, "available_ram", lambda: reads.append(1) or 60_000)
-    original = source.chunks
-
-    def spy(x, axes, b, chunk):
-        chunks.append(chunk)
-        return original(x, axes, b, chunk)
-
-    monkeypatch.setattr(source, "chunks", spy)
-    for module in ("ntkfunc._engines.rows.jacobian", "ntkfunc._engines.rows.structured", "ntkfunc._engines.rows.per_sample"):
-        monkeypatch.setattr(f"{module}.chunks", spy)
     f, params = _mlp()
     x = torch.randn(9, 5, dtype=torch.float64)
     got = ntkfunc.jacobian_fn(f, implementation=impl, flat=True)(x, params)
