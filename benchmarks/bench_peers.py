@@ -31,7 +31,9 @@ that subset); ``err`` is ``max |K - K_ref| / max |K_ref|`` (per-sample gradients
 entries). A method that fails its check (``> --tol``) is reported and not timed.
 
 Timing: after the check call, ``--reps`` rounds call every method of the row once each, in turn
-(interleaved: all methods see the same machine load); the table gives the median wall seconds and
+(interleaved: all methods see the same machine load), each round starting one method later (the first
+call after a round's garbage collection, and after the other libraries' allocations, pays for them:
+about 5 % of the small CNN's per-sample gradients when ``ntkfunc`` always went first); the table gives the median wall seconds and
 the median process CPU seconds of each method, and the ratio peer / ntkfunc of both. With one
 thread (default ``--threads 1``) CPU seconds are the steadier measure on a shared machine.
 
@@ -466,8 +468,9 @@ def run_row(label: str, methods: dict[str, Method], check: Callable[[str, Result
             res[name] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
             traceback.print_exc(file=sys.stderr)
         gc.collect()
-    for _ in range(reps):
-        for name, fn in live.items():
+    order = list(live.items())
+    for r in range(reps):  # each round starts one method later: none is always the first after the collection below
+        for name, fn in order[r % len(order):] + order[: r % len(order)] if order else []:
             if sum(res[name]["wall"]) > rep_seconds:  # enough of a slow method: its median is clear
                 continue
             wall, cpu, out = timed(fn)
