@@ -9,32 +9,41 @@ largest freed block was a few MiB, every kernel call therefore faults its workin
 implementation 2 on the self-attention setup of ``benchmarks/bench_vs_nt.py`` (N=16, T=16, d=64,
 one thread) took about 10,000 minor page faults per call, a quarter to a third of its time.
 
-:func:`settle_heap` frees one untouched block just under 32 MiB once per process, which moves both
-thresholds to glibc's dynamic maximum exactly as freeing any large tensor would (the dynamic mode
-stays on; nothing is set with ``mallopt``). Afterwards blocks up to 32 MiB come from the heap and
-up to 64 MiB of free heap top stays mapped for the next call. The block is never written, so
-it costs one ``mmap`` and one ``munmap``. Other C libraries (musl, macOS, an ``LD_PRELOAD``-ed
-jemalloc) are left alone.
+:func:`settle_heap` sets both thresholds once per process, with ``mallopt``, to the values glibc's
+own rule reaches at most: :data:`MMAP_THRESHOLD` (32 MiB, glibc's ``DEFAULT_MMAP_THRESHOLD_MAX`` on
+64-bit) and :data:`TRIM_THRESHOLD` (twice that). Afterwards blocks up to 32 MiB come from the heap
+and up to 64 MiB of free heap top stays mapped for the next call. (An earlier version freed one
+untouched 32 MiB block to move the thresholds by that rule instead; where the heap already held a
+free chunk that large, glibc served the block from it, the thresholds stayed where they were and the
+heap's top was trimmed on every later call: in about a third of fresh processes, every use of 40 MiB
+of temporaries faulted them all in again.) Setting a threshold with ``mallopt`` turns glibc's dynamic
+rule off, which here changes nothing: the values set are the ones it could reach at most. Other C
+libraries (musl, macOS, an ``LD_PRELOAD``-ed jemalloc) are left alone.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import platform
 
-import torch
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "settle_heap"]
 
-__all__ = ["SETTLE_BYTES", "settle_heap"]
+MMAP_THRESHOLD = 32 * 2**20
+"""Bytes above which glibc serves a block by ``mmap``: its ``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit, the most
+its dynamic rule sets and the most ``mallopt(M_MMAP_THRESHOLD)`` accepts."""
 
-SETTLE_BYTES = 32 * 2**20 - 2**16
-"""Size of the freed block: just under glibc's ``DEFAULT_MMAP_THRESHOLD_MAX`` (32 MiB on 64-bit),
-above which a freed block does not move the thresholds (the 64 KiB margin covers the chunk header
-and ``posix_memalign``'s alignment padding)."""
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
+"""Bytes of free heap top above which glibc returns memory to the system: twice the mmap threshold, as its
+dynamic rule sets it."""
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
 @functools.cache
 def settle_heap() -> bool:
-    """Raise glibc's dynamic mmap / trim thresholds once per process (see the module docstring).
+    """Set glibc's mmap and trim thresholds once per process (see the module docstring).
 
     Returns whether it did (glibc only; a no-op elsewhere).
 
@@ -43,6 +52,11 @@ def settle_heap() -> bool:
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    block = torch.empty(SETTLE_BYTES, dtype=torch.uint8)  # mmapped (above the threshold), never touched
-    del block
-    return True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # the mmap threshold first: setting either turns the dynamic rule off, which then keeps the other as it is
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
