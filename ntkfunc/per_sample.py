@@ -17,14 +17,12 @@ from ntkfunc._core.cache import KernelCache
 from ntkfunc._core.checks import check_bool, explained_f_errors, refuse_batch_coupled, split_vmap_axes
 from ntkfunc._core.heap import settle_heap
 from ntkfunc._core.memory import parse_budget
-from ntkfunc._core.ops import exact_higher_order, needs_higher_order
+from ntkfunc._core.ops import exact_higher_order, keeps_graph, needs_higher_order
 from ntkfunc._core.problem import Params, make_problem
 from ntkfunc._core.pytree import tree_leaves, tree_unflatten
 from ntkfunc._core.types import ApplyFn, MemoryBudget, PyTree, VMapAxes
 from ntkfunc._engines import Implementation, get_engine, refuse_param_vmap, refuse_without_rows
 from ntkfunc._engines.rows import per_sample
-
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 JacobianFn = Callable[[PyTree, PyTree], PyTree]
 """``jac(x, params)``: per-sample Jacobians (see :func:`jacobian_fn`)."""
@@ -109,7 +107,7 @@ def jacobian_fn(f: ApplyFn, vmap_axes: VMapAxes = 0, *, implementation: None | i
         settle_heap()  # as a kernel call: the result and work buffers of the last call reused, not faulted in again
         tensors = [t for t in tree_leaves((x, params)) if isinstance(t, torch.Tensor)]
         higher = needs_higher_order(tensors)
-        differentiable = higher or any(_is_wrapped(t) for t in tensors)  # the rows cannot be written in place
+        differentiable = keeps_graph(tensors, higher)  # the rows cannot be written in place
         # kernel_context's routing, the attention part entered where f runs (make_problem's probes, the rows' passes):
         # not at all for an f its probe found calling no attention function
         with exact_higher_order(higher), explained_f_errors(api, params, {"x": x}, vmap_axes):

@@ -261,7 +261,6 @@ class BatchableOps(TorchFunctionMode):
         if impl is None:
             if func is not F.embedding_bag:
                 return func(*args, **kwargs)
-            self.used = True
             impl = embedding_bag if _plain_bag(args, kwargs) else func
         self.used = True
         return impl(*args, **kwargs)

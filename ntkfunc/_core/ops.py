@@ -12,7 +12,7 @@ import functools
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -278,6 +278,19 @@ def needs_higher_order(*trees: Any) -> bool:
         if grad_on and t.requires_grad:
             return True
     return False
+
+
+def keeps_graph(tensors: Sequence[torch.Tensor], higher: bool | None = None) -> bool:
+    """Whether results formed from ``tensors`` must be differentiable themselves: :func:`needs_higher_order` (given as
+    ``higher`` where the caller has it), or a tensor wrapped by any ``torch.func`` transform, ``vmap`` included
+    (buffers written in place, such as per-sample rows, are seen by neither autograd nor the transforms).
+
+    >>> keeps_graph([torch.ones(2)]), keeps_graph([torch.ones(2, requires_grad=True)])
+    (False, True)
+    """
+    if higher is None:
+        higher = needs_higher_order(tensors)
+    return higher or any(_ft.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 @contextlib.contextmanager

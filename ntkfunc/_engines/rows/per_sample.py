@@ -34,7 +34,7 @@ from torch.func import jacrev
 from ntkfunc._core.buffers import Buffers
 from ntkfunc._core.cache import KernelCache
 from ntkfunc._core.memory import planned_budget
-from ntkfunc._core.ops import needs_higher_order, transform_friendly_attention
+from ntkfunc._core.ops import keeps_graph, transform_friendly_attention
 from ntkfunc._core.problem import Problem
 from ntkfunc._core.types import MemoryBudget, PyTree, VMapAxes
 from ntkfunc._engines.rows import outputs
@@ -43,8 +43,6 @@ from ntkfunc._engines.rows.source import SampleBytes, Slots, block_size, chunk_s
 from ntkfunc._engines.rows.structured import VMAP, StructuredRows
 from ntkfunc._engines.structured import kernel as structured
 from ntkfunc._engines.structured import routes
-
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def source(rp: Problem, captures: bool, auto: bool) -> JacobianRows | StructuredRows:
@@ -121,7 +119,7 @@ def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, memor
     rp = p0 if full and outputs.direct(p0) else outputs.rows_problem(p0, x, params, vmap_axes, cache, cat_cache)
     if differentiable is None:
         tensors = [t for t in torch.utils._pytree.tree_leaves((x, params)) if isinstance(t, torch.Tensor)]
-        differentiable = any(_is_wrapped(t) for t in tensors) or needs_higher_order(tensors)
+        differentiable = keeps_graph(tensors)
     with transform_friendly_attention(rp.attention):  # the routing changes nothing for an f that calls no attention
         if not rp.vmapped:
             return _cut(whole_batch(rp), p0, rp)
