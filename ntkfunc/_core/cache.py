@@ -22,11 +22,15 @@ Signature = tuple
 
 @dataclasses.dataclass(frozen=True)
 class ProbeResult:
-    """``f`` on the first sample of x1 and x2: output leaves (detached) and the output structure."""
+    """``f`` on the first sample of x1 and x2: output leaves (detached) and the output structure; and what its probe
+    under ``vmap`` saw ``f`` call (True where it was not probed so): an op that ``BatchableOps`` computes another way
+    (``batchable``), an attention function that ``transform_friendly_attention`` routes (``attention``)."""
 
     out1: list[torch.Tensor]
     out2: list[torch.Tensor]
     out_spec: Any
+    batchable: bool = True
+    attention: bool = True
 
 
 ShapeKey = tuple[str, Signature, Any]

@@ -410,13 +410,9 @@ def make_problem(
             if x_axes is not None and not wrapped:
                 found = _probe_vmap(f, p, x1_leaves, spec1, x_axes)
             out2 = out1 if x2_leaves is None else _probe(f, p, x2_leaves, spec2, x_axes, False, api)[0]
-        probe = ProbeResult(out1, out2, out_spec)
+        probe = ProbeResult(out1, out2, out_spec, *found)
         if key is not None and cache is not None:
             cache.probes[key] = probe
-            cache.derived[("probed_ops", key, ())] = found
-    else:
-        found = (True, True) if key is None or cache is None else cache.derived.get(("probed_ops", key, ()), (True, True))
-    batchable, attention = found
     out1, out2, out_spec = probe.out1, probe.out2, probe.out_spec
 
     fx_axes: list[int] | None = None
@@ -462,7 +458,7 @@ def make_problem(
         f=f, params=p, x1_leaves=x1_leaves, x2_leaves=x2_leaves, x_spec=spec1, x_axes=x_axes,
         fx_axes=fx_axes, n1=n1, n2=n2, out_spec=out_spec, out_shapes1=shapes1, out_shapes2=shapes2,
         out_dtype=out_dtype, device=out1[0].device, layouts=layouts, api=api,
-        cache=None if key is None else cache, signature=key, batchable=batchable, attention=attention,
+        cache=None if key is None else cache, signature=key, batchable=probe.batchable, attention=probe.attention,
     )
 
 
