@@ -513,7 +513,8 @@ def write_markdown(args: argparse.Namespace, rows: list[dict[str, Any]], info: d
         nt_best = [t for t in (seconds(row["nt"].get(str(i))) for i in nt_impls) if t]
         tk_best = [t for t in (seconds(row["ntkfunc"].get(str(i))) for i in impls) if t]
         errs = [e for e in row["err_vs_ref"].values() if e is not None]
-        agree = "" if not errs else (f"ok ({max(errs):.0e})" if max(errs) <= args.tol else f"**NO** ({max(errs):.1e})")
+        worst = max(errs, key=lambda e: (e != e, e)) if errs else None  # a NaN is the worst
+        agree = "" if worst is None else (f"ok ({worst:.0e})" if worst <= args.tol else f"**NO** ({worst:.1e})")
         cells = [row["setup"]["name"]] + [cell(row["nt"].get(str(i))) if row["nt"] else "n/a" for i in nt_impls]
         cells += [cell(row["ntkfunc"].get(str(i))) for i in impls]
         cells += [ratio(min(tk_best) if tk_best else None, min(nt_best) if nt_best else None), agree]

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -119,8 +120,16 @@ def reference_nngp(f: ApplyFn, params: PyTree, x1: PyTree, x2: PyTree | None, tr
 def max_rel_err(a: PyTree, b: PyTree) -> float:
     """``max |a - b| / max |b|`` over all leaves (``b`` the reference; shapes must match).
 
+    The finite entries of ``b`` set the scale; a non-finite entry counts as equal only to the same
+    value at the same place (NaN to NaN, ``inf`` to ``inf``), any other mismatch makes the error ``inf``
+    (a NaN in ``a`` where ``b`` is finite is never within a tolerance).
+
     >>> max_rel_err(torch.ones(2), 2 * torch.ones(2))
     0.5
+    >>> max_rel_err(torch.tensor([1.0, float("nan")]), torch.ones(2))
+    inf
+    >>> max_rel_err(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, float("nan")]))
+    0.0
     """
     la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
     if len(la) != len(lb):
@@ -129,8 +138,15 @@ def max_rel_err(a: PyTree, b: PyTree) -> float:
     for x, y in zip(la, lb):
         if tuple(x.shape) != tuple(y.shape):
             raise AssertionError(f"max_rel_err: shapes {tuple(x.shape)} and {tuple(y.shape)} differ")
-        scale = y.abs().max().item() or 1.0
-        err = max(err, (x.double() - y.double()).abs().max().item() / scale)
+        x, y = x.double(), y.double()
+        finite = torch.isfinite(y)
+        same = (x == y) | (x.isnan() & y.isnan())  # non-finite entries must match exactly
+        if not bool((finite | same).all()) or not bool(torch.isfinite(x[finite]).all()):
+            return math.inf
+        if not bool(finite.any()):
+            continue
+        scale = y[finite].abs().max().item() or 1.0
+        err = max(err, (x[finite] - y[finite]).abs().max().item() / scale)
     return err
 
 
