@@ -6,6 +6,8 @@ parameter, so a case cannot pass through the Jacobian fallback unnoticed.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,13 +32,17 @@ def _reference(f, params, x1, x2, settings):
 
 
 def check(f, params, x1, x2, expected, settings=(((), ()),), vmap_axes=0):
-    """Impl 3 equals the reference for x2 and x2=None, and ``expected`` maps names to rules."""
+    """Impl 3 equals the reference for x2 and x2=None, and ``expected`` maps names to rules; with the rules forced (on
+    models this small the planner would otherwise send most parameters to reverse-mode Jacobians, and the rules under
+    test would not run) and as the planner chooses."""
     report = ntkfunc.explain(f, params, x1, vmap_axes=vmap_axes, trace_axes=settings[0][0])
     assert {p.name: p.rule for p in report.params} == expected, str(report)
-    for x2_ in (x2, None):
-        for (tr, dg), ref in zip(settings, _reference(f, params, x1, x2_, settings)):
-            k = ntkfunc.ntk_fn(f, trace_axes=tr, diagonal_axes=dg, vmap_axes=vmap_axes, implementation=3)(x1, x2_, params)
-            assert max_rel_err(k, ref) <= 1e-10, (tr, dg, x2_ is None)
+    for forced in (True, False):
+        for x2_ in (x2, None):
+            for (tr, dg), ref in zip(settings, _reference(f, params, x1, x2_, settings)):
+                with ntkfunc.rules.forced() if forced else contextlib.nullcontext():
+                    k = ntkfunc.ntk_fn(f, trace_axes=tr, diagonal_axes=dg, vmap_axes=vmap_axes, implementation=3)(x1, x2_, params)
+                assert max_rel_err(k, ref) <= 1e-10, (tr, dg, x2_ is None, forced)
 
 
 # --- linear family --------------------------------------------------------------------
