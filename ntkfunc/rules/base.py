@@ -209,6 +209,11 @@ class Rule:
     def structure(self, role: str, operands: Sequence[Tensor | None], meta: Meta, y_shape: tuple[int, ...]) -> Structure:
         raise NotImplementedError(f"Subclass {type(self).__name__} must define structure()")
 
+    def output(self, a: Bound, operands: Sequence[Tensor | None]) -> Tensor | None:
+        """The op's result for the capture pass, computed a cheaper way than calling the op again after
+        :meth:`capture` (differentiable as the op is, equal up to float rounding); None: the op is called."""
+        return None
+
     # --- optional: the per-sample maths of a role (module docstring); the defaults decline ------
 
     def write_gradient(self, role: str, operands: Sequence[Tensor | None], cot: Tensor, meta: Meta, y_shape: tuple[int, ...],

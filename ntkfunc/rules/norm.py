@@ -112,7 +112,23 @@ class GroupNorm(_Affine):
 
 @register(F.batch_norm)
 class BatchNorm(_Affine):
-    """Eval mode: running statistics are constants. Training mode: batch statistics (``vmap_axes=None``)."""
+    """Eval mode: running statistics are constants. Training mode: batch statistics (``vmap_axes=None``).
+
+    In eval mode the op is a per-channel affine map of its input, and the capture pass computes it as
+    one (:meth:`output`, :meth:`normalise`: one ``addcmul`` each) rather than by ``batch_norm`` itself,
+    which under ``vmap`` folds the samples into the channels (running statistics copied per sample)
+    and, in the backward pass, decomposes: on a CIFAR ResNet-18 the capture's pass took 28.4 → 25.8 ms
+    per sample (RESULTS.md, "Rows, round 4").
+
+    >>> import torch
+    >>> x, mean, var = torch.randn(2, 3, 4, 4), torch.randn(3), torch.rand(3) + 0.5
+    >>> w, b = torch.randn(3), torch.randn(3)
+    >>> rule = BatchNorm()
+    >>> a = rule.bind((x, mean, var, w, b), {})
+    >>> (xhat,), _ = rule.capture(a, lambda t: t is w or t is b)
+    >>> torch.allclose(rule.output(a, [xhat]), F.batch_norm(x, mean, var, w, b), atol=1e-6)
+    True
+    """
 
     name = "batch_norm"
     names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
@@ -122,7 +138,35 @@ class BatchNorm(_Affine):
     def normalise(self, a: Bound) -> Tensor:
         if a["training"]:  # batch statistics; never touch the running buffers a second time
             return F.batch_norm(a["input"], None, None, None, None, True, 0.0, a["eps"])
-        return F.batch_norm(a["input"], a["running_mean"], a["running_var"], None, None, False, 0.0, a["eps"])
+        affine = _running_affine(a, with_parameters=False)
+        if affine is None:
+            return F.batch_norm(a["input"], a["running_mean"], a["running_var"], None, None, False, 0.0, a["eps"])
+        return torch.addcmul(affine[1], a["input"], affine[0])
+
+    def output(self, a: Bound, operands: Sequence[Tensor | None]) -> Tensor | None:
+        affine = None if a["training"] else _running_affine(a, with_parameters=True)
+        return None if affine is None else torch.addcmul(affine[1], a["input"], affine[0])
+
+
+def _running_affine(a: Bound, with_parameters: bool) -> tuple[Tensor, Tensor] | None:
+    """Eval-mode ``batch_norm`` as ``x * scale + shift``: ``(scale, shift)`` shaped ``(C, 1, ...)`` to broadcast over
+    ``input`` ``(N, C, *spatial)`` (with the affine ``weight`` and ``bias`` where ``with_parameters``); None where the
+    input, statistics and parameters are not tensors of one floating dtype (``batch_norm`` then runs as it is)."""
+    x, mean, var = a["input"], a["running_mean"], a["running_var"]
+    w, b = (a["weight"], a["bias"]) if with_parameters else (None, None)
+    tensors = [t for t in (x, mean, var, w, b) if t is not None]
+    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor) or x.ndim < 2:
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.dtype == x.dtype for t in tensors) or not x.is_floating_point():
+        return None
+    shape = (x.shape[1],) + (1,) * (x.ndim - 2)
+    scale = torch.rsqrt(var + a["eps"])
+    shift = -mean * scale
+    if w is not None:
+        scale, shift = scale * w, shift * w
+    if b is not None:
+        shift = shift + b
+    return scale.reshape(shape), shift.reshape(shape)
 
 
 @register(F.instance_norm)
