@@ -236,3 +236,48 @@ def test_broadcast_matmul_agrees_with_einsum(eq, sa, sb):
         return
     assert out.is_contiguous()
     torch.testing.assert_close(out, torch.einsum(eq, a, b))
+
+
+def _fresh_outputs_model():
+    """A convolution, an eval-mode batch norm with non-trivial statistics, a linear map, and a linear map of a constant
+    (its output depends on no input and no probe)."""
+    torch.manual_seed(3)
+    p = {"cw": 0.5 * torch.randn(3, 2, 3, 3, dtype=D), "cb": 0.1 * torch.randn(3, dtype=D), "bw": 1 + 0.2 * torch.randn(3, dtype=D),
+         "bb": 0.1 * torch.randn(3, dtype=D), "lw": 0.3 * torch.randn(2, 12, dtype=D), "kw": 0.3 * torch.randn(2, 5, dtype=D)}
+    mean, var, const = 0.2 * torch.randn(3, dtype=D), 0.5 + torch.rand(3, dtype=D), torch.randn(1, 5, dtype=D)
+
+    def f(p, x):
+        h = F.batch_norm(F.conv2d(x, p["cw"], p["cb"]), mean, var, p["bw"], p["bb"])
+        return F.linear(torch.tanh(h).flatten(1), p["lw"]) + F.linear(const, p["kw"])
+
+    return f, p
+
+
+@pytest.mark.parametrize("outer", ["none", "vmap over parameters", "grad"])
+def test_probes_are_added_in_place_to_fresh_outputs_also_under_transforms(outer):
+    """The capture adds its probe in place to a fresh output (``Rule.fresh_output``: convolutions, linear maps, norms),
+    with the rules forced, alone, under ``vmap`` over an ensemble of parameters and under ``grad`` (the linear map of a
+    constant included: inside the transforms its result is wrapped as the probe is)."""
+    f, p = _fresh_outputs_model()
+    x1, x2 = torch.randn(3, 2, 4, 4, dtype=D), torch.randn(2, 2, 4, 4, dtype=D)
+    with ntkfunc.rules.forced():
+        kernel = ntkfunc.ntk_fn(f, trace_axes=(), implementation=3)
+        if outer == "none":
+            assert max_rel_err(kernel(x1, x2, p), reference_kernel(f, p, x1, x2, (), ())) <= 1e-10
+        elif outer == "vmap over parameters":
+            ensemble = {k: torch.stack([v, 0.5 * v]) for k, v in p.items()}
+            batched = torch.func.vmap(lambda q: kernel(x1, x2, q))(ensemble)
+            for i in range(2):
+                member = {k: v[i] for k, v in ensemble.items()}
+                assert max_rel_err(batched[i], reference_kernel(f, member, x1, x2, (), ())) <= 1e-10
+        else:
+            got = torch.func.grad(lambda q: kernel(x1, x2, q).sum())(p)
+            expected = torch.func.grad(lambda q: ntkfunc.ntk_fn(f, trace_axes=(), implementation=1)(x1, x2, q).sum())(p)
+            assert max_rel_err(got, expected) <= 1e-10
+
+
+def test_add_probe_in_place_only_for_fresh_outputs():
+    y, delta = torch.ones(2, 3), torch.full((3,), 0.5)
+    assert _capture._add_probe(y, delta, fresh=True) is y and bool((y == 1.5).all())
+    out = _capture._add_probe(y, delta, fresh=False)
+    assert out is not y and bool((y == 1.5).all()) and bool((out == 2.0).all())

@@ -231,6 +231,7 @@ class _Conv(Rule):
     """A convolution ``op(input, weight, bias, ...)`` whose weight and / or bias are parameters."""
 
     static_meta = True
+    fresh_output = True
     transposed: bool = False
     names: ClassVar[tuple[str, ...]] = _CONV
     defaults = _DEFAULTS

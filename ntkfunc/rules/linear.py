@@ -59,6 +59,7 @@ class Linear(Rule):
     """``F.linear(x, W, b) = x Wᵀ + b``: x ``(..., i)``, W ``(o, i)``, b ``(o,)``."""
 
     static_meta = True
+    fresh_output = True
     name = "linear"
     names = ("input", "weight", "bias")
     defaults = {"bias": None}

@@ -48,6 +48,7 @@ class _Affine(Rule):
     """A norm whose output is ``normalise(x) * weight + bias``."""
 
     static_meta = True
+    fresh_output = True
     channel_axis: int | None = None  # None: weight aligned to the trailing axes
 
     def normalise(self, a: Bound) -> Tensor:

@@ -376,7 +376,13 @@ class Injector(_ParamMode):
             )
         self.slots.append((len(operands), [i for i, t in enumerate(operands) if t is not None]))
         self.aux.append([t for t in operands if t is not None])
-        return y + self.deltas[k]
+        return _add_probe(y, self.deltas[k], rule.fresh_output)
+
+
+def _add_probe(y: torch.Tensor, delta: torch.Tensor, fresh: bool) -> torch.Tensor:
+    """``y + delta``; in place where the rule says ``y`` is a fresh output its backward never reads (``fresh``: an op's
+    result inside the transforms is wrapped at their innermost level, as ``delta`` is, even one of constants alone)."""
+    return y.add_(delta) if fresh else y + delta
 
 
 def probed(

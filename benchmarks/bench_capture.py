@@ -50,10 +50,17 @@ def main() -> None:
             return F.batch_norm(a["input"], None, None, None, None, True, 0.0, a["eps"])
         return F.batch_norm(a["input"], a["running_mean"], a["running_var"], None, None, False, 0.0, a["eps"])
 
-    ways = {"now": (norm.BatchNorm.normalise, norm.BatchNorm.output), "before": (before_normalise, lambda self, a, o: None)}
+    from ntkfunc.rules import base
 
-    def use(way: str) -> None:
-        norm.BatchNorm.normalise, norm.BatchNorm.output = ways[way]  # type: ignore[method-assign]
+    affine = (norm.BatchNorm.normalise, norm.BatchNorm.output)
+    fresh = {cls: cls.__dict__["fresh_output"] for cls in _subclasses(base.Rule) if "fresh_output" in cls.__dict__}
+    variants = {"now": (True, True), "batch_norm itself": (False, True), "probes on a copy": (True, False), "before": (False, False)}
+
+    def use(variant: str) -> None:
+        bn_affine, in_place = variants[variant]
+        norm.BatchNorm.normalise, norm.BatchNorm.output = affine if bn_affine else (before_normalise, lambda self, a, o: None)  # type: ignore[method-assign]
+        for cls, value in fresh.items():
+            cls.fresh_output = value and in_place  # type: ignore[misc]
 
     src = StructuredRows(problem, routes="rows")
     buf = torch.empty(n, *src.out_shape, src.slots.width)
@@ -77,20 +84,32 @@ def main() -> None:
     reference = buf.clone()
     use("now")
     src.compute([x], buf, n)
-    print(f"rows now against before: max_rel_err {max_rel_err(buf, reference):.1e}")
-    res: dict[str, list[float]] = {}
+    print(f"rows now against before: max_rel_err {max_rel_err(buf, reference):.1e}\n")
+    names = list(variants)
+    res: dict[str, dict[str, list[float]]] = {v: {"capture": [], "rows": []} for v in names}
+    fb: list[float] = []
     for r in range(5):
-        res.setdefault("forward+backward", []).append(cpu_ms(fwd_bwd))
-        for way in ("before", "now") if r % 2 == 0 else ("now", "before"):
-            use(way)
-            res.setdefault(f"{way}: capture", []).append(cpu_ms(lambda: structured.side(pb, src.cap, 1, 0, n)))
-            res.setdefault(f"{way}: rows", []).append(cpu_ms(lambda: src.compute([x], buf, n)))
-    med = {k: sorted(v)[len(v) // 2] for k, v in res.items()}
-    print("| measure | median (ms/sample) | rounds |\n|---|---|---|")
-    for k, v in sorted(res.items()):
-        print(f"| {k} | {med[k]:.2f} | {', '.join(f'{a:.2f}' for a in v)} |")
-    fb = med["forward+backward"]
-    print(f"\nrows / forward+backward: before {med['before: rows'] / fb:.2f}, now {med['now: rows'] / fb:.2f}")
+        fb.append(cpu_ms(fwd_bwd))
+        for variant in names[r % len(names):] + names[: r % len(names)]:
+            use(variant)
+            res[variant]["capture"].append(cpu_ms(lambda: structured.side(pb, src.cap, 1, 0, n)))
+            res[variant]["rows"].append(cpu_ms(lambda: src.compute([x], buf, n)))
+    use("now")
+    fwd = sorted(fb)[len(fb) // 2]
+    print(f"forward+backward: {fwd:.2f} ms per sample (rounds: {', '.join(f'{a:.2f}' for a in fb)})\n")
+    print("| variant | capture (ms/sample) | rows (ms/sample) | rows / forward+backward | capture rounds | rows rounds |")
+    print("|---|---|---|---|---|---|")
+    for variant in names:
+        cap, rows = (sorted(res[variant][k])[2] for k in ("capture", "rows"))
+        print(f"| {variant} | {cap:.2f} | {rows:.2f} | {rows / fwd:.2f} | "
+              f"{', '.join(f'{a:.2f}' for a in res[variant]['capture'])} | {', '.join(f'{a:.2f}' for a in res[variant]['rows'])} |")
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
 
 
 if __name__ == "__main__":
