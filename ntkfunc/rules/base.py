@@ -43,7 +43,10 @@ rule's einsum) runs; a rule overrides them where it has a faster way:
   ``padded_factors(...)`` the same before im2col (:class:`PaddedFactors`: ``c`` and the
   zero-padded input with its window), for a sketch that gathers patches itself;
 - ``window_size(meta)``: input elements each output element reads (a convolution's kernel
-  volume, 1 by default), for memory estimates of the operands a structure materialises.
+  volume, 1 by default), for memory estimates of the operands a structure materialises;
+- ``output(bound, operands)``: the op's result for the capture pass computed a cheaper way than
+  calling the op again (eval-mode batch norm), and ``fresh_output``: whether the op returns a new
+  tensor its backward never reads (the capture then adds its probe in place).
 Families live in their own modules (``linear``, ``conv``, ``norm``, ``elementwise``,
 ``embedding``, ``concat``, ``parametrize``) and add themselves with :func:`register`; fused ops
 that consume several parameters at once are re-run in ruled primitives by expansions
