@@ -16,6 +16,12 @@ from tests.reference import max_rel_err, reference_kernel
 D = torch.float64
 
 
+PLANNED_AND_FORCED = pytest.mark.parametrize(
+    "forced", [pytest.param(False, id="planned"), pytest.param(True, id="rules", marks=pytest.mark.rules_forced)])
+"""Implementation 3 as planned and with every rule in use: on models this small the planner sends most parameters to
+reverse-mode Jacobians, so the planned run alone would not exercise the rules a test names."""
+
+
 def _mixed():
     torch.manual_seed(0)
     p = {
@@ -40,7 +46,8 @@ def _mixed():
     return f, p
 
 
-def test_mixed_coverage_is_exact_and_explained():
+@PLANNED_AND_FORCED
+def test_mixed_coverage_is_exact_and_explained(forced):
     f, p = _mixed()
     x1, x2 = torch.randn(4, 4, dtype=D), torch.randn(3, 4, dtype=D)
     report = ntkfunc.explain(f, p, x1, trace_axes=())
@@ -87,7 +94,8 @@ def test_faster_contraction_than_jacobians_for_wide_linear_layers():
     assert report.flops * 10 < report.jacobian_flops
 
 
-def test_weight_tying_in_a_module_and_a_covered_bias():
+@PLANNED_AND_FORCED
+def test_weight_tying_in_a_module_and_a_covered_bias(forced):
     class Tied(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -125,7 +133,8 @@ def test_every_parameter_without_rules_still_exact():
     assert max_rel_err(k, reference_kernel(f, p, x1, None, (), ())) <= 1e-10
 
 
-def test_pytree_outputs_and_inputs_match_implementation_1():
+@PLANNED_AND_FORCED
+def test_pytree_outputs_and_inputs_match_implementation_1(forced):
     torch.manual_seed(5)
     p = {"w": torch.randn(3, 4, dtype=D), "v": torch.randn(4, 2, dtype=D)}
 
@@ -140,7 +149,8 @@ def test_pytree_outputs_and_inputs_match_implementation_1():
     assert max_rel_err(k3, k1) <= 1e-10
 
 
-def test_composes_with_vmap_over_params_and_grad():
+@PLANNED_AND_FORCED
+def test_composes_with_vmap_over_params_and_grad(forced):
     torch.manual_seed(6)
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
     f, p = ntkfunc.from_module(model)
