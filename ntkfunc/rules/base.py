@@ -197,8 +197,8 @@ class Rule:
     fresh_output: ClassVar[bool] = False
     """True where the op returns a new tensor that its backward never reads (a convolution, a linear map, a norm):
     the capture pass then adds its probe to that tensor in place instead of to a copy of it (on a CIFAR ResNet-18 the
-    capture's pass took about 7 % less time; RESULTS.md, "Rows, round 4"). Leave False where the backward may read
-    the output (attention, an RNN cell) or the output may be a view."""
+    rows took 43.1 → 41.5 ms per sample; ``benchmarks/bench_capture.py``, RESULTS.md "Rows, round 4"). Leave False
+    where the backward may read the output (attention, an RNN cell) or the output may be a view."""
     static_meta: ClassVar[bool] = False
     """True when :meth:`capture`'s ``meta`` depends only on shapes and non-tensor arguments, never
     on a tensor's values: ntkfunc may then keep the capture for later calls with the same input

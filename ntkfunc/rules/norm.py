@@ -118,8 +118,8 @@ class BatchNorm(_Affine):
     In eval mode the op is a per-channel affine map of its input, and the capture pass computes it as
     one (:meth:`output`, :meth:`normalise`: one ``addcmul`` each) rather than by ``batch_norm`` itself,
     which under ``vmap`` folds the samples into the channels (running statistics copied per sample)
-    and, in the backward pass, decomposes: on a CIFAR ResNet-18 the capture's pass took 28.4 → 25.8 ms
-    per sample (RESULTS.md, "Rows, round 4").
+    and, in the backward pass, decomposes: on a CIFAR ResNet-18 the capture's pass took 24.8 → 22.5 ms
+    per sample (``benchmarks/bench_capture.py``; RESULTS.md, "Rows, round 4").
 
     >>> import torch
     >>> x, mean, var = torch.randn(2, 3, 4, 4), torch.randn(3), torch.rand(3) + 0.5
