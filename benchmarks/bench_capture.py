@@ -1,11 +1,11 @@
-"""Eval-mode ``batch_norm`` in the capture pass: as per-channel affines (``BatchNorm.output``, now) against
-``batch_norm`` itself (before), paired in one process.
+"""The capture pass's two shortcuts, eval-mode batch norm as per-channel affines (``BatchNorm.output``) and probes
+added in place (``Rule.fresh_output``), each undone alone and both together, paired in one process.
 
 The CIFAR ResNet-18 of ``bench_scale.py rows`` with non-trivial running statistics, one thread, 32 samples, ms of
 thread CPU time per sample: the capture's batched pass, the rows (``StructuredRows(routes="rows")``) and a batched
-forward+backward; the two ways alternate round by round, medians of 5 rounds (each the median of 3 calls).
+forward+backward; the four variants rotate round by round, medians of 5 rounds (each the median of 3 calls).
 
-    python benchmarks/bench_capture_bn.py
+    python benchmarks/bench_capture.py
 """
 
 from __future__ import annotations

@@ -1,0 +1,193 @@
+"""Lower bounds, from this machine's own measured rates, for the per-sample rows and the sketched features of the CIFAR
+ResNet-18 (one logit), against a batched forward+backward of the same samples (issue 23's goals on rows and sketches).
+
+Every figure is thread CPU time on one thread, ms per sample, on 32 samples, the median of ``--rounds`` rounds (each
+round the median of 3 calls after a warm-up), all in this one process:
+
+- **forward+backward**: ``model(x).sum().backward()``, the issue's yardstick;
+- **floor**: a forward and the input half of a backward (``autograd.grad`` with respect to ``x``, every parameter
+  frozen). A per-sample gradient of every layer needs the cotangent at every layer's output, so no per-sample method
+  runs less than this pass (it also forms the stem's input gradient, 3.5 MFLOP of the model's 1.1 GFLOP backward);
+- **products**: each kernel's per-sample weight gradient, the faster of two ways: ``(C_out x S) @ (S x C_in kh kw)``
+  as one ``mm`` per sample into a reused, cache-resident result (the GEMM shape alone: no im2col, no write to the
+  rows), and the weight half of one convolution backward with the samples folded into the groups (what
+  ``vmap(grad)`` runs; convolutions only);
+- **writes**: filling the ``(32, P)`` rows once, already paged in (the rows' own memory traffic);
+- **FFTs**: the two length-``dim`` real FFTs per position that TensorSketch takes per layer and sample (its product,
+  sum and inverse FFT left out).
+
+The bounds leave out everything else a method does (im2col, folds, hashing, bias and batch-norm rows, the last
+linear layer), so each is below what any implementation of that method can reach here:
+
+- rows >= floor + sum of products + writes;
+- count-sketch or TensorSketch features >= floor + sum over layers of min(product, FFTs): the cheaper of forming the
+  layer's per-sample gradient (which a count sketch of it needs) and TensorSketch's FFTs, per layer.
+
+The same process also times the rows (``StructuredRows``) and the ``Sketch(dim)`` features (``ProjectedRows``,
+``"auto"``) as they are.
+
+    python benchmarks/bench_bounds.py [--rounds 5] [--dim 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def kernels(model, x):  # type: ignore[no-untyped-def]
+    """Per weight of a convolution or linear layer: ``(name, C_out, S, C_in kh kw)`` for one sample, and per
+    convolution its module and input shape."""
+    import torch
+
+    shapes, convs, hooks = [], {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            def hook(mod, inp, out, name=name):  # type: ignore[no-untyped-def]
+                s = out[0, 0].numel() if out.ndim == 4 else 1
+                shapes.append((name, mod.weight.shape[0], s, mod.weight[0].numel()))
+                if out.ndim == 4:
+                    convs[name] = (mod, tuple(inp[0].shape[1:]), tuple(out.shape[1:]))
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(x[:1])
+    for h in hooks:
+        h.remove()
+    return shapes, convs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dim", type=int, default=8192)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    from bench_blocked import ResNet18
+
+    import ntkfunc
+    from ntkfunc._core.heap import settle_heap
+    from ntkfunc._core.problem import make_problem
+    from ntkfunc._engines.rows.projected import ProjectedRows
+    from ntkfunc._engines.rows.structured import StructuredRows
+
+    settle_heap()
+    torch.manual_seed(0)
+    model = ResNet18(classes=1).eval()
+    x = torch.randn(32, 3, 32, 32)
+    n = x.shape[0]
+    f, params = ntkfunc.from_module(model)
+    problem = make_problem(f, x[:1], None, params, 0, (), ())
+    rows_src = StructuredRows(problem, routes="rows")
+    rows = torch.empty(n, *rows_src.out_shape, rows_src.slots.width)
+    sketch_src = ProjectedRows(problem, "auto", args.dim, 0, True)
+    features = torch.empty(n, 1, args.dim)
+    width = rows_src.slots.width
+    shapes, convs = kernels(model, x)
+
+    def cpu_ms(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.thread_time()
+            fn()
+            times.append(time.thread_time() - t0)
+        return 1e3 * statistics.median(times) / n
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+
+    xr = x.clone().requires_grad_(True)
+
+    def floor() -> None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        torch.autograd.grad(model(xr).sum(), xr)
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    factors = {(r, s, d): (torch.randn(n, r, s), torch.randn(n, s, d), torch.empty(r, d)) for _, r, s, d in shapes}
+
+    def product(r: int, s: int, d: int) -> Callable[[], object]:
+        a, b, out = factors[(r, s, d)]
+        return lambda: [torch.mm(a[i], b[i], out=out) for i in range(n)]
+
+    def grouped(name: str) -> Callable[[], object]:
+        mod, (ci, h, w), (co, ho, wo) = convs[name]
+        xs, gy = torch.randn(1, n * ci, h, w), torch.randn(1, n * co, ho, wo)
+        weight = xs.new_empty(1).expand(n * co, ci, *mod.kernel_size)
+        return lambda: torch.ops.aten.convolution_backward(gy, xs, weight, None, list(mod.stride), list(mod.padding),
+                                                           list(mod.dilation), False, [0, 0], n, [False, True, False])
+
+    spectra = {s: torch.randn(2 * s, args.dim) for _, _, s, _ in shapes}
+
+    def ffts(s: int) -> Callable[[], object]:
+        v = spectra[s]
+        return lambda: [torch.fft.rfft(v) for _ in range(n)]
+
+    rows.fill_(0.0)  # paged in once, as the rows' buffer is reused
+    measured: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        measured.setdefault(key, []).append(value)
+
+    for _ in range(args.rounds):
+        add("forward+backward", cpu_ms(forward_backward))
+        add("floor", cpu_ms(floor))
+        add("writes", cpu_ms(lambda: rows.fill_(1.0)))
+        for shape in sorted({(r, s, d) for _, r, s, d in shapes}):
+            add(f"product {shape}", cpu_ms(product(*shape)))
+        for name in convs:
+            add(f"grouped {name}", cpu_ms(grouped(name)))
+        for s in sorted({s for _, _, s, _ in shapes}):
+            add(f"ffts {s}", cpu_ms(ffts(s)))
+        add("rows (now)", cpu_ms(lambda: rows_src.compute([x], rows, n)))
+        add("features (now)", cpu_ms(lambda: sketch_src.compute([x], features, n)))
+    med = {k: statistics.median(v) for k, v in measured.items()}
+
+    fb = med["forward+backward"]
+    print(f"ResNet-18 (one logit), {sum(p.numel() for p in model.parameters()):,} parameters, P = {width:,} row "
+          f"entries, 32 samples, one thread, dim = {args.dim}, medians of {args.rounds} rounds, ms of thread CPU time "
+          "per sample\n")
+    print("| layer | C_out x S x C_in kh kw | `mm` (ms) | grouped convolution (ms) | TensorSketch FFTs (ms) | cheapest |")
+    print("|---|---|---|---|---|---|")
+    products = fft_total = cheaper_total = 0.0
+    for name, r, s, d in shapes:
+        ways = {"mm": med[f"product {(r, s, d)}"], "grouped": med.get(f"grouped {name}", float("inf"))}
+        p, q = min(ways.values()), med[f"ffts {s}"]
+        products += p
+        fft_total += q
+        cheaper_total += min(p, q)
+        cheapest = min({**ways, "FFTs": q}.items(), key=lambda kv: kv[1])[0]
+        grouped_ms = f"{ways['grouped']:.3f}" if math.isfinite(ways["grouped"]) else "—"
+        print(f"| {name} | {r} x {s} x {d} | {ways['mm']:.3f} | {grouped_ms} | {q:.3f} | {cheapest} |")
+    print(f"| all {len(shapes)} | | products, the faster way: {products:.2f} | | {fft_total:.2f} | {cheaper_total:.2f} |\n")
+    rows_bound = med["floor"] + products + med["writes"]
+    features_bound = med["floor"] + cheaper_total
+    print("| quantity | ms per sample | / forward+backward |")
+    print("|---|---|---|")
+    for label, value in [
+        ("forward+backward", fb),
+        ("floor: forward + input backward", med["floor"]),
+        ("weight half of the backward (forward+backward - floor)", fb - med["floor"]),
+        ("writes of the rows", med["writes"]),
+        ("**rows, lower bound** (floor + products + writes)", rows_bound),
+        ("rows, measured", med["rows (now)"]),
+        ("**features, lower bound** (floor + cheaper of product and FFTs per layer)", features_bound),
+        ("features, measured", med["features (now)"]),
+    ]:
+        print(f"| {label} | {value:.2f} | {value / fb:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
