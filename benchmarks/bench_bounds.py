@@ -35,11 +35,12 @@ import argparse
 import math
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import thread_cpu_ms  # noqa: E402
 
 
 def kernels(model, x):  # type: ignore[no-untyped-def]
@@ -95,13 +96,7 @@ def main() -> None:
     shapes, convs = kernels(model, x)
 
     def cpu_ms(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.thread_time()
-            fn()
-            times.append(time.thread_time() - t0)
-        return 1e3 * statistics.median(times) / n
+        return thread_cpu_ms(fn, per=n)
 
     def forward_backward() -> None:
         model.zero_grad(set_to_none=True)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import thread_cpu_ms  # noqa: E402
 
 
 def main() -> None:
@@ -67,13 +68,7 @@ def main() -> None:
     pb = dataclasses.replace(problem, x1_leaves=[x], x2_leaves=None, n1=n, n2=n)
 
     def cpu_ms(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.thread_time()
-            fn()
-            times.append(time.thread_time() - t0)
-        return 1000 * sorted(times)[1] / n
+        return thread_cpu_ms(fn, per=n)
 
     def fwd_bwd() -> None:
         model.zero_grad(set_to_none=True)

@@ -6,6 +6,8 @@ the JAX environment), so both time their calls the same way and report the load 
     >>> a = cpu_sample(); b = cpu_sample()
     >>> sorted(foreign(a, b))
     ['foreign', 'steal']
+    >>> thread_cpu_ms(lambda: sum(range(1000)), per=10) >= 0.0
+    True
 """
 
 from __future__ import annotations
@@ -56,3 +58,15 @@ def timed_calls(call: Callable[[], Any], reps: int, rep_seconds: float, emit: Ca
         emit({"event": "call", "s": dt})
     c1 = cpu_sample()
     emit({"event": "load", "wall": c1[3] - c0[3], **foreign(c0, c1)})
+
+
+def thread_cpu_ms(call: Callable[[], Any], per: int = 1, reps: int = 3) -> float:
+    """Milliseconds of this thread's CPU time per one of ``per`` items (samples) that ``call`` does: one untimed call
+    (allocations, caches, measured choices), then the median of ``reps`` timed calls."""
+    call()
+    times = []
+    for _ in range(reps):
+        t0 = time.thread_time()
+        call()
+        times.append(time.thread_time() - t0)
+    return 1e3 * sorted(times)[len(times) // 2] / per
