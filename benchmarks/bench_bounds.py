@@ -24,7 +24,8 @@ linear layer), so each is below what any implementation of that method can reach
   layer's per-sample gradient (which a count sketch of it needs) and TensorSketch's FFTs, per layer.
 
 The same process also times the rows (``StructuredRows``) and the ``Sketch(dim)`` features (``ProjectedRows``,
-``"auto"``) as they are.
+``"auto"``) as they are, and the rows' writes parameter by parameter (``StructuredRows.write`` from one side pass),
+grouped by shape, against each group's product and writes.
 
     python benchmarks/bench_bounds.py [--rounds 5] [--dim 8192]
 """
@@ -70,6 +71,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=8192)
     args = parser.parse_args()
 
+    import dataclasses
+
     import torch
 
     torch.set_num_threads(1)
@@ -80,6 +83,7 @@ def main() -> None:
     from ntkfunc._core.problem import make_problem
     from ntkfunc._engines.rows.projected import ProjectedRows
     from ntkfunc._engines.rows.structured import StructuredRows
+    from ntkfunc._engines.structured import kernel as structured
 
     settle_heap()
     torch.manual_seed(0)
@@ -130,6 +134,15 @@ def main() -> None:
         v = spectra[s]
         return lambda: [torch.fft.rfft(v) for _ in range(n)]
 
+    pb = dataclasses.replace(problem, x1_leaves=[x], x2_leaves=None, n1=n, n2=n)
+    rows_src.compute([x], rows, n)  # the rules' measured ways chosen before the side pass below
+    side = structured.side(pb, rows_src.cap, 1, 0, n)
+    shapes_of = [tuple(p.shape) for p in model.parameters()]
+
+    def write(k: int) -> Callable[[], object]:
+        view = rows[..., rows_src.slots.slot(k)]
+        return lambda: rows_src.write(pb, side, k, view)
+
     rows.fill_(0.0)  # paged in once, as the rows' buffer is reused
     measured: dict[str, list[float]] = {}
 
@@ -146,6 +159,8 @@ def main() -> None:
             add(f"grouped {name}", cpu_ms(grouped(name)))
         for s in sorted({s for _, _, s, _ in shapes}):
             add(f"ffts {s}", cpu_ms(ffts(s)))
+        for k in rows_src.slots.leaves:
+            add(f"write {k}", cpu_ms(write(k)))
         add("rows (now)", cpu_ms(lambda: rows_src.compute([x], rows, n)))
         add("features (now)", cpu_ms(lambda: sketch_src.compute([x], features, n)))
     med = {k: statistics.median(v) for k, v in measured.items()}
@@ -167,6 +182,25 @@ def main() -> None:
         grouped_ms = f"{ways['grouped']:.3f}" if math.isfinite(ways["grouped"]) else "—"
         print(f"| {name} | {r} x {s} x {d} | {ways['mm']:.3f} | {grouped_ms} | {q:.3f} | {cheapest} |")
     print(f"| all {len(shapes)} | | products, the faster way: {products:.2f} | | {fft_total:.2f} | {cheaper_total:.2f} |\n")
+    print("The rows' writes parameter by parameter, grouped by shape, against products plus writes:\n")
+    print("| parameters | count | writes, measured (ms) | product + writes (ms) | above |")
+    print("|---|---|---|---|---|")
+    per_entry = med["writes"] / width
+    bound_of = {}
+    for name, r, s, d in shapes:
+        ways = [med[f"product {(r, s, d)}"], med.get(f"grouped {name}", float("inf"))]
+        bound_of[(r, d)] = min(ways) + r * d * per_entry
+    groups: dict[tuple[int, ...], list[float]] = {}
+    for k in rows_src.slots.leaves:
+        groups.setdefault(shapes_of[k], []).append(med[f"write {k}"])
+    measured_total = bound_total = 0.0
+    for shape, times in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
+        matrix = (shape[0], math.prod(shape[1:])) if len(shape) > 1 else None
+        bound = len(times) * bound_of[matrix] if matrix in bound_of else 0.0
+        measured_total += sum(times)
+        bound_total += bound
+        print(f"| {'x'.join(map(str, shape))} | {len(times)} | {sum(times):.2f} | {bound:.2f} | {sum(times) - bound:.2f} |")
+    print(f"| all | | {measured_total:.2f} | {bound_total:.2f} | {measured_total - bound_total:.2f} |\n")
     rows_bound = med["floor"] + products + med["writes"]
     features_bound = med["floor"] + cheaper_total
     print("| quantity | ms per sample | / forward+backward |")
