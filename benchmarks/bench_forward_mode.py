@@ -32,6 +32,7 @@ def measure() -> dict[str, dict[str, float]]:
 
     sys.path.insert(0, HERE)
     import bench_vs_nt as bench
+    from timing import median_seconds
 
     setups = {s["name"]: s for s in bench.setups(False, False)}
     out: dict[str, dict[str, float]] = {}
@@ -43,13 +44,7 @@ def measure() -> dict[str, dict[str, float]]:
         vp, v = ntkfunc.ntk_vp_fn(f, x, None, p), torch.randn_like(f(p, x))
 
         def cpu_ms(fn, reps: int = 15) -> float:  # type: ignore[no-untyped-def]
-            fn()
-            times = []
-            for _ in range(reps):
-                t = time.process_time()
-                fn()
-                times.append(time.process_time() - t)
-            return 1e3 * statistics.median(times)
+            return 1e3 * median_seconds(fn, reps, time.process_time)
 
         out[name] = {"linearize": cpu_ms(lambda g=f_lin, q=p2, a=x: g(q, a)), "taylor2": cpu_ms(lambda g=f2, q=p2, a=x: g(q, a)),
                      "ntk_vp": cpu_ms(lambda g=vp, w=v: g(w))}

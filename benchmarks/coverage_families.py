@@ -26,7 +26,6 @@ import argparse
 import collections
 import json
 import math
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timing import median_seconds  # benchmarks/ is this script's folder
 from torch import nn
 from torch.func import functional_call
 
@@ -331,17 +331,6 @@ def shares(report: ntkfunc.Explanation) -> tuple[int, int, int]:
     return sum(size.values()), sum(size[r.name] for r in ruled), sum(size[r.name] for r in routed)
 
 
-def _median_time(fn: Callable[[], Any], reps: int) -> float:
-    """Median thread CPU seconds of ``fn()`` over ``reps`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.thread_time()
-        fn()
-        times.append(time.thread_time() - t0)
-    return statistics.median(times)
-
-
 def measure(name: str, timing: bool, reps: int, time_n: int = 16) -> dict:
     f, params, x = build(name)
     row: dict[str, Any] = {"family": name}
@@ -366,7 +355,7 @@ def measure(name: str, timing: bool, reps: int, time_n: int = 16) -> dict:
         for impl in (1, 3):
             kernel = ntkfunc.ntk_fn(f, implementation=impl)
             try:
-                row[f"impl{impl}_s"] = _median_time(lambda kernel=kernel: kernel(xt, None, params), reps)
+                row[f"impl{impl}_s"] = median_seconds(lambda kernel=kernel: kernel(xt, None, params), reps)
             except Exception as err:  # noqa: BLE001
                 row[f"impl{impl}_s"] = f"{type(err).__name__}"
     return row

@@ -12,7 +12,6 @@ import cProfile
 import io
 import os
 import pstats
-import statistics
 import sys
 import time
 
@@ -21,21 +20,12 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import bench_vs_nt as bench  # noqa: E402
 import torch  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 import ntkfunc  # noqa: E402
 
 CELLS = [("attention", 1), ("attention", 2), ("attention", 3), ("resblock", 1), ("resblock", 2), ("mlp512", 3),
          ("mlp512-trace", 3), ("mlp512", 2)]
-
-
-def median_s(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -54,8 +44,8 @@ def main() -> None:
         model, x, _ = bench.build(s)
         f, p = ntkfunc.from_module(model)
         kernel = ntkfunc.ntk_fn(f, trace_axes=(-1,) if s["trace"] else (), implementation=impl)
-        t = median_s(lambda k=kernel, a=x, q=p: k(a, None, q), 3 if impl == 2 and name.startswith("mlp") else 7)
-        t1 = median_s(lambda k=kernel, a=x[:1], q=p: k(a, None, q), 5)
+        t = median_seconds(lambda k=kernel, a=x, q=p: k(a, None, q), 3 if impl == 2 and name.startswith("mlp") else 7, time.perf_counter)
+        t1 = median_seconds(lambda k=kernel, a=x[:1], q=p: k(a, None, q), 5, time.perf_counter)
         prof = cProfile.Profile()
         prof.enable()
         kernel(x, None, p)

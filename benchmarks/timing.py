@@ -8,11 +8,14 @@ the JAX environment), so both time their calls the same way and report the load 
     ['foreign', 'steal']
     >>> thread_cpu_ms(lambda: sum(range(1000)), per=10) >= 0.0
     True
+    >>> median_seconds(lambda: None, 3, clock=time.perf_counter) >= 0.0
+    True
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,13 +63,19 @@ def timed_calls(call: Callable[[], Any], reps: int, rep_seconds: float, emit: Ca
     emit({"event": "load", "wall": c1[3] - c0[3], **foreign(c0, c1)})
 
 
-def thread_cpu_ms(call: Callable[[], Any], per: int = 1, reps: int = 3) -> float:
-    """Milliseconds of this thread's CPU time per one of ``per`` items (samples) that ``call`` does: one untimed call
-    (allocations, caches, measured choices), then the median of ``reps`` timed calls."""
+def median_seconds(call: Callable[[], Any], reps: int, clock: Callable[[], float] = time.thread_time) -> float:
+    """Median seconds of ``call`` by ``clock`` (this thread's CPU time unless told) over ``reps`` calls, after one
+    untimed call (allocations, caches, measured choices)."""
     call()
     times = []
     for _ in range(reps):
-        t0 = time.thread_time()
+        t0 = clock()
         call()
-        times.append(time.thread_time() - t0)
-    return 1e3 * sorted(times)[len(times) // 2] / per
+        times.append(clock() - t0)
+    return statistics.median(times)
+
+
+def thread_cpu_ms(call: Callable[[], Any], per: int = 1, reps: int = 3) -> float:
+    """Milliseconds of this thread's CPU time per one of ``per`` items (samples) that ``call`` does: the median of
+    ``reps`` timed calls after an untimed one (:func:`median_seconds`)."""
+    return 1e3 * median_seconds(call, reps) / per
