@@ -24,13 +24,13 @@ from ntkfunc._core.types import ApplyFn, MemoryBudget, PyTree, VMapAxes
 from ntkfunc._engines import Implementation, get_engine, refuse_param_vmap, refuse_without_rows
 from ntkfunc._engines.rows import per_sample
 
-JacobianFn = Callable[[PyTree, PyTree], PyTree]
-"""``jac(x, params)``: per-sample Jacobians (see :func:`jacobian_fn`)."""
+JacobianFn = Callable[..., PyTree]
+"""``jac(x, params, *, out=None)``: per-sample Jacobians (see :func:`jacobian_fn`)."""
 
 
 def jacobian_fn(f: ApplyFn, vmap_axes: VMapAxes = 0, *, implementation: None | int | str | Implementation = None,
                 flat: bool = False, memory_budget: MemoryBudget = None) -> JacobianFn:
-    """Returns ``jac(x, params)``: the Jacobian of ``f`` with respect to ``params``, per sample of ``x``.
+    """Returns ``jac(x, params, *, out=None)``: the Jacobian of ``f`` with respect to ``params``, per sample of ``x``.
 
     For ``f(params, x)`` with outputs ``(N, *out)``, ``jac(x, params)`` has the structure of ``params``;
     each floating leaf ``θ`` holds ``∂f(x_n)/∂θ`` as ``(N, *out, *θ.shape)`` (batch first, then the
@@ -68,6 +68,16 @@ def jacobian_fn(f: ApplyFn, vmap_axes: VMapAxes = 0, *, implementation: None | i
         The rules' work buffers (im2col patches, within that budget) are kept by ``jac`` for its next
         call with the same input shapes, and so are the ways it measured faster on its first call.
 
+    ``jac(x, params, out=buf)`` writes the Jacobians into ``buf``, a contiguous tensor shaped like the
+    ``flat=True`` result ``(N, *out, P)`` (same dtype and device), and returns views of it (the pytree
+    like ``params``, or ``buf`` itself with ``flat=True``). Calling it again with the same ``buf`` (a
+    training loop's per-sample gradients) writes the next batch over the last one: no new ``N O P``
+    numbers are allocated. A new result of more than 32 MiB is a fresh ``mmap`` whose pages the
+    kernel faults in and zeroes as the Jacobians are written, which on a wide model costs more than
+    computing them (an MLP with 670k parameters, N=64: 6x; RESULTS.md, "Per-sample gradients against
+    their lower bound"). ``out`` needs ``f`` to return one tensor with its batch axis first, and a result
+    nothing will differentiate.
+
     Differentiable: when ``x`` or a parameter requires grad (or an outer ``torch.func`` transform
     wraps them, e.g. ``vmap`` over an ensemble of ``params``), the Jacobians come from ``vmap(jacrev)``
     and ``torch.autograd`` / ``torch.func`` differentiate through them (the row buffers, written in
@@ -92,6 +102,12 @@ def jacobian_fn(f: ApplyFn, vmap_axes: VMapAxes = 0, *, implementation: None | i
       >>> grads = ntkfunc.jacobian_fn(loss)((x, y), params)    # per-sample gradients: (N, *θ.shape)
       >>> grads["2.weight"].shape
       torch.Size([5, 3, 8])
+      >>> buf = torch.empty(5, 67)                              # reused from batch to batch: (N, P)
+      >>> again = ntkfunc.jacobian_fn(loss)((x, y), params, out=buf)
+      >>> again["2.weight"].untyped_storage().data_ptr() == buf.data_ptr()    # a view of buf
+      True
+      >>> bool(torch.allclose(again["2.weight"], grads["2.weight"], atol=1e-6))
+      True
     """
     api = "jacobian_fn"
     engine = get_engine("auto" if implementation is None else implementation, api=api)
@@ -102,7 +118,7 @@ def jacobian_fn(f: ApplyFn, vmap_axes: VMapAxes = 0, *, implementation: None | i
     auto = engine.implementation == Implementation.AUTO
     cache, cat_cache = KernelCache(), KernelCache()
 
-    def jac(x: PyTree, params: PyTree) -> PyTree:
+    def jac(x: PyTree, params: PyTree, *, out: torch.Tensor | None = None) -> PyTree:
         refuse_param_vmap(engine, params, api)
         settle_heap()  # as a kernel call: the result and work buffers of the last call reused, not faulted in again
         tensors = [t for t in tree_leaves((x, params)) if isinstance(t, torch.Tensor)]
@@ -115,13 +131,13 @@ def jacobian_fn(f: ApplyFn, vmap_axes: VMapAxes = 0, *, implementation: None | i
             # a given budget is checked here; the default is read only where the rows might not fit it (planned_budget)
             budget = None if memory_budget is None else parse_budget(memory_budget, p0.device)
             jacs = per_sample.jacobians(p0, x, params, vmap_axes, budget, captures=engine.captures, auto=auto,
-                                        flat=flat, cache=cache, cat_cache=cat_cache, differentiable=differentiable)
+                                        flat=flat, cache=cache, cat_cache=cat_cache, differentiable=differentiable, out=out)
         leaves = [j.flat() for j in jacs] if flat else [like_params(j.pieces, p0.params) for j in jacs]
         return tree_unflatten(leaves, p0.out_spec)
 
     name = engine.name if auto else int(engine.implementation)
     jac.__doc__ = (f"Per-sample Jacobians of {getattr(f, '__name__', 'f')} (implementation {name}"
-                   f"{', flat' if flat else ''}): jac(x, params).")
+                   f"{', flat' if flat else ''}): jac(x, params, *, out=None).")
     return jac
 
 

@@ -387,3 +387,84 @@ def test_vmap_is_tried_where_a_chunk_of_it_fits_the_callers_budget(monkeypatch):
     table = built[0].buffers.seconds[("rows", 2)]
     assert math.isfinite(table[rows_mod.VMAP]) and math.isfinite(table[rows_mod.RULES])  # both timed on the first call
     assert max_rel_err(jac(x, params), ref) <= 1e-12
+
+
+OUT_CASES = ["mlp", "cnn", "layernorm_mlp", "attention_matmul", "resblock_groupnorm", "embedding_int_inputs", "tied_weights"]
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["like_params", "flat"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=str)
+@pytest.mark.parametrize("name", OUT_CASES)
+def test_out_holds_the_jacobians_and_is_written_again_by_the_next_call(name, impl, flat):
+    """``out=``: the result is views of the caller's buffer, exact against the reference; a second call with other
+    inputs writes its Jacobians over the first ones in the same buffer (no new rows)."""
+    f, params, x1, _, _ = next(c for c in CASES if c.name == name).build(torch.float64)
+    jac = ntkfunc.jacobian_fn(f, implementation=impl, flat=flat)
+    want = jac(x1, params)  # a new result, for its shape
+    shape = (want if flat else _as_flat(want, params, 1)[0]).shape
+    buf = torch.full(shape, float("nan"), dtype=torch.float64)
+    for x in (x1, x1.flip(0)):
+        got = jac(x, params, out=buf)
+        leaves = [got] if flat else [t for t in pytree.tree_leaves(got) if t is not None]
+        assert all(t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for t in leaves)
+        assert (got is buf) == flat
+        ref = _reference(f, params, x, 0)[0]
+        assert max_rel_err(buf, ref) <= 1e-12
+        assert max_rel_err(got if flat else _as_flat(got, params, 1)[0], ref) <= 1e-12
+
+
+@pytest.mark.parametrize("way", ["rules", "vmap(jacrev)"])
+def test_out_is_filled_by_either_way_and_chunk_by_chunk(monkeypatch, way, row_chunks):
+    """Both ways of forming the rows write into ``out`` (the measured table says which is faster), also when the
+    budget splits the batch into several passes."""
+    from ntkfunc._engines.rows import structured as rows_mod
+
+    def forced_way(self, g):
+        self.buffers.seconds.setdefault(("rows", g), {rows_mod.WARM: 0.0, rows_mod.RULES: 0.0, rows_mod.VMAP: 0.0})
+        return rows_mod.RULES if way == "rules" else rows_mod.VMAP
+
+    monkeypatch.setattr(rows_mod.StructuredRows, "_way", forced_way)
+    monkeypatch.setattr(rows_mod.StructuredRows, "_form", _recording_form(rows_mod.StructuredRows._form, seen := []))
+    f, params, x1, _, _ = next(c for c in CASES if c.name == "resblock_groupnorm").build(torch.float64)
+    p = sum(t.numel() for t in params.values())
+    buf = torch.empty(x1.shape[0], 3, p, dtype=torch.float64)
+    got = ntkfunc.jacobian_fn(f, implementation=3, memory_budget=20_000)(x1, params, out=buf)
+    assert row_chunks and max(row_chunks) < x1.shape[0] and set(seen) == {way}
+    assert max_rel_err(buf, _reference(f, params, x1, 0)[0]) <= 1e-12
+    assert got["conv1.weight"].untyped_storage().data_ptr() == buf.data_ptr()
+
+
+def _recording_form(original, seen):
+    def form(self, way, xc, out, parts):
+        seen.append(way)
+        return original(self, way, xc, out, parts)
+
+    return form
+
+
+def test_out_refuses_what_it_cannot_hold_and_says_what_was_expected():
+    f, params, x1, _, _ = next(c for c in CASES if c.name == "mlp").build(torch.float64)
+    n, p = x1.shape[0], sum(t.numel() for t in params.values())
+    jac = ntkfunc.jacobian_fn(f)
+    good = torch.empty(n, 3, p, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"out is \({n}, 3, {p + 1}\) torch.float64 on cpu; expected \({n}, 3, {p}\) torch.float64"):
+        jac(x1, params, out=torch.empty(n, 3, p + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"torch.float32 on cpu; expected .* torch.float64"):
+        jac(x1, params, out=torch.empty(n, 3, p))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        jac(x1, params, out=torch.empty(p, 3, n, dtype=torch.float64).permute(2, 1, 0))
+    with pytest.raises(ValueError, match="out requires grad"):
+        jac(x1, params, out=good.clone().requires_grad_(True))
+    with pytest.raises(TypeError, match="out must be a torch.Tensor .*got ndarray"):
+        jac(x1, params, out=good.numpy())
+    with pytest.raises(ValueError, match="differentiable"):
+        jac(x1.clone().requires_grad_(True), params, out=good)
+    with pytest.raises(ValueError, match=r"vmap_axes=None"):
+        ntkfunc.jacobian_fn(f, vmap_axes=None)(x1, params, out=good)
+    with pytest.raises(ValueError, match="one tensor with its batch axis first.*2 output leaves"):
+        ntkfunc.jacobian_fn(lambda q, x: (f(q, x), f(q, x)))(x1, params, out=good)
+    shared = torch.empty(n * 3 * p, dtype=torch.float64)
+    weights = {k: v if k != "0.weight" else shared[: v.numel()].view_as(v).copy_(v) for k, v in params.items()}
+    with pytest.raises(ValueError, match=r"shares memory with an input or parameter of shape \(6, 4\)"):
+        jac(x1, weights, out=shared.view(n, 3, p))
+    assert ntkfunc.jacobian_fn(f, flat=True)(x1, params, out=good) is good  # a good buffer goes through

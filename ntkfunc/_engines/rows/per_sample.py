@@ -21,6 +21,11 @@ row order of :mod:`.source`; ``(*out_leaf, P)`` with ``vmap_axes=None``):
   ``torch.cat``, which autograd and ``torch.func`` differentiate (the row buffers are written in
   place, which they cannot);
 - **whole batch** (``vmap_axes=None``): ``jacrev`` of ``f`` on the batch as one unit.
+
+The rows path can also fill a buffer the caller gives (``out``, :func:`check_out`) instead of a new one: a
+new result of ``N O P`` numbers above glibc's mmap threshold (32 MiB, :mod:`ntkfunc._core.heap`) is a fresh
+``mmap`` whose every page the kernel faults in and zeroes on first touch, which on a wide model costs more
+than the gradients themselves (RESULTS.md, "Per-sample gradients against their lower bound").
 """
 
 from __future__ import annotations
@@ -102,7 +107,7 @@ class Jacobians:
 
 def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, memory_budget: MemoryBudget, *, captures: bool,
               auto: bool, flat: bool = True, cache: KernelCache | None = None, cat_cache: KernelCache | None = None,
-              differentiable: bool | None = None) -> list[Jacobians]:
+              differentiable: bool | None = None, out: torch.Tensor | None = None) -> list[Jacobians]:
     """Per output leaf of ``p0`` (the checked problem of ``f`` on ``x``, nothing traced): its per-sample Jacobians.
 
     ``memory_budget``: what the gradient passes may hold on top of the result, as the user gave it
@@ -113,13 +118,16 @@ def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, memor
     ``cache``/``cat_cache``: the caller's caches of ``f`` and of its concatenated outputs
     (:func:`~.outputs.rows_problem`); ``differentiable``: whether the result may be differentiated (a
     leaf of ``x`` or ``params`` requires grad or is wrapped by a ``torch.func`` transform), where the
-    caller has found it already.
+    caller has found it already; ``out``: a tensor ``(N, *out, P)`` the rows are written into (see
+    :func:`check_out`), whose views the result then holds.
     """
     full = not any(lay.trace or lay.diagonal for lay in p0.layouts) and p0.x2_leaves is None
     rp = p0 if full and outputs.direct(p0) else outputs.rows_problem(p0, x, params, vmap_axes, cache, cat_cache)
     if differentiable is None:
         tensors = [t for t in torch.utils._pytree.tree_leaves((x, params)) if isinstance(t, torch.Tensor)]
         differentiable = keeps_graph(tensors)
+    if out is not None:
+        check_out(out, p0, rp, (x, params), differentiable)
     with transform_friendly_attention(rp.attention):  # the routing changes nothing for an f that calls no attention
         if not rp.vmapped:
             return _cut(whole_batch(rp), p0, rp)
@@ -128,18 +136,59 @@ def jacobians(p0: Problem, x: PyTree, params: PyTree, vmap_axes: VMapAxes, memor
         src = source(rp, captures, auto)
     # the rules' passes each enter the routing: once around them all (one setting of the flags, not one a pass)
     with transform_friendly_attention(rp.attention or isinstance(src, StructuredRows)):
-        return _rows(p0, rp, src, memory_budget, flat)
+        return _rows(p0, rp, src, memory_budget, flat, out)
 
 
-def _rows(p0: Problem, rp: Problem, src: JacobianRows | StructuredRows, memory_budget: MemoryBudget, flat: bool) -> list[Jacobians]:
-    """The rows path of :func:`jacobians` (nothing will differentiate them), from ``src``."""
+def out_shape_of(rp: Problem) -> tuple[int, ...]:
+    """The shape of the rows of ``rp``'s samples: ``(N, *out, P)``, ``P`` every differentiated parameter's numel."""
+    return (rp.n1, *rp.sample_out_shapes(1)[0], sum(t.numel() for t in rp.params.diff_leaves))
+
+
+def check_out(out: Any, p0: Problem, rp: Problem, inputs: PyTree, differentiable: bool) -> None:
+    """Refuse an ``out`` the rows cannot be written into, saying what was given and what was expected.
+
+    It must be a tensor of the rows' shape (:func:`out_shape_of`), dtype and device, contiguous, not
+    requiring grad and sharing no memory with ``inputs``; ``f`` must have one output tensor with its
+    batch axis first (``vmap_axes`` not None) and the result must not be differentiable.
+    """
+    api = p0.api
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{api}: out must be a torch.Tensor (or None), got {type(out).__name__}")
+    if not p0.vmapped:
+        raise ValueError(f"{api}: out= needs per-sample Jacobians (vmap_axes not None); with vmap_axes=None the Jacobian of "
+                         "the whole batch is returned as a new tensor")
+    if rp is not p0:
+        raise ValueError(f"{api}: out= needs f to return one tensor with its batch axis first; this f returns "
+                         f"{len(p0.layouts)} output leaves with batch axes {p0.fx_axes}: call jac(x, params) without out")
+    if differentiable:
+        raise ValueError(f"{api}: out= cannot hold differentiable Jacobians (an input or parameter requires grad, or a "
+                         "torch.func transform wraps one); call jac(x, params) without out, or detach them")
+    want = out_shape_of(rp)
+    if tuple(out.shape) != want or out.dtype != rp.out_dtype or out.device != rp.device:
+        raise ValueError(f"{api}: out is {tuple(out.shape)} {out.dtype} on {out.device}; expected {want} {rp.out_dtype} on "
+                         f"{rp.device} (N, *out, P)")
+    if not out.is_contiguous():
+        raise ValueError(f"{api}: out must be contiguous (strides {out.stride()}); expected a tensor like "
+                         f"torch.empty({want}, dtype={rp.out_dtype})")
+    if out.requires_grad:
+        raise ValueError(f"{api}: out requires grad; expected a plain buffer (the Jacobians are written into it in place)")
+    mine = out.untyped_storage().data_ptr()
+    for t in torch.utils._pytree.tree_leaves(inputs):
+        if isinstance(t, torch.Tensor) and t.device == out.device and t.untyped_storage().data_ptr() == mine:
+            raise ValueError(f"{api}: out shares memory with an input or parameter of shape {tuple(t.shape)}; expected a "
+                             "buffer of its own")
+
+
+def _rows(p0: Problem, rp: Problem, src: JacobianRows | StructuredRows, memory_budget: MemoryBudget, flat: bool,
+          out: torch.Tensor | None = None) -> list[Jacobians]:
+    """The rows path of :func:`jacobians` (nothing will differentiate them), from ``src``, into ``out`` where given."""
     sample = rp.remember("rows_sample_bytes", src.sample_bytes, type(src).__name__)  # per sample: shapes alone
     budget = _planned(memory_budget, rp, sample)
     chunk = chunk_size(budget, sample, cap=rp.n1)
     if isinstance(src, StructuredRows):
         src.chunk_budget = budget  # vmap(jacrev) is tried wherever a chunk of it fits this budget too
     pieces = None
-    if not flat and chunk >= rp.n1:  # one pass: vmap(jacrev)'s own results, where it is the way taken
+    if not flat and out is None and chunk >= rp.n1:  # one pass: vmap(jacrev)'s own results, where it is the way taken
         if isinstance(src, StructuredRows):
             src.rows_wanted = False  # both ways compared at what they cost here
         pieces = src.pieces(rp.x1_leaves) if isinstance(src, JacobianRows) else src.vmap_pieces(rp.x1_leaves, rp.n1)
@@ -147,7 +196,7 @@ def _rows(p0: Problem, rp: Problem, src: JacobianRows | StructuredRows, memory_b
         return_buffers(rp, src)
         per_leaf = [outputs.split(piece, p0, rp) for piece in pieces]
         return [Jacobians([leaf[j] for leaf in per_leaf]) for j in range(len(per_leaf[0]))] if per_leaf else []
-    rows = torch.empty((rp.n1, *src.out_shape, src.slots.width), dtype=rp.out_dtype, device=rp.device)
+    rows = torch.empty((rp.n1, *src.out_shape, src.slots.width), dtype=rp.out_dtype, device=rp.device) if out is None else out
     src.compute(rp.x1_leaves, rows, chunk)
     return_buffers(rp, src)
     return _cut(rows, p0, rp, src.slots)
