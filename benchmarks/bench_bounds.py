@@ -28,6 +28,27 @@ The same process also times the rows (``StructuredRows``) and the ``Sketch(dim)`
 grouped by shape, against each group's product and writes.
 
     python benchmarks/bench_bounds.py [--rounds 5] [--dim 8192]
+
+``--grads MODEL`` instead bounds the per-sample gradients of ``bench_peers.py``'s per-sample cross-entropy on its
+``mlp``, ``cnn`` or ``resnet18`` (``--n`` samples, default 64, 64, 16; the peers' sizes), the row of issue 22 where
+``torch.func``'s ``vmap(grad)`` is the peer to beat:
+
+- **floor**: the forward and the input half of the backward down to the first weight layer's output (parameters
+  frozen, that output made the leaf: nothing below it is formed);
+- **products**: as above, per weight of a convolution or linear layer (a linear layer on one position: the outer
+  product, one ``mm`` of inner size 1);
+- **writes**: filling the ``(N, P)`` gradients once, already paged in;
+- **bound** = floor + products + writes (biases, im2col and the loss left out);
+- **a fresh result**: ``torch.empty(N, P).fill_(1)``, allocation and first touch included. Both ``vmap(grad)`` and
+  ``jacobian_fn`` return new tensors, and glibc serves a block above 32 MiB (``ntkfunc._core.heap``) with a fresh
+  ``mmap`` whose pages the kernel faults in and zeroes on first touch; the **bound for a new result** = floor +
+  products + this fill (the writes counted once);
+
+against ``vmap(grad)`` (``bench_peers.vmap_grad``), ``ntkfunc.jacobian_fn`` of the loss (its default call, warm; and
+with ``out=`` one reused buffer) and the rules' way forced (``StructuredRows``, into one reused buffer), each in ms per
+sample and as a multiple of both bounds:
+
+    python benchmarks/bench_bounds.py --grads cnn [--n 64] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -65,11 +86,121 @@ def kernels(model, x):  # type: ignore[no-untyped-def]
     return shapes, convs
 
 
+def grads_bound(name: str, n: int | None, rounds: int) -> None:
+    """``--grads``: the per-sample gradients of the peers' loss on ``name`` against their lower bound (module docstring)."""
+    import torch
+    from peer_models import load
+
+    ntkfunc, bp = load(threads=1)
+    from ntkfunc._core.heap import settle_heap
+    from ntkfunc._core.problem import make_problem
+    from ntkfunc._engines.rows import structured as rows_mod
+
+    settle_heap()
+    model, x, y = bp.build(name, n or bp.config(False)[name]["grads"])
+    n = x.shape[0]
+    params = bp.named_params(model)
+    loss = bp.per_sample_loss(model)
+    shapes, convs = kernels(model, x)
+    width = sum(p.numel() for p in params.values())
+    first = next(m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+
+    def cpu_ms(fn: Callable[[], object]) -> float:
+        return thread_cpu_ms(fn, per=n)
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+
+    def floor() -> None:
+        leaf: list[torch.Tensor] = []
+
+        def as_leaf(mod, inp, out):  # type: ignore[no-untyped-def]
+            leaf.append(out.requires_grad_())
+            return out
+
+        hook = first.register_forward_hook(as_leaf)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y, reduction="sum"), leaf)
+        finally:
+            hook.remove()
+            for p in model.parameters():
+                p.requires_grad_(True)
+
+    factors = {(r, s, d): (torch.randn(n, r, s), torch.randn(n, s, d), torch.empty(r, d)) for _, r, s, d in shapes}
+
+    def product(r: int, s: int, d: int) -> Callable[[], object]:
+        a, b, out = factors[(r, s, d)]
+        return lambda: [torch.mm(a[i], b[i], out=out) for i in range(n)]
+
+    grads, reused = torch.zeros(n, width), torch.zeros(n, width)
+    jac = ntkfunc.jacobian_fn(loss)
+    problem = make_problem(loss, (x[:1], y[:1]), None, params, 0, (), ())
+    rules = rows_mod.StructuredRows(problem, routes="rows")
+    rules.buffers.seconds[("rows", n)] = {rows_mod.WARM: 0.0, rows_mod.RULES: 0.0, rows_mod.VMAP: math.inf}
+    rows = torch.empty(n, *rules.out_shape, rules.slots.width)
+    measured: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for key, fn in [("forward+backward", forward_backward), ("floor", floor), ("writes", lambda: grads.fill_(1.0)),
+                        ("vmap(grad)", lambda: bp.vmap_grad(model, x, y)), ("jacobian_fn", lambda: jac((x, y), params)),
+                        ("jacobian_fn out", lambda: jac((x, y), params, out=reused)),
+                        ("rules", lambda: rules.compute([x, y], rows, n)), ("fresh", lambda: torch.empty(n, width).fill_(1.0))]:
+            measured.setdefault(key, []).append(cpu_ms(fn))
+        for shape in sorted({(r, s, d) for _, r, s, d in shapes}):
+            measured.setdefault(f"product {shape}", []).append(cpu_ms(product(*shape)))
+        for conv in convs:
+            measured.setdefault(f"grouped {conv}", []).append(cpu_ms(_grouped(convs[conv], n)))
+    med = {k: statistics.median(v) for k, v in measured.items()}
+    products = 0.0
+    print(f"{name}, {width:,} parameters, per-sample cross-entropy, {n} samples, one thread, medians of {rounds} rounds, "
+          "ms of thread CPU time per sample\n")
+    print("| layer | C_out x S x C_in kh kw | `mm` (ms) | grouped convolution (ms) |")
+    print("|---|---|---|---|")
+    for layer, r, s, d in shapes:
+        mm, grouped = med[f"product {(r, s, d)}"], med.get(f"grouped {layer}", math.inf)
+        products += min(mm, grouped)
+        print(f"| {layer} | {r} x {s} x {d} | {mm:.3f} | {f'{grouped:.3f}' if math.isfinite(grouped) else '—'} |")
+    bound = med["floor"] + products + med["writes"]
+    fresh_bound = med["floor"] + products + med["fresh"]
+    print(f"| all {len(shapes)} | | products, the faster way: {products:.3f} | |\n")
+    print(f"The result: {n} x {width:,} float32, {n * width * 4 / 2**20:.0f} MiB.\n")
+    print("| quantity | ms per sample | / bound | / bound for a new result | / vmap(grad) |")
+    print("|---|---|---|---|---|")
+    for label, value in [("forward+backward (batched)", med["forward+backward"]), ("floor: forward + input backward", med["floor"]),
+                         ("products, the faster way", products), ("writes of the gradients, paged in", med["writes"]),
+                         ("a new result: allocation and first touch", med["fresh"]),
+                         ("**lower bound** (floor + products + writes)", bound),
+                         ("**lower bound for a new result** (floor + products + new result)", fresh_bound),
+                         ("`vmap(grad)`", med["vmap(grad)"]), ("`jacobian_fn(loss)`, its default call", med["jacobian_fn"]),
+                         ("`jacobian_fn(loss)`, `out=` one reused buffer", med["jacobian_fn out"]),
+                         ("the rules' way, forced, into one reused buffer", med["rules"])]:
+        print(f"| {label} | {value:.3f} | {value / bound:.2f} | {value / fresh_bound:.2f} | {value / med['vmap(grad)']:.2f} |")
+
+
+def _grouped(conv: tuple, n: int) -> Callable[[], object]:
+    """The weight half of one convolution backward with ``n`` samples folded into the groups (``vmap(grad)``'s way)."""
+    import torch
+
+    mod, (ci, h, w), (co, ho, wo) = conv
+    xs, gy = torch.randn(1, n * ci, h, w), torch.randn(1, n * co, ho, wo)
+    weight = xs.new_empty(1).expand(n * co, ci, *mod.kernel_size)
+    return lambda: torch.ops.aten.convolution_backward(gy, xs, weight, None, list(mod.stride), list(mod.padding),
+                                                       list(mod.dilation), False, [0, 0], n, [False, True, False])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dim", type=int, default=8192)
+    parser.add_argument("--grads", choices=["mlp", "cnn", "resnet18"], default=None,
+                        help="instead: the per-sample gradients of the peers' loss on this model (module docstring)")
+    parser.add_argument("--n", type=int, default=None, help="samples with --grads (default: the peers' size)")
     args = parser.parse_args()
+    if args.grads:
+        grads_bound(args.grads, args.n, args.rounds)
+        return
 
     import dataclasses
 
@@ -121,13 +252,6 @@ def main() -> None:
         a, b, out = factors[(r, s, d)]
         return lambda: [torch.mm(a[i], b[i], out=out) for i in range(n)]
 
-    def grouped(name: str) -> Callable[[], object]:
-        mod, (ci, h, w), (co, ho, wo) = convs[name]
-        xs, gy = torch.randn(1, n * ci, h, w), torch.randn(1, n * co, ho, wo)
-        weight = xs.new_empty(1).expand(n * co, ci, *mod.kernel_size)
-        return lambda: torch.ops.aten.convolution_backward(gy, xs, weight, None, list(mod.stride), list(mod.padding),
-                                                           list(mod.dilation), False, [0, 0], n, [False, True, False])
-
     spectra = {s: torch.randn(2 * s, args.dim) for _, _, s, _ in shapes}
 
     def ffts(s: int) -> Callable[[], object]:
@@ -156,7 +280,7 @@ def main() -> None:
         for shape in sorted({(r, s, d) for _, r, s, d in shapes}):
             add(f"product {shape}", cpu_ms(product(*shape)))
         for name in convs:
-            add(f"grouped {name}", cpu_ms(grouped(name)))
+            add(f"grouped {name}", cpu_ms(_grouped(convs[name], n)))
         for s in sorted({s for _, _, s, _ in shapes}):
             add(f"ffts {s}", cpu_ms(ffts(s)))
         for k in rows_src.slots.leaves:

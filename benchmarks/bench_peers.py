@@ -13,7 +13,8 @@ Rows (the same model object's weights and the same inputs for every method of a 
 - ``traced``: the output-averaged eNTK ``(N, N)`` (``ntk_fn(f)``; peers: their full kernel traced,
   ASDL's class-wise kernel averaged over classes, the tutorial's ``"trace"`` contraction);
 - ``grads``: per-sample gradients of the summed cross-entropy, ``(N, *θ)`` per parameter
-  (``jacobian_fn`` of the per-sample loss);
+  (``jacobian_fn`` of the per-sample loss; also with ``out=``, one ``(N, P)`` buffer passed to every call as a
+  training loop would, a row of its own: the ratios stay against the default call);
 - ``projected``: per-sample gradients of that loss projected to ``k`` features
   (``features_fn(loss, Sketch(k))``) against TRAK's pipeline (``vmap(grad)``, TRAK's gradient
   computer, then ``BasicProjector`` with Gaussian ``Π``), timed, and the relative Frobenius error of
@@ -364,8 +365,16 @@ def grad_methods(model: nn.Module) -> tuple[dict[str, Callable[[torch.Tensor, to
     f_loss = per_sample_loss(model)
     params = named_params(model)
     jac = ntkfunc.jacobian_fn(f_loss)
+    width = sum(p.numel() for p in params.values())
+    reused: dict[int, torch.Tensor] = {}  # per N: the one buffer a training loop would pass every step
+
+    def into_buffer(x: torch.Tensor, y: torch.Tensor) -> Result:
+        buf = reused.setdefault(x.shape[0], torch.empty(x.shape[0], width))
+        return jac((x, y), params, out=buf)
+
     out: dict[str, Callable[[torch.Tensor, torch.Tensor], Result]] = {
         "ntkfunc": lambda x, y: jac((x, y), params),
+        "ntkfunc, out= one reused buffer": into_buffer,
         "torch.func vmap(grad)": lambda x, y: vmap_grad(model, x, y),
     }
     unavailable: dict[str, str] = {}
