@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -144,34 +144,114 @@ class Layout:
         lhs1, lhs2, out = self.operand_subscripts(n_extra)
         return torch.einsum(f"{lhs1},{lhs2}->{out}", j1, j2)
 
-    def contract_self(self, j: torch.Tensor, n_extra: int) -> torch.Tensor:
-        """``contract(j, j, n_extra)`` for the diagonal tile of a symmetric kernel (``x2=None``).
+    def matrices(self, a: torch.Tensor, b: torch.Tensor, n_extra: int) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """``contract(a, b, n_extra)`` as one batched matrix product: ``(x, y, finish)``, ``x`` ``(d, m1, k)`` and ``y``
+        ``(d, m2, k)``, with ``finish(torch.bmm(x, y.mT))`` the contraction.
 
-        When both batch axes are kept and the product has enough rows (:data:`BLOCK_ROWS`), the samples
-        are split into ``k`` blocks (at most :data:`MAX_BLOCKS`): block ``i`` is contracted with blocks
-        ``i..k-1`` in one product, and the blocks below the diagonal are the mirror images of those
-        above, ``(k + 1) / 2k`` of the FLOPs.
+        The diagonal axes are the batch ``d`` of the product, x1's and x2's kept axes its rows ``m1`` and
+        columns ``m2`` (x1's batch axis first, where kept), the traced axes and the ``n_extra`` trailing axes
+        the summed ``k``. Operands whose axes are already in that order (batch-first Jacobians of a full or
+        traced layout) are only viewed, not copied.
+
+        >>> lay = Layout.make(3, 0, (1,), (2,))
+        >>> a, b = torch.randn(4, 5, 3, 7), torch.randn(2, 5, 3, 7)
+        >>> x, y, finish = lay.matrices(a, b, 1)
+        >>> tuple(x.shape), tuple(y.shape)      # (diagonal, x1's kept, traced x parameters)
+        ((3, 4, 35), (3, 2, 35))
+        >>> bool(torch.allclose(finish(torch.bmm(x, y.mT)), lay.contract(a, b, 1), atol=1e-5))
+        True
+        """
+        lhs1, lhs2, out = self.operand_subscripts(n_extra)
+        diag = [ch for ch in lhs1 if ch in lhs2 and ch in out]
+        summed = [ch for ch in lhs1 if ch in lhs2 and ch not in out]
+        free1 = [ch for ch in lhs1 if ch not in lhs2]
+        free2 = [ch for ch in lhs2 if ch not in lhs1]
+        size = dict(zip(lhs1 + lhs2, tuple(a.shape) + tuple(b.shape)))
+
+        def arrange(t: torch.Tensor, lhs: str, free: list[str]) -> torch.Tensor:
+            order = [lhs.index(ch) for ch in diag + free + summed]
+            d, m = math.prod(size[ch] for ch in diag), math.prod(size[ch] for ch in free)
+            return t.permute(order).reshape(d, m, math.prod(size[ch] for ch in summed))
+
+        have = diag + free1 + free2
+        perm = [have.index(ch) for ch in out]
+
+        def finish(k: torch.Tensor) -> torch.Tensor:
+            return k.reshape([size[ch] for ch in have]).permute(perm)
+
+        return arrange(a, lhs1, free1), arrange(b, lhs2, free2), finish
+
+    def contract_sum(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> torch.Tensor:
+        """``Σ contract(a, b, n_extra)`` over ``(a, b, n_extra)`` pairs with the same samples and output axes (one
+        parameter each, say): the products accumulated into one result (``baddbmm``, out of place: differentiable
+        and ``vmap``-able), not one einsum and one sum each (an einsum costs about 15 small ops of its own).
+
+        >>> lay = Layout.make(2, 0, (), ())
+        >>> a, b, c = torch.randn(3, 2, 4), torch.randn(5, 2, 4), torch.randn(3, 2, 6, 7)
+        >>> d = torch.randn(5, 2, 6, 7)
+        >>> bool(torch.allclose(lay.contract_sum([(a, b, 1), (c, d, 2)]), lay.contract(a, b, 1) + lay.contract(c, d, 2), atol=1e-5))
+        True
+        """
+        acc: torch.Tensor | None = None
+        finish: Callable[[torch.Tensor], torch.Tensor] | None = None
+        for a, b, n_extra in pairs:
+            x, y, finish = self.matrices(a, b, n_extra)
+            acc = torch.bmm(x, y.mT) if acc is None else torch.baddbmm(acc, x, y.mT)
+        if acc is None or finish is None:
+            raise ValueError("Layout.contract_sum: no pairs to contract")
+        return finish(acc)
+
+    def contract_self(self, j: torch.Tensor, n_extra: int) -> torch.Tensor:
+        """``contract(j, j, n_extra)`` for the diagonal tile of a symmetric kernel (``x2=None``):
+        :meth:`contract_self_sum` of one operand.
 
         >>> lay = Layout.make(2, 0, (), ())
         >>> j = torch.randn(200, 3, 50, dtype=torch.float64)
         >>> bool(torch.allclose(lay.contract_self(j, 1), lay.contract(j, j, 1)))
         True
         """
-        b = j.shape[0]
-        pos = self.batch_positions()
-        lhs1, lhs2, out = self.operand_subscripts(n_extra)
-        rows = math.prod(n for letter, n in zip(lhs1, j.shape) if letter in out and letter not in lhs2)
+        return self.contract_self_sum([(j, n_extra)])
+
+    def contract_self_sum(self, operands: Sequence[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        """``Σ contract(j, j, n_extra)`` over ``(j, n_extra)`` operands with the same samples and output axes, for the
+        diagonal tile of a symmetric kernel (``x2=None``), accumulated as :meth:`contract_sum` does.
+
+        When both batch axes are kept and the product has enough rows (:data:`BLOCK_ROWS`), the samples
+        are split into ``k`` blocks (at most :data:`MAX_BLOCKS`): block ``i`` is contracted with blocks
+        ``i..k-1`` in one product per operand, and the blocks below the diagonal are the mirror images of
+        those above, ``(k + 1) / 2k`` of the FLOPs.
+
+        >>> lay = Layout.make(2, 0, (), ())
+        >>> j, h = torch.randn(200, 3, 50, dtype=torch.float64), torch.randn(200, 3, 4, 5, dtype=torch.float64)
+        >>> bool(torch.allclose(lay.contract_self_sum([(j, 1), (h, 2)]), lay.contract(j, j, 1) + lay.contract(h, h, 2)))
+        True
+        """
+        if not operands:
+            raise ValueError("Layout.contract_self_sum: no operands to contract")
+        b = operands[0][0].shape[0]
+        mats = [self.matrices(j, j, n_extra) for j, n_extra in operands]
+        finish = mats[0][2]
+        rows = mats[0][0].shape[1]  # x1's kept entries: samples x kept output entries
         parts = min(MAX_BLOCKS, b, rows // BLOCK_ROWS)
-        if len(pos) != 2 or parts < 2:
-            return self.contract(j, j, n_extra)
-        size = -(-b // parts)
-        starts = list(range(0, b, size))
-        above = [self.contract(j[i0 : i0 + size], j[i0:], n_extra) for i0 in starts]  # block row i, columns i0:
+        if len(self.batch_positions()) != 2 or parts < 2:
+            return self.contract_sum([(j, j, n_extra) for j, n_extra in operands])
+        per = rows // b  # rows per sample (x1's batch axis leads the rows)
+        size = -(-b // parts) * per
+        starts = list(range(0, rows, size))
+        above = []  # block row i against the columns from its first row on
+        for r0 in starts:
+            acc: torch.Tensor | None = None
+            for x, _, _ in mats:
+                part = x[:, r0 : r0 + size]
+                acc = torch.bmm(part, x[:, r0:].mT) if acc is None else torch.baddbmm(acc, part, x[:, r0:].mT)
+            assert acc is not None
+            above.append(acc)
         band = []
-        for i, i0 in enumerate(starts):
-            left = [above[k].narrow(pos[1], i0 - k0, min(size, b - i0)).permute(self.swap_perm()) for k, k0 in enumerate(starts[:i])]
-            band.append(torch.cat([*left, above[i]], dim=pos[1]) if left else above[i])
-        return torch.cat(band, dim=pos[0])
+        for i, r0 in enumerate(starts):
+            height = min(size, rows - r0)
+            left = [above[k].narrow(2, r0 - k0, height).mT for k, k0 in enumerate(starts[:i])]
+            band.append(torch.cat([*left, above[i]], dim=2) if left else above[i])
+        return finish(torch.cat(band, dim=1))
 
     def reduce_full(self, full: torch.Tensor) -> torch.Tensor:
         """Trace / diagonal of a full batch-first kernel, *not* divided by the trace size."""

@@ -142,28 +142,5 @@ def batched_product(layout: Layout, a: torch.Tensor, b: torch.Tensor, bmm: Calla
     >>> bool(torch.allclose(batched_product(lay, a, b, torch.bmm), lay.contract(a, b, 1), atol=1e-5))
     True
     """
-    lhs1, lhs2, out = layout.operand_subscripts(1)
-    diag = [ch for ch in lhs1 if ch in lhs2 and ch in out]
-    summed = [ch for ch in lhs1 if ch in lhs2 and ch not in out]
-    free1 = [ch for ch in lhs1 if ch not in lhs2]
-    free2 = [ch for ch in lhs2 if ch not in lhs1]
-    size = {ch: d for ch, d in zip(lhs1 + lhs2, tuple(a.shape) + tuple(b.shape))}
-
-    def arrange(t: torch.Tensor, lhs: str, free: list[str]) -> torch.Tensor:
-        order = [lhs.index(ch) for ch in diag + free + summed]
-        n = 1
-        for ch in summed:
-            n *= size[ch]
-        m = 1
-        for ch in free:
-            m *= size[ch]
-        d = 1
-        for ch in diag:
-            d *= size[ch]
-        return t.permute(order).reshape(d, m, n)
-
-    x, y = arrange(a, lhs1, free1), arrange(b, lhs2, free2)
-    k = bmm(x, y.transpose(1, 2))
-    k = k.reshape([size[ch] for ch in diag + free1 + free2])
-    have = diag + free1 + free2
-    return k.permute([have.index(ch) for ch in out])
+    x, y, finish = layout.matrices(a, b, 1)
+    return finish(bmm(x, y.transpose(1, 2)))

@@ -120,6 +120,21 @@ def contract(problem: Problem, j1: list[list[torch.Tensor]], j2: list[list[torch
     ]
 
 
+def contract_summed(problem: Problem, j1: list[list[torch.Tensor]], j2: list[list[torch.Tensor]], group: Sequence[int]) -> list[torch.Tensor]:
+    """Per output leaf: the (not yet trace-normalised) kernel contribution of the parameters in ``group`` together, their
+    products accumulated into one result (``Layout.contract_sum``; ``contract_self_sum`` on the diagonal tile of
+    ``x2=None``, ``j2 is j1``) instead of one einsum per parameter and a sum: about 15 small ops fewer per parameter
+    (``J Jᵀ`` of the attention setup of ``benchmarks/bench_vs_nt.py``: 9.3-9.7 -> 8.3-8.5 ms, one thread)."""
+    leaves = problem.params.diff_leaves
+    out = []
+    for leaf, lay in enumerate(problem.layouts):
+        if j1[leaf] is j2[leaf]:
+            out.append(lay.contract_self_sum([(a, leaves[k].ndim) for a, k in zip(j1[leaf], group)]))
+        else:
+            out.append(lay.contract_sum([(a, b, leaves[k].ndim) for a, b, k in zip(j1[leaf], j2[leaf], group)]))
+    return out
+
+
 def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
     """The kernel per output leaf (a list), or per leaf a list over parameters if ``per_param``."""
     n_params = len(problem.params.diff_leaves)
@@ -127,13 +142,13 @@ def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:
     accs = [Accumulator(problem) for _ in range(n_params if per_param else 1)]
     for group in p.groups:
         for tile, j1, j2 in _tile_jacobians(problem, group, p.block):
-            parts = contract(problem, j1, j2, group)
-            for leaf, per in enumerate(parts):
-                if per_param:
-                    for k, c in zip(group, per):
-                        accs[k].add(leaf, tile, c)
-                else:
-                    accs[0].add(leaf, tile, sum(per[1:], per[0]))
+            if not per_param:
+                for leaf, summed in enumerate(contract_summed(problem, j1, j2, group)):
+                    accs[0].add(leaf, tile, summed)
+                continue
+            for leaf, per in enumerate(contract(problem, j1, j2, group)):
+                for k, c in zip(group, per):
+                    accs[k].add(leaf, tile, c)
     if per_param:
         results = [acc.result() for acc in accs]
         return [[r[leaf] for r in results] for leaf in range(len(problem.layouts))]
