@@ -7,9 +7,9 @@ on a quiet machine)
 
 ``--ops``: instead of cProfile, the aten ops of 10 calls timed one by one (thread CPU time around each op, inside a
 ``TorchDispatchMode``: the ops as they run under the transforms), with the FLOPs torch's ``FlopCounterMode`` gives
-them, against this machine's GEMM rate (a 1,024-cube ``mm`` in the same process): "the limit" is the call's FLOPs
-at that rate, so "call / limit" says how far above its own arithmetic a cell runs. ``--impls`` picks
-implementations (default: the cells above).
+them (grouped convolution backwards counted by :func:`conv_backward_flops`), against this machine's GEMM rate (a
+1,024-cube ``mm`` in the same process): "the limit" is the call's FLOPs at that rate, so "call / limit" says how
+far above its own arithmetic a cell runs. ``--impls`` picks implementations (default: the cells above).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import cProfile
 import io
+import math
 import os
 import pstats
 import sys
@@ -42,12 +43,21 @@ def gemm_rate() -> float:
     return 2 * 1024**3 / median_seconds(lambda: a @ b, 5)
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,  # type: ignore[no-untyped-def]
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten.convolution_backward`` with groups: each asked-for gradient costs what the forward does,
+    ``2 x numel(the convolution's output) x numel(weight) / weight.shape[0]`` (torch 2.13's own formula leaves the
+    groups out of the weight gradient: ``groups`` times too many where ``vmap`` folds the samples into the groups)."""
+    out_numel = math.prod(x_shape if transposed else grad_out_shape)
+    return 2 * out_numel * math.prod(w_shape[1:]) * (int(output_mask[0]) + int(output_mask[1]))
+
+
 def op_table(call: Callable[[], object], calls: int = 10, rows: int = 14) -> str:
     """The aten ops of ``calls`` runs of ``call``, per call: thread CPU ms, FLOPs and rate (module docstring)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) as counter:
         call()
     flops = {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
     seconds: dict[str, float] = collections.defaultdict(float)
