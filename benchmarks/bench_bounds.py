@@ -129,11 +129,7 @@ def grads_bound(name: str, n: int | None, rounds: int) -> None:
             for p in model.parameters():
                 p.requires_grad_(True)
 
-    factors = {(r, s, d): (torch.randn(n, r, s), torch.randn(n, s, d), torch.empty(r, d)) for _, r, s, d in shapes}
-
-    def product(r: int, s: int, d: int) -> Callable[[], object]:
-        a, b, out = factors[(r, s, d)]
-        return lambda: [torch.mm(a[i], b[i], out=out) for i in range(n)]
+    product = _products(shapes, n)
 
     grads, reused = torch.zeros(n, width), torch.zeros(n, width)
     jac = ntkfunc.jacobian_fn(loss)
@@ -177,6 +173,20 @@ def grads_bound(name: str, n: int | None, rounds: int) -> None:
                          ("`jacobian_fn(loss)`, `out=` one reused buffer", med["jacobian_fn out"]),
                          ("the rules' way, forced, into one reused buffer", med["rules"])]:
         print(f"| {label} | {value:.3f} | {value / bound:.2f} | {value / fresh_bound:.2f} | {value / med['vmap(grad)']:.2f} |")
+
+
+def _products(shapes: list, n: int) -> Callable[[int, int, int], Callable[[], object]]:
+    """``product(r, s, d)``: a call forming ``n`` per-sample products ``(r x s) @ (s x d)``, one ``mm`` each into one
+    reused, cache-resident result (random factors made once per shape of ``shapes``)."""
+    import torch
+
+    factors = {(r, s, d): (torch.randn(n, r, s), torch.randn(n, s, d), torch.empty(r, d)) for _, r, s, d in shapes}
+
+    def product(r: int, s: int, d: int) -> Callable[[], object]:
+        a, b, out = factors[(r, s, d)]
+        return lambda: [torch.mm(a[i], b[i], out=out) for i in range(n)]
+
+    return product
 
 
 def _grouped(conv: tuple, n: int) -> Callable[[], object]:
@@ -246,11 +256,7 @@ def main() -> None:
         for p in model.parameters():
             p.requires_grad_(True)
 
-    factors = {(r, s, d): (torch.randn(n, r, s), torch.randn(n, s, d), torch.empty(r, d)) for _, r, s, d in shapes}
-
-    def product(r: int, s: int, d: int) -> Callable[[], object]:
-        a, b, out = factors[(r, s, d)]
-        return lambda: [torch.mm(a[i], b[i], out=out) for i in range(n)]
+    product = _products(shapes, n)
 
     spectra = {s: torch.randn(2 * s, args.dim) for _, _, s, _ in shapes}
 

@@ -74,9 +74,8 @@ def jacobian_fn(f: ApplyFn, vmap_axes: VMapAxes = 0, *, implementation: None | i
     training loop's per-sample gradients) writes the next batch over the last one: no new ``N O P``
     numbers are allocated. A new result of more than 32 MiB is a fresh ``mmap`` whose pages the
     kernel faults in and zeroes as the Jacobians are written, which on a wide model costs more than
-    computing them (an MLP with 670k parameters, N=64: 6x; RESULTS.md, "Per-sample gradients against
-    their lower bound"). ``out`` needs ``f`` to return one tensor with its batch axis first, and a result
-    nothing will differentiate.
+    computing them (an MLP with 670k parameters, N=64: 4.8x; RESULTS.md section 15). ``out`` needs
+    ``f`` to return one tensor with its batch axis first, and a result nothing will differentiate.
 
     Differentiable: when ``x`` or a parameter requires grad (or an outer ``torch.func`` transform
     wraps them, e.g. ``vmap`` over an ensemble of ``params``), the Jacobians come from ``vmap(jacrev)``

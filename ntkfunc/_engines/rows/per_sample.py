@@ -25,7 +25,7 @@ row order of :mod:`.source`; ``(*out_leaf, P)`` with ``vmap_axes=None``):
 The rows path can also fill a buffer the caller gives (``out``, :func:`check_out`) instead of a new one: a
 new result of ``N O P`` numbers above glibc's mmap threshold (32 MiB, :mod:`ntkfunc._core.heap`) is a fresh
 ``mmap`` whose every page the kernel faults in and zeroes on first touch, which on a wide model costs more
-than the gradients themselves (RESULTS.md, "Per-sample gradients against their lower bound").
+than the gradients themselves (RESULTS.md section 15).
 """
 
 from __future__ import annotations
