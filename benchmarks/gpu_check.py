@@ -6,7 +6,10 @@ steps are skipped, and say so, once the time is spent):
 1. **Correctness**: ``ntk_fn`` (implementations 1, 2, 3, ``"auto"``) and ``kernel_matrix``
    (same) on CUDA for the test zoo against the float64 CPU reference
    (``tests/reference.py``), in float32 (TF32 off everywhere: cuBLAS and cuDNN) and in TF32
-   (``precision="tf32"``, cuDNN's TF32 on), plus ``kernel_matrix(precision="bf16")``.
+   (``precision="tf32"``, cuDNN's TF32 on), plus ``kernel_matrix(precision="bf16")``; and
+   ``jacobian_fn(flat=True)`` (implementations 1, 3, ``"auto"``; with ``out=`` a buffer on the device
+   where ``f`` has one output tensor) against the same on the CPU in float64, which the suite checks
+   against the reference.
 2. **GEMM rates** of the device: an 8192^3 float32 product in IEEE float32, TF32 and
    bfloat16 (float32 output), the yardstick of step 3.
 3. **Throughput**: ``kernel_matrix(f, p, x, None)`` for ResNet-18 with one logit (the CIFAR
@@ -158,7 +161,9 @@ def correctness(device: torch.device, clock: Clock, small: bool) -> list[dict]:
                                                    trace_axes=(), implementation=impl, batch_size=2, progress=False,
                                                    precision="tf32" if mode == "tf32" else "highest")
                         row["kernel_matrix" + ("_x2None" if sym else "")] = max_rel_err(km.cpu().double(), refs[sym])
-                    errs = [v for key, v in row.items() if key.startswith(("ntk_fn", "kernel_matrix"))]
+                    if impl != 2:  # per-sample Jacobians: implementation 2 has none
+                        row.update(jacobian_errors(f, params, x1, vmap_axes, impl, device, f64, p64, a64))
+                    errs = [v for key, v in row.items() if key.startswith(("ntk_fn", "kernel_matrix", "jacobian_fn"))]
                     row["status"] = "ok" if max(errs) <= tol else "FAIL"
                 except Exception as err:  # a failure is a finding: report it and go on
                     row["status"] = f"ERROR {type(err).__name__}: {str(err)[:200]}"
@@ -176,6 +181,21 @@ def correctness(device: torch.device, clock: Clock, small: bool) -> list[dict]:
                 row["status"] = f"ERROR {type(err).__name__}: {str(err)[:200]}"
             rows.append(row)
     return rows
+
+
+def jacobian_errors(f, params, x1, vmap_axes, impl, device: torch.device, f64, p64, a64) -> dict:  # type: ignore[no-untyped-def]
+    """``jacobian_fn(flat=True)`` on ``device`` (and into a device buffer with ``out=``, where ``f`` has one output
+    tensor) against the same on the CPU in float64: max relative errors by name."""
+    jac = ntkfunc.jacobian_fn(f, vmap_axes, implementation=impl, flat=True)
+    got = jac(_to(x1, device), _to(params, device))
+    ref = ntkfunc.jacobian_fn(f64, vmap_axes, implementation=impl, flat=True)(a64, p64)
+    errs = {"jacobian_fn": max_rel_err(_to(got, "cpu"), ref)}
+    if isinstance(got, torch.Tensor) and vmap_axes is not None:
+        buf = torch.empty_like(got)
+        back = jac(_to(x1, device), _to(params, device), out=buf)
+        assert back is buf and buf.device.type == device.type
+        errs["jacobian_fn_out"] = max_rel_err(buf.cpu(), ref)
+    return errs
 
 
 def gemm_rates(device: torch.device, small: bool) -> dict:
@@ -341,14 +361,15 @@ def sketched(device: torch.device, clock: Clock, small: bool, rates: dict) -> di
 def report(result: dict) -> str:
     lines = [f"# GPU check: {result['device_name']}", "", f"torch {result['torch']}, {result['seconds']:.0f} s", ""]
     lines += ["## Correctness (max relative error vs float64 CPU reference)", "",
-              "| case | mode | impl | ntk_fn | kernel_matrix | kernel_matrix x2=None | status |", "|---|---|---|---|---|---|---|"]
+              "| case | mode | impl | ntk_fn | kernel_matrix | kernel_matrix x2=None | jacobian_fn | jacobian_fn out= | status |",
+              "|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(v: object) -> str:
         return f"{v:.1e}" if isinstance(v, float) else "-"
 
     for r in result["correctness"]:
         lines.append(f"| {r['case']} | {r['mode']} | {r['impl']} | {fmt(r.get('ntk_fn'))} | {fmt(r.get('kernel_matrix'))} | "
-                     f"{fmt(r.get('kernel_matrix_x2None'))} | {r['status']} |")
+                     f"{fmt(r.get('kernel_matrix_x2None'))} | {fmt(r.get('jacobian_fn'))} | {fmt(r.get('jacobian_fn_out'))} | {r['status']} |")
     g = result["gemm"]
     lines += ["", "## GEMM rates (TFLOP/s)", "", " | ".join(f"{k} {v / 1e12:.1f}" for k, v in g.items() if isinstance(v, float)), ""]
     lines += ["## kernel_matrix throughput (ResNet-18, one logit, x2=None)", "",

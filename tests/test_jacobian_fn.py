@@ -451,6 +451,8 @@ def test_out_refuses_what_it_cannot_hold_and_says_what_was_expected():
         jac(x1, params, out=torch.empty(n, 3, p + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"torch.float32 on cpu; expected .* torch.float64"):
         jac(x1, params, out=torch.empty(n, 3, p))
+    with pytest.raises(ValueError, match=r"torch.float64 on meta; expected .* torch.float64 on cpu"):
+        jac(x1, params, out=torch.empty(n, 3, p, dtype=torch.float64, device="meta"))
     with pytest.raises(ValueError, match="out must be contiguous"):
         jac(x1, params, out=torch.empty(p, 3, n, dtype=torch.float64).permute(2, 1, 0))
     with pytest.raises(ValueError, match="out requires grad"):
