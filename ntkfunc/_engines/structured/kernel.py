@@ -265,10 +265,22 @@ def reverse_mode_block(problem: Problem, k: int, leaf: int, a: torch.Tensor, b: 
     return lay.contract_self(a, n_theta) if a is b else lay.contract(a, b, n_theta)
 
 
-def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit: int | None) -> list[list[torch.Tensor | None]]:
+def reverse_mode_blocks(problem: Problem, ks: Sequence[int], leaf: int, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sum of the blocks of parameters ``ks`` from their reverse-mode Jacobians ``a``, ``b`` (one per parameter), as
+    one accumulating product (:meth:`~ntkfunc._core.layout.Layout.contract_sum`, as implementation 1 sums its own)."""
+    lay, leaves = problem.layouts[leaf], problem.params.diff_leaves
+    if all(x is y for x, y in zip(a, b)):
+        return lay.contract_self_sum([(x, leaves[k].ndim) for x, k in zip(a, ks)])
+    return lay.contract_sum([(x, y, leaves[k].ndim) for x, y, k in zip(a, b, ks)])
+
+
+def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit: int | None,
+                together: bool = False) -> list[list[torch.Tensor | None]]:
     """Per output leaf, per differentiated parameter: its kernel block for one tile.
 
-    Not divided by the trace size; ``None`` for a parameter the output does not use.
+    Not divided by the trace size; ``None`` for a parameter the output does not use. With ``together`` (the
+    caller sums the blocks), the reverse-mode fallback parameters' blocks are contracted into one accumulation
+    (:func:`reverse_mode_blocks`), held at the first fallback parameter's place and ``None`` at the others'.
     """
     leaves = problem.params.diff_leaves
     fb_idx = sorted(cap.fallback)
@@ -287,8 +299,11 @@ def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit
                     parts[k] = param_block(problem, k, leaf, s1, s2, memory_limit, sharing)
         for k in sorted(cap.tied):
             parts[k] = param_block(problem, k, leaf, s1, s2, memory_limit)
-        for j, k in enumerate(fb_idx):
-            parts[k] = reverse_mode_block(problem, k, leaf, s1.fb_jac[leaf][j], s2.fb_jac[leaf][j])
+        if together and len(fb_idx) > 1:
+            parts[fb_idx[0]] = reverse_mode_blocks(problem, fb_idx, leaf, s1.fb_jac[leaf], s2.fb_jac[leaf])
+        else:
+            for j, k in enumerate(fb_idx):
+                parts[k] = reverse_mode_block(problem, k, leaf, s1.fb_jac[leaf][j], s2.fb_jac[leaf][j])
         assert any(p is not None for p in parts)
         blocks.append(parts)
     return blocks
@@ -449,7 +464,7 @@ def kernel(problem: Problem, budget: int, per_param: bool = False, moved: dict[i
             current = (tile.i0, side(problem, cap, 1, tile.i0, tile.i1))
         s1 = current[1]
         s2 = s1 if problem.symmetric and tile.on_diagonal else side(problem, cap2, 2, tile.j0, tile.j1)
-        for leaf, parts in enumerate(tile_kernel(problem, cap, s1, s2, limit)):
+        for leaf, parts in enumerate(tile_kernel(problem, cap, s1, s2, limit, together=not per_param)):
             present = [p for p in parts if p is not None]
             if per_param:
                 for k, part in enumerate(parts):
