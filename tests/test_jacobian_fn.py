@@ -413,6 +413,19 @@ def test_out_holds_the_jacobians_and_is_written_again_by_the_next_call(name, imp
         assert max_rel_err(got if flat else _as_flat(got, params, 1)[0], ref) <= 1e-12
 
 
+def test_out_may_be_the_leading_rows_of_a_larger_buffer():
+    """A last, smaller batch writes into ``buf[:n]`` of the buffer the full batches use (a contiguous slice)."""
+    f, params, x1, _, _ = next(c for c in CASES if c.name == "cnn").build(torch.float64)
+    p = sum(t.numel() for t in params.values())
+    buf = torch.full((x1.shape[0], 3, p), float("nan"), dtype=torch.float64)
+    jac = ntkfunc.jacobian_fn(f, flat=True)
+    jac(x1, params, out=buf)
+    last = x1[:2]
+    assert jac(last, params, out=buf[:2]).data_ptr() == buf.data_ptr()
+    assert max_rel_err(buf[:2], _reference(f, params, last, 0)[0]) <= 1e-12
+    assert max_rel_err(buf[2:], _reference(f, params, x1, 0)[0][2:]) <= 1e-12  # the rest left as the full batch wrote it
+
+
 @pytest.mark.parametrize("way", ["rules", "vmap(jacrev)"])
 def test_out_is_filled_by_either_way_and_chunk_by_chunk(monkeypatch, way, row_chunks):
     """Both ways of forming the rows write into ``out`` (the measured table says which is faster), also when the
