@@ -107,32 +107,27 @@ def jacobians(problem: Problem, group: Sequence[int], which: int, start: int, st
     return jacrev(problem.batch_fn(group), argnums=0)(args, x)
 
 
-def contract(problem: Problem, j1: list[list[torch.Tensor]], j2: list[list[torch.Tensor]], group: Sequence[int]) -> list[list[torch.Tensor]]:
-    """Per output leaf, per parameter: the (not yet trace-normalised) kernel contribution.
+def summed_block(problem: Problem, leaf: int, ks: Sequence[int], a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The (not yet trace-normalised) kernel contribution of parameters ``ks`` together for output leaf ``leaf``, from
+    their Jacobians ``a`` and ``b`` (one per parameter; ``b`` is ``a`` on the diagonal tile of ``x2=None``, whose
+    upper sample blocks alone are contracted): their products accumulated into one result (``Layout.contract_sum``,
+    ``contract_self_sum``) instead of one einsum per parameter and a sum, about 15 small ops fewer per parameter
+    (``J Jᵀ`` of the attention setup of ``benchmarks/bench_vs_nt.py``: 9.3-9.7 -> 8.3-8.5 ms, one thread)."""
+    lay, leaves = problem.layouts[leaf], problem.params.diff_leaves
+    if all(x is y for x, y in zip(a, b)):
+        return lay.contract_self_sum([(x, leaves[k].ndim) for x, k in zip(a, ks)])
+    return lay.contract_sum([(x, y, leaves[k].ndim) for x, y, k in zip(a, b, ks)])
 
-    ``j2 is j1`` (the diagonal tile of ``x2=None``) contracts only the upper blocks (``Layout.contract_self``).
-    """
-    leaves = problem.params.diff_leaves
-    return [
-        [lay.contract_self(a, leaves[k].ndim) if a is b else lay.contract(a, b, leaves[k].ndim)
-         for a, b, k in zip(j1[leaf], j2[leaf], group)]
-        for leaf, lay in enumerate(problem.layouts)
-    ]
+
+def contract(problem: Problem, j1: list[list[torch.Tensor]], j2: list[list[torch.Tensor]], group: Sequence[int]) -> list[list[torch.Tensor]]:
+    """Per output leaf, per parameter of ``group``: its own kernel contribution (:func:`summed_block` of one)."""
+    return [[summed_block(problem, leaf, [k], [a], [b]) for a, b, k in zip(j1[leaf], j2[leaf], group)]
+            for leaf in range(len(problem.layouts))]
 
 
 def contract_summed(problem: Problem, j1: list[list[torch.Tensor]], j2: list[list[torch.Tensor]], group: Sequence[int]) -> list[torch.Tensor]:
-    """Per output leaf: the (not yet trace-normalised) kernel contribution of the parameters in ``group`` together, their
-    products accumulated into one result (``Layout.contract_sum``; ``contract_self_sum`` on the diagonal tile of
-    ``x2=None``, ``j2 is j1``) instead of one einsum per parameter and a sum: about 15 small ops fewer per parameter
-    (``J Jᵀ`` of the attention setup of ``benchmarks/bench_vs_nt.py``: 9.3-9.7 -> 8.3-8.5 ms, one thread)."""
-    leaves = problem.params.diff_leaves
-    out = []
-    for leaf, lay in enumerate(problem.layouts):
-        if j1[leaf] is j2[leaf]:
-            out.append(lay.contract_self_sum([(a, leaves[k].ndim) for a, k in zip(j1[leaf], group)]))
-        else:
-            out.append(lay.contract_sum([(a, b, leaves[k].ndim) for a, b, k in zip(j1[leaf], j2[leaf], group)]))
-    return out
+    """Per output leaf: the kernel contribution of the parameters of ``group`` together (:func:`summed_block`)."""
+    return [summed_block(problem, leaf, group, j1[leaf], j2[leaf]) for leaf in range(len(problem.layouts))]
 
 
 def kernel(problem: Problem, budget: int, per_param: bool = False) -> list:

@@ -261,17 +261,7 @@ def formed_block(problem: Problem, k: int, leaf: int, uses: list[tuple[int, str]
 
 def reverse_mode_block(problem: Problem, k: int, leaf: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Parameter ``k``'s block from its reverse-mode Jacobians ``a``, ``b`` (implementation 1's contraction)."""
-    lay, n_theta = problem.layouts[leaf], problem.params.diff_leaves[k].ndim
-    return lay.contract_self(a, n_theta) if a is b else lay.contract(a, b, n_theta)
-
-
-def reverse_mode_blocks(problem: Problem, ks: Sequence[int], leaf: int, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The sum of the blocks of parameters ``ks`` from their reverse-mode Jacobians ``a``, ``b`` (one per parameter), as
-    one accumulating product (:meth:`~ntkfunc._core.layout.Layout.contract_sum`, as implementation 1 sums its own)."""
-    lay, leaves = problem.layouts[leaf], problem.params.diff_leaves
-    if all(x is y for x, y in zip(a, b)):
-        return lay.contract_self_sum([(x, leaves[k].ndim) for x, k in zip(a, ks)])
-    return lay.contract_sum([(x, y, leaves[k].ndim) for x, y, k in zip(a, b, ks)])
+    return jacobian.summed_block(problem, leaf, [k], [a], [b])
 
 
 def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit: int | None,
@@ -280,7 +270,8 @@ def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit
 
     Not divided by the trace size; ``None`` for a parameter the output does not use. With ``together`` (the
     caller sums the blocks), the reverse-mode fallback parameters' blocks are contracted into one accumulation
-    (:func:`reverse_mode_blocks`), held at the first fallback parameter's place and ``None`` at the others'.
+    (:func:`~ntkfunc._engines.jacobian.summed_block`, as implementation 1 sums its own), held at the first
+    fallback parameter's place and ``None`` at the others'.
     """
     leaves = problem.params.diff_leaves
     fb_idx = sorted(cap.fallback)
@@ -300,7 +291,7 @@ def tile_kernel(problem: Problem, cap: Capture, s1: Side, s2: Side, memory_limit
         for k in sorted(cap.tied):
             parts[k] = param_block(problem, k, leaf, s1, s2, memory_limit)
         if together and len(fb_idx) > 1:
-            parts[fb_idx[0]] = reverse_mode_blocks(problem, fb_idx, leaf, s1.fb_jac[leaf], s2.fb_jac[leaf])
+            parts[fb_idx[0]] = jacobian.summed_block(problem, leaf, fb_idx, s1.fb_jac[leaf], s2.fb_jac[leaf])
         else:
             for j, k in enumerate(fb_idx):
                 parts[k] = reverse_mode_block(problem, k, leaf, s1.fb_jac[leaf][j], s2.fb_jac[leaf][j])
